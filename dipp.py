@@ -1,0 +1,766 @@
+"""dipp: a read-along implementation of Diff-Instruct++ (DI++).
+
+DI++ aligns a *one-step* text-to-image generator with human preferences using no image data: it
+maximises a reward model's score of the generator's samples while an Integral-KL (IKL) divergence
+to a frozen diffusion teacher keeps them realistic. The IKL gradient needs the generator's own
+score, so a second diffusion model (the "fake score") is trained online on generator samples.
+
+Paper: W. Luo, "Diff-Instruct++: Training One-step Text-to-image Generator Model to Align with
+Human Preferences", arXiv 2410.18881v1 (TMLR 2025). Builds on Diff-Instruct, arXiv 2305.18455.
+
+Quick start (CPU, no downloads):   python dipp.py --tiny --max_train_steps 2 --output_dir out
+Stable Diffusion 1.5 on one GPU:   python dipp.py --mixed_precision bf16 --gradient_checkpointing
+Generate with a trained generator: python dipp.py --generate "a red bicycle" --generator_init out/generator
+
+Symbols (code name <-> paper):   G / OneStepGenerator  g_θ(z, c)      x0     x_0 = g_θ(z, c)
+  real_eps  ε-prediction of the frozen reference s_ref, CFG-guided: s̃_ref (ω = guidance_scale)
+  fake_eps  ε-prediction of the online "TA diffusion" s_ψ             reward_fn  r(x, c)
+  Schedule.alpha_sigma(t)  α_t, σ_t of x_t = α_t x0 + σ_t ε            reward_scale  α_rew
+  ikl_weight  w(t)      sample_timesteps  π(t)      fake_steps_per_G  K_TA (Alg. 1)
+
+Simplifications vs. the paper (each also marked NOTE(deviation) where it happens):
+  1. Discrete DDPM timesteps t ∈ {0..999} stand in for the paper's continuous t (SD1.5 is discrete).
+  2. w(t) and π(t) are not pinned down for SD1.5 in the paper; we default to w = σ²/α² (Diff-Instruct's
+     σ² weight, written for VP) and π = U{20..980} (DMD2's range). `--ikl_weighting dmd2` offers
+     DMD2's adaptive normaliser, which is no longer a fixed divergence.
+  3. The IKL term is summed over latent dimensions (a per-sample divergence) and averaged over the
+     batch; this reduction sets the scale of α_rew.
+  4. The generator is the teacher's UNet evaluated once at t* on pure noise (DMD2's recipe); the paper
+     also initialises from other one-step models, which `--generator_init` loads.
+  5. "α_cfg" is taken to mean the standard CFG scale ω; the implicit-reward weight is γ = ω − 1.
+"""
+# -----------------------------------------------------------------------------
+# 0. Imports. Heavy libraries (diffusers, transformers, ImageReward) are imported inside the
+#    functions that need them, so `import dipp` stays fast for the 2-D toy and the tests.
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. Config. Every field is a command-line flag; the inline comment is its --help text.
+
+
+@dataclasses.dataclass
+class Config:
+    # --- models
+    pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD-1.x hub id or local diffusers folder (teacher, VAE, text encoder)
+    generator_init: str = ""  # UNet folder of a one-step generator to start from (default: copy of the teacher)
+    tiny: bool = False  # build tiny random SD + CLIP-reward models in output_dir/tiny (no download) and use them
+    # --- method (METHOD.md §2-§5)
+    reward: str = "imagereward"  # r(x, c): imagereward | clip | none (none = pure Diff-Instruct distillation)
+    reward_model_path: str = ""  # imagereward: folder with ImageReward.pt + med_config.json; clip: CLIPModel id/folder
+    reward_scale: float = 1.0  # α_rew: weight of the explicit reward (β = 1/α_rew in the RLHF form)
+    guidance_scale: float = 1.75  # ω: CFG scale of the teacher; γ = ω−1 is the implicit-reward weight (DMD2 SD1.5: 1.75)
+    generator_timestep: int = 999  # t*: the timestep at which the generator UNet is evaluated on noise z
+    fake_steps_per_G: int = 1  # K_TA: fake-score updates per generator update (Alg. 1; DMD2 uses 10)
+    t_min: int = 20  # π(t) = U{t_min..t_max}: timesteps at which the IKL and DSM losses are evaluated
+    t_max: int = 980  # upper end of π(t)
+    ikl_weighting: str = "x0"  # w(t): x0 (σ²/α², Diff-Instruct) | eps (σ/α) | dmd2 (adaptive normaliser)
+    # --- data
+    prompts: str = ""  # text file with one prompt per line (default: a small built-in list)
+    # --- optimisation
+    train_batch_size: int = 1  # prompts per step
+    max_train_steps: int = 1000  # generator updates
+    learning_rate: float = 1e-5  # generator learning rate (Diff-Instruct / DMD2: 1e-5)
+    fake_learning_rate: float = 1e-5  # fake-score learning rate
+    adam_beta1: float = 0.0  # Adam β1 for both nets (Diff-Instruct uses 0: the loss landscape moves every step)
+    adam_beta2: float = 0.999  # Adam β2
+    max_grad_norm: float = 1.0  # gradient clipping for both nets (0 = off)
+    gradient_checkpointing: bool = False  # recompute activations of generator, fake score, VAE decoder, reward tower
+    mixed_precision: str = "no"  # no | fp16 | bf16: autocast with fp32 master weights; frozen nets stored in it
+    # --- bookkeeping
+    output_dir: str = "dipp-out"  # where config.json, log.jsonl, samples, checkpoints and generator/ go
+    checkpointing_steps: int = 500  # save a resumable checkpoint every N steps
+    checkpoints_total_limit: int = 3  # keep the newest K checkpoints (0 = keep all)
+    resume_from_checkpoint: str = ""  # latest | path to a checkpoint-N folder
+    validation_steps: int = 100  # save a sample grid from fixed noise every N steps
+    seed: int = 0  # seeds torch once at start-up
+    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 ...
+    generate: str = ""  # generate mode: prompts separated by '|', images from --generator_init, then exit
+
+
+CHOICES = {"reward": ("imagereward", "clip", "none"), "mixed_precision": ("no", "fp16", "bf16"),
+           "ikl_weighting": ("x0", "eps", "dmd2")}
+BUILTIN_PROMPTS = ["a photo of a red bicycle leaning on a brick wall", "a watercolor painting of a fox",
+                   "a bowl of ramen, studio lighting", "a lighthouse on a cliff at sunset",
+                   "an astronaut riding a horse", "a cozy living room with a fireplace",
+                   "a close-up portrait of an old fisherman", "a castle in the clouds, fantasy art"]
+
+
+def die(message):
+    """One clear line instead of a traceback: what is wrong and how to fix it."""
+    raise SystemExit(f"dipp: error: {message}")
+
+
+def parse_config(argv=None):
+    """Turn every Config field into --field (type from the annotation, help from its comment)."""
+    source = inspect.getsource(Config)
+    helps = dict(re.findall(r"^\s+(\w+): \w+ = .+?  # (.+)$", source, flags=re.M))
+    parser = argparse.ArgumentParser(prog="dipp.py", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        kind = {"bool": bool, "int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action="store_true", help=helps[f.name])
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps[f.name],
+                                choices=CHOICES.get(f.name))
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def check_config(cfg, num_train_timesteps=1000):
+    """Reject settings that would crash deep inside a library or train silently wrong."""
+    T = num_train_timesteps
+    if not 0 < cfg.generator_timestep < T:
+        die(f"--generator_timestep {cfg.generator_timestep} is outside the schedule; use 1..{T - 1}")
+    if not 0 <= cfg.t_min < cfg.t_max < T:
+        die(f"need 0 <= --t_min < --t_max < {T}, got t_min={cfg.t_min} t_max={cfg.t_max}")
+    if cfg.guidance_scale < 1:
+        die(f"--guidance_scale {cfg.guidance_scale} < 1 would push samples *away* from the prompt; use ω >= 1")
+    for name in ("train_batch_size", "max_train_steps", "fake_steps_per_G", "checkpointing_steps",
+                 "validation_steps"):
+        if getattr(cfg, name) < 1:
+            die(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.reward_scale < 0:
+        die(f"--reward_scale {cfg.reward_scale} < 0 would minimise the reward; use α_rew >= 0")
+
+# -----------------------------------------------------------------------------
+# 2. Small utilities
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def precision(cfg, device):
+    """(autocast context, dtype of frozen nets). One place decides the dtype story."""
+    if cfg.mixed_precision == "no":
+        return contextlib.nullcontext(), torch.float32
+    if cfg.mixed_precision == "fp16" and device.type != "cuda":
+        die(f"--mixed_precision fp16 needs a CUDA GPU (device is {device}); use bf16 or no")
+    dtype = torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype), dtype
+
+
+def optimizer_step(loss, params, opt, scaler, max_grad_norm):
+    """backward + clip + step. A non-finite loss stops training before it can poison the weights."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss.item()}")
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)  # clip the true gradient, not the fp16-scaled one
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(opt)
+    scaler.update()
+
+# -----------------------------------------------------------------------------
+# 3. Forward process (METHOD.md §1): x_t = α_t x0 + σ_t ε, variance preserving (α² + σ² = 1).
+
+
+class Schedule:
+    """The DDPM noise schedule as α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t), t ∈ {0..T−1}."""
+
+    def __init__(self, alphas_cumprod):
+        self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).float()  # (T,)
+        self.T = len(self.alphas_cumprod)
+
+    @classmethod
+    def scaled_linear(cls, beta_start=0.00085, beta_end=0.012, T=1000):
+        """SD1.5's schedule: β_t linear in sqrt-space; computed in float64, stored in float32."""
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+        return cls(torch.cumprod(1 - betas, 0))
+
+    def alpha_sigma(self, t, ndim):
+        """α_t, σ_t for integer timesteps t (B,), shaped (B, 1, ..., 1) to broadcast over x."""
+        abar = self.alphas_cumprod.to(t.device)[t].view(-1, *[1] * (ndim - 1))  # (B, 1, ..)
+        return abar.sqrt(), (1 - abar).sqrt()
+
+
+def add_noise(x0, eps, alpha, sigma):
+    return alpha * x0 + sigma * eps  # x_t, same shape as x0
+
+
+def predict_x0(x_t, eps_hat, alpha, sigma):
+    """Tweedie / ε-parameterisation: x̂0 = (x_t − σ_t ε̂) / α_t."""
+    return (x_t - sigma * eps_hat) / alpha
+
+
+def sample_timesteps(B, t_min, t_max, device):
+    return torch.randint(t_min, t_max + 1, (B,), device=device)  # t ~ π(t) = U{t_min..t_max}
+
+# -----------------------------------------------------------------------------
+# 4. Networks. Every network is seen by the losses as an ε-predictor eps(x_t, t) -> ε̂ with its
+#    conditioning already bound (a closure), so the same losses run on a UNet and on a 2-D MLP.
+#    Score and ε are the same thing in two units: s(x_t) = −ε̂(x_t) / σ_t.
+
+
+def cfg_eps(eps_cond, eps_uncond, omega):
+    """Classifier-free guidance, METHOD.md §5: s̃ = s_∅ + ω (s_c − s_∅) = s_c + (ω−1)(s_c − s_∅).
+    ω = 1 is the plain conditional teacher; the extra (ω−1)(s_c − s_∅) is the implicit reward's pull."""
+    return eps_uncond + omega * (eps_cond - eps_uncond)
+
+
+def guided(eps_fn, cond, uncond, omega):
+    """The teacher s̃_ref as a closure eps(x_t, t): cond and uncond in one batched call (one UNet pass)."""
+    def eps(x_t, t):
+        if omega == 1:
+            return eps_fn(x_t, t, cond)
+        e_c, e_u = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond])).chunk(2)
+        return cfg_eps(e_c, e_u, omega)
+    return eps
+
+
+def unet_eps(unet):
+    """A diffusers UNet as eps(x_t, t, text_emb). Inputs are cast to the net's dtype, output to fp32."""
+    def eps(x_t, t, cond):
+        dtype = unet.dtype
+        return unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
+    return eps
+
+
+class OneStepGenerator(torch.nn.Module):
+    """g_θ(z, c): the UNet evaluated once at t* on pure noise, read out as x̂0 (one step, no sampler).
+
+    x0 = (z − σ_{t*} ε̂_θ(z, t*, c)) / α_{t*}.  NOTE(deviation): the paper leaves the one-step
+    parameterisation to the initial model; we use DMD2's: z itself is the input (in VP, x_t has unit
+    variance for unit-variance data, as SD latents roughly are), and t* = 999 by default. With this
+    choice a stock diffusers pipeline run for one step at t* reproduces our samples exactly."""
+
+    def __init__(self, unet, schedule, t_star):
+        super().__init__()
+        self.unet, self.schedule, self.t_star = unet, schedule, t_star
+
+    def forward(self, z, cond):
+        t = torch.full((z.shape[0],), self.t_star, device=z.device, dtype=torch.long)  # (B,)
+        alpha, sigma = self.schedule.alpha_sigma(t, z.ndim)
+        eps_hat = self.unet(z, t, encoder_hidden_states=cond).sample  # (B, 4, h, w)
+        return predict_x0(z, eps_hat, alpha, sigma)  # x0: (B, 4, h, w), a latent
+
+# -----------------------------------------------------------------------------
+# 5. Losses (METHOD.md §3-§5). Each returns a per-sample loss (B,); callers take the mean.
+
+
+def ikl_weight(kind, alpha, sigma, x0=None, x0_real=None):
+    """w(t) of the IKL, in score units. What each means for the generator's gradient ∂L/∂x0:
+        x0 : w = σ²/α²  ->  ∂L/∂x0 = x̂0_fake − x̂0_ref  (difference of the two denoisers; Diff-Instruct's
+             σ² weight of VE, rewritten for VP)
+        eps: w = σ/α    ->  ∂L/∂x0 = ε̂_ref − ε̂_fake    (bounded; the SDS-style weight)
+        dmd2: x0-weight / mean|x0 − x̂0_ref| per sample. NOTE(deviation): DMD2's adaptive normaliser
+             depends on the sample, so the objective is no longer a fixed divergence."""
+    if kind == "x0":
+        return sigma ** 2 / alpha ** 2
+    if kind == "eps":
+        return sigma / alpha
+    norm = (x0 - x0_real).abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True)  # (B, 1, ..)
+    return sigma ** 2 / alpha ** 2 / norm.clamp_min(1e-5)  # clamp: a perfect teacher match is no division by 0
+
+
+def ikl_loss(x0, t, eps, schedule, real_eps, fake_eps, weighting="x0"):
+    """Generator surrogate of the Integral KL, METHOD.md §3 (Diff-Instruct's key identity):
+        ∇_θ D_IKL = E_{t,ε}[ w(t) (s_fake(x_t,t) − s̃_ref(x_t,t))ᵀ ∂x_t/∂θ ],  x_t = α_t g_θ(z) + σ_t ε
+        L_G = w(t) ⟨ sg[s_fake − s̃_ref], x_t ⟩   so   ∂L_G/∂x0 = w α (ε̃_ref − ε̂_fake) / σ
+    The loss *value* means nothing; its gradient is the estimator. Intuition: push each sample from
+    where the generator's own density is high towards where the teacher's is."""
+    alpha, sigma = schedule.alpha_sigma(t, x0.ndim)
+    x_t = add_noise(x0, eps, alpha, sigma)  # (B, ...): carries the gradient to θ through x0
+    with torch.no_grad():  # sg[·]: neither score network is differentiated, only the explicit x_t
+        e_real = real_eps(x_t.detach(), t)
+        e_fake = fake_eps(x_t.detach(), t)
+        x0_real = predict_x0(x_t, e_real, alpha, sigma)
+        w = ikl_weight(weighting, alpha, sigma, x0.detach(), x0_real)
+        # s_fake − s̃_ref = (−ε̂_fake + ε̃_ref) / σ   (score = −ε/σ)
+        score_diff = w * (e_real - e_fake) / sigma  # (B, ...)
+    # NOTE(deviation): summed over dimensions (a per-sample divergence), not averaged; sets α_rew's scale.
+    return (score_diff * x_t).flatten(1).sum(1)  # (B,)
+
+
+def fake_score_loss(fake_eps, x0, t, eps, schedule):
+    """Denoising score matching for the fake score s_ψ on *detached* generator samples, METHOD.md §4:
+        L(ψ) = E ‖ε̂_ψ(x_t, t) − ε‖²,  x_t = α_t sg[x0] + σ_t ε      (λ(t) = σ_t² in score units)
+    Its minimiser is the score of the generator's diffused distribution, which the IKL needs."""
+    alpha, sigma = schedule.alpha_sigma(t, x0.ndim)
+    x_t = add_noise(x0.detach(), eps, alpha, sigma)  # detach: ψ's loss must not move θ
+    return (fake_eps(x_t, t) - eps).pow(2).flatten(1).mean(1)  # (B,)
+
+
+def reward_loss(reward, reward_scale):
+    """−α_rew · r(g_θ(z), c), METHOD.md §2: minimising it is gradient *ascent* on the reward, whose
+    gradient flows back through the reward model, its preprocessing and the VAE decoder into θ."""
+    return -reward_scale * reward  # (B,)
+
+
+def cfg_reward_loss(x0, t, eps, schedule, eps_cond, eps_uncond, weighting="x0"):
+    """−r_cfg surrogate, METHOD.md §5: the implicit reward that CFG adds,
+        r_cfg(x0, c) = ∫ w(t) E_ε[ log p_t(c | α_t x0 + σ_t ε) ] dt,  ∇_x log p_t(c|x) = s_c − s_∅
+    L = −w ⟨sg[s_c − s_∅], x_t⟩ has gradient −∇_x0 r_cfg. Used by tests and the toy to show that
+    ikl_loss with ω equals ikl_loss with ω = 1 plus (ω − 1) · cfg_reward_loss, gradient for gradient."""
+    alpha, sigma = schedule.alpha_sigma(t, x0.ndim)
+    x_t = add_noise(x0, eps, alpha, sigma)
+    with torch.no_grad():
+        w = ikl_weight(weighting, alpha, sigma)
+        classifier_grad = w * (eps_uncond(x_t, t) - eps_cond(x_t, t)) / sigma  # w (s_c − s_∅)
+    return -(classifier_grad * x_t).flatten(1).sum(1)  # (B,)
+
+# -----------------------------------------------------------------------------
+# 6. Rewards: reward(images in [-1, 1] (B, 3, H, W), prompts) -> (B,), differentiable in images.
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_preprocess(images, size):
+    """Torch version of CLIP's PIL pipeline (resize shorter side bicubic, centre crop, normalise), so
+    gradients flow. Antialiased bicubic approximates PIL's filter; test_dipp.py bounds the difference."""
+    x = (images.float() + 1) / 2  # [-1, 1] -> [0, 1]
+    H, W = x.shape[-2:]
+    scale = size / min(H, W)
+    x = F.interpolate(x, size=(max(size, round(H * scale)), max(size, round(W * scale))),
+                      mode="bicubic", align_corners=False, antialias=True)  # (B, 3, ≥size, ≥size)
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    x = x[..., top:top + size, left:left + size].clamp(0, 1)  # (B, 3, size, size); clamp as uint8 would
+    mean, std = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1), x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class ImageRewardFn:
+    """ImageReward (BLIP ViT-L + BERT cross-attention + MLP head), through the package's own
+    `score_gard`, the differentiable path its ReFL code uses. Output is the package's normalised score."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, images, prompts):
+        m = self.model
+        text = m.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
+                                return_tensors="pt").to(images.device)  # as in ImageReward.score
+        pixels = clip_preprocess(images, 224).to(next(m.parameters()).dtype)  # (B, 3, 224, 224)
+        return m.score_gard(text.input_ids, text.attention_mask, pixels).float().squeeze(1)  # (B,)
+
+
+class ClipRewardFn:
+    """CLIP score: cosine similarity of image and prompt embeddings (in [-1, 1]; ×100 is 'CLIPScore')."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def __call__(self, images, prompts):
+        size = self.model.config.vision_config.image_size
+        pixels = clip_preprocess(images, size).to(self.model.dtype)  # (B, 3, size, size)
+        ids = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(images.device)
+        with torch.no_grad():  # the text side is a constant of the reward
+            text = F.normalize(self.model.get_text_features(**ids).float(), dim=-1)  # (B, D)
+        image = F.normalize(self.model.get_image_features(pixel_values=pixels).float(), dim=-1)
+        return (image * text).sum(-1)  # (B,)
+
+
+def checkpoint_blocks(blocks):
+    """Gradient checkpointing for a reward tower that has no switch of its own (BLIP's ViT)."""
+    from torch.utils.checkpoint import checkpoint
+    for block in blocks:
+        block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(block.forward)
+
+
+def load_reward(cfg, device, dtype):
+    """Build reward_fn(images, prompts), or None for --reward none."""
+    if cfg.reward == "none":
+        return None
+    if cfg.reward == "clip":
+        from transformers import CLIPModel, CLIPTokenizer
+        name = cfg.reward_model_path or "openai/clip-vit-large-patch14"
+        model = load_or_die(lambda: CLIPModel.from_pretrained(name), name, "the CLIP reward model")
+        tok = load_or_die(lambda: CLIPTokenizer.from_pretrained(name), name, "the CLIP tokenizer")
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return ClipRewardFn(freeze(model, device, dtype), tok)
+    sys.modules.setdefault("clip", type(sys)("clip"))  # ImageReward imports OpenAI's `clip` but never uses it for ImageReward
+    import ImageReward as RM
+    path = cfg.reward_model_path
+    if path:
+        files = [os.path.join(path, f) for f in ("ImageReward.pt", "med_config.json")]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            die(f"--reward_model_path is missing {', '.join(missing)}; download both from the hub repo "
+                "THUDM/ImageReward (huggingface-cli download THUDM/ImageReward --local-dir DIR)")
+        load = lambda: RM.load(files[0], device="cpu", med_config=files[1])
+    else:
+        load = lambda: RM.load("ImageReward-v1.0", device="cpu")
+    model = load_or_die(load, path or "THUDM/ImageReward", "the ImageReward model (and its BERT tokenizer "
+                        "'bert-base-uncased')")
+    model.device = device  # score_gard builds its attention mask on model.device
+    if cfg.gradient_checkpointing:
+        checkpoint_blocks(model.blip.visual_encoder.blocks)
+    return ImageRewardFn(freeze(model, device, dtype))
+
+# -----------------------------------------------------------------------------
+# 7. Models on disk, prompts and sampling
+
+
+SD_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json",
+            "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json")
+
+
+def load_or_die(fn, name, what):
+    """Call a from_pretrained-style loader; turn 'not found / offline / wrong path' into one line."""
+    if name.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name)):
+        die(f"cannot load {what}: the path '{name}' does not exist")
+    try:
+        return fn()
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        die(f"cannot load {what} from '{name}' ({first[:200]}). On a machine with internet run "
+            f"`huggingface-cli download {name}` (then it loads from the cache), or pass a local folder")
+
+
+def load_sd(name, device, dtype):
+    """Teacher UNet, VAE, text encoder, tokenizer and schedule of any diffusers SD-1.x layout."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    if os.path.isdir(name):
+        missing = [f for f in SD_FILES if not os.path.isfile(os.path.join(name, f))]
+        if missing:
+            die(f"'{name}' is not a complete diffusers SD-1.x folder: missing {', '.join(missing)}. "
+                "Get one with `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 "
+                "--local-dir DIR`")
+    get = lambda cls, sub: load_or_die(lambda: cls.from_pretrained(name, subfolder=sub), name, f"{sub}/")
+    unet, vae = get(UNet2DConditionModel, "unet"), get(AutoencoderKL, "vae")
+    text_encoder, tokenizer = get(CLIPTextModel, "text_encoder"), get(CLIPTokenizer, "tokenizer")
+    scheduler = get(DDPMScheduler, "scheduler")
+    if scheduler.config.prediction_type != "epsilon":
+        die(f"'{name}' predicts {scheduler.config.prediction_type}; dipp supports ε-prediction SD-1.x models")
+    # frozen nets are stored in the low-precision dtype: we never backprop into their weights
+    for m in (unet, text_encoder):
+        freeze(m, device, dtype)
+    # NOTE: the VAE decoder stays fp32 under fp16 (its activations overflow fp16 at 512 px); bf16 is safe
+    freeze(vae, device, torch.float32 if dtype == torch.float16 else dtype)
+    return unet, vae, text_encoder, tokenizer, Schedule(scheduler.alphas_cumprod)
+
+
+def freeze(module, device, dtype):
+    """eval mode, no weight gradients, on device in dtype (cast only when needed: .to(dtype) warns)."""
+    module.to(device).eval().requires_grad_(False)
+    return module if dtype == torch.float32 else module.to(dtype)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts):
+    """Text embeddings c as the SD pipeline makes them (pad to 77 tokens, last hidden state)."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0].float()  # (B, 77, D)
+
+
+def decode(vae, x0):
+    """Latent x0 -> image in [-1, 1] (B, 3, H, W). SD latents are scaled by vae.config.scaling_factor."""
+    dtype = vae.dtype
+    with torch.autocast(x0.device.type, enabled=False) if dtype == torch.float32 else contextlib.nullcontext():
+        return vae.decode(x0.to(dtype) / vae.config.scaling_factor).sample.float()
+
+
+def load_prompts(path):
+    if not path:
+        return list(BUILTIN_PROMPTS)
+    if not os.path.isfile(path):
+        die(f"--prompts file '{path}' does not exist; give a text file with one prompt per line")
+    prompts = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
+    if not prompts:
+        die(f"--prompts file '{path}' has no prompts; write one prompt per line")
+    return prompts
+
+
+def save_grid(images, prompts, path):
+    """Images in [-1, 1] side by side, each with its prompt underneath, as one PNG."""
+    from PIL import Image, ImageDraw
+    pics = [Image.fromarray(((im.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+            for im in images]
+    w, h = max(256, pics[0].width), max(256, pics[0].height)
+    grid = Image.new("RGB", (w * len(pics), h + 40), "white")
+    for i, (pic, prompt) in enumerate(zip(pics, prompts)):
+        grid.paste(pic.resize((w, h), Image.NEAREST), (i * w, 0))
+        ImageDraw.Draw(grid).text((i * w + 4, h + 4), prompt[:40] + "\n" + prompt[40:80], fill="black")
+    grid.save(path)
+
+# -----------------------------------------------------------------------------
+# 8. Training: Alg. 1 — K_TA fake-score updates with θ frozen, then one generator update with ψ frozen.
+
+
+def fake_score_step(G, fake_eps, fake_params, opt, scaler, z, schedule, cfg, ctx=contextlib.nullcontext()):
+    """One fake-score (TA diffusion) update on fresh generator samples. G(z) and fake_eps(x_t, t) are
+    closures with their conditioning bound. Returns the DSM loss."""
+    with ctx:
+        with torch.no_grad():
+            x0 = G(z)  # θ frozen: x0 = sg[g_θ(z)]
+        t = sample_timesteps(z.shape[0], cfg.t_min, cfg.t_max, z.device)  # t ~ π(t)
+        eps = torch.randn_like(x0)  # ε ~ N(0, I)
+        loss = fake_score_loss(fake_eps, x0, t, eps, schedule).mean()
+    optimizer_step(loss, fake_params, opt, scaler, cfg.max_grad_norm)
+    return loss.detach()
+
+
+def generator_step(G, real_eps, fake_eps, reward_fn, G_params, opt, scaler, z, schedule, cfg,
+                   ctx=contextlib.nullcontext()):
+    """One generator update, METHOD.md §2-§3:  L_G = D_IKL surrogate − α_rew · r(g_θ(z), c).
+    real_eps is the (CFG-guided) teacher, so the implicit reward (ω−1)·r_cfg is already inside the IKL
+    term. ψ is not stepped here; its gradients are never computed (no_grad inside ikl_loss)."""
+    with ctx:
+        x0 = G(z)  # (B, ...): the only path by which θ receives gradient
+        t = sample_timesteps(z.shape[0], cfg.t_min, cfg.t_max, z.device)  # t ~ π(t)
+        eps = torch.randn_like(x0)  # ε ~ N(0, I)
+        loss_ikl = ikl_loss(x0, t, eps, schedule, real_eps, fake_eps, cfg.ikl_weighting).mean()
+        loss = loss_ikl
+        reward = x0.new_full((z.shape[0],), float("nan"))  # (B,): logged as nan with --reward none
+        if reward_fn is not None:
+            reward = reward_fn(x0)  # (B,)
+            loss = loss + reward_loss(reward, cfg.reward_scale).mean()
+    optimizer_step(loss, G_params, opt, scaler, cfg.max_grad_norm)
+    return {"loss_ikl": loss_ikl.detach(), "reward": reward.detach().mean()}
+
+
+def make_adam(params, lr, cfg, device):
+    fused = device.type == "cuda"  # one kernel per step instead of one per tensor
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=0.0,
+                             fused=fused)
+
+
+def save_checkpoint(cfg, step, G, fake, opt_G, opt_fake):
+    """Write checkpoint-N atomically (to a .tmp folder, then rename): a kill mid-save never leaves a
+    half-written checkpoint-N behind. Keeps the newest cfg.checkpoints_total_limit."""
+    final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    G.unet.save_pretrained(os.path.join(tmp, "generator"))
+    fake.save_pretrained(os.path.join(tmp, "fake_score"))
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({"step": step, "opt_G": opt_G.state_dict(), "opt_fake": opt_fake.state_dict(), "rng": rng},
+               os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "dipp.json"), "w") as f:
+        json.dump({"generator_timestep": G.t_star}, f)
+    os.replace(tmp, final)
+    if cfg.checkpoints_total_limit > 0:
+        for old in list_checkpoints(cfg.output_dir)[:-cfg.checkpoints_total_limit]:
+            shutil.rmtree(old)
+
+
+def list_checkpoints(output_dir):
+    found = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)] if os.path.isdir(output_dir) else []
+    return [os.path.join(output_dir, d) for d in sorted(found, key=lambda d: int(d.split("-")[1]))]
+
+
+def load_checkpoint(cfg, G, fake, opt_G, opt_fake):
+    """Restore weights, optimiser state, RNG and step from --resume_from_checkpoint. Returns the step."""
+    from safetensors.torch import load_file
+    path = cfg.resume_from_checkpoint
+    if path == "latest":
+        found = list_checkpoints(cfg.output_dir)
+        if not found:
+            die(f"--resume_from_checkpoint latest: no checkpoint-N folder in {cfg.output_dir}")
+        path = found[-1]
+    if not os.path.isfile(os.path.join(path, "state.pt")):
+        die(f"--resume_from_checkpoint '{path}' is not a dipp checkpoint folder (no state.pt)")
+    G.unet.load_state_dict(load_file(os.path.join(path, "generator", "diffusion_pytorch_model.safetensors")))
+    fake.load_state_dict(load_file(os.path.join(path, "fake_score", "diffusion_pytorch_model.safetensors")))
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    opt_G.load_state_dict(state["opt_G"])
+    opt_fake.load_state_dict(state["opt_fake"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    print(f"resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
+def build_generator(cfg, teacher, schedule, device):
+    """g_θ: a trainable fp32 copy of the teacher UNet (or of --generator_init) used as a one-step model."""
+    import copy
+    from diffusers import UNet2DConditionModel
+    if cfg.generator_init:
+        name = cfg.generator_init
+        unet = load_or_die(lambda: UNet2DConditionModel.from_pretrained(name), name, "the --generator_init UNet")
+    else:
+        unet = copy.deepcopy(teacher)
+    unet.to(device, torch.float32).train().requires_grad_(True)  # fp32 master weights
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return OneStepGenerator(unet, schedule, cfg.generator_timestep)
+
+
+def train(cfg):
+    from tqdm import tqdm
+    device = pick_device(cfg.device)
+    ctx, dtype = precision(cfg, device)
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    prompts = load_prompts(cfg.prompts)
+    teacher, vae, text_encoder, tokenizer, schedule = load_sd(cfg.pretrained_model_name_or_path, device, dtype)
+    check_config(cfg, schedule.T)
+    G = build_generator(cfg, teacher, schedule, device)
+    fake = G.unet.__class__.from_config(teacher.config)  # ψ initialised from the reference (§4)
+    fake.load_state_dict(teacher.state_dict())
+    fake.to(device, torch.float32).train()
+    if cfg.gradient_checkpointing:
+        fake.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+    reward = load_reward(cfg, device, dtype)
+    print("\n".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()) + f"\n(device: {device})")
+    with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+
+    opt_G = make_adam(G.parameters(), cfg.learning_rate, cfg, device)
+    opt_fake = make_adam(fake.parameters(), cfg.fake_learning_rate, cfg, device)
+    scaler_G, scaler_fake = (torch.amp.GradScaler(device.type, enabled=dtype == torch.float16) for _ in "ab")
+    step = load_checkpoint(cfg, G, fake, opt_G, opt_fake) if cfg.resume_from_checkpoint else 0
+    null_emb = encode_prompts(tokenizer, text_encoder, [""])  # (1, 77, D): c = ∅ for CFG
+    latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
+    # fixed noise and prompts for the sample grids, from their own generator so training RNG is untouched
+    fixed = torch.Generator().manual_seed(cfg.seed)
+    val_prompts = [prompts[i % len(prompts)] for i in range(4)]
+    val_z = torch.randn((4, *latent_shape), generator=fixed).to(device)  # (4, C, h, w)
+
+    def sample_grid(tag):
+        with torch.no_grad(), ctx:
+            images = decode(vae, G(val_z, encode_prompts(tokenizer, text_encoder, val_prompts)))
+        save_grid(images, val_prompts, os.path.join(cfg.output_dir, f"samples_{tag}.png"))
+
+    log = open(os.path.join(cfg.output_dir, "log.jsonl"), "a")
+    bar = tqdm(total=cfg.max_train_steps, initial=step, desc="dipp", dynamic_ncols=True)
+    if step == 0:
+        sample_grid("0000")
+    while step < cfg.max_train_steps:
+        t0 = time.time()
+        B = cfg.train_batch_size
+        batch = [prompts[i] for i in torch.randint(len(prompts), (B,)).tolist()]  # c ~ prompt set
+        cond = encode_prompts(tokenizer, text_encoder, batch)  # (B, 77, D)
+        G_c = lambda z: G(z, cond)
+        fake_c = lambda x_t, t: unet_eps(fake)(x_t, t, cond)
+        real_c = guided(unet_eps(teacher), cond, null_emb.expand_as(cond), cfg.guidance_scale)
+        reward_c = (lambda x0: reward(decode(vae, x0), batch)) if reward is not None else None
+        try:
+            for _ in range(cfg.fake_steps_per_G):
+                z = torch.randn((B, *latent_shape), device=device)  # z ~ N(0, I)
+                loss_fake = fake_score_step(G_c, fake_c, fake.parameters(), opt_fake, scaler_fake, z,
+                                            schedule, cfg, ctx)
+            z = torch.randn((B, *latent_shape), device=device)  # z ~ N(0, I)
+            stats = generator_step(G_c, real_c, fake_c, reward_c, G.parameters(), opt_G, scaler_G, z,
+                                   schedule, cfg, ctx)
+        except FloatingPointError as e:
+            kept = list_checkpoints(cfg.output_dir)
+            die(f"training stopped at step {step + 1}: {e}. Last good checkpoint: "
+                f"{kept[-1] if kept else 'none'}; lower --learning_rate or --reward_scale, or try bf16")
+        step += 1
+        stats = {"step": step, "loss_fake": loss_fake.item(), **{k: v.item() for k, v in stats.items()},
+                 "img_per_s": B / (time.time() - t0)}
+        log.write(json.dumps(stats) + "\n")
+        log.flush()
+        bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k != "step"})
+        bar.update(1)
+        if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
+            save_checkpoint(cfg, step, G, fake, opt_G, opt_fake)
+        if step % cfg.validation_steps == 0 or step == cfg.max_train_steps:
+            sample_grid(f"{step:04d}")
+    bar.close()
+    export_generator(G, os.path.join(cfg.output_dir, "generator"))
+    return dict(G=G, fake=fake, teacher=teacher, vae=vae, text_encoder=text_encoder, reward=reward)
+
+
+def export_generator(G, folder):
+    """The trained generator as a plain diffusers UNet folder (+ dipp.json with t*)."""
+    G.unet.save_pretrained(folder)
+    with open(os.path.join(folder, "dipp.json"), "w") as f:
+        json.dump({"generator_timestep": G.t_star}, f)
+    print(f"generator saved to {folder}")
+
+
+@torch.no_grad()
+def generate(cfg):
+    """One-step generation: decode(g_θ(z, c)) for each prompt, written as PNGs to output_dir."""
+    if not cfg.generator_init:
+        die("--generate needs --generator_init DIR (a generator folder written by training)")
+    device = pick_device(cfg.device)
+    ctx, dtype = precision(cfg, device)
+    torch.manual_seed(cfg.seed)
+    meta = os.path.join(cfg.generator_init, "dipp.json")
+    if os.path.isfile(meta):
+        cfg.generator_timestep = json.load(open(meta))["generator_timestep"]
+    teacher, vae, text_encoder, tokenizer, schedule = load_sd(cfg.pretrained_model_name_or_path, device, dtype)
+    check_config(cfg, schedule.T)
+    G = build_generator(cfg, teacher, schedule, device).eval()
+    prompts = [p.strip() for p in cfg.generate.split("|") if p.strip()]
+    latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
+    z = torch.randn((len(prompts), *latent_shape), device=device)  # z ~ N(0, I)
+    with ctx:
+        images = decode(vae, G(z, encode_prompts(tokenizer, text_encoder, prompts)))
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        save_grid(image[None], [prompt], os.path.join(cfg.output_dir, f"generated_{i:02d}.png"))
+    print(f"wrote {len(prompts)} images to {cfg.output_dir}")
+    return images
+
+# -----------------------------------------------------------------------------
+# (optional) tiny random models for --tiny and the tests — not needed to understand DI++.
+
+
+def build_tiny(folder, seed=0):
+    """A tiny SD-1.x folder (UNet, VAE, CLIP text encoder + tokenizer, scheduler) and a tiny CLIP reward
+    model, written with save_pretrained so that --tiny runs the very same loading code as SD1.5."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    torch.manual_seed(seed)
+    sd, clip = os.path.join(folder, "sd"), os.path.join(folder, "clip")
+    UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_head_dim=8,
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=16
+                         ).save_pretrained(os.path.join(sd, "unet"))
+    AutoencoderKL(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=16, sample_size=16,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2
+                  ).save_pretrained(os.path.join(sd, "vae"))
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                vocab_size=1000, max_position_embeddings=77, projection_dim=32)
+    CLIPTextModel(CLIPTextConfig(**text)).save_pretrained(os.path.join(sd, "text_encoder"))
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                  prediction_type="epsilon").save_pretrained(os.path.join(sd, "scheduler"))
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                  image_size=16, patch_size=4, projection_dim=32)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)).save_pretrained(clip)
+    # A byte-level BPE tokenizer with no merges: every character is a token (vocabulary of 514).
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(161, 173)) + list(range(174, 256))
+    chars = [chr(b) for b in bs] + [chr(256 + i) for i in range(256 - len(bs))]  # GPT-2's bytes_to_unicode
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    for out in (os.path.join(sd, "tokenizer"), clip):
+        os.makedirs(out, exist_ok=True)
+        json.dump(vocab, open(os.path.join(out, "vocab.json"), "w"))
+        open(os.path.join(out, "merges.txt"), "w").write("#version: 0.2\n")
+        CLIPTokenizer(os.path.join(out, "vocab.json"), os.path.join(out, "merges.txt"),
+                      model_max_length=77).save_pretrained(out)
+    return sd, clip
+
+# -----------------------------------------------------------------------------
+# 9. main
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    if cfg.tiny:  # same code path as SD1.5, on models small enough for a CPU
+        sd, clip = build_tiny(os.path.join(cfg.output_dir, "tiny"), cfg.seed)
+        cfg.pretrained_model_name_or_path = sd
+        if cfg.reward != "none":
+            cfg.reward, cfg.reward_model_path = "clip", clip
+    check_config(cfg)
+    return generate(cfg) if cfg.generate else train(cfg)
+
+
+if __name__ == "__main__":
+    main()

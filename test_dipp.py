@@ -1,0 +1,431 @@
+"""Tests for dipp: each one checks the code against an independent computation (a hand-derived
+gradient, an exact score, a closed form, or a reference library's own result). CPU, offline.
+
+Run: pytest -q test_dipp.py
+"""
+import functools
+import json
+import os
+import re
+import shlex
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach the model hub
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest
+import torch
+
+import dipp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_models(folder="/tmp/dipp-test-tiny"):
+    """Tiny SD + CLIP folders, written once per test session (dipp.build_tiny)."""
+    return dipp.build_tiny(folder)
+
+
+def tiny_unet(seed=0):
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(tiny_models()[0], subfolder="unet")
+    for p in unet.parameters():  # move off the init so cond and uncond really differ
+        p.data += 0.02 * torch.randn_like(p)
+    return unet.eval()
+
+
+def sd_alphas_cumprod():
+    """The reference schedule from diffusers itself, not from dipp."""
+    from diffusers import DDPMScheduler
+    s = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    return s.alphas_cumprod.double()
+
+
+# ----------------------------------------------------------------------------- forward process
+
+def test_schedule_matches_diffusers():
+    """dipp's scaled-linear schedule equals diffusers' DDPMScheduler (SD1.5 settings)."""
+    ours = dipp.Schedule.scaled_linear().alphas_cumprod.double()
+    assert torch.allclose(ours, sd_alphas_cumprod(), rtol=1e-6, atol=1e-7)
+
+
+def test_add_noise_predict_x0_round_trip():
+    """predict_x0 inverts add_noise when the ε-prediction is the true noise."""
+    sched = dipp.Schedule.scaled_linear()
+    x0, eps = torch.randn(5, 4, 3, 3), torch.randn(5, 4, 3, 3)
+    t = torch.tensor([0, 10, 500, 900, 999])
+    a, s = sched.alpha_sigma(t, 4)
+    assert torch.allclose(dipp.predict_x0(dipp.add_noise(x0, eps, a, s), eps, a, s), x0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def linear_eps(seed, D=6):
+    """A fixed random ε-predictor eps(x_t, t) that depends on x and t (stands in for a network)."""
+    g = torch.Generator().manual_seed(seed)
+    W, b = torch.randn(D, D, generator=g) / D ** 0.5, torch.randn(D, generator=g)
+    return lambda x, t: torch.tanh(x @ W + b * (t[:, None].float() / 1000))
+
+
+@pytest.mark.parametrize("weighting", ["x0", "eps", "dmd2"])
+def test_ikl_gradient_equals_hand_derived(weighting):
+    """∂L_IKL/∂x0 from autograd equals w(t)·α_t·(ε̃_ref − ε̂_fake)/σ_t written out by hand."""
+    torch.manual_seed(0)
+    real, fake = linear_eps(1), linear_eps(2)
+    x0 = torch.randn(8, 6, requires_grad=True)
+    t, eps = torch.randint(20, 981, (8,)), torch.randn(8, 6)
+    loss = dipp.ikl_loss(x0, t, eps, dipp.Schedule.scaled_linear(), real, fake, weighting).sum()
+    (grad,) = torch.autograd.grad(loss, x0)
+    abar = sd_alphas_cumprod()[t].float()[:, None]  # independent schedule (diffusers)
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    x_t = alpha * x0.detach() + sigma * eps
+    e_real, e_fake = real(x_t, t), fake(x_t, t)
+    w = {"x0": sigma ** 2 / alpha ** 2, "eps": sigma / alpha}.get(weighting)
+    if w is None:  # DMD2: σ²/α² divided by mean |x0 − x̂0_real|
+        x0_real = (x_t - sigma * e_real) / alpha
+        w = sigma ** 2 / alpha ** 2 / (x0.detach() - x0_real).abs().mean(1, keepdim=True)
+    expected = w * alpha * (e_real - e_fake) / sigma
+    assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-6)
+    assert grad.abs().max() > 1e-3  # the check is not vacuous
+
+
+def test_ikl_gradient_vanishes_when_fake_equals_teacher():
+    """p_fake = p_ref (fake score is the teacher): the IKL gradient to the generator is exactly 0."""
+    unet = tiny_unet()
+    eps_fn = dipp.unet_eps(unet)
+    cond = torch.randn(2, 77, 32)
+    real = dipp.guided(eps_fn, cond, torch.zeros_like(cond), 1.0)
+    x0 = torch.randn(2, 4, 8, 8, requires_grad=True)
+    t, eps = torch.tensor([100, 700]), torch.randn(2, 4, 8, 8)
+    loss = dipp.ikl_loss(x0, t, eps, dipp.Schedule.scaled_linear(), real, real).sum()
+    (grad,) = torch.autograd.grad(loss, x0)
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_cfg_is_an_implicit_reward():
+    """METHOD.md §5 on a tiny UNet: the guided-teacher IKL gradient equals the unguided one minus
+    (ω−1)·∇x0 r_cfg, with r_cfg's gradient from separate (unbatched) cond and uncond UNet calls."""
+    unet = tiny_unet()
+    eps_fn = dipp.unet_eps(unet)
+    fake = dipp.unet_eps(tiny_unet(seed=1))
+    sched, omega = dipp.Schedule.scaled_linear(), 4.5
+    torch.manual_seed(0)
+    cond, uncond = torch.randn(3, 77, 32), torch.randn(3, 77, 32)
+    x0 = torch.randn(3, 4, 8, 8, requires_grad=True)
+    t, eps = torch.tensor([50, 400, 900]), torch.randn(3, 4, 8, 8)
+    fake_c = lambda x, tt: fake(x, tt, cond)
+
+    def grad_of(loss):
+        return torch.autograd.grad(loss.sum(), x0)[0]
+
+    g_guided = grad_of(dipp.ikl_loss(x0, t, eps, sched, dipp.guided(eps_fn, cond, uncond, omega), fake_c))
+    g_plain = grad_of(dipp.ikl_loss(x0, t, eps, sched, dipp.guided(eps_fn, cond, uncond, 1.0), fake_c))
+    g_cfg = grad_of(dipp.cfg_reward_loss(x0, t, eps, sched, lambda x, tt: eps_fn(x, tt, cond),
+                                         lambda x, tt: eps_fn(x, tt, uncond)))  # = −∇ r_cfg
+    assert torch.allclose(g_guided, g_plain + (omega - 1) * g_cfg, rtol=1e-3, atol=1e-5)
+    assert (g_guided - g_plain).abs().max() > 1e-3  # guidance really changed the gradient
+
+
+def test_fake_score_loss_is_dsm_and_detached():
+    """The DSM loss equals ‖ε̂(α x0 + σ ε, t) − ε‖² averaged over dims, and sends no gradient to x0."""
+    fake = linear_eps(3)
+    x0 = torch.randn(4, 6, requires_grad=True)
+    t, eps = torch.tensor([30, 300, 600, 950]), torch.randn(4, 6)
+    loss = dipp.fake_score_loss(fake, x0, t, eps, dipp.Schedule.scaled_linear())
+    abar = sd_alphas_cumprod()[t].float()[:, None]
+    x_t = abar.sqrt() * x0.detach() + (1 - abar).sqrt() * eps
+    assert torch.allclose(loss, ((fake(x_t, t) - eps) ** 2).mean(1), rtol=1e-5)
+    assert not loss.requires_grad  # linear_eps has no parameters and x0 was detached
+
+
+def test_exact_eps_minimises_dsm_on_gaussian_data():
+    """For x0 ~ N(0, s²I) the exact ε-predictor E[ε|x_t] = σ x_t/(α²s² + σ²) beats perturbed ones."""
+    torch.manual_seed(0)
+    sched, s = dipp.Schedule.scaled_linear(), 0.7
+    x0, eps = s * torch.randn(200000, 2), torch.randn(200000, 2)
+    t = torch.full((200000,), 300)
+    a, sg = sched.alpha_sigma(t, 2)
+    exact = lambda x, tt, k=1.0: k * sg * x / (a ** 2 * s ** 2 + sg ** 2)
+    losses = [dipp.fake_score_loss(lambda x, tt: exact(x, tt, k), x0, t, eps, sched).mean().item()
+              for k in (0.9, 1.0, 1.1)]
+    assert losses[1] < losses[0] and losses[1] < losses[2]
+    closed_form = 1 - sg[0, 0].item() ** 2 / (a[0, 0].item() ** 2 * s ** 2 + sg[0, 0].item() ** 2)
+    assert abs(losses[1] - closed_form) < 0.01  # the DSM floor: posterior variance of ε
+
+
+def test_reward_loss_sign():
+    """Minimising the reward loss increases the reward (gradient ascent on α_rew·r)."""
+    r = torch.tensor([1.0, 2.0], requires_grad=True)
+    dipp.reward_loss(r, 3.0).sum().backward()
+    assert torch.equal(r.grad, torch.tensor([-3.0, -3.0]))
+
+
+# ----------------------------------------------------------------------------- training
+
+def read_unet(sub):
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel.from_pretrained(tiny_models()[0], subfolder=sub)
+
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].float(), sb[k].float()) for k in sa)
+
+
+def test_training_step_moves_only_generator_and_fake_score(tmp_path):
+    """One tiny step changes generator and fake score; teacher, VAE, text encoder and reward are
+    bit-identical to the files they were loaded from."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPModel, CLIPTextModel
+    out = str(tmp_path)
+    nets = dipp.main(["--tiny", "--max_train_steps", "1", "--output_dir", out, "--reward_scale", "10",
+                      "--learning_rate", "1e-3", "--fake_learning_rate", "1e-3"])
+    sd, clip = os.path.join(out, "tiny", "sd"), os.path.join(out, "tiny", "clip")
+    teacher = read_unet_from(sd)
+    assert same_weights(nets["teacher"], teacher)
+    assert same_weights(nets["vae"], AutoencoderKL.from_pretrained(sd, subfolder="vae"))
+    assert same_weights(nets["text_encoder"], CLIPTextModel.from_pretrained(sd, subfolder="text_encoder"))
+    assert same_weights(nets["reward"].model, CLIPModel.from_pretrained(clip))
+    assert not same_weights(nets["G"].unet, teacher)
+    assert not same_weights(nets["fake"], teacher)
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert log[-1]["step"] == 1 and all(map(lambda v: v == v, log[-1].values()))  # no NaN logged
+
+
+def read_unet_from(folder):
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+
+
+def readme_quickstart():
+    """The `python dipp.py --tiny ...` command exactly as README gives it."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    line = next(l for l in text.splitlines() if "python dipp.py --tiny" in l)
+    command = line[line.index("python dipp.py --tiny"):].split("#")[0].split("&&")[0]
+    return shlex.split(command)[2:]
+
+
+def test_readme_quickstart_runs(tmp_path):
+    """README's CPU command runs as written and leaves a checkpoint, a sample grid and a generator."""
+    argv = readme_quickstart()
+    i = argv.index("--output_dir")
+    argv[i + 1] = str(tmp_path / argv[i + 1])
+    dipp.main(argv)
+    out = argv[i + 1]
+    files = os.listdir(out)
+    assert any(re.fullmatch(r"checkpoint-\d+", f) for f in files), files
+    assert any(f.startswith("samples_") and f.endswith(".png") for f in files), files
+    assert os.path.isfile(os.path.join(out, "generator", "diffusion_pytorch_model.safetensors"))
+
+
+def test_resume_continues_the_run(tmp_path):
+    """2 steps straight == 1 step, stop, resume, 1 more step (weights identical)."""
+    common = ["--tiny", "--reward", "none", "--learning_rate", "1e-3", "--fake_learning_rate", "1e-3",
+              "--checkpointing_steps", "1"]
+    straight = dipp.main(common + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "a")])
+    dipp.main(common + ["--max_train_steps", "1", "--output_dir", str(tmp_path / "b")])
+    resumed = dipp.main(common + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "b"),
+                                  "--resume_from_checkpoint", "latest"])
+    assert same_weights(straight["G"].unet, resumed["G"].unet)
+    assert same_weights(straight["fake"], resumed["fake"])
+
+
+def test_export_reloads_in_stock_diffusers_pipeline(tmp_path):
+    """The exported generator folder in a stock StableDiffusionPipeline, run for one step at t*, gives
+    the same images from the same noise as dipp's own one-step generation."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    out = str(tmp_path)
+    dipp.main(["--tiny", "--max_train_steps", "1", "--output_dir", out, "--reward", "none",
+               "--learning_rate", "1e-3"])
+    prompts = ["a red bicycle", "a fox"]
+    torch.manual_seed(5)
+    ours = dipp.main(["--tiny", "--output_dir", out, "--generate", "|".join(prompts),
+                      "--generator_init", os.path.join(out, "generator"), "--seed", "5"])
+    sd = os.path.join(out, "tiny", "sd")
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(sd, subfolder="vae"),
+        text_encoder=CLIPTextModel.from_pretrained(sd, subfolder="text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(os.path.join(out, "generator")),
+        scheduler=DDPMScheduler.from_pretrained(sd, subfolder="scheduler", clip_sample=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    torch.manual_seed(5)
+    z = torch.randn(2, 4, 8, 8)  # the same z ~ N(0, I) that dipp.generate drew after seeding
+    theirs = pipe(prompts, timesteps=[999], latents=z, guidance_scale=1.0, output_type="pt").images
+    assert torch.allclose((ours.clamp(-1, 1) + 1) / 2, theirs, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- rewards
+
+@functools.lru_cache(maxsize=None)
+def offline_imagereward(folder="/tmp/dipp-test-imagereward"):
+    """ImageReward built from a written med_config.json (1 BERT layer) and a small vocab, no download.
+    The MLP head is re-initialised with a larger std so the score really depends on the image."""
+    sys.modules.setdefault("clip", type(sys)("clip"))
+    import ImageReward as RM
+    from ImageReward.models.BLIP import blip_pretrain
+    from transformers import BertTokenizer
+    os.makedirs(folder, exist_ok=True)
+    med = dict(architectures=["BertModel"], attention_probs_dropout_prob=0.1, hidden_act="gelu",
+               hidden_dropout_prob=0.1, hidden_size=768, initializer_range=0.02, intermediate_size=3072,
+               layer_norm_eps=1e-12, max_position_embeddings=512, model_type="bert", num_attention_heads=12,
+               num_hidden_layers=1, pad_token_id=0, type_vocab_size=2, vocab_size=30524,
+               encoder_width=768, add_cross_attention=True)
+    json.dump(med, open(os.path.join(folder, "med_config.json"), "w"))
+    words = "a red bicycle fox photo of the on watercolor painting".split()
+    open(os.path.join(folder, "vocab.txt"), "w").write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words))
+
+    def init_tokenizer():  # blip_pretrain imported the name, so patch it there
+        tok = BertTokenizer(os.path.join(folder, "vocab.txt"))
+        tok.add_special_tokens({"bos_token": "[DEC]"})
+        tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+        tok.enc_token_id = tok.additional_special_tokens_ids[0]
+        return tok
+
+    original = blip_pretrain.init_tokenizer
+    blip_pretrain.init_tokenizer = init_tokenizer
+    try:
+        torch.manual_seed(0)
+        model = RM.ImageReward(med_config=os.path.join(folder, "med_config.json"), device="cpu")
+    finally:
+        blip_pretrain.init_tokenizer = original
+    for p in model.mlp.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return model.eval().requires_grad_(False)
+
+
+def smooth_image(seed, size=96):
+    """A smooth random image in [-1, 1], quantised to uint8 levels so PIL sees exactly the same pixels."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 6, generator=g), size=(size, size),
+                                        mode="bicubic", align_corners=False).clamp(0, 1)
+    return (x * 255).round() / 127.5 - 1  # (1, 3, size, size)
+
+
+def to_pil(image):
+    from PIL import Image
+    return Image.fromarray(((image[0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+
+
+def test_reward_preprocessing_matches_imagereward_pil_path():
+    """dipp's torch preprocessing (differentiable) vs the package's PIL pipeline on the same image:
+    pixels within 0.05 (normalised units, mean 0.01) and scores within 2% of the between-image spread."""
+    model = offline_imagereward()
+    fn = dipp.ImageRewardFn(model)
+    for size in (96, 512):  # upsampling to 224 and SD1.5's downsampling 512 -> 224
+        img = smooth_image(0, size)
+        ref = model.preprocess(to_pil(img))[None]  # (1, 3, 224, 224), the package's own transform
+        ours = dipp.clip_preprocess(img, 224)
+        assert (ours - ref).abs().max() < 0.05 and (ours - ref).abs().mean() < 0.01
+    with torch.no_grad():
+        prompt = "a red bicycle"
+        ours = [fn(smooth_image(s, 512), [prompt]).item() for s in (1, 2)]
+        theirs = [model.score(prompt, to_pil(smooth_image(s, 512))) for s in (1, 2)]
+    spread = abs(theirs[0] - theirs[1])
+    assert spread > 1e-3  # the score depends on the image
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < 0.02 * spread + 1e-4
+
+
+def test_imagereward_gradient_reaches_generator():
+    """ImageReward (offline, random weights) → torch preprocessing → VAE decode → one-step generator:
+    the reward's gradient is nonzero on the generator's weights."""
+    from diffusers import AutoencoderKL
+    sd = tiny_models()[0]
+    G = dipp.OneStepGenerator(read_unet("unet").train(), dipp.Schedule.scaled_linear(), 999)
+    vae = AutoencoderKL.from_pretrained(sd, subfolder="vae").requires_grad_(False)
+    fn = dipp.ImageRewardFn(offline_imagereward())
+    x0 = G(torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32))
+    dipp.reward_loss(fn(dipp.decode(vae, x0), ["a fox"]), 1.0).sum().backward()
+    grads = [p.grad.abs().sum() for p in G.parameters() if p.grad is not None]
+    assert grads and sum(grads) > 0
+
+
+def test_clip_reward_is_cosine_similarity():
+    """ClipRewardFn equals the cosine of CLIPModel's own image and text embeddings."""
+    from transformers import CLIPModel, CLIPTokenizer
+    clip = tiny_models()[1]
+    model, tok = CLIPModel.from_pretrained(clip).eval(), CLIPTokenizer.from_pretrained(clip)
+    images = smooth_image(3, 16).repeat(2, 1, 1, 1)
+    prompts = ["a fox", "a red bicycle"]
+    with torch.no_grad():
+        out = model(input_ids=tok(prompts, padding=True, return_tensors="pt").input_ids,
+                    pixel_values=dipp.clip_preprocess(images, 16))
+        expected = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)
+        assert torch.allclose(dipp.ClipRewardFn(model, tok)(images, prompts), expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def error_of(argv):
+    with pytest.raises(SystemExit) as e:
+        dipp.main(argv)
+    return str(e.value)
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path):
+    """Each bad input ends with one 'dipp: error: …' line naming the problem and the fix."""
+    out = str(tmp_path)
+    cases = {
+        ("--pretrained_model_name_or_path", "./no/such/folder"): "does not exist",
+        ("--pretrained_model_name_or_path", out): "missing unet/config.json",
+        ("--pretrained_model_name_or_path", "someone/not-cached-model"): "huggingface-cli download",
+        ("--tiny", "--prompts", os.path.join(out, "none.txt")): "does not exist",
+        ("--tiny", "--generator_timestep", "1000"): "outside the schedule",
+        ("--tiny", "--t_min", "500", "--t_max", "400"): "t_min",
+        ("--tiny", "--mixed_precision", "fp16", "--device", "cpu"): "needs a CUDA GPU",
+        ("--tiny", "--generate", "a fox"): "--generator_init",
+        ("--tiny", "--resume_from_checkpoint", "latest"): "no checkpoint",
+    }
+    open(os.path.join(out, "empty.txt"), "w").write("\n  \n")
+    cases[("--tiny", "--prompts", os.path.join(out, "empty.txt"))] = "has no prompts"
+    for argv, expected in cases.items():
+        message = error_of(list(argv) + ["--output_dir", os.path.join(out, "run"), "--max_train_steps", "1"])
+        assert message.startswith("dipp: error:") and expected in message, (argv, message)
+        assert "\n" not in message, message
+
+
+def test_bad_reward_given_to_tiny_is_caught(tmp_path):
+    """--tiny swaps the reward to its tiny CLIP; an ImageReward path is checked only without --tiny."""
+    msg = error_of(["--pretrained_model_name_or_path", tiny_models()[0], "--reward", "imagereward",
+                    "--reward_model_path", str(tmp_path), "--output_dir", str(tmp_path / "r")])
+    assert "ImageReward.pt" in msg and "huggingface-cli download THUDM/ImageReward" in msg
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    """A non-finite loss at step 2 stops training with a message naming checkpoint-1, which loads."""
+    real_ikl, calls = dipp.ikl_loss, []
+
+    def ikl_nan_on_second_call(*args, **kwargs):
+        calls.append(1)
+        loss = real_ikl(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(dipp, "ikl_loss", ikl_nan_on_second_call)
+    out = str(tmp_path)
+    msg = error_of(["--tiny", "--reward", "none", "--max_train_steps", "3", "--checkpointing_steps", "1",
+                    "--output_dir", out])
+    assert "training stopped at step 2" in msg and "checkpoint-1" in msg
+    assert dipp.list_checkpoints(out) == [os.path.join(out, "checkpoint-1")]
+    monkeypatch.setattr(dipp, "ikl_loss", real_ikl)
+    dipp.main(["--tiny", "--reward", "none", "--max_train_steps", "2", "--output_dir", out,
+               "--resume_from_checkpoint", "latest"])
+
+
+def test_help_lists_every_flag(capsys):
+    """--help names every Config field with its help text (the CLI is the dataclass)."""
+    with pytest.raises(SystemExit):
+        dipp.parse_config(["--help"])
+    text = capsys.readouterr().out
+    for f in dipp.dataclasses.fields(dipp.Config):
+        assert f"--{f.name}" in text, f.name
+
+
+def test_import_is_light():
+    """`import dipp` pulls in neither diffusers, transformers nor ImageReward (the toy stays fast)."""
+    import subprocess
+    code = "import sys, dipp; print(any(m in sys.modules for m in ('diffusers', 'transformers', 'ImageReward')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

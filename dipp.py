@@ -369,7 +369,8 @@ class ClipRewardFn:
 
 
 def checkpoint_blocks(blocks):
-    """Gradient checkpointing for a reward tower that has no switch of its own (BLIP's ViT)."""
+    """Gradient checkpointing for a frozen reward tower: each block's activations are recomputed in the
+    backward pass instead of stored (BLIP's ViT has no switch; transformers' only acts in train mode)."""
     from torch.utils.checkpoint import checkpoint
     for block in blocks:
         block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(block.forward)
@@ -384,8 +385,8 @@ def load_reward(cfg, device, dtype):
         name = cfg.reward_model_path or "openai/clip-vit-large-patch14"
         model = load_or_die(lambda: CLIPModel.from_pretrained(name), name, "the CLIP reward model")
         tok = load_or_die(lambda: CLIPTokenizer.from_pretrained(name), name, "the CLIP tokenizer")
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+        if cfg.gradient_checkpointing:  # transformers' own switch is inactive in eval mode
+            checkpoint_blocks(model.vision_model.encoder.layers)
         return ClipRewardFn(freeze(model, device, dtype), tok)
     sys.modules.setdefault("clip", type(sys)("clip"))  # ImageReward imports OpenAI's `clip` but never uses it for ImageReward
     import ImageReward as RM
@@ -635,6 +636,7 @@ def train(cfg):
             images = decode(vae, G(val_z, encode_prompts(tokenizer, text_encoder, val_prompts)))
         save_grid(images, val_prompts, os.path.join(cfg.output_dir, f"samples_{tag}.png"))
 
+    fake_eps = unet_eps(fake)
     log = open(os.path.join(cfg.output_dir, "log.jsonl"), "a")
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc="dipp", dynamic_ncols=True)
     if step == 0:
@@ -645,7 +647,7 @@ def train(cfg):
         batch = [prompts[i] for i in torch.randint(len(prompts), (B,)).tolist()]  # c ~ prompt set
         cond = encode_prompts(tokenizer, text_encoder, batch)  # (B, 77, D)
         G_c = lambda z: G(z, cond)
-        fake_c = lambda x_t, t: unet_eps(fake)(x_t, t, cond)
+        fake_c = lambda x_t, t: fake_eps(x_t, t, cond)
         real_c = guided(unet_eps(teacher), cond, null_emb.expand_as(cond), cfg.guidance_scale)
         reward_c = (lambda x0: reward(decode(vae, x0), batch)) if reward is not None else None
         try:

@@ -429,3 +429,158 @@ def test_import_is_light():
     code = "import sys, dipp; print(any(m in sys.modules for m in ('diffusers', 'transformers', 'ImageReward')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------- 2-D toy (toy/gmm.py)
+
+sys.path.insert(0, os.path.join(HERE, "toy"))
+import gmm as toy  # noqa: E402
+
+
+def toy_mixture():
+    return toy.GaussianMixture([[-1.5, 1], [1.5, 1], [0, -1]], [0.6, 0.4, 0.8], [1, 2, 1], [0, 0, 1])
+
+
+def test_gmm_score_is_autograd_of_log_density():
+    """The closed-form diffused score equals autograd of the closed-form log p_t(x|c), for each class
+    and for the unconditional mixture (c = −1), at several t."""
+    gmm, sched = toy_mixture(), dipp.Schedule.scaled_linear()
+    torch.manual_seed(0)
+    for c in (-1, 0, 1):
+        x = (2 * torch.randn(64, 2)).requires_grad_(True)
+        t = torch.randint(0, 1000, (64,))
+        a, s = sched.alpha_sigma(t, 2)
+        cc = torch.full((64,), c)
+        (auto,) = torch.autograd.grad(gmm.log_prob_t(x, a, s, cc).sum(), x)
+        assert torch.allclose(gmm.score_t(x.detach(), a, s, cc), auto, rtol=1e-4, atol=1e-5)
+
+
+def test_gmm_log_density_integrates_to_one_and_class_posterior_normalises():
+    """p(x|c) integrates to 1 on a grid, and exp log p_t(c|x) sums to one over classes."""
+    gmm, sched = toy_mixture(), dipp.Schedule.scaled_linear()
+    edges, grid = toy.grid_points(6.0, 300)
+    cell = (edges[1] - edges[0]) ** 2
+    for c in (0, 1):
+        assert abs(gmm.density_grid(grid, c).sum().item() * cell - 1) < 1e-3
+    x, t = 2 * torch.randn(100, 2), torch.randint(0, 1000, (100,))
+    a, s = sched.alpha_sigma(t, 2)
+    assert torch.allclose(gmm.log_p_class_t(x, a, s).exp().sum(1), torch.ones(100), atol=1e-5)
+
+
+def test_cfg_implicit_reward_with_exact_densities():
+    """With the exact mixture, −∇x0 of dipp.cfg_reward_loss equals autograd of
+    w(t)·log p_t(c | α x0 + σ ε) computed from closed-form densities (METHOD.md §5)."""
+    gmm, sched = toy_mixture(), dipp.Schedule.scaled_linear()
+    torch.manual_seed(1)
+    x0 = torch.randn(32, 2, requires_grad=True)
+    c, t, eps = torch.randint(0, 2, (32,)), torch.randint(20, 981, (32,)), torch.randn(32, 2)
+    teacher = gmm.eps_fn(sched)
+    loss = dipp.cfg_reward_loss(x0, t, eps, sched, lambda x, tt: teacher(x, tt, c),
+                                lambda x, tt: teacher(x, tt, torch.full_like(c, -1)), "eps")
+    (ours,) = torch.autograd.grad(loss.sum(), x0)
+    a, s = sched.alpha_sigma(t, 2)
+    r_cfg = dipp.ikl_weight("eps", a, s)[:, 0] * gmm.log_p_class_t(a * x0 + s * eps, a, s).gather(1, c[:, None])[:, 0]
+    (exact,) = torch.autograd.grad(r_cfg.sum(), x0)
+    assert torch.allclose(-ours, exact, rtol=1e-3, atol=1e-5)
+    assert exact.abs().max() > 1e-2
+
+
+@functools.lru_cache(maxsize=None)
+def toy_quick(out="/tmp/dipp-test-toy"):
+    return toy.run(["--quick", "--out", out])
+
+
+def test_toy_quick_recovery_lands_near_reference():
+    """α_rew = 0, ω = 1: after the quick run the generator is within MMD² 0.05 of the exact reference
+    (noise floor ≈ 0; the untrained generator scores ≈ 0.5) and each mode holds 50% ± 10%."""
+    rec = toy_quick()["recovery"]
+    assert rec["mmd"] < 0.05 and abs(rec["mmd_floor"]) < 0.005
+    for got, want in zip(rec["mode_weights"], rec["true_mode_weights"]):
+        assert abs(got - want) < 0.1
+
+
+def test_toy_quick_sweep_trades_kl_for_reward():
+    """Raising α_rew raises both the mean reward and KL(p_θ‖p_ref), and no point beats the exact
+    optimal frontier (up to the histogram's bias, measured by the reference's own KL floor)."""
+    res = toy_quick()
+    sweep = sorted(res["tradeoff"], key=lambda s: s["reward_scale"])
+    assert sweep[-1]["reward"] > sweep[0]["reward"] + 0.2
+    assert sweep[-1]["kl"] > sweep[0]["kl"]
+    front = res["frontier"]
+    for s in sweep:  # best reward the frontier reaches at this KL (+ the KL estimator's bias)
+        best = max(f["reward"] for f in front if f["kl"] <= s["kl"] + res["reference"]["kl_floor"])
+        assert s["reward"] <= best + 0.05
+
+
+def test_toy_writes_its_outputs():
+    """The toy writes results.json, samples.npz and toy.png, and reports the CFG comparison."""
+    toy_quick()
+    for f in ("results.json", "samples.npz", "toy.png"):
+        assert os.path.getsize(os.path.join("/tmp/dipp-test-toy", f)) > 0
+    cfg = toy_quick()["cfg"]
+    assert cfg["mmd_guided_vs_explicit"] < cfg["mmd_guided_vs_unguided"]
+
+
+def test_toy_calls_dipp_losses(monkeypatch):
+    """The toy trains through dipp.ikl_loss and dipp.fake_score_loss (no private copies)."""
+    calls = {"ikl": 0, "dsm": 0}
+    ikl, dsm = dipp.ikl_loss, dipp.fake_score_loss
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(dipp, "ikl_loss", counted("ikl", ikl))
+    monkeypatch.setattr(dipp, "fake_score_loss", counted("dsm", dsm))
+    args = toy.parse(["--steps", "3", "--k_ta", "2"])
+    gmm, sched, reward = toy.build(args)
+    toy.train(gmm, sched, args, 1.0, 2.0, lambda x0, c: reward(x0))
+    assert calls == {"ikl": 3, "dsm": 6}
+
+
+# ----------------------------------------------------------------------------- memory switches
+
+def test_gradient_checkpointing_changes_memory_not_math(tmp_path):
+    """One step with --gradient_checkpointing gives the same weights as without, and the reward
+    tower's layers really run more often (recomputed in the backward pass)."""
+    from transformers.models.clip import modeling_clip
+    common = ["--tiny", "--max_train_steps", "1", "--learning_rate", "1e-3", "--fake_learning_rate", "1e-3",
+              "--reward_scale", "10"]
+    original = modeling_clip.CLIPEncoderLayer.forward
+
+    def run_counting(argv):
+        calls = []
+
+        def counting(self, *a, **k):
+            calls.append(1)
+            return original(self, *a, **k)
+
+        modeling_clip.CLIPEncoderLayer.forward = counting
+        try:
+            return dipp.main(common + argv), len(calls)
+        finally:
+            modeling_clip.CLIPEncoderLayer.forward = original
+
+    plain, n_plain = run_counting(["--output_dir", str(tmp_path / "a")])
+    ckpt, n_ckpt = run_counting(["--output_dir", str(tmp_path / "b"), "--gradient_checkpointing"])
+    for name in ("G", "fake"):
+        a, b = plain[name].state_dict(), ckpt[name].state_dict()
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+    assert n_ckpt > n_plain > 0
+    assert ckpt["G"].unet.is_gradient_checkpointing and ckpt["fake"].is_gradient_checkpointing
+
+
+def test_bf16_on_cpu_keeps_fp32_master_weights(tmp_path):
+    """--mixed_precision bf16 runs on CPU: frozen nets are stored in bf16, trainable nets stay fp32."""
+    nets = dipp.main(["--tiny", "--max_train_steps", "1", "--mixed_precision", "bf16", "--device", "cpu",
+                      "--output_dir", str(tmp_path)])
+    assert nets["teacher"].dtype == torch.bfloat16 and nets["vae"].dtype == torch.bfloat16
+    assert nets["G"].unet.dtype == torch.float32 and nets["fake"].dtype == torch.float32
+
+
+def test_fp16_keeps_vae_in_fp32():
+    """Under fp16 the VAE is kept in fp32 (its decoder overflows fp16), the other frozen nets in fp16."""
+    unet, vae, text_encoder, _, _ = dipp.load_sd(tiny_models()[0], torch.device("cpu"), torch.float16)
+    assert vae.dtype == torch.float32 and unet.dtype == torch.float16 and text_encoder.dtype == torch.float16

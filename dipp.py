@@ -550,7 +550,10 @@ def save_checkpoint(cfg, step, G, fake, opt_G, opt_fake):
                os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "dipp.json"), "w") as f:
         json.dump({"generator_timestep": G.t_star}, f)
+    if os.path.isdir(final):  # re-running into the same output_dir: swap the old one out, then drop it
+        os.replace(final, final + ".old")
     os.replace(tmp, final)
+    shutil.rmtree(final + ".old", ignore_errors=True)
     if cfg.checkpoints_total_limit > 0:
         for old in list_checkpoints(cfg.output_dir)[:-cfg.checkpoints_total_limit]:
             shutil.rmtree(old)
@@ -675,7 +678,8 @@ def train(cfg):
             sample_grid(f"{step:04d}")
     bar.close()
     export_generator(G, os.path.join(cfg.output_dir, "generator"))
-    return dict(G=G, fake=fake, teacher=teacher, vae=vae, text_encoder=text_encoder, reward=reward)
+    return dict(G=G, fake=fake, teacher=teacher, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                reward=reward, schedule=schedule)
 
 
 def export_generator(G, folder):

@@ -584,3 +584,44 @@ def test_fp16_keeps_vae_in_fp32():
     """Under fp16 the VAE is kept in fp32 (its decoder overflows fp16), the other frozen nets in fp16."""
     unet, vae, text_encoder, _, _ = dipp.load_sd(tiny_models()[0], torch.device("cpu"), torch.float16)
     assert vae.dtype == torch.float32 and unet.dtype == torch.float16 and text_encoder.dtype == torch.float16
+
+
+def test_rerun_into_same_output_dir_overwrites_checkpoint(tmp_path):
+    """Training twice into one output_dir (no resume) replaces checkpoint-N instead of crashing."""
+    argv = ["--tiny", "--reward", "none", "--max_train_steps", "1", "--output_dir", str(tmp_path)]
+    dipp.main(argv)
+    dipp.main(argv)
+    assert dipp.list_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-1")]
+
+
+# ----------------------------------------------------------------------------- notebooks
+
+NOTEBOOKS = ["01_toy", "02_sd15_one_gpu"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_on_tiny_models(name, monkeypatch):
+    """Each notebook executes top to bottom with DIPP_TINY=1 (tiny random models, CPU, offline)."""
+    import jupytext
+    import nbclient
+    monkeypatch.setenv("DIPP_TINY", "1")
+    nb = jupytext.read(os.path.join(HERE, "notebooks", f"{name}.py"))
+    nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
+                            resources={"metadata": {"path": os.path.join(HERE, "notebooks")}}).execute()
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_ipynb_matches_its_source(name):
+    """The committed .ipynb has the same cells as its jupytext .py source, with outputs stripped."""
+    import jupytext
+    py = jupytext.read(os.path.join(HERE, "notebooks", f"{name}.py"))
+    nb = jupytext.read(os.path.join(HERE, "notebooks", f"{name}.ipynb"))
+    assert [c.source for c in py.cells] == [c.source for c in nb.cells], "run: jupytext --sync notebooks/*.py"
+    assert all(not c.get("outputs") for c in nb.cells)
+
+
+def test_notebooks_define_no_losses():
+    """Notebooks import the method from dipp.py: no loss, sampler or training step is defined in one."""
+    for name in NOTEBOOKS:
+        src = open(os.path.join(HERE, "notebooks", f"{name}.py")).read()
+        assert not re.search(r"def \w*(loss|step|sample)\w*\(", src), name

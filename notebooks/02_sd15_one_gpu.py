@@ -1,0 +1,142 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 — DI++ on Stable Diffusion 1.5 with one GPU
+#
+# The same `dipp.py` code as the toy, now on SD1.5: a frozen CFG teacher UNet, a one-step generator
+# UNet, a fake-score UNet, the VAE decoder and ImageReward. We (1) load everything, (2) measure what
+# each memory switch costs, (3) run a short alignment and compare before/after images and rewards
+# on fixed prompts and noise, (4) save, reload and generate in one step.
+#
+# Needs: a CUDA GPU, the SD1.5 weights (`huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5`)
+# and ImageReward (`huggingface-cli download THUDM/ImageReward`). With `DIPP_TINY=1` every cell runs
+# on tiny random models on a CPU instead (what CI does), through the very same code path.
+
+# %%
+import json
+import os
+import sys
+
+import torch
+
+ROOT = os.path.abspath("..") if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
+sys.path.insert(0, ROOT)
+import dipp  # noqa: E402
+
+TINY = os.environ.get("DIPP_TINY") == "1"
+OUT = os.path.join(ROOT, "runs", "notebook02" + ("_tiny" if TINY else ""))
+MODEL = ["--tiny"] if TINY else ["--pretrained_model_name_or_path", "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                 "--reward", "imagereward"]
+GPU = torch.cuda.is_available()
+print(f"tiny models: {TINY} | GPU: {torch.cuda.get_device_name() if GPU else 'none'}")
+
+# %% [markdown]
+# ## 1. The components
+# `dipp.load_sd` loads teacher UNet, VAE, text encoder, tokenizer and noise schedule from any
+# diffusers SD-1.x folder or hub id; frozen nets are stored in the low-precision dtype.
+
+# %%
+if TINY:
+    sd_path, _ = dipp.build_tiny(os.path.join(OUT, "tiny"))
+else:
+    sd_path = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+device = dipp.pick_device("auto")
+teacher, vae, text_encoder, tokenizer, schedule = dipp.load_sd(sd_path, device, torch.float32)
+count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+print(f"UNet {count(teacher):.1f}M params | VAE {count(vae):.1f}M | text encoder {count(text_encoder):.1f}M")
+print(f"generator timestep t* = 999: α = {schedule.alphas_cumprod[999].sqrt():.4f}, "
+      f"so x0 = (z − σ ε̂)/α amplifies ε errors {1 / schedule.alphas_cumprod[999].sqrt():.1f}×")
+del teacher, vae, text_encoder
+
+# %% [markdown]
+# ## 2. What each memory switch costs
+# Three short runs of the real training step (`python dipp.py ... --max_train_steps 3`), each
+# measured from its `log.jsonl` (images/s, last step) and, on a GPU, `torch.cuda.max_memory_allocated`.
+
+# %%
+def measure(name, flags, steps=3, batch=1):
+    out = os.path.join(OUT, "memory", name)
+    if GPU:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    dipp.main(MODEL + flags + ["--train_batch_size", str(batch), "--max_train_steps", str(steps), "--output_dir", out, "--validation_steps", "1000",
+                               "--checkpointing_steps", "1000"])
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if GPU else "n/a on CPU"
+    return {"setup": name, "s/iteration": round(batch / log[-1]["img_per_s"], 3), "peak GiB": peak}
+
+
+setups = {"fp32, no checkpointing": [],
+          "bf16 frozen nets + autocast": ["--mixed_precision", "bf16"],
+          "bf16 + gradient checkpointing": ["--mixed_precision", "bf16", "--gradient_checkpointing"]}
+table = [measure(k, v) for k, v in setups.items()]
+print(f"measured here ({torch.cuda.get_device_name() if GPU else 'CPU'}{', tiny models' if TINY else ''}):")
+for row in table:
+    print(f"  {row['setup']:<32} {row['s/iteration']:>8} s/it   peak memory {row['peak GiB']}")
+
+# %% [markdown]
+# Reference figures, **not measured by this notebook**: from the project's `shared/ECOSYSTEM.md`,
+# one H100 80GB, torch 2.11, diffusers 0.42, random weights with SD1.5 shapes, one generator + one
+# fake-score update, bf16 autocast with fp32 master weights:
+#
+# | setup | batch | s/iteration | images/s | peak GiB |
+# |---|---|---|---|---|
+# | full fine-tune, no checkpointing | 1 / 4 / 8 | 0.52 / 0.65 / 0.78 | 1.9 / 6.2 / 10.2 | 31.3 / 49.4 / 73.5 |
+# | full fine-tune, gradient checkpointing | 1 / 4 / 8 | 1.03 / 1.13 / 1.23 | 1.0 / 3.5 / 6.5 | 28.5 / 33.5 / 44.8 |
+#
+# Two fp32-Adam UNets of 860M parameters need ~27.5 GB for weights, gradients and optimiser states
+# alone, so full fine-tuning does not fit a 24 GB card.
+
+# %% [markdown]
+# ## 3. A short alignment run, before and after
+# `dipp.main` runs Alg. 1 and returns the networks. The sample grids `samples_0000.png` (the
+# generator at initialisation) and the final one come from the same fixed prompts and noise.
+
+# %%
+steps = 20 if TINY else 500
+run_dir = os.path.join(OUT, "align")
+nets = dipp.main(MODEL + ["--max_train_steps", str(steps), "--output_dir", run_dir, "--validation_steps", str(steps),
+                          "--checkpointing_steps", str(steps), "--reward_scale", "1", "--learning_rate", "1e-5" if not TINY else "1e-3"]
+                 + ([] if TINY else ["--mixed_precision", "bf16", "--gradient_checkpointing", "--train_batch_size", "4"]))
+
+# %%
+from IPython.display import Image, display  # noqa: E402
+
+display(Image(os.path.join(run_dir, "samples_0000.png")))
+display(Image(os.path.join(run_dir, f"samples_{steps:04d}.png")))
+
+# %% [markdown]
+# Rewards of the same fixed noise and prompts before (the teacher read out in one step) and after:
+
+# %%
+import contextlib  # noqa: E402
+
+prompts = dipp.BUILTIN_PROMPTS[:4]
+size = nets["teacher"].config.sample_size
+z = torch.randn((4, 4, size, size), generator=torch.Generator().manual_seed(0)).to(device)  # fixed z ~ N(0, I)
+before = dipp.OneStepGenerator(nets["teacher"], schedule, 999)  # the generator's initialisation
+low = nets["teacher"].dtype
+ctx = torch.autocast(device.type, dtype=low) if low != torch.float32 else contextlib.nullcontext()
+with torch.no_grad(), ctx:
+    cond = dipp.encode_prompts(nets["tokenizer"], nets["text_encoder"], prompts)
+    for name, G in (("before", before), ("after", nets["G"])):
+        r = nets["reward"](dipp.decode(nets["vae"], G(z, cond)), prompts)
+        print(f"{name:>6}: mean reward {r.mean().item():+.4f}  per prompt {[round(v, 3) for v in r.tolist()]}")
+
+# %% [markdown]
+# ## 4. Save, reload, generate in one step
+# Training wrote the generator as a plain diffusers UNet folder; `--generate` reloads it.
+
+# %%
+images = dipp.main(MODEL + ["--generate", "|".join(prompts), "--generator_init", os.path.join(run_dir, "generator"),
+                            "--output_dir", os.path.join(OUT, "generated")])
+print(images.shape, sorted(os.listdir(os.path.join(OUT, "generated")))[:4])
+display(Image(os.path.join(OUT, "generated", "generated_00.png")))

@@ -88,6 +88,8 @@ class Config:
     seed: int = 0  # seeds torch once at start-up
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 ...
     generate: str = ""  # generate mode: prompts separated by '|', images from --generator_init, then exit
+    benchmark: bool = False  # time max_train_steps iterations (no files written), print one BENCHMARK json line
+    random_sd15: bool = False  # like --tiny but SD1.5-shaped (UNet 860M, VAE, CLIP-L text, CLIP ViT-L/14 reward): for --benchmark
 
 
 CHOICES = {"reward": ("imagereward", "clip", "none"), "mixed_precision": ("no", "fp16", "bf16"),
@@ -159,8 +161,11 @@ def precision(cfg, device):
 
 def optimizer_step(loss, params, opt, scaler, max_grad_norm):
     """backward + clip + step. A non-finite loss stops training before it can poison the weights."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss.item()}")
+    bad = (~torch.isfinite(loss.detach())).float()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad)  # every rank stops together, or the others hang in backward
+    if bad.item():
+        raise FloatingPointError(f"loss became {loss.item()} (on at least one rank)")
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(opt)  # clip the true gradient, not the fp16-scaled one
@@ -228,8 +233,9 @@ def guided(eps_fn, cond, uncond, omega):
 
 def unet_eps(unet):
     """A diffusers UNet as eps(x_t, t, text_emb). Inputs are cast to the net's dtype, output to fp32."""
+    dtype = next(unet.parameters()).dtype  # (a DDP wrapper has no .dtype of its own)
+
     def eps(x_t, t, cond):
-        dtype = unet.dtype
         return unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
     return eps
 
@@ -499,28 +505,37 @@ def save_grid(images, prompts, path):
 # 8. Training: Alg. 1 — K_TA fake-score updates with θ frozen, then one generator update with ψ frozen.
 
 
-def fake_score_step(G, fake_eps, fake_params, opt, scaler, z, schedule, cfg, ctx=contextlib.nullcontext()):
+def draw_noise(B, z_shape, x_shape, cfg, device, rank=0, world=1):
+    """z ~ N(0, I), t ~ π(t), ε ~ N(0, I) for one step. Every rank draws the *global* batch of world·B
+    from the same seed and keeps its own slice, so N ranks see exactly the samples that one process
+    with batch N·B sees (and the data-parallel test can demand identical results)."""
+    n, mine = world * B, slice(rank * B, (rank + 1) * B)
+    z = torch.randn((n, *z_shape), device=device)[mine]  # z ~ N(0, I)
+    t = sample_timesteps(n, cfg.t_min, cfg.t_max, device)[mine]  # t ~ π(t)
+    eps = torch.randn((n, *x_shape), device=device)[mine]  # ε ~ N(0, I)
+    return z, t, eps
+
+
+def fake_score_step(G, fake_eps, fake_params, opt, scaler, noise, schedule, cfg, ctx=contextlib.nullcontext()):
     """One fake-score (TA diffusion) update on fresh generator samples. G(z) and fake_eps(x_t, t) are
-    closures with their conditioning bound. Returns the DSM loss."""
+    closures with their conditioning bound; noise = (z, t, ε) from draw_noise. Returns the DSM loss."""
+    z, t, eps = noise
     with ctx:
         with torch.no_grad():
             x0 = G(z)  # θ frozen: x0 = sg[g_θ(z)]
-        t = sample_timesteps(z.shape[0], cfg.t_min, cfg.t_max, z.device)  # t ~ π(t)
-        eps = torch.randn_like(x0)  # ε ~ N(0, I)
         loss = fake_score_loss(fake_eps, x0, t, eps, schedule).mean()
     optimizer_step(loss, fake_params, opt, scaler, cfg.max_grad_norm)
     return loss.detach()
 
 
-def generator_step(G, real_eps, fake_eps, reward_fn, G_params, opt, scaler, z, schedule, cfg,
+def generator_step(G, real_eps, fake_eps, reward_fn, G_params, opt, scaler, noise, schedule, cfg,
                    ctx=contextlib.nullcontext()):
     """One generator update, METHOD.md §2-§3:  L_G = D_IKL surrogate − α_rew · r(g_θ(z), c).
     real_eps is the (CFG-guided) teacher, so the implicit reward (ω−1)·r_cfg is already inside the IKL
     term. ψ is not stepped here; its gradients are never computed (no_grad inside ikl_loss)."""
+    z, t, eps = noise
     with ctx:
         x0 = G(z)  # (B, ...): the only path by which θ receives gradient
-        t = sample_timesteps(z.shape[0], cfg.t_min, cfg.t_max, z.device)  # t ~ π(t)
-        eps = torch.randn_like(x0)  # ε ~ N(0, I)
         loss_ikl = ikl_loss(x0, t, eps, schedule, real_eps, fake_eps, cfg.ikl_weighting).mean()
         loss = loss_ikl
         reward = x0.new_full((z.shape[0],), float("nan"))  # (B,): logged as nan with --reward none
@@ -602,11 +617,29 @@ def build_generator(cfg, teacher, schedule, device):
     return OneStepGenerator(unet, schedule, cfg.generator_timestep)
 
 
+def init_distributed(cfg):
+    """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK: one process per GPU (NCCL), or per CPU process
+    (gloo). Returns (rank, world_size, device). A plain `python dipp.py` is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, pick_device(cfg.device)
+    import torch.distributed as dist
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), world, device
+
+
 def train(cfg):
     from tqdm import tqdm
-    device = pick_device(cfg.device)
+    rank, world, device = init_distributed(cfg)
+    main_rank = rank == 0  # only rank 0 writes files, logs and shows the progress bar
     ctx, dtype = precision(cfg, device)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same seed on every rank: see draw_noise
     os.makedirs(cfg.output_dir, exist_ok=True)
     prompts = load_prompts(cfg.prompts)
     teacher, vae, text_encoder, tokenizer, schedule = load_sd(cfg.pretrained_model_name_or_path, device, dtype)
@@ -619,9 +652,17 @@ def train(cfg):
         fake.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
     reward = load_reward(cfg, device, dtype)
-    print("\n".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()) + f"\n(device: {device})")
-    with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    if main_rank:
+        print("\n".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()) + f"\n(device: {device}, {world} process(es))")
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    # Data parallel: DDP all-reduces (averages) gradients during backward, so each rank's update is the
+    # gradient of the mean loss over the global batch. Saving and no-grad evaluation use the bare modules.
+    G_train, fake_train = G, fake
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [device.index] if device.type == "cuda" else None
+        G_train, fake_train = DDP(G, device_ids=ids), DDP(fake, device_ids=ids)
 
     opt_G = make_adam(G.parameters(), cfg.learning_rate, cfg, device)
     opt_fake = make_adam(fake.parameters(), cfg.fake_learning_rate, cfg, device)
@@ -639,47 +680,80 @@ def train(cfg):
             images = decode(vae, G(val_z, encode_prompts(tokenizer, text_encoder, val_prompts)))
         save_grid(images, val_prompts, os.path.join(cfg.output_dir, f"samples_{tag}.png"))
 
-    fake_eps = unet_eps(fake)
-    log = open(os.path.join(cfg.output_dir, "log.jsonl"), "a")
-    bar = tqdm(total=cfg.max_train_steps, initial=step, desc="dipp", dynamic_ncols=True)
-    if step == 0:
+    def synced_time():  # honest per-phase timings on a GPU need the queued kernels to finish
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    real_eps, fake_eps, fake_train_eps = unet_eps(teacher), unet_eps(fake), unet_eps(fake_train)
+    writes = main_rank and not cfg.benchmark
+    log = open(os.path.join(cfg.output_dir, "log.jsonl"), "a") if writes else None
+    bar = tqdm(total=cfg.max_train_steps, initial=step, desc="dipp", dynamic_ncols=True, disable=not main_rank)
+    if step == 0 and writes:
         sample_grid("0000")
+    B, timings = cfg.train_batch_size, []
     while step < cfg.max_train_steps:
-        t0 = time.time()
-        B = cfg.train_batch_size
-        batch = [prompts[i] for i in torch.randint(len(prompts), (B,)).tolist()]  # c ~ prompt set
+        t0 = synced_time()
+        batch = [prompts[i] for i in torch.randint(len(prompts), (world * B,))[rank * B:(rank + 1) * B].tolist()]  # c ~ prompts
         cond = encode_prompts(tokenizer, text_encoder, batch)  # (B, 77, D)
-        G_c = lambda z: G(z, cond)
-        fake_c = lambda x_t, t: fake_eps(x_t, t, cond)
-        real_c = guided(unet_eps(teacher), cond, null_emb.expand_as(cond), cfg.guidance_scale)
+        G_c = lambda z: G_train(z, cond)
+        real_c = guided(real_eps, cond, null_emb.expand_as(cond), cfg.guidance_scale)
         reward_c = (lambda x0: reward(decode(vae, x0), batch)) if reward is not None else None
         try:
             for _ in range(cfg.fake_steps_per_G):
-                z = torch.randn((B, *latent_shape), device=device)  # z ~ N(0, I)
-                loss_fake = fake_score_step(G_c, fake_c, fake.parameters(), opt_fake, scaler_fake, z,
-                                            schedule, cfg, ctx)
-            z = torch.randn((B, *latent_shape), device=device)  # z ~ N(0, I)
-            stats = generator_step(G_c, real_c, fake_c, reward_c, G.parameters(), opt_G, scaler_G, z,
-                                   schedule, cfg, ctx)
+                noise = draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world)
+                loss_fake = fake_score_step(G_c, lambda x_t, t: fake_train_eps(x_t, t, cond), fake.parameters(),
+                                            opt_fake, scaler_fake, noise, schedule, cfg, ctx)
+            t1 = synced_time()
+            noise = draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world)
+            stats = generator_step(G_c, real_c, lambda x_t, t: fake_eps(x_t, t, cond), reward_c, G.parameters(),
+                                   opt_G, scaler_G, noise, schedule, cfg, ctx)
         except FloatingPointError as e:
             kept = list_checkpoints(cfg.output_dir)
             die(f"training stopped at step {step + 1}: {e}. Last good checkpoint: "
                 f"{kept[-1] if kept else 'none'}; lower --learning_rate or --reward_scale, or try bf16")
+        t2 = synced_time()
+        timings.append((t1 - t0, t2 - t1))
         step += 1
-        stats = {"step": step, "loss_fake": loss_fake.item(), **{k: v.item() for k, v in stats.items()},
-                 "img_per_s": B / (time.time() - t0)}
-        log.write(json.dumps(stats) + "\n")
-        log.flush()
+        values = torch.stack([loss_fake.float(), stats["loss_ikl"].float(), stats["reward"].float()])
+        if world > 1:  # log the global-batch means, not rank 0's share
+            torch.distributed.all_reduce(values)
+            values /= world
+        stats = {"step": step, **dict(zip(("loss_fake", "loss_ikl", "reward"), values.tolist())),
+                 "img_per_s": world * B / (t2 - t0)}
         bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k != "step"})
         bar.update(1)
+        if not writes:
+            continue
+        log.write(json.dumps(stats) + "\n")
+        log.flush()
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             save_checkpoint(cfg, step, G, fake, opt_G, opt_fake)
         if step % cfg.validation_steps == 0 or step == cfg.max_train_steps:
             sample_grid(f"{step:04d}")
     bar.close()
-    export_generator(G, os.path.join(cfg.output_dir, "generator"))
+    if cfg.benchmark and main_rank:
+        print_benchmark(cfg, timings, world, device)
+    elif writes:
+        export_generator(G, os.path.join(cfg.output_dir, "generator"))
     return dict(G=G, fake=fake, teacher=teacher, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                 reward=reward, schedule=schedule)
+
+
+def print_benchmark(cfg, timings, world, device):
+    """One machine-readable line: the mean over the iterations after the first two (warm-up)."""
+    import resource
+    warm = timings[2:] or timings
+    fake_s, gen_s = (sum(t[i] for t in warm) / len(warm) for i in (0, 1))
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+    print("BENCHMARK " + json.dumps({
+        "images_per_s": round(world * cfg.train_batch_size / (fake_s + gen_s), 4),
+        "s_per_generator_update": round(gen_s, 5), "s_per_fake_update": round(fake_s / cfg.fake_steps_per_G, 5),
+        "peak_memory_gib": round(peak / 2 ** 30, 3), "memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
+        "batch": cfg.train_batch_size, "world": world, "iterations": len(warm), "mixed_precision": cfg.mixed_precision,
+        "gradient_checkpointing": cfg.gradient_checkpointing, "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda" else "cpu"}))
 
 
 def export_generator(G, folder):
@@ -716,31 +790,48 @@ def generate(cfg):
     return images
 
 # -----------------------------------------------------------------------------
-# (optional) tiny random models for --tiny and the tests — not needed to understand DI++.
+# (optional) random-weight models for --tiny, --random_sd15 and the tests — not needed to understand DI++.
 
 
-def build_tiny(folder, seed=0):
-    """A tiny SD-1.x folder (UNet, VAE, CLIP text encoder + tokenizer, scheduler) and a tiny CLIP reward
-    model, written with save_pretrained so that --tiny runs the very same loading code as SD1.5."""
+SHAPES = {  # diffusers / transformers configs: tiny (CPU tests) and SD1.5's own (for --benchmark)
+    "tiny": dict(
+        unet=dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_head_dim=8,
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=16),
+        vae=dict(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=16, sample_size=16,
+                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+        text=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                  vocab_size=1000, max_position_embeddings=77, projection_dim=32),
+        vision=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                    image_size=16, patch_size=4, projection_dim=32)),
+    "sd15": dict(
+        unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                  cross_attention_dim=768, attention_head_dim=8,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        text=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                  vocab_size=49408, max_position_embeddings=77, projection_dim=768),
+        vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                    image_size=224, patch_size=14, projection_dim=768)),
+}
+
+
+def build_random(folder, shapes="tiny", seed=0):
+    """An SD-1.x folder (UNet, VAE, CLIP text encoder + tokenizer, scheduler) and a CLIP reward model with
+    random weights, written with save_pretrained so that --tiny runs the very same loading code as SD1.5."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     torch.manual_seed(seed)
-    sd, clip = os.path.join(folder, "sd"), os.path.join(folder, "clip")
-    UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_head_dim=8,
-                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=16
-                         ).save_pretrained(os.path.join(sd, "unet"))
-    AutoencoderKL(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=16, sample_size=16,
-                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2
-                  ).save_pretrained(os.path.join(sd, "vae"))
-    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                vocab_size=1000, max_position_embeddings=77, projection_dim=32)
-    CLIPTextModel(CLIPTextConfig(**text)).save_pretrained(os.path.join(sd, "text_encoder"))
+    arch, sd, clip = SHAPES[shapes], os.path.join(folder, "sd"), os.path.join(folder, "clip")
+    UNet2DConditionModel(**arch["unet"]).save_pretrained(os.path.join(sd, "unet"))
+    AutoencoderKL(**arch["vae"]).save_pretrained(os.path.join(sd, "vae"))
+    CLIPTextModel(CLIPTextConfig(**arch["text"])).save_pretrained(os.path.join(sd, "text_encoder"))
     DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                   prediction_type="epsilon").save_pretrained(os.path.join(sd, "scheduler"))
-    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                  image_size=16, patch_size=4, projection_dim=32)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)).save_pretrained(clip)
+    CLIPModel(CLIPConfig(text_config=arch["text"], vision_config=arch["vision"],
+                         projection_dim=arch["text"]["projection_dim"])).save_pretrained(clip)
     # A byte-level BPE tokenizer with no merges: every character is a token (vocabulary of 514).
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(161, 173)) + list(range(174, 256))
     chars = [chr(b) for b in bs] + [chr(256 + i) for i in range(256 - len(bs))]  # GPT-2's bytes_to_unicode
@@ -753,20 +844,32 @@ def build_tiny(folder, seed=0):
                       model_max_length=77).save_pretrained(out)
     return sd, clip
 
+
 # -----------------------------------------------------------------------------
 # 9. main
 
 
 def main(argv=None):
     cfg = parse_config(argv)
-    if cfg.tiny:  # same code path as SD1.5, on models small enough for a CPU
-        sd, clip = build_tiny(os.path.join(cfg.output_dir, "tiny"), cfg.seed)
-        cfg.pretrained_model_name_or_path = sd
-        if cfg.reward != "none":
-            cfg.reward, cfg.reward_model_path = "clip", clip
     check_config(cfg)
+    rank, world, _ = init_distributed(cfg)
+    if cfg.tiny or cfg.random_sd15:  # random weights, same code path as SD1.5, nothing downloaded
+        shapes = "tiny" if cfg.tiny else "sd15"
+        folder = os.path.join(cfg.output_dir, shapes)
+        if rank == 0:
+            build_random(folder, shapes, cfg.seed)
+        if world > 1:
+            torch.distributed.barrier()  # the other ranks load what rank 0 wrote
+        cfg.pretrained_model_name_or_path = os.path.join(folder, "sd")
+        if cfg.reward != "none":
+            cfg.reward, cfg.reward_model_path = "clip", os.path.join(folder, "clip")
     return generate(cfg) if cfg.generate else train(cfg)
 
 
 if __name__ == "__main__":
     main()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # gloo can abort at interpreter exit (ECOSYSTEM.md):
+        torch.distributed.barrier()               # leave together, tear down, and skip the
+        torch.distributed.destroy_process_group()  # interpreter's own shutdown
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(0)

@@ -23,8 +23,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @functools.lru_cache(maxsize=None)
 def tiny_models(folder="/tmp/dipp-test-tiny"):
-    """Tiny SD + CLIP folders, written once per test session (dipp.build_tiny)."""
-    return dipp.build_tiny(folder)
+    """Tiny SD + CLIP folders, written once per test session (dipp.build_random)."""
+    return dipp.build_random(folder, "tiny")
 
 
 def tiny_unet(seed=0):
@@ -625,3 +625,70 @@ def test_notebooks_define_no_losses():
     for name in NOTEBOOKS:
         src = open(os.path.join(HERE, "notebooks", f"{name}.py")).read()
         assert not re.search(r"def \w*(loss|step|sample)\w*\(", src), name
+
+
+# ----------------------------------------------------------------------------- scale: DDP, benchmark, saves
+
+def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
+    """torchrun with 2 CPU processes (gloo) × batch 1 gives the same generator after 2 steps as one
+    process with batch 2: the update differs by < 1% of its size (float summation order only), and the
+    logged global-batch losses agree."""
+    import subprocess
+    from safetensors.torch import load_file
+    common = ["--tiny", "--max_train_steps", "2", "--learning_rate", "1e-3", "--fake_learning_rate", "1e-3",
+              "--reward_scale", "10"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "dipp.py", *common, "--train_batch_size", "1",
+                    "--output_dir", str(tmp_path / "ddp")], cwd=HERE, env=env, check=True, capture_output=True)
+    dipp.main(common + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "one")])
+    weights = lambda run: load_file(str(tmp_path / run / "generator" / "diffusion_pytorch_model.safetensors"))
+    ddp, one, init = weights("ddp"), weights("one"), load_file(
+        str(tmp_path / "one" / "tiny" / "sd" / "unet" / "diffusion_pytorch_model.safetensors"))
+    diff = sum((ddp[k] - one[k]).pow(2).sum() for k in one).sqrt()
+    update = sum((one[k] - init[k]).pow(2).sum() for k in one).sqrt()
+    assert update > 0.1 and diff < 0.01 * update, (diff, update)
+    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("ddp", "one")]
+    for a, b in zip(*logs):
+        for key in ("loss_fake", "loss_ikl", "reward"):
+            assert abs(a[key] - b[key]) <= 1e-3 * (abs(b[key]) + 1e-3), (key, a[key], b[key])
+
+
+def test_benchmark_prints_one_parseable_line(tmp_path, capsys):
+    """--benchmark runs the real training step and prints one BENCHMARK json line with positive numbers;
+    it writes no checkpoint or generator."""
+    dipp.main(["--tiny", "--benchmark", "--max_train_steps", "4", "--output_dir", str(tmp_path)])
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("BENCHMARK ")]
+    assert len(lines) == 1
+    result = json.loads(lines[0][len("BENCHMARK "):])
+    for key in ("images_per_s", "s_per_generator_update", "s_per_fake_update", "peak_memory_gib"):
+        assert result[key] > 0, key
+    assert result["iterations"] == 2 and result["memory_kind"] == "cpu_rss"
+    assert not os.path.exists(tmp_path / "generator") and not dipp.list_checkpoints(str(tmp_path))
+
+
+def test_sd15_shapes_match_stable_diffusion():
+    """The --random_sd15 UNet config has SD1.5's 859.52M parameters (built on the meta device, no memory)."""
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**dipp.SHAPES["sd15"]["unet"])
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 2) == 859.52
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    """A crash in the middle of writing checkpoint-2 leaves checkpoint-1 intact and resumable."""
+    out = str(tmp_path)
+    argv = ["--tiny", "--reward", "none", "--checkpointing_steps", "1", "--output_dir", out]
+    dipp.main(argv + ["--max_train_steps", "1"])
+    real_save = torch.save
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        dipp.main(argv + ["--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
+    monkeypatch.setattr(torch, "save", real_save)
+    assert dipp.list_checkpoints(out) == [os.path.join(out, "checkpoint-1")]
+    nets = dipp.main(argv + ["--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
+    assert dipp.list_checkpoints(out)[-1].endswith("checkpoint-2") and nets["G"] is not None

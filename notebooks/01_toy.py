@@ -90,8 +90,8 @@ c = torch.randint(mixture.C, (B,))
 G_c = lambda z: G(z, c)
 fake_c = lambda x_t, t: fake(x_t, t, c)
 real_c = dipp.guided(teacher, c, torch.full((B,), -1), cfg.guidance_scale)
-loss_fake = dipp.fake_score_step(G_c, fake_c, fake.parameters(), opt_fake, scaler, torch.randn(B, args.z_dim),
-                                 schedule, cfg)
+noise = dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu")  # z ~ N(0, I), t ~ π(t), ε ~ N(0, I)
+loss_fake = dipp.fake_score_step(G_c, fake_c, fake.parameters(), opt_fake, scaler, noise, schedule, cfg)
 print(f"DSM loss of the fake score: {loss_fake.item():.4f}")
 
 # %% [markdown]
@@ -100,17 +100,15 @@ print(f"DSM loss of the fake score: {loss_fake.item():.4f}")
 # w(t)·α_t·(ε̃_ref − ε̂_fake)/σ_t per sample. Here both terms and their gradient norms on x0:
 
 # %%
-z = torch.randn(B, args.z_dim)
+z, t, eps = noise = dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu")
 x0 = G_c(z)
-t = dipp.sample_timesteps(B, cfg.t_min, cfg.t_max, x0.device)
-eps = torch.randn_like(x0)
 ikl = dipp.ikl_loss(x0, t, eps, schedule, real_c, fake_c, cfg.ikl_weighting).mean()
 rew = dipp.reward_loss(reward(x0), cfg.reward_scale).mean()
 g_ikl, = torch.autograd.grad(ikl, x0, retain_graph=True)
 g_rew, = torch.autograd.grad(rew, x0)
 print(f"IKL surrogate {ikl.item():+.4f} (|∇x0| {g_ikl.norm():.4f}) | reward loss {rew.item():+.4f} (|∇x0| {g_rew.norm():.4f})")
 stats = dipp.generator_step(G_c, real_c, fake_c, lambda x: reward(x), G.parameters(), opt_G, scaler,
-                            torch.randn(B, args.z_dim), schedule, cfg)
+                            noise, schedule, cfg)
 print({k: round(v.item(), 4) for k, v in stats.items()})
 
 # %% [markdown]

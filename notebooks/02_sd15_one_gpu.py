@@ -45,7 +45,7 @@ print(f"tiny models: {TINY} | GPU: {torch.cuda.get_device_name() if GPU else 'no
 
 # %%
 if TINY:
-    sd_path, _ = dipp.build_tiny(os.path.join(OUT, "tiny"))
+    sd_path, _ = dipp.build_random(os.path.join(OUT, "tiny"), "tiny")
 else:
     sd_path = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 device = dipp.pick_device("auto")

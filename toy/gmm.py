@@ -169,10 +169,10 @@ def train(gmm, schedule, args, reward_scale, omega, reward_fn=None, seed=0):
         real_c = dipp.guided(teacher, c, uncond, omega)
         r_c = (lambda x0: reward_fn(x0, c)) if reward_fn is not None else None
         for _ in range(cfg.fake_steps_per_G):
-            loss_fake = dipp.fake_score_step(G_c, fake_c, fake.parameters(), opt_fake, scaler,
-                                             torch.randn(B, args.z_dim), schedule, cfg)  # z ~ N(0, I)
-        stats = dipp.generator_step(G_c, real_c, fake_c, r_c, G.parameters(), opt_G, scaler,
-                                    torch.randn(B, args.z_dim), schedule, cfg)
+            dipp.fake_score_step(G_c, fake_c, fake.parameters(), opt_fake, scaler,
+                                 dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu"), schedule, cfg)
+        dipp.generator_step(G_c, real_c, fake_c, r_c, G.parameters(), opt_G, scaler,
+                            dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu"), schedule, cfg)
     return G
 
 

@@ -77,6 +77,7 @@ class Config:
     adam_beta1: float = 0.0  # Adam β1 for both nets (Diff-Instruct uses 0: the loss landscape moves every step)
     adam_beta2: float = 0.999  # Adam β2
     max_grad_norm: float = 1.0  # gradient clipping for both nets (0 = off)
+    lora_rank: int = 0  # 0 = full fine-tuning; R > 0 = generator and fake score as rank-R LoRA adapters on one shared frozen UNet
     gradient_checkpointing: bool = False  # recompute activations of generator, fake score, VAE decoder, reward tower
     mixed_precision: str = "no"  # no | fp16 | bf16: autocast with fp32 master weights; frozen nets stored in it
     # --- bookkeeping
@@ -558,8 +559,11 @@ def save_checkpoint(cfg, step, G, fake, opt_G, opt_fake):
     final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    G.unet.save_pretrained(os.path.join(tmp, "generator"))
-    fake.save_pretrained(os.path.join(tmp, "fake_score"))
+    from safetensors.torch import save_file
+    os.makedirs(tmp)
+    for name, net in (("generator", G.unet), ("fake_score", fake)):  # full UNets, or only their LoRA adapters
+        save_file({k: p.detach().contiguous() for k, p in net.named_parameters() if p.requires_grad},
+                  os.path.join(tmp, f"{name}.safetensors"))
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save({"step": step, "opt_G": opt_G.state_dict(), "opt_fake": opt_fake.state_dict(), "rng": rng},
                os.path.join(tmp, "state.pt"))
@@ -590,8 +594,13 @@ def load_checkpoint(cfg, G, fake, opt_G, opt_fake):
         path = found[-1]
     if not os.path.isfile(os.path.join(path, "state.pt")):
         die(f"--resume_from_checkpoint '{path}' is not a dipp checkpoint folder (no state.pt)")
-    G.unet.load_state_dict(load_file(os.path.join(path, "generator", "diffusion_pytorch_model.safetensors")))
-    fake.load_state_dict(load_file(os.path.join(path, "fake_score", "diffusion_pytorch_model.safetensors")))
+    for name, net in (("generator", G.unet), ("fake_score", fake)):
+        weights = load_file(os.path.join(path, f"{name}.safetensors"))
+        expected = {k for k, p in net.named_parameters() if p.requires_grad}
+        if set(weights) != expected:
+            die(f"checkpoint '{path}' does not match this model ({name}: {len(weights)} tensors saved, "
+                f"{len(expected)} trainable here); resume with the --lora_rank it was trained with")
+        net.load_state_dict(weights, strict=False)
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     opt_G.load_state_dict(state["opt_G"])
     opt_fake.load_state_dict(state["opt_fake"])
@@ -602,19 +611,59 @@ def load_checkpoint(cfg, G, fake, opt_G, opt_fake):
     return state["step"]
 
 
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]  # DMD2's list
+
+
+def lora_copy(base, rank, name):
+    """(optional, --lora_rank) A UNet that *shares* base's frozen weights (deepcopy with a memo mapping every
+    base parameter to itself) plus one trainable rank-R LoRA adapter. Teacher, generator and fake score then
+    cost one base UNet; the teacher is the base itself. LoRA's B starts at 0, so the copy starts = teacher."""
+    import copy
+    from peft import LoraConfig
+    unet = copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS), adapter_name=name)
+    for p in unet.parameters():
+        if p.requires_grad:  # PEFT gives the adapter the base's (low) dtype; train it in fp32
+            p.data = p.data.float()
+    return unet
+
+
 def build_generator(cfg, teacher, schedule, device):
-    """g_θ: a trainable fp32 copy of the teacher UNet (or of --generator_init) used as a one-step model."""
+    """g_θ: a trainable fp32 copy of the teacher UNet (or of --generator_init, or a LoRA adapter on the
+    teacher) used as a one-step model."""
     import copy
     from diffusers import UNet2DConditionModel
-    if cfg.generator_init:
+    if cfg.lora_rank:
+        if cfg.generator_init:
+            die("--lora_rank trains an adapter on the teacher and cannot start from --generator_init; drop one")
+        unet = lora_copy(teacher, cfg.lora_rank, "generator")
+    elif cfg.generator_init:
         name = cfg.generator_init
         unet = load_or_die(lambda: UNet2DConditionModel.from_pretrained(name), name, "the --generator_init UNet")
+        unet.to(device, torch.float32).requires_grad_(True)
     else:
-        unet = copy.deepcopy(teacher)
-    unet.to(device, torch.float32).train().requires_grad_(True)  # fp32 master weights
+        unet = copy.deepcopy(teacher).to(device, torch.float32).requires_grad_(True)  # fp32 master weights
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    return OneStepGenerator(unet, schedule, cfg.generator_timestep)
+    return OneStepGenerator(unet.train(), schedule, cfg.generator_timestep)
+
+
+def build_fake_score(cfg, teacher, device):
+    """s_ψ, initialised from the reference (METHOD.md §4): an fp32 copy of the teacher, or a LoRA adapter."""
+    if cfg.lora_rank:
+        fake = lora_copy(teacher, cfg.lora_rank, "fake_score")
+    else:
+        fake = teacher.__class__.from_config(teacher.config)
+        fake.load_state_dict(teacher.state_dict())
+        fake.to(device, torch.float32)
+    if cfg.gradient_checkpointing:
+        fake.enable_gradient_checkpointing()
+    return fake.train()
+
+
+def trainable(module):
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def init_distributed(cfg):
@@ -644,12 +693,8 @@ def train(cfg):
     prompts = load_prompts(cfg.prompts)
     teacher, vae, text_encoder, tokenizer, schedule = load_sd(cfg.pretrained_model_name_or_path, device, dtype)
     check_config(cfg, schedule.T)
-    G = build_generator(cfg, teacher, schedule, device)
-    fake = G.unet.__class__.from_config(teacher.config)  # ψ initialised from the reference (§4)
-    fake.load_state_dict(teacher.state_dict())
-    fake.to(device, torch.float32).train()
+    G, fake = build_generator(cfg, teacher, schedule, device), build_fake_score(cfg, teacher, device)
     if cfg.gradient_checkpointing:
-        fake.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
     reward = load_reward(cfg, device, dtype)
     if main_rank:
@@ -664,8 +709,8 @@ def train(cfg):
         ids = [device.index] if device.type == "cuda" else None
         G_train, fake_train = DDP(G, device_ids=ids), DDP(fake, device_ids=ids)
 
-    opt_G = make_adam(G.parameters(), cfg.learning_rate, cfg, device)
-    opt_fake = make_adam(fake.parameters(), cfg.fake_learning_rate, cfg, device)
+    opt_G = make_adam(trainable(G), cfg.learning_rate, cfg, device)
+    opt_fake = make_adam(trainable(fake), cfg.fake_learning_rate, cfg, device)
     scaler_G, scaler_fake = (torch.amp.GradScaler(device.type, enabled=dtype == torch.float16) for _ in "ab")
     step = load_checkpoint(cfg, G, fake, opt_G, opt_fake) if cfg.resume_from_checkpoint else 0
     null_emb = encode_prompts(tokenizer, text_encoder, [""])  # (1, 77, D): c = ∅ for CFG
@@ -702,11 +747,11 @@ def train(cfg):
         try:
             for _ in range(cfg.fake_steps_per_G):
                 noise = draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world)
-                loss_fake = fake_score_step(G_c, lambda x_t, t: fake_train_eps(x_t, t, cond), fake.parameters(),
+                loss_fake = fake_score_step(G_c, lambda x_t, t: fake_train_eps(x_t, t, cond), trainable(fake),
                                             opt_fake, scaler_fake, noise, schedule, cfg, ctx)
             t1 = synced_time()
             noise = draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world)
-            stats = generator_step(G_c, real_c, lambda x_t, t: fake_eps(x_t, t, cond), reward_c, G.parameters(),
+            stats = generator_step(G_c, real_c, lambda x_t, t: fake_eps(x_t, t, cond), reward_c, trainable(G),
                                    opt_G, scaler_G, noise, schedule, cfg, ctx)
         except FloatingPointError as e:
             kept = list_checkpoints(cfg.output_dir)
@@ -757,8 +802,15 @@ def print_benchmark(cfg, timings, world, device):
 
 
 def export_generator(G, folder):
-    """The trained generator as a plain diffusers UNet folder (+ dipp.json with t*)."""
-    G.unet.save_pretrained(folder)
+    """The trained generator as a plain diffusers UNet folder (+ dipp.json with t*); a LoRA generator is
+    merged into (a copy of) its base first, so any diffusers pipeline loads it without PEFT."""
+    unet = G.unet
+    if getattr(unet, "peft_config", None):  # set by add_adapter: this generator is a LoRA adapter
+        import copy
+        unet = copy.deepcopy(unet).to(torch.float32)  # a copy: fusing writes into the (shared) base weights
+        unet.fuse_lora()
+        unet.unload_lora()
+    unet.save_pretrained(folder)
     with open(os.path.join(folder, "dipp.json"), "w") as f:
         json.dump({"generator_timestep": G.t_star}, f)
     print(f"generator saved to {folder}")
@@ -772,6 +824,7 @@ def generate(cfg):
     device = pick_device(cfg.device)
     ctx, dtype = precision(cfg, device)
     torch.manual_seed(cfg.seed)
+    cfg.lora_rank = 0  # an exported generator is a plain UNet (a LoRA one was merged on export)
     meta = os.path.join(cfg.generator_init, "dipp.json")
     if os.path.isfile(meta):
         cfg.generator_timestep = json.load(open(meta))["generator_timestep"]

@@ -692,3 +692,37 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert dipp.list_checkpoints(out) == [os.path.join(out, "checkpoint-1")]
     nets = dipp.main(argv + ["--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
     assert dipp.list_checkpoints(out)[-1].endswith("checkpoint-2") and nets["G"] is not None
+
+
+def test_lora_mode_trains_adapters_on_one_shared_frozen_base(tmp_path):
+    """--lora_rank: generator and fake-score adapters change, the shared base UNet stays bit-identical
+    to the teacher file, and the merged export is a plain diffusers UNet that predicts exactly what the
+    adapter-carrying generator predicts."""
+    from diffusers import UNet2DConditionModel
+    out = str(tmp_path)
+    nets = dipp.main(["--tiny", "--lora_rank", "4", "--max_train_steps", "2", "--learning_rate", "1e-2",
+                      "--fake_learning_rate", "1e-2", "--reward_scale", "10", "--output_dir", out])
+    G, fake, teacher = nets["G"].unet, nets["fake"], nets["teacher"]
+    assert G.conv_in.weight is teacher.conv_in.weight and fake.conv_in.weight is teacher.conv_in.weight
+    assert same_weights(teacher, read_unet_from(os.path.join(out, "tiny", "sd")))
+    lora = lambda m: {k: v for k, v in m.state_dict().items() if "lora_B" in k}
+    assert lora(G) and all(v.abs().sum() > 0 for v in lora(G).values())  # B starts at 0: it moved
+    assert lora(fake) and any(v.abs().sum() > 0 for v in lora(fake).values())
+    merged = UNet2DConditionModel.from_pretrained(os.path.join(out, "generator"))
+    assert not any("lora" in k for k in merged.state_dict())
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([999, 500]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        assert torch.allclose(merged(x, t, encoder_hidden_states=c).sample, G(x, t, encoder_hidden_states=c).sample,
+                              atol=1e-4)
+    resumed = dipp.main(["--tiny", "--lora_rank", "4", "--max_train_steps", "3", "--output_dir", out,
+                         "--resume_from_checkpoint", "latest"])  # adapter-only checkpoints resume
+    assert resumed["G"].unet.conv_in.weight is resumed["teacher"].conv_in.weight
+
+
+def test_resume_with_wrong_lora_rank_is_a_clear_error(tmp_path):
+    """A checkpoint from a LoRA run does not silently load into a full fine-tuning run."""
+    out = str(tmp_path)
+    dipp.main(["--tiny", "--reward", "none", "--lora_rank", "4", "--max_train_steps", "1", "--output_dir", out])
+    msg = error_of(["--tiny", "--reward", "none", "--max_train_steps", "2", "--output_dir", out,
+                    "--resume_from_checkpoint", "latest"])
+    assert "--lora_rank" in msg and "does not match" in msg

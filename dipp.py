@@ -6,7 +6,8 @@ to a frozen diffusion teacher keeps them realistic. The IKL gradient needs the g
 score, so a second diffusion model (the "fake score") is trained online on generator samples.
 
 Paper: W. Luo, "Diff-Instruct++: Training One-step Text-to-image Generator Model to Align with
-Human Preferences", arXiv 2410.18881v1 (TMLR 2025). Builds on Diff-Instruct, arXiv 2305.18455.
+Human Preferences", arXiv 2410.18881 (TMLR 2025). Formulas follow the project's derivation in
+METHOD.md, so no version-specific equation numbers are cited. Builds on Diff-Instruct, arXiv 2305.18455.
 
 Quick start (CPU, no downloads):   python dipp.py --tiny --max_train_steps 2 --output_dir out
 Stable Diffusion 1.5 on one GPU:   python dipp.py --mixed_precision bf16 --gradient_checkpointing
@@ -37,7 +38,6 @@ import contextlib
 import dataclasses
 import inspect
 import json
-import math
 import os
 import re
 import shutil
@@ -275,7 +275,7 @@ def ikl_weight(kind, alpha, sigma, x0=None, x0_real=None):
     if kind == "eps":
         return sigma / alpha
     norm = (x0 - x0_real).abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True)  # (B, 1, ..)
-    return sigma ** 2 / alpha ** 2 / norm.clamp_min(1e-5)  # clamp: a perfect teacher match is no division by 0
+    return sigma ** 2 / alpha ** 2 / norm.clamp_min(1e-5)  # clamp: x0 may already equal the teacher's x̂0
 
 
 def ikl_loss(x0, t, eps, schedule, real_eps, fake_eps, weighting="x0"):
@@ -315,8 +315,9 @@ def reward_loss(reward, reward_scale):
 def cfg_reward_loss(x0, t, eps, schedule, eps_cond, eps_uncond, weighting="x0"):
     """−r_cfg surrogate, METHOD.md §5: the implicit reward that CFG adds,
         r_cfg(x0, c) = ∫ w(t) E_ε[ log p_t(c | α_t x0 + σ_t ε) ] dt,  ∇_x log p_t(c|x) = s_c − s_∅
-    L = −w ⟨sg[s_c − s_∅], x_t⟩ has gradient −∇_x0 r_cfg. Used by tests and the toy to show that
-    ikl_loss with ω equals ikl_loss with ω = 1 plus (ω − 1) · cfg_reward_loss, gradient for gradient."""
+    L = −w ⟨sg[s_c − s_∅], x_t⟩ has gradient −∇_x0 r_cfg. Not needed for training (a CFG teacher already
+    contains it); the tests use it to show that ikl_loss with ω equals ikl_loss with ω = 1 plus
+    (ω − 1) · cfg_reward_loss, gradient for gradient."""
     alpha, sigma = schedule.alpha_sigma(t, x0.ndim)
     x_t = add_noise(x0, eps, alpha, sigma)
     with torch.no_grad():
@@ -843,62 +844,6 @@ def generate(cfg):
     return images
 
 # -----------------------------------------------------------------------------
-# (optional) random-weight models for --tiny, --random_sd15 and the tests — not needed to understand DI++.
-
-
-SHAPES = {  # diffusers / transformers configs: tiny (CPU tests) and SD1.5's own (for --benchmark)
-    "tiny": dict(
-        unet=dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_head_dim=8,
-                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=16),
-        vae=dict(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=16, sample_size=16,
-                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
-        text=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                  vocab_size=1000, max_position_embeddings=77, projection_dim=32),
-        vision=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                    image_size=16, patch_size=4, projection_dim=32)),
-    "sd15": dict(
-        unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                  cross_attention_dim=768, attention_head_dim=8,
-                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
-        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
-        text=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                  vocab_size=49408, max_position_embeddings=77, projection_dim=768),
-        vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                    image_size=224, patch_size=14, projection_dim=768)),
-}
-
-
-def build_random(folder, shapes="tiny", seed=0):
-    """An SD-1.x folder (UNet, VAE, CLIP text encoder + tokenizer, scheduler) and a CLIP reward model with
-    random weights, written with save_pretrained so that --tiny runs the very same loading code as SD1.5."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    torch.manual_seed(seed)
-    arch, sd, clip = SHAPES[shapes], os.path.join(folder, "sd"), os.path.join(folder, "clip")
-    UNet2DConditionModel(**arch["unet"]).save_pretrained(os.path.join(sd, "unet"))
-    AutoencoderKL(**arch["vae"]).save_pretrained(os.path.join(sd, "vae"))
-    CLIPTextModel(CLIPTextConfig(**arch["text"])).save_pretrained(os.path.join(sd, "text_encoder"))
-    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                  prediction_type="epsilon").save_pretrained(os.path.join(sd, "scheduler"))
-    CLIPModel(CLIPConfig(text_config=arch["text"], vision_config=arch["vision"],
-                         projection_dim=arch["text"]["projection_dim"])).save_pretrained(clip)
-    # A byte-level BPE tokenizer with no merges: every character is a token (vocabulary of 514).
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(161, 173)) + list(range(174, 256))
-    chars = [chr(b) for b in bs] + [chr(256 + i) for i in range(256 - len(bs))]  # GPT-2's bytes_to_unicode
-    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    for out in (os.path.join(sd, "tokenizer"), clip):
-        os.makedirs(out, exist_ok=True)
-        json.dump(vocab, open(os.path.join(out, "vocab.json"), "w"))
-        open(os.path.join(out, "merges.txt"), "w").write("#version: 0.2\n")
-        CLIPTokenizer(os.path.join(out, "vocab.json"), os.path.join(out, "merges.txt"),
-                      model_max_length=77).save_pretrained(out)
-    return sd, clip
-
-
-# -----------------------------------------------------------------------------
 # 9. main
 
 
@@ -910,6 +855,7 @@ def main(argv=None):
         shapes = "tiny" if cfg.tiny else "sd15"
         folder = os.path.join(cfg.output_dir, shapes)
         if rank == 0:
+            from random_weights import build_random
             build_random(folder, shapes, cfg.seed)
         if world > 1:
             torch.distributed.barrier()  # the other ranks load what rank 0 wrote

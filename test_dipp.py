@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import dipp
+import random_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -24,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @functools.lru_cache(maxsize=None)
 def tiny_models(folder="/tmp/dipp-test-tiny"):
     """Tiny SD + CLIP folders, written once per test session (dipp.build_random)."""
-    return dipp.build_random(folder, "tiny")
+    return random_weights.build_random(folder, "tiny")
 
 
 def tiny_unet(seed=0):
@@ -671,7 +672,7 @@ def test_sd15_shapes_match_stable_diffusion():
     """The --random_sd15 UNet config has SD1.5's 859.52M parameters (built on the meta device, no memory)."""
     from diffusers import UNet2DConditionModel
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**dipp.SHAPES["sd15"]["unet"])
+        unet = UNet2DConditionModel(**random_weights.SHAPES["sd15"]["unet"])
     assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 2) == 859.52
 
 

@@ -30,6 +30,7 @@ import torch
 ROOT = os.path.abspath("..") if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
 sys.path.insert(0, ROOT)
 import dipp  # noqa: E402
+import random_weights  # noqa: E402  (tiny random models for DIPP_TINY=1)
 
 TINY = os.environ.get("DIPP_TINY") == "1"
 OUT = os.path.join(ROOT, "runs", "notebook02" + ("_tiny" if TINY else ""))
@@ -45,7 +46,7 @@ print(f"tiny models: {TINY} | GPU: {torch.cuda.get_device_name() if GPU else 'no
 
 # %%
 if TINY:
-    sd_path, _ = dipp.build_random(os.path.join(OUT, "tiny"), "tiny")
+    sd_path, _ = random_weights.build_random(os.path.join(OUT, "tiny"), "tiny")
 else:
     sd_path = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 device = dipp.pick_device("auto")

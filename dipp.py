@@ -738,6 +738,8 @@ def train(cfg):
     if step == 0 and writes:
         sample_grid("0000")
     B, timings = cfg.train_batch_size, []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the benchmark's peak is the training loop's, not loading's
     while step < cfg.max_train_steps:
         t0 = synced_time()
         batch = [prompts[i] for i in torch.randint(len(prompts), (world * B,))[rank * B:(rank + 1) * B].tolist()]  # c ~ prompts
@@ -778,12 +780,11 @@ def train(cfg):
         if step % cfg.validation_steps == 0 or step == cfg.max_train_steps:
             sample_grid(f"{step:04d}")
     bar.close()
-    if cfg.benchmark and main_rank:
-        print_benchmark(cfg, timings, world, device)
-    elif writes:
+    result = print_benchmark(cfg, timings, world, device) if cfg.benchmark and main_rank else None
+    if writes:
         export_generator(G, os.path.join(cfg.output_dir, "generator"))
     return dict(G=G, fake=fake, teacher=teacher, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                reward=reward, schedule=schedule)
+                reward=reward, schedule=schedule, benchmark=result)
 
 
 def print_benchmark(cfg, timings, world, device):
@@ -793,13 +794,15 @@ def print_benchmark(cfg, timings, world, device):
     fake_s, gen_s = (sum(t[i] for t in warm) / len(warm) for i in (0, 1))
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
-    print("BENCHMARK " + json.dumps({
+    result = {
         "images_per_s": round(world * cfg.train_batch_size / (fake_s + gen_s), 4),
         "s_per_generator_update": round(gen_s, 5), "s_per_fake_update": round(fake_s / cfg.fake_steps_per_G, 5),
         "peak_memory_gib": round(peak / 2 ** 30, 3), "memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
         "batch": cfg.train_batch_size, "world": world, "iterations": len(warm), "mixed_precision": cfg.mixed_precision,
-        "gradient_checkpointing": cfg.gradient_checkpointing, "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda" else "cpu"}))
+        "gradient_checkpointing": cfg.gradient_checkpointing, "lora_rank": cfg.lora_rank,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    print("BENCHMARK " + json.dumps(result))
+    return result
 
 
 def export_generator(G, folder):

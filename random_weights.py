@@ -38,8 +38,11 @@ def build_random(folder, shapes="tiny", seed=0):
     random weights, written with save_pretrained so that --tiny runs the very same loading code as SD1.5."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    torch.manual_seed(seed)
     arch, sd, clip = SHAPES[shapes], os.path.join(folder, "sd"), os.path.join(folder, "clip")
+    stamp, marker = json.dumps({"shapes": arch, "seed": seed}), os.path.join(folder, "random_weights.json")
+    if os.path.isfile(marker) and open(marker).read() == stamp:  # already written (SD1.5 shapes: ~6 GB)
+        return sd, clip
+    torch.manual_seed(seed)
     UNet2DConditionModel(**arch["unet"]).save_pretrained(os.path.join(sd, "unet"))
     AutoencoderKL(**arch["vae"]).save_pretrained(os.path.join(sd, "vae"))
     CLIPTextModel(CLIPTextConfig(**arch["text"])).save_pretrained(os.path.join(sd, "text_encoder"))
@@ -57,4 +60,5 @@ def build_random(folder, shapes="tiny", seed=0):
         open(os.path.join(out, "merges.txt"), "w").write("#version: 0.2\n")
         CLIPTokenizer(os.path.join(out, "vocab.json"), os.path.join(out, "merges.txt"),
                       model_max_length=77).save_pretrained(out)
+    open(marker, "w").write(stamp)
     return sd, clip

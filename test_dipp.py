@@ -727,3 +727,15 @@ def test_resume_with_wrong_lora_rank_is_a_clear_error(tmp_path):
     msg = error_of(["--tiny", "--reward", "none", "--max_train_steps", "2", "--output_dir", out,
                     "--resume_from_checkpoint", "latest"])
     assert "--lora_rank" in msg and "does not match" in msg
+
+
+def test_benchmark_sweep_runs_every_setup(tmp_path):
+    """bench/sweep.py (the prepared GPU script) runs full / checkpointing / LoRA in one process on tiny
+    models and writes a row with positive throughput for each, plus a markdown table."""
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import sweep
+    rows = sweep.main(["--tiny", "--batches", "1", "--steps", "3", "--out", str(tmp_path)])
+    assert [r["setup"] for r in rows] == list(sweep.SETUPS)
+    assert all(r["images_per_s"] > 0 and r["peak_memory_gib"] > 0 for r in rows)
+    assert rows[2]["lora_rank"] == 64 and rows[1]["gradient_checkpointing"]
+    assert (tmp_path / "table.md").read_text().count("\n") == 2 + len(rows)

@@ -59,7 +59,7 @@ del teacher, vae, text_encoder
 
 # %% [markdown]
 # ## 2. What each memory switch costs
-# Three short runs of the real training step (`python dipp.py ... --max_train_steps 3`), each
+# Four short runs of the real training step (`python dipp.py ... --max_train_steps 3`), each
 # measured from its `log.jsonl` (images/s, last step) and, on a GPU, `torch.cuda.max_memory_allocated`.
 
 # %%
@@ -77,11 +77,13 @@ def measure(name, flags, steps=3, batch=1):
 
 setups = {"fp32, no checkpointing": [],
           "bf16 frozen nets + autocast": ["--mixed_precision", "bf16"],
-          "bf16 + gradient checkpointing": ["--mixed_precision", "bf16", "--gradient_checkpointing"]}
+          "bf16 + gradient checkpointing": ["--mixed_precision", "bf16", "--gradient_checkpointing"],
+          "bf16 + checkpointing + LoRA r=64": ["--mixed_precision", "bf16", "--gradient_checkpointing",
+                                               "--lora_rank", "64"]}
 table = [measure(k, v) for k, v in setups.items()]
 print(f"measured here ({torch.cuda.get_device_name() if GPU else 'CPU'}{', tiny models' if TINY else ''}):")
 for row in table:
-    print(f"  {row['setup']:<32} {row['s/iteration']:>8} s/it   peak memory {row['peak GiB']}")
+    print(f"  {row['setup']:<36} {row['s/iteration']:>8} s/it   peak memory {row['peak GiB']}")
 
 # %% [markdown]
 # Reference figures, **not measured by this notebook**: from the project's `shared/ECOSYSTEM.md`,
@@ -92,6 +94,7 @@ for row in table:
 # |---|---|---|---|---|
 # | full fine-tune, no checkpointing | 1 / 4 / 8 | 0.52 / 0.65 / 0.78 | 1.9 / 6.2 / 10.2 | 31.3 / 49.4 / 73.5 |
 # | full fine-tune, gradient checkpointing | 1 / 4 / 8 | 1.03 / 1.13 / 1.23 | 1.0 / 3.5 / 6.5 | 28.5 / 33.5 / 44.8 |
+# | LoRA r=64 on one shared bf16 base, checkpointing | 1 / 4 / 8 | 1.89 / 1.90 / 2.19 | 0.5 / 2.1 / 3.7 | 6.5 / 15.1 / 26.6 |
 #
 # Two fp32-Adam UNets of 860M parameters need ~27.5 GB for weights, gradients and optimiser states
 # alone, so full fine-tuning does not fit a 24 GB card.

@@ -870,7 +870,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # gloo can abort at interpreter exit (ECOSYSTEM.md):
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # gloo can abort at interpreter exit (~1 run in 10):
         torch.distributed.barrier()               # leave together, tear down, and skip the
         torch.distributed.destroy_process_group()  # interpreter's own shutdown
         sys.stdout.flush(), sys.stderr.flush()

@@ -395,6 +395,14 @@ def test_bad_reward_given_to_tiny_is_caught(tmp_path):
     assert "ImageReward.pt" in msg and "huggingface-cli download THUDM/ImageReward" in msg
 
 
+def test_imagereward_from_hub_offline_is_a_clear_error(tmp_path, monkeypatch):
+    """With no cached ImageReward and the hub unreachable, loading it by name ends in one line."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # an empty ~/.cache/ImageReward
+    msg = error_of(["--pretrained_model_name_or_path", tiny_models()[0], "--reward", "imagereward",
+                    "--output_dir", str(tmp_path / "r"), "--max_train_steps", "1"])
+    assert "cannot load the ImageReward model" in msg and "huggingface-cli download" in msg
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     """A non-finite loss at step 2 stops training with a message naming checkpoint-1, which loads."""
     real_ikl, calls = dipp.ikl_loss, []

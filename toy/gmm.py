@@ -309,6 +309,9 @@ def parse(argv=None):
         p.error("--stds and --weights must be positive")
     if args.guidance_scale < 1 or min(args.reward_scales) < 0:
         p.error("need --guidance_scale >= 1 and --reward_scales >= 0")
+    if args.z_dim < 2 or args.k_ta < 1 or args.steps < 1 or args.batch < 2:
+        p.error("need --z_dim >= 2, --k_ta >= 1, --steps >= 1 and --batch >= 2")
+    dipp.check_config(dipp.Config(t_min=args.t_min, t_max=args.t_max))  # π(t) inside the schedule
     return args
 
 

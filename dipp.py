@@ -77,6 +77,7 @@ class Config:
     adam_beta1: float = 0.0  # Adam β1 for both nets (Diff-Instruct uses 0: the loss landscape moves every step)
     adam_beta2: float = 0.999  # Adam β2
     max_grad_norm: float = 1.0  # gradient clipping for both nets (0 = off)
+    ema_decay: float = 0.0  # (optional) EMA of the generator's trainable weights, e.g. 0.999; grids and export use it (0 = off)
     lora_rank: int = 0  # 0 = full fine-tuning; R > 0 = generator and fake score as rank-R LoRA adapters on one shared frozen UNet
     gradient_checkpointing: bool = False  # recompute activations of generator, fake score, VAE decoder, reward tower
     mixed_precision: str = "no"  # no | fp16 | bf16: autocast with fp32 master weights; frozen nets stored in it
@@ -125,6 +126,8 @@ def parse_config(argv=None):
 def check_config(cfg, num_train_timesteps=1000):
     """Reject settings that would crash deep inside a library or train silently wrong."""
     T = num_train_timesteps
+    if not 0 <= cfg.ema_decay < 1:
+        die(f"--ema_decay {cfg.ema_decay} must be in [0, 1): 0 = off, 0.999 = a ~1000-step average")
     if not 0 < cfg.generator_timestep < T:
         die(f"--generator_timestep {cfg.generator_timestep} is outside the schedule; use 1..{T - 1}")
     if not 0 <= cfg.t_min < cfg.t_max < T:
@@ -554,7 +557,7 @@ def make_adam(params, lr, cfg, device):
                              fused=fused)
 
 
-def save_checkpoint(cfg, step, G, fake, opt_G, opt_fake):
+def save_checkpoint(cfg, step, G, fake, opt_G, opt_fake, ema=None):
     """Write checkpoint-N atomically (to a .tmp folder, then rename): a kill mid-save never leaves a
     half-written checkpoint-N behind. Keeps the newest cfg.checkpoints_total_limit."""
     final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
@@ -565,6 +568,9 @@ def save_checkpoint(cfg, step, G, fake, opt_G, opt_fake):
     for name, net in (("generator", G.unet), ("fake_score", fake)):  # full UNets, or only their LoRA adapters
         save_file({k: p.detach().contiguous() for k, p in net.named_parameters() if p.requires_grad},
                   os.path.join(tmp, f"{name}.safetensors"))
+    if ema is not None:
+        names = [k for k, p in G.unet.named_parameters() if p.requires_grad]
+        save_file({k: e.contiguous() for k, e in zip(names, ema)}, os.path.join(tmp, "generator_ema.safetensors"))
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save({"step": step, "opt_G": opt_G.state_dict(), "opt_fake": opt_fake.state_dict(), "rng": rng},
                os.path.join(tmp, "state.pt"))
@@ -584,7 +590,7 @@ def list_checkpoints(output_dir):
     return [os.path.join(output_dir, d) for d in sorted(found, key=lambda d: int(d.split("-")[1]))]
 
 
-def load_checkpoint(cfg, G, fake, opt_G, opt_fake):
+def load_checkpoint(cfg, G, fake, opt_G, opt_fake, ema=None):
     """Restore weights, optimiser state, RNG and step from --resume_from_checkpoint. Returns the step."""
     from safetensors.torch import load_file
     path = cfg.resume_from_checkpoint
@@ -602,6 +608,14 @@ def load_checkpoint(cfg, G, fake, opt_G, opt_fake):
             die(f"checkpoint '{path}' does not match this model ({name}: {len(weights)} tensors saved, "
                 f"{len(expected)} trainable here); resume with the --lora_rank it was trained with")
         net.load_state_dict(weights, strict=False)
+    if ema is not None:
+        ema_file = os.path.join(path, "generator_ema.safetensors")
+        if not os.path.isfile(ema_file):
+            die(f"checkpoint '{path}' has no EMA weights; resume without --ema_decay or from an EMA run")
+        names = [k for k, p in G.unet.named_parameters() if p.requires_grad]
+        saved = load_file(ema_file)
+        for k, e in zip(names, ema):
+            e.copy_(saved[k])
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     opt_G.load_state_dict(state["opt_G"])
     opt_fake.load_state_dict(state["opt_fake"])
@@ -667,6 +681,13 @@ def trainable(module):
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def swap_ema(params, ema):
+    """(optional) Exchange the generator's weights with their EMA in place (pointer swap, no copy); call
+    twice to undo. Sample grids and the exported generator use the EMA weights when --ema_decay > 0."""
+    for p, e in zip(params, ema):
+        p.data, e.data = e.data, p.data
+
+
 def init_distributed(cfg):
     """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK: one process per GPU (NCCL), or per CPU process
     (gloo). Returns (rank, world_size, device). A plain `python dipp.py` is rank 0 of 1."""
@@ -713,7 +734,8 @@ def train(cfg):
     opt_G = make_adam(trainable(G), cfg.learning_rate, cfg, device)
     opt_fake = make_adam(trainable(fake), cfg.fake_learning_rate, cfg, device)
     scaler_G, scaler_fake = (torch.amp.GradScaler(device.type, enabled=dtype == torch.float16) for _ in "ab")
-    step = load_checkpoint(cfg, G, fake, opt_G, opt_fake) if cfg.resume_from_checkpoint else 0
+    ema = [p.detach().clone() for p in trainable(G)] if cfg.ema_decay > 0 else None  # (optional) θ_ema
+    step = load_checkpoint(cfg, G, fake, opt_G, opt_fake, ema) if cfg.resume_from_checkpoint else 0
     null_emb = encode_prompts(tokenizer, text_encoder, [""])  # (1, 77, D): c = ∅ for CFG
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
     # fixed noise and prompts for the sample grids, from their own generator so training RNG is untouched
@@ -722,8 +744,12 @@ def train(cfg):
     val_z = torch.randn((4, *latent_shape), generator=fixed).to(device)  # (4, C, h, w)
 
     def sample_grid(tag):
+        if ema is not None:
+            swap_ema(trainable(G), ema)
         with torch.no_grad(), ctx:
             images = decode(vae, G(val_z, encode_prompts(tokenizer, text_encoder, val_prompts)))
+        if ema is not None:
+            swap_ema(trainable(G), ema)
         save_grid(images, val_prompts, os.path.join(cfg.output_dir, f"samples_{tag}.png"))
 
     def synced_time():  # honest per-phase timings on a GPU need the queued kernels to finish
@@ -760,6 +786,9 @@ def train(cfg):
             kept = list_checkpoints(cfg.output_dir)
             die(f"training stopped at step {step + 1}: {e}. Last good checkpoint: "
                 f"{kept[-1] if kept else 'none'}; lower --learning_rate or --reward_scale, or try bf16")
+        if ema is not None:  # θ_ema ← d·θ_ema + (1 − d)·θ
+            for e, p in zip(ema, trainable(G)):
+                e.lerp_(p.detach(), 1 - cfg.ema_decay)
         t2 = synced_time()
         timings.append((t1 - t0, t2 - t1))
         step += 1
@@ -776,13 +805,17 @@ def train(cfg):
         log.write(json.dumps(stats) + "\n")
         log.flush()
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-            save_checkpoint(cfg, step, G, fake, opt_G, opt_fake)
+            save_checkpoint(cfg, step, G, fake, opt_G, opt_fake, ema)
         if step % cfg.validation_steps == 0 or step == cfg.max_train_steps:
             sample_grid(f"{step:04d}")
     bar.close()
     result = print_benchmark(cfg, timings, world, device) if cfg.benchmark and main_rank else None
     if writes:
+        if ema is not None:  # the exported generator is the EMA one; G keeps the raw weights afterwards
+            swap_ema(trainable(G), ema)
         export_generator(G, os.path.join(cfg.output_dir, "generator"))
+        if ema is not None:
+            swap_ema(trainable(G), ema)
     return dict(G=G, fake=fake, teacher=teacher, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                 reward=reward, schedule=schedule, benchmark=result)
 

@@ -747,3 +747,26 @@ def test_benchmark_sweep_runs_every_setup(tmp_path):
     assert all(r["images_per_s"] > 0 and r["peak_memory_gib"] > 0 for r in rows)
     assert rows[2]["lora_rank"] == 64 and rows[1]["gradient_checkpointing"]
     assert (tmp_path / "table.md").read_text().count("\n") == 2 + len(rows)
+
+
+def test_ema_export_is_the_exponential_average(tmp_path):
+    """--ema_decay d: after one step the exported generator is d·θ0 + (1−d)·θ1, with θ0 the teacher file
+    and θ1 the raw weights in the checkpoint; resuming restores the EMA (2 straight = 1 + resume + 1)."""
+    from safetensors.torch import load_file
+    common = ["--tiny", "--reward", "none", "--learning_rate", "1e-3", "--fake_learning_rate", "1e-3",
+              "--ema_decay", "0.75", "--checkpointing_steps", "1"]
+    out = tmp_path / "a"
+    dipp.main(common + ["--max_train_steps", "1", "--output_dir", str(out)])
+    theta0 = load_file(str(out / "tiny" / "sd" / "unet" / "diffusion_pytorch_model.safetensors"))
+    theta1 = load_file(str(out / "checkpoint-1" / "generator.safetensors"))
+    exported = load_file(str(out / "generator" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(theta0[k], theta1[k]) for k in theta1)
+    for k in theta1:
+        assert torch.allclose(exported[k], 0.75 * theta0[k] + 0.25 * theta1[k], atol=1e-6), k
+    straight = dipp.main(common + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "b")])
+    resumed = dipp.main(common + ["--max_train_steps", "2", "--output_dir", str(out), "--resume_from_checkpoint",
+                                  "latest"])
+    ema = lambda run: load_file(str(run / "generator" / "diffusion_pytorch_model.safetensors"))
+    a, b = ema(tmp_path / "b"), ema(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(straight["G"].unet, resumed["G"].unet)  # G itself keeps the raw weights

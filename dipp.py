@@ -565,12 +565,11 @@ def save_checkpoint(cfg, step, G, fake, opt_G, opt_fake, ema=None):
     shutil.rmtree(tmp, ignore_errors=True)
     from safetensors.torch import save_file
     os.makedirs(tmp)
-    for name, net in (("generator", G.unet), ("fake_score", fake)):  # full UNets, or only their LoRA adapters
-        save_file({k: p.detach().contiguous() for k, p in net.named_parameters() if p.requires_grad},
-                  os.path.join(tmp, f"{name}.safetensors"))
+    weights = {"generator": trainable_named(G.unet), "fake_score": trainable_named(fake)}
     if ema is not None:
-        names = [k for k, p in G.unet.named_parameters() if p.requires_grad]
-        save_file({k: e.contiguous() for k, e in zip(names, ema)}, os.path.join(tmp, "generator_ema.safetensors"))
+        weights["generator_ema"] = dict(zip(weights["generator"], ema))
+    for name, tensors in weights.items():  # full UNets, or only their LoRA adapters
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, os.path.join(tmp, f"{name}.safetensors"))
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save({"step": step, "opt_G": opt_G.state_dict(), "opt_fake": opt_fake.state_dict(), "rng": rng},
                os.path.join(tmp, "state.pt"))
@@ -603,7 +602,7 @@ def load_checkpoint(cfg, G, fake, opt_G, opt_fake, ema=None):
         die(f"--resume_from_checkpoint '{path}' is not a dipp checkpoint folder (no state.pt)")
     for name, net in (("generator", G.unet), ("fake_score", fake)):
         weights = load_file(os.path.join(path, f"{name}.safetensors"))
-        expected = {k for k, p in net.named_parameters() if p.requires_grad}
+        expected = set(trainable_named(net))
         if set(weights) != expected:
             die(f"checkpoint '{path}' does not match this model ({name}: {len(weights)} tensors saved, "
                 f"{len(expected)} trainable here); resume with the --lora_rank it was trained with")
@@ -612,9 +611,8 @@ def load_checkpoint(cfg, G, fake, opt_G, opt_fake, ema=None):
         ema_file = os.path.join(path, "generator_ema.safetensors")
         if not os.path.isfile(ema_file):
             die(f"checkpoint '{path}' has no EMA weights; resume without --ema_decay or from an EMA run")
-        names = [k for k, p in G.unet.named_parameters() if p.requires_grad]
         saved = load_file(ema_file)
-        for k, e in zip(names, ema):
+        for k, e in zip(trainable_named(G.unet), ema):
             e.copy_(saved[k])
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     opt_G.load_state_dict(state["opt_G"])
@@ -677,15 +675,27 @@ def build_fake_score(cfg, teacher, device):
     return fake.train()
 
 
+def trainable_named(module):
+    """{name: parameter} of what training changes: the whole UNet, or only its LoRA adapter."""
+    return {k: p for k, p in module.named_parameters() if p.requires_grad}
+
+
 def trainable(module):
-    return [p for p in module.parameters() if p.requires_grad]
+    return list(trainable_named(module).values())
 
 
-def swap_ema(params, ema):
-    """(optional) Exchange the generator's weights with their EMA in place (pointer swap, no copy); call
-    twice to undo. Sample grids and the exported generator use the EMA weights when --ema_decay > 0."""
-    for p, e in zip(params, ema):
-        p.data, e.data = e.data, p.data
+@contextlib.contextmanager
+def ema_weights(params, ema):
+    """(optional) Inside the block the generator holds its EMA weights (a pointer swap, no copy), which
+    sample grids and the export use when --ema_decay > 0. ema=None leaves the weights alone."""
+    def swap():
+        for p, e in zip(params, ema or []):
+            p.data, e.data = e.data, p.data
+    swap()
+    try:
+        yield
+    finally:
+        swap()
 
 
 def init_distributed(cfg):
@@ -731,10 +741,11 @@ def train(cfg):
         ids = [device.index] if device.type == "cuda" else None
         G_train, fake_train = DDP(G, device_ids=ids), DDP(fake, device_ids=ids)
 
-    opt_G = make_adam(trainable(G), cfg.learning_rate, cfg, device)
-    opt_fake = make_adam(trainable(fake), cfg.fake_learning_rate, cfg, device)
+    G_params, fake_params = trainable(G), trainable(fake)
+    opt_G = make_adam(G_params, cfg.learning_rate, cfg, device)
+    opt_fake = make_adam(fake_params, cfg.fake_learning_rate, cfg, device)
     scaler_G, scaler_fake = (torch.amp.GradScaler(device.type, enabled=dtype == torch.float16) for _ in "ab")
-    ema = [p.detach().clone() for p in trainable(G)] if cfg.ema_decay > 0 else None  # (optional) θ_ema
+    ema = [p.detach().clone() for p in G_params] if cfg.ema_decay > 0 else None  # (optional) θ_ema
     step = load_checkpoint(cfg, G, fake, opt_G, opt_fake, ema) if cfg.resume_from_checkpoint else 0
     null_emb = encode_prompts(tokenizer, text_encoder, [""])  # (1, 77, D): c = ∅ for CFG
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
@@ -744,12 +755,8 @@ def train(cfg):
     val_z = torch.randn((4, *latent_shape), generator=fixed).to(device)  # (4, C, h, w)
 
     def sample_grid(tag):
-        if ema is not None:
-            swap_ema(trainable(G), ema)
-        with torch.no_grad(), ctx:
+        with torch.no_grad(), ctx, ema_weights(G_params, ema):
             images = decode(vae, G(val_z, encode_prompts(tokenizer, text_encoder, val_prompts)))
-        if ema is not None:
-            swap_ema(trainable(G), ema)
         save_grid(images, val_prompts, os.path.join(cfg.output_dir, f"samples_{tag}.png"))
 
     def synced_time():  # honest per-phase timings on a GPU need the queued kernels to finish
@@ -776,18 +783,18 @@ def train(cfg):
         try:
             for _ in range(cfg.fake_steps_per_G):
                 noise = draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world)
-                loss_fake = fake_score_step(G_c, lambda x_t, t: fake_train_eps(x_t, t, cond), trainable(fake),
+                loss_fake = fake_score_step(G_c, lambda x_t, t: fake_train_eps(x_t, t, cond), fake_params,
                                             opt_fake, scaler_fake, noise, schedule, cfg, ctx)
             t1 = synced_time()
             noise = draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world)
-            stats = generator_step(G_c, real_c, lambda x_t, t: fake_eps(x_t, t, cond), reward_c, trainable(G),
+            stats = generator_step(G_c, real_c, lambda x_t, t: fake_eps(x_t, t, cond), reward_c, G_params,
                                    opt_G, scaler_G, noise, schedule, cfg, ctx)
         except FloatingPointError as e:
             kept = list_checkpoints(cfg.output_dir)
             die(f"training stopped at step {step + 1}: {e}. Last good checkpoint: "
                 f"{kept[-1] if kept else 'none'}; lower --learning_rate or --reward_scale, or try bf16")
         if ema is not None:  # θ_ema ← d·θ_ema + (1 − d)·θ
-            for e, p in zip(ema, trainable(G)):
+            for e, p in zip(ema, G_params):
                 e.lerp_(p.detach(), 1 - cfg.ema_decay)
         t2 = synced_time()
         timings.append((t1 - t0, t2 - t1))
@@ -811,11 +818,8 @@ def train(cfg):
     bar.close()
     result = print_benchmark(cfg, timings, world, device) if cfg.benchmark and main_rank else None
     if writes:
-        if ema is not None:  # the exported generator is the EMA one; G keeps the raw weights afterwards
-            swap_ema(trainable(G), ema)
-        export_generator(G, os.path.join(cfg.output_dir, "generator"))
-        if ema is not None:
-            swap_ema(trainable(G), ema)
+        with ema_weights(G_params, ema):  # the exported generator is the EMA one; G keeps the raw weights
+            export_generator(G, os.path.join(cfg.output_dir, "generator"))
     return dict(G=G, fake=fake, teacher=teacher, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                 reward=reward, schedule=schedule, benchmark=result)
 

@@ -81,6 +81,8 @@ class Config:
     lora_rank: int = 0  # 0 = full fine-tuning; R > 0 = generator and fake score as rank-R LoRA adapters on one shared frozen UNet
     gradient_checkpointing: bool = False  # recompute activations of generator, fake score, VAE decoder, reward tower
     mixed_precision: str = "no"  # no | fp16 | bf16: autocast with fp32 master weights; frozen nets stored in it
+    compile: str = "none"  # torch.compile mode for all five networks (same math, fused kernels); the first steps compile, for minutes on SD1.5
+    reuse_generator_sample: bool = False  # first fake-score update trains on the generator update's own sample, as DMD2 (one generator forward less per step; z is shared)
     # --- bookkeeping
     output_dir: str = "dipp-out"  # where config.json, log.jsonl, samples, checkpoints and generator/ go
     checkpointing_steps: int = 500  # save a resumable checkpoint every N steps
@@ -95,7 +97,8 @@ class Config:
 
 
 CHOICES = {"reward": ("imagereward", "clip", "none"), "mixed_precision": ("no", "fp16", "bf16"),
-           "ikl_weighting": ("x0", "eps", "dmd2")}
+           "ikl_weighting": ("x0", "eps", "dmd2"),
+           "compile": ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead")}
 BUILTIN_PROMPTS = ["a photo of a red bicycle leaning on a brick wall", "a watercolor painting of a fox",
                    "a bowl of ramen, studio lighting", "a lighthouse on a cliff at sunset",
                    "an astronaut riding a horse", "a cozy living room with a fireplace",
@@ -353,7 +356,7 @@ class ImageRewardFn:
     `score_gard`, the differentiable path its ReFL code uses. Output is the package's normalised score."""
 
     def __init__(self, model):
-        self.model = model
+        self.model, self.tower = model, model.blip.visual_encoder  # tower: the part --compile compiles
 
     def __call__(self, images, prompts):
         m = self.model
@@ -367,7 +370,7 @@ class ClipRewardFn:
     """CLIP score: cosine similarity of image and prompt embeddings (in [-1, 1]; ×100 is 'CLIPScore')."""
 
     def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.tower = model, tokenizer, model.vision_model
 
     def __call__(self, images, prompts):
         size = self.model.config.vision_config.image_size
@@ -521,26 +524,30 @@ def draw_noise(B, z_shape, x_shape, cfg, device, rank=0, world=1):
     return z, t, eps
 
 
-def fake_score_step(G, fake_eps, fake_params, opt, scaler, noise, schedule, cfg, ctx=contextlib.nullcontext()):
+def fake_score_step(G, fake_eps, fake_params, opt, scaler, noise, schedule, cfg, ctx=contextlib.nullcontext(),
+                    x0=None):
     """One fake-score (TA diffusion) update on fresh generator samples. G(z) and fake_eps(x_t, t) are
-    closures with their conditioning bound; noise = (z, t, ε) from draw_noise. Returns the DSM loss."""
+    closures with their conditioning bound; noise = (z, t, ε) from draw_noise. x0: a sample g_θ(z) the
+    caller already has (--reuse_generator_sample), used instead of G(z). Returns the DSM loss."""
     z, t, eps = noise
     with ctx:
-        with torch.no_grad():
-            x0 = G(z)  # θ frozen: x0 = sg[g_θ(z)]
-        loss = fake_score_loss(fake_eps, x0, t, eps, schedule).mean()
+        if x0 is None:
+            with torch.no_grad():
+                x0 = G(z)
+        loss = fake_score_loss(fake_eps, x0.detach(), t, eps, schedule).mean()  # θ frozen: x0 = sg[g_θ(z)]
     optimizer_step(loss, fake_params, opt, scaler, cfg.max_grad_norm)
     return loss.detach()
 
 
 def generator_step(G, real_eps, fake_eps, reward_fn, G_params, opt, scaler, noise, schedule, cfg,
-                   ctx=contextlib.nullcontext()):
+                   ctx=contextlib.nullcontext(), x0=None):
     """One generator update, METHOD.md §2-§3:  L_G = D_IKL surrogate − α_rew · r(g_θ(z), c).
     real_eps is the (CFG-guided) teacher, so the implicit reward (ω−1)·r_cfg is already inside the IKL
-    term. ψ is not stepped here; its gradients are never computed (no_grad inside ikl_loss)."""
+    term. ψ is not stepped here; its gradients are never computed (no_grad inside ikl_loss).
+    x0: G(z) already computed *with* its graph (--reuse_generator_sample), else computed here."""
     z, t, eps = noise
     with ctx:
-        x0 = G(z)  # (B, ...): the only path by which θ receives gradient
+        x0 = G(z) if x0 is None else x0  # (B, ...): the only path by which θ receives gradient
         loss_ikl = ikl_loss(x0, t, eps, schedule, real_eps, fake_eps, cfg.ikl_weighting).mean()
         loss = loss_ikl
         reward = x0.new_full((z.shape[0],), float("nan"))  # (B,): logged as nan with --reward none
@@ -555,6 +562,20 @@ def make_adam(params, lr, cfg, device):
     fused = device.type == "cuda"  # one kernel per step instead of one per tensor
     return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=0.0,
                              fused=fused)
+
+
+COMPILE_BACKEND = "inductor"  # the tests swap in "aot_eager": the same graph capture without the C++ build
+
+
+def compile_nets(cfg, nets):
+    """(optional, --compile MODE) torch.compile each network in place. Module.compile() keeps parameter
+    names, so checkpoints, EMA, resume and export are unaffected, and the math is the same ops, fused.
+    The first iterations compile (each net once per grad mode and batch shape; minutes for SD1.5)."""
+    import torch._dynamo
+    # teacher, generator and fake score share one UNet forward; give its graphs room before eager fallback
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for net in nets:
+        net.compile(backend=COMPILE_BACKEND, mode=cfg.compile)
 
 
 def save_checkpoint(cfg, step, G, fake, opt_G, opt_fake, ema=None):
@@ -729,6 +750,8 @@ def train(cfg):
     if cfg.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     reward = load_reward(cfg, device, dtype)
+    if cfg.compile != "none":  # before DDP wraps them; teacher/VAE/reward are frozen but still run every step
+        compile_nets(cfg, [G.unet, fake, teacher, vae.decoder] + ([reward.tower] if reward else []))
     if main_rank:
         print("\n".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()) + f"\n(device: {device}, {world} process(es))")
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
@@ -781,14 +804,22 @@ def train(cfg):
         real_c = guided(real_eps, cond, null_emb.expand_as(cond), cfg.guidance_scale)
         reward_c = (lambda x0: reward(decode(vae, x0), batch)) if reward is not None else None
         try:
-            for _ in range(cfg.fake_steps_per_G):
-                noise = draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world)
-                loss_fake = fake_score_step(G_c, lambda x_t, t: fake_train_eps(x_t, t, cond), fake_params,
-                                            opt_fake, scaler_fake, noise, schedule, cfg, ctx)
-            t1 = synced_time()
+            # (z, t, ε) for the K_TA fake updates, then for the generator update (drawn up front, same order)
+            fake_noise = [draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world)
+                          for _ in range(cfg.fake_steps_per_G)]
             noise = draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world)
+            x0 = None
+            if cfg.reuse_generator_sample:  # NOTE(deviation): Alg. 1 draws a fresh z for the fake update; here
+                with ctx:                   # the first one trains on g_θ(z) of the generator update below (same
+                    x0 = G_c(noise[0])      # θ, same order of updates; only z is shared), as DMD2 does. Its own
+                                            # z is still drawn, so the random stream is the same either way.
+            for k, fake_noise_k in enumerate(fake_noise):
+                loss_fake = fake_score_step(G_c, lambda x_t, t: fake_train_eps(x_t, t, cond), fake_params,
+                                            opt_fake, scaler_fake, fake_noise_k, schedule, cfg, ctx,
+                                            x0 if k == 0 else None)
+            t1 = synced_time()
             stats = generator_step(G_c, real_c, lambda x_t, t: fake_eps(x_t, t, cond), reward_c, G_params,
-                                   opt_G, scaler_G, noise, schedule, cfg, ctx)
+                                   opt_G, scaler_G, noise, schedule, cfg, ctx, x0)
         except FloatingPointError as e:
             kept = list_checkpoints(cfg.output_dir)
             die(f"training stopped at step {step + 1}: {e}. Last good checkpoint: "
@@ -836,7 +867,8 @@ def print_benchmark(cfg, timings, world, device):
         "s_per_generator_update": round(gen_s, 5), "s_per_fake_update": round(fake_s / cfg.fake_steps_per_G, 5),
         "peak_memory_gib": round(peak / 2 ** 30, 3), "memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
         "batch": cfg.train_batch_size, "world": world, "iterations": len(warm), "mixed_precision": cfg.mixed_precision,
-        "gradient_checkpointing": cfg.gradient_checkpointing, "lora_rank": cfg.lora_rank,
+        "gradient_checkpointing": cfg.gradient_checkpointing, "lora_rank": cfg.lora_rank, "compile": cfg.compile,
+        "reuse_generator_sample": cfg.reuse_generator_sample,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     print("BENCHMARK " + json.dumps(result))
     return result

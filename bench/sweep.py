@@ -1,53 +1,85 @@
-"""Every benchmark configuration in one process: {full, checkpointing, LoRA r=64 + checkpointing}
-× batch {1, 4, 8}, on SD1.5-shaped random weights (no download), bf16 autocast. Prints one line per
-configuration and writes results.jsonl and table.md to --out.
+"""Benchmark configurations in one process, on SD1.5-shaped random weights (no download), bf16 autocast.
+Each configuration is `python dipp.py --random_sd15 --benchmark ...` with the setup's flags; one line
+per configuration is printed and appended to results.jsonl, and table.md is rewritten after each, so a
+run cut short by a time limit still leaves every finished figure behind.
 
-    python bench/sweep.py --out bench_out            # on a GPU (the numbers README reports)
-    python bench/sweep.py --tiny --out /tmp/bench    # the same sweep on tiny models (CPU smoke test)
+    python bench/sweep.py --out bench_out                       # the memory table: 3 setups × batch 1/4/8
+    python bench/sweep.py --out bench_out --setups speed --batches 8   # eager vs the speed switches
+    python bench/sweep.py --tiny --out /tmp/bench               # the same on tiny models (CPU smoke test)
 """
 import argparse
 import json
 import os
 import sys
+import time
 
 import torch
+import torch._dynamo
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dipp  # noqa: E402
 
-SETUPS = {"full": [], "checkpointing": ["--gradient_checkpointing"],
-          "lora64+checkpointing": ["--lora_rank", "64", "--gradient_checkpointing"]}
+SETUPS = {  # name -> dipp flags. "table" and "speed" below name the groups README reports.
+    "full": [],
+    "checkpointing": ["--gradient_checkpointing"],
+    "lora64+checkpointing": ["--lora_rank", "64", "--gradient_checkpointing"],
+    "full+reuse": ["--reuse_generator_sample"],
+    "full+compile": ["--compile", "default"],
+    "full+compile+reuse": ["--compile", "default", "--reuse_generator_sample"],
+    "full+compile-cudagraphs+reuse": ["--compile", "reduce-overhead", "--reuse_generator_sample"],
+}
+GROUPS = {"table": ["full", "checkpointing", "lora64+checkpointing"],
+          "speed": ["full", "full+reuse", "full+compile", "full+compile+reuse", "full+compile-cudagraphs+reuse"]}
+
+
+def write_table(rows, out):
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write("| setup | batch | images/s | s/generator update | s/fake update | peak GiB | device |\n"
+                "|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            f.write(f"| {r['setup']} | {r['batch']} | {r.get('images_per_s')} | {r.get('s_per_generator_update')} | "
+                    f"{r.get('s_per_fake_update')} | {r.get('peak_memory_gib')} | {r.get('device')} |\n")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_out")
     p.add_argument("--tiny", action="store_true", help="tiny random models instead of SD1.5 shapes")
+    p.add_argument("--setups", nargs="+", default=["table"], help=f"setup names or groups: {list(SETUPS)}, {list(GROUPS)}")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--steps", type=int, default=6, help="iterations per configuration (the first 2 are warm-up)")
+    p.add_argument("--budget_s", type=float, default=0, help="start no new configuration after this many seconds (0 = no limit)")
     args = p.parse_args(argv)
+    names = [n for s in args.setups for n in GROUPS.get(s, [s])]
+    unknown = [n for n in names if n not in SETUPS]
+    if unknown:
+        p.error(f"unknown setup(s) {unknown}; choose from {list(SETUPS)} or {list(GROUPS)}")
     os.makedirs(args.out, exist_ok=True)
     shapes = ["--tiny"] if args.tiny else ["--random_sd15", "--mixed_precision", "bf16"]
-    rows = []
-    for name, flags in SETUPS.items():
+    rows, start = [], time.time()
+    for name in names:
         for batch in args.batches:
-            argv = shapes + flags + ["--benchmark", "--max_train_steps", str(args.steps), "--train_batch_size",
-                                     str(batch), "--output_dir", os.path.join(args.out, "models")]
+            if args.budget_s and time.time() - start > args.budget_s:
+                print(f"budget of {args.budget_s:.0f} s spent: skipping {name} at batch {batch}", flush=True)
+                continue
+            argv = shapes + SETUPS[name] + ["--benchmark", "--max_train_steps", str(args.steps), "--train_batch_size",
+                                            str(batch), "--output_dir", os.path.join(args.out, "models")]
+            t0 = time.time()
             try:
                 result = dipp.main(argv)["benchmark"]
             except torch.cuda.OutOfMemoryError:
-                result = {"images_per_s": None, "peak_memory_gib": "OOM", "batch": batch}
+                result = {"peak_memory_gib": "OOM"}
+            except Exception as e:  # one failing switch (say, CUDA graphs) must not lose the other figures
+                result = {"error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
-            result.update(setup=name, command="python dipp.py " + " ".join(argv))
+            torch._dynamo.reset()  # compiled graphs of one configuration must not count towards the next
+            result.update(setup=name, batch=batch, wall_s=round(time.time() - t0, 1),
+                          command="python dipp.py " + " ".join(argv))
             rows.append(result)
             print(json.dumps(result), flush=True)
-    with open(os.path.join(args.out, "results.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write("| setup | batch | images/s | s/generator update | s/fake update | peak GiB | device |\n|---|---|---|---|---|---|---|\n")
-        for r in rows:
-            f.write(f"| {r['setup']} | {r['batch']} | {r.get('images_per_s')} | {r.get('s_per_generator_update')} | "
-                    f"{r.get('s_per_fake_update')} | {r['peak_memory_gib']} | {r.get('device')} |\n")
+            with open(os.path.join(args.out, "results.jsonl"), "a") as f:
+                f.write(json.dumps(result) + "\n")
+            write_table(rows, args.out)
     print(open(os.path.join(args.out, "table.md")).read())
     return rows
 

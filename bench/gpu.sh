@@ -8,7 +8,8 @@
 #   bash bench/gpu.sh table OUT --tiny --batches 1   # extra arguments go to bench/sweep.py (a CPU dry run)
 #
 # Both GPU modes install .whl/ (if present) into /tmp/site first, write SD1.5-shaped random weights once
-# (~6 GB, no download) and append each figure to OUT/results.jsonl as soon as it exists.
+# (~6 GB, no download) to $MODELS (default /tmp/dipp_models, kept apart from OUT so only results come
+# back) and append each figure to OUT/results.jsonl as soon as it exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?usage: bash bench/gpu.sh fetch|speed|table [OUT]}
@@ -35,7 +36,7 @@ $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__,
 'transformers', transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" \
   | tee -a "$out/card.txt"
 case "$mode" in
-  speed) $PY bench/sweep.py --out "$out" --setups speed --batches 8 --budget_s "${BUDGET_S:-480}" "$@" ;;
-  table) $PY bench/sweep.py --out "$out" --setups table --batches 1 4 8 --budget_s "${BUDGET_S:-480}" "$@" ;;
+  speed) $PY bench/sweep.py --out "$out" --models "${MODELS:-/tmp/dipp_models}" --setups speed --batches 8 --budget_s "${BUDGET_S:-480}" "$@" ;;
+  table) $PY bench/sweep.py --out "$out" --models "${MODELS:-/tmp/dipp_models}" --setups table --batches 1 4 8 --budget_s "${BUDGET_S:-480}" "$@" ;;
   *) echo "unknown mode '$mode': use fetch, speed or table" >&2; exit 2 ;;
 esac

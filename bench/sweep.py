@@ -43,7 +43,8 @@ def write_table(rows, out):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="bench_out")
+    p.add_argument("--out", default="bench_out", help="results.jsonl and table.md go here")
+    p.add_argument("--models", default="", help="where the random weights are written once (default: OUT/models)")
     p.add_argument("--tiny", action="store_true", help="tiny random models instead of SD1.5 shapes")
     p.add_argument("--setups", nargs="+", default=["table"], help=f"setup names or groups: {list(SETUPS)}, {list(GROUPS)}")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
@@ -63,7 +64,7 @@ def main(argv=None):
                 print(f"budget of {args.budget_s:.0f} s spent: skipping {name} at batch {batch}", flush=True)
                 continue
             argv = shapes + SETUPS[name] + ["--benchmark", "--max_train_steps", str(args.steps), "--train_batch_size",
-                                            str(batch), "--output_dir", os.path.join(args.out, "models")]
+                                            str(batch), "--output_dir", args.models or os.path.join(args.out, "models")]
             t0 = time.time()
             try:
                 result = dipp.main(argv)["benchmark"]

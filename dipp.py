@@ -856,7 +856,9 @@ def train(cfg):
 
 
 def print_benchmark(cfg, timings, world, device):
-    """One machine-readable line: the mean over the iterations after the first two (warm-up)."""
+    """One machine-readable line: the mean over the iterations after the first two (warm-up, which is
+    also when --compile compiles: warmup_s). With --reuse_generator_sample the shared generator forward
+    counts in the fake-score update's time."""
     import resource
     warm = timings[2:] or timings
     fake_s, gen_s = (sum(t[i] for t in warm) / len(warm) for i in (0, 1))
@@ -864,6 +866,7 @@ def print_benchmark(cfg, timings, world, device):
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
     result = {
         "images_per_s": round(world * cfg.train_batch_size / (fake_s + gen_s), 4),
+        "warmup_s": round(sum(map(sum, timings[:2])), 2),
         "s_per_generator_update": round(gen_s, 5), "s_per_fake_update": round(fake_s / cfg.fake_steps_per_G, 5),
         "peak_memory_gib": round(peak / 2 ** 30, 3), "memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
         "batch": cfg.train_batch_size, "world": world, "iterations": len(warm), "mixed_precision": cfg.mixed_precision,

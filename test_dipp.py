@@ -670,7 +670,7 @@ def test_benchmark_prints_one_parseable_line(tmp_path, capsys):
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("BENCHMARK ")]
     assert len(lines) == 1
     result = json.loads(lines[0][len("BENCHMARK "):])
-    for key in ("images_per_s", "s_per_generator_update", "s_per_fake_update", "peak_memory_gib"):
+    for key in ("images_per_s", "s_per_generator_update", "s_per_fake_update", "peak_memory_gib", "warmup_s"):
         assert result[key] > 0, key
     assert result["iterations"] == 2 and result["memory_kind"] == "cpu_rss"
     assert not os.path.exists(tmp_path / "generator") and not dipp.list_checkpoints(str(tmp_path))

@@ -798,6 +798,8 @@ def train(cfg):
         torch.cuda.reset_peak_memory_stats(device)  # the benchmark's peak is the training loop's, not loading's
     while step < cfg.max_train_steps:
         t0 = synced_time()
+        if cfg.compile == "reduce-overhead":  # CUDA graphs: last iteration's graph outputs may be reused now
+            torch.compiler.cudagraph_mark_step_begin()
         batch = [prompts[i] for i in torch.randint(len(prompts), (world * B,))[rank * B:(rank + 1) * B].tolist()]  # c ~ prompts
         cond = encode_prompts(tokenizer, text_encoder, batch)  # (B, 77, D)
         G_c = lambda z: G_train(z, cond)

@@ -98,6 +98,12 @@ for row in table:
 #
 # Two fp32-Adam UNets of 860M parameters need ~27.5 GB for weights, gradients and optimiser states
 # alone, so full fine-tuning does not fit a 24 GB card.
+#
+# Two switches buy speed rather than memory, and neither changes the objective:
+# `--reuse_generator_sample` trains the fake score on the generator update's own sample (DMD2), one
+# generator forward less per iteration; `--compile default` runs `torch.compile` on all five
+# networks, at the price of minutes of compiling in the first iterations. This notebook does not
+# time them (compiling would dominate a 3-step run); `bash bench/gpu.sh speed OUT` does.
 
 # %% [markdown]
 # ## 3. A short alignment run, before and after

@@ -567,11 +567,14 @@ def make_adam(params, lr, cfg, device):
 COMPILE_BACKEND = "inductor"  # the tests swap in "aot_eager": the same graph capture without the C++ build
 
 
-def compile_nets(cfg, nets):
+def compile_nets(cfg, nets, device):
     """(optional, --compile MODE) torch.compile each network in place. Module.compile() keeps parameter
     names, so checkpoints, EMA, resume and export are unaffected, and the math is the same ops, fused.
     The first iterations compile (each net once per grad mode and batch shape; minutes for SD1.5)."""
     import torch._dynamo
+    compilers = [os.environ.get("CXX"), "g++", "clang++"]  # what inductor's CPU code generation calls
+    if device.type == "cpu" and COMPILE_BACKEND == "inductor" and not any(c and shutil.which(c) for c in compilers):
+        die("--compile on a CPU needs a C++ compiler (g++ or clang++, or $CXX); install one or drop --compile")
     # teacher, generator and fake score share one UNet forward; give its graphs room before eager fallback
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for net in nets:
@@ -751,7 +754,7 @@ def train(cfg):
         vae.enable_gradient_checkpointing()
     reward = load_reward(cfg, device, dtype)
     if cfg.compile != "none":  # before DDP wraps them; teacher/VAE/reward are frozen but still run every step
-        compile_nets(cfg, [G.unet, fake, teacher, vae.decoder] + ([reward.tower] if reward else []))
+        compile_nets(cfg, [G.unet, fake, teacher, vae.decoder] + ([reward.tower] if reward else []), device)
     if main_rank:
         print("\n".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()) + f"\n(device: {device}, {world} process(es))")
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:

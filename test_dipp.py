@@ -388,6 +388,14 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
         assert "\n" not in message, message
 
 
+def test_compile_without_a_cpu_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    """--compile on a CPU with no C++ compiler stops with one line instead of an inductor traceback."""
+    monkeypatch.setattr(dipp.shutil, "which", lambda name: None)
+    msg = error_of(["--tiny", "--reward", "none", "--compile", "default", "--device", "cpu", "--max_train_steps",
+                    "1", "--output_dir", str(tmp_path)])
+    assert "needs a C++ compiler" in msg and "drop --compile" in msg
+
+
 def test_bad_reward_given_to_tiny_is_caught(tmp_path):
     """--tiny swaps the reward to its tiny CLIP; an ImageReward path is checked only without --tiny."""
     msg = error_of(["--pretrained_model_name_or_path", tiny_models()[0], "--reward", "imagereward",

@@ -16,6 +16,7 @@ mode=${1:?usage: bash bench/gpu.sh fetch|speed|table [OUT]}
 out=${2:-bench_out}
 shift $(( $# < 2 ? $# : 2 ))
 PY=${PYTHON:-python3}
+case "$mode" in fetch|speed|table) ;; *) echo "unknown mode '$mode': use fetch, speed or table" >&2; exit 2 ;; esac
 
 if [ "$mode" = fetch ]; then  # the versions requirements.txt pins, for CPython 3.12 on x86-64 Linux
   $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -38,5 +39,4 @@ $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__,
 case "$mode" in
   speed) $PY bench/sweep.py --out "$out" --models "${MODELS:-/tmp/dipp_models}" --setups speed --batches 8 --budget_s "${BUDGET_S:-480}" "$@" ;;
   table) $PY bench/sweep.py --out "$out" --models "${MODELS:-/tmp/dipp_models}" --setups table --batches 1 4 8 --budget_s "${BUDGET_S:-480}" "$@" ;;
-  *) echo "unknown mode '$mode': use fetch, speed or table" >&2; exit 2 ;;
 esac

@@ -785,8 +785,8 @@ def train(cfg):
             images = decode(vae, G(val_z, encode_prompts(tokenizer, text_encoder, val_prompts)))
         save_grid(images, val_prompts, os.path.join(cfg.output_dir, f"samples_{tag}.png"))
 
-    def synced_time():  # honest per-phase timings on a GPU need the queued kernels to finish
-        if device.type == "cuda":
+    def synced_time():  # --benchmark's per-phase timings on a GPU need the queued kernels to finish;
+        if cfg.benchmark and device.type == "cuda":  # training itself waits only once a step (.tolist())
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
@@ -832,14 +832,15 @@ def train(cfg):
         if ema is not None:  # θ_ema ← d·θ_ema + (1 − d)·θ
             for e, p in zip(ema, G_params):
                 e.lerp_(p.detach(), 1 - cfg.ema_decay)
-        t2 = synced_time()
-        timings.append((t1 - t0, t2 - t1))
         step += 1
         values = torch.stack([loss_fake.float(), stats["loss_ikl"].float(), stats["reward"].float()])
         if world > 1:  # log the global-batch means, not rank 0's share
             torch.distributed.all_reduce(values)
             values /= world
-        stats = {"step": step, **dict(zip(("loss_fake", "loss_ikl", "reward"), values.tolist())),
+        values = values.tolist()  # waits for the step's queued GPU work, so t2 below is honest either way
+        t2 = synced_time()
+        timings.append((t1 - t0, t2 - t1))
+        stats = {"step": step, **dict(zip(("loss_fake", "loss_ikl", "reward"), values)),
                  "img_per_s": world * B / (t2 - t0)}
         bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k != "step"})
         bar.update(1)

@@ -175,6 +175,11 @@ def same_weights(a, b):
     return sa.keys() == sb.keys() and all(torch.equal(sa[k].float(), sb[k].float()) for k in sa)
 
 
+def distance(a, b):
+    """‖a − b‖ over all tensors of two state dicts with the keys of a."""
+    return sum((a[k] - b[k]).pow(2).sum() for k in a).sqrt()
+
+
 def test_training_step_moves_only_generator_and_fake_score(tmp_path):
     """One tiny step changes generator and fake score; teacher, VAE, text encoder and reward are
     bit-identical to the files they were loaded from."""
@@ -662,8 +667,7 @@ def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
     weights = lambda run: load_file(str(tmp_path / run / "generator" / "diffusion_pytorch_model.safetensors"))
     ddp, one, init = weights("ddp"), weights("one"), load_file(
         str(tmp_path / "one" / "tiny" / "sd" / "unet" / "diffusion_pytorch_model.safetensors"))
-    diff = sum((ddp[k] - one[k]).pow(2).sum() for k in one).sqrt()
-    update = sum((one[k] - init[k]).pow(2).sum() for k in one).sqrt()
+    diff, update = distance(one, ddp), distance(one, init)
     assert update > 0.1 and diff < 0.01 * update, (diff, update)
     logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("ddp", "one")]
     for a, b in zip(*logs):
@@ -745,7 +749,7 @@ def test_resume_with_wrong_lora_rank_is_a_clear_error(tmp_path):
     assert "--lora_rank" in msg and "does not match" in msg
 
 
-def test_benchmark_sweep_runs_every_setup(tmp_path):
+def test_benchmark_sweep_runs_every_setup(tmp_path, monkeypatch):
     """bench/sweep.py (the prepared GPU script) runs full / checkpointing / LoRA (+ a speed switch) in one
     process on tiny models and writes a row with positive throughput for each, appended to results.jsonl
     as it goes, plus a markdown table; a configuration that fails is recorded and the sweep goes on."""
@@ -764,12 +768,9 @@ def test_benchmark_sweep_runs_every_setup(tmp_path):
     assert all(r["images_per_s"] > 0 and r["peak_memory_gib"] > 0 for r in rows)
     assert rows[2]["lora_rank"] == 64 and rows[1]["gradient_checkpointing"] and rows[3]["reuse_generator_sample"]
     assert (tmp_path / "table.md").read_text().count("\n") == 2 + len(rows)
-    dipp.main = fails_with_lora
-    try:
-        rows = sweep.main(["--tiny", "--batches", "1", "--steps", "3", "--out", str(tmp_path), "--setups",
-                           "lora64+checkpointing", "full"])
-    finally:
-        dipp.main = real_main
+    monkeypatch.setattr(dipp, "main", fails_with_lora)
+    rows = sweep.main(["--tiny", "--batches", "1", "--steps", "3", "--out", str(tmp_path), "--setups",
+                       "lora64+checkpointing", "full"])
     assert "simulated failure" in rows[0]["error"] and rows[1]["images_per_s"] > 0
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 6
 
@@ -818,12 +819,11 @@ def test_compile_is_the_same_math_and_keeps_checkpoints_loadable(tmp_path, monke
     for net in (compiled["G"].unet, compiled["fake"], compiled["teacher"], compiled["vae"].decoder,
                 compiled["reward"].tower):
         assert net._compiled_call_impl is not None
-    start = {k.removeprefix("unet."): v for k, v in eager["teacher"].state_dict().items()}  # θ0 = ψ0 = teacher
+    teacher = eager["teacher"].state_dict()  # θ0 = ψ0 = the teacher
     for net in ("G", "fake"):
         a, b = eager[net].state_dict(), compiled[net].state_dict()
         assert a.keys() == b.keys()
-        diff = sum((a[k] - b[k]).pow(2).sum() for k in a).sqrt()
-        update = sum((a[k] - start[k.removeprefix("unet.")]).pow(2).sum() for k in a).sqrt()
+        diff, update = distance(a, b), distance(a, {k: teacher[k.removeprefix("unet.")] for k in a})
         assert update > 0.1 and diff < 1e-3 * update, (net, diff, update)
     resumed = dipp.main(common[:1] + ["--max_train_steps", "3", "--output_dir", str(tmp_path / "compiled"),
                                       "--resume_from_checkpoint", "latest"])

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import dipp
+import plumbing
 import random_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -24,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @functools.lru_cache(maxsize=None)
 def tiny_models(folder="/tmp/dipp-test-tiny"):
-    """Tiny SD + CLIP folders, written once per test session (dipp.build_random)."""
+    """Tiny SD + CLIP folders, written once per test session (random_weights.build_random)."""
     return random_weights.build_random(folder, "tiny")
 
 
@@ -395,7 +396,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
 
 def test_compile_without_a_cpu_compiler_is_a_clear_error(tmp_path, monkeypatch):
     """--compile on a CPU with no C++ compiler stops with one line instead of an inductor traceback."""
-    monkeypatch.setattr(dipp.shutil, "which", lambda name: None)
+    monkeypatch.setattr(plumbing.shutil, "which", lambda name: None)
     msg = error_of(["--tiny", "--reward", "none", "--compile", "default", "--device", "cpu", "--max_train_steps",
                     "1", "--output_dir", str(tmp_path)])
     assert "needs a C++ compiler" in msg and "drop --compile" in msg
@@ -811,7 +812,7 @@ def test_compile_is_the_same_math_and_keeps_checkpoints_loadable(tmp_path, monke
     The test compiles with torch's aot_eager backend (the same graph capture, no C++ build); the default
     inductor backend passes the same check on this CPU (difference 0.044 % of the update for G, 0.004 %
     for ψ) but compiles for 5 minutes."""
-    monkeypatch.setattr(dipp, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(plumbing, "COMPILE_BACKEND", "aot_eager")
     common = ["--tiny", "--max_train_steps", "2", "--learning_rate", "1e-3", "--fake_learning_rate", "1e-3",
               "--checkpointing_steps", "1"]
     eager = dipp.main(common + ["--output_dir", str(tmp_path / "eager")])

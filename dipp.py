@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -48,9 +49,10 @@ import torch.nn.functional as F
 
 # The run-keeping machinery (checkpoints, EMA, LoRA sharing, torchrun, compile, export, benchmark) lives
 # in plumbing.py, so that this file holds the method. It never imports dipp.
-from plumbing import (checkpoint_blocks, compile_nets, die, ema_update, ema_weights, export_generator,
-                      init_distributed, list_checkpoints, load_checkpoint, load_or_die, lora_copy,
-                      optimizer_step, pick_device, print_benchmark, save_checkpoint, save_grid, trainable)
+from plumbing import (RunLog, StopSignals, checkpoint_blocks, compile_nets, die, ema_update, ema_weights,
+                      export_generator, init_distributed, list_checkpoints, load_checkpoint, load_or_die,
+                      load_weights_or_die, lora_copy, optimizer_step, pick_device, prepare_output_dir,
+                      print_benchmark, rng_states, save_checkpoint, save_grid, trainable, writable_dir)
 
 # -----------------------------------------------------------------------------
 # 1. Config. Every field is a command-line flag; the inline comment is its --help text.
@@ -81,7 +83,7 @@ class Config:
     fake_learning_rate: float = 1e-5  # fake-score learning rate
     adam_beta1: float = 0.0  # Adam β1 for both nets (Diff-Instruct uses 0: the loss landscape moves every step)
     adam_beta2: float = 0.999  # Adam β2
-    max_grad_norm: float = 1.0  # gradient clipping for both nets (0 = off)
+    max_grad_norm: float = 0.0  # clip each net's gradient norm to this (0 = off, as Diff-Instruct); see the NOTE in train()
     ema_decay: float = 0.0  # (optional) EMA of the generator's trainable weights, e.g. 0.999; grids and export use it (0 = off)
     lora_rank: int = 0  # 0 = full fine-tuning; R > 0 = generator and fake score as rank-R LoRA adapters on one shared frozen UNet
     gradient_checkpointing: bool = False  # recompute activations of generator, fake score, VAE decoder, reward tower
@@ -90,24 +92,32 @@ class Config:
     reuse_generator_sample: bool = False  # first fake-score update trains on the generator update's own sample, as DMD2 (one generator forward less per step; z is shared)
     # --- bookkeeping
     output_dir: str = "dipp-out"  # where config.json, log.jsonl, samples, checkpoints and generator/ go
+    overwrite_output_dir: bool = False  # a fresh run into a folder holding another run deletes that run first (else: an error)
     checkpointing_steps: int = 500  # save a resumable checkpoint every N steps
     checkpoints_total_limit: int = 3  # keep the newest K checkpoints (0 = keep all)
     resume_from_checkpoint: str = ""  # latest | path to a checkpoint-N folder
-    validation_steps: int = 100  # save a sample grid from fixed noise every N steps
+    validation_steps: int = 100  # every N steps: held-out reward on --validation_prompts with fixed noise, and a sample grid
+    validation_prompts: str = ""  # held-out prompts, one per line (default: a built-in set disjoint from the training prompts)
+    report_to: str = "none"  # none | tensorboard | wandb: also send log.jsonl's numbers there (package must be installed)
     seed: int = 0  # seeds torch once at start-up
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 ...
     generate: str = ""  # generate mode: prompts separated by '|', images from --generator_init, then exit
-    benchmark: bool = False  # time max_train_steps iterations (no files written), print one BENCHMARK json line
+    benchmark: bool = False  # time max_train_steps iterations, print one BENCHMARK json line (writes no config, log, grid or checkpoint)
     random_sd15: bool = False  # like --tiny but SD1.5-shaped (UNet 860M, VAE, CLIP-L text, CLIP ViT-L/14 reward): for --benchmark
 
 
 CHOICES = {"reward": ("imagereward", "clip", "none"), "mixed_precision": ("no", "fp16", "bf16"),
            "ikl_weighting": ("x0", "eps", "dmd2"),
-           "compile": ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead")}
+           "compile": ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
+           "report_to": ("none", "tensorboard", "wandb")}
 BUILTIN_PROMPTS = ["a photo of a red bicycle leaning on a brick wall", "a watercolor painting of a fox",
                    "a bowl of ramen, studio lighting", "a lighthouse on a cliff at sunset",
                    "an astronaut riding a horse", "a cozy living room with a fireplace",
                    "a close-up portrait of an old fisherman", "a castle in the clouds, fantasy art"]
+VALIDATION_PROMPTS = ["a golden retriever running on a beach", "a still life of apples and a jug, oil painting",
+                      "a snowy mountain village at night", "a robot reading a book in a library",
+                      "a hot air balloon over green hills", "a plate of sushi on a wooden table",
+                      "a portrait of a woman in a red coat, rain", "a sailing ship in a storm, dramatic light"]
 
 
 def parse_config(argv=None):
@@ -129,6 +139,17 @@ def parse_config(argv=None):
 def check_config(cfg, num_train_timesteps=1000):
     """Reject settings that would crash deep inside a library or train silently wrong."""
     T = num_train_timesteps
+    for f in dataclasses.fields(cfg):
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
+            die(f"--{f.name} {getattr(cfg, f.name)} is not a finite number")
+    for name in ("learning_rate", "fake_learning_rate"):
+        if getattr(cfg, name) <= 0:
+            die(f"--{name} {getattr(cfg, name)} must be > 0 (Diff-Instruct and DMD2 use 1e-5)")
+    if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1):
+        die(f"--adam_beta1/--adam_beta2 must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
+    for name in ("max_grad_norm", "lora_rank", "checkpoints_total_limit"):
+        if getattr(cfg, name) < 0:
+            die(f"--{name} {getattr(cfg, name)} must be >= 0 (0 = off)")
     if not 0 <= cfg.ema_decay < 1:
         die(f"--ema_decay {cfg.ema_decay} must be in [0, 1): 0 = off, 0.999 = a ~1000-step average")
     if not 0 < cfg.generator_timestep < T:
@@ -167,6 +188,7 @@ class Schedule:
     def __init__(self, alphas_cumprod):
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).float()  # (T,)
         self.T = len(self.alphas_cumprod)
+        self.on_device = {}  # a copy per device, made once: a host→device copy per call would sync every step
 
     @classmethod
     def scaled_linear(cls, beta_start=0.00085, beta_end=0.012, T=1000):
@@ -176,7 +198,9 @@ class Schedule:
 
     def alpha_sigma(self, t, ndim):
         """α_t, σ_t for integer timesteps t (B,), shaped (B, 1, ..., 1) to broadcast over x."""
-        abar = self.alphas_cumprod.to(t.device)[t].view(-1, *[1] * (ndim - 1))  # (B, 1, ..)
+        if t.device not in self.on_device:
+            self.on_device[t.device] = self.alphas_cumprod.to(t.device)
+        abar = self.on_device[t.device][t].view(-1, *[1] * (ndim - 1))  # (B, 1, ..)
         return abar.sqrt(), (1 - abar).sqrt()
 
 
@@ -223,6 +247,22 @@ def unet_eps(unet):
     return eps
 
 
+class Fp32Readout(torch.nn.Conv2d):
+    """The UNet's last layer (conv_out, which outputs ε̂) computed in fp32 even under bf16/fp16 autocast.
+    Why: x0 = (z − σ ε̂)/α divides by α_{t*} = 0.068 at t* = 999, so bf16's rounding of ε̂ (~0.2 %) would
+    be amplified ~14.6× into every sample (~0.024 rms per latent element); the IKL gradient's ε̃_ref − ε̂_fake
+    carries the same 1/α at high t. One small conv in fp32 costs nothing; the weights are unchanged."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return self._conv_forward(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
+def readout_in_fp32(unet):
+    unet.conv_out.__class__ = Fp32Readout  # same parameters and state_dict keys; copies keep the class
+    return unet
+
+
 class OneStepGenerator(torch.nn.Module):
     """g_θ(z, c): the UNet evaluated once at t* on pure noise, read out as x̂0 (one step, no sampler).
 
@@ -260,12 +300,13 @@ def ikl_weight(kind, alpha, sigma, x0=None, x0_real=None):
     return sigma ** 2 / alpha ** 2 / norm.clamp_min(1e-5)  # clamp: x0 may already equal the teacher's x̂0
 
 
-def ikl_loss(x0, t, eps, schedule, real_eps, fake_eps, weighting="x0"):
+def ikl_loss(x0, t, eps, schedule, real_eps, fake_eps, weighting="x0", with_grad=False):
     """Generator surrogate of the Integral KL, METHOD.md §3 (Diff-Instruct's key identity):
         ∇_θ D_IKL = E_{t,ε}[ w(t) (s_fake(x_t,t) − s̃_ref(x_t,t))ᵀ ∂x_t/∂θ ],  x_t = α_t g_θ(z) + σ_t ε
         L_G = w(t) ⟨ sg[s_fake − s̃_ref], x_t ⟩   so   ∂L_G/∂x0 = w α (ε̃_ref − ε̂_fake) / σ
     The loss *value* means nothing; its gradient is the estimator. Intuition: push each sample from
-    where the generator's own density is high towards where the teacher's is."""
+    where the generator's own density is high towards where the teacher's is. with_grad=True also returns
+    that closed-form ∂L_G/∂x0 (B, ...), detached, for logging the size of the IKL's pull."""
     alpha, sigma = schedule.alpha_sigma(t, x0.ndim)
     x_t = add_noise(x0, eps, alpha, sigma)  # (B, ...): carries the gradient to θ through x0
     with torch.no_grad():  # sg[·]: neither score network is differentiated, only the explicit x_t
@@ -276,7 +317,8 @@ def ikl_loss(x0, t, eps, schedule, real_eps, fake_eps, weighting="x0"):
         # s_fake − s̃_ref = (−ε̂_fake + ε̃_ref) / σ   (score = −ε/σ)
         score_diff = w * (e_real - e_fake) / sigma  # (B, ...)
     # NOTE(deviation): summed over dimensions (a per-sample divergence), not averaged; sets α_rew's scale.
-    return (score_diff * x_t).flatten(1).sum(1)  # (B,)
+    loss = (score_diff * x_t).flatten(1).sum(1)  # (B,)
+    return (loss, alpha * score_diff) if with_grad else loss  # ∂L_G/∂x0 = α · score_diff: x_t = α x0 + σ ε
 
 
 def fake_score_loss(fake_eps, x0, t, eps, schedule):
@@ -315,16 +357,29 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 def clip_preprocess(images, size):
     """Torch version of CLIP's PIL pipeline (resize shorter side bicubic, centre crop, normalise), so
-    gradients flow. Antialiased bicubic approximates PIL's filter; test_dipp.py bounds the difference."""
-    x = (images.float() + 1) / 2  # [-1, 1] -> [0, 1]
+    gradients flow. Antialiased bicubic approximates PIL's filter; test_dipp.py bounds the difference.
+    Clamp *first*, as the saved PNG and ImageReward's ReFL code do: a pixel the user sees clipped then
+    gets no reward gradient, so the reward cannot be raised by over-saturating what no one sees."""
+    x = ((images.float() + 1) / 2).clamp(0, 1)  # [-1, 1] -> [0, 1], clipped as the saved image is
     H, W = x.shape[-2:]
     scale = size / min(H, W)
     x = F.interpolate(x, size=(max(size, round(H * scale)), max(size, round(W * scale))),
                       mode="bicubic", align_corners=False, antialias=True)  # (B, 3, ≥size, ≥size)
     top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-    x = x[..., top:top + size, left:left + size].clamp(0, 1)  # (B, 3, size, size); clamp as uint8 would
+    x = x[..., top:top + size, left:left + size].clamp(0, 1)  # (B, 3, size, size); bicubic overshoot, as uint8
     mean, std = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1), x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+class PromptCache(dict):
+    """prompt -> its text tensor, computed once and kept on the device. Prompts repeat, and tokenising on
+    the CPU plus a host→device copy inside every reward call would cost a sync every step."""
+
+    def batch(self, prompts, compute):
+        new = [p for p in dict.fromkeys(prompts) if p not in self]
+        if new:
+            self.update(zip(new, compute(new)))
+        return torch.stack([self[p] for p in prompts])
 
 
 class ImageRewardFn:
@@ -333,13 +388,16 @@ class ImageRewardFn:
 
     def __init__(self, model):
         self.model, self.tower = model, model.blip.visual_encoder  # tower: the part --compile compiles
+        self.text = PromptCache()
+
+    def tokenize(self, prompts, device):  # as in ImageReward.score: pad to 35 tokens, truncate
+        t = self.model.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        return torch.stack([t.input_ids, t.attention_mask], 1).to(device)  # (N, 2, 35)
 
     def __call__(self, images, prompts):
-        m = self.model
-        text = m.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
-                                return_tensors="pt").to(images.device)  # as in ImageReward.score
-        pixels = clip_preprocess(images, 224).to(next(m.parameters()).dtype)  # (B, 3, 224, 224)
-        return m.score_gard(text.input_ids, text.attention_mask, pixels).float().squeeze(1)  # (B,)
+        text = self.text.batch(prompts, lambda new: self.tokenize(new, images.device))  # (B, 2, 35)
+        pixels = clip_preprocess(images, 224).to(next(self.model.parameters()).dtype)  # (B, 3, 224, 224)
+        return self.model.score_gard(text[:, 0], text[:, 1], pixels).float().squeeze(1)  # (B,)
 
 
 class ClipRewardFn:
@@ -347,13 +405,17 @@ class ClipRewardFn:
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer, self.tower = model, tokenizer, model.vision_model
+        self.text = PromptCache()
+
+    @torch.no_grad()  # the text side is a constant of the reward
+    def encode_text(self, prompts):
+        ids = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.model.device)
+        return F.normalize(self.model.get_text_features(**ids).float(), dim=-1)  # (N, D)
 
     def __call__(self, images, prompts):
         size = self.model.config.vision_config.image_size
         pixels = clip_preprocess(images, size).to(self.model.dtype)  # (B, 3, size, size)
-        ids = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(images.device)
-        with torch.no_grad():  # the text side is a constant of the reward
-            text = F.normalize(self.model.get_text_features(**ids).float(), dim=-1)  # (B, D)
+        text = self.text.batch(prompts, self.encode_text)  # (B, D)
         image = F.normalize(self.model.get_image_features(pixel_values=pixels).float(), dim=-1)
         return (image * text).sum(-1)  # (B,)
 
@@ -418,7 +480,7 @@ def load_sd(name, device, dtype):
         freeze(m, device, dtype)
     # NOTE: the VAE decoder stays fp32 under fp16 (its activations overflow fp16 at 512 px); bf16 is safe
     freeze(vae, device, torch.float32 if dtype == torch.float16 else dtype)
-    return unet, vae, text_encoder, tokenizer, Schedule(scheduler.alphas_cumprod)
+    return readout_in_fp32(unet), vae, text_encoder, tokenizer, Schedule(scheduler.alphas_cumprod)
 
 
 def freeze(module, device, dtype):
@@ -442,14 +504,18 @@ def decode(vae, x0):
         return vae.decode(x0.to(dtype) / vae.config.scaling_factor).sample.float()
 
 
-def load_prompts(path):
+def load_prompts(path, default=BUILTIN_PROMPTS, flag="--prompts"):
+    """One prompt per line of a UTF-8 text file (blank lines skipped), or the built-in list."""
     if not path:
-        return list(BUILTIN_PROMPTS)
+        return list(default)
     if not os.path.isfile(path):
-        die(f"--prompts file '{path}' does not exist; give a text file with one prompt per line")
-    prompts = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
-    if not prompts:
-        die(f"--prompts file '{path}' has no prompts; write one prompt per line")
+        die(f"{flag} file '{path}' does not exist; give a text file with one prompt per line")
+    try:
+        prompts = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
+    except UnicodeDecodeError:
+        die(f"{flag} file '{path}' is not UTF-8 text; give a text file with one prompt per line")
+    if not prompts or any("\x00" in p for p in prompts):
+        die(f"{flag} file '{path}' has no prompts (or is binary); write one prompt per line")
     return prompts
 
 
@@ -462,9 +528,10 @@ def draw_noise(B, z_shape, x_shape, cfg, device, rank=0, world=1):
     from the same seed and keeps its own slice, so N ranks see exactly the samples that one process
     with batch N·B sees (and the data-parallel test can demand identical results)."""
     n, mine = world * B, slice(rank * B, (rank + 1) * B)
-    z = torch.randn((n, *z_shape), device=device)[mine]  # z ~ N(0, I)
-    t = sample_timesteps(n, cfg.t_min, cfg.t_max, device)[mine]  # t ~ π(t)
-    eps = torch.randn((n, *x_shape), device=device)[mine]  # ε ~ N(0, I)
+    own = lambda x: x[mine].clone() if world > 1 else x  # a copy of this rank's slice frees the global batch
+    z = own(torch.randn((n, *z_shape), device=device))  # z ~ N(0, I)
+    t = own(sample_timesteps(n, cfg.t_min, cfg.t_max, device))  # t ~ π(t)
+    eps = own(torch.randn((n, *x_shape), device=device))  # ε ~ N(0, I)
     return z, t, eps
 
 
@@ -472,15 +539,20 @@ def fake_score_step(G, fake_eps, fake_params, opt, scaler, noise, schedule, cfg,
                     x0=None):
     """One fake-score (TA diffusion) update on fresh generator samples. G(z) and fake_eps(x_t, t) are
     closures with their conditioning bound; noise = (z, t, ε) from draw_noise. x0: a sample g_θ(z) the
-    caller already has (--reuse_generator_sample), used instead of G(z). Returns the DSM loss."""
+    caller already has (--reuse_generator_sample), used instead of G(z). Returns the DSM loss and whether
+    fp16's loss scaler skipped the step."""
     z, t, eps = noise
     with ctx:
         if x0 is None:
             with torch.no_grad():
                 x0 = G(z)
         loss = fake_score_loss(fake_eps, x0.detach(), t, eps, schedule).mean()  # θ frozen: x0 = sg[g_θ(z)]
-    optimizer_step(loss, fake_params, opt, scaler, cfg.max_grad_norm)
-    return loss.detach()
+    _, skipped = optimizer_step(loss, fake_params, opt, scaler, cfg.max_grad_norm)
+    return {"loss_fake": loss.detach(), "skipped": skipped}
+
+
+def rms(g):
+    return g.flatten(1).pow(2).mean(1).sqrt().mean()  # per-sample RMS over dimensions, averaged over the batch
 
 
 def generator_step(G, real_eps, fake_eps, reward_fn, G_params, opt, scaler, noise, schedule, cfg,
@@ -488,18 +560,25 @@ def generator_step(G, real_eps, fake_eps, reward_fn, G_params, opt, scaler, nois
     """One generator update, METHOD.md §2-§3:  L_G = D_IKL surrogate − α_rew · r(g_θ(z), c).
     real_eps is the (CFG-guided) teacher, so the implicit reward (ω−1)·r_cfg is already inside the IKL
     term. ψ is not stepped here; its gradients are never computed (no_grad inside ikl_loss).
-    x0: G(z) already computed *with* its graph (--reuse_generator_sample), else computed here."""
+    x0: G(z) already computed *with* its graph (--reuse_generator_sample), else computed here.
+    Also returns the size of each term's pull on the sample, for choosing α_rew: grad_ikl = RMS of
+    ∂L_IKL/∂x0 (closed form) and grad_reward = RMS of α_rew ∂(−r)/∂x0 = the total ∂L/∂x0 that backward
+    delivers to x0, minus the IKL part. No extra backward pass is needed."""
     z, t, eps = noise
+    B, total = z.shape[0], []
     with ctx:
         x0 = G(z) if x0 is None else x0  # (B, ...): the only path by which θ receives gradient
-        loss_ikl = ikl_loss(x0, t, eps, schedule, real_eps, fake_eps, cfg.ikl_weighting).mean()
-        loss = loss_ikl
-        reward = x0.new_full((z.shape[0],), float("nan"))  # (B,): logged as nan with --reward none
+        loss_ikl, grad_ikl = ikl_loss(x0, t, eps, schedule, real_eps, fake_eps, cfg.ikl_weighting, with_grad=True)
+        loss = loss_ikl.mean()
+        reward = x0.new_full((B,), float("nan"))  # (B,): logged as nan with --reward none
         if reward_fn is not None:
             reward = reward_fn(x0)  # (B,)
             loss = loss + reward_loss(reward, cfg.reward_scale).mean()
-    optimizer_step(loss, G_params, opt, scaler, cfg.max_grad_norm)
-    return {"loss_ikl": loss_ikl.detach(), "reward": reward.detach().mean()}
+            x0.register_hook(total.append)  # ∂(scaled loss)/∂x0 during backward: (1/B)(g_ikl + g_rew) × scale
+    scale, skipped = optimizer_step(loss, G_params, opt, scaler, cfg.max_grad_norm)
+    grad_reward = rms(total[0].float() * (B / scale) - grad_ikl) if total else x0.new_tensor(0.0)
+    return {"loss_ikl": loss_ikl.detach().mean(), "reward": reward.detach().mean(), "grad_ikl": rms(grad_ikl),
+            "grad_reward": grad_reward, "skipped": skipped}
 
 
 def make_adam(params, lr, cfg, device):
@@ -509,23 +588,27 @@ def make_adam(params, lr, cfg, device):
 
 
 def build_generator(cfg, teacher, schedule, device):
-    """g_θ: a trainable fp32 copy of the teacher UNet (or of --generator_init, or a LoRA adapter on the
-    teacher) used as a one-step model."""
+    """g_θ: a trainable fp32 copy of the teacher UNet (or of --generator_init: a UNet folder, or a weight
+    file on the teacher's config; or a LoRA adapter on the teacher) used as a one-step model."""
     import copy
     from diffusers import UNet2DConditionModel
     if cfg.lora_rank:
         if cfg.generator_init:
             die("--lora_rank trains an adapter on the teacher and cannot start from --generator_init; drop one")
         unet = lora_copy(teacher, cfg.lora_rank, "generator")
-    elif cfg.generator_init:
-        name = cfg.generator_init
-        unet = load_or_die(lambda: UNet2DConditionModel.from_pretrained(name), name, "the --generator_init UNet")
+    elif os.path.isfile(cfg.generator_init):  # a bare UNet weight file, as DMD2 releases its SD1.5 generator
+        unet = load_weights_or_die(teacher.__class__.from_config(teacher.config), cfg.generator_init)
         unet.to(device, torch.float32).requires_grad_(True)
+    elif cfg.generator_init:  # a diffusers UNet folder (what dipp exports) or hub id
+        name = cfg.generator_init
+        unet = load_or_die(lambda: UNet2DConditionModel.from_pretrained(name, torch_dtype=torch.float32), name,
+                           "the --generator_init UNet")
+        unet.to(device).requires_grad_(True)
     else:
         unet = copy.deepcopy(teacher).to(device, torch.float32).requires_grad_(True)  # fp32 master weights
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    return OneStepGenerator(unet.train(), schedule, cfg.generator_timestep)
+    return OneStepGenerator(readout_in_fp32(unet).train(), schedule, cfg.generator_timestep)
 
 
 def build_fake_score(cfg, teacher, device):
@@ -538,17 +621,19 @@ def build_fake_score(cfg, teacher, device):
         fake.to(device, torch.float32)
     if cfg.gradient_checkpointing:
         fake.enable_gradient_checkpointing()
-    return fake.train()
+    return readout_in_fp32(fake).train()
 
 
 def train(cfg):
     from tqdm import tqdm
     rank, world, device = init_distributed(cfg)
     main_rank = rank == 0  # only rank 0 writes files, logs and shows the progress bar
+    writes = main_rank and not cfg.benchmark
     ctx, dtype = precision(cfg, device)
     torch.manual_seed(cfg.seed)  # the same seed on every rank: see draw_noise
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    prompts = load_prompts(cfg.prompts)
+    if not cfg.benchmark:  # one line for an unwritable folder; never mix this run with another's files
+        prepare_output_dir(cfg, main_rank)
+    prompts, val_prompts = load_prompts(cfg.prompts), load_prompts(cfg.validation_prompts, VALIDATION_PROMPTS, "--validation_prompts")
     teacher, vae, text_encoder, tokenizer, schedule = load_sd(cfg.pretrained_model_name_or_path, device, dtype)
     check_config(cfg, schedule.T)
     G, fake = build_generator(cfg, teacher, schedule, device), build_fake_score(cfg, teacher, device)
@@ -559,6 +644,7 @@ def train(cfg):
         compile_nets(cfg, [G.unet, fake, teacher, vae.decoder] + ([reward.tower] if reward else []), device)
     if main_rank:
         print("\n".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()) + f"\n(device: {device}, {world} process(es))")
+    if writes:
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
     # Data parallel: DDP all-reduces (averages) gradients during backward, so each rank's update is the
@@ -573,19 +659,28 @@ def train(cfg):
     opt_G = make_adam(G_params, cfg.learning_rate, cfg, device)
     opt_fake = make_adam(fake_params, cfg.fake_learning_rate, cfg, device)
     scaler_G, scaler_fake = (torch.amp.GradScaler(device.type, enabled=dtype == torch.float16) for _ in "ab")
+    states = dict(opt_G=opt_G, opt_fake=opt_fake, scaler_G=scaler_G, scaler_fake=scaler_fake)  # checkpointed
     ema = [p.detach().clone() for p in G_params] if cfg.ema_decay > 0 else None  # (optional) θ_ema
-    step = load_checkpoint(cfg, G, fake, opt_G, opt_fake, ema) if cfg.resume_from_checkpoint else 0
+    step = load_checkpoint(cfg, G, fake, states, ema, rank, world, device) if cfg.resume_from_checkpoint else 0
     null_emb = encode_prompts(tokenizer, text_encoder, [""])  # (1, 77, D): c = ∅ for CFG
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
-    # fixed noise and prompts for the sample grids, from their own generator so training RNG is untouched
-    fixed = torch.Generator().manual_seed(cfg.seed)
-    val_prompts = [prompts[i % len(prompts)] for i in range(4)]
-    val_z = torch.randn((4, *latent_shape), generator=fixed).to(device)  # (4, C, h, w)
+    # fixed noise for the held-out prompts, from its own generator so the training RNG is untouched
+    val_z = torch.randn((len(val_prompts), *latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
 
-    def sample_grid(tag):
-        with torch.no_grad(), ctx, ema_weights(G_params, ema):
-            images = decode(vae, G(val_z, encode_prompts(tokenizer, text_encoder, val_prompts)))
-        save_grid(images, val_prompts, os.path.join(cfg.output_dir, f"samples_{tag}.png"))
+    @torch.no_grad()
+    def validate(tag):
+        """Held-out reward: mean and spread of r(g_θ(z_i), c_i) over the validation prompts, with the same
+        z_i every time, so the curve shows the generator's change rather than sampling noise."""
+        images, rewards = [], []
+        with ctx, ema_weights(G_params, ema):
+            for i in range(0, len(val_prompts), cfg.train_batch_size):
+                c = val_prompts[i:i + cfg.train_batch_size]
+                images.append(decode(vae, G(val_z[i:i + len(c)].to(device), encode_prompts(tokenizer, text_encoder, c))))
+                if reward is not None:
+                    rewards.append(reward(images[-1], c).float())
+        save_grid(torch.cat(images)[:4], val_prompts[:4], os.path.join(cfg.output_dir, f"samples_{tag}.png"))
+        r = torch.cat(rewards) if rewards else None
+        return {} if r is None else {"val_reward": r.mean().item(), "val_reward_std": r.std(unbiased=False).item()}
 
     def synced_time():  # --benchmark's per-phase timings on a GPU need the queued kernels to finish;
         if cfg.benchmark and device.type == "cuda":  # training itself waits only once a step (.tolist())
@@ -593,69 +688,83 @@ def train(cfg):
         return time.perf_counter()
 
     real_eps, fake_eps, fake_train_eps = unet_eps(teacher), unet_eps(fake), unet_eps(fake_train)
-    writes = main_rank and not cfg.benchmark
-    log = open(os.path.join(cfg.output_dir, "log.jsonl"), "a") if writes else None
+    log = RunLog(cfg, step) if writes else None
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc="dipp", dynamic_ncols=True, disable=not main_rank)
     if step == 0 and writes:
-        sample_grid("0000")
-    B, timings = cfg.train_batch_size, []
+        log.write({"step": 0, **validate("0000")})
+    B, timings, skipped = cfg.train_batch_size, [], {"skipped_G": 0, "skipped_fake": 0}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the benchmark's peak is the training loop's, not loading's
-    while step < cfg.max_train_steps:
-        t0 = synced_time()
-        if cfg.compile == "reduce-overhead":  # CUDA graphs: last iteration's graph outputs may be reused now
-            torch.compiler.cudagraph_mark_step_begin()
-        batch = [prompts[i] for i in torch.randint(len(prompts), (world * B,))[rank * B:(rank + 1) * B].tolist()]  # c ~ prompts
-        cond = encode_prompts(tokenizer, text_encoder, batch)  # (B, 77, D)
-        G_c = lambda z: G_train(z, cond)
-        real_c = guided(real_eps, cond, null_emb.expand_as(cond), cfg.guidance_scale)
-        reward_c = (lambda x0: reward(decode(vae, x0), batch)) if reward is not None else None
-        try:
-            # (z, t, ε) for the K_TA fake updates, then for the generator update (drawn up front, same order)
-            fake_noise = [draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world)
-                          for _ in range(cfg.fake_steps_per_G)]
-            noise = draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world)
-            x0 = None
-            if cfg.reuse_generator_sample:  # NOTE(deviation): Alg. 1 draws a fresh z for the fake update; here
-                with ctx:                   # the first one trains on g_θ(z) of the generator update below (same
-                    x0 = G_c(noise[0])      # θ, same order of updates; only z is shared), as DMD2 does. Its own
-                                            # z is still drawn, so the random stream is the same either way.
-            for k, fake_noise_k in enumerate(fake_noise):
-                loss_fake = fake_score_step(G_c, lambda x_t, t: fake_train_eps(x_t, t, cond), fake_params,
-                                            opt_fake, scaler_fake, fake_noise_k, schedule, cfg, ctx,
-                                            x0 if k == 0 else None)
-            t1 = synced_time()
-            stats = generator_step(G_c, real_c, lambda x_t, t: fake_eps(x_t, t, cond), reward_c, G_params,
-                                   opt_G, scaler_G, noise, schedule, cfg, ctx, x0)
-        except FloatingPointError as e:
-            kept = list_checkpoints(cfg.output_dir)
-            die(f"training stopped at step {step + 1}: {e}. Last good checkpoint: "
-                f"{kept[-1] if kept else 'none'}; lower --learning_rate or --reward_scale, or try bf16")
-        if ema is not None:  # (optional) θ_ema ← d·θ_ema + (1 − d)·θ
-            ema_update(ema, G_params, cfg.ema_decay)
-        step += 1
-        values = torch.stack([loss_fake.float(), stats["loss_ikl"].float(), stats["reward"].float()])
-        if world > 1:  # log the global-batch means, not rank 0's share
-            torch.distributed.all_reduce(values)
-            values /= world
-        values = values.tolist()  # waits for the step's queued GPU work, so t2 below is honest either way
-        t2 = synced_time()
-        timings.append((t1 - t0, t2 - t1))
-        stats = {"step": step, **dict(zip(("loss_fake", "loss_ikl", "reward"), values)),
-                 "img_per_s": world * B / (t2 - t0)}
-        bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k != "step"})
-        bar.update(1)
-        if not writes:
-            continue
-        log.write(json.dumps(stats) + "\n")
-        log.flush()
-        if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-            save_checkpoint(cfg, step, G, fake, opt_G, opt_fake, ema)
-        if step % cfg.validation_steps == 0 or step == cfg.max_train_steps:
-            sample_grid(f"{step:04d}")
+    with StopSignals() as signals:
+        while step < cfg.max_train_steps:
+            t0 = synced_time()
+            if cfg.compile == "reduce-overhead":  # CUDA graphs: last iteration's graph outputs may be reused now
+                torch.compiler.cudagraph_mark_step_begin()
+            batch = [prompts[i] for i in torch.randint(len(prompts), (world * B,))[rank * B:(rank + 1) * B].tolist()]  # c ~ prompts
+            cond = encode_prompts(tokenizer, text_encoder, batch)  # (B, 77, D)
+            G_c = lambda z: G_train(z, cond)
+            real_c = guided(real_eps, cond, null_emb.expand_as(cond), cfg.guidance_scale)
+            reward_c = (lambda x0: reward(decode(vae, x0), batch)) if reward is not None else None
+            try:
+                # (z, t, ε) for the K_TA fake updates, then for the generator update (drawn up front, same order)
+                fake_noise = [draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world)
+                              for _ in range(cfg.fake_steps_per_G)]
+                noise = draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world)
+                x0 = None
+                if cfg.reuse_generator_sample:  # NOTE(deviation): Alg. 1 draws a fresh z for the fake update; here
+                    with ctx:                   # the first one trains on g_θ(z) of the generator update below (same
+                        x0 = G_c(noise[0])      # θ, same order of updates; only z is shared), as DMD2 does. Its own
+                                                # z is still drawn, so the random stream is the same either way.
+                for k, fake_noise_k in enumerate(fake_noise):
+                    fake_stats = fake_score_step(G_c, lambda x_t, t: fake_train_eps(x_t, t, cond), fake_params,
+                                                 opt_fake, scaler_fake, fake_noise_k, schedule, cfg, ctx,
+                                                 x0 if k == 0 else None)
+                    skipped["skipped_fake"] += fake_stats["skipped"]
+                t1 = synced_time()
+                stats = generator_step(G_c, real_c, lambda x_t, t: fake_eps(x_t, t, cond), reward_c, G_params,
+                                       opt_G, scaler_G, noise, schedule, cfg, ctx, x0)
+                skipped["skipped_G"] += stats["skipped"]  # fp16 overflow: GradScaler skipped it; counted, not hidden
+            except FloatingPointError as e:
+                kept = list_checkpoints(cfg.output_dir)
+                die(f"training stopped at step {step + 1}: {e}. Last good checkpoint: "
+                    f"{kept[-1] if kept else 'none'}; lower --learning_rate or --reward_scale, or try bf16")
+            if ema is not None:  # (optional) θ_ema ← d·θ_ema + (1 − d)·θ
+                ema_update(ema, G_params, cfg.ema_decay)
+            step += 1
+            names = ("loss_fake", "loss_ikl", "reward", "grad_ikl", "grad_reward")
+            values = torch.stack([fake_stats["loss_fake"].float()] + [stats[k].float() for k in names[1:]]
+                                 + [stats["grad_ikl"].new_tensor(float(signals.requested > 0))])
+            if world > 1:  # log the global-batch means, not rank 0's share; a signal on any rank stops all
+                torch.distributed.all_reduce(values)
+                values /= world
+            *values, stop = values.tolist()  # waits for the step's queued GPU work, so t2 below is honest either way
+            t2 = synced_time()
+            timings.append((t1 - t0, t2 - t1))
+            stats = {"step": step, **dict(zip(names, values)), "grad_ratio": values[4] / max(values[3], 1e-30),
+                     "img_per_s": world * B / (t2 - t0), **(skipped if scaler_G.is_enabled() else {})}
+            bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k not in ("step", "loss_ikl")})
+            bar.update(1)
+            if cfg.benchmark:
+                continue
+            last = step == cfg.max_train_steps or stop > 0
+            if step % cfg.checkpointing_steps == 0 or last:
+                rng = rng_states(device, world)  # a collective: every rank's own RNG, so resume replays nothing
+                if main_rank:
+                    save_checkpoint(cfg, step, G, fake, states, ema, rng)
+            if main_rank:
+                log.write({**stats, **(validate(f"{step:04d}") if step % cfg.validation_steps == 0 or last else {})})
+            if stop > 0:
+                bar.close()
+                if main_rank:
+                    print(f"stopped by signal {signals.requested or 'on another rank'} after step {step}; "
+                          f"{os.path.join(cfg.output_dir, f'checkpoint-{step}')} is written. To continue, run the "
+                          "same command with --resume_from_checkpoint latest", file=sys.stderr)
+                    log.close()
+                raise SystemExit(130 if signals.requested in (0, 2) else 128 + signals.requested)
     bar.close()
     result = print_benchmark(cfg, timings, world, device) if cfg.benchmark and main_rank else None
     if writes:
+        log.close()  # also draws curves.png from log.jsonl
         with ema_weights(G_params, ema):  # the exported generator is the EMA one; G keeps the raw weights
             export_generator(G, os.path.join(cfg.output_dir, "generator"))
     return dict(G=G, fake=fake, teacher=teacher, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
@@ -700,6 +809,7 @@ def main(argv=None):
         shapes = "tiny" if cfg.tiny else "sd15"
         folder = os.path.join(cfg.output_dir, shapes)
         if rank == 0:
+            writable_dir(cfg.output_dir)
             from random_weights import build_random
             build_random(folder, shapes, cfg.seed)
         if world > 1:

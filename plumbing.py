@@ -37,13 +37,53 @@ def load_or_die(fn, name, what):
         die(f"cannot load {what} from '{name}' ({first[:200]}). On a machine with internet run "
             f"`huggingface-cli download {name}` (then it loads from the cache), or pass a local folder")
 
+def load_weights_or_die(module, path):
+    """Load a bare state-dict file (.safetensors, or a torch .bin/.pt/.pth read with weights_only=True so
+    that a file someone sends you cannot run code) into module; wrong keys or shapes are one line."""
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        die(f"the weight file '{path}' does not exist")
+    try:
+        weights = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not this format, or a pickle with code in it
+        die(f"the weight file '{path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    got = {k: getattr(v, "shape", None) for k, v in weights.items()} if isinstance(weights, dict) else {}
+    if got != expected:
+        bad = sorted(set(expected) ^ set(got)) + [k for k in expected if k in got and got[k] != expected[k]]
+        die(f"the weight file '{path}' does not match the teacher's {type(module).__name__} config ({len(got)} "
+            f"tensors, {len(expected)} expected; first mismatch: {bad[0] if bad else 'not a state dict'})")
+    module.load_state_dict(weights)
+    return module
+
+
+def writable_dir(path, flag="--output_dir"):
+    """Create path if needed and prove it can be written: one line now instead of a crash at the first save."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        die(f"{flag} '{path}' cannot be written ({e.strerror}); choose a folder you can write to")
+
 # -----------------------------------------------------------------------------
 # 2. Devices and processes
 
 
 def pick_device(name):
+    """auto = cuda > mps > cpu. A named device that this machine does not have is one line, not a crash later."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            die(f"--device '{name}' is not a device name; use auto, cpu, cuda, cuda:N or mps")
+        count = torch.cuda.device_count() if device.type == "cuda" else 0
+        if device.type == "cuda" and (count == 0 or (device.index or 0) >= count):
+            die(f"--device {name}: this machine has {count} CUDA device(s); use --device auto or cpu")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            die(f"--device {name}: MPS is not available here; use --device auto or cpu")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
@@ -57,6 +97,11 @@ def init_distributed(cfg):
         return 0, 1, pick_device(cfg.device)
     import torch.distributed as dist
     local = int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.device not in ("auto", "cuda", "cpu"):  # torchrun decides the GPU: cuda:LOCAL_RANK
+        die(f"--device {cfg.device} under torchrun: each process uses cuda:LOCAL_RANK; pass --device cuda "
+            "(or auto, or cpu) and choose GPUs with CUDA_VISIBLE_DEVICES")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        die("--device cuda under torchrun, but this machine has no CUDA device; use --device cpu (gloo)")
     cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
@@ -70,12 +115,15 @@ def init_distributed(cfg):
 
 
 def optimizer_step(loss, params, opt, scaler, max_grad_norm):
-    """backward + clip + step. A non-finite loss stops training before it can poison the weights."""
+    """backward + (optional) clip + step. A non-finite loss stops training before it can poison the
+    weights. Returns (scale, skipped): the loss scale the backward pass used (1 without fp16), and whether
+    GradScaler skipped this step because the fp16 gradients overflowed (it halves its scale exactly then)."""
     bad = (~torch.isfinite(loss.detach())).float()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(bad)  # every rank stops together, or the others hang in backward
     if bad.item():
         raise FloatingPointError(f"loss became {loss.item()} (on at least one rank)")
+    scale = scaler.get_scale() if scaler.is_enabled() else 1.0  # .item() sync only under fp16
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(opt)  # clip the true gradient, not the fp16-scaled one
@@ -83,6 +131,7 @@ def optimizer_step(loss, params, opt, scaler, max_grad_norm):
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     scaler.step(opt)
     scaler.update()
+    return scale, scaler.is_enabled() and scaler.get_scale() < scale
 
 
 def trainable_named(module):
@@ -95,9 +144,9 @@ def trainable(module):
 
 
 def ema_update(ema, params, decay):
-    """(optional) θ_ema ← d·θ_ema + (1 − d)·θ, for every trainable tensor."""
-    for e, p in zip(ema, params):
-        e.lerp_(p.detach(), 1 - decay)
+    """(optional) θ_ema ← d·θ_ema + (1 − d)·θ for every trainable tensor, in one foreach kernel launch
+    (not one per tensor: a UNet has ~700)."""
+    torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
 
 
 @contextlib.contextmanager
@@ -163,25 +212,68 @@ def compile_nets(cfg, nets, device):
 # 5. Checkpoints: checkpoint-N/{generator,fake_score[,generator_ema]}.safetensors + state.pt + dipp.json
 
 
-def save_checkpoint(cfg, step, G, fake, opt_G, opt_fake, ema=None):
-    """Write checkpoint-N atomically (to a .tmp folder, then rename): a kill mid-save never leaves a
-    half-written checkpoint-N behind. Keeps the newest cfg.checkpoints_total_limit."""
+def prepare_output_dir(cfg, main_rank):
+    """Create output_dir (one line if it cannot be written) and keep runs apart. A fresh run into a folder
+    holding another run's checkpoints or log.jsonl stops: its keep-last-K policy could delete its own
+    newest checkpoint, `latest` would name the old run's, and the log would mix both. Resuming continues
+    that run; --overwrite_output_dir deletes it first (as diffusers' scripts do with that flag)."""
+    if main_rank:
+        writable_dir(cfg.output_dir)
+    log = os.path.join(cfg.output_dir, "log.jsonl")
+    old = list_checkpoints(cfg.output_dir) + ([log] if os.path.isfile(log) else [])
+    if cfg.resume_from_checkpoint or not old:
+        return
+    if not cfg.overwrite_output_dir:
+        die(f"--output_dir '{cfg.output_dir}' holds another run ({', '.join(map(os.path.basename, old))}); "
+            "continue it with --resume_from_checkpoint latest, choose a new --output_dir, or pass "
+            "--overwrite_output_dir to delete that run first")
+    if main_rank:
+        gone = old + [os.path.join(cfg.output_dir, f) for f in os.listdir(cfg.output_dir)
+                      if re.fullmatch(r"samples_\d+\.png|generator|checkpoint-\d+\.(tmp|old)", f)]
+        for path in gone:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        print(f"--overwrite_output_dir: deleted {len(gone)} files/folders of the previous run in {cfg.output_dir}")
+
+
+def rng_states(device, world):
+    """Every rank's RNG state (CPU, and its own GPU's), gathered to all ranks: a collective, so every rank
+    calls it. On resume rank r restores entry r, so no rank replays an un-advanced stream."""
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if world == 1:
+        return [mine]
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
+def save_checkpoint(cfg, step, G, fake, states, ema=None, rng=None):
+    """Write checkpoint-N atomically (to a .tmp folder, then rename): a kill or a full disk mid-save never
+    leaves a half-written checkpoint-N, and the .tmp folder is removed. Keeps the newest
+    cfg.checkpoints_total_limit. states: {name: object with state_dict()} (optimisers, loss scalers);
+    rng: rng_states(), one entry per rank."""
     final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     from safetensors.torch import save_file
-    os.makedirs(tmp)
-    weights = {"generator": trainable_named(G.unet), "fake_score": trainable_named(fake)}
-    if ema is not None:
-        weights["generator_ema"] = dict(zip(weights["generator"], ema))
-    for name, tensors in weights.items():  # full UNets, or only their LoRA adapters
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, os.path.join(tmp, f"{name}.safetensors"))
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save({"step": step, "opt_G": opt_G.state_dict(), "opt_fake": opt_fake.state_dict(), "rng": rng},
-               os.path.join(tmp, "state.pt"))
-    with open(os.path.join(tmp, "dipp.json"), "w") as f:
-        json.dump({"generator_timestep": G.t_star}, f)
-    if os.path.isdir(final):  # re-running into the same output_dir: swap the old one out, then drop it
+    try:
+        os.makedirs(tmp)
+        weights = {"generator": trainable_named(G.unet), "fake_score": trainable_named(fake)}
+        if ema is not None:
+            weights["generator_ema"] = dict(zip(weights["generator"], ema))
+        for name, tensors in weights.items():  # full UNets, or only their LoRA adapters
+            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, os.path.join(tmp, f"{name}.safetensors"))
+        torch.save({"step": step, "rng": rng, **{k: v.state_dict() for k, v in states.items()}},
+                   os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "dipp.json"), "w") as f:
+            json.dump({"generator_timestep": G.t_star}, f)
+    except BaseException as e:  # a full disk, a kill: drop the partial folder, keep every older checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, OSError):
+            raise
+        kept = list_checkpoints(cfg.output_dir)
+        die(f"could not write {final} ({e.strerror or e}); the partial folder was removed. Last good "
+            f"checkpoint: {kept[-1] if kept else 'none'}; free space and resume with --resume_from_checkpoint latest")
+    if os.path.isdir(final):  # resuming from an earlier step into the same output_dir: swap the old one out
         os.replace(final, final + ".old")
     os.replace(tmp, final)
     shutil.rmtree(final + ".old", ignore_errors=True)
@@ -195,9 +287,10 @@ def list_checkpoints(output_dir):
     return [os.path.join(output_dir, d) for d in sorted(found, key=lambda d: int(d.split("-")[1]))]
 
 
-def load_checkpoint(cfg, G, fake, opt_G, opt_fake, ema=None):
-    """Restore weights, optimiser state, RNG and step from --resume_from_checkpoint. Returns the step.
-    state.pt loads with weights_only=True: a checkpoint someone sends you cannot run code on load."""
+def load_checkpoint(cfg, G, fake, states, ema=None, rank=0, world=1, device=torch.device("cpu")):
+    """Restore weights, optimiser and loss-scaler states, this rank's RNG and the step from
+    --resume_from_checkpoint. Returns the step. state.pt loads with weights_only=True: a checkpoint someone
+    sends you cannot run code on load. A truncated or corrupted file is one line, not a traceback."""
     from safetensors.torch import load_file
     path = cfg.resume_from_checkpoint
     if path == "latest":
@@ -207,31 +300,138 @@ def load_checkpoint(cfg, G, fake, opt_G, opt_fake, ema=None):
         path = found[-1]
     if not os.path.isfile(os.path.join(path, "state.pt")):
         die(f"--resume_from_checkpoint '{path}' is not a dipp checkpoint folder (no state.pt)")
+
+    def read(file, loader):
+        try:
+            return loader(os.path.join(path, file))
+        except Exception as e:  # safetensors' and pickle's many ways of saying "truncated" or "not this format"
+            die(f"checkpoint '{path}' is damaged: {file} cannot be read ({type(e).__name__}: {str(e)[:120]}); "
+                "resume from an older checkpoint-N folder")
     for name, net in (("generator", G.unet), ("fake_score", fake)):
-        weights = load_file(os.path.join(path, f"{name}.safetensors"))
-        expected = set(trainable_named(net))
-        if set(weights) != expected:
+        weights = read(f"{name}.safetensors", load_file)
+        expected = {k: p.shape for k, p in trainable_named(net).items()}
+        if {k: v.shape for k, v in weights.items()} != expected:
             die(f"checkpoint '{path}' does not match this model ({name}: {len(weights)} tensors saved, "
                 f"{len(expected)} trainable here); resume with the --lora_rank it was trained with")
         net.load_state_dict(weights, strict=False)
     if ema is not None:
-        ema_file = os.path.join(path, "generator_ema.safetensors")
-        if not os.path.isfile(ema_file):
+        if not os.path.isfile(os.path.join(path, "generator_ema.safetensors")):
             die(f"checkpoint '{path}' has no EMA weights; resume without --ema_decay or from an EMA run")
-        saved = load_file(ema_file)
+        saved = read("generator_ema.safetensors", load_file)
         for k, e in zip(trainable_named(G.unet), ema):
             e.copy_(saved[k])
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
-    opt_G.load_state_dict(state["opt_G"])
-    opt_fake.load_state_dict(state["opt_fake"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    state = read("state.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
+    for name, obj in states.items():
+        if name in state:  # (checkpoints written before the loss scalers were saved lack scaler_*)
+            obj.load_state_dict(state[name])
+    rng = state["rng"] if isinstance(state["rng"], list) else [{"cpu": state["rng"]["cpu"], "cuda": None}]
+    if len(rng) != world:
+        print(f"note: {path} was written by {len(rng)} process(es) and is resumed by {world}: the global batch "
+              "differs, so this continues the weights but is not the same run")
+    mine = rng[min(rank, len(rng) - 1)]
+    torch.set_rng_state(mine["cpu"])
+    if mine["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"], device)
     print(f"resumed from {path} at step {state['step']}")
     return state["step"]
 
 # -----------------------------------------------------------------------------
-# 6. What a run leaves behind: the exported generator, sample grids, the benchmark line
+# 6. Logging, curves, signals
+
+
+class RunLog:
+    """log.jsonl (one JSON line per step, plus validation entries) and, optionally, TensorBoard or wandb.
+    On resume, lines after the checkpoint's step are dropped: they belong to steps that are re-run."""
+
+    def __init__(self, cfg, step):
+        self.path = os.path.join(cfg.output_dir, "log.jsonl")
+        if step and os.path.isfile(self.path):
+            keep = [line for line in open(self.path) if json.loads(line).get("step", 0) <= step]
+            open(self.path, "w").writelines(keep)
+        self.file, self.report = open(self.path, "a"), None
+        if cfg.report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                die("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
+            writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
+            self.report = lambda stats, step: [writer.add_scalar(k, v, step) for k, v in stats.items()]
+        elif cfg.report_to == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                die("--report_to wandb needs the wandb package: pip install wandb (then wandb login)")
+            wandb.init(project="dipp", dir=cfg.output_dir, config=vars(cfg), resume="allow")
+            self.report = lambda stats, step: wandb.log(stats, step=step)
+
+    def write(self, stats):
+        self.file.write(json.dumps(stats) + "\n")
+        self.file.flush()
+        if self.report:
+            self.report({k: v for k, v in stats.items() if k != "step"}, stats["step"])
+
+    def close(self):
+        self.file.close()
+        plot_curves(self.path, os.path.join(os.path.dirname(self.path), "curves.png"))
+
+
+def plot_curves(log_path, png_path):
+    """The run at a glance from log.jsonl: both losses, training and held-out reward, and the two
+    gradient sizes at x0 with their ratio. `python plumbing.py curves runs/x/log.jsonl` redraws it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(log_path)]
+    series = lambda key: ([r["step"] for r in rows if r.get(key) is not None and r[key] == r[key]],
+                          [r[key] for r in rows if r.get(key) is not None and r[key] == r[key]])  # skip None/nan
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    for ax, keys, title in ((axes[0], ["loss_fake"], "fake-score DSM loss"), (axes[1], ["loss_ikl"], "IKL surrogate (value means nothing)"),
+                            (axes[2], ["reward", "val_reward"], "reward: training prompts / held-out"),
+                            (axes[3], ["grad_ikl", "grad_reward"], "RMS ∂L/∂x0 per sample")):
+        for key in keys:
+            ax.plot(*series(key), "o-" if key == "val_reward" else "-", label=key, ms=3)
+        if key == "val_reward" and series("val_reward_std")[0]:
+            steps, mean = series("val_reward")
+            std = dict(zip(*series("val_reward_std")))
+            ax.fill_between(steps, [m - std.get(s, 0) for s, m in zip(steps, mean)],
+                            [m + std.get(s, 0) for s, m in zip(steps, mean)], alpha=0.2)
+        if keys[0] == "grad_ikl" and series("grad_ikl")[0]:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
+    return png_path
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (a cluster's pre-emption) set .requested instead of killing the run:
+    the loop finishes its step, writes a checkpoint and exits. A second Ctrl-C interrupts at once."""
+
+    def __enter__(self):
+        import signal
+        import threading
+        self.requested, self.old = 0, {}
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested and signum == 2:  # SIGINT twice: the user insists
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\nsignal {signum}: finishing this step, then writing a checkpoint (Ctrl-C again to abort)", flush=True)
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+
+# -----------------------------------------------------------------------------
+# 7. What a run leaves behind: the exported generator, sample grids, the benchmark line
 
 
 def export_generator(G, folder):
@@ -282,3 +482,10 @@ def print_benchmark(cfg, timings, world, device):
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     print("BENCHMARK " + json.dumps(result))
     return result
+
+
+if __name__ == "__main__":  # python plumbing.py curves runs/x/log.jsonl  -> runs/x/curves.png
+    import sys
+    if len(sys.argv) != 3 or sys.argv[1] != "curves" or not os.path.isfile(sys.argv[2]):
+        raise SystemExit("usage: python plumbing.py curves OUTPUT_DIR/log.jsonl  (writes curves.png beside it)")
+    print(plot_curves(sys.argv[2], os.path.join(os.path.dirname(os.path.abspath(sys.argv[2])), "curves.png")))

@@ -423,8 +423,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
     def ikl_nan_on_second_call(*args, **kwargs):
         calls.append(1)
-        loss = real_ikl(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 2 else loss
+        loss, grad = real_ikl(*args, **kwargs)  # generator_step asks for (loss, ∂loss/∂x0)
+        return (loss * float("nan") if len(calls) == 2 else loss), grad
 
     monkeypatch.setattr(dipp, "ikl_loss", ikl_nan_on_second_call)
     out = str(tmp_path)
@@ -609,12 +609,19 @@ def test_fp16_keeps_vae_in_fp32():
     assert vae.dtype == torch.float32 and unet.dtype == torch.float16 and text_encoder.dtype == torch.float16
 
 
-def test_rerun_into_same_output_dir_overwrites_checkpoint(tmp_path):
-    """Training twice into one output_dir (no resume) replaces checkpoint-N instead of crashing."""
-    argv = ["--tiny", "--reward", "none", "--max_train_steps", "1", "--output_dir", str(tmp_path)]
-    dipp.main(argv)
-    dipp.main(argv)
-    assert dipp.list_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-1")]
+def test_fresh_run_into_a_used_output_dir_stops_or_starts_clean(tmp_path):
+    """A fresh run into a folder holding another run's checkpoints stops with one line (its keep-last-K
+    policy would delete its own newest checkpoint and `latest` would name the old run); with
+    --overwrite_output_dir it deletes that run first, so log.jsonl and the checkpoints are its own."""
+    out = str(tmp_path)
+    argv = ["--tiny", "--reward", "none", "--checkpointing_steps", "1", "--output_dir", out]
+    dipp.main(argv + ["--max_train_steps", "4"])
+    msg = error_of(argv + ["--max_train_steps", "1"])
+    assert msg.startswith("dipp: error:") and "holds another run" in msg and "--overwrite_output_dir" in msg
+    assert dipp.list_checkpoints(out)[-1].endswith("checkpoint-4")  # nothing was touched
+    dipp.main(argv + ["--max_train_steps", "1", "--overwrite_output_dir"])
+    assert dipp.list_checkpoints(out) == [os.path.join(out, "checkpoint-1")]
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))] == [0, 1]
 
 
 # ----------------------------------------------------------------------------- notebooks
@@ -655,25 +662,35 @@ def test_notebooks_define_no_losses():
 def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
     """torchrun with 2 CPU processes (gloo) × batch 1 gives the same generator after 2 steps as one
     process with batch 2: the update differs by < 1% of its size (float summation order only), and the
-    logged global-batch losses agree."""
+    logged global-batch losses agree. Resuming the 2-process run from checkpoint-1 gives checkpoint-2 bit
+    for bit: each rank saved its own RNG state and restores it."""
     import subprocess
     from safetensors.torch import load_file
     common = ["--tiny", "--max_train_steps", "2", "--learning_rate", "1e-3", "--fake_learning_rate", "1e-3",
               "--reward_scale", "10"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "dipp.py", *common, "--train_batch_size", "1",
-                    "--output_dir", str(tmp_path / "ddp")], cwd=HERE, env=env, check=True, capture_output=True)
+    launch = lambda *argv: subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "dipp.py", *common,
+                                           "--train_batch_size", "1", *argv], cwd=HERE, env=env, check=True, capture_output=True)
+    launch("--output_dir", str(tmp_path / "ddp"), "--checkpointing_steps", "1")
     dipp.main(common + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "one")])
     weights = lambda run: load_file(str(tmp_path / run / "generator" / "diffusion_pytorch_model.safetensors"))
     ddp, one, init = weights("ddp"), weights("one"), load_file(
         str(tmp_path / "one" / "tiny" / "sd" / "unet" / "diffusion_pytorch_model.safetensors"))
     diff, update = distance(one, ddp), distance(one, init)
     assert update > 0.1 and diff < 0.01 * update, (diff, update)
-    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("ddp", "one")]
+    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")][1:] for run in ("ddp", "one")]
     for a, b in zip(*logs):
         for key in ("loss_fake", "loss_ikl", "reward"):
             assert abs(a[key] - b[key]) <= 1e-3 * (abs(b[key]) + 1e-3), (key, a[key], b[key])
+    import shutil
+    state = torch.load(tmp_path / "ddp" / "checkpoint-1" / "state.pt", weights_only=True)
+    assert len(state["rng"]) == 2  # one RNG state per rank
+    shutil.copytree(tmp_path / "ddp" / "checkpoint-1", tmp_path / "resumed" / "checkpoint-1")
+    launch("--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest")
+    for name in ("generator", "fake_score"):
+        a, b = (load_file(str(tmp_path / run / "checkpoint-2" / f"{name}.safetensors")) for run in ("ddp", "resumed"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_benchmark_prints_one_parseable_line(tmp_path, capsys):
@@ -687,6 +704,7 @@ def test_benchmark_prints_one_parseable_line(tmp_path, capsys):
         assert result[key] > 0, key
     assert result["iterations"] == 2 and result["memory_kind"] == "cpu_rss"
     assert not os.path.exists(tmp_path / "generator") and not dipp.list_checkpoints(str(tmp_path))
+    assert set(os.listdir(tmp_path)) == {"tiny"}  # no config.json, log, grid or curves either: only the models
 
 
 def test_sd15_shapes_match_stable_diffusion():
@@ -852,3 +870,346 @@ def test_ema_export_is_the_exponential_average(tmp_path):
     a, b = ema(tmp_path / "b"), ema(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert same_weights(straight["G"].unet, resumed["G"].unet)  # G itself keeps the raw weights
+
+
+# ----------------------------------------------------------------------------- the objective as documented
+
+def tiny_sd_nets(seed=0):
+    """Generator, teacher and a fake score that differs from it (so the IKL gradient is not zero)."""
+    teacher, fake = tiny_unet(seed), tiny_unet(seed + 1)
+    G = dipp.OneStepGenerator(dipp.readout_in_fp32(read_unet("unet")).train(), dipp.Schedule.scaled_linear(), 999)
+    return G, dipp.unet_eps(teacher), dipp.unet_eps(fake)
+
+
+def test_default_generator_update_keeps_w_of_t_at_batch_1():
+    """With the default flags the gradient that reaches Adam scales with w(t): at batch 1 the x0 and eps
+    weightings (σ²/α² vs σ/α) give gradients whose norms differ by exactly σ_t/α_t. A clip of the summed
+    IKL gradient to a fixed norm (the old default, 1.0) made both unit-norm and cancelled w(t)."""
+    import copy
+    cond = torch.randn(1, 77, 32)
+    G0, real, fake = tiny_sd_nets()
+    t = torch.tensor([900])
+    noise = (torch.randn(1, 4, 8, 8), t, torch.randn(1, 4, 8, 8))
+    norms = {}
+    for weighting in ("x0", "eps"):
+        G = copy.deepcopy(G0)
+        cfg = dipp.Config(reward="none", ikl_weighting=weighting)
+        opt = torch.optim.AdamW(G.parameters(), lr=1e-5)
+        dipp.generator_step(lambda z: G(z, cond), lambda x, t: real(x, t, cond), lambda x, t: fake(x, t, cond),
+                            None, list(G.parameters()), opt, torch.amp.GradScaler("cpu", enabled=False),
+                            noise, G.schedule, cfg)
+        norms[weighting] = torch.cat([p.grad.flatten() for p in G.parameters()]).norm()  # what Adam stepped on
+    alpha, sigma = (v.item() for v in G0.schedule.alpha_sigma(t, 1))
+    assert norms["eps"] > 1.0  # far above a clip of 1: clipping would have decided the step
+    assert abs(norms["x0"] / norms["eps"] / (sigma / alpha) - 1) < 1e-4, (norms, sigma / alpha)
+
+
+def test_reward_gradient_is_zero_on_pixels_the_saved_image_clips():
+    """Decoded pixels outside [-1, 1] are clipped in the saved PNG, so the reward must not see or reward
+    them: their gradient is exactly 0, while in-range pixels get gradient."""
+    from transformers import CLIPModel, CLIPTokenizer
+    clip = tiny_models()[1]
+    fn = dipp.ClipRewardFn(CLIPModel.from_pretrained(clip).eval(), CLIPTokenizer.from_pretrained(clip))
+    images = (1.6 * torch.randn(2, 3, 24, 24)).requires_grad_(True)  # ~47 % of pixels outside [-1, 1]
+    fn(images, ["a fox", "a red bicycle"]).sum().backward()
+    outside = images.detach().abs() > 1
+    assert outside.float().mean() > 0.3
+    assert images.grad[outside].abs().max() == 0
+    assert (images.grad[~outside] != 0).float().mean() > 0.5
+
+
+def test_generator_readout_is_fp32_under_bf16_autocast():
+    """ε̂ of the generator (and of teacher and fake score) leaves the UNet in fp32 under bf16 autocast: the
+    readout x0 = (z − σ ε̂)/α amplifies its rounding 14.6× at t* = 999."""
+    G, _, _ = tiny_sd_nets()
+    seen = []
+    G.unet.register_forward_hook(lambda m, i, out: seen.append(out.sample.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x0 = G(torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32))
+    assert seen == [torch.float32] and x0.dtype == torch.float32
+    teacher, vae, *_ = dipp.load_sd(tiny_models()[0], torch.device("cpu"), torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = teacher(torch.randn(1, 4, 8, 8).bfloat16(), torch.tensor([999]), encoder_hidden_states=torch.randn(1, 77, 32).bfloat16())
+    assert out.sample.dtype == torch.float32
+
+
+def test_loss_scaler_skips_are_reported_and_its_state_survives_resume(tmp_path):
+    """optimizer_step reports a step that fp16's GradScaler skipped (overflow) and the scale it used; the
+    scalers' state is saved in the checkpoint and restored on resume (it restarted at 65,536 before)."""
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    scale, skipped = plumbing.optimizer_step((w * 1e35).sum(), [w], opt, scaler, 0)  # 1e35 × 65536 overflows fp32
+    assert skipped and scale == 2.0 ** 16 and scaler.get_scale() == 2.0 ** 15 and torch.equal(w.data, torch.ones(3))
+    scale, skipped = plumbing.optimizer_step(w.sum(), [w], opt, scaler, 0)
+    assert not skipped and torch.allclose(w.data, torch.full((3,), 0.9))
+    # the checkpoint round trip, through the real save/load with a tiny generator
+    G, _, _ = tiny_sd_nets()
+    fake = read_unet("unet")
+    cfg = dipp.Config(output_dir=str(tmp_path), resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    states = {"scaler_G": scaler, "opt_G": opt}
+    plumbing.save_checkpoint(cfg, 3, G, fake, states, rng=plumbing.rng_states(torch.device("cpu"), 1))
+    fresh = {"scaler_G": torch.amp.GradScaler("cpu"), "opt_G": torch.optim.SGD([w], lr=0.1)}
+    assert plumbing.load_checkpoint(cfg, G, fake, fresh) == 3
+    assert fresh["scaler_G"].get_scale() == 2.0 ** 15
+
+
+def test_skipped_steps_are_counted_in_the_log(tmp_path, monkeypatch):
+    """Every generator / fake-score step that the loss scaler skipped is counted in log.jsonl (fp16)."""
+    real = plumbing.optimizer_step
+    calls = []
+
+    def skip_second(loss, params, opt, scaler, max_grad_norm):
+        calls.append(1)
+        scale, _ = real(loss, params, opt, scaler, max_grad_norm)
+        return scale, len(calls) == 2  # the 2nd update (step 1's generator update) is reported as skipped
+
+    monkeypatch.setattr(dipp, "optimizer_step", skip_second)
+    monkeypatch.setattr(dipp.torch.amp.GradScaler, "is_enabled", lambda self: True)
+    monkeypatch.setattr(dipp.torch.amp.GradScaler, "get_scale", lambda self: 1.0)
+    dipp.main(["--tiny", "--reward", "none", "--max_train_steps", "2", "--output_dir", str(tmp_path)])
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")][1:]
+    assert [(r["skipped_G"], r["skipped_fake"]) for r in log] == [(1, 0), (1, 0)]
+
+
+def test_draw_noise_keeps_only_this_ranks_slice():
+    """Each rank keeps a copy of its slice of the global batch, not a view that pins world-sized tensors."""
+    cfg = dipp.Config()
+    z, t, eps = dipp.draw_noise(2, (4, 8, 8), (4, 8, 8), cfg, "cpu", rank=1, world=64)
+    assert z.untyped_storage().nbytes() == z.nbytes and eps.untyped_storage().nbytes() == eps.nbytes
+    torch.manual_seed(0)
+    z1, t1, e1 = dipp.draw_noise(2, (4,), (4,), cfg, "cpu", rank=1, world=3)
+    torch.manual_seed(0)
+    z_all, t_all, e_all = dipp.draw_noise(6, (4,), (4,), cfg, "cpu")
+    assert torch.equal(z1, z_all[2:4]) and torch.equal(t1, t_all[2:4]) and torch.equal(e1, e_all[2:4])
+
+
+def test_device_flags_that_cannot_hold_are_one_line(tmp_path, monkeypatch):
+    """--device naming a GPU this machine lacks, and --device cuda:N under torchrun (which would have
+    trained on the CPU with gloo), each end in one line before anything is loaded."""
+    msg = error_of(["--tiny", "--device", "cuda:3", "--output_dir", str(tmp_path)])
+    assert msg.startswith("dipp: error: --device cuda:3") and "CUDA device" in msg
+    assert error_of(["--tiny", "--device", "gpu", "--output_dir", str(tmp_path)]).startswith("dipp: error: --device 'gpu'")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    msg = error_of(["--tiny", "--device", "cuda:1", "--output_dir", str(tmp_path)])
+    assert "under torchrun" in msg and "CUDA_VISIBLE_DEVICES" in msg
+
+
+# ----------------------------------------------------------------------------- runs that explain themselves
+
+def test_gradient_split_equals_autograd_of_each_term():
+    """generator_step's grad_ikl (closed form) and grad_reward (total ∂L/∂x0 from backward minus the IKL
+    part) equal the per-sample RMS of autograd's gradient of each term taken separately."""
+    import copy
+    torch.manual_seed(0)
+    cond = torch.randn(2, 77, 32)
+    G, real, fake = tiny_sd_nets()
+    reward = lambda x0: (x0.flatten(1) * torch.linspace(-1, 1, x0[0].numel())).mean(1).sin()  # (B,), nonlinear
+    noise = (torch.randn(2, 4, 8, 8), torch.tensor([300, 950]), torch.randn(2, 4, 8, 8))
+    cfg = dipp.Config(reward_scale=30.0, ikl_weighting="eps")
+    real_c, fake_c = (lambda x, t: real(x, t, cond)), (lambda x, t: fake(x, t, cond))
+    ref = copy.deepcopy(G)
+    x0 = ref(noise[0], cond)
+    g_ikl, = torch.autograd.grad(dipp.ikl_loss(x0, noise[1], noise[2], G.schedule, real_c, fake_c, "eps").sum(), x0)
+    g_rew, = torch.autograd.grad(dipp.reward_loss(reward(x0), cfg.reward_scale).sum(), x0)
+    per_sample_rms = lambda g: g.flatten(1).pow(2).mean(1).sqrt().mean()
+    stats = dipp.generator_step(lambda z: G(z, cond), real_c, fake_c, reward, list(G.parameters()),
+                                torch.optim.AdamW(G.parameters(), lr=1e-5), torch.amp.GradScaler("cpu", enabled=False),
+                                noise, G.schedule, cfg)
+    assert per_sample_rms(g_ikl) > 0 and per_sample_rms(g_rew) > 0
+    assert torch.allclose(stats["grad_ikl"], per_sample_rms(g_ikl), rtol=1e-4)
+    assert torch.allclose(stats["grad_reward"], per_sample_rms(g_rew), rtol=1e-3)
+
+
+def test_held_out_reward_is_the_reward_of_fixed_noise_by_hand(tmp_path):
+    """The val_reward logged at step 0 is the mean (and population std) of the reward of g_θ(z_i, c_i) on the
+    validation prompts, with z_i drawn from torch.Generator().manual_seed(seed), recomputed here by hand."""
+    out = tmp_path / "run"
+    prompts = ["a green teapot", "two cats on a sofa", "a bridge in fog"]
+    (tmp_path / "val.txt").write_text("\n".join(prompts) + "\n")
+    nets = dipp.main(["--tiny", "--max_train_steps", "1", "--validation_prompts", str(tmp_path / "val.txt"),
+                      "--output_dir", str(out), "--seed", "3", "--train_batch_size", "2"])
+    logged = json.loads(open(out / "log.jsonl").readline())
+    G0 = dipp.OneStepGenerator(nets["teacher"], nets["schedule"], 999)  # step 0: the generator is the teacher
+    z = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cond = dipp.encode_prompts(nets["tokenizer"], nets["text_encoder"], prompts)
+        r = nets["reward"](dipp.decode(nets["vae"], G0(z, cond)), prompts)
+    assert logged["step"] == 0
+    assert abs(logged["val_reward"] - r.mean().item()) < 1e-5
+    assert abs(logged["val_reward_std"] - r.std(unbiased=False).item()) < 1e-5
+    assert os.path.isfile(out / "curves.png") and os.path.isfile(out / "samples_0000.png")
+
+
+def test_interrupt_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, monkeypatch):
+    """SIGINT during step 2 (sent to this process): the step finishes, checkpoint-2 is written, the run
+    exits with 130; resuming to step 3 equals a straight 3-step run bit for bit."""
+    import signal
+    common = ["--tiny", "--reward", "none", "--learning_rate", "1e-3", "--fake_learning_rate", "1e-3",
+              "--checkpointing_steps", "100", "--max_train_steps", "3"]
+    straight = dipp.main(common + ["--output_dir", str(tmp_path / "a")])
+    real, calls = dipp.generator_step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step, as a Ctrl-C would
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dipp, "generator_step", interrupted)
+    with pytest.raises(SystemExit) as e:
+        dipp.main(common + ["--output_dir", str(tmp_path / "b")])
+    assert e.value.code == 130 and dipp.list_checkpoints(str(tmp_path / "b"))[-1].endswith("checkpoint-2")
+    monkeypatch.setattr(dipp, "generator_step", real)
+    resumed = dipp.main(common + ["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest"])
+    assert same_weights(straight["G"].unet, resumed["G"].unet) and same_weights(straight["fake"], resumed["fake"])
+    assert [json.loads(l)["step"] for l in open(tmp_path / "b" / "log.jsonl")] == [0, 1, 2, 3]
+
+
+def test_sigterm_to_a_running_training_process_checkpoints_it(tmp_path):
+    """A cluster's SIGTERM to `python dipp.py`: it finishes its step, writes checkpoint-N, says how to
+    resume, and exits with 143."""
+    import signal
+    import subprocess
+    import time
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "dipp.py", "--tiny", "--reward", "none", "--max_train_steps", "100000",
+                             "--checkpointing_steps", "100000", "--output_dir", str(out)], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out / "log.jsonl", time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    steps = [json.loads(l)["step"] for l in log.read_text().splitlines()]
+    assert proc.returncode == 143, err[-2000:]
+    assert dipp.list_checkpoints(str(out)) == [str(out / f"checkpoint-{steps[-1]}")]
+    assert "--resume_from_checkpoint latest" in err
+
+
+def write_unet_weights(unet, path):
+    """The same weights as a diffusers folder, a .safetensors file and a torch .bin state dict."""
+    from safetensors.torch import save_file
+    unet.save_pretrained(path / "folder")
+    sd = {k: v.contiguous() for k, v in unet.state_dict().items()}
+    save_file(sd, str(path / "unet.safetensors"))
+    torch.save(sd, path / "unet.bin")
+
+
+def test_generator_init_from_a_weight_file_equals_the_folder(tmp_path):
+    """--generator_init takes a UNet weight file (as DMD2 releases its one-step SD1.5 generator) on the
+    teacher's config: .safetensors and .bin give exactly the generator the folder form gives."""
+    unet = tiny_unet(5)
+    write_unet_weights(unet, tmp_path)
+    teacher, *_, schedule = dipp.load_sd(tiny_models()[0], torch.device("cpu"), torch.float32)
+    build = lambda init: dipp.build_generator(dipp.Config(generator_init=str(init)), teacher, schedule, torch.device("cpu"))
+    folder = build(tmp_path / "folder")
+    assert same_weights(folder.unet, unet)
+    for name in ("unet.safetensors", "unet.bin"):
+        assert same_weights(build(tmp_path / name).unet, folder.unet), name
+
+
+def test_bad_generator_init_files_are_one_line(tmp_path):
+    """A weight file of another architecture, a truncated file, or a pickle that would run code: one line."""
+    import pickle
+    teacher, *_, schedule = dipp.load_sd(tiny_models()[0], torch.device("cpu"), torch.float32)
+    wrong = {k: v for k, v in tiny_unet().state_dict().items() if "up_blocks" not in k}
+    wrong["conv_in.weight"] = torch.zeros(7, 4, 3, 3)
+    torch.save(wrong, tmp_path / "wrong.bin")
+    write_unet_weights(tiny_unet(), tmp_path)
+    data = open(tmp_path / "unet.safetensors", "rb").read()
+    open(tmp_path / "cut.safetensors", "wb").write(data[: len(data) // 2])
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    open(tmp_path / "evil.pt", "wb").write(pickle.dumps({"conv_in.weight": Evil()}))
+    cases = {"wrong.bin": "does not match", "cut.safetensors": "cannot be read", "evil.pt": "cannot be read",
+             "nothing.safetensors": "does not exist"}
+    for name, expected in cases.items():
+        with pytest.raises(SystemExit) as e:
+            dipp.build_generator(dipp.Config(generator_init=str(tmp_path / name)), teacher, schedule, torch.device("cpu"))
+        msg = str(e.value)
+        assert msg.startswith("dipp: error:") and expected in msg and "\n" not in msg, (name, msg)
+
+
+def test_user_mistakes_are_one_line(tmp_path, monkeypatch):
+    """Numeric flags outside their meaning, files that are not what they claim (a binary prompt file, a
+    truncated or corrupted checkpoint), an output_dir that cannot be written: one 'dipp: error:' line each."""
+    out = str(tmp_path)
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "a_file").write_text("x")
+    cases = {
+        ("--learning_rate=-1e-5",): "must be > 0", ("--fake_learning_rate", "0"): "must be > 0",
+        ("--reward_scale", "nan"): "not a finite number", ("--guidance_scale", "inf"): "not a finite number",
+        ("--max_grad_norm=-1",): "must be >= 0", ("--lora_rank=-4",): "must be >= 0",
+        ("--adam_beta1", "1.5"): "[0, 1)", ("--max_train_steps", "0"): "positive integer",
+        ("--prompts", str(tmp_path / "binary.txt")): "not UTF-8 text",
+        ("--validation_prompts", str(tmp_path / "none.txt")): "--validation_prompts file",
+    }
+    for argv, expected in cases.items():
+        steps = [] if argv[0] == "--max_train_steps" else ["--max_train_steps", "1"]
+        msg = error_of(["--tiny", *argv, "--output_dir", os.path.join(out, "run"), *steps])
+        assert msg.startswith("dipp: error:") and expected in msg and "\n" not in msg, (argv, msg)
+    msg = error_of(["--tiny", "--output_dir", str(tmp_path / "a_file" / "run")])
+    assert "cannot be written" in msg and "\n" not in msg
+    # damaged checkpoints: a truncated weight file, then a corrupted state.pt
+    argv = ["--tiny", "--reward", "none", "--checkpointing_steps", "1", "--output_dir", os.path.join(out, "ck")]
+    dipp.main(argv + ["--max_train_steps", "1"])
+    ck = tmp_path / "ck" / "checkpoint-1"
+    good = (ck / "generator.safetensors").read_bytes()
+    (ck / "generator.safetensors").write_bytes(good[:1000])
+    msg = error_of(argv + ["--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
+    assert "is damaged" in msg and "generator.safetensors" in msg and "\n" not in msg
+    (ck / "generator.safetensors").write_bytes(good)
+    (ck / "state.pt").write_bytes(b"not a checkpoint")
+    msg = error_of(argv + ["--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
+    assert "is damaged" in msg and "state.pt" in msg
+
+
+def test_full_disk_while_checkpointing_names_the_last_good_one(tmp_path, monkeypatch):
+    """'No space left on device' while writing checkpoint-2: one line naming checkpoint-1 (which still
+    resumes), and no half-written checkpoint-2.tmp left taking the space."""
+    import errno
+    import safetensors.torch
+    out = str(tmp_path)
+    argv = ["--tiny", "--reward", "none", "--checkpointing_steps", "1", "--output_dir", out]
+    dipp.main(argv + ["--max_train_steps", "1"])
+    real, calls = safetensors.torch.save_file, []
+
+    def full(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the fake score's file: the generator's is already half of the folder
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    msg = error_of(argv + ["--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
+    assert "No space left on device" in msg and "checkpoint-1" in msg and "\n" not in msg
+    assert sorted(os.listdir(out)) == sorted(["checkpoint-1", "config.json", "log.jsonl", "samples_0000.png",
+                                              "samples_0001.png", "curves.png", "generator", "tiny"])
+
+
+def test_report_to_tensorboard_writes_events_or_names_the_package(tmp_path):
+    """--report_to tensorboard writes event files when the package is installed, else says what to install."""
+    argv = ["--tiny", "--reward", "none", "--max_train_steps", "1", "--report_to", "tensorboard", "--output_dir", str(tmp_path)]
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert "pip install tensorboard" in error_of(argv)
+    else:
+        dipp.main(argv)
+        assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_curves_redraw_from_a_log_on_demand(tmp_path):
+    """`python plumbing.py curves LOG` redraws curves.png from any log.jsonl."""
+    import subprocess
+    rows = [{"step": 0, "val_reward": 0.1, "val_reward_std": 0.05}] + [
+        {"step": s, "loss_fake": 1 / s, "loss_ikl": -s, "reward": 0.1 * s, "grad_ikl": 1.0, "grad_reward": 0.2 * s}
+        for s in range(1, 5)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    subprocess.run([sys.executable, "plumbing.py", "curves", str(tmp_path / "log.jsonl")], cwd=HERE, check=True,
+                   capture_output=True)
+    from PIL import Image
+    assert Image.open(tmp_path / "curves.png").size[0] > 500

@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -91,25 +96,27 @@ G_c = lambda z: G(z, c)
 fake_c = lambda x_t, t: fake(x_t, t, c)
 real_c = dipp.guided(teacher, c, torch.full((B,), -1), cfg.guidance_scale)
 noise = dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu")  # z ~ N(0, I), t ~ π(t), ε ~ N(0, I)
-loss_fake = dipp.fake_score_step(G_c, fake_c, fake.parameters(), opt_fake, scaler, noise, schedule, cfg)
+loss_fake = dipp.fake_score_step(G_c, fake_c, fake.parameters(), opt_fake, scaler, noise, schedule, cfg)["loss_fake"]
 print(f"DSM loss of the fake score: {loss_fake.item():.4f}")
 
 # %% [markdown]
 # ## One generator update, term by term (METHOD.md §2–§3)
 # L_G = IKL surrogate − α_rew · r. The IKL surrogate's *value* means nothing; its gradient is
-# w(t)·α_t·(ε̃_ref − ε̂_fake)/σ_t per sample. Here both terms and their gradient norms on x0:
+# w(t)·α_t·(ε̃_ref − ε̂_fake)/σ_t per sample. Here both terms' gradients on x0 by autograd, next to what
+# `generator_step` logs for choosing α_rew: the per-sample RMS of each term's pull on x0 (grad_ikl from
+# the closed form, grad_reward from the gradient backward delivers to x0, minus the IKL part).
 
 # %%
 z, t, eps = noise = dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu")
 x0 = G_c(z)
-ikl = dipp.ikl_loss(x0, t, eps, schedule, real_c, fake_c, cfg.ikl_weighting).mean()
-rew = dipp.reward_loss(reward(x0), cfg.reward_scale).mean()
-g_ikl, = torch.autograd.grad(ikl, x0, retain_graph=True)
+ikl = dipp.ikl_loss(x0, t, eps, schedule, real_c, fake_c, cfg.ikl_weighting).sum()
+rew = dipp.reward_loss(reward(x0), cfg.reward_scale).sum()
+g_ikl, = torch.autograd.grad(ikl, x0, retain_graph=True)  # per-sample gradients (sum over the batch)
 g_rew, = torch.autograd.grad(rew, x0)
-print(f"IKL surrogate {ikl.item():+.4f} (|∇x0| {g_ikl.norm():.4f}) | reward loss {rew.item():+.4f} (|∇x0| {g_rew.norm():.4f})")
+print(f"autograd: RMS ∂L_IKL/∂x0 {dipp.rms(g_ikl):.4f} | RMS α_rew ∂(−r)/∂x0 {dipp.rms(g_rew):.4f}")
 stats = dipp.generator_step(G_c, real_c, fake_c, lambda x: reward(x), G.parameters(), opt_G, scaler,
                             noise, schedule, cfg)
-print({k: round(v.item(), 4) for k, v in stats.items()})
+print({k: round(float(v), 4) for k, v in stats.items()})
 
 # %% [markdown]
 # ## A short training run, then the trade-off

@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -69,7 +74,7 @@ def measure(name, flags, steps=3, batch=1):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     dipp.main(MODEL + flags + ["--train_batch_size", str(batch), "--max_train_steps", str(steps), "--output_dir", out, "--validation_steps", "1000",
-                               "--checkpointing_steps", "1000"])
+                               "--checkpointing_steps", "1000", "--overwrite_output_dir"])
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if GPU else "n/a on CPU"
     return {"setup": name, "s/iteration": round(batch / log[-1]["img_per_s"], 3), "peak GiB": peak}
@@ -113,7 +118,7 @@ for row in table:
 # %%
 steps = 20 if TINY else 500
 run_dir = os.path.join(OUT, "align")
-nets = dipp.main(MODEL + ["--max_train_steps", str(steps), "--output_dir", run_dir, "--validation_steps", str(steps),
+nets = dipp.main(MODEL + ["--max_train_steps", str(steps), "--output_dir", run_dir, "--validation_steps", str(steps), "--overwrite_output_dir",
                           "--checkpointing_steps", str(steps), "--reward_scale", "1", "--learning_rate", "1e-5" if not TINY else "1e-3"]
                  + ([] if TINY else ["--mixed_precision", "bf16", "--gradient_checkpointing", "--train_batch_size", "4"]))
 

@@ -207,9 +207,10 @@ def locate_all(args, metrics):
             locate("bert-base-uncased", ["vocab.txt"], "(ImageReward's BLIP tokenizer)",
                    "the BERT tokenizer ImageReward's BLIP uses",
                    ["vocab.txt", "tokenizer_config.json", "config.json"])
+    # transformers models: checked here, then loaded by name, so from_pretrained fetches the weights themselves
     if set(metrics) & set(CLIP_L_METRICS):
-        found["clip"] = os.path.dirname(locate(args.clip_model, hf_model + processor, "--clip_model",
-                                               "OpenAI CLIP ViT-L/14", small)[0])
+        locate(args.clip_model, hf_model + processor, "--clip_model", "OpenAI CLIP ViT-L/14", small)
+        found["clip"] = args.clip_model
     if "aesthetic" in metrics:
         found["aesthetic"] = locate(args.aesthetic_model, [AESTHETIC_FILE], "--aesthetic_model",
                                     "the LAION aesthetic predictor v2 head")[0]
@@ -222,22 +223,31 @@ def locate_all(args, metrics):
                 "the two versions are not comparable, pick one")
         found["hps"] = locate(args.hps_model, [hps_file], "--hps_model", f"the HPS {args.hps_version} checkpoint")[0]
     if "pickscore" in metrics:
-        found["pickscore"] = os.path.dirname(locate(args.pickscore_model, hf_model, "--pickscore_model",
-                                                    "the PickScore v1 model", small)[0])
-        found["pickscore_processor"] = os.path.dirname(locate(args.pickscore_processor, processor,
-                                                              "--pickscore_processor", "PickScore's CLIP-H processor",
-                                                              small)[0])
+        locate(args.pickscore_model, hf_model, "--pickscore_model", "the PickScore v1 model", small)
+        locate(args.pickscore_processor, processor, "--pickscore_processor", "PickScore's CLIP-H processor", small)
+        found["pickscore"], found["pickscore_processor"] = args.pickscore_model, args.pickscore_processor
     return found
 
 
-def from_pretrained(cls, folder, what):
-    """A transformers from_pretrained whose failure (e.g. weights not downloaded) is one line."""
+def from_pretrained(cls, name, what):
+    """A transformers from_pretrained (hub id or folder) whose failure, e.g. weights not downloaded, is one line."""
     try:
-        return cls.from_pretrained(folder)
+        return cls.from_pretrained(name)
     except (OSError, ValueError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        die(f"cannot load {what} from '{folder}' ({first[:200]}); download the whole repo with "
-            "`huggingface-cli download REPO` or pass a complete local folder")
+        die(f"cannot load {what} from '{name}' ({first[:200]}); on a machine with internet run "
+            f"`huggingface-cli download {name}`, or pass a complete local folder")
+
+
+def load_checkpoint_file(path, what):
+    """torch.load restricted to tensors and plain containers (weights_only): a published checkpoint needs no
+    more, and a pickle that wants to run code is refused with one line instead of a traceback."""
+    import pickle
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        die(f"cannot read '{path}' as {what} with torch.load(weights_only=True): "
+            f"{str(e).strip().splitlines()[0][:160]}")
 
 # -----------------------------------------------------------------------------
 # 3. Sampling: the same z for every model; one-step generators as dipp, the teacher as diffusers
@@ -410,7 +420,7 @@ class AestheticHead(torch.nn.Module):
 
 def load_aesthetic_head(path):
     head = AestheticHead()
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint_file(path, "the aesthetic head")
     try:
         head.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError):
@@ -494,7 +504,7 @@ def load_hps(path, arch, device, dtype):
     pin), then the HPS checkpoint's `state_dict` (strict: every key must fit)."""
     import open_clip
     model = open_clip.create_model(arch)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint_file(path, "an HPS checkpoint")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         die(f"'{path}' has no 'state_dict' entry, so it is not an HPS checkpoint; get "
             f"{' or '.join(HPS_FILES.values())} from the hub repo xswu/HPSv2")

@@ -396,3 +396,25 @@ def test_bad_flags_and_prompt_files_are_one_line(tmp_path):
         message = error_of(gen + ["--metrics", "clip", "--clip_model", t["clip_model"]] + list(argv))
         assert expected in message, (argv, message)
     assert "nothing to evaluate" in error_of(["--output_dir", str(tmp_path)])
+
+
+def test_wrong_checkpoint_files_are_one_line(tmp_path):
+    """A file that is no checkpoint, an HPS file without 'state_dict', or one for another architecture:
+    each is one line, not a torch traceback."""
+    cpu = torch.device("cpu")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    torch.save({"model": torch.zeros(1)}, tmp_path / "no_state.pt")
+    torch.save({"state_dict": {"visual.proj": torch.zeros(1)}}, tmp_path / "other.pt")
+    cases = [(lambda: evaluate.load_aesthetic_head(str(tmp_path / "garbage.pt")), "cannot read"),
+             (lambda: evaluate.load_hps(str(tmp_path / "garbage.pt"), evaluate.TINY_HPS_ARCH, cpu, torch.float32),
+              "cannot read"),
+             (lambda: evaluate.load_hps(str(tmp_path / "no_state.pt"), evaluate.TINY_HPS_ARCH, cpu, torch.float32),
+              "no 'state_dict'"),
+             (lambda: evaluate.load_hps(str(tmp_path / "other.pt"), evaluate.TINY_HPS_ARCH, cpu, torch.float32),
+              "does not fit")]
+    tiny()  # registers the tiny open_clip architecture
+    for load, expected in cases:
+        with pytest.raises(SystemExit) as e:
+            load()
+        message = str(e.value)
+        assert message.startswith("evaluate: error:") and expected in message and "\n" not in message, message

@@ -664,8 +664,8 @@ def build_tiny(folder, hps_version="v2.0", seed=0):
 
 
 def tiny_imagereward(folder, device="cpu", seed=0):
-    """ImageReward's own classes with a small vision tower. The package hard-codes BLIP's ViT-L (447M
-    parameters, ~5 s and 2.2 GB to build), so we swap the two names blip_pretrain imported (create_vit,
+    """ImageReward's own classes with a small vision tower. The package hard-codes BLIP's ViT-L (the whole
+    model is 447M parameters, ~5 s and 2.2 GB to build), so we swap the two names blip_pretrain imported (create_vit,
     init_tokenizer) for a 2-block ViT of the package's own VisionTransformer and a BertTokenizer on a
     letter vocabulary (every word splits into letters, so the prompt matters), build, and restore them.
     BERT keeps hidden size 768, which ImageReward's MLP(768) requires. The head (std 0.05) and BERT's
@@ -783,7 +783,8 @@ def write_reports(models, values, metrics, prompts, args, command, speed):
             for i, value in enumerate(model.get("diversity_per_prompt", torch.empty(0)).tolist()):
                 line = {"model": model["slug"], "metric": "diversity", "value": value, "prompt_index": i}
                 f.write(json.dumps(line) + "\n")
-    summary = {"command": command, "prompts": len(prompts), "images_per_prompt": args.images_per_prompt,
+    summary = {"command": command, "config": vars(args), "prompts": len(prompts),
+               "images_per_prompt": args.images_per_prompt,
                "seed": args.seed, "hps_version": args.hps_version, "metrics": list(metrics),
                "headers": {m: header(m, args) for m in metrics},
                "scoring_images_per_s": {k: round(v, 3) for k, v in speed.items()},
@@ -862,6 +863,8 @@ def run(args, metrics, device, command):
         except UnicodeDecodeError:
             die(f"--prompts file '{args.prompts}' is not UTF-8 text; convert it (iconv -t UTF-8 FILE)")
     prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
+    if len(prompts) >= 2 ** 24:
+        die(f"{len(prompts)} prompts is more than image_seed's layout allows (2^24); use --max_prompts")
     tiny_scorers, hps_arch = {}, "ViT-H-14"
     if args.tiny:  # random stand-ins for everything, loaded by the same code as the real weights
         sd, generator, tiny_weights = build_tiny(os.path.join(args.output_dir, "tiny"), args.hps_version, args.seed)

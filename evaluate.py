@@ -165,7 +165,7 @@ def locate(name, files, flag, what, patterns=None):
     try:
         folder = snapshot_download(name, allow_patterns=patterns or files)
     except Exception as e:  # offline, unknown repo, no network: the hub raises many kinds
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # the first sentence
         die(f"cannot get {what} ({', '.join(files)}) of '{name}': {first[:160]}. On a machine with internet "
             f"run `{fetch}` (it then loads from the hub cache), or pass {flag} PATH")
     missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
@@ -182,11 +182,21 @@ def import_imagereward():
     return ImageReward
 
 
+def import_open_clip():
+    """open_clip 2.32 calls torch.jit.script at import, which torch 2.14 deprecates with a FutureWarning on
+    stderr; the warning is harmless and not the user's to act on."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import open_clip
+    return open_clip
+
+
 def require(metric):
     """A scorer whose package is missing says which one to install."""
     module, package = PACKAGES[metric]
     try:
-        import_imagereward() if metric == "imagereward" else __import__(module)
+        import_imagereward() if metric == "imagereward" else import_open_clip()
     except ImportError:
         die(f"--metrics {metric} needs the Python package {package}: pip install {package} "
             f"(or leave {metric} out of --metrics)")
@@ -502,7 +512,7 @@ class HPSScorer:
 def load_hps(path, arch, device, dtype):
     """open_clip's own ViT-H-14 (open-clip-torch 2.x, the line that co-installs with image-reward's timm
     pin), then the HPS checkpoint's `state_dict` (strict: every key must fit)."""
-    import open_clip
+    open_clip = import_open_clip()
     model = open_clip.create_model(arch)
     checkpoint = load_checkpoint_file(path, "an HPS checkpoint")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -627,7 +637,7 @@ def build_tiny(folder, hps_version="v2.0", seed=0):
     CLIPProcessor folders (ViT-L/14 and PickScore stand-ins, 768-d projection for the aesthetic head), the
     aesthetic state dict, an open_clip CLIP in an HPS-style {'state_dict': ...} checkpoint. ImageReward is
     built in-process (tiny_imagereward). Returns (SD folder, generator folder, weights)."""
-    import open_clip
+    open_clip = import_open_clip()
     from diffusers import UNet2DConditionModel
     from random_weights import build_random
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer

@@ -68,8 +68,10 @@ def pil(seed, size=(96, 96)):
 
 
 def png(out, record):
+    """A written image as an int tensor (H, W, 3) of its 8-bit values."""
+    import numpy as np
     from PIL import Image
-    return torch.from_numpy(__import__("numpy").array(Image.open(os.path.join(out, record["image"])))).int()
+    return torch.from_numpy(np.array(Image.open(os.path.join(out, record["image"])))).int()
 
 
 # ----------------------------------------------------------------------------- the whole command

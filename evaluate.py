@@ -374,11 +374,12 @@ def generate_all(args, prompts, device, ctx, dtype):
         while slug in slugs:
             slug += "_"
         slugs.add(slug)
-        sample = lambda p, z, gens: one_step_images(G, sd, p, z, ctx)  # one step: no sampler noise
+        def sample(p, z, gens, G=G):  # one step: no sampler noise, gens unused
+            return one_step_images(G, sd, p, z, ctx)
         model = {"slug": slug, "name": f"{folder} (one step, t*={t_star})", "kind": "generator", "source": folder,
                  "generator_timestep": t_star}
         models.append(generate(model, sample, prompts, args, latent_shape, device))
-        del G
+        del G, sample  # free this UNet before the next generator is loaded
     return models
 
 # -----------------------------------------------------------------------------

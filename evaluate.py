@@ -1,0 +1,903 @@
+"""evaluate.py: the paper's table for any one-step generator (and its teacher) on a prompt set.
+
+Every model sees the same prompts and the same initial noise z (one seed per image: `image_seed`).
+One-step generators are sampled as dipp samples them, decode(g_θ(z, c)) at the t* stored in the
+folder's dipp.json; the teacher runs the stock diffusers StableDiffusionPipeline with N steps and CFG,
+as a user of the teacher would. Images are written as PNGs first and every scorer reads those PNGs, so
+the numbers belong to the files on disk, and only one scorer is in memory at a time.
+
+Quick start (CPU, no downloads, seconds):  python evaluate.py --tiny --teacher_steps 2 --output_dir eval_tiny
+Generators against the SD1.5 teacher:     python evaluate.py --generator runs/a/generator \
+    --generator runs/b/generator --teacher_steps 25 --teacher_guidance 7.5 --prompts prompts.txt
+
+Metrics (--metrics), each with the convention the published tables use (also in table.md's header):
+  imagereward  ImageReward v1.0, the model dipp trains against: (MLP − 0.16717) / 1.03334   [arXiv 2304.05977]
+  aesthetic    LAION aesthetic predictor v2: a linear MLP on the L2-normalised OpenAI CLIP ViT-L/14
+               image embedding (sac+logos+ava1-l14-linearMSE.pth), roughly 1-10
+  hps          HPS v2.0 (default; v2.1 with --hps_version): 100 · cos(image, text) of open_clip
+               ViT-H-14 with the HPS checkpoint, no logit scale                            [arXiv 2306.09341]
+  pickscore    PickScore v1: logit_scale · cos(image, text) of its CLIP-H, ≈ 21-23          [arXiv 2305.01569]
+  clip         CLIP score: 100 · max(cos, 0) with OpenAI CLIP ViT-L/14 (torchmetrics' CLIPScore)
+  diversity    mean pairwise cosine distance 1 − cos between the CLIP ViT-L/14 embeddings of the K
+               images of one prompt (0 = the K seeds gave the same image: mode collapse)
+  fd_teacher   Fréchet distance between a generator's and the teacher's CLIP ViT-L/14 embeddings
+Each mean comes with a 95 % confidence interval, mean ± 1.96 · s / √P over the P per-prompt means.
+"""
+# -----------------------------------------------------------------------------
+# 0. Imports. Heavy libraries are imported inside the functions that need them (as in dipp.py).
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shlex
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import dipp
+
+METRICS = ("imagereward", "aesthetic", "hps", "pickscore", "clip", "diversity", "fd_teacher")
+CLIP_L_METRICS = ("aesthetic", "clip", "diversity", "fd_teacher")  # one CLIP ViT-L/14 pass serves all four
+AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  # hub repo xswu/HPSv2
+PACKAGES = {"imagereward": ("ImageReward", "image-reward==1.5"), "hps": ("open_clip", "open-clip-torch==2.32.0")}
+
+
+def die(message):
+    """One clear line instead of a traceback: what is wrong and how to fix it."""
+    raise SystemExit(f"evaluate: error: {message}")
+
+
+@contextlib.contextmanager
+def dipp_errors():
+    """dipp's loaders already turn a user mistake into one line; here that line speaks for evaluate."""
+    try:
+        yield
+    except SystemExit as e:
+        if isinstance(e.code, str) and e.code.startswith("dipp: error: "):
+            die(e.code[len("dipp: error: "):])
+        raise
+
+# -----------------------------------------------------------------------------
+# 1. Command line
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage + traceback-free exit, as one line like every other error
+        die(f"{message} (see python evaluate.py --help)")
+
+
+def parse_args(argv):
+    p = Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # --- what to evaluate
+    a("--generator", action="append", default=[], metavar="DIR",
+      help="one-step generator folder written by dipp (UNet + dipp.json); repeat to compare several")
+    a("--generator_timestep", type=int, default=999, help="t* for a generator folder without dipp.json")
+    a("--pretrained_model_name_or_path", default=dipp.Config.pretrained_model_name_or_path,
+      help="SD-1.x teacher: hub id or diffusers folder (also supplies VAE and text encoder to the generators)")
+    a("--teacher_steps", type=int, default=0,
+      help="sample the teacher with N steps of its own scheduler (0 = no teacher row)")
+    a("--teacher_guidance", type=float, default=7.5, help="CFG scale of the teacher (diffusers' guidance_scale)")
+    # --- prompts and seeds
+    a("--prompts", default="", help="text file, one prompt per line (default: dipp's 8 built-in prompts)")
+    a("--max_prompts", type=int, default=0, help="use the first N prompts of the file (0 = all)")
+    a("--images_per_prompt", type=int, default=4, help="K images per prompt (seeds image_seed(seed, i, k))")
+    a("--seed", type=int, default=0, help="base seed of the initial noise, shared by every model")
+    # --- metrics and the weights of each scorer (hub id or local path)
+    a("--metrics", default="all", help=f"comma-separated subset of {','.join(METRICS)}")
+    a("--hps_version", default="v2.0", choices=tuple(HPS_FILES), help="HPS checkpoint; DI++ reports v2.0")
+    a("--imagereward_model", default="THUDM/ImageReward",
+      help="hub id or folder with ImageReward.pt + med_config.json")
+    a("--clip_model", default="openai/clip-vit-large-patch14",
+      help="OpenAI CLIP ViT-L/14 (aesthetic, clip, diversity, fd_teacher)")
+    a("--aesthetic_model", default="camenduru/improved-aesthetic-predictor",
+      help=f"hub id, folder or file: {AESTHETIC_FILE}")
+    a("--hps_model", default="xswu/HPSv2", help="hub id, folder or file: the HPS checkpoint of --hps_version")
+    a("--pickscore_model", default="yuvalkirstain/PickScore_v1", help="hub id or folder of the PickScore CLIPModel")
+    a("--pickscore_processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+      help="hub id or folder of PickScore's CLIP-H processor")
+    # --- machinery
+    a("--batch_size", type=int, default=8, help="images per generation / scoring batch")
+    a("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
+      help="as in dipp: frozen nets stored in it, autocast")
+    a("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:1 ...")
+    a("--output_dir", default="eval", help="images/, scores.jsonl, summary.json, table.md, grid.png")
+    a("--tiny", action="store_true",
+      help="tiny random teacher, generator and scorers of the real architectures (CPU, seconds)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Bad flags end here, before anything is loaded. Returns the metrics to compute."""
+    chosen = METRICS if args.metrics == "all" else tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    unknown = [m for m in chosen if m not in METRICS]
+    if unknown or not chosen:
+        die(f"unknown metric(s) {', '.join(unknown) or '(none given)'} in --metrics; choose from {','.join(METRICS)}")
+    for name in ("images_per_prompt", "batch_size"):
+        if getattr(args, name) < 1:
+            die(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2 ** 23 or args.images_per_prompt >= 2 ** 16:
+        die(f"--seed must be in [0, 2^23) and --images_per_prompt < 65536 (the layout of image_seed), "
+            f"got {args.seed} and {args.images_per_prompt}")
+    if args.teacher_steps < 0 or args.max_prompts < 0:
+        die("--teacher_steps and --max_prompts must be >= 0 (0 = no teacher / all prompts)")
+    if args.teacher_guidance < 1:
+        die(f"--teacher_guidance {args.teacher_guidance} < 1; use 1 (no CFG) or more (SD1.5 default 7.5)")
+    if not args.generator and not args.teacher_steps and not args.tiny:
+        die("nothing to evaluate: give --generator DIR (repeatable) and/or --teacher_steps N")
+    # Set metrics that cannot be computed: an error when asked for by name, a note when implied by 'all'
+    has_generator = bool(args.generator) or args.tiny
+    needs = {"diversity": (args.images_per_prompt >= 2, "--images_per_prompt >= 2"),
+             "fd_teacher": (args.teacher_steps > 0 and has_generator, "--teacher_steps N and a --generator")}
+    for metric, (possible, what) in needs.items():
+        if metric in chosen and not possible:
+            if args.metrics != "all":
+                die(f"--metrics {metric} needs {what}")
+            print(f"note: {metric} skipped (needs {what})")
+            chosen = tuple(m for m in chosen if m != metric)
+    return chosen
+
+# -----------------------------------------------------------------------------
+# 2. Weights: every scorer loads by hub id or local path; a missing one is one line
+
+
+def locate(name, files, flag, what, patterns=None):
+    """Paths of `files` in a local folder, or a local file given directly (single-file weights), or in
+    hub repo `name` (downloaded into the hub cache when online, read from it offline). Nothing large is
+    loaded here: main() calls this for every scorer before generating, so a missing file costs seconds."""
+    if os.path.isfile(name) and len(files) == 1:
+        return [name]
+    if os.path.isdir(name):
+        missing = [f for f in files if not os.path.isfile(os.path.join(name, f))]
+        if missing:
+            die(f"{flag} folder '{name}' lacks {', '.join(missing)} ({what})")
+        return [os.path.join(name, f) for f in files]
+    if name.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        die(f"{flag} '{name}' does not exist; give a hub id or a local path holding {', '.join(files)}")
+    from huggingface_hub import snapshot_download
+    fetch = f"huggingface-cli download {name} {' '.join(files)}"
+    try:
+        folder = snapshot_download(name, allow_patterns=patterns or files)
+    except Exception as e:  # offline, unknown repo, no network: the hub raises many kinds
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # the first sentence
+        die(f"cannot get {what} ({', '.join(files)}) of '{name}': {first[:160]}. On a machine with internet "
+            f"run `{fetch}` (it then loads from the hub cache), or pass {flag} PATH")
+    missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        die(f"the hub cache of '{name}' lacks {', '.join(missing)} ({what}); run `{fetch}` or pass {flag} PATH")
+    return [os.path.join(folder, f) for f in files]
+
+
+def import_imagereward():
+    """image-reward imports OpenAI's `clip` package but never uses it for ImageReward: an empty stand-in
+    module does (the same shim dipp.load_reward applies)."""
+    sys.modules.setdefault("clip", type(sys)("clip"))
+    import ImageReward
+    return ImageReward
+
+
+def import_open_clip():
+    """open_clip 2.32 calls torch.jit.script at import, which torch 2.14 deprecates with a FutureWarning on
+    stderr; the warning is harmless and not the user's to act on."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import open_clip
+    return open_clip
+
+
+def require(metric):
+    """A scorer whose package is missing says which one to install."""
+    module, package = PACKAGES[metric]
+    try:
+        import_imagereward() if metric == "imagereward" else import_open_clip()
+    except ImportError:
+        die(f"--metrics {metric} needs the Python package {package}: pip install {package} "
+            f"(or leave {metric} out of --metrics)")
+
+
+def locate_all(args, metrics):
+    """Fail fast: find (or fetch) every scorer's files before a single image is generated."""
+    found = {}
+    hf_model = ["config.json"]  # a transformers CLIPModel folder; its weights are resolved by from_pretrained
+    processor = ["preprocessor_config.json", "tokenizer_config.json"]
+    small = ["*.json", "*.txt"]
+    if "imagereward" in metrics:
+        require("imagereward")
+        if not args.tiny:  # (--tiny builds its ImageReward in-process, see §6)
+            ir = locate(args.imagereward_model, ["ImageReward.pt", "med_config.json"], "--imagereward_model",
+                        "the ImageReward weights")
+            found["imagereward"] = os.path.dirname(ir[0])
+            locate("bert-base-uncased", ["vocab.txt"], "(ImageReward's BLIP tokenizer)",
+                   "the BERT tokenizer ImageReward's BLIP uses",
+                   ["vocab.txt", "tokenizer_config.json", "config.json"])
+    # transformers models: checked here, then loaded by name, so from_pretrained fetches the weights themselves
+    if set(metrics) & set(CLIP_L_METRICS):
+        locate(args.clip_model, hf_model + processor, "--clip_model", "OpenAI CLIP ViT-L/14", small)
+        found["clip"] = args.clip_model
+    if "aesthetic" in metrics:
+        found["aesthetic"] = locate(args.aesthetic_model, [AESTHETIC_FILE], "--aesthetic_model",
+                                    "the LAION aesthetic predictor v2 head")[0]
+    if "hps" in metrics:
+        require("hps")
+        hps_file = HPS_FILES[args.hps_version]
+        other = [f for v, f in HPS_FILES.items() if v != args.hps_version][0]
+        if os.path.basename(args.hps_model) == other:
+            die(f"--hps_model '{args.hps_model}' is the {other} checkpoint but --hps_version is {args.hps_version}; "
+                "the two versions are not comparable, pick one")
+        found["hps"] = locate(args.hps_model, [hps_file], "--hps_model", f"the HPS {args.hps_version} checkpoint")[0]
+    if "pickscore" in metrics:
+        locate(args.pickscore_model, hf_model, "--pickscore_model", "the PickScore v1 model", small)
+        locate(args.pickscore_processor, processor, "--pickscore_processor", "PickScore's CLIP-H processor", small)
+        found["pickscore"], found["pickscore_processor"] = args.pickscore_model, args.pickscore_processor
+    return found
+
+
+def from_pretrained(cls, name, what):
+    """A transformers from_pretrained (hub id or folder) whose failure, e.g. weights not downloaded, is one line."""
+    try:
+        return cls.from_pretrained(name)
+    except (OSError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        die(f"cannot load {what} from '{name}' ({first[:200]}); on a machine with internet run "
+            f"`huggingface-cli download {name}`, or pass a complete local folder")
+
+
+def load_checkpoint_file(path, what):
+    """torch.load restricted to tensors and plain containers (weights_only): a published checkpoint needs no
+    more, and a pickle that wants to run code is refused with one line instead of a traceback."""
+    import pickle
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        die(f"cannot read '{path}' as {what} with torch.load(weights_only=True): "
+            f"{str(e).strip().splitlines()[0][:160]}")
+
+# -----------------------------------------------------------------------------
+# 3. Sampling: the same z for every model; one-step generators as dipp, the teacher as diffusers
+
+
+def image_seed(seed, i, k):
+    """Seed of image k of prompt i. It depends on nothing else, so every model gets the same z, and a
+    run on the first 1,000 COCO prompts draws the same noise as those prompts in a 30k run."""
+    assert i < 2 ** 24 and k < 2 ** 16 and 0 <= seed < 2 ** 23, "seed layout: seed·2⁴⁰ + i·2¹⁶ + k"
+    return seed * 2 ** 40 + i * 2 ** 16 + k
+
+
+def initial_noise(seeds, latent_shape):
+    """z ~ N(0, I), drawn on the CPU from each image's own generator, so images depend neither on the batch
+    nor on the device. The generators are returned too: a stochastic sampler (e.g. DDPM's ancestral steps)
+    continues each image's own stream after z, so it is as reproducible as the deterministic ones."""
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return torch.stack([torch.randn(latent_shape, generator=g) for g in generators]), generators  # (B, 4, h, w)
+
+
+@torch.no_grad()
+def one_step_images(G, sd, prompts, z, ctx):
+    """dipp's one-step sample decode(g_θ(z, c)), mapped to [0, 1] as diffusers' postprocess does."""
+    with ctx:
+        x0 = G(z, dipp.encode_prompts(sd["tokenizer"], sd["text_encoder"], prompts))  # (B, 4, h, w)
+    return (dipp.decode(sd["vae"], x0).clamp(-1, 1) + 1) / 2  # (B, 3, H, W) in [0, 1]
+
+
+def teacher_pipeline(name, sd):
+    """The stock StableDiffusionPipeline on the loaded teacher, with the folder's own scheduler class
+    (PNDM for SD1.5) rather than dipp's DDPM, exactly as `from_pretrained(name)` would build it."""
+    import diffusers
+    config = diffusers.DDPMScheduler.load_config(name, subfolder="scheduler")
+    scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+    pipe = diffusers.StableDiffusionPipeline(**sd, scheduler=scheduler, safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def teacher_images(pipe, sd, prompts, z, generators, steps, guidance, ctx):
+    """N-step CFG sampling by the stock pipeline from the given z (negative prompt "", as its default).
+    The pipeline stops at the latent and dipp.decode turns it into pixels: the same math as the pipeline's
+    own decode + postprocess (the tests check it), but with the VAE kept out of fp16 autocast, as dipp does."""
+    with ctx:
+        latents = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=z.to(sd["unet"].dtype),
+                       generator=generators, output_type="latent").images  # (B, 4, h, w)
+    return (dipp.decode(sd["vae"], latents).clamp(-1, 1) + 1) / 2  # (B, 3, H, W) in [0, 1]
+
+
+def synchronize(device):  # honest timings on a GPU: wait for the queued kernels
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(model, sample, prompts, args, latent_shape, device):
+    """Sample K images per prompt with `sample(prompts, z, generators) -> [0, 1] images`, write them as PNGs (8-bit,
+    as diffusers' numpy_to_pil rounds) and return one record per image. Records are prompt-major."""
+    from PIL import Image
+    from tqdm import tqdm
+    K, folder = args.images_per_prompt, os.path.join(args.output_dir, "images", model["slug"])
+    os.makedirs(folder, exist_ok=True)
+    jobs = [(i, k) for i in range(len(prompts)) for k in range(K)]
+    records, seconds, preview = [], 0.0, {}
+    for start in tqdm(range(0, len(jobs), args.batch_size), desc=f"generate {model['slug']}", dynamic_ncols=True):
+        batch = jobs[start:start + args.batch_size]
+        seeds = [image_seed(args.seed, i, k) for i, k in batch]
+        z, generators = initial_noise(seeds, latent_shape)
+        synchronize(device)
+        t0 = time.perf_counter()
+        images = sample([prompts[i] for i, _ in batch], z.to(device), generators)
+        synchronize(device)
+        seconds += time.perf_counter() - t0
+        pixels = (images.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        for (i, k), seed, pix in zip(batch, seeds, pixels):
+            path = os.path.join("images", model["slug"], f"{i:05d}_{k:02d}.png")
+            Image.fromarray(pix).save(os.path.join(args.output_dir, path))
+            records.append({"prompt_index": i, "image_index": k, "seed": seed, "image": path})
+            if k == 0 and i < 8:
+                preview[i] = pix  # (H, W, 3) uint8, for the comparison grid
+    model.update(records=records, preview=preview, generation_images_per_s=len(jobs) / max(seconds, 1e-9))
+    return model
+
+
+def generate_all(args, prompts, device, ctx, dtype):
+    """Teacher (if asked) then each generator, one at a time; the SD components are loaded once."""
+    with dipp_errors():
+        unet, vae, text_encoder, tokenizer, schedule = dipp.load_sd(args.pretrained_model_name_or_path, device, dtype)
+    sd = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    models = []
+    if args.teacher_steps:
+        pipe = teacher_pipeline(args.pretrained_model_name_or_path, sd)
+        name = f"teacher: {args.teacher_steps} steps, CFG {args.teacher_guidance:g} ({type(pipe.scheduler).__name__})"
+        def sample(p, z, gens):
+            return teacher_images(pipe, sd, p, z, gens, args.teacher_steps, args.teacher_guidance, ctx)
+        model = {"slug": "teacher", "name": name, "kind": "teacher", "source": args.pretrained_model_name_or_path}
+        models.append(generate(model, sample, prompts, args, latent_shape, device))
+    slugs = {"teacher"}
+    for folder in args.generator:
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            die(f"--generator '{folder}' is not a generator folder (no config.json); give the generator/ "
+                "folder that dipp.py writes at the end of training")
+        t_star = args.generator_timestep
+        if os.path.isfile(os.path.join(folder, "dipp.json")):
+            t_star = json.load(open(os.path.join(folder, "dipp.json")))["generator_timestep"]
+        cfg = dipp.Config(generator_init=folder, generator_timestep=t_star, mixed_precision=args.mixed_precision)
+        with dipp_errors():
+            dipp.check_config(cfg, schedule.T)
+            G = dipp.build_generator(cfg, unet, schedule, device).eval().requires_grad_(False)
+        parts = os.path.normpath(os.path.abspath(folder)).split(os.sep)[-2:]  # runs/a/generator -> a_generator
+        slug = re.sub(r"[^\w.-]+", "_", "_".join(parts))
+        while slug in slugs:
+            slug += "_"
+        slugs.add(slug)
+        def sample(p, z, gens, G=G):  # one step: no sampler noise, gens unused
+            return one_step_images(G, sd, p, z, ctx)
+        model = {"slug": slug, "name": f"{folder} (one step, t*={t_star})", "kind": "generator", "source": folder,
+                 "generator_timestep": t_star}
+        models.append(generate(model, sample, prompts, args, latent_shape, device))
+        del G, sample  # free this UNet before the next generator is loaded
+    return models
+
+# -----------------------------------------------------------------------------
+# 4. Scorers. Each maps (PIL images, prompts) -> {metric: (B,) tensor}, with the scorer's own preprocessing
+#    on the PIL image as its authors run it. All scores are fp32 on the CPU.
+
+CLIP_MEAN, CLIP_STD = dipp.CLIP_MEAN, dipp.CLIP_STD  # OpenAI CLIP's, used by every scorer here
+
+
+class ImageRewardScorer:
+    """ImageReward's `score()` batched: the package's own PIL preprocess and its batched `score_gard`
+    (BLIP ViT-L → BERT cross-attention → MLP, normalised), prompt cut to 35 tokens as `score()` does."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        m = self.model
+        param = next(m.parameters())
+        pixels = torch.stack([m.preprocess(im) for im in images]).to(param.device, param.dtype)  # (B, 3, 224, 224)
+        text = m.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
+                                return_tensors="pt").to(param.device)
+        return {"imagereward": m.score_gard(text.input_ids, text.attention_mask, pixels).float().cpu()[:, 0]}
+
+
+def load_imagereward(folder, device, dtype):
+    """The very model dipp trains against, through dipp.load_reward (ImageReward.pt + med_config.json)."""
+    with dipp_errors():
+        reward = dipp.load_reward(dipp.Config(reward="imagereward", reward_model_path=folder), device, dtype)
+    return ImageRewardScorer(reward.model)
+
+
+class AestheticHead(torch.nn.Module):
+    """LAION aesthetic predictor v2 (christophschuhmann/improved-aesthetic-predictor, `MLP`), layer for
+    layer: 768→1024→128→64→16→1 with *no* activations (the 'linear' in linearMSE: one affine map kept
+    in its trained factorisation) and Dropouts at indices 1, 3, 5, so that the keys layers.0/2/4/6/7
+    of sac+logos+ava1-l14-linearMSE.pth load unchanged. Input: an L2-normalised CLIP ViT-L/14 embedding."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.layers = nn.Sequential(nn.Linear(768, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+    def forward(self, embedding):
+        return self.layers(embedding)  # (B, 1)
+
+
+def load_aesthetic_head(path):
+    head = AestheticHead()
+    state = load_checkpoint_file(path, "the aesthetic head")
+    try:
+        head.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError):
+        die(f"'{path}' is not the aesthetic predictor's state dict (expected layers.0/2/4/6/7 .weight/.bias "
+            f"of a 768→1024→128→64→16→1 MLP); use {AESTHETIC_FILE}")
+    return head.eval()
+
+
+class ClipLScorer:
+    """OpenAI CLIP ViT-L/14 (transformers), one pass for four metrics. Its processor is CLIP's own recipe
+    (shorter side to 224 bicubic, centre crop, normalise), as the aesthetic predictor and torchmetrics use.
+      embedding: e = f_img / ‖f_img‖ (768-d); aesthetic = head(e) (only with the real ViT-L/14 is this
+      meaningful); clip = 100 · max(cos(e, f_txt), 0), torchmetrics' CLIPScore convention."""
+
+    def __init__(self, model, processor, head=None):
+        self.model, self.processor, self.head = model, processor, head
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        m = self.model
+        pixels = self.processor(images=images, return_tensors="pt").pixel_values  # (B, 3, 224, 224)
+        text = self.processor(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        e = m.get_image_features(pixel_values=pixels.to(m.device, m.dtype)).float()  # (B, 768)
+        e = F.normalize(e, dim=-1).cpu()
+        t = F.normalize(m.get_text_features(**text.to(m.device)).float(), dim=-1).cpu()  # (B, 768)
+        out = {"embedding": e, "clip": 100 * (e * t).sum(-1).clamp_min(0)}
+        if self.head is not None:
+            out["aesthetic"] = self.head(e)[:, 0]
+        return out
+
+
+def load_clip_l(folder, aesthetic_path, device, dtype):
+    from transformers import CLIPModel, CLIPProcessor
+    model = from_pretrained(CLIPModel, folder, "CLIP ViT-L/14")
+    if aesthetic_path and model.config.projection_dim != 768:
+        die(f"--clip_model '{folder}' embeds in {model.config.projection_dim}-d; the aesthetic head needs OpenAI "
+            "CLIP ViT-L/14 (768-d), any other CLIP gives meaningless numbers")
+    head = load_aesthetic_head(aesthetic_path) if aesthetic_path else None
+    processor = from_pretrained(CLIPProcessor, folder, "the CLIP ViT-L/14 processor")
+    return ClipLScorer(dipp.freeze(model, device, dtype), processor, head)
+
+
+def hps_preprocess(image, size=224):
+    """HPSv2's evaluation transform (hpsv2/src/open_clip/transform.py, `light_augmentation=True`):
+    ToTensor, then ResizeMaxSize on the *tensor* (longest side to `size`, bicubic with torchvision's default
+    antialias; NOTE: torchvision < 0.17, current when HPSv2 was published, did not antialias tensors),
+    pad the short side with 0 to a square (centred, the odd pixel right/bottom), normalise
+    with CLIP's mean/std. No centre crop: the whole image is scored. (HPSv2 skips the pad when no resize
+    is needed; we always pad, which only differs for a non-square image whose long side is exactly 224.)"""
+    import torchvision.transforms.functional as TF
+    x = TF.to_tensor(image.convert("RGB"))  # (3, H, W) in [0, 1]
+    H, W = x.shape[-2:]
+    scale = size / max(H, W)
+    if scale != 1.0:
+        x = TF.resize(x, [round(H * scale), round(W * scale)], TF.InterpolationMode.BICUBIC)
+    pad_h, pad_w = size - x.shape[-2], size - x.shape[-1]
+    x = TF.pad(x, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)  # (3, size, size)
+    return TF.normalize(x, CLIP_MEAN, CLIP_STD)
+
+
+class HPSScorer:
+    """HPS v2: open_clip ViT-H-14 fine-tuned on human preferences; score = 100 · cos(image, text), the
+    ×100 of the published tables applied to what hpsv2's `score()` returns (image_features @ text_features.T
+    of normalised features, no logit scale)."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        param = next(self.model.parameters())
+        pixels = torch.stack([hps_preprocess(im) for im in images]).to(param.device, param.dtype)  # (B, 3, 224, 224)
+        text = self.tokenizer(prompts).to(param.device)  # (B, 77)
+        e = self.model.encode_image(pixels, normalize=True).float()  # (B, 1024)
+        t = self.model.encode_text(text, normalize=True).float()  # (B, 1024)
+        return {"hps": 100 * (e * t).sum(-1).cpu()}
+
+
+def load_hps(path, arch, device, dtype):
+    """open_clip's own ViT-H-14 (open-clip-torch 2.x, the line that co-installs with image-reward's timm
+    pin), then the HPS checkpoint's `state_dict` (strict: every key must fit)."""
+    open_clip = import_open_clip()
+    model = open_clip.create_model(arch)
+    checkpoint = load_checkpoint_file(path, "an HPS checkpoint")
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        die(f"'{path}' has no 'state_dict' entry, so it is not an HPS checkpoint; get "
+            f"{' or '.join(HPS_FILES.values())} from the hub repo xswu/HPSv2")
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as e:
+        die(f"'{path}' does not fit open_clip {arch}: {str(e).splitlines()[0][:160]}")
+    return HPSScorer(dipp.freeze(model, device, dtype), open_clip.get_tokenizer(arch))
+
+
+class PickScoreScorer:
+    """PickScore v1 as its model card computes it: CLIP-H processor, normalised embeddings,
+    score = logit_scale.exp() · cos(image, text) (≈ 21-23 for SD images; some tables print it ÷ 100)."""
+
+    def __init__(self, model, processor):
+        self.model, self.processor = model, processor
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        m = self.model
+        pixels = self.processor(images=images, return_tensors="pt").pixel_values  # (B, 3, 224, 224)
+        text = self.processor(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        e = F.normalize(m.get_image_features(pixel_values=pixels.to(m.device, m.dtype)).float(), dim=-1)  # (B, D)
+        t = F.normalize(m.get_text_features(**text.to(m.device)).float(), dim=-1)  # (B, D)
+        return {"pickscore": (m.logit_scale.exp().float() * (e * t).sum(-1)).cpu()}
+
+
+def load_pickscore(model_folder, processor_folder, device, dtype):
+    from transformers import CLIPModel, CLIPProcessor
+    model = from_pretrained(CLIPModel, model_folder, "the PickScore v1 model")
+    return PickScoreScorer(dipp.freeze(model, device, dtype), from_pretrained(CLIPProcessor, processor_folder,
+                                                                             "PickScore's CLIP-H processor"))
+
+
+def score_images(scorer, model, prompts, args):
+    """Run one scorer over one model's PNGs; returns {key: tensor over images, in record order}."""
+    from PIL import Image
+    from tqdm import tqdm
+    records, out = model["records"], {}
+    for start in tqdm(range(0, len(records), args.batch_size), desc=f"  {model['slug']}", dynamic_ncols=True,
+                      leave=False):
+        batch = records[start:start + args.batch_size]
+        images = [Image.open(os.path.join(args.output_dir, r["image"])).convert("RGB") for r in batch]
+        for key, value in scorer(images, [prompts[r["prompt_index"]] for r in batch]).items():
+            out.setdefault(key, []).append(value)
+    return {key: torch.cat(values) for key, values in out.items()}
+
+
+def score_all(models, metrics, weights, prompts, args, device, dtype, tiny_scorers=None):
+    """One scorer in memory at a time; each runs over every model's images. Returns the per-image values
+    (model slug -> key -> tensor) and the scoring speed of each scorer (images/s, PNG loading included)."""
+    loaders = {  # scorer -> (metrics it serves, how to build it)
+        "imagereward": (("imagereward",), lambda: load_imagereward(weights.get("imagereward"), device, dtype)),
+        "clip_l": (CLIP_L_METRICS, lambda: load_clip_l(weights["clip"], weights.get("aesthetic"), device, dtype)),
+        "hps": (("hps",), lambda: load_hps(weights["hps"], weights.get("hps_arch", "ViT-H-14"), device, dtype)),
+        "pickscore": (("pickscore",), lambda: load_pickscore(weights["pickscore"], weights["pickscore_processor"],
+                                                             device, dtype)),
+    }
+    values, speed = {m["slug"]: {} for m in models}, {}
+    for name, (serves, load) in loaders.items():
+        if not set(serves) & set(metrics):
+            continue
+        scorer = (tiny_scorers or {}).get(name) or load()
+        print(f"scoring with {name} ({', '.join(m for m in serves if m in metrics)})")
+        synchronize(device)
+        t0, n = time.perf_counter(), 0
+        for model in models:
+            values[model["slug"]].update(score_images(scorer, model, prompts, args))
+            n += len(model["records"])
+        synchronize(device)
+        speed[name] = n / max(time.perf_counter() - t0, 1e-9)
+        del scorer
+    return values, speed
+
+# -----------------------------------------------------------------------------
+# 5. Set metrics: diversity within a prompt, Fréchet distance to the teacher
+
+
+def pairwise_diversity(embeddings):
+    """Mean pairwise cosine distance between the K image embeddings of one prompt (K, D):
+        div = 1/(K(K−1)) Σ_{j≠l} (1 − ⟨e_j, e_l⟩ / (‖e_j‖ ‖e_l‖))
+    0 when all K seeds give the same image (mode collapse); a CLIP-space stand-in for DMD2's pairwise
+    LPIPS that needs no extra network (LPIPS downloads its backbone weights at run time)."""
+    e = F.normalize(embeddings.double(), dim=-1)  # (K, D), float64 so identical images give exactly ~0
+    K = e.shape[0]
+    distance = 1 - e @ e.T  # (K, K)
+    return (distance.sum() - distance.diagonal().sum()) / (K * (K - 1))
+
+
+def gaussian_stats(features):
+    """Mean and unbiased covariance (as FID implementations use) of features (n, D), in float64."""
+    x = features.double()
+    mu = x.mean(0)
+    xc = x - mu
+    return mu, xc.T @ xc / max(x.shape[0] - 1, 1)
+
+
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """Fréchet (2-Wasserstein²) distance between N(μ1, Σ1) and N(μ2, Σ2), the formula of FID:
+        FD = ‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)
+    Tr (Σ1Σ2)^½ = Σ_i √λ_i with λ_i the eigenvalues of Σ1^½ Σ2 Σ1^½ (symmetric PSD, same spectrum as
+    Σ1Σ2), so two float64 eigendecompositions replace scipy's sqrtm and its complex round-off."""
+    w, V = torch.linalg.eigh(cov1)
+    sqrt1 = (V * w.clamp_min(0).sqrt()) @ V.T  # Σ1^½
+    M = sqrt1 @ cov2 @ sqrt1
+    tr_covmean = torch.linalg.eigvalsh((M + M.T) / 2).clamp_min(0).sqrt().sum()
+    return ((mu1 - mu2) ** 2).sum() + cov1.trace() + cov2.trace() - 2 * tr_covmean
+
+# -----------------------------------------------------------------------------
+# 6. (optional) --tiny: random-weight stand-ins of the real architectures, built in seconds
+
+
+TINY_HPS_ARCH = "tiny-ViT-H-14"  # an open_clip model config registered at run time (same CLIP class)
+
+
+def build_tiny(folder, hps_version="v2.0", seed=0):
+    """Writes, under `folder`: dipp's tiny SD (random_weights.build_random, identical to `dipp.py --tiny`'s),
+    the untrained one-step generator (the teacher UNet at t* = 999, dipp's initialisation) and small
+    scorers in their real file formats, which then load through the real loaders: transformers CLIPModel +
+    CLIPProcessor folders (ViT-L/14 and PickScore stand-ins, 768-d projection for the aesthetic head), the
+    aesthetic state dict, an open_clip CLIP in an HPS-style {'state_dict': ...} checkpoint. ImageReward is
+    built in-process (tiny_imagereward). Returns (SD folder, generator folder, weights)."""
+    open_clip = import_open_clip()
+    from diffusers import UNet2DConditionModel
+    from random_weights import build_random
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    sd, _ = build_random(folder, "tiny", seed)
+    generator = os.path.join(folder, "generator")
+    UNet2DConditionModel.from_pretrained(sd, subfolder="unet").save_pretrained(generator)
+    json.dump({"generator_timestep": 999}, open(os.path.join(generator, "dipp.json"), "w"))
+    scorers = os.path.join(folder, "scorers")
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer")  # dipp's byte-level tiny tokenizer
+    processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 224}, crop_size=224), tokenizer)
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=1000,
+                max_position_embeddings=77)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=224,
+                  patch_size=32)
+    # logit_scale starts at ln 100, where CLIP's training clamps it, as a fine-tuned PickScore sits
+    for name, dim in (("clip-l", 768), ("pickscore", 32)):
+        CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=dim,
+                             logit_scale_init_value=math.log(100))).save_pretrained(os.path.join(scorers, name))
+        processor.save_pretrained(os.path.join(scorers, name))
+    torch.save(AestheticHead().state_dict(), os.path.join(scorers, AESTHETIC_FILE))
+    # HPS: the ViT-H-14 config shrunk (open_clip's CLIP class and its real BPE tokenizer, vocab 49408)
+    config = dict(embed_dim=32, vision_cfg=dict(image_size=224, layers=2, width=64, head_width=32, patch_size=32),
+                  text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
+    json.dump(config, open(os.path.join(scorers, f"{TINY_HPS_ARCH}.json"), "w"))
+    open_clip.add_model_config(os.path.join(scorers, f"{TINY_HPS_ARCH}.json"))
+    torch.save({"state_dict": open_clip.create_model(TINY_HPS_ARCH).state_dict()},
+               os.path.join(scorers, HPS_FILES[hps_version]))
+    weights = dict(clip_model=os.path.join(scorers, "clip-l"), aesthetic_model=os.path.join(scorers, AESTHETIC_FILE),
+                   hps_model=os.path.join(scorers, HPS_FILES[hps_version]),
+                   pickscore_model=os.path.join(scorers, "pickscore"),
+                   pickscore_processor=os.path.join(scorers, "pickscore"))
+    return sd, generator, weights
+
+
+def tiny_imagereward(folder, device="cpu", seed=0):
+    """ImageReward's own classes with a small vision tower. The package hard-codes BLIP's ViT-L (the whole
+    model is 447M parameters, ~5 s and 2.2 GB to build), so we swap the two names blip_pretrain imported (create_vit,
+    init_tokenizer) for a 2-block ViT of the package's own VisionTransformer and a BertTokenizer on a
+    letter vocabulary (every word splits into letters, so the prompt matters), build, and restore them.
+    BERT keeps hidden size 768, which ImageReward's MLP(768) requires. The head (std 0.05) and BERT's
+    cross-attention to the image (std 0.1) are re-drawn larger than their inits (1/769, 0.02), with which
+    every random-model score is nearly the same number whatever the image."""
+    RM = import_imagereward()
+    from ImageReward.models.BLIP import blip_pretrain, vit
+    from transformers import BertTokenizer
+    os.makedirs(folder, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + letters + ["##" + c for c in letters]
+    open(os.path.join(folder, "vocab.txt"), "w").write("\n".join(vocab) + "\n")
+    med = dict(architectures=["BertModel"], attention_probs_dropout_prob=0.1, hidden_act="gelu",
+               hidden_dropout_prob=0.1, hidden_size=768, initializer_range=0.02, intermediate_size=256,
+               layer_norm_eps=1e-12, max_position_embeddings=512, model_type="bert", num_attention_heads=12,
+               num_hidden_layers=1, pad_token_id=0, type_vocab_size=2, vocab_size=len(vocab) + 2,
+               encoder_width=64, add_cross_attention=True)  # vocab + [DEC] + [ENC]
+    json.dump(med, open(os.path.join(folder, "med_config.json"), "w"))
+
+    def tiny_vit(*args, **kwargs):
+        return vit.VisionTransformer(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2), 64
+
+    def tokenizer():  # what blip.init_tokenizer does to bert-base-uncased, on the letter vocabulary
+        tok = BertTokenizer(os.path.join(folder, "vocab.txt"))
+        tok.add_special_tokens({"bos_token": "[DEC]"})
+        tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+        tok.enc_token_id = tok.additional_special_tokens_ids[0]
+        return tok
+
+    originals = blip_pretrain.create_vit, blip_pretrain.init_tokenizer
+    blip_pretrain.create_vit, blip_pretrain.init_tokenizer = tiny_vit, tokenizer
+    try:
+        torch.manual_seed(seed)
+        model = RM.ImageReward(med_config=os.path.join(folder, "med_config.json"), device=device)
+    finally:
+        blip_pretrain.create_vit, blip_pretrain.init_tokenizer = originals
+    for p in model.mlp.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    for name, p in model.blip.text_encoder.named_parameters():
+        if ".crossattention." in name and name.endswith("weight") and "LayerNorm" not in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model.to(device).eval().requires_grad_(False)
+
+# -----------------------------------------------------------------------------
+# 7. Statistics and reports
+
+
+def mean_ci(per_prompt):
+    """Mean and the half-width of its 95 % confidence interval, 1.96 · s / √P, over per-prompt values
+    (the K images of a prompt are not independent, so the prompt is the unit)."""
+    v = per_prompt.double()
+    half = 1.96 * v.std(unbiased=True).item() / math.sqrt(len(v)) if len(v) > 1 else None  # None: one prompt
+    return {"mean": v.mean().item(), "ci95": half, "n_prompts": len(v)}
+
+
+def header(metric, args):
+    """Column titles carry the convention, so a number is never read on the wrong scale."""
+    return {"imagereward": "ImageReward v1.0",
+            "aesthetic": "Aesthetic v2 (CLIP-L/14 MLP)",
+            "hps": f"HPS {args.hps_version} (100·cos)",
+            "pickscore": "PickScore v1 (logit_scale·cos)",
+            "clip": "CLIP score (ViT-L/14, 100·max(cos,0))",
+            "diversity": f"diversity (1−cos CLIP-L/14, K={args.images_per_prompt})",
+            "fd_teacher": "FD to teacher (CLIP-L/14)"}[metric]
+
+
+CONVENTIONS = """\
+- ImageReward: THUDM ImageReward v1.0 (BLIP ViT-L/16 + BERT, prompt cut to 35 tokens), the package's own
+  preprocessing; score = (MLP − 0.16717) / 1.03334 as `ImageReward.score()` returns it.
+- Aesthetic: LAION aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE.pth, linear MLP
+  768→1024→128→64→16→1) on the L2-normalised OpenAI CLIP ViT-L/14 image embedding.
+- HPS {hps}: open_clip ViT-H-14 with xswu/HPSv2 `{hps_file}`; longest side to 224 (bicubic) + zero pad;
+  100 × cosine of normalised embeddings, no logit scale. v2.0 and v2.1 are not comparable (DI++ reports v2.0).
+- PickScore: yuvalkirstain/PickScore_v1 with the laion CLIP-ViT-H-14 processor; logit_scale · cosine
+  (≈21–23; tables such as SIM's print it ÷ 100, e.g. 0.217).
+- CLIP score: OpenAI CLIP ViT-L/14 (transformers), 100 · max(cosine, 0), torchmetrics' CLIPScore.
+- diversity: per prompt, mean pairwise cosine distance (1 − cos) between the CLIP ViT-L/14 embeddings of
+  its K images; 0 = mode collapse.
+- FD to teacher: Fréchet distance between the normalised CLIP ViT-L/14 embeddings of the model's and the
+  teacher's images (same prompts and seeds); biased upward when there are fewer images than dimensions
+  (768), so compare runs only at equal image counts. One number per model, no interval.
+- ± is the 95 % confidence interval of the mean, 1.96 · s / √P over the P per-prompt means.
+"""
+
+
+def summarise(models, values, metrics, args):
+    """Per metric and model: mean and 95 % CI over prompts (set metrics included)."""
+    P, K = len(models[0]["records"]) // args.images_per_prompt, args.images_per_prompt
+    teacher = next((m for m in models if m["kind"] == "teacher"), None)
+    for model in models:
+        v, stats = values[model["slug"]], {}
+        for metric in ("imagereward", "aesthetic", "hps", "pickscore", "clip"):
+            if metric in metrics:
+                stats[metric] = mean_ci(v[metric].view(P, K).mean(1))
+        if "diversity" in metrics:
+            per_prompt = v["embedding"].view(P, K, -1)  # (P, K, 768)
+            model["diversity_per_prompt"] = torch.stack([pairwise_diversity(e) for e in per_prompt])  # (P,)
+            stats["diversity"] = mean_ci(model["diversity_per_prompt"])
+        if "fd_teacher" in metrics and teacher is not None and model is not teacher:
+            reference = gaussian_stats(values["teacher"]["embedding"])
+            fd = frechet_distance(*gaussian_stats(v["embedding"]), *reference)
+            stats["fd_teacher"] = {"mean": fd.item(), "ci95": None, "n_images": len(v["embedding"])}
+        model["stats"] = stats
+
+
+def write_reports(models, values, metrics, prompts, args, command, speed):
+    out = args.output_dir
+    with open(os.path.join(out, "prompts.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(prompts) + "\n")
+    with open(os.path.join(out, "scores.jsonl"), "w") as f:  # one line per image and metric (diversity: per prompt)
+        for model in models:
+            for metric in (m for m in metrics if m not in ("diversity", "fd_teacher")):
+                for r, value in zip(model["records"], values[model["slug"]][metric].tolist()):
+                    f.write(json.dumps({"model": model["slug"], "metric": metric, "value": value, **r}) + "\n")
+            for i, value in enumerate(model.get("diversity_per_prompt", torch.empty(0)).tolist()):
+                line = {"model": model["slug"], "metric": "diversity", "value": value, "prompt_index": i}
+                f.write(json.dumps(line) + "\n")
+    summary = {"command": command, "config": vars(args), "prompts": len(prompts),
+               "images_per_prompt": args.images_per_prompt,
+               "seed": args.seed, "hps_version": args.hps_version, "metrics": list(metrics),
+               "headers": {m: header(m, args) for m in metrics},
+               "scoring_images_per_s": {k: round(v, 3) for k, v in speed.items()},
+               "models": {m["slug"]: {"name": m["name"], "kind": m["kind"], "source": m["source"],
+                                      "generation_images_per_s": round(m["generation_images_per_s"], 3),
+                                      "metrics": m["stats"]} for m in models}}
+    json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
+
+    def cell(s):
+        if s is None:
+            return "—"
+        return f"{s['mean']:.4g}" if s["ci95"] is None else f"{s['mean']:.4g} ± {s['ci95']:.2g}"
+
+    lines = [f"# Evaluation: {len(prompts)} prompts × {args.images_per_prompt} images, seed {args.seed}", "",
+             f"Command: `{command}`", "",
+             "| model | " + " | ".join(header(m, args) for m in metrics) + " |",
+             "|---" * (len(metrics) + 1) + "|"]
+    lines += [f"| {m['name']} | " + " | ".join(cell(m["stats"].get(k)) for k in metrics) + " |" for m in models]
+    if args.tiny:
+        lines += ["", "(--tiny: teacher, generator and every scorer are random-weight stand-ins; the values mean "
+                      "nothing, the layout and the code path are the point.)"]
+    lines += ["", "Conventions:",
+              CONVENTIONS.format(hps=args.hps_version, hps_file=HPS_FILES[args.hps_version]),
+              "Speed on this machine (images/s): generation " +
+              ", ".join(f"{m['slug']} {m['generation_images_per_s']:.3g}" for m in models) +
+              "; scoring " + ", ".join(f"{k} {v:.3g}" for k, v in speed.items()) + "."]
+    table = "\n".join(lines) + "\n"
+    open(os.path.join(out, "table.md"), "w").write(table)
+    save_comparison_grid(models, prompts, os.path.join(out, "grid.png"))
+    return table
+
+
+def save_comparison_grid(models, prompts, path, tile=128):
+    """One row per model, one column per prompt (its first image, k = 0): same prompts, same seeds."""
+    from PIL import Image, ImageDraw
+    columns = sorted(models[0]["preview"])
+    label_w, head_h = 240, 30
+    grid = Image.new("RGB", (label_w + tile * len(columns), head_h + tile * len(models)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, i in enumerate(columns):
+        draw.text((label_w + c * tile + 2, 2), prompts[i][:22] + "\n" + prompts[i][22:44], fill="black")
+    for r, model in enumerate(models):
+        draw.text((4, head_h + r * tile + 4), "\n".join(re.findall(".{1,34}", model["name"])), fill="black")
+        for c, i in enumerate(columns):
+            pic = Image.fromarray(model["preview"][i]).resize((tile, tile), Image.NEAREST)
+            grid.paste(pic, (label_w + c * tile, head_h + r * tile))
+    grid.save(path)
+
+# -----------------------------------------------------------------------------
+# 8. main
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    metrics = check_args(args)
+    device = dipp.pick_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
+    threads = torch.get_num_threads()
+    if args.tiny and device.type == "cpu":
+        # Tiny models are far too small for intra-op threads: on a shared CPU their OpenMP workers mostly
+        # spin (the --tiny run took 9 s with 1 thread, 29-46 s with 2, on this project's busy 2-core machine)
+        torch.set_num_threads(1)
+    try:
+        return run(args, metrics, device, "python evaluate.py " + shlex.join(argv))
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
+
+
+def run(args, metrics, device, command):
+    with dipp_errors():
+        ctx, dtype = dipp.precision(dipp.Config(mixed_precision=args.mixed_precision), device)
+        try:
+            prompts = dipp.load_prompts(args.prompts)
+        except UnicodeDecodeError:
+            die(f"--prompts file '{args.prompts}' is not UTF-8 text; convert it (iconv -t UTF-8 FILE)")
+    prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
+    if len(prompts) >= 2 ** 24:
+        die(f"{len(prompts)} prompts is more than image_seed's layout allows (2^24); use --max_prompts")
+    tiny_scorers, hps_arch = {}, "ViT-H-14"
+    if args.tiny:  # random stand-ins for everything, loaded by the same code as the real weights
+        sd, generator, tiny_weights = build_tiny(os.path.join(args.output_dir, "tiny"), args.hps_version, args.seed)
+        args.pretrained_model_name_or_path = sd
+        args.generator = args.generator or [generator]
+        vars(args).update(tiny_weights)
+        hps_arch = TINY_HPS_ARCH
+    weights = dict(locate_all(args, metrics), hps_arch=hps_arch)
+    if args.tiny and "imagereward" in metrics:
+        tiny_scorers["imagereward"] = ImageRewardScorer(dipp.freeze(
+            tiny_imagereward(os.path.join(args.output_dir, "tiny", "imagereward"), device), device, dtype))
+    os.makedirs(args.output_dir, exist_ok=True)
+    torch.manual_seed(args.seed)  # every image has its own generator; this pins anything else that is random
+    print(f"evaluating {len(prompts)} prompts × {args.images_per_prompt} images on {device}; "
+          f"metrics: {', '.join(metrics)}")
+    models = generate_all(args, prompts, device, ctx, dtype)
+    values, speed = score_all(models, metrics, weights, prompts, args, device, dtype, tiny_scorers)
+    summarise(models, values, metrics, args)
+    table = write_reports(models, values, metrics, prompts, args, command, speed)
+    print(table + f"wrote {args.output_dir}/: images/, scores.jsonl, summary.json, table.md, grid.png")
+    return {"models": models, "values": values, "speed": speed, "metrics": metrics}
+
+
+if __name__ == "__main__":
+    main()

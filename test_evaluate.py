@@ -1,0 +1,422 @@
+"""Tests for evaluate.py: each scorer against an independent computation (the package's own score(),
+open_clip's own encoders, a hand-written forward, a closed form, the stock diffusers pipeline), on tiny
+random models of the real architectures. CPU, offline.
+
+Run: pytest -q test_evaluate.py
+"""
+import functools
+import json
+import math
+import os
+import shlex
+import sys
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach the model hub
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest
+import torch
+
+import dipp
+import evaluate
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one intra-op thread than on two spinning on a shared CPU (as evaluate.main
+    does for --tiny); the thread count is restored for whatever runs next."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny():
+    """Tiny SD, generator and scorer files (evaluate.build_tiny), written once per test session."""
+    folder = tempfile.mkdtemp(prefix="dipp-test-eval-tiny-")
+    sd, generator, weights = evaluate.build_tiny(folder)
+    return dict(folder=folder, sd=sd, generator=generator, **weights)
+
+
+def readme_command():
+    """The `python evaluate.py --tiny ...` command exactly as README gives it."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    line = next(l for l in text.splitlines() if "python evaluate.py --tiny" in l)
+    return shlex.split(line[line.index("python evaluate.py --tiny"):].split("#")[0])[2:]
+
+
+@functools.lru_cache(maxsize=None)
+def readme_run():
+    """README's CPU command, run once into a temporary output_dir."""
+    argv = readme_command()
+    i = argv.index("--output_dir")
+    argv[i + 1] = tempfile.mkdtemp(prefix="dipp-test-eval-run-")
+    return argv[i + 1], argv, evaluate.main(argv)
+
+
+def pil(seed, size=(96, 96)):
+    """A smooth random RGB image (what a generator outputs looks more like this than like white noise)."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 6, generator=g), size=size[::-1], mode="bicubic",
+                                        align_corners=False).clamp(0, 1)
+    return Image.fromarray((x[0] * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+def png(out, record):
+    """A written image as an int tensor (H, W, 3) of its 8-bit values."""
+    import numpy as np
+    from PIL import Image
+    return torch.from_numpy(np.array(Image.open(os.path.join(out, record["image"])))).int()
+
+
+# ----------------------------------------------------------------------------- the whole command
+
+def test_readme_tiny_command_writes_the_table():
+    """README's --tiny command runs and writes K images per prompt per model, one scores.jsonl line per image
+    and per-image metric (+ one per prompt for diversity), summary.json, table.md with every convention in
+    the header and the command that produced it, and the comparison grid; every number is finite."""
+    out, argv, result = readme_run()
+    models, metrics = result["models"], result["metrics"]
+    K = int(argv[argv.index("--images_per_prompt") + 1])
+    P = len(dipp.BUILTIN_PROMPTS)
+    assert [m["kind"] for m in models] == ["teacher", "generator"] and metrics == evaluate.METRICS
+    for m in models:
+        assert len(os.listdir(os.path.join(out, "images", m["slug"]))) == P * K
+    lines = [json.loads(l) for l in open(os.path.join(out, "scores.jsonl"))]
+    assert len(lines) == len(models) * (P * K * 5 + P)  # 5 per-image metrics, diversity per prompt
+    assert all(math.isfinite(l["value"]) for l in lines)
+    summary = json.load(open(os.path.join(out, "summary.json")), parse_constant=pytest.fail)  # strict JSON: no NaN
+    for m in summary["models"].values():
+        assert m["generation_images_per_s"] > 0
+        for metric in evaluate.METRICS:
+            if metric != "fd_teacher" or m["kind"] == "generator":
+                assert math.isfinite(m["metrics"][metric]["mean"]), metric
+    assert set(summary["scoring_images_per_s"]) == {"imagereward", "clip_l", "hps", "pickscore"}
+    table = open(os.path.join(out, "table.md")).read()
+    assert "Command: `python evaluate.py --tiny" in table and "HPS v2.0 (100·cos)" in table
+    for metric in metrics:
+        assert evaluate.header(metric, evaluate.parse_args(argv)) in table
+    from PIL import Image
+    assert Image.open(os.path.join(out, "grid.png")).height == 30 + 128 * len(models)  # one row per model
+
+
+def test_all_models_share_prompts_and_seeds():
+    """Image (i, k) has the same prompt index and seed in every model, and seeds do not repeat."""
+    out, _, result = readme_run()
+    keys = [[(r["prompt_index"], r["image_index"], r["seed"]) for r in m["records"]] for m in result["models"]]
+    assert keys[0] == keys[1] and len({s for _, _, s in keys[0]}) == len(keys[0])
+
+
+def stock_pipeline(sd, unet_folder=None, scheduler_kwargs=None):
+    """A StableDiffusionPipeline assembled here, independently of evaluate.py, from the tiny SD folder."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    unet = (UNet2DConditionModel.from_pretrained(unet_folder) if unet_folder
+            else UNet2DConditionModel.from_pretrained(sd, subfolder="unet"))
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(sd, subfolder="vae"),
+        text_encoder=CLIPTextModel.from_pretrained(sd, subfolder="text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer"), unet=unet,
+        scheduler=DDPMScheduler.from_pretrained(sd, subfolder="scheduler", **(scheduler_kwargs or {})),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def stock_images(pipe, records, **kwargs):
+    """The pipeline's own [0, 1] output from the seeds the records name, rounded to 8 bits as PNGs are."""
+    prompts = [dipp.BUILTIN_PROMPTS[r["prompt_index"]] for r in records]
+    generators = [torch.Generator().manual_seed(r["seed"]) for r in records]  # z first, then DDPM's step noise
+    z = torch.stack([torch.randn(4, 8, 8, generator=g) for g in generators])
+    with torch.no_grad():
+        images = pipe(prompts, latents=z, generator=generators, output_type="pt", **kwargs).images  # (B, 3, 16, 16)
+    return (images * 255).round().int().permute(0, 2, 3, 1)
+
+
+def test_teacher_images_are_the_stock_pipeline_output():
+    """The teacher's PNGs equal what a stock diffusers pipeline (its folder's scheduler, N steps, CFG)
+    makes from the same seeds, up to 8-bit rounding."""
+    out, argv, result = readme_run()
+    records = result["models"][0]["records"][:4]
+    steps = int(argv[argv.index("--teacher_steps") + 1])
+    theirs = stock_images(stock_pipeline(os.path.join(out, "tiny", "sd")), records, num_inference_steps=steps,
+                          guidance_scale=7.5)
+    ours = torch.stack([png(out, r) for r in records])
+    assert (ours - theirs).abs().max() <= 1 and (ours != theirs).float().mean() < 0.01
+    assert (ours[0] - ours[1]).abs().max() > 10  # the check is not vacuous: images differ
+
+
+def test_generator_images_are_one_step_samples():
+    """A generator's PNGs equal the stock pipeline run for one step at t* = 999 with its UNet (dipp's
+    one-step sample, as test_dipp's export test establishes) from the same seeds."""
+    out, _, result = readme_run()
+    gen = result["models"][1]
+    theirs = stock_images(stock_pipeline(os.path.join(out, "tiny", "sd"), gen["source"], {"clip_sample": False}),
+                          gen["records"][:4], timesteps=[999], guidance_scale=1.0)
+    ours = torch.stack([png(out, r) for r in gen["records"][:4]])
+    assert (ours - theirs).abs().max() <= 1
+
+
+# ----------------------------------------------------------------------------- each scorer vs its reference
+
+def test_imagereward_matches_the_package_score():
+    """The batched ImageReward scorer equals the package's own `score(prompt, PIL image)`, image by image,
+    for an SD-sized, a tiny and a non-square image (tiny model of ImageReward's own classes)."""
+    model = evaluate.tiny_imagereward(os.path.join(tiny()["folder"], "imagereward"))
+    from PIL import Image
+    images = [pil(1, (512, 512)), pil(2, (16, 16)), pil(3, (300, 200)), Image.new("RGB", (512, 512), "black")]
+    prompts = ["a red bicycle", "a watercolor fox", "a lighthouse at sunset", "a red bicycle"]
+    ours = evaluate.ImageRewardScorer(model)(images, prompts)["imagereward"]
+    with torch.no_grad():
+        theirs = torch.tensor([model.score(p, im) for p, im in zip(prompts, images)])
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours, theirs)
+    assert (theirs[0] - theirs[3]).abs() > 1e-2  # same prompt, other image: the score sees the image
+
+
+def hand_aesthetic(state, e):
+    """LAION aesthetic v2 head written out: five affine maps 768→1024→128→64→16→1, no activations."""
+    x = e
+    for i, (d_in, d_out) in zip((0, 2, 4, 6, 7), ((768, 1024), (1024, 128), (128, 64), (64, 16), (16, 1))):
+        W, b = state[f"layers.{i}.weight"], state[f"layers.{i}.bias"]
+        assert W.shape == (d_out, d_in)  # the published layer sizes
+        x = x @ W.T + b
+    return x[:, 0]
+
+
+def test_aesthetic_head_loads_published_keys_and_is_the_linear_mlp(tmp_path):
+    """A state dict with the published file's keys loads as is, the head is the hand-written linear MLP
+    on the L2-normalised CLIP image embedding (CLIPModel's own image_embeds), and a wrong file is one line."""
+    from transformers import CLIPModel, CLIPProcessor
+    g = torch.Generator().manual_seed(0)
+    sizes = {0: (1024, 768), 2: (128, 1024), 4: (64, 128), 6: (16, 64), 7: (1, 16)}
+    state = {}
+    for i, (o, n) in sizes.items():
+        state[f"layers.{i}.weight"] = torch.randn(o, n, generator=g) / n ** 0.5
+        state[f"layers.{i}.bias"] = torch.randn(o, generator=g)
+    torch.save(state, tmp_path / evaluate.AESTHETIC_FILE)
+    clip = tiny()["clip_model"]
+    scorer = evaluate.load_clip_l(clip, str(tmp_path / evaluate.AESTHETIC_FILE), torch.device("cpu"), torch.float32)
+    images, prompts = [pil(5), pil(6, (64, 48))], ["a fox", "a castle"]
+    ours = scorer(images, prompts)["aesthetic"]
+    model, processor = CLIPModel.from_pretrained(clip).eval(), CLIPProcessor.from_pretrained(clip)
+    with torch.no_grad():
+        embeds = model(**processor(text=prompts, images=images, return_tensors="pt", padding=True)).image_embeds
+    assert torch.allclose(ours, hand_aesthetic(state, embeds), atol=1e-4)
+    torch.save({"fc.weight": torch.zeros(1, 768)}, tmp_path / "wrong.pth")
+    with pytest.raises(SystemExit) as e:
+        evaluate.load_aesthetic_head(str(tmp_path / "wrong.pth"))
+    assert str(e.value).startswith("evaluate: error:") and "layers.0" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_clip_score_is_100_times_clamped_cosine():
+    """CLIP score = 100 · max(cos, 0) of CLIPModel's own (normalised) image and text embeddings."""
+    from transformers import CLIPModel, CLIPProcessor
+    clip = tiny()["clip_model"]
+    scorer = evaluate.load_clip_l(clip, None, torch.device("cpu"), torch.float32)
+    images, prompts = [pil(7), pil(8), pil(9)], ["a fox", "a red bicycle", "an astronaut riding a horse"]
+    ours = scorer(images, prompts)["clip"]
+    model, processor = CLIPModel.from_pretrained(clip).eval(), CLIPProcessor.from_pretrained(clip)
+    with torch.no_grad():
+        out = model(**processor(text=prompts, images=images, return_tensors="pt", padding=True))
+    cos = (out.image_embeds * out.text_embeds).sum(-1)
+    assert torch.allclose(ours, 100 * cos.clamp_min(0), atol=1e-4)
+
+
+def test_hps_preprocessing_is_the_hpsv2_recipe():
+    """hps_preprocess = HPSv2's ResizeMaxSize on the tensor: longest side to 224 (bicubic, antialiased),
+    zero pad centred (odd pixel right/bottom), CLIP normalisation; checked on non-square and square images
+    against plain torch interpolate + explicit padding."""
+    import numpy as np
+    mean, std = torch.tensor(dipp.CLIP_MEAN).view(3, 1, 1), torch.tensor(dipp.CLIP_STD).view(3, 1, 1)
+    for size, resized in (((300, 201), (150, 224)), ((512, 512), (224, 224)), ((16, 16), (224, 224))):
+        image = pil(10, size)  # PIL size = (W, H)
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255  # (3, H, W)
+        x = torch.nn.functional.interpolate(x[None], size=resized, mode="bicubic", align_corners=False,
+                                            antialias=True)[0]  # (3, h, w), longest side 224
+        top, left = (224 - resized[0]) // 2, (224 - resized[1]) // 2
+        expected = torch.zeros(3, 224, 224)  # fill 0 *before* normalisation, as HPSv2 pads
+        expected[:, top:top + resized[0], left:left + resized[1]] = x
+        ours = evaluate.hps_preprocess(image)
+        assert torch.allclose(ours, (expected - mean) / std, atol=1e-5), size
+
+
+def test_hps_is_100_cos_of_open_clip_encoders():
+    """The HPS scorer loads the {'state_dict': ...} checkpoint strictly and scores 100 · cos of open_clip's
+    own encode_image / encode_text on the same preprocessed tensors and tokens."""
+    import open_clip
+    t = tiny()
+    scorer = evaluate.load_hps(t["hps_model"], evaluate.TINY_HPS_ARCH, torch.device("cpu"), torch.float32)
+    images, prompts = [pil(11, (512, 512)), pil(12, (300, 200))], ["a bowl of ramen", "a cozy living room"]
+    ours = scorer(images, prompts)["hps"]
+    model = open_clip.create_model(evaluate.TINY_HPS_ARCH)
+    model.load_state_dict(torch.load(t["hps_model"])["state_dict"])
+    model.eval()
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([evaluate.hps_preprocess(im) for im in images]))
+        txt = model.encode_text(open_clip.get_tokenizer(evaluate.TINY_HPS_ARCH)(prompts))
+    cos = torch.nn.functional.cosine_similarity(img, txt)
+    assert torch.allclose(ours, 100 * cos, atol=1e-4) and (ours[0] - ours[1]).abs() > 1e-3
+
+
+def test_pickscore_is_logit_scale_times_cosine():
+    """PickScore = logit_scale.exp() · cos: the diagonal of CLIPModel's own logits_per_image."""
+    from transformers import CLIPModel, CLIPProcessor
+    t = tiny()
+    scorer = evaluate.load_pickscore(t["pickscore_model"], t["pickscore_processor"], torch.device("cpu"),
+                                     torch.float32)
+    images, prompts = [pil(13), pil(14)], ["a lighthouse on a cliff", "a close-up portrait"]
+    ours = scorer(images, prompts)["pickscore"]
+    model = CLIPModel.from_pretrained(t["pickscore_model"]).eval()
+    processor = CLIPProcessor.from_pretrained(t["pickscore_processor"])
+    with torch.no_grad():
+        out = model(**processor(text=prompts, images=images, return_tensors="pt", padding=True))
+    assert torch.allclose(ours, out.logits_per_image.diagonal(), atol=1e-4)
+    assert abs(model.logit_scale.exp().item() - 100) < 1e-3  # not vacuous: the scale is far from 1
+
+
+# ----------------------------------------------------------------------------- set metrics
+
+def test_diversity_is_zero_for_identical_images_and_mean_pairwise_distance_otherwise():
+    """diversity = 0 for K copies of one embedding; otherwise the mean of 1 − cos over ordered pairs j ≠ l."""
+    e = torch.randn(1, 16).repeat(4, 1)
+    assert evaluate.pairwise_diversity(e).abs() < 1e-12
+    e = torch.randn(4, 16)
+    n = torch.nn.functional.normalize(e.double(), dim=-1)
+    pairs = [1 - (n[j] @ n[l]) for j in range(4) for l in range(4) if j != l]
+    assert evaluate.pairwise_diversity(e) > 0.1
+    assert torch.allclose(evaluate.pairwise_diversity(e), torch.stack(pairs).mean())
+
+
+def test_frechet_distance_matches_closed_forms():
+    """FD of two 2-D Gaussians with non-commuting covariances equals the closed form
+        ‖Δμ‖² + TrΣ1 + TrΣ2 − 2·sqrt(Tr(Σ1Σ2) + 2·sqrt(detΣ1·detΣ2))
+    (for a 2×2 M with real eigenvalues λ1, λ2 ≥ 0: (√λ1 + √λ2)² = Tr M + 2 sqrt(det M)); a sample set
+    against itself gives ≈ 0, and shifting every sample by v gives exactly ‖v‖²."""
+    A = torch.tensor([[2.0, 0.3], [0.3, 0.5]], dtype=torch.float64)
+    B = torch.tensor([[1.0, -0.7], [-0.7, 1.5]], dtype=torch.float64)
+    mu1, mu2 = torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([2.0, -1.0], dtype=torch.float64)
+    assert not torch.allclose(A @ B, B @ A)
+    closed = ((mu1 - mu2) ** 2).sum() + A.trace() + B.trace() - 2 * torch.sqrt(
+        (A @ B).trace() + 2 * torch.sqrt(torch.det(A) * torch.det(B)))
+    assert torch.allclose(evaluate.frechet_distance(mu1, A, mu2, B), closed, atol=1e-10)
+    torch.manual_seed(0)
+    x = torch.randn(200, 32) @ torch.randn(32, 32)  # correlated features, n > D
+    stats = evaluate.gaussian_stats(x)
+    assert evaluate.frechet_distance(*stats, *stats).abs() < 1e-8
+    for scale in (0.5, 2.0):
+        v = scale * torch.ones(32) / 32 ** 0.5  # ‖v‖ = scale
+        fd = evaluate.frechet_distance(*stats, *evaluate.gaussian_stats(x + v))
+        assert abs(fd.item() - scale ** 2) < 1e-6
+
+
+# ----------------------------------------------------------------------------- user mistakes
+
+def error_of(argv):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv)
+    message = str(e.value)
+    assert message.startswith("evaluate: error: ") and "\n" not in message, message
+    return message
+
+
+def replace_flags(base, extra):
+    """base (flag, value pairs) with every flag that extra gives again left out, then extra."""
+    pairs = [base[i:i + 2] for i in range(0, len(base), 2)]
+    return [x for flag, value in pairs if flag not in extra for x in (flag, value)] + extra
+
+
+def test_every_missing_weight_is_one_line_naming_files_and_download(tmp_path):
+    """Each scorer's weights missing (offline hub, absent path, incomplete folder) ends in one line that names
+    the files and the download command, before anything is generated; same for the teacher and generators."""
+    t = tiny()
+    base = ["--pretrained_model_name_or_path", t["sd"], "--generator", t["generator"], "--output_dir", str(tmp_path)]
+    clip = ["--clip_model", t["clip_model"]]
+    download = "huggingface-cli download"
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--metrics", "imagereward"], [f"{download} THUDM/ImageReward ImageReward.pt med_config.json"]),
+        (["--metrics", "imagereward", "--imagereward_model", str(tmp_path / "empty")],
+         ["lacks ImageReward.pt, med_config.json"]),
+        (["--metrics", "clip"], [f"{download} openai/clip-vit-large-patch14", "--clip_model"]),
+        (["--metrics", "aesthetic"] + clip,
+         [f"{download} camenduru/improved-aesthetic-predictor sac+logos+ava1-l14-linearMSE.pth"]),
+        (["--metrics", "aesthetic", "--aesthetic_model", "./no/such.pth"] + clip, ["does not exist"]),
+        (["--metrics", "hps"], [f"{download} xswu/HPSv2 HPS_v2_compressed.pt"]),
+        (["--metrics", "hps", "--hps_version", "v2.1"], [f"{download} xswu/HPSv2 HPS_v2.1_compressed.pt"]),
+        (["--metrics", "hps", "--hps_model", str(tmp_path / "HPS_v2.1_compressed.pt")], ["not comparable"]),
+        (["--metrics", "pickscore"], [f"{download} yuvalkirstain/PickScore_v1"]),
+        (["--metrics", "pickscore", "--pickscore_model", t["pickscore_model"]],
+         [f"{download} laion/CLIP-ViT-H-14-laion2B-s32B-b79K"]),
+        (["--metrics", "clip", "--pretrained_model_name_or_path", str(tmp_path / "empty")] + clip,
+         ["missing unet/config.json", "stable-diffusion-v1-5"]),
+        (["--metrics", "clip", "--pretrained_model_name_or_path", "someone/not-cached"] + clip, [download]),
+        (["--metrics", "clip", "--generator", str(tmp_path / "empty")] + clip, ["not a generator folder"]),
+    ]
+    for extra, expected in cases:
+        argv = replace_flags(base, extra)
+        message = error_of(argv)
+        assert all(e in message for e in expected), (extra, message)
+
+
+def test_missing_scorer_package_names_it(tmp_path, monkeypatch):
+    """A scorer whose package is not installed says which package to pip install."""
+    t = tiny()
+    base = ["--pretrained_model_name_or_path", t["sd"], "--generator", t["generator"], "--output_dir", str(tmp_path)]
+    for module, metric, package in (("open_clip", "hps", "open-clip-torch==2.32.0"),
+                                    ("ImageReward", "imagereward", "image-reward==1.5")):
+        monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+        message = error_of(base + ["--metrics", metric])
+        assert f"pip install {package}" in message, message
+        monkeypatch.undo()
+
+
+def test_bad_flags_and_prompt_files_are_one_line(tmp_path):
+    """Bad flags, bad prompt files and impossible metric requests each end in one 'evaluate: error:' line."""
+    t = tiny()
+    gen = ["--pretrained_model_name_or_path", t["sd"], "--generator", t["generator"], "--output_dir", str(tmp_path)]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    cases = {
+        ("--metrics", "fid"): "unknown metric",
+        ("--images_per_prompt", "0"): "--images_per_prompt must be a positive",
+        ("--seed", "-1"): "--seed must be in",
+        ("--batch_size", "many"): "invalid int value",
+        ("--hps_version", "v3"): "invalid choice",
+        ("--metrics", "diversity", "--images_per_prompt", "1"): "--images_per_prompt >= 2",
+        ("--metrics", "fd_teacher"): "--teacher_steps N",
+        ("--teacher_steps", "2", "--teacher_guidance", "0.5"): "--teacher_guidance",
+        ("--prompts", str(tmp_path / "none.txt")): "does not exist",
+        ("--prompts", str(tmp_path / "empty.txt")): "has no prompts",
+        ("--prompts", str(tmp_path / "latin1.txt")): "UTF-8",
+        ("--mixed_precision", "fp16", "--device", "cpu"): "needs a CUDA GPU",
+        ("--no_such_flag",): "unrecognized arguments",
+    }
+    for argv, expected in cases.items():
+        message = error_of(gen + ["--metrics", "clip", "--clip_model", t["clip_model"]] + list(argv))
+        assert expected in message, (argv, message)
+    assert "nothing to evaluate" in error_of(["--output_dir", str(tmp_path)])
+
+
+def test_wrong_checkpoint_files_are_one_line(tmp_path):
+    """A file that is no checkpoint, an HPS file without 'state_dict', or one for another architecture:
+    each is one line, not a torch traceback."""
+    cpu = torch.device("cpu")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    torch.save({"model": torch.zeros(1)}, tmp_path / "no_state.pt")
+    torch.save({"state_dict": {"visual.proj": torch.zeros(1)}}, tmp_path / "other.pt")
+    cases = [(lambda: evaluate.load_aesthetic_head(str(tmp_path / "garbage.pt")), "cannot read"),
+             (lambda: evaluate.load_hps(str(tmp_path / "garbage.pt"), evaluate.TINY_HPS_ARCH, cpu, torch.float32),
+              "cannot read"),
+             (lambda: evaluate.load_hps(str(tmp_path / "no_state.pt"), evaluate.TINY_HPS_ARCH, cpu, torch.float32),
+              "no 'state_dict'"),
+             (lambda: evaluate.load_hps(str(tmp_path / "other.pt"), evaluate.TINY_HPS_ARCH, cpu, torch.float32),
+              "does not fit")]
+    tiny()  # registers the tiny open_clip architecture
+    for load, expected in cases:
+        with pytest.raises(SystemExit) as e:
+            load()
+        message = str(e.value)
+        assert message.startswith("evaluate: error:") and expected in message and "\n" not in message, message

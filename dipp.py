@@ -33,14 +33,11 @@ Simplifications vs. the paper (each also marked NOTE(deviation) where it happens
 # -----------------------------------------------------------------------------
 # 0. Imports. Heavy libraries (diffusers, transformers, ImageReward) are imported inside the
 #    functions that need them, so `import dipp` stays fast for the 2-D toy and the tests.
-import argparse
 import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import os
-import re
 import sys
 import time
 
@@ -49,10 +46,11 @@ import torch.nn.functional as F
 
 # The run-keeping machinery (checkpoints, EMA, LoRA sharing, torchrun, compile, export, benchmark) lives
 # in plumbing.py, so that this file holds the method. It never imports dipp.
-from plumbing import (RunLog, StopSignals, checkpoint_blocks, compile_nets, die, ema_update, ema_weights,
-                      export_generator, init_distributed, list_checkpoints, load_checkpoint, load_or_die,
-                      load_weights_or_die, lora_copy, optimizer_step, pick_device, prepare_output_dir,
-                      print_benchmark, rng_states, save_checkpoint, save_grid, trainable, writable_dir)
+from plumbing import (PromptCache, RunLog, StopSignals, checkpoint_blocks, compile_nets, die, ema_update,
+                      ema_weights, export_generator, init_distributed, list_checkpoints, load_checkpoint,
+                      load_or_die, load_prompts, load_weights_or_die, lora_copy, optimizer_step, parse_dataclass,
+                      pick_device, prepare_output_dir, print_benchmark, rng_states, save_checkpoint, save_grid,
+                      trainable, writable_dir)
 
 # -----------------------------------------------------------------------------
 # 1. Config. Every field is a command-line flag; the inline comment is its --help text.
@@ -121,19 +119,8 @@ VALIDATION_PROMPTS = ["a golden retriever running on a beach", "a still life of 
 
 
 def parse_config(argv=None):
-    """Turn every Config field into --field (type from the annotation, help from its comment)."""
-    source = inspect.getsource(Config)
-    helps = dict(re.findall(r"^\s+(\w+): \w+ = .+?  # (.+)$", source, flags=re.M))
-    parser = argparse.ArgumentParser(prog="dipp.py", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        kind = {"bool": bool, "int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", help=helps[f.name])
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps[f.name],
-                                choices=CHOICES.get(f.name))
-    return Config(**vars(parser.parse_args(argv)))
+    """Every Config field is a flag --field: type from its annotation, help from its inline comment."""
+    return parse_dataclass(Config, argv, CHOICES, prog="dipp.py", description=__doc__.split("\n\n")[1])
 
 
 def check_config(cfg, num_train_timesteps=1000):
@@ -371,17 +358,6 @@ def clip_preprocess(images, size):
     return (x - mean) / std
 
 
-class PromptCache(dict):
-    """prompt -> its text tensor, computed once and kept on the device. Prompts repeat, and tokenising on
-    the CPU plus a host→device copy inside every reward call would cost a sync every step."""
-
-    def batch(self, prompts, compute):
-        new = [p for p in dict.fromkeys(prompts) if p not in self]
-        if new:
-            self.update(zip(new, compute(new)))
-        return torch.stack([self[p] for p in prompts])
-
-
 class ImageRewardFn:
     """ImageReward (BLIP ViT-L + BERT cross-attention + MLP head), through the package's own
     `score_gard`, the differentiable path its ReFL code uses. Output is the package's normalised score."""
@@ -504,21 +480,6 @@ def decode(vae, x0):
         return vae.decode(x0.to(dtype) / vae.config.scaling_factor).sample.float()
 
 
-def load_prompts(path, default=BUILTIN_PROMPTS, flag="--prompts"):
-    """One prompt per line of a UTF-8 text file (blank lines skipped), or the built-in list."""
-    if not path:
-        return list(default)
-    if not os.path.isfile(path):
-        die(f"{flag} file '{path}' does not exist; give a text file with one prompt per line")
-    try:
-        prompts = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
-    except UnicodeDecodeError:
-        die(f"{flag} file '{path}' is not UTF-8 text; give a text file with one prompt per line")
-    if not prompts or any("\x00" in p for p in prompts):
-        die(f"{flag} file '{path}' has no prompts (or is binary); write one prompt per line")
-    return prompts
-
-
 # -----------------------------------------------------------------------------
 # 8. Training: Alg. 1 — K_TA fake-score updates with θ frozen, then one generator update with ψ frozen.
 
@@ -633,7 +594,8 @@ def train(cfg):
     torch.manual_seed(cfg.seed)  # the same seed on every rank: see draw_noise
     if not cfg.benchmark:  # one line for an unwritable folder; never mix this run with another's files
         prepare_output_dir(cfg, main_rank)
-    prompts, val_prompts = load_prompts(cfg.prompts), load_prompts(cfg.validation_prompts, VALIDATION_PROMPTS, "--validation_prompts")
+    prompts = load_prompts(cfg.prompts, BUILTIN_PROMPTS, "--prompts")
+    val_prompts = load_prompts(cfg.validation_prompts, VALIDATION_PROMPTS, "--validation_prompts")
     teacher, vae, text_encoder, tokenizer, schedule = load_sd(cfg.pretrained_model_name_or_path, device, dtype)
     check_config(cfg, schedule.T)
     G, fake = build_generator(cfg, teacher, schedule, device), build_fake_score(cfg, teacher, device)

@@ -869,10 +869,7 @@ def main(argv=None):
 def run(args, metrics, device, command):
     with dipp_errors():
         ctx, dtype = dipp.precision(dipp.Config(mixed_precision=args.mixed_precision), device)
-        try:
-            prompts = dipp.load_prompts(args.prompts)
-        except UnicodeDecodeError:
-            die(f"--prompts file '{args.prompts}' is not UTF-8 text; convert it (iconv -t UTF-8 FILE)")
+        prompts = dipp.load_prompts(args.prompts, dipp.BUILTIN_PROMPTS, "--prompts")
     prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
     if len(prompts) >= 2 ** 24:
         die(f"{len(prompts)} prompts is more than image_seed's layout allows (2^24); use --max_prompts")

@@ -67,6 +67,49 @@ def writable_dir(path, flag="--output_dir"):
     except OSError as e:
         die(f"{flag} '{path}' cannot be written ({e.strerror}); choose a folder you can write to")
 
+def parse_dataclass(cls, argv, choices, prog, description):
+    """An argparse parser built from a dataclass: --field per field, type from the annotation, help from
+    the field's inline comment, choices from `choices`. Returns cls(**parsed)."""
+    import argparse
+    import dataclasses
+    import inspect
+    helps = dict(re.findall(r"^\s+(\w+): \w+ = .+?  # (.+)$", inspect.getsource(cls), flags=re.M))
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = {"bool": bool, "int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action="store_true", help=helps[f.name])
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps[f.name], choices=choices.get(f.name))
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def load_prompts(path, default, flag):
+    """One prompt per line of a UTF-8 text file (blank lines skipped), or the built-in list `default`."""
+    if not path:
+        return list(default)
+    if not os.path.isfile(path):
+        die(f"{flag} file '{path}' does not exist; give a text file with one prompt per line")
+    try:
+        prompts = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
+    except UnicodeDecodeError:
+        die(f"{flag} file '{path}' is not UTF-8 text; give a text file with one prompt per line")
+    if not prompts or any("\x00" in p for p in prompts):
+        die(f"{flag} file '{path}' has no prompts (or is binary); write one prompt per line")
+    return prompts
+
+
+class PromptCache(dict):
+    """prompt -> its text tensor, computed once and kept on the device. Prompts repeat, and tokenising on
+    the CPU plus a host→device copy inside every reward call would cost a sync every step."""
+
+    def batch(self, prompts, compute):
+        new = [p for p in dict.fromkeys(prompts) if p not in self]
+        if new:
+            self.update(zip(new, compute(new)))
+        return torch.stack([self[p] for p in prompts])
+
 # -----------------------------------------------------------------------------
 # 2. Devices and processes
 

@@ -18,7 +18,9 @@ SHAPES = {  # diffusers / transformers configs: tiny (CPU tests) and SD1.5's own
         text=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                   vocab_size=1000, max_position_embeddings=77, projection_dim=32),
         vision=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                    image_size=16, patch_size=4, projection_dim=32)),
+                    image_size=16, patch_size=4, projection_dim=32),
+        taesd=dict(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                   num_decoder_blocks=(1, 1), upsampling_scaling_factor=2)),
     "sd15": dict(
         unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
                   cross_attention_dim=768, attention_head_dim=8,
@@ -29,14 +31,15 @@ SHAPES = {  # diffusers / transformers configs: tiny (CPU tests) and SD1.5's own
         text=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                   vocab_size=49408, max_position_embeddings=77, projection_dim=768),
         vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                    image_size=224, patch_size=14, projection_dim=768)),
+                    image_size=224, patch_size=14, projection_dim=768),
+        taesd=dict()),  # AutoencoderTiny's defaults are TAESD's architecture (madebyollin/taesd)
 }
 
 
 def build_random(folder, shapes="tiny", seed=0):
     """An SD-1.x folder (UNet, VAE, CLIP text encoder + tokenizer, scheduler) and a CLIP reward model with
     random weights, written with save_pretrained so that --tiny runs the very same loading code as SD1.5."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     arch, sd, clip = SHAPES[shapes], os.path.join(folder, "sd"), os.path.join(folder, "clip")
     stamp, marker = json.dumps({"shapes": arch, "seed": seed}), os.path.join(folder, "random_weights.json")
@@ -45,6 +48,7 @@ def build_random(folder, shapes="tiny", seed=0):
     torch.manual_seed(seed)
     UNet2DConditionModel(**arch["unet"]).save_pretrained(os.path.join(sd, "unet"))
     AutoencoderKL(**arch["vae"]).save_pretrained(os.path.join(sd, "vae"))
+    AutoencoderTiny(**arch["taesd"]).save_pretrained(os.path.join(folder, "taesd"))  # for --reward_decoder tiny
     CLIPTextModel(CLIPTextConfig(**arch["text"])).save_pretrained(os.path.join(sd, "text_encoder"))
     DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                   prediction_type="epsilon").save_pretrained(os.path.join(sd, "scheduler"))

@@ -789,9 +789,10 @@ def test_benchmark_sweep_runs_every_setup(tmp_path, monkeypatch):
     assert (tmp_path / "table.md").read_text().count("\n") == 2 + len(rows)
     monkeypatch.setattr(dipp, "main", fails_with_lora)
     rows = sweep.main(["--tiny", "--batches", "1", "--steps", "3", "--out", str(tmp_path), "--setups",
-                       "lora64+checkpointing", "full"])
+                       "lora64+checkpointing", "full+tinydecoder", "--profile"])
     assert "simulated failure" in rows[0]["error"] and rows[1]["images_per_s"] > 0
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 6
+    assert "aten::" in (tmp_path / "profile_full+tinydecoder_b1.txt").read_text()  # bench/gpu.sh profile
 
 
 def test_reuse_generator_sample_is_alg1_with_a_shared_z(tmp_path, monkeypatch):
@@ -1213,3 +1214,39 @@ def test_curves_redraw_from_a_log_on_demand(tmp_path):
                    capture_output=True)
     from PIL import Image
     assert Image.open(tmp_path / "curves.png").size[0] > 500
+
+
+# ----------------------------------------------------------------------------- speed: --reward_decoder tiny
+
+def test_tiny_reward_decoder_is_frozen_and_passes_the_reward_gradient(tmp_path):
+    """--reward_decoder tiny: the reward scores TAESD's images; TAESD stays bit-identical to its file while
+    the generator moves, and the reward's gradient reaches the generator through it (and not the VAE)."""
+    from diffusers import AutoencoderTiny
+    out = tmp_path / "run"
+    nets = dipp.main(["--tiny", "--reward_decoder", "tiny", "--max_train_steps", "1", "--reward_scale", "10",
+                      "--learning_rate", "1e-3", "--output_dir", str(out)])
+    taesd = nets["reward_decoder"]
+    assert isinstance(taesd, AutoencoderTiny) and same_weights(taesd, AutoencoderTiny.from_pretrained(out / "tiny" / "taesd"))
+    assert not same_weights(nets["G"].unet, read_unet_from(str(out / "tiny" / "sd")))
+    G = nets["G"]
+    G.zero_grad()
+    x0 = G(torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32))
+    nets["reward"](dipp.decode(taesd, x0), ["a fox", "a red bicycle"]).sum().backward()
+    assert sum(p.grad.abs().sum() for p in G.parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in list(taesd.parameters()) + list(nets["vae"].parameters()))
+    with torch.no_grad():  # it decodes SD latents to [-1, 1] images of the full decoder's size
+        assert dipp.decode(taesd, x0).shape == dipp.decode(nets["vae"], x0).shape
+
+
+def test_tiny_reward_decoder_bad_path_is_one_line(tmp_path):
+    msg = error_of(["--tiny", "--reward_decoder", "tiny", "--reward_decoder_path", str(tmp_path / "nope"),
+                    "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1"])
+    assert msg.startswith("dipp: error: cannot load the --reward_decoder tiny weights") and "\n" not in msg
+
+
+def test_random_sd15_taesd_has_taesds_shape():
+    """--random_sd15 builds a TAESD-shaped tiny decoder (no download for the GPU sweep): 1.22M decoder parameters."""
+    from diffusers import AutoencoderTiny
+    with torch.device("meta"):
+        taesd = AutoencoderTiny(**random_weights.SHAPES["sd15"]["taesd"])
+    assert round(sum(p.numel() for p in taesd.decoder.parameters()) / 1e6, 2) == 1.22

@@ -3,7 +3,8 @@
 # has python3 + torch + CUDA but perhaps not this project's other packages and no internet.
 #
 #   bash bench/gpu.sh fetch          # on a machine with internet: wheels of the pinned packages -> .whl/
-#   bash bench/gpu.sh speed OUT      # on the GPU: batch 8, eager vs --reuse_generator_sample vs --compile
+#   bash bench/gpu.sh speed OUT      # on the GPU: batch 8, eager vs --reuse_generator_sample, --reward_decoder tiny, --compile
+#   bash bench/gpu.sh profile OUT    # on the GPU: one eager batch-8 run under torch.profiler -> OUT/profile_full_b8.txt
 #   bash bench/gpu.sh table OUT      # on the GPU: full / checkpointing / LoRA-64 × batch 1, 4, 8
 #   bash bench/gpu.sh table OUT --tiny --batches 1   # extra arguments go to bench/sweep.py (a CPU dry run)
 #
@@ -12,11 +13,11 @@
 # back) and append each figure to OUT/results.jsonl as soon as it exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mode=${1:?usage: bash bench/gpu.sh fetch|speed|table [OUT]}
+mode=${1:?usage: bash bench/gpu.sh fetch|speed|table|profile [OUT]}
 out=${2:-bench_out}
 shift $(( $# < 2 ? $# : 2 ))
 PY=${PYTHON:-python3}
-case "$mode" in fetch|speed|table) ;; *) echo "unknown mode '$mode': use fetch, speed or table" >&2; exit 2 ;; esac
+case "$mode" in fetch|speed|table|profile) ;; *) echo "unknown mode '$mode': use fetch, speed, table or profile" >&2; exit 2 ;; esac
 
 if [ "$mode" = fetch ]; then  # the versions requirements.txt pins, for CPython 3.12 on x86-64 Linux
   $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -38,5 +39,6 @@ $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__,
   | tee -a "$out/card.txt"
 case "$mode" in
   speed) $PY bench/sweep.py --out "$out" --models "${MODELS:-/tmp/dipp_models}" --setups speed --batches 8 --budget_s "${BUDGET_S:-480}" "$@" ;;
+  profile) $PY bench/sweep.py --out "$out" --models "${MODELS:-/tmp/dipp_models}" --setups full --batches 8 --steps 4 --profile "$@" ;;
   table) $PY bench/sweep.py --out "$out" --models "${MODELS:-/tmp/dipp_models}" --setups table --batches 1 4 8 --budget_s "${BUDGET_S:-480}" "$@" ;;
 esac

@@ -27,9 +27,12 @@ SETUPS = {  # name -> dipp flags. "table" and "speed" below name the groups READ
     "full+compile": ["--compile", "default"],
     "full+compile+reuse": ["--compile", "default", "--reuse_generator_sample"],
     "full+compile-cudagraphs+reuse": ["--compile", "reduce-overhead", "--reuse_generator_sample"],
+    "full+tinydecoder": ["--reward_decoder", "tiny"],
+    "full+compile+reuse+tinydecoder": ["--compile", "default", "--reuse_generator_sample", "--reward_decoder", "tiny"],
 }
 GROUPS = {"table": ["full", "checkpointing", "lora64+checkpointing"],
-          "speed": ["full", "full+reuse", "full+compile", "full+compile+reuse", "full+compile-cudagraphs+reuse"]}
+          "speed": ["full", "full+reuse", "full+tinydecoder", "full+compile", "full+compile+reuse",
+                    "full+compile+reuse+tinydecoder", "full+compile-cudagraphs+reuse"]}
 
 
 def write_table(rows, out):
@@ -42,6 +45,19 @@ def write_table(rows, out):
                     f"{r.get('device')} |\n")
 
 
+def profiled(argv, path):
+    """dipp.main under torch.profiler: which kernels the iterations spend their time in (loading the
+    weights shows up as CPU time only). The table is sorted by device time on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        result = dipp.main(argv)["benchmark"]
+    with open(path, "w") as f:
+        f.write("python dipp.py " + " ".join(argv) + "\n")
+        f.write(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=30))
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_out", help="results.jsonl and table.md go here")
@@ -51,6 +67,8 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--steps", type=int, default=6, help="iterations per configuration (the first 2 are warm-up)")
     p.add_argument("--budget_s", type=float, default=0, help="start no new configuration after this many seconds (0 = no limit)")
+    p.add_argument("--profile", action="store_true", help="also write OUT/profile_SETUP_bBATCH.txt: torch.profiler's "
+                   "top 30 kernels by device time over the run (by CPU time without a GPU)")
     args = p.parse_args(argv)
     names = [n for s in args.setups for n in GROUPS.get(s, [s])]
     unknown = [n for n in names if n not in SETUPS]
@@ -68,7 +86,10 @@ def main(argv=None):
                                             str(batch), "--output_dir", args.models or os.path.join(args.out, "models")]
             t0 = time.time()
             try:
-                result = dipp.main(argv)["benchmark"]
+                if args.profile:
+                    result = profiled(argv, os.path.join(args.out, f"profile_{name}_b{batch}.txt"))
+                else:
+                    result = dipp.main(argv)["benchmark"]
             except torch.cuda.OutOfMemoryError:
                 result = {"peak_memory_gib": "OOM"}
             except Exception as e:  # one failing switch (say, CUDA graphs) must not lose the other figures

@@ -28,6 +28,7 @@
 # %%
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -41,6 +42,16 @@ TINY = os.environ.get("DIPP_TINY") == "1"
 OUT = os.path.join(ROOT, "runs", "notebook02" + ("_tiny" if TINY else ""))
 MODEL = ["--tiny"] if TINY else ["--pretrained_model_name_or_path", "stable-diffusion-v1-5/stable-diffusion-v1-5",
                                  "--reward", "imagereward"]
+# The paper aligns a generator that is already one-step: on a GPU we start from DMD2's released one-step
+# SD1.5 UNet (a bare weight file; same convention as dipp: z at t* = 999, ε-prediction). Tiny runs start
+# from the teacher read out at t* = 999.
+DMD2 = ("model/sdv1.5/laion6.25_sd_baseline_8node_guidance1.75_lr5e-7_seed10_dfake10_diffusion1000_gan1e-3_resume"
+        "_fid8.35_checkpoint_model_041000/pytorch_model.bin")
+if not TINY:
+    from huggingface_hub import hf_hub_download
+    GENERATOR_INIT = ["--generator_init", hf_hub_download("tianweiy/DMD2", DMD2)]  # ~3.4 GB, CC BY-NC 4.0
+else:
+    GENERATOR_INIT = []
 GPU = torch.cuda.is_available()
 print(f"tiny models: {TINY} | GPU: {torch.cuda.get_device_name() if GPU else 'none'}")
 
@@ -107,8 +118,10 @@ for row in table:
 # Two switches buy speed rather than memory, and neither changes the objective:
 # `--reuse_generator_sample` trains the fake score on the generator update's own sample (DMD2), one
 # generator forward less per iteration; `--compile default` runs `torch.compile` on all five
-# networks, at the price of minutes of compiling in the first iterations. This notebook does not
-# time them (compiling would dominate a 3-step run); `bash bench/gpu.sh speed OUT` does.
+# networks, at the price of minutes of compiling in the first iterations. A third,
+# `--reward_decoder tiny`, lets the reward score TAESD's decoding instead of the full VAE's: faster,
+# but the reward's gradient then passes an approximate decoder. This notebook does not time them
+# (compiling would dominate a 3-step run); `bash bench/gpu.sh speed OUT` does.
 
 # %% [markdown]
 # ## 3. A short alignment run, before and after
@@ -118,8 +131,8 @@ for row in table:
 # %%
 steps = 20 if TINY else 500
 run_dir = os.path.join(OUT, "align")
-nets = dipp.main(MODEL + ["--max_train_steps", str(steps), "--output_dir", run_dir, "--validation_steps", str(steps), "--overwrite_output_dir",
-                          "--checkpointing_steps", str(steps), "--reward_scale", "1", "--learning_rate", "1e-5" if not TINY else "1e-3"]
+nets = dipp.main(MODEL + GENERATOR_INIT + ["--max_train_steps", str(steps), "--output_dir", run_dir, "--validation_steps", str(steps), "--overwrite_output_dir",
+                          "--checkpointing_steps", str(steps), "--reward_scale", "1", "--learning_rate", "1e-6" if not TINY else "1e-3"]
                  + ([] if TINY else ["--mixed_precision", "bf16", "--gradient_checkpointing", "--train_batch_size", "4"]))
 
 # %%
@@ -127,6 +140,11 @@ from IPython.display import Image, display  # noqa: E402
 
 display(Image(os.path.join(run_dir, "samples_0000.png")))
 display(Image(os.path.join(run_dir, f"samples_{steps:04d}.png")))
+display(Image(os.path.join(run_dir, "curves.png")))  # losses, training and held-out reward, the two gradient sizes
+log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+val = [(r["step"], round(r["val_reward"], 4)) for r in log if "val_reward" in r]
+print("held-out reward (step, mean over the validation prompts, fixed noise):", val)
+print("median grad_ratio (reward pull / IKL pull at x0):", statistics.median(r["grad_ratio"] for r in log if "grad_ratio" in r))
 
 # %% [markdown]
 # Rewards of the same fixed noise and prompts before (the teacher read out in one step) and after:
@@ -137,7 +155,8 @@ import contextlib  # noqa: E402
 prompts = dipp.BUILTIN_PROMPTS[:4]
 size = nets["teacher"].config.sample_size
 z = torch.randn((4, 4, size, size), generator=torch.Generator().manual_seed(0)).to(device)  # fixed z ~ N(0, I)
-before = dipp.OneStepGenerator(nets["teacher"], schedule, 999)  # the generator's initialisation
+before = (dipp.build_generator(dipp.Config(generator_init=GENERATOR_INIT[1]), nets["teacher"], schedule, device)
+          if GENERATOR_INIT else dipp.OneStepGenerator(nets["teacher"], schedule, 999))  # the generator's initialisation
 low = nets["teacher"].dtype
 ctx = torch.autocast(device.type, dtype=low) if low != torch.float32 else contextlib.nullcontext()
 with torch.no_grad(), ctx:

@@ -64,8 +64,9 @@ class Config:
     guidance_scale: float = 1.75  # ω: CFG scale of the teacher; γ = ω−1 is the implicit-reward weight (DMD2 SD1.5: 1.75)
     generator_timestep: int = 999  # t*: the timestep at which the generator UNet is evaluated on noise z
     fake_steps_per_G: int = 1  # K_TA: fake-score updates per generator update (Alg. 1; DMD2 uses 10)
-    t_min: int = 20  # π(t) = U{t_min..t_max}: timesteps at which the IKL and DSM losses are evaluated
+    t_min: int = 20  # π(t) lives on {t_min..t_max}: timesteps at which the IKL and DSM losses are evaluated
     t_max: int = 980  # upper end of π(t)
+    timestep_sampling: str = "uniform"  # π(t): uniform (U{t_min..t_max}, DMD2) | lognormal (log σ_t/α_t ~ N(−1.2, 1.2²), Diff-Instruct/EDM)
     ikl_weighting: str = "x0"  # w(t): x0 (σ²/α², Diff-Instruct) | eps (σ/α) | dmd2 (adaptive normaliser)
     # --- data
     prompts: str = ""  # text file with one prompt per line (default: a small built-in list)
@@ -97,7 +98,7 @@ class Config:
 
 
 CHOICES = {"reward": ("imagereward", "clip", "none"), "mixed_precision": ("no", "fp16", "bf16"),
-           "ikl_weighting": ("x0", "eps", "dmd2"),
+           "ikl_weighting": ("x0", "eps", "dmd2"), "timestep_sampling": ("uniform", "lognormal"),
            "compile": ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead")}
 BUILTIN_PROMPTS = ["a photo of a red bicycle leaning on a brick wall", "a watercolor painting of a fox",
                    "a bowl of ramen, studio lighting", "a lighthouse on a cliff at sunset",
@@ -213,8 +214,27 @@ def predict_x0(x_t, eps_hat, alpha, sigma):
     return (x_t - sigma * eps_hat) / alpha
 
 
-def sample_timesteps(B, t_min, t_max, device):
-    return torch.randint(t_min, t_max + 1, (B,), device=device)  # t ~ π(t) = U{t_min..t_max}
+# Diff-Instruct's π(t), taken from EDM (arXiv 2206.00364): log σ_VE ~ N(P_mean, P_std²), σ_VE = σ_t/α_t
+LOGNORMAL_MEAN, LOGNORMAL_STD = -1.2, 1.2
+
+
+def sample_timesteps(B, t_min, t_max, device, kind="uniform", schedule=None):
+    """t ~ π(t) on {t_min..t_max}, (B,) integer timesteps.
+        uniform  : π = U{t_min..t_max} (DMD2's range)
+        lognormal: log(σ_t/α_t) ~ N(−1.2, 1.2²), Diff-Instruct's noise levels, moved to the timestep
+                   with the nearest log(σ_t/α_t). On SD1.5's schedule with [20, 980] the median is
+                   t = 81; t_min (σ/α = 0.14) takes 26 % of the mass, t_max 0.09 % (toy/optimum.py)."""
+    assert kind in ("uniform", "lognormal"), f"unknown π(t) {kind!r}: uniform | lognormal"
+    if kind == "uniform":
+        return torch.randint(t_min, t_max + 1, (B,), device=device)  # t ~ U{t_min..t_max}
+    # NOTE(deviation): Diff-Instruct draws a continuous VE noise level; SD1.5 has 1000 discrete ones, so
+    # each draw goes to the nearest (in log σ/α) timestep and the tails beyond t_min/t_max to the ends.
+    # draw_noise gets no schedule, so SD-1.x's scaled-linear one (the only one dipp trains) is the default.
+    abar = (schedule or Schedule.scaled_linear()).alphas_cumprod[t_min:t_max + 1].to(device)  # (n,)
+    log_sigma_ve = 0.5 * torch.log((1 - abar) / abar)  # (n,), increasing in t
+    edges = (log_sigma_ve[1:] + log_sigma_ve[:-1]) / 2  # (n−1,) midpoints: nearest-neighbour boundaries
+    log_sigma = LOGNORMAL_MEAN + LOGNORMAL_STD * torch.randn(B, device=device)  # log σ_VE ~ N(−1.2, 1.2²)
+    return t_min + torch.bucketize(log_sigma, edges)  # (B,): nearest t; the tails land on the ends
 
 # -----------------------------------------------------------------------------
 # 4. Networks. Every network is seen by the losses as an ε-predictor eps(x_t, t) -> ε̂ with its
@@ -519,7 +539,7 @@ def draw_noise(B, z_shape, x_shape, cfg, device, rank=0, world=1):
     with batch N·B sees (and the data-parallel test can demand identical results)."""
     n, mine = world * B, slice(rank * B, (rank + 1) * B)
     z = torch.randn((n, *z_shape), device=device)[mine]  # z ~ N(0, I)
-    t = sample_timesteps(n, cfg.t_min, cfg.t_max, device)[mine]  # t ~ π(t)
+    t = sample_timesteps(n, cfg.t_min, cfg.t_max, device, cfg.timestep_sampling)[mine]  # t ~ π(t)
     eps = torch.randn((n, *x_shape), device=device)[mine]  # ε ~ N(0, I)
     return z, t, eps
 

@@ -295,7 +295,7 @@ def plot_sweep(rows, args, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 5))
     top = max(args.reward_scales)
     grid = torch.linspace(0, top, 50).tolist()
     norm_a = math.hypot(*args.a)
@@ -325,7 +325,7 @@ def plot_sweep(rows, args, path):
             ax2.plot(row["reward_scale"], cut(row["std_across"]), "x", color=colour)
     ax.set(xlabel="α_rew", ylabel="shift of the generator's mean along a", ylim=(0, top_shift),
            title=f"DI++ on N(μ, {args.s:g}² I), r = aᵀx: measured (dots) vs exact (lines)")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     ax2.axhline(args.s, color="k", ls="--", label="s (every exact optimum)")
     ax2.set(xlabel="α_rew", ylabel="generator's std (o along a, x across; cut at 2.4 s)",
             title="spread (colours as on the left)", ylim=(0, 2.5 * args.s))
@@ -454,7 +454,7 @@ def report_sweep(rows):
     for row in rows:
         exact = None if row["m_star"] is None else math.dist(row["m_star"], row["mu"])
         note = "" if row["m_star"] is not None else f"  no optimum: drift {row['drift']:.2f} per 1000 steps"
-        print(f"{label(row['weighting'], row['sampling']):16s} {row['reward_scale']:5.2f}  {fmt(row['W'])}  | "
+        print(f"{label(row['weighting'], row['sampling']):16s} {row['reward_scale']:5.2f}  {fmt(row['W']):5s}  | "
               f"{fmt(exact):>17s}  {row['shift']:8.3f}  {math.dist(row['plain_kl_mean'], row['mu']):8.3f} | "
               f"{fmt(row['rel_err']):7s}  {fmt(row['jitter']):6s} | {row['std_along']:.3f}/{row['std_across']:.3f}{note}")
 

@@ -21,9 +21,9 @@ Symbols (code name <-> paper):   G / OneStepGenerator  g_θ(z, c)      x0     x_
 
 Simplifications vs. the paper (each also marked NOTE(deviation) where it happens):
   1. Discrete DDPM timesteps t ∈ {0..999} stand in for the paper's continuous t (SD1.5 is discrete).
-  2. w(t) and π(t) are not pinned down for SD1.5 in the paper; we default to w = σ²/α² (Diff-Instruct's
-     σ² weight, written for VP) and π = U{20..980} (DMD2's range). `--ikl_weighting dmd2` offers
-     DMD2's adaptive normaliser, which is no longer a fixed divergence.
+  2. w(t), π(t) are open in the paper for SD1.5. Defaults w = σ²/α² (Diff-Instruct's σ², VP form) and
+     π = U{20..980} (DMD2): on the toy they reach DI++'s exact optimum with the least jitter (README).
+     Options: `--timestep_sampling lognormal` (Diff-Instruct), `--ikl_weighting eps|dmd2` (dmd2 is adaptive).
   3. The IKL term is summed over latent dimensions (a per-sample divergence) and averaged over the
      batch; this reduction sets the scale of α_rew.
   4. The generator is the teacher's UNet evaluated once at t* on pure noise (DMD2's recipe); the paper
@@ -71,8 +71,12 @@ class Config:
     guidance_scale: float = 1.75  # ω: CFG scale of the teacher; γ = ω−1 is the implicit-reward weight (DMD2 SD1.5: 1.75)
     generator_timestep: int = 999  # t*: the timestep at which the generator UNet is evaluated on noise z
     fake_steps_per_G: int = 1  # K_TA: fake-score updates per generator update (Alg. 1; DMD2 uses 10)
-    t_min: int = 20  # π(t) = U{t_min..t_max}: timesteps at which the IKL and DSM losses are evaluated
+    # NOTE(deviation): the paper fixes no w(t), π(t) for SD1.5. x0 + uniform are kept because on the toy's
+    # exact optimum (README, "DI++'s exact optimum") they land within 4 % of m* with the least jitter; the
+    # lognormal π jitters more and piles 26 % of its draws on t_min; dmd2 overshoots and can run away.
+    t_min: int = 20  # π(t) lives on {t_min..t_max}: timesteps at which the IKL and DSM losses are evaluated
     t_max: int = 980  # upper end of π(t)
+    timestep_sampling: str = "uniform"  # π(t): uniform (U{t_min..t_max}, DMD2) | lognormal (log σ_t/α_t ~ N(−1.2, 1.2²), Diff-Instruct/EDM)
     ikl_weighting: str = "x0"  # w(t): x0 (σ²/α², Diff-Instruct) | eps (σ/α) | dmd2 (adaptive normaliser)
     # --- data
     prompts: str = ""  # text file with one prompt per line (default: a small built-in list)
@@ -107,7 +111,7 @@ class Config:
 
 
 CHOICES = {"reward": ("imagereward", "clip", "none"), "mixed_precision": ("no", "fp16", "bf16"),
-           "ikl_weighting": ("x0", "eps", "dmd2"),
+           "ikl_weighting": ("x0", "eps", "dmd2"), "timestep_sampling": ("uniform", "lognormal"),
            "compile": ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
            "report_to": ("none", "tensorboard", "wandb"), "reward_decoder": ("full", "tiny")}
 BUILTIN_PROMPTS = ["a photo of a red bicycle leaning on a brick wall", "a watercolor painting of a fox",
@@ -202,8 +206,27 @@ def predict_x0(x_t, eps_hat, alpha, sigma):
     return (x_t - sigma * eps_hat) / alpha
 
 
-def sample_timesteps(B, t_min, t_max, device):
-    return torch.randint(t_min, t_max + 1, (B,), device=device)  # t ~ π(t) = U{t_min..t_max}
+# Diff-Instruct's π(t), taken from EDM (arXiv 2206.00364): log σ_VE ~ N(P_mean, P_std²), σ_VE = σ_t/α_t
+LOGNORMAL_MEAN, LOGNORMAL_STD = -1.2, 1.2
+
+
+def sample_timesteps(B, t_min, t_max, device, kind="uniform", schedule=None):
+    """t ~ π(t) on {t_min..t_max}, (B,) integer timesteps.
+        uniform  : π = U{t_min..t_max} (DMD2's range)
+        lognormal: log(σ_t/α_t) ~ N(−1.2, 1.2²), Diff-Instruct's noise levels, moved to the timestep
+                   with the nearest log(σ_t/α_t). On SD1.5's schedule with [20, 980] the median is
+                   t = 81; t_min (σ/α = 0.14) takes 26 % of the mass, t_max 0.09 % (toy/optimum.py)."""
+    assert kind in ("uniform", "lognormal"), f"unknown π(t) {kind!r}: uniform | lognormal"
+    if kind == "uniform":
+        return torch.randint(t_min, t_max + 1, (B,), device=device)  # t ~ U{t_min..t_max}
+    # NOTE(deviation): Diff-Instruct draws a continuous VE noise level; SD1.5 has 1000 discrete ones, so
+    # each draw goes to the nearest (in log σ/α) timestep and the tails beyond t_min/t_max to the ends.
+    # Without a schedule (the toy, old callers) SD-1.x's scaled-linear one is used.
+    abar = (schedule or Schedule.scaled_linear()).alphas_cumprod[t_min:t_max + 1].to(device)  # (n,)
+    log_sigma_ve = 0.5 * torch.log((1 - abar) / abar)  # (n,), increasing in t
+    edges = (log_sigma_ve[1:] + log_sigma_ve[:-1]) / 2  # (n−1,) midpoints: nearest-neighbour boundaries
+    log_sigma = LOGNORMAL_MEAN + LOGNORMAL_STD * torch.randn(B, device=device)  # log σ_VE ~ N(−1.2, 1.2²)
+    return t_min + torch.bucketize(log_sigma, edges)  # (B,): nearest t; the tails land on the ends
 
 # -----------------------------------------------------------------------------
 # 4. Networks. Every network is seen by the losses as an ε-predictor eps(x_t, t) -> ε̂ with its
@@ -501,14 +524,14 @@ def decode(vae, x0):
 # 8. Training: Alg. 1 — K_TA fake-score updates with θ frozen, then one generator update with ψ frozen.
 
 
-def draw_noise(B, z_shape, x_shape, cfg, device, rank=0, world=1):
+def draw_noise(B, z_shape, x_shape, cfg, device, rank=0, world=1, schedule=None):
     """z ~ N(0, I), t ~ π(t), ε ~ N(0, I) for one step. Every rank draws the *global* batch of world·B
     from the same seed and keeps its own slice, so N ranks see exactly the samples that one process
     with batch N·B sees (and the data-parallel test can demand identical results)."""
     n, mine = world * B, slice(rank * B, (rank + 1) * B)
     own = lambda x: x[mine].clone() if world > 1 else x  # a copy of this rank's slice frees the global batch
     z = own(torch.randn((n, *z_shape), device=device))  # z ~ N(0, I)
-    t = own(sample_timesteps(n, cfg.t_min, cfg.t_max, device))  # t ~ π(t)
+    t = own(sample_timesteps(n, cfg.t_min, cfg.t_max, device, cfg.timestep_sampling, schedule))  # t ~ π(t)
     eps = own(torch.randn((n, *x_shape), device=device))  # ε ~ N(0, I)
     return z, t, eps
 
@@ -686,9 +709,9 @@ def train(cfg):
             reward_c = (lambda x0: reward(decode(reward_vae, x0), batch)) if reward is not None else None
             try:
                 # (z, t, ε) for the K_TA fake updates, then for the generator update (drawn up front, same order)
-                fake_noise = [draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world)
+                fake_noise = [draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world, schedule)
                               for _ in range(cfg.fake_steps_per_G)]
-                noise = draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world)
+                noise = draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world, schedule)
                 x0 = None
                 if cfg.reuse_generator_sample:  # NOTE(deviation): Alg. 1 draws a fresh z for the fake update; here
                     with ctx:                   # the first one trains on g_θ(z) of the generator update below (same

@@ -150,17 +150,21 @@ class FakeScore(torch.nn.Module):
 # Training: dipp's own Alg. 1 steps, with the toy's conditioning bound into closures.
 
 
-def train(gmm, schedule, args, reward_scale, omega, reward_fn=None, seed=0):
-    """Train g_θ with DI++ against the exact mixture. reward_fn(x0, c) -> (B,) or None."""
+def train(gmm, schedule, args, reward_scale, omega, reward_fn=None, seed=0, on_step=None):
+    """Train g_θ with DI++ against the exact mixture. reward_fn(x0, c) -> (B,) or None.
+    on_step(step, G), if given, is called before the first update and after every update."""
     torch.manual_seed(seed)
     cfg = dipp.Config(reward_scale=reward_scale, guidance_scale=omega, fake_steps_per_G=args.k_ta,
-                      t_min=args.t_min, t_max=args.t_max, ikl_weighting=args.weighting, max_grad_norm=0)
+                      t_min=args.t_min, t_max=args.t_max, timestep_sampling=args.timestep_sampling,
+                      ikl_weighting=args.weighting, max_grad_norm=0)
     teacher = gmm.eps_fn(schedule)
     G, fake = Generator(gmm.C, args.z_dim), FakeScore(gmm.C, teacher)
     opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.999))
     opt_fake = torch.optim.Adam(fake.parameters(), lr=args.lr_fake, betas=(0.0, 0.999))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     B = args.batch
+    if on_step is not None:
+        on_step(0, G)
     for step in range(args.steps):
         c = torch.randint(gmm.C, (B,))  # c ~ U{classes}
         uncond = torch.full((B,), -1)  # c = ∅: the unconditional mixture
@@ -173,6 +177,8 @@ def train(gmm, schedule, args, reward_scale, omega, reward_fn=None, seed=0):
                                  dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu"), schedule, cfg)
         dipp.generator_step(G_c, real_c, fake_c, r_c, G.parameters(), opt_G, scaler,
                             dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu"), schedule, cfg)
+        if on_step is not None:
+            on_step(step + 1, G)
     return G
 
 
@@ -181,7 +187,8 @@ def cfg_reward(gmm, schedule, args):
         r_cfg(x0, c) = w(t) log p_t(c | α_t x0 + σ_t ε),  t ~ π(t), ε ~ N(0, I)
     with the same w(t) and π(t) as the IKL term (dipp.ikl_weight, dipp.sample_timesteps)."""
     def r(x0, c):
-        t = dipp.sample_timesteps(len(x0), args.t_min, args.t_max, x0.device)  # t ~ π(t)
+        t = dipp.sample_timesteps(len(x0), args.t_min, args.t_max, x0.device, args.timestep_sampling,
+                                  schedule)  # t ~ π(t)
         alpha, sigma = schedule.alpha_sigma(t, 2)
         x_t = dipp.add_noise(x0, torch.randn_like(x0), alpha, sigma)  # (B, 2)
         w = dipp.ikl_weight(args.weighting, alpha, sigma)[:, 0]  # (B,)
@@ -282,8 +289,10 @@ def parse(argv=None):
                    help="α_rew values of the trade-off sweep (0 = the recovery run)")
     p.add_argument("--guidance_scale", type=float, default=3.0, help="ω of the CFG experiment (γ = ω − 1)")
     p.add_argument("--weighting", choices=("x0", "eps"), default="eps", help="w(t), see dipp.ikl_weight")
-    p.add_argument("--t_min", type=int, default=20, help="π(t) = U{t_min..t_max}")
+    p.add_argument("--t_min", type=int, default=20, help="π(t) lives on {t_min..t_max}")
     p.add_argument("--t_max", type=int, default=980, help="π(t) upper end")
+    p.add_argument("--timestep_sampling", choices=("uniform", "lognormal"), default="uniform",
+                   help="π(t), see dipp.sample_timesteps")
     p.add_argument("--z_dim", type=int, default=16, help="dimension of the generator's noise z (>= 2)")
     p.add_argument("--k_ta", type=int, default=2, help="K_TA: fake-score updates per generator update")
     p.add_argument("--steps", type=int, default=1000, help="generator updates per run")

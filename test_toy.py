@@ -1,0 +1,120 @@
+"""Tests of toy/optimum.py: DI++'s closed-form optimum on a Gaussian reference (METHOD.md §6).
+
+Each test compares against an independent computation: the sampler against the exact π(t), dipp's
+IKL estimator against autograd of the closed-form IKL, m* against a numerical minimiser of the exact
+objective, and a short DI++ run against m*. About 15 s on 2 CPU cores."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "toy"))
+import dipp  # noqa: E402
+import optimum  # noqa: E402
+
+SCHEDULE = dipp.Schedule.scaled_linear()
+MU, S = [0.3, -0.2], 0.7  # deliberately not the experiment's (0, 0), 1
+
+
+def test_lognormal_sampler_matches_exact_pmf():
+    """dipp.sample_timesteps(.., 'lognormal') — reached from the CLI flag through draw_noise — draws
+    t with the probabilities that optimum.timestep_pmf computes from the normal CDF; on SD1.5's
+    schedule 26 % of the mass sits at t_min = 20 and the median is t = 81."""
+    cfg = dipp.parse_config(["--timestep_sampling", "lognormal"])
+    torch.manual_seed(0)
+    N = 200_000
+    _, t, _ = dipp.draw_noise(N, (1,), (1,), cfg, "cpu")
+    pmf = optimum.timestep_pmf(SCHEDULE, "lognormal", cfg.t_min, cfg.t_max)
+    assert abs(pmf.sum().item() - 1) < 1e-9 and pmf[:cfg.t_min].sum() == 0 and pmf[cfg.t_max + 1:].sum() == 0
+    freq = torch.bincount(t, minlength=SCHEDULE.T).double() / N
+    se = (pmf * (1 - pmf) / N).sqrt()  # binomial standard error of each bin
+    assert ((freq - pmf).abs() <= 5 * se + 1e-6).all()
+    assert abs(pmf[20].item() - 0.261) < 1e-3 and int((pmf.cumsum(0) >= 0.5).nonzero()[0]) == 81
+    uniform = dipp.draw_noise(N, (1,), (1,), dipp.Config(), "cpu")[1]
+    assert uniform.min() == 20 and uniform.max() == 980  # the default π is unchanged
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "lognormal"])
+@pytest.mark.parametrize("weighting", ["x0", "eps"])
+def test_ikl_loss_gradient_is_gradient_of_exact_ikl(weighting, sampling):
+    """For a generator x0 = m + s_q z and exact Gaussian scores, the mean gradient of dipp.ikl_loss
+    (exact over t, Monte Carlo over z, ε) is the autograd gradient of Σ_t π(t) w(t) KL(q_t ‖ p_t) in
+    closed form: the IKL that dipp optimises has weight w(t) exactly, no extra factor. With s_q = s the
+    per-sample gradient is deterministic and the match is to float precision; otherwise to MC error."""
+    pmf = optimum.timestep_pmf(SCHEDULE, sampling, 20, 980)
+    for m, s_q, rtol in (([1.1, -0.6], S, 1e-5), ([0.8, 0.4], 1.3 * S, 0.03)):
+        m_, s_q_ = torch.tensor(m, dtype=torch.float64, requires_grad=True), torch.tensor(s_q, requires_grad=True)
+        exact = torch.autograd.grad(optimum.exact_ikl(SCHEDULE, pmf, weighting, MU, S, m_, s_q_), (m_, s_q_))
+        sampled = optimum.mean_ikl_grad(SCHEDULE, pmf, weighting, MU, S, m, s_q, n=512)
+        assert torch.allclose(sampled[0], exact[0], rtol=rtol, atol=1e-6), (sampled[0], exact[0])
+        if s_q != S:
+            assert abs(sampled[1] - exact[1]) < rtol * abs(exact[1]), (sampled[1], exact[1])
+    # and the curvature in the mean is W: ∂/∂m = W (m − μ) at s_q = s
+    W = optimum.ikl_W(SCHEDULE, pmf, weighting, S)
+    g, _ = optimum.mean_ikl_grad(SCHEDULE, pmf, weighting, MU, S, [1.1, -0.6], S, n=4)
+    assert torch.allclose(g, W * (torch.tensor([1.1, -0.6]) - torch.tensor(MU)).double(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "lognormal"])
+@pytest.mark.parametrize("weighting", ["x0", "eps"])
+def test_m_star_minimises_the_exact_objective(weighting, sampling):
+    """L-BFGS on J(m, s_q) = −α_rew aᵀm + Σ_t π w KL(q_t‖p_t) over Gaussians q = N(m, s_q² I) lands on
+    m* = μ + α_rew a / W and s_q = s (METHOD.md §6), a different point from the plain-KL μ + α_rew s² a."""
+    pmf = optimum.timestep_pmf(SCHEDULE, sampling, 20, 980)
+    a, reward_scale = torch.tensor([0.6, 0.8], dtype=torch.float64), 0.4
+    m = torch.tensor(MU, dtype=torch.float64, requires_grad=True)
+    log_s_q = torch.tensor(math.log(2 * S), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([m, log_s_q], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        J = -reward_scale * a @ m + optimum.exact_ikl(SCHEDULE, pmf, weighting, MU, S, m, log_s_q.exp())
+        J.backward()
+        return J
+    for _ in range(5):
+        opt.step(closure)
+    W = optimum.ikl_W(SCHEDULE, pmf, weighting, S)
+    m_star = optimum.optimum_mean(MU, a.tolist(), reward_scale, W)
+    assert torch.allclose(m.detach(), torch.tensor(m_star, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    assert abs(log_s_q.exp().item() - S) < 1e-5
+    plain = optimum.plain_kl_mean(MU, a.tolist(), reward_scale, S)
+    assert math.dist(m_star, plain) > 0.1  # the DI++ optimum is not the tilted density's
+
+
+def test_plain_kl_optimum_is_the_tilted_gaussian():
+    """p(x)·exp(α_rew aᵀx) / Z, integrated on a 1-D grid per axis, has mean μ + α_rew s² a."""
+    a, reward_scale = [0.6, -1.5], 0.7
+    x = torch.linspace(-12, 12, 200_001, dtype=torch.float64)
+    for i in range(2):
+        logp = -(x - MU[i]) ** 2 / (2 * S ** 2) + reward_scale * a[i] * x
+        mean = (torch.softmax(logp, 0) * x).sum().item()
+        assert abs(mean - optimum.plain_kl_mean(MU, a, reward_scale, S)[i]) < 1e-6
+
+
+def test_dmd2_restoring_force_saturates():
+    """DMD2's weighting divides by mean_d |x0 − x̂0_ref|, which grows like the distance to the reference:
+    the IKL's pull back along a, F(δ) = δ·W_dmd2(δ), rises but stays below the dimension (D = 2 here,
+    δ along one axis), so a linear reward with α_rew‖a‖ ≥ 2 has no fixed point (the sweep's runaway)."""
+    pmf = optimum.timestep_pmf(SCHEDULE, "uniform", 20, 980)
+    force = [d * optimum.dmd2_W(SCHEDULE, pmf, [0.0, 0.0], 1.0, [1.0, 0.0], d, n=16) for d in (0.5, 5, 50)]
+    assert force[0] < force[1] < force[2] < 2 and force[2] > 1.8, force
+    _, grad_s = optimum.mean_ikl_grad(SCHEDULE, pmf, "dmd2", [0.0, 0.0], 1.0, [1.0, 0.0], 1.0, n=64)
+    assert grad_s < -0.1  # at s_q = s the IKL term still pushes the spread *up*: s is not its fixed point
+
+
+def test_quick_dipp_run_reaches_the_exact_optimum(tmp_path):
+    """A 300-step DI++ run (dipp's generator_step / fake_score_step, x0 weighting, π = U{20..980}) with
+    α_rew = W puts the generator's mean at m* = μ + a = (1, 0) within 0.1·‖m* − μ‖ and its spread at
+    s = 1 within 0.06. Tolerances from seeds 0–9 of this run (`python toy/optimum.py --quick --seed K`):
+    mean error 0.027 ± 0.021 (max 0.066), so 0.1 ≈ mean + 3.5 std; spread off by at most 0.020, so
+    0.06 = 3× that. The plain-KL optimum (0.63, 0) is 0.37 away: the test tells the two apart."""
+    res = optimum.run(["--quick", "--out", str(tmp_path)])
+    assert res["rel_err"] < 0.1, res["rel_err"]
+    assert abs(res["std_along"] - 1) < 0.06 and abs(res["std_across"] - 1) < 0.06
+    assert math.dist(res["plain_kl_mean"], res["m_star"]) > 0.3
+    assert os.path.exists(tmp_path / "quick.json")

@@ -10,7 +10,7 @@ Human Preferences", arXiv 2410.18881 (TMLR 2025). Formulas follow the project's 
 METHOD.md, so no version-specific equation numbers are cited. Builds on Diff-Instruct, arXiv 2305.18455.
 
 Quick start (CPU, no downloads):   python dipp.py --tiny --max_train_steps 2 --output_dir out
-Stable Diffusion 1.5 on one GPU:   python dipp.py --mixed_precision bf16 --gradient_checkpointing
+SD1.5 / PixArt-α on one GPU:       python dipp.py --mixed_precision bf16 --gradient_checkpointing [--pretrained_model_name_or_path PixArt-alpha/PixArt-XL-2-512x512]
 Generate with a trained generator: python dipp.py --generate "a red bicycle" --generator_init out/generator
 
 Symbols (code name <-> paper):   G / OneStepGenerator  g_θ(z, c)      x0     x_0 = g_θ(z, c)
@@ -20,14 +20,14 @@ Symbols (code name <-> paper):   G / OneStepGenerator  g_θ(z, c)      x0     x_
   ikl_weight  w(t)      sample_timesteps  π(t)      fake_steps_per_G  K_TA (Alg. 1)
 
 Simplifications vs. the paper (each also marked NOTE(deviation) where it happens):
-  1. Discrete DDPM timesteps t ∈ {0..999} stand in for the paper's continuous t (SD1.5 is discrete).
+  1. Discrete DDPM timesteps t ∈ {0..999} stand in for the paper's continuous t (SD1.5 and PixArt-α are discrete).
   2. w(t) and π(t) are not pinned down for SD1.5 in the paper; we default to w = σ²/α² (Diff-Instruct's
      σ² weight, written for VP) and π = U{20..980} (DMD2's range). `--ikl_weighting dmd2` offers
      DMD2's adaptive normaliser, which is no longer a fixed divergence.
   3. The IKL term is summed over latent dimensions (a per-sample divergence) and averaged over the
      batch; this reduction sets the scale of α_rew.
-  4. The generator is the teacher's UNet evaluated once at t* on pure noise (DMD2's recipe); the paper
-     also initialises from other one-step models, which `--generator_init` loads.
+  4. The generator is the teacher's denoiser evaluated once at t* on pure noise (DMD2's recipe; t* = 999 for SD,
+     400 for PixArt-α as PixArt-α-DMD); the paper also starts from other one-step models (`--generator_init`).
   5. "α_cfg" is taken to mean the standard CFG scale ω; the implicit-reward weight is γ = ω − 1.
 """
 # -----------------------------------------------------------------------------
@@ -40,6 +40,7 @@ import math
 import os
 import sys
 import time
+import typing
 
 import torch
 import torch.nn.functional as F
@@ -47,10 +48,10 @@ import torch.nn.functional as F
 # The run-keeping machinery (checkpoints, EMA, LoRA sharing, torchrun, compile, export, benchmark) lives
 # in plumbing.py, so that this file holds the method. It never imports dipp.
 from plumbing import (PromptCache, RunLog, StopSignals, checkpoint_blocks, compile_nets, die, ema_update,
-                      ema_weights, export_generator, init_distributed, list_checkpoints, load_checkpoint,
-                      load_or_die, load_prompts, load_weights_or_die, lora_copy, optimizer_step, parse_dataclass,
-                      pick_device, prepare_output_dir, print_benchmark, rng_states, save_checkpoint, save_grid,
-                      trainable, writable_dir)
+                      ema_weights, encoded_prompts, export_generator, find_subfolder, init_distributed,
+                      list_checkpoints, load_checkpoint, load_or_die, load_prompts, load_weights_or_die, lora_copy,
+                      optimizer_step, parse_dataclass, pick_device, prepare_output_dir, print_benchmark, rng_states,
+                      save_checkpoint, save_grid, trainable, writable_dir)
 
 # -----------------------------------------------------------------------------
 # 1. Config. Every field is a command-line flag; the inline comment is its --help text.
@@ -59,15 +60,15 @@ from plumbing import (PromptCache, RunLog, StopSignals, checkpoint_blocks, compi
 @dataclasses.dataclass
 class Config:
     # --- models
-    pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD-1.x hub id or local diffusers folder (teacher, VAE, text encoder)
-    generator_init: str = ""  # UNet folder of a one-step generator to start from (default: copy of the teacher)
-    tiny: bool = False  # build tiny random SD + CLIP-reward models in output_dir/tiny (no download) and use them
+    pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD-1.x or PixArt-α hub id or local diffusers folder (teacher, VAE, text encoder); the family is read from its layout
+    generator_init: str = ""  # one-step generator to start from: its model folder, a pipeline folder with unet/ or transformer/ (PixArt-α-DMD), or a weight file (default: copy of the teacher)
+    tiny: bool = False  # build tiny random SD + CLIP-reward models in output_dir/tiny (no download) and use them (= --random_weights tiny)
     # --- method (METHOD.md §2-§5)
     reward: str = "imagereward"  # r(x, c): imagereward | clip | none (none = pure Diff-Instruct distillation)
     reward_model_path: str = ""  # imagereward: folder with ImageReward.pt + med_config.json; clip: CLIPModel id/folder
     reward_scale: float = 1.0  # α_rew: weight of the explicit reward (β = 1/α_rew in the RLHF form)
     guidance_scale: float = 1.75  # ω: CFG scale of the teacher; γ = ω−1 is the implicit-reward weight (DMD2 SD1.5: 1.75)
-    generator_timestep: int = 999  # t*: the timestep at which the generator UNet is evaluated on noise z
+    generator_timestep: int = 0  # t*: the timestep at which the generator's denoiser sees noise z; 0 = the family's (SD 999, PixArt-α 400)
     fake_steps_per_G: int = 1  # K_TA: fake-score updates per generator update (Alg. 1; DMD2 uses 10)
     t_min: int = 20  # π(t) = U{t_min..t_max}: timesteps at which the IKL and DSM losses are evaluated
     t_max: int = 980  # upper end of π(t)
@@ -101,13 +102,14 @@ class Config:
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 ...
     generate: str = ""  # generate mode: prompts separated by '|', images from --generator_init, then exit
     benchmark: bool = False  # time max_train_steps iterations, print one BENCHMARK json line (writes no config, log, grid or checkpoint)
-    random_sd15: bool = False  # like --tiny but SD1.5-shaped (UNet 860M, VAE, CLIP-L text, CLIP ViT-L/14 reward): for --benchmark
+    random_sd15: bool = False  # like --tiny but SD1.5-shaped (UNet 860M, VAE, CLIP-L text, CLIP ViT-L/14 reward): for --benchmark (= --random_weights sd15)
+    random_weights: str = ""  # random-weight models in output_dir/<name> instead of --pretrained_model_name_or_path: tiny | tiny_pixart (CPU, seconds) | sd15 | pixart512 (--benchmark)
 
 
 CHOICES = {"reward": ("imagereward", "clip", "none"), "mixed_precision": ("no", "fp16", "bf16"),
            "ikl_weighting": ("x0", "eps", "dmd2"),
            "compile": ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
-           "report_to": ("none", "tensorboard", "wandb")}
+           "report_to": ("none", "tensorboard", "wandb"), "random_weights": ("", "tiny", "tiny_pixart", "sd15", "pixart512")}
 BUILTIN_PROMPTS = ["a photo of a red bicycle leaning on a brick wall", "a watercolor painting of a fox",
                    "a bowl of ramen, studio lighting", "a lighthouse on a cliff at sunset",
                    "an astronaut riding a horse", "a cozy living room with a fireplace",
@@ -139,8 +141,8 @@ def check_config(cfg, num_train_timesteps=1000):
             die(f"--{name} {getattr(cfg, name)} must be >= 0 (0 = off)")
     if not 0 <= cfg.ema_decay < 1:
         die(f"--ema_decay {cfg.ema_decay} must be in [0, 1): 0 = off, 0.999 = a ~1000-step average")
-    if not 0 < cfg.generator_timestep < T:
-        die(f"--generator_timestep {cfg.generator_timestep} is outside the schedule; use 1..{T - 1}")
+    if not 0 <= cfg.generator_timestep < T:
+        die(f"--generator_timestep {cfg.generator_timestep} is outside the schedule; use 1..{T - 1} (0 = the family's)")
     if not 0 <= cfg.t_min < cfg.t_max < T:
         die(f"need 0 <= --t_min < --t_max < {T}, got t_min={cfg.t_min} t_max={cfg.t_max}")
     if cfg.guidance_scale < 1:
@@ -215,22 +217,42 @@ def cfg_eps(eps_cond, eps_uncond, omega):
     return eps_uncond + omega * (eps_cond - eps_uncond)
 
 
+class MaskedText(typing.NamedTuple):
+    """PixArt's prompt conditioning c: T5 embeddings and their attention mask (padding is masked out of the
+    transformer's cross-attention). It does what the losses do with SD's plain (B, 77, D) tensor:
+    .to(dtype), .expand_as(other), and batch_cat for CFG's one batched call."""
+    emb: torch.Tensor  # (B, L, D): T5's last hidden states, L = 120 tokens
+    mask: torch.Tensor  # (B, L): 1 = prompt token, 0 = padding
+
+    def to(self, dtype):
+        return MaskedText(self.emb.to(dtype), self.mask)
+
+    def expand_as(self, other):
+        return MaskedText(self.emb.expand_as(other.emb), self.mask.expand_as(other.mask))
+
+
+def batch_cat(a, b):
+    """Two conditionings stacked along the batch: tensors, or MaskedText field by field."""
+    return torch.cat([a, b]) if torch.is_tensor(a) else type(a)(*map(batch_cat, a, b))
+
+
 def guided(eps_fn, cond, uncond, omega):
-    """The teacher s̃_ref as a closure eps(x_t, t): cond and uncond in one batched call (one UNet pass)."""
+    """The teacher s̃_ref as a closure eps(x_t, t): cond and uncond in one batched call (one denoiser pass)."""
     def eps(x_t, t):
         if omega == 1:
             return eps_fn(x_t, t, cond)
-        e_c, e_u = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond])).chunk(2)
+        e_c, e_u = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), batch_cat(cond, uncond)).chunk(2)
         return cfg_eps(e_c, e_u, omega)
     return eps
 
 
-def unet_eps(unet):
-    """A diffusers UNet as eps(x_t, t, text_emb). Inputs are cast to the net's dtype, output to fp32."""
-    dtype = next(unet.parameters()).dtype  # (a DDP wrapper has no .dtype of its own)
+def unet_eps(net):
+    """A denoiser (SD's UNet or PixArt's transformer, see `denoise` in §7) as eps(x_t, t, c). Inputs are cast
+    to the net's dtype, output to fp32."""
+    dtype = next(net.parameters()).dtype  # (a DDP wrapper has no .dtype of its own)
 
     def eps(x_t, t, cond):
-        return unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
+        return denoise(net, x_t.to(dtype), t, cond.to(dtype)).float()
     return eps
 
 
@@ -245,17 +267,28 @@ class Fp32Readout(torch.nn.Conv2d):
             return self._conv_forward(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
 
 
-def readout_in_fp32(unet):
-    unet.conv_out.__class__ = Fp32Readout  # same parameters and state_dict keys; copies keep the class
-    return unet
+class Fp32LinearReadout(torch.nn.Linear):
+    """The same for PixArt's last layer, proj_out (a Linear to patch² × 8 channels, of which the ε half matters)."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
+def readout_in_fp32(net):
+    layer = getattr(net, family_of(net).readout)  # same parameters and state_dict keys; copies keep the class
+    layer.__class__ = Fp32Readout if isinstance(layer, torch.nn.Conv2d) else Fp32LinearReadout
+    return net
 
 
 class OneStepGenerator(torch.nn.Module):
-    """g_θ(z, c): the UNet evaluated once at t* on pure noise, read out as x̂0 (one step, no sampler).
+    """g_θ(z, c): the denoiser (`.unet`: a UNet or PixArt's transformer) evaluated once at t* on pure noise,
+    read out as x̂0 (one step, no sampler).
 
     x0 = (z − σ_{t*} ε̂_θ(z, t*, c)) / α_{t*}.  NOTE(deviation): the paper leaves the one-step
     parameterisation to the initial model; we use DMD2's: z itself is the input (in VP, x_t has unit
-    variance for unit-variance data, as SD latents roughly are), and t* = 999 by default. With this
+    variance for unit-variance data, as SD latents roughly are), and t* = 999 for SD; 400 for PixArt-α, as
+    PixArt-α-DMD (its linear schedule has α_999 = 0.0064, which would amplify ε errors 157×). With this
     choice a stock diffusers pipeline run for one step at t* reproduces our samples exactly."""
 
     def __init__(self, unet, schedule, t_star):
@@ -265,7 +298,7 @@ class OneStepGenerator(torch.nn.Module):
     def forward(self, z, cond):
         t = torch.full((z.shape[0],), self.t_star, device=z.device, dtype=torch.long)  # (B,)
         alpha, sigma = self.schedule.alpha_sigma(t, z.ndim)
-        eps_hat = self.unet(z, t, encoder_hidden_states=cond).sample  # (B, 4, h, w)
+        eps_hat = denoise(self.unet, z, t, cond)  # (B, 4, h, w)
         return predict_x0(z, eps_hat, alpha, sigma)  # x0: (B, 4, h, w), a latent
 
 # -----------------------------------------------------------------------------
@@ -428,41 +461,25 @@ def load_reward(cfg, device, dtype):
     return ImageRewardFn(freeze(model, device, dtype))
 
 # -----------------------------------------------------------------------------
-# 7. Models on disk, prompts and sampling
+# 7. Models on disk: one row per model family. What differs between SD-1.x (a UNet) and PixArt-α (a DiT)
+#    is here; the losses and Alg. 1 only ever see ε(x_t, t) closures.
 
 
-SD_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json",
-            "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json")
+def sd_eps(unet, x_t, t, cond):
+    return unet(x_t, t, encoder_hidden_states=cond).sample  # ε̂: (B, 4, h, w)
 
 
-def load_sd(name, device, dtype):
-    """Teacher UNet, VAE, text encoder, tokenizer and schedule of any diffusers SD-1.x layout."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-    if os.path.isdir(name):
-        missing = [f for f in SD_FILES if not os.path.isfile(os.path.join(name, f))]
-        if missing:
-            die(f"'{name}' is not a complete diffusers SD-1.x folder: missing {', '.join(missing)}. "
-                "Get one with `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 "
-                "--local-dir DIR`")
-    get = lambda cls, sub: load_or_die(lambda: cls.from_pretrained(name, subfolder=sub), name, f"{sub}/")
-    unet, vae = get(UNet2DConditionModel, "unet"), get(AutoencoderKL, "vae")
-    text_encoder, tokenizer = get(CLIPTextModel, "text_encoder"), get(CLIPTokenizer, "tokenizer")
-    scheduler = get(DDPMScheduler, "scheduler")
-    if scheduler.config.prediction_type != "epsilon":
-        die(f"'{name}' predicts {scheduler.config.prediction_type}; dipp supports ε-prediction SD-1.x models")
-    # frozen nets are stored in the low-precision dtype: we never backprop into their weights
-    for m in (unet, text_encoder):
-        freeze(m, device, dtype)
-    # NOTE: the VAE decoder stays fp32 under fp16 (its activations overflow fp16 at 512 px); bf16 is safe
-    freeze(vae, device, torch.float32 if dtype == torch.float16 else dtype)
-    return readout_in_fp32(unet), vae, text_encoder, tokenizer, Schedule(scheduler.alphas_cumprod)
-
-
-def freeze(module, device, dtype):
-    """eval mode, no weight gradients, on device in dtype (cast only when needed: .to(dtype) warns)."""
-    module.to(device).eval().requires_grad_(False)
-    return module if dtype == torch.float32 else module.to(dtype)
+def pixart_eps(transformer, x_t, t, cond):
+    """PixArt's transformer predicts 8 channels: ε̂ and the variance its own sampler learned. Only ε̂ is a
+    score (s = −ε̂/σ), so the second half is dropped, and gets exactly zero gradient."""
+    extra = None  # 1024-px models condition on the image size: [h, w] in pixels (VAE: 8 per latent) and h/w
+    if getattr(transformer, "module", transformer).use_additional_conditions:
+        B, (h, w) = x_t.shape[0], x_t.shape[-2:]
+        extra = {"resolution": x_t.new_tensor([[8.0 * h, 8.0 * w]]).expand(B, 2),
+                 "aspect_ratio": x_t.new_tensor([[h / w]]).expand(B, 1)}
+    out = transformer(x_t, encoder_hidden_states=cond.emb, encoder_attention_mask=cond.mask, timestep=t,
+                      added_cond_kwargs=extra).sample  # (B, 8, h, w)
+    return out[:, :x_t.shape[1]]  # ε̂: (B, 4, h, w)
 
 
 @torch.no_grad()
@@ -471,6 +488,120 @@ def encode_prompts(tokenizer, text_encoder, prompts):
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids.to(text_encoder.device)
     return text_encoder(ids)[0].float()  # (B, 77, D)
+
+
+@torch.no_grad()
+def encode_prompts_t5(tokenizer, text_encoder, prompts):
+    """c as PixArtAlphaPipeline.encode_prompt makes it without caption cleaning: lower-cased, padded to 120 T5
+    tokens, the mask passed to T5 and kept for the transformer's cross-attention."""
+    tok = tokenizer([p.lower().strip() for p in prompts], padding="max_length", max_length=120, truncation=True,
+                    return_tensors="pt").to(text_encoder.device)
+    return MaskedText(text_encoder(tok.input_ids, attention_mask=tok.attention_mask)[0], tok.attention_mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How to load one kind of text-to-image diffusion model, encode its prompts and call it as ε(x_t, t, c)."""
+    name: str
+    denoiser: str  # diffusers class of the ε-network, kept in the pipeline folder's subfolder `folder`
+    folder: str
+    text_encoder: str  # transformers classes of the text encoder and its tokenizer
+    tokenizer: str
+    eps: typing.Callable  # eps(net, x_t, t, c) -> ε̂ (B, 4, h, w)
+    encode: typing.Callable  # encode(tokenizer, text_encoder, prompts) -> c
+    pre_encode: bool  # encode every prompt once at start-up (cached in output_dir), then free the text encoder
+    readout: str  # the denoiser's last layer, computed in fp32 (Fp32Readout)
+    t_star: int  # default t* of the one-step generator (see OneStepGenerator)
+    lora_targets: tuple  # layers that get a LoRA adapter under --lora_rank (never the readout)
+
+
+FAMILIES = {f.name: f for f in (
+    Family("sd", "UNet2DConditionModel", "unet", "CLIPTextModel", "CLIPTokenizer", sd_eps, encode_prompts,
+           False, "conv_out", 999,  # DMD2's t* and LoRA layers
+           ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+            "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")),
+    # T5-XXL (4.8 B parameters, 9.5 GB in bf16) only ever encodes the fixed prompt lists: pre-encoded, it never
+    # sits beside the three transformers. t* = 400 as PixArt-α-DMD (NOTE(deviation) in OneStepGenerator).
+    Family("pixart", "PixArtTransformer2DModel", "transformer", "T5EncoderModel", "AutoTokenizer", pixart_eps,
+           encode_prompts_t5, True, "proj_out", 400,
+           ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "adaln_single.linear")))}
+
+
+def family_of(net):
+    return {f.denoiser: f for f in FAMILIES.values()}[type(getattr(net, "module", net)).__name__]  # (DDP: .module)
+
+
+def denoise(net, x_t, t, cond):
+    """ε̂(x_t, t, c) of any family's denoiser."""
+    return family_of(net).eps(net, x_t, t, cond)
+
+
+def find_family(name):
+    """A folder's family from its layout (transformer/ or unet/), a hub id's from its model_index.json."""
+    if os.path.isdir(name):
+        return FAMILIES["pixart" if os.path.isdir(os.path.join(name, "transformer")) else "sd"]
+    from diffusers import DiffusionPipeline
+    index = load_or_die(lambda: DiffusionPipeline.load_config(name), name, "model_index.json")
+    return FAMILIES["pixart" if "transformer" in index else "sd"]
+
+
+def load_sd(name, device, dtype, text_encoder=True):
+    """Teacher denoiser, VAE, text encoder, tokenizer and schedule of a diffusers SD-1.x or PixArt-α folder or
+    hub id. text_encoder=False returns None for it: train() loads it only where it is needed."""
+    import diffusers
+    import transformers
+    fam = find_family(name)
+    if os.path.isdir(name):
+        missing = [f for f in (f"{fam.folder}/config.json", "vae/config.json", "text_encoder/config.json",
+                               "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json")
+                   if not os.path.isfile(os.path.join(name, f))]
+        if missing:
+            die(f"'{name}' is not a complete diffusers SD-1.x or PixArt-α folder: missing {', '.join(missing)}. "
+                "Get one with `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 (or "
+                "PixArt-alpha/PixArt-XL-2-512x512) --local-dir DIR`")
+    get = lambda cls, sub: load_or_die(lambda: cls.from_pretrained(name, subfolder=sub), name, f"{sub}/")
+    unet, vae = get(getattr(diffusers, fam.denoiser), fam.folder), get(diffusers.AutoencoderKL, "vae")
+    tokenizer, scheduler = get(getattr(transformers, fam.tokenizer), "tokenizer"), get(diffusers.DDPMScheduler, "scheduler")
+    if scheduler.config.prediction_type != "epsilon":
+        die(f"'{name}' predicts {scheduler.config.prediction_type}; dipp supports ε-prediction models")
+    # frozen nets are stored in the low-precision dtype: we never backprop into their weights
+    freeze(unet, device, dtype)
+    # NOTE: the VAE decoder stays fp32 under fp16 (its activations overflow fp16 at 512 px); bf16 is safe
+    freeze(vae, device, torch.float32 if dtype == torch.float16 else dtype)
+    text_encoder = load_text_encoder(name, fam, device, dtype) if text_encoder else None
+    return readout_in_fp32(unet), vae, text_encoder, tokenizer, Schedule(scheduler.alphas_cumprod)
+
+
+def load_text_encoder(name, fam, device, dtype):
+    import transformers
+    cls = getattr(transformers, fam.text_encoder)
+    return freeze(load_or_die(lambda: cls.from_pretrained(name, subfolder="text_encoder"), name, "text_encoder/"),
+                  device, dtype)
+
+
+def conditioning(cfg, fam, tokenizer, prompt_lists, device, dtype, main_rank=True, world=1):
+    """(prompts -> c, text encoder or None). SD's CLIP encoder (123 M) runs every step. A pre-encoding family
+    (PixArt's T5) encodes each prompt of the lists once, cached in output_dir/text_embeddings, and is freed
+    before the trainable nets exist; a rerun or resume with the same prompts never loads it."""
+    name = cfg.pretrained_model_name_or_path
+    if not fam.pre_encode:
+        text_encoder = load_text_encoder(name, fam, device, dtype)
+        return (lambda prompts: fam.encode(tokenizer, text_encoder, prompts)), text_encoder
+    prompts = list(dict.fromkeys(p for ps in prompt_lists for p in ps))
+    make_encoder = lambda: (lambda batch, enc=load_text_encoder(name, fam, device, dtype):
+                            fam.encode(tokenizer, enc, batch)._asdict())
+    table = encoded_prompts(os.path.join(cfg.output_dir, "text_embeddings"), [name, fam.name, str(dtype)], prompts,
+                            make_encoder, main_rank=main_rank, world=world)
+    row = {p: i for i, p in enumerate(prompts)}
+    # B rows copied to the device at the top of a step, when the previous step's work is already done
+    return (lambda batch: MaskedText(**{k: v[[row[p] for p in batch]].to(device) for k, v in table.items()})
+            .to(torch.float32)), None
+
+
+def freeze(module, device, dtype):
+    """eval mode, no weight gradients, on device in dtype (cast only when needed: .to(dtype) warns)."""
+    module.to(device).eval().requires_grad_(False)
+    return module if dtype == torch.float32 else module.to(dtype)
 
 
 def decode(vae, x0):
@@ -549,33 +680,34 @@ def make_adam(params, lr, cfg, device):
 
 
 def build_generator(cfg, teacher, schedule, device):
-    """g_θ: a trainable fp32 copy of the teacher UNet (or of --generator_init: a UNet folder, or a weight
-    file on the teacher's config; or a LoRA adapter on the teacher) used as a one-step model."""
+    """g_θ: a trainable fp32 copy of the teacher's denoiser (or of --generator_init: a model folder, a pipeline
+    folder holding one, or a weight file on the teacher's config; or a LoRA adapter on the teacher) used as a
+    one-step model."""
     import copy
-    from diffusers import UNet2DConditionModel
+    fam = family_of(teacher)
     if cfg.lora_rank:
         if cfg.generator_init:
             die("--lora_rank trains an adapter on the teacher and cannot start from --generator_init; drop one")
-        unet = lora_copy(teacher, cfg.lora_rank, "generator")
+        unet = lora_copy(teacher, cfg.lora_rank, "generator", fam.lora_targets)
     elif os.path.isfile(cfg.generator_init):  # a bare UNet weight file, as DMD2 releases its SD1.5 generator
         unet = load_weights_or_die(teacher.__class__.from_config(teacher.config), cfg.generator_init)
         unet.to(device, torch.float32).requires_grad_(True)
-    elif cfg.generator_init:  # a diffusers UNet folder (what dipp exports) or hub id
-        name = cfg.generator_init
-        unet = load_or_die(lambda: UNet2DConditionModel.from_pretrained(name, torch_dtype=torch.float32), name,
-                           "the --generator_init UNet")
+    elif cfg.generator_init:  # a model folder (what dipp exports), a pipeline folder (PixArt-α-DMD's), a hub id
+        name, sub = cfg.generator_init, find_subfolder(cfg.generator_init, fam.folder)
+        unet = load_or_die(lambda: type(teacher).from_pretrained(name, subfolder=sub, torch_dtype=torch.float32), name,
+                           f"the --generator_init {fam.denoiser}")
         unet.to(device).requires_grad_(True)
     else:
         unet = copy.deepcopy(teacher).to(device, torch.float32).requires_grad_(True)  # fp32 master weights
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    return OneStepGenerator(readout_in_fp32(unet).train(), schedule, cfg.generator_timestep)
+    return OneStepGenerator(readout_in_fp32(unet).train(), schedule, cfg.generator_timestep or fam.t_star)
 
 
 def build_fake_score(cfg, teacher, device):
     """s_ψ, initialised from the reference (METHOD.md §4): an fp32 copy of the teacher, or a LoRA adapter."""
     if cfg.lora_rank:
-        fake = lora_copy(teacher, cfg.lora_rank, "fake_score")
+        fake = lora_copy(teacher, cfg.lora_rank, "fake_score", family_of(teacher).lora_targets)
     else:
         fake = teacher.__class__.from_config(teacher.config)
         fake.load_state_dict(teacher.state_dict())
@@ -596,8 +728,12 @@ def train(cfg):
         prepare_output_dir(cfg, main_rank)
     prompts = load_prompts(cfg.prompts, BUILTIN_PROMPTS, "--prompts")
     val_prompts = load_prompts(cfg.validation_prompts, VALIDATION_PROMPTS, "--validation_prompts")
-    teacher, vae, text_encoder, tokenizer, schedule = load_sd(cfg.pretrained_model_name_or_path, device, dtype)
+    teacher, vae, _, tokenizer, schedule = load_sd(cfg.pretrained_model_name_or_path, device, dtype, text_encoder=False)
+    fam = family_of(teacher)
+    cfg.generator_timestep = cfg.generator_timestep or fam.t_star  # 0 = the family's default t*
     check_config(cfg, schedule.T)
+    # prompts -> c; PixArt's T5 encodes the three lists once, then is freed (before G and ψ exist)
+    text, text_encoder = conditioning(cfg, fam, tokenizer, [prompts, val_prompts, [""]], device, dtype, main_rank, world)
     G, fake = build_generator(cfg, teacher, schedule, device), build_fake_score(cfg, teacher, device)
     if cfg.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
@@ -624,7 +760,7 @@ def train(cfg):
     states = dict(opt_G=opt_G, opt_fake=opt_fake, scaler_G=scaler_G, scaler_fake=scaler_fake)  # checkpointed
     ema = [p.detach().clone() for p in G_params] if cfg.ema_decay > 0 else None  # (optional) θ_ema
     step = load_checkpoint(cfg, G, fake, states, ema, rank, world, device) if cfg.resume_from_checkpoint else 0
-    null_emb = encode_prompts(tokenizer, text_encoder, [""])  # (1, 77, D): c = ∅ for CFG
+    null_cond = text([""])  # c = ∅ for CFG: the empty prompt's (1, 77, D) CLIP states, or T5 states + mask
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
     # fixed noise for the held-out prompts, from its own generator so the training RNG is untouched
     val_z = torch.randn((len(val_prompts), *latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
@@ -637,7 +773,7 @@ def train(cfg):
         with ctx, ema_weights(G_params, ema):
             for i in range(0, len(val_prompts), cfg.train_batch_size):
                 c = val_prompts[i:i + cfg.train_batch_size]
-                images.append(decode(vae, G(val_z[i:i + len(c)].to(device), encode_prompts(tokenizer, text_encoder, c))))
+                images.append(decode(vae, G(val_z[i:i + len(c)].to(device), text(c))))
                 if reward is not None:
                     rewards.append(reward(images[-1], c).float())
         save_grid(torch.cat(images)[:4], val_prompts[:4], os.path.join(cfg.output_dir, f"samples_{tag}.png"))
@@ -655,6 +791,7 @@ def train(cfg):
     if step == 0 and writes:
         log.write({"step": 0, **validate("0000")})
     B, timings, skipped = cfg.train_batch_size, [], {"skipped_G": 0, "skipped_fake": 0}
+    startup_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the benchmark's peak is the training loop's, not loading's
     with StopSignals() as signals:
@@ -663,9 +800,9 @@ def train(cfg):
             if cfg.compile == "reduce-overhead":  # CUDA graphs: last iteration's graph outputs may be reused now
                 torch.compiler.cudagraph_mark_step_begin()
             batch = [prompts[i] for i in torch.randint(len(prompts), (world * B,))[rank * B:(rank + 1) * B].tolist()]  # c ~ prompts
-            cond = encode_prompts(tokenizer, text_encoder, batch)  # (B, 77, D)
+            cond = text(batch)  # c: (B, 77, D), or MaskedText((B, 120, D), (B, 120))
             G_c = lambda z: G_train(z, cond)
-            real_c = guided(real_eps, cond, null_emb.expand_as(cond), cfg.guidance_scale)
+            real_c = guided(real_eps, cond, null_cond.expand_as(cond), cfg.guidance_scale)
             reward_c = (lambda x0: reward(decode(vae, x0), batch)) if reward is not None else None
             try:
                 # (z, t, ε) for the K_TA fake updates, then for the generator update (drawn up front, same order)
@@ -724,13 +861,13 @@ def train(cfg):
                     log.close()
                 raise SystemExit(130 if signals.requested in (0, 2) else 128 + signals.requested)
     bar.close()
-    result = print_benchmark(cfg, timings, world, device) if cfg.benchmark and main_rank else None
+    result = print_benchmark(cfg, timings, world, device, startup_peak) if cfg.benchmark and main_rank else None
     if writes:
         log.close()  # also draws curves.png from log.jsonl
         with ema_weights(G_params, ema):  # the exported generator is the EMA one; G keeps the raw weights
             export_generator(G, os.path.join(cfg.output_dir, "generator"))
     return dict(G=G, fake=fake, teacher=teacher, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                reward=reward, schedule=schedule, benchmark=result)
+                reward=reward, schedule=schedule, benchmark=result, text=text)
 
 
 @torch.no_grad()
@@ -741,18 +878,19 @@ def generate(cfg):
     device = pick_device(cfg.device)
     ctx, dtype = precision(cfg, device)
     torch.manual_seed(cfg.seed)
-    cfg.lora_rank = 0  # an exported generator is a plain UNet (a LoRA one was merged on export)
+    cfg.lora_rank = 0  # an exported generator is a plain model (a LoRA one was merged on export)
     meta = os.path.join(cfg.generator_init, "dipp.json")
     if os.path.isfile(meta):
         cfg.generator_timestep = json.load(open(meta))["generator_timestep"]
-    teacher, vae, text_encoder, tokenizer, schedule = load_sd(cfg.pretrained_model_name_or_path, device, dtype)
+    teacher, vae, _, tokenizer, schedule = load_sd(cfg.pretrained_model_name_or_path, device, dtype, text_encoder=False)
     check_config(cfg, schedule.T)
-    G = build_generator(cfg, teacher, schedule, device).eval()
     prompts = [p.strip() for p in cfg.generate.split("|") if p.strip()]
+    text, _ = conditioning(cfg, family_of(teacher), tokenizer, [prompts], device, dtype)
+    G = build_generator(cfg, teacher, schedule, device).eval()
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
     z = torch.randn((len(prompts), *latent_shape), device=device)  # z ~ N(0, I)
     with ctx:
-        images = decode(vae, G(z, encode_prompts(tokenizer, text_encoder, prompts)))
+        images = decode(vae, G(z, text(prompts)))
     os.makedirs(cfg.output_dir, exist_ok=True)
     for i, (image, prompt) in enumerate(zip(images, prompts)):
         save_grid(image[None], [prompt], os.path.join(cfg.output_dir, f"generated_{i:02d}.png"))
@@ -767,8 +905,8 @@ def main(argv=None):
     cfg = parse_config(argv)
     check_config(cfg)
     rank, world, _ = init_distributed(cfg)
-    if cfg.tiny or cfg.random_sd15:  # random weights, same code path as SD1.5, nothing downloaded
-        shapes = "tiny" if cfg.tiny else "sd15"
+    shapes = cfg.random_weights or ("tiny" if cfg.tiny else "sd15" if cfg.random_sd15 else "")
+    if shapes:  # random weights, same code path as SD1.5 / PixArt-α, nothing downloaded
         folder = os.path.join(cfg.output_dir, shapes)
         if rank == 0:
             writable_dir(cfg.output_dir)
@@ -776,7 +914,7 @@ def main(argv=None):
             build_random(folder, shapes, cfg.seed)
         if world > 1:
             torch.distributed.barrier()  # the other ranks load what rank 0 wrote
-        cfg.pretrained_model_name_or_path = os.path.join(folder, "sd")
+        cfg.pretrained_model_name_or_path = os.path.join(folder, "pixart" if "pixart" in shapes else "sd")
         if cfg.reward != "none":
             cfg.reward, cfg.reward_model_path = "clip", os.path.join(folder, "clip")
     return generate(cfg) if cfg.generate else train(cfg)

@@ -57,6 +57,19 @@ def load_weights_or_die(module, path):
     return module
 
 
+def find_subfolder(name, sub):
+    """`sub` when the local folder or hub repo `name` keeps the model in sub/ (a pipeline layout such as
+    PixArt-α-DMD's transformer/ + scheduler/), else None (the model's own folder: config.json at the top)."""
+    if os.path.isdir(name):
+        return sub if os.path.isfile(os.path.join(name, sub, "config.json")) else None
+    from huggingface_hub import hf_hub_download
+    try:
+        hf_hub_download(name, "config.json", subfolder=sub)
+        return sub
+    except Exception:  # not found, or offline and not cached: load from the top and let that error speak
+        return None
+
+
 def writable_dir(path, flag="--output_dir"):
     """Create path if needed and prove it can be written: one line now instead of a crash at the first save."""
     try:
@@ -98,6 +111,34 @@ def load_prompts(path, default, flag):
     if not prompts or any("\x00" in p for p in prompts):
         die(f"{flag} file '{path}' has no prompts (or is binary); write one prompt per line")
     return prompts
+
+
+def encoded_prompts(folder, key, prompts, make_encoder, batch_size=32, main_rank=True, world=1):
+    """{name: (N, ...) CPU tensor} of every prompt's text conditioning, row i for prompts[i]: read from
+    folder/<hash>.safetensors when an earlier run (or rank 0) wrote it, else computed once in batches by
+    make_encoder()(prompts) -> {name: tensor} and written there (atomically). The file is keyed by a hash of
+    `key` (the model) and the prompts, so a changed prompt file or model never reads stale embeddings.
+    make_encoder is called only on a miss and its encoder dropped on return: a 4.8 B-parameter T5 is loaded,
+    used and freed before training starts, and a resumed run never loads it. Only rank 0 computes."""
+    import hashlib
+    from safetensors.torch import load_file, save_file
+    digest = hashlib.sha256(json.dumps([key, prompts]).encode()).hexdigest()[:16]
+    path = os.path.join(folder, f"{digest}.safetensors")
+    if main_rank and not os.path.isfile(path):
+        encode, parts = make_encoder(), []
+        with torch.no_grad():
+            for i in range(0, len(prompts), batch_size):
+                parts.append({k: v.cpu() for k, v in encode(prompts[i:i + batch_size]).items()})
+        del encode  # the text encoder goes with it
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        writable_dir(folder)
+        save_file({k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}, path + ".tmp",
+                  metadata={"key": json.dumps(key), "prompts": json.dumps(prompts)})
+        os.replace(path + ".tmp", path)
+    if world > 1:
+        torch.distributed.barrier()  # the other ranks read what rank 0 wrote
+    return load_file(path)
 
 
 class PromptCache(dict):
@@ -209,18 +250,16 @@ def ema_weights(params, ema):
 # 4. Memory and speed switches: LoRA on one shared base, checkpointed reward towers, torch.compile
 
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
-                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]  # DMD2's list
-
-
-def lora_copy(base, rank, name):
-    """(optional, --lora_rank) A UNet that *shares* base's frozen weights (deepcopy with a memo mapping every
-    base parameter to itself) plus one trainable rank-R LoRA adapter. Teacher, generator and fake score then
-    cost one base UNet; the teacher is the base itself. LoRA's B starts at 0, so the copy starts = teacher."""
+def lora_copy(base, rank, name, targets):
+    """(optional, --lora_rank) A denoiser that *shares* base's frozen weights (deepcopy with a memo mapping every
+    base parameter to itself) plus one trainable rank-R LoRA adapter on the layers named in `targets`. Teacher,
+    generator and fake score then cost one base network; the teacher is the base itself. LoRA's B starts at 0,
+    so the copy starts = teacher. PEFT injects the adapter directly (what diffusers' add_adapter does for a
+    UNet), so the same code serves PixArt's transformer, which has no add_adapter."""
     import copy
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     unet = copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS), adapter_name=name)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)), unet, adapter_name=name)
     for p in unet.parameters():
         if p.requires_grad:  # PEFT gives the adapter the base's (low) dtype; train it in fp32
             p.data = p.data.float()
@@ -477,15 +516,25 @@ class StopSignals:
 # 7. What a run leaves behind: the exported generator, sample grids, the benchmark line
 
 
+def merged_lora(net):
+    """A copy of a LoRA-carrying network with each adapter merged into its layer, W ← W + (α/r)·B·A, and the
+    PEFT wrappers replaced by the plain layers: the same function as a plain diffusers model, no PEFT needed."""
+    import copy
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    net = copy.deepcopy(net).to(torch.float32)  # a copy: merging writes into the (shared) base weights
+    for name, layer in [(n, m) for n, m in net.named_modules() if isinstance(m, BaseTunerLayer)]:
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent), child, layer.get_base_layer())
+    return net
+
+
 def export_generator(G, folder):
-    """The trained generator as a plain diffusers UNet folder (+ dipp.json with t*); a LoRA generator is
-    merged into (a copy of) its base first, so any diffusers pipeline loads it without PEFT."""
+    """The trained generator as a plain diffusers model folder (a UNet, or PixArt's transformer; + dipp.json
+    with t*); a LoRA generator is merged into (a copy of) its base first, so any diffusers pipeline loads it."""
     unet = G.unet
-    if getattr(unet, "peft_config", None):  # set by add_adapter: this generator is a LoRA adapter
-        import copy
-        unet = copy.deepcopy(unet).to(torch.float32)  # a copy: fusing writes into the (shared) base weights
-        unet.fuse_lora()
-        unet.unload_lora()
+    if any("lora_" in k for k in trainable_named(unet)):  # this generator is a LoRA adapter on a shared base
+        unet = merged_lora(unet)
     unet.save_pretrained(folder)
     with open(os.path.join(folder, "dipp.json"), "w") as f:
         json.dump({"generator_timestep": G.t_star}, f)
@@ -505,10 +554,11 @@ def save_grid(images, prompts, path):
     grid.save(path)
 
 
-def print_benchmark(cfg, timings, world, device):
+def print_benchmark(cfg, timings, world, device, startup_peak=None):
     """One machine-readable line: the mean over the iterations after the first two (warm-up, which is
     also when --compile compiles: warmup_s). With --reuse_generator_sample the shared generator forward
-    counts in the fake-score update's time."""
+    counts in the fake-score update's time. On a GPU peak_memory_gib is the training loop's; startup_peak_gib
+    the peak before it (loading, and PixArt's T5 encoding the prompts before it is freed)."""
     import resource
     warm = timings[2:] or timings
     fake_s, gen_s = (sum(t[i] for t in warm) / len(warm) for i in (0, 1))
@@ -518,7 +568,8 @@ def print_benchmark(cfg, timings, world, device):
         "images_per_s": round(world * cfg.train_batch_size / (fake_s + gen_s), 4),
         "warmup_s": round(sum(map(sum, timings[:2])), 2),
         "s_per_generator_update": round(gen_s, 5), "s_per_fake_update": round(fake_s / cfg.fake_steps_per_G, 5),
-        "peak_memory_gib": round(peak / 2 ** 30, 3), "memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
+        "peak_memory_gib": round(peak / 2 ** 30, 3),
+        "startup_peak_gib": None if startup_peak is None else round(startup_peak / 2 ** 30, 3), "memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
         "batch": cfg.train_batch_size, "world": world, "iterations": len(warm), "mixed_precision": cfg.mixed_precision,
         "gradient_checkpointing": cfg.gradient_checkpointing, "lora_rank": cfg.lora_rank, "compile": cfg.compile,
         "reuse_generator_sample": cfg.reuse_generator_sample,

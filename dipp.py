@@ -888,7 +888,8 @@ def generate(cfg):
     text, _ = conditioning(cfg, family_of(teacher), tokenizer, [prompts], device, dtype)
     G = build_generator(cfg, teacher, schedule, device).eval()
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
-    z = torch.randn((len(prompts), *latent_shape), device=device)  # z ~ N(0, I)
+    # z ~ N(0, I) from its own seeded generator: loading may draw from torch's (PixArt's __init__ does)
+    z = torch.randn((len(prompts), *latent_shape), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     with ctx:
         images = decode(vae, G(z, text(prompts)))
     os.makedirs(cfg.output_dir, exist_ok=True)

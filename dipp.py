@@ -36,10 +36,8 @@ Simplifications vs. the paper (each also marked NOTE(deviation) where it happens
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
-import time
 import typing
 
 import torch
@@ -47,11 +45,13 @@ import torch.nn.functional as F
 
 # The run-keeping machinery (checkpoints, EMA, LoRA sharing, torchrun, compile, export, benchmark) lives
 # in plumbing.py, so that this file holds the method. It never imports dipp.
-from plumbing import (PromptCache, RunLog, StopSignals, checkpoint_blocks, compile_nets, die, ema_update,
-                      ema_weights, encoded_prompts, export_generator, find_subfolder, init_distributed,
-                      list_checkpoints, load_checkpoint, load_or_die, load_prompts, load_weights_or_die, lora_copy,
-                      optimizer_step, parse_dataclass, pick_device, prepare_output_dir, print_benchmark, rng_states,
-                      save_checkpoint, save_grid, trainable, writable_dir)
+from plumbing import (PromptCache, RunLog, StopSignals, benchmark_clock, check_config, checkpoint_blocks,
+                      compile_nets, data_parallel, die, die_non_finite, ema_update, ema_weights,
+                      encoded_prompts, export_generator, files_stamp, find_subfolder, fp32_layer, freeze,
+                      init_distributed, list_checkpoints, load_checkpoint, load_or_die, load_prompts,
+                      load_weights_or_die, lora_copy, make_adam, optimizer_step, parse_dataclass, pick_device,
+                      prepare_output_dir, print_benchmark, record_config, rng_states, save_checkpoint,
+                      save_grid, trainable, writable_dir)
 
 # -----------------------------------------------------------------------------
 # 1. Config. Every field is a command-line flag; the inline comment is its --help text.
@@ -124,35 +124,6 @@ def parse_config(argv=None):
     """Every Config field is a flag --field: type from its annotation, help from its inline comment."""
     return parse_dataclass(Config, argv, CHOICES, prog="dipp.py", description=__doc__.split("\n\n")[1])
 
-
-def check_config(cfg, num_train_timesteps=1000):
-    """Reject settings that would crash deep inside a library or train silently wrong."""
-    T = num_train_timesteps
-    for f in dataclasses.fields(cfg):
-        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
-            die(f"--{f.name} {getattr(cfg, f.name)} is not a finite number")
-    for name in ("learning_rate", "fake_learning_rate"):
-        if getattr(cfg, name) <= 0:
-            die(f"--{name} {getattr(cfg, name)} must be > 0 (Diff-Instruct and DMD2 use 1e-5)")
-    if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1):
-        die(f"--adam_beta1/--adam_beta2 must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
-    for name in ("max_grad_norm", "lora_rank", "checkpoints_total_limit"):
-        if getattr(cfg, name) < 0:
-            die(f"--{name} {getattr(cfg, name)} must be >= 0 (0 = off)")
-    if not 0 <= cfg.ema_decay < 1:
-        die(f"--ema_decay {cfg.ema_decay} must be in [0, 1): 0 = off, 0.999 = a ~1000-step average")
-    if not 0 <= cfg.generator_timestep < T:
-        die(f"--generator_timestep {cfg.generator_timestep} is outside the schedule; use 1..{T - 1} (0 = the family's)")
-    if not 0 <= cfg.t_min < cfg.t_max < T:
-        die(f"need 0 <= --t_min < --t_max < {T}, got t_min={cfg.t_min} t_max={cfg.t_max}")
-    if cfg.guidance_scale < 1:
-        die(f"--guidance_scale {cfg.guidance_scale} < 1 would push samples *away* from the prompt; use ω >= 1")
-    for name in ("train_batch_size", "max_train_steps", "fake_steps_per_G", "checkpointing_steps",
-                 "validation_steps"):
-        if getattr(cfg, name) < 1:
-            die(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
-    if cfg.reward_scale < 0:
-        die(f"--reward_scale {cfg.reward_scale} < 0 would minimise the reward; use α_rew >= 0")
 
 # -----------------------------------------------------------------------------
 # 2. Small utilities
@@ -256,28 +227,12 @@ def unet_eps(net):
     return eps
 
 
-class Fp32Readout(torch.nn.Conv2d):
-    """The UNet's last layer (conv_out, which outputs ε̂) computed in fp32 even under bf16/fp16 autocast.
-    Why: x0 = (z − σ ε̂)/α divides by α_{t*} = 0.068 at t* = 999, so bf16's rounding of ε̂ (~0.2 %) would
-    be amplified ~14.6× into every sample (~0.024 rms per latent element); the IKL gradient's ε̃_ref − ε̂_fake
-    carries the same 1/α at high t. One small conv in fp32 costs nothing; the weights are unchanged."""
-
-    def forward(self, x):
-        with torch.autocast(x.device.type, enabled=False):
-            return self._conv_forward(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
-
-
-class Fp32LinearReadout(torch.nn.Linear):
-    """The same for PixArt's last layer, proj_out (a Linear to patch² × 8 channels, of which the ε half matters)."""
-
-    def forward(self, x):
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
-
-
 def readout_in_fp32(net):
-    layer = getattr(net, family_of(net).readout)  # same parameters and state_dict keys; copies keep the class
-    layer.__class__ = Fp32Readout if isinstance(layer, torch.nn.Conv2d) else Fp32LinearReadout
+    """The denoiser's last layer (conv_out, or PixArt's proj_out), which outputs ε̂, computed in fp32 under bf16
+    autocast. Why: x0 = (z − σ ε̂)/α divides by α_{t*} (0.068 for SD at t* = 999), so bf16's rounding of ε̂
+    (~0.2 %) would be amplified into every sample (~0.024 rms per SD latent element); the IKL gradient's
+    ε̃_ref − ε̂_fake carries the same 1/α at high t. One small layer in fp32 costs nothing; same weights."""
+    fp32_layer(getattr(net, family_of(net).readout))
     return net
 
 
@@ -505,24 +460,23 @@ class Family:
     name: str
     denoiser: str  # diffusers class of the ε-network, kept in the pipeline folder's subfolder `folder`
     folder: str
-    text_encoder: str  # transformers classes of the text encoder and its tokenizer
-    tokenizer: str
+    text: tuple  # transformers classes of the text encoder and its tokenizer
     eps: typing.Callable  # eps(net, x_t, t, c) -> ε̂ (B, 4, h, w)
     encode: typing.Callable  # encode(tokenizer, text_encoder, prompts) -> c
     pre_encode: bool  # encode every prompt once at start-up (cached in output_dir), then free the text encoder
-    readout: str  # the denoiser's last layer, computed in fp32 (Fp32Readout)
+    readout: str  # the denoiser's last layer, computed in fp32 (readout_in_fp32)
     t_star: int  # default t* of the one-step generator (see OneStepGenerator)
     lora_targets: tuple  # layers that get a LoRA adapter under --lora_rank (never the readout)
 
 
 FAMILIES = {f.name: f for f in (
-    Family("sd", "UNet2DConditionModel", "unet", "CLIPTextModel", "CLIPTokenizer", sd_eps, encode_prompts,
+    Family("sd", "UNet2DConditionModel", "unet", ("CLIPTextModel", "CLIPTokenizer"), sd_eps, encode_prompts,
            False, "conv_out", 999,  # DMD2's t* and LoRA layers
            ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
             "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")),
     # T5-XXL (4.8 B parameters, 9.5 GB in bf16) only ever encodes the fixed prompt lists: pre-encoded, it never
     # sits beside the three transformers. t* = 400 as PixArt-α-DMD (NOTE(deviation) in OneStepGenerator).
-    Family("pixart", "PixArtTransformer2DModel", "transformer", "T5EncoderModel", "AutoTokenizer", pixart_eps,
+    Family("pixart", "PixArtTransformer2DModel", "transformer", ("T5EncoderModel", "AutoTokenizer"), pixart_eps,
            encode_prompts_t5, True, "proj_out", 400,
            ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "adaln_single.linear")))}
 
@@ -561,7 +515,7 @@ def load_sd(name, device, dtype, text_encoder=True):
                 "PixArt-alpha/PixArt-XL-2-512x512) --local-dir DIR`")
     get = lambda cls, sub: load_or_die(lambda: cls.from_pretrained(name, subfolder=sub), name, f"{sub}/")
     unet, vae = get(getattr(diffusers, fam.denoiser), fam.folder), get(diffusers.AutoencoderKL, "vae")
-    tokenizer, scheduler = get(getattr(transformers, fam.tokenizer), "tokenizer"), get(diffusers.DDPMScheduler, "scheduler")
+    tokenizer, scheduler = get(getattr(transformers, fam.text[1]), "tokenizer"), get(diffusers.DDPMScheduler, "scheduler")
     if scheduler.config.prediction_type != "epsilon":
         die(f"'{name}' predicts {scheduler.config.prediction_type}; dipp supports ε-prediction models")
     # frozen nets are stored in the low-precision dtype: we never backprop into their weights
@@ -574,9 +528,8 @@ def load_sd(name, device, dtype, text_encoder=True):
 
 def load_text_encoder(name, fam, device, dtype):
     import transformers
-    cls = getattr(transformers, fam.text_encoder)
-    return freeze(load_or_die(lambda: cls.from_pretrained(name, subfolder="text_encoder"), name, "text_encoder/"),
-                  device, dtype)
+    load = lambda: getattr(transformers, fam.text[0]).from_pretrained(name, subfolder="text_encoder")
+    return freeze(load_or_die(load, name, "text_encoder/"), device, dtype)
 
 
 def conditioning(cfg, fam, tokenizer, prompt_lists, device, dtype, main_rank=True, world=1):
@@ -587,21 +540,12 @@ def conditioning(cfg, fam, tokenizer, prompt_lists, device, dtype, main_rank=Tru
     if not fam.pre_encode:
         text_encoder = load_text_encoder(name, fam, device, dtype)
         return (lambda prompts: fam.encode(tokenizer, text_encoder, prompts)), text_encoder
-    prompts = list(dict.fromkeys(p for ps in prompt_lists for p in ps))
     make_encoder = lambda: (lambda batch, enc=load_text_encoder(name, fam, device, dtype):
                             fam.encode(tokenizer, enc, batch)._asdict())
-    table = encoded_prompts(os.path.join(cfg.output_dir, "text_embeddings"), [name, fam.name, str(dtype)], prompts,
-                            make_encoder, main_rank=main_rank, world=world)
-    row = {p: i for i, p in enumerate(prompts)}
-    # B rows copied to the device at the top of a step, when the previous step's work is already done
-    return (lambda batch: MaskedText(**{k: v[[row[p] for p in batch]].to(device) for k, v in table.items()})
-            .to(torch.float32)), None
-
-
-def freeze(module, device, dtype):
-    """eval mode, no weight gradients, on device in dtype (cast only when needed: .to(dtype) warns)."""
-    module.to(device).eval().requires_grad_(False)
-    return module if dtype == torch.float32 else module.to(dtype)
+    key = [name, fam.name, str(dtype), files_stamp(os.path.join(name, "text_encoder"), os.path.join(name, "tokenizer"))]
+    rows = encoded_prompts(os.path.join(cfg.output_dir, "text_embeddings"), key,
+                           [p for ps in prompt_lists for p in ps], make_encoder, device, main_rank, world)
+    return (lambda batch: MaskedText(**rows(batch)).to(torch.float32)), None
 
 
 def decode(vae, x0):
@@ -673,12 +617,6 @@ def generator_step(G, real_eps, fake_eps, reward_fn, G_params, opt, scaler, nois
             "grad_reward": grad_reward, "skipped": skipped}
 
 
-def make_adam(params, lr, cfg, device):
-    fused = device.type == "cuda"  # one kernel per step instead of one per tensor
-    return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=0.0,
-                             fused=fused)
-
-
 def build_generator(cfg, teacher, schedule, device):
     """g_θ: a trainable fp32 copy of the teacher's denoiser (or of --generator_init: a model folder, a pipeline
     folder holding one, or a weight file on the teacher's config; or a LoRA adapter on the teacher) used as a
@@ -740,18 +678,10 @@ def train(cfg):
     reward = load_reward(cfg, device, dtype)
     if cfg.compile != "none":  # before DDP wraps them; teacher/VAE/reward are frozen but still run every step
         compile_nets(cfg, [G.unet, fake, teacher, vae.decoder] + ([reward.tower] if reward else []), device)
-    if main_rank:
-        print("\n".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()) + f"\n(device: {device}, {world} process(es))")
-    if writes:
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    record_config(cfg, main_rank, writes, f"(device: {device}, {world} process(es))")  # printed; config.json
     # Data parallel: DDP all-reduces (averages) gradients during backward, so each rank's update is the
     # gradient of the mean loss over the global batch. Saving and no-grad evaluation use the bare modules.
-    G_train, fake_train = G, fake
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ids = [device.index] if device.type == "cuda" else None
-        G_train, fake_train = DDP(G, device_ids=ids), DDP(fake, device_ids=ids)
+    G_train, fake_train = data_parallel(G, device, world), data_parallel(fake, device, world)
 
     G_params, fake_params = trainable(G), trainable(fake)
     opt_G = make_adam(G_params, cfg.learning_rate, cfg, device)
@@ -780,10 +710,7 @@ def train(cfg):
         r = torch.cat(rewards) if rewards else None
         return {} if r is None else {"val_reward": r.mean().item(), "val_reward_std": r.std(unbiased=False).item()}
 
-    def synced_time():  # --benchmark's per-phase timings on a GPU need the queued kernels to finish;
-        if cfg.benchmark and device.type == "cuda":  # training itself waits only once a step (.tolist())
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
+    synced_time = benchmark_clock(cfg, device)  # per-phase timings; synced on a GPU only under --benchmark
 
     real_eps, fake_eps, fake_train_eps = unet_eps(teacher), unet_eps(fake), unet_eps(fake_train)
     log = RunLog(cfg, step) if writes else None
@@ -823,10 +750,8 @@ def train(cfg):
                 stats = generator_step(G_c, real_c, lambda x_t, t: fake_eps(x_t, t, cond), reward_c, G_params,
                                        opt_G, scaler_G, noise, schedule, cfg, ctx, x0)
                 skipped["skipped_G"] += stats["skipped"]  # fp16 overflow: GradScaler skipped it; counted, not hidden
-            except FloatingPointError as e:
-                kept = list_checkpoints(cfg.output_dir)
-                die(f"training stopped at step {step + 1}: {e}. Last good checkpoint: "
-                    f"{kept[-1] if kept else 'none'}; lower --learning_rate or --reward_scale, or try bf16")
+            except FloatingPointError as e:  # one line naming the last good checkpoint
+                die_non_finite(cfg, step + 1, e)
             if ema is not None:  # (optional) θ_ema ← d·θ_ema + (1 − d)·θ
                 ema_update(ema, G_params, cfg.ema_decay)
             step += 1
@@ -852,14 +777,9 @@ def train(cfg):
                     save_checkpoint(cfg, step, G, fake, states, ema, rng)
             if main_rank:
                 log.write({**stats, **(validate(f"{step:04d}") if step % cfg.validation_steps == 0 or last else {})})
-            if stop > 0:
+            if stop > 0:  # checkpoint-{step} is written: say how to resume, exit 130 (SIGINT) or 143 (SIGTERM)
                 bar.close()
-                if main_rank:
-                    print(f"stopped by signal {signals.requested or 'on another rank'} after step {step}; "
-                          f"{os.path.join(cfg.output_dir, f'checkpoint-{step}')} is written. To continue, run the "
-                          "same command with --resume_from_checkpoint latest", file=sys.stderr)
-                    log.close()
-                raise SystemExit(130 if signals.requested in (0, 2) else 128 + signals.requested)
+                signals.exit(cfg, step, log if main_rank else None)
     bar.close()
     result = print_benchmark(cfg, timings, world, device, startup_peak) if cfg.benchmark and main_rank else None
     if writes:

@@ -10,10 +10,13 @@ It never imports dipp (dipp imports it): everything it needs is passed in, e.g. 
 generator module (anything with `.unet` and `.t_star`), the optimisers.
 """
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import re
 import shutil
+import sys
 
 import torch
 
@@ -84,7 +87,6 @@ def parse_dataclass(cls, argv, choices, prog, description):
     """An argparse parser built from a dataclass: --field per field, type from the annotation, help from
     the field's inline comment, choices from `choices`. Returns cls(**parsed)."""
     import argparse
-    import dataclasses
     import inspect
     helps = dict(re.findall(r"^\s+(\w+): \w+ = .+?  # (.+)$", inspect.getsource(cls), flags=re.M))
     parser = argparse.ArgumentParser(prog=prog, description=description,
@@ -97,6 +99,35 @@ def parse_dataclass(cls, argv, choices, prog, description):
             parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps[f.name], choices=choices.get(f.name))
     return cls(**vars(parser.parse_args(argv)))
 
+
+def check_config(cfg, num_train_timesteps=1000):
+    """Reject dipp settings that would crash deep inside a library or train silently wrong: one line each."""
+    T = num_train_timesteps
+    for f in dataclasses.fields(cfg):
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
+            die(f"--{f.name} {getattr(cfg, f.name)} is not a finite number")
+    for name in ("learning_rate", "fake_learning_rate"):
+        if getattr(cfg, name) <= 0:
+            die(f"--{name} {getattr(cfg, name)} must be > 0 (Diff-Instruct and DMD2 use 1e-5)")
+    if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1):
+        die(f"--adam_beta1/--adam_beta2 must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
+    for name in ("max_grad_norm", "lora_rank", "checkpoints_total_limit"):
+        if getattr(cfg, name) < 0:
+            die(f"--{name} {getattr(cfg, name)} must be >= 0 (0 = off)")
+    if not 0 <= cfg.ema_decay < 1:
+        die(f"--ema_decay {cfg.ema_decay} must be in [0, 1): 0 = off, 0.999 = a ~1000-step average")
+    if not 0 <= cfg.generator_timestep < T:
+        die(f"--generator_timestep {cfg.generator_timestep} is outside the schedule; use 1..{T - 1} (0 = the family's)")
+    if not 0 <= cfg.t_min < cfg.t_max < T:
+        die(f"need 0 <= --t_min < --t_max < {T}, got t_min={cfg.t_min} t_max={cfg.t_max}")
+    if cfg.guidance_scale < 1:
+        die(f"--guidance_scale {cfg.guidance_scale} < 1 would push samples *away* from the prompt; use ω >= 1")
+    for name in ("train_batch_size", "max_train_steps", "fake_steps_per_G", "checkpointing_steps",
+                 "validation_steps"):
+        if getattr(cfg, name) < 1:
+            die(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.reward_scale < 0:
+        die(f"--reward_scale {cfg.reward_scale} < 0 would minimise the reward; use α_rew >= 0")
 
 def load_prompts(path, default, flag):
     """One prompt per line of a UTF-8 text file (blank lines skipped), or the built-in list `default`."""
@@ -113,15 +144,25 @@ def load_prompts(path, default, flag):
     return prompts
 
 
-def encoded_prompts(folder, key, prompts, make_encoder, batch_size=32, main_rank=True, world=1):
-    """{name: (N, ...) CPU tensor} of every prompt's text conditioning, row i for prompts[i]: read from
+def files_stamp(*folders):
+    """(name, size, mtime) of every file in these local folders ([] for a hub id): a key that changes when the
+    files are rewritten, so a cache keyed by a model's path notices a model replaced in the same folder."""
+    return [(os.path.join(f, n), os.path.getsize(os.path.join(f, n)), os.path.getmtime(os.path.join(f, n)))
+            for f in folders if os.path.isdir(f) for n in sorted(os.listdir(f))]
+
+
+def encoded_prompts(folder, key, prompts, make_encoder, device, main_rank=True, world=1, batch_size=32):
+    """rows(batch of prompts) -> {name: (B, ...) tensor on device}: every prompt's text conditioning, read from
     folder/<hash>.safetensors when an earlier run (or rank 0) wrote it, else computed once in batches by
     make_encoder()(prompts) -> {name: tensor} and written there (atomically). The file is keyed by a hash of
     `key` (the model) and the prompts, so a changed prompt file or model never reads stale embeddings.
     make_encoder is called only on a miss and its encoder dropped on return: a 4.8 B-parameter T5 is loaded,
-    used and freed before training starts, and a resumed run never loads it. Only rank 0 computes."""
+    used and freed before training starts, and a resumed run never loads it. Only rank 0 computes. The table
+    stays in host memory (~1 MB per prompt for T5-XXL in bf16); a step copies its B rows to the device, at its
+    top, when the previous step's work is already done."""
     import hashlib
     from safetensors.torch import load_file, save_file
+    prompts = list(dict.fromkeys(prompts))
     digest = hashlib.sha256(json.dumps([key, prompts]).encode()).hexdigest()[:16]
     path = os.path.join(folder, f"{digest}.safetensors")
     if main_rank and not os.path.isfile(path):
@@ -138,7 +179,8 @@ def encoded_prompts(folder, key, prompts, make_encoder, batch_size=32, main_rank
         os.replace(path + ".tmp", path)
     if world > 1:
         torch.distributed.barrier()  # the other ranks read what rank 0 wrote
-    return load_file(path)
+    table, row = load_file(path), {p: i for i, p in enumerate(prompts)}
+    return lambda batch: {k: v[[row[p] for p in batch]].to(device) for k, v in table.items()}
 
 
 class PromptCache(dict):
@@ -173,6 +215,14 @@ def pick_device(name):
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
+def data_parallel(module, device, world):
+    """module wrapped in DistributedDataParallel under torchrun (world > 1), else module itself."""
+    if world == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def init_distributed(cfg):
     """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK: one process per GPU (NCCL), or per CPU process
     (gloo). Returns (rank, world_size, device). A plain `python dipp.py` is rank 0 of 1."""
@@ -198,6 +248,12 @@ def init_distributed(cfg):
 # 3. The optimiser step, trainable parameters, EMA
 
 
+def die_non_finite(cfg, step, error):
+    kept = list_checkpoints(cfg.output_dir)
+    die(f"training stopped at step {step}: {error}. Last good checkpoint: "
+        f"{kept[-1] if kept else 'none'}; lower --learning_rate or --reward_scale, or try bf16")
+
+
 def optimizer_step(loss, params, opt, scaler, max_grad_norm):
     """backward + (optional) clip + step. A non-finite loss stops training before it can poison the
     weights. Returns (scale, skipped): the loss scale the backward pass used (1 without fp16), and whether
@@ -218,9 +274,21 @@ def optimizer_step(loss, params, opt, scaler, max_grad_norm):
     return scale, scaler.is_enabled() and scaler.get_scale() < scale
 
 
+def freeze(module, device, dtype):
+    """eval mode, no weight gradients, on device in dtype (cast only when needed: .to(dtype) warns)."""
+    module.to(device).eval().requires_grad_(False)
+    return module if dtype == torch.float32 else module.to(dtype)
+
+
 def trainable_named(module):
     """{name: parameter} of what training changes: the whole UNet, or only its LoRA adapter."""
     return {k: p for k, p in module.named_parameters() if p.requires_grad}
+
+
+def make_adam(params, lr, cfg, device):
+    fused = device.type == "cuda"  # one kernel per step instead of one per tensor
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=0.0,
+                             fused=fused)
 
 
 def trainable(module):
@@ -266,6 +334,28 @@ def lora_copy(base, rank, name, targets):
     return unet
 
 
+class Fp32Conv2d(torch.nn.Conv2d):
+    """A Conv2d computed in fp32 even under bf16/fp16 autocast (dipp's readout_in_fp32 says why)."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return self._conv_forward(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
+class Fp32Linear(torch.nn.Linear):
+    """The same for a Linear (PixArt's proj_out: patch² × 8 channels, of which the ε half matters)."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
+def fp32_layer(layer):
+    """Compute this Conv2d or Linear in fp32 from now on: same parameters and state_dict keys; copies keep it."""
+    layer.__class__ = Fp32Conv2d if isinstance(layer, torch.nn.Conv2d) else Fp32Linear
+    return layer
+
+
 def checkpoint_blocks(blocks):
     """Gradient checkpointing for a frozen reward tower: each block's activations are recomputed in the
     backward pass instead of stored (BLIP's ViT has no switch; transformers' only acts in train mode)."""
@@ -292,6 +382,15 @@ def compile_nets(cfg, nets, device):
 
 # -----------------------------------------------------------------------------
 # 5. Checkpoints: checkpoint-N/{generator,fake_score[,generator_ema]}.safetensors + state.pt + dipp.json
+
+
+def record_config(cfg, main_rank, writes, note):
+    """The resolved config, printed once (one key=value a line) and, for a real run, saved as config.json."""
+    if main_rank:
+        print("\n".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()) + "\n" + note)
+    if writes:
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
 
 
 def prepare_output_dir(cfg, main_rank):
@@ -507,6 +606,15 @@ class StopSignals:
         self.requested = signum
         print(f"\nsignal {signum}: finishing this step, then writing a checkpoint (Ctrl-C again to abort)", flush=True)
 
+    def exit(self, cfg, step, log=None):
+        """After the interrupted step's checkpoint: say how to resume (rank 0, which has the log), then exit."""
+        if log is not None:
+            print(f"stopped by signal {self.requested or 'on another rank'} after step {step}; "
+                  f"{os.path.join(cfg.output_dir, f'checkpoint-{step}')} is written. To continue, run the "
+                  "same command with --resume_from_checkpoint latest", file=sys.stderr)
+            log.close()
+        raise SystemExit(130 if self.requested in (0, 2) else 128 + self.requested)
+
     def __exit__(self, *exc):
         import signal
         for sig, old in self.old.items():
@@ -554,6 +662,18 @@ def save_grid(images, prompts, path):
     grid.save(path)
 
 
+def benchmark_clock(cfg, device):
+    """time.perf_counter, preceded under --benchmark on a GPU by a sync: per-phase timings need the queued
+    kernels to finish. Training itself waits only once a step (the log's .tolist())."""
+    import time
+
+    def clock():
+        if cfg.benchmark and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return clock
+
+
 def print_benchmark(cfg, timings, world, device, startup_peak=None):
     """One machine-readable line: the mean over the iterations after the first two (warm-up, which is
     also when --compile compiles: warmup_s). With --reuse_generator_sample the shared generator forward
@@ -579,7 +699,6 @@ def print_benchmark(cfg, timings, world, device, startup_peak=None):
 
 
 if __name__ == "__main__":  # python plumbing.py curves runs/x/log.jsonl  -> runs/x/curves.png
-    import sys
     if len(sys.argv) != 3 or sys.argv[1] != "curves" or not os.path.isfile(sys.argv[2]):
         raise SystemExit("usage: python plumbing.py curves OUTPUT_DIR/log.jsonl  (writes curves.png beside it)")
     print(plot_curves(sys.argv[2], os.path.join(os.path.dirname(os.path.abspath(sys.argv[2])), "curves.png")))

@@ -626,7 +626,7 @@ def test_fresh_run_into_a_used_output_dir_stops_or_starts_clean(tmp_path):
 
 # ----------------------------------------------------------------------------- notebooks
 
-NOTEBOOKS = ["01_toy", "02_sd15_one_gpu"]
+NOTEBOOKS = ["01_toy", "02_sd15_one_gpu", "03_pixart_one_gpu"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

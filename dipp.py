@@ -84,7 +84,7 @@ class Config:
     adam_beta2: float = 0.999  # Adam β2
     max_grad_norm: float = 0.0  # clip each net's gradient norm to this (0 = off, as Diff-Instruct); see the NOTE in train()
     ema_decay: float = 0.0  # (optional) EMA of the generator's trainable weights, e.g. 0.999; grids and export use it (0 = off)
-    lora_rank: int = 0  # 0 = full fine-tuning; R > 0 = generator and fake score as rank-R LoRA adapters on one shared frozen UNet
+    lora_rank: int = 0  # 0 = full fine-tuning; R > 0 = generator and fake score as rank-R LoRA adapters on one shared frozen denoiser (UNet or transformer)
     gradient_checkpointing: bool = False  # recompute activations of generator, fake score, VAE decoder, reward tower
     mixed_precision: str = "no"  # no | fp16 | bf16: autocast with fp32 master weights; frozen nets stored in it
     compile: str = "none"  # torch.compile mode for all five networks (same math, fused kernels); the first steps compile, for minutes on SD1.5
@@ -178,7 +178,7 @@ def sample_timesteps(B, t_min, t_max, device):
 
 # -----------------------------------------------------------------------------
 # 4. Networks. Every network is seen by the losses as an ε-predictor eps(x_t, t) -> ε̂ with its
-#    conditioning already bound (a closure), so the same losses run on a UNet and on a 2-D MLP.
+#    conditioning already bound (a closure), so the same losses run on a UNet, a DiT and a 2-D MLP.
 #    Score and ε are the same thing in two units: s(x_t) = −ε̂(x_t) / σ_t.
 
 
@@ -690,7 +690,7 @@ def train(cfg):
     states = dict(opt_G=opt_G, opt_fake=opt_fake, scaler_G=scaler_G, scaler_fake=scaler_fake)  # checkpointed
     ema = [p.detach().clone() for p in G_params] if cfg.ema_decay > 0 else None  # (optional) θ_ema
     step = load_checkpoint(cfg, G, fake, states, ema, rank, world, device) if cfg.resume_from_checkpoint else 0
-    null_cond = text([""])  # c = ∅ for CFG: the empty prompt's (1, 77, D) CLIP states, or T5 states + mask
+    null_emb = text([""])  # c = ∅ for CFG: the empty prompt's (1, 77, D) CLIP states, or T5 states + mask
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
     # fixed noise for the held-out prompts, from its own generator so the training RNG is untouched
     val_z = torch.randn((len(val_prompts), *latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
@@ -729,7 +729,7 @@ def train(cfg):
             batch = [prompts[i] for i in torch.randint(len(prompts), (world * B,))[rank * B:(rank + 1) * B].tolist()]  # c ~ prompts
             cond = text(batch)  # c: (B, 77, D), or MaskedText((B, 120, D), (B, 120))
             G_c = lambda z: G_train(z, cond)
-            real_c = guided(real_eps, cond, null_cond.expand_as(cond), cfg.guidance_scale)
+            real_c = guided(real_eps, cond, null_emb.expand_as(cond), cfg.guidance_scale)
             reward_c = (lambda x0: reward(decode(vae, x0), batch)) if reward is not None else None
             try:
                 # (z, t, ε) for the K_TA fake updates, then for the generator update (drawn up front, same order)

@@ -129,6 +129,7 @@ def check_config(cfg, num_train_timesteps=1000):
     if cfg.reward_scale < 0:
         die(f"--reward_scale {cfg.reward_scale} < 0 would minimise the reward; use α_rew >= 0")
 
+
 def load_prompts(path, default, flag):
     """One prompt per line of a UTF-8 text file (blank lines skipped), or the built-in list `default`."""
     if not path:
@@ -281,7 +282,7 @@ def freeze(module, device, dtype):
 
 
 def trainable_named(module):
-    """{name: parameter} of what training changes: the whole UNet, or only its LoRA adapter."""
+    """{name: parameter} of what training changes: the whole denoiser, or only its LoRA adapter."""
     return {k: p for k, p in module.named_parameters() if p.requires_grad}
 
 

@@ -10,7 +10,8 @@ Human Preferences", arXiv 2410.18881 (TMLR 2025). Formulas follow the project's 
 METHOD.md, so no version-specific equation numbers are cited. Builds on Diff-Instruct, arXiv 2305.18455.
 
 Quick start (CPU, no downloads):   python dipp.py --tiny --max_train_steps 2 --output_dir out
-SD1.5 / PixArt-α on one GPU:       python dipp.py --mixed_precision bf16 --gradient_checkpointing [--pretrained_model_name_or_path PixArt-alpha/PixArt-XL-2-512x512]
+Stable Diffusion 1.5 on one GPU:   python dipp.py --mixed_precision bf16 --gradient_checkpointing
+PixArt-α (a DiT) on one GPU:       the same + --pretrained_model_name_or_path PixArt-alpha/PixArt-XL-2-512x512
 Generate with a trained generator: python dipp.py --generate "a red bicycle" --generator_init out/generator
 
 Symbols (code name <-> paper):   G / OneStepGenerator  g_θ(z, c)      x0     x_0 = g_θ(z, c)
@@ -190,7 +191,7 @@ def cfg_eps(eps_cond, eps_uncond, omega):
 
 class MaskedText(typing.NamedTuple):
     """PixArt's prompt conditioning c: T5 embeddings and their attention mask (padding is masked out of the
-    transformer's cross-attention). It does what the losses do with SD's plain (B, 77, D) tensor:
+    transformer's cross-attention). It supports what training does with SD's plain (B, 77, D) tensor:
     .to(dtype), .expand_as(other), and batch_cat for CFG's one batched call."""
     emb: torch.Tensor  # (B, L, D): T5's last hidden states, L = 120 tokens
     mask: torch.Tensor  # (B, L): 1 = prompt token, 0 = padding
@@ -430,8 +431,7 @@ def pixart_eps(transformer, x_t, t, cond):
     extra = None  # 1024-px models condition on the image size: [h, w] in pixels (VAE: 8 per latent) and h/w
     if getattr(transformer, "module", transformer).use_additional_conditions:
         B, (h, w) = x_t.shape[0], x_t.shape[-2:]
-        extra = {"resolution": x_t.new_tensor([[8.0 * h, 8.0 * w]]).expand(B, 2),
-                 "aspect_ratio": x_t.new_tensor([[h / w]]).expand(B, 1)}
+        extra = dict(resolution=x_t.new_tensor([[8.0 * h, 8.0 * w]]).expand(B, 2), aspect_ratio=x_t.new_tensor([[h / w]]).expand(B, 1))
     out = transformer(x_t, encoder_hidden_states=cond.emb, encoder_attention_mask=cond.mask, timestep=t,
                       added_cond_kwargs=extra).sample  # (B, 8, h, w)
     return out[:, :x_t.shape[1]]  # ε̂: (B, 4, h, w)

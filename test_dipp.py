@@ -1470,6 +1470,26 @@ def test_pixart_generator_init_takes_the_dmd_layout_a_transformer_folder_or_a_we
     assert "PixArt-α folder: missing text_encoder/config.json" in msg and "\n" not in msg
 
 
+def test_pixart_prompt_cache_follows_the_text_encoder_files(tmp_path):
+    """The T5 embedding cache is keyed by the text encoder's files too: a T5 rewritten in the same folder
+    (other weights) gets a new cache file with its own embeddings, never the old model's."""
+    import shutil
+    from transformers import T5EncoderModel
+    folder = tmp_path / "pixart"
+    shutil.copytree(tiny_pixart_models()[0], folder)
+    cfg = dipp.Config(pretrained_model_name_or_path=str(folder), output_dir=str(tmp_path / "out"))
+    teacher, _, _, tok, _ = dipp.load_sd(str(folder), torch.device("cpu"), torch.float32, text_encoder=False)
+    encode = lambda: dipp.conditioning(cfg, dipp.family_of(teacher), tok, [["a fox"]], torch.device("cpu"),
+                                       torch.float32)[0](["a fox"]).emb
+    before = encode()
+    t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder")
+    for p in t5.parameters():
+        p.data += 0.1
+    t5.save_pretrained(folder / "text_encoder")
+    after = encode()
+    assert len(os.listdir(tmp_path / "out" / "text_embeddings")) == 2 and (after - before).abs().max() > 1e-3
+
+
 def test_pixart_benchmark_sweep_and_512_shapes(tmp_path):
     """bench/sweep.py --family pixart runs the benchmark on tiny PixArt models (writing only the models and the
     prompt cache), and the --random_weights pixart512 transformer has PixArt-XL-2-512's 0.61 B parameters."""

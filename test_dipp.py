@@ -1312,6 +1312,25 @@ def test_pixart_cfg_is_an_implicit_reward_with_attention_masks():
         assert (eps_fn(x, t, unmasked) - eps_fn(x, t, cond)).abs().max() > 1e-3
 
 
+def test_pixart_1024_models_get_the_image_size():
+    """A transformer with use_additional_conditions (the 1024-MS model's sample_size 128 turns it on) gets the
+    micro-conditions as PixArtAlphaPipeline builds them: resolution [h, w] in pixels (8 per latent) and h/w."""
+    from diffusers import PixArtTransformer2DModel
+    torch.manual_seed(0)
+    net = PixArtTransformer2DModel(in_channels=4, out_channels=8, use_additional_conditions=True,
+                                   **random_weights.SHAPES["tiny_pixart"]["transformer"]).eval()
+    emb, mask = t5_like([3, 6], 4)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([400, 400])
+    size = {"resolution": torch.tensor([[64.0, 64.0]] * 2), "aspect_ratio": torch.tensor([[1.0]] * 2)}
+    with torch.no_grad():
+        theirs = net(x, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
+                     added_cond_kwargs=size).sample.chunk(2, dim=1)[0]
+        assert torch.allclose(dipp.unet_eps(net)(x, t, dipp.MaskedText(emb, mask)), theirs, atol=1e-6)
+        size["resolution"] = size["resolution"] / 2  # the size really enters the output
+        assert (net(x, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t, added_cond_kwargs=size)
+                .sample.chunk(2, dim=1)[0] - theirs).abs().max() > 1e-4
+
+
 def pixart_command():
     """The `python dipp.py --random_weights tiny_pixart ...` command exactly as README gives it."""
     line = next(l for l in open(os.path.join(HERE, "README.md")).read().splitlines()

@@ -11,6 +11,7 @@ METHOD.md, so no version-specific equation numbers are cited. Builds on Diff-Ins
 
 Quick start (CPU, no downloads):   python dipp.py --tiny --max_train_steps 2 --output_dir out
 Stable Diffusion 1.5 on one GPU:   python dipp.py --mixed_precision bf16 --gradient_checkpointing
+PixArt-α (a DiT) on one GPU:       the same + --pretrained_model_name_or_path PixArt-alpha/PixArt-XL-2-512x512
 Generate with a trained generator: python dipp.py --generate "a red bicycle" --generator_init out/generator
 
 Symbols (code name <-> paper):   G / OneStepGenerator  g_θ(z, c)      x0     x_0 = g_θ(z, c)
@@ -20,14 +21,14 @@ Symbols (code name <-> paper):   G / OneStepGenerator  g_θ(z, c)      x0     x_
   ikl_weight  w(t)      sample_timesteps  π(t)      fake_steps_per_G  K_TA (Alg. 1)
 
 Simplifications vs. the paper (each also marked NOTE(deviation) where it happens):
-  1. Discrete DDPM timesteps t ∈ {0..999} stand in for the paper's continuous t (SD1.5 is discrete).
+  1. Discrete DDPM timesteps t ∈ {0..999} stand in for the paper's continuous t (SD1.5 and PixArt-α are discrete).
   2. w(t), π(t) are open in the paper for SD1.5. Defaults w = σ²/α² (Diff-Instruct's σ², VP form) and
      π = U{20..980} (DMD2): on the toy they reach DI++'s exact optimum with the least jitter (README).
      Options: `--timestep_sampling lognormal` (Diff-Instruct), `--ikl_weighting eps|dmd2` (dmd2 is adaptive).
   3. The IKL term is summed over latent dimensions (a per-sample divergence) and averaged over the
      batch; this reduction sets the scale of α_rew.
-  4. The generator is the teacher's UNet evaluated once at t* on pure noise (DMD2's recipe); the paper
-     also initialises from other one-step models, which `--generator_init` loads.
+  4. The generator is the teacher's denoiser evaluated once at t* on pure noise (DMD2's recipe; t* = 999 for SD,
+     400 for PixArt-α as PixArt-α-DMD); the paper also starts from other one-step models (`--generator_init`).
   5. "α_cfg" is taken to mean the standard CFG scale ω; the implicit-reward weight is γ = ω − 1.
 """
 # -----------------------------------------------------------------------------
@@ -36,21 +37,22 @@ Simplifications vs. the paper (each also marked NOTE(deviation) where it happens
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
-import time
+import typing
 
 import torch
 import torch.nn.functional as F
 
 # The run-keeping machinery (checkpoints, EMA, LoRA sharing, torchrun, compile, export, benchmark) lives
 # in plumbing.py, so that this file holds the method. It never imports dipp.
-from plumbing import (PromptCache, RunLog, StopSignals, checkpoint_blocks, compile_nets, die, ema_update,
-                      ema_weights, export_generator, init_distributed, list_checkpoints, load_checkpoint,
-                      load_or_die, load_prompts, load_weights_or_die, lora_copy, optimizer_step, parse_dataclass,
-                      pick_device, prepare_output_dir, print_benchmark, rng_states, save_checkpoint, save_grid,
-                      trainable, writable_dir)
+from plumbing import (PromptCache, RunLog, StopSignals, benchmark_clock, check_config, checkpoint_blocks,
+                      compile_nets, data_parallel, die, die_non_finite, ema_update, ema_weights,
+                      encoded_prompts, export_generator, files_stamp, find_subfolder, fp32_layer, freeze,
+                      global_means, held_out_reward, init_distributed, load_checkpoint, load_imagereward,
+                      load_or_die, load_prompts, load_weights_or_die, lora_copy, make_adam, optimizer_step,
+                      parse_dataclass, pick_device, prepare_output_dir, print_benchmark, record_config, rng_states,
+                      save_checkpoint, save_grid, trainable)
 
 # -----------------------------------------------------------------------------
 # 1. Config. Every field is a command-line flag; the inline comment is its --help text.
@@ -59,9 +61,9 @@ from plumbing import (PromptCache, RunLog, StopSignals, checkpoint_blocks, compi
 @dataclasses.dataclass
 class Config:
     # --- models
-    pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD-1.x hub id or local diffusers folder (teacher, VAE, text encoder)
-    generator_init: str = ""  # UNet folder of a one-step generator to start from (default: copy of the teacher)
-    tiny: bool = False  # build tiny random SD + CLIP-reward models in output_dir/tiny (no download) and use them
+    pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD-1.x or PixArt-α hub id or local diffusers folder (teacher, VAE, text encoder); the family is read from its layout
+    generator_init: str = ""  # one-step generator to start from: its model folder, a pipeline folder with unet/ or transformer/ (PixArt-α-DMD), or a weight file (default: copy of the teacher)
+    tiny: bool = False  # build tiny random SD + CLIP-reward models in output_dir/tiny (no download) and use them (= --random_weights tiny)
     # --- method (METHOD.md §2-§5)
     reward: str = "imagereward"  # r(x, c): imagereward | clip | none (none = pure Diff-Instruct distillation)
     reward_model_path: str = ""  # imagereward: folder with ImageReward.pt + med_config.json; clip: CLIPModel id/folder
@@ -69,7 +71,7 @@ class Config:
     reward_decoder_path: str = ""  # --reward_decoder tiny: AutoencoderTiny hub id or folder (default madebyollin/taesd, TAESD for SD latents)
     reward_scale: float = 1.0  # α_rew: weight of the explicit reward (β = 1/α_rew in the RLHF form)
     guidance_scale: float = 1.75  # ω: CFG scale of the teacher; γ = ω−1 is the implicit-reward weight (DMD2 SD1.5: 1.75)
-    generator_timestep: int = 999  # t*: the timestep at which the generator UNet is evaluated on noise z
+    generator_timestep: int = 0  # t*: the timestep at which the generator's denoiser sees noise z; 0 = the family's (SD 999, PixArt-α 400)
     fake_steps_per_G: int = 1  # K_TA: fake-score updates per generator update (Alg. 1; DMD2 uses 10)
     # NOTE(deviation): the paper fixes no w(t), π(t) for SD1.5. x0 + uniform are kept because on the toy's
     # exact optimum (README, "DI++'s exact optimum") they land within 4 % of m* with the least jitter; the
@@ -87,9 +89,9 @@ class Config:
     fake_learning_rate: float = 1e-5  # fake-score learning rate
     adam_beta1: float = 0.0  # Adam β1 for both nets (Diff-Instruct uses 0: the loss landscape moves every step)
     adam_beta2: float = 0.999  # Adam β2
-    max_grad_norm: float = 0.0  # clip each net's gradient norm to this (0 = off, as Diff-Instruct); see the NOTE in train()
+    max_grad_norm: float = 0.0  # clip each net's gradient norm (0 = off, as Diff-Instruct: clipping the summed IKL gradient would cancel w(t))
     ema_decay: float = 0.0  # (optional) EMA of the generator's trainable weights, e.g. 0.999; grids and export use it (0 = off)
-    lora_rank: int = 0  # 0 = full fine-tuning; R > 0 = generator and fake score as rank-R LoRA adapters on one shared frozen UNet
+    lora_rank: int = 0  # 0 = full fine-tuning; R > 0 = generator and fake score as rank-R LoRA adapters on one shared frozen denoiser (UNet or transformer)
     gradient_checkpointing: bool = False  # recompute activations of generator, fake score, VAE decoder, reward tower
     mixed_precision: str = "no"  # no | fp16 | bf16: autocast with fp32 master weights; frozen nets stored in it
     compile: str = "none"  # torch.compile mode for all five networks (same math, fused kernels); the first steps compile, for minutes on SD1.5
@@ -107,13 +109,15 @@ class Config:
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 ...
     generate: str = ""  # generate mode: prompts separated by '|', images from --generator_init, then exit
     benchmark: bool = False  # time max_train_steps iterations, print one BENCHMARK json line (writes no config, log, grid or checkpoint)
-    random_sd15: bool = False  # like --tiny but SD1.5-shaped (UNet 860M, VAE, CLIP-L text, CLIP ViT-L/14 reward): for --benchmark
+    random_sd15: bool = False  # like --tiny but SD1.5-shaped (UNet 860M, VAE, CLIP-L text, CLIP ViT-L/14 reward): for --benchmark (= --random_weights sd15)
+    random_weights: str = ""  # random-weight models in output_dir/<name> instead of --pretrained_model_name_or_path: tiny | tiny_pixart (CPU, seconds) | sd15 | pixart512 (--benchmark)
 
 
 CHOICES = {"reward": ("imagereward", "clip", "none"), "mixed_precision": ("no", "fp16", "bf16"),
            "ikl_weighting": ("x0", "eps", "dmd2"), "timestep_sampling": ("uniform", "lognormal"),
            "compile": ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
-           "report_to": ("none", "tensorboard", "wandb"), "reward_decoder": ("full", "tiny")}
+           "report_to": ("none", "tensorboard", "wandb"), "reward_decoder": ("full", "tiny"),
+           "random_weights": ("", "tiny", "tiny_pixart", "sd15", "pixart512")}
 BUILTIN_PROMPTS = ["a photo of a red bicycle leaning on a brick wall", "a watercolor painting of a fox",
                    "a bowl of ramen, studio lighting", "a lighthouse on a cliff at sunset",
                    "an astronaut riding a horse", "a cozy living room with a fireplace",
@@ -128,35 +132,6 @@ def parse_config(argv=None):
     """Every Config field is a flag --field: type from its annotation, help from its inline comment."""
     return parse_dataclass(Config, argv, CHOICES, prog="dipp.py", description=__doc__.split("\n\n")[1])
 
-
-def check_config(cfg, num_train_timesteps=1000):
-    """Reject settings that would crash deep inside a library or train silently wrong."""
-    T = num_train_timesteps
-    for f in dataclasses.fields(cfg):
-        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
-            die(f"--{f.name} {getattr(cfg, f.name)} is not a finite number")
-    for name in ("learning_rate", "fake_learning_rate"):
-        if getattr(cfg, name) <= 0:
-            die(f"--{name} {getattr(cfg, name)} must be > 0 (Diff-Instruct and DMD2 use 1e-5)")
-    if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1):
-        die(f"--adam_beta1/--adam_beta2 must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
-    for name in ("max_grad_norm", "lora_rank", "checkpoints_total_limit"):
-        if getattr(cfg, name) < 0:
-            die(f"--{name} {getattr(cfg, name)} must be >= 0 (0 = off)")
-    if not 0 <= cfg.ema_decay < 1:
-        die(f"--ema_decay {cfg.ema_decay} must be in [0, 1): 0 = off, 0.999 = a ~1000-step average")
-    if not 0 < cfg.generator_timestep < T:
-        die(f"--generator_timestep {cfg.generator_timestep} is outside the schedule; use 1..{T - 1}")
-    if not 0 <= cfg.t_min < cfg.t_max < T:
-        die(f"need 0 <= --t_min < --t_max < {T}, got t_min={cfg.t_min} t_max={cfg.t_max}")
-    if cfg.guidance_scale < 1:
-        die(f"--guidance_scale {cfg.guidance_scale} < 1 would push samples *away* from the prompt; use ω >= 1")
-    for name in ("train_batch_size", "max_train_steps", "fake_steps_per_G", "checkpointing_steps",
-                 "validation_steps"):
-        if getattr(cfg, name) < 1:
-            die(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
-    if cfg.reward_scale < 0:
-        die(f"--reward_scale {cfg.reward_scale} < 0 would minimise the reward; use α_rew >= 0")
 
 # -----------------------------------------------------------------------------
 # 2. Small utilities
@@ -230,7 +205,7 @@ def sample_timesteps(B, t_min, t_max, device, kind="uniform", schedule=None):
 
 # -----------------------------------------------------------------------------
 # 4. Networks. Every network is seen by the losses as an ε-predictor eps(x_t, t) -> ε̂ with its
-#    conditioning already bound (a closure), so the same losses run on a UNet and on a 2-D MLP.
+#    conditioning already bound (a closure), so the same losses run on a UNet, a DiT and a 2-D MLP.
 #    Score and ε are the same thing in two units: s(x_t) = −ε̂(x_t) / σ_t.
 
 
@@ -240,47 +215,62 @@ def cfg_eps(eps_cond, eps_uncond, omega):
     return eps_uncond + omega * (eps_cond - eps_uncond)
 
 
+class MaskedText(typing.NamedTuple):
+    """PixArt's prompt conditioning c: T5 embeddings and their attention mask (padding is masked out of the
+    transformer's cross-attention). It supports what training does with SD's plain (B, 77, D) tensor:
+    .to(dtype), .expand_as(other), and batch_cat for CFG's one batched call."""
+    emb: torch.Tensor  # (B, L, D): T5's last hidden states, L = 120 tokens
+    mask: torch.Tensor  # (B, L): 1 = prompt token, 0 = padding
+
+    def to(self, dtype):
+        return MaskedText(self.emb.to(dtype), self.mask)
+
+    def expand_as(self, other):
+        return MaskedText(self.emb.expand_as(other.emb), self.mask.expand_as(other.mask))
+
+
+def batch_cat(a, b):
+    """Two conditionings stacked along the batch: tensors, or MaskedText field by field."""
+    return torch.cat([a, b]) if torch.is_tensor(a) else type(a)(*map(batch_cat, a, b))
+
+
 def guided(eps_fn, cond, uncond, omega):
-    """The teacher s̃_ref as a closure eps(x_t, t): cond and uncond in one batched call (one UNet pass)."""
+    """The teacher s̃_ref as a closure eps(x_t, t): cond and uncond in one batched call (one denoiser pass)."""
     def eps(x_t, t):
         if omega == 1:
             return eps_fn(x_t, t, cond)
-        e_c, e_u = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond])).chunk(2)
+        e_c, e_u = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), batch_cat(cond, uncond)).chunk(2)
         return cfg_eps(e_c, e_u, omega)
     return eps
 
 
-def unet_eps(unet):
-    """A diffusers UNet as eps(x_t, t, text_emb). Inputs are cast to the net's dtype, output to fp32."""
-    dtype = next(unet.parameters()).dtype  # (a DDP wrapper has no .dtype of its own)
+def unet_eps(net):
+    """A denoiser (SD's UNet or PixArt's transformer, see `denoise` in §7) as eps(x_t, t, c). Inputs are cast
+    to the net's dtype, output to fp32."""
+    dtype = next(net.parameters()).dtype  # (a DDP wrapper has no .dtype of its own)
 
     def eps(x_t, t, cond):
-        return unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
+        return denoise(net, x_t.to(dtype), t, cond.to(dtype)).float()
     return eps
 
 
-class Fp32Readout(torch.nn.Conv2d):
-    """The UNet's last layer (conv_out, which outputs ε̂) computed in fp32 even under bf16/fp16 autocast.
-    Why: x0 = (z − σ ε̂)/α divides by α_{t*} = 0.068 at t* = 999, so bf16's rounding of ε̂ (~0.2 %) would
-    be amplified ~14.6× into every sample (~0.024 rms per latent element); the IKL gradient's ε̃_ref − ε̂_fake
-    carries the same 1/α at high t. One small conv in fp32 costs nothing; the weights are unchanged."""
-
-    def forward(self, x):
-        with torch.autocast(x.device.type, enabled=False):
-            return self._conv_forward(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
-
-
-def readout_in_fp32(unet):
-    unet.conv_out.__class__ = Fp32Readout  # same parameters and state_dict keys; copies keep the class
-    return unet
+def readout_in_fp32(net):
+    """The denoiser's last layer (conv_out, or PixArt's proj_out), which outputs ε̂, computed in fp32 under bf16
+    autocast. Why: x0 = (z − σ ε̂)/α divides by α_{t*} (0.068 for SD at t* = 999), so bf16's rounding of ε̂
+    (~0.2 %) would be amplified into every sample (~0.024 rms per SD latent element); the IKL gradient's
+    ε̃_ref − ε̂_fake carries the same 1/α at high t. One small layer in fp32 costs nothing; same weights."""
+    fp32_layer(getattr(net, family_of(net).readout))
+    return net
 
 
 class OneStepGenerator(torch.nn.Module):
-    """g_θ(z, c): the UNet evaluated once at t* on pure noise, read out as x̂0 (one step, no sampler).
+    """g_θ(z, c): the denoiser (`.unet`: a UNet or PixArt's transformer) evaluated once at t* on pure noise,
+    read out as x̂0 (one step, no sampler).
 
     x0 = (z − σ_{t*} ε̂_θ(z, t*, c)) / α_{t*}.  NOTE(deviation): the paper leaves the one-step
     parameterisation to the initial model; we use DMD2's: z itself is the input (in VP, x_t has unit
-    variance for unit-variance data, as SD latents roughly are), and t* = 999 by default. With this
+    variance for unit-variance data, as SD latents roughly are), and t* = 999 for SD; 400 for PixArt-α, as
+    PixArt-α-DMD (its linear schedule has α_999 = 0.0064, which would amplify ε errors 157×). With this
     choice a stock diffusers pipeline run for one step at t* reproduces our samples exactly."""
 
     def __init__(self, unet, schedule, t_star):
@@ -290,7 +280,7 @@ class OneStepGenerator(torch.nn.Module):
     def forward(self, z, cond):
         t = torch.full((z.shape[0],), self.t_star, device=z.device, dtype=torch.long)  # (B,)
         alpha, sigma = self.schedule.alpha_sigma(t, z.ndim)
-        eps_hat = self.unet(z, t, encoder_hidden_states=cond).sample  # (B, 4, h, w)
+        eps_hat = denoise(self.unet, z, t, cond)  # (B, 4, h, w)
         return predict_x0(z, eps_hat, alpha, sigma)  # x0: (B, 4, h, w), a latent
 
 # -----------------------------------------------------------------------------
@@ -433,21 +423,7 @@ def load_reward(cfg, device, dtype):
         if cfg.gradient_checkpointing:  # transformers' own switch is inactive in eval mode
             checkpoint_blocks(model.vision_model.encoder.layers)
         return ClipRewardFn(freeze(model, device, dtype), tok)
-    sys.modules.setdefault("clip", type(sys)("clip"))  # ImageReward imports OpenAI's `clip` but never uses it for ImageReward
-    import ImageReward as RM
-    path = cfg.reward_model_path
-    if path:
-        files = [os.path.join(path, f) for f in ("ImageReward.pt", "med_config.json")]
-        missing = [f for f in files if not os.path.isfile(f)]
-        if missing:
-            die(f"--reward_model_path is missing {', '.join(missing)}; download both from the hub repo "
-                "THUDM/ImageReward (huggingface-cli download THUDM/ImageReward --local-dir DIR)")
-        load = lambda: RM.load(files[0], device="cpu", med_config=files[1])
-    else:
-        load = lambda: RM.load("ImageReward-v1.0", device="cpu")
-    model = load_or_die(load, path or "THUDM/ImageReward", "the ImageReward model (and its BERT tokenizer "
-                        "'bert-base-uncased')")
-    model.device = device  # score_gard builds its attention mask on model.device
+    model = load_imagereward(cfg.reward_model_path, device)  # by name from the hub cache, or a local folder
     if cfg.gradient_checkpointing:
         checkpoint_blocks(model.blip.visual_encoder.blocks)
     return ImageRewardFn(freeze(model, device, dtype))
@@ -468,41 +444,24 @@ def load_reward_decoder(cfg, vae, device, dtype):
     return freeze(taesd, device, dtype)
 
 # -----------------------------------------------------------------------------
-# 7. Models on disk, prompts and sampling
+# 7. Models on disk: one row per model family. What differs between SD-1.x (a UNet) and PixArt-α (a DiT)
+#    is here; the losses and Alg. 1 only ever see ε(x_t, t) closures.
 
 
-SD_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json",
-            "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json")
+def sd_eps(unet, x_t, t, cond):
+    return unet(x_t, t, encoder_hidden_states=cond).sample  # ε̂: (B, 4, h, w)
 
 
-def load_sd(name, device, dtype):
-    """Teacher UNet, VAE, text encoder, tokenizer and schedule of any diffusers SD-1.x layout."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-    if os.path.isdir(name):
-        missing = [f for f in SD_FILES if not os.path.isfile(os.path.join(name, f))]
-        if missing:
-            die(f"'{name}' is not a complete diffusers SD-1.x folder: missing {', '.join(missing)}. "
-                "Get one with `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 "
-                "--local-dir DIR`")
-    get = lambda cls, sub: load_or_die(lambda: cls.from_pretrained(name, subfolder=sub), name, f"{sub}/")
-    unet, vae = get(UNet2DConditionModel, "unet"), get(AutoencoderKL, "vae")
-    text_encoder, tokenizer = get(CLIPTextModel, "text_encoder"), get(CLIPTokenizer, "tokenizer")
-    scheduler = get(DDPMScheduler, "scheduler")
-    if scheduler.config.prediction_type != "epsilon":
-        die(f"'{name}' predicts {scheduler.config.prediction_type}; dipp supports ε-prediction SD-1.x models")
-    # frozen nets are stored in the low-precision dtype: we never backprop into their weights
-    for m in (unet, text_encoder):
-        freeze(m, device, dtype)
-    # NOTE: the VAE decoder stays fp32 under fp16 (its activations overflow fp16 at 512 px); bf16 is safe
-    freeze(vae, device, torch.float32 if dtype == torch.float16 else dtype)
-    return readout_in_fp32(unet), vae, text_encoder, tokenizer, Schedule(scheduler.alphas_cumprod)
-
-
-def freeze(module, device, dtype):
-    """eval mode, no weight gradients, on device in dtype (cast only when needed: .to(dtype) warns)."""
-    module.to(device).eval().requires_grad_(False)
-    return module if dtype == torch.float32 else module.to(dtype)
+def pixart_eps(transformer, x_t, t, cond):
+    """PixArt's transformer predicts 8 channels: ε̂ and the variance its own sampler learned. Only ε̂ is a
+    score (s = −ε̂/σ), so the second half is dropped, and gets exactly zero gradient."""
+    extra = None  # 1024-px models condition on the image size: [h, w] in pixels (VAE: 8 per latent) and h/w
+    if getattr(transformer, "module", transformer).use_additional_conditions:
+        B, (h, w) = x_t.shape[0], x_t.shape[-2:]
+        extra = dict(resolution=x_t.new_tensor([[8.0 * h, 8.0 * w]]).expand(B, 2), aspect_ratio=x_t.new_tensor([[h / w]]).expand(B, 1))
+    out = transformer(x_t, encoder_hidden_states=cond.emb, encoder_attention_mask=cond.mask, timestep=t,
+                      added_cond_kwargs=extra).sample  # (B, 8, h, w)
+    return out[:, :x_t.shape[1]]  # ε̂: (B, 4, h, w)
 
 
 @torch.no_grad()
@@ -511,6 +470,109 @@ def encode_prompts(tokenizer, text_encoder, prompts):
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids.to(text_encoder.device)
     return text_encoder(ids)[0].float()  # (B, 77, D)
+
+
+@torch.no_grad()
+def encode_prompts_t5(tokenizer, text_encoder, prompts):
+    """c as PixArtAlphaPipeline.encode_prompt makes it without caption cleaning: lower-cased, padded to 120 T5
+    tokens, the mask passed to T5 and kept for the transformer's cross-attention."""
+    tok = tokenizer([p.lower().strip() for p in prompts], padding="max_length", max_length=120, truncation=True,
+                    return_tensors="pt").to(text_encoder.device)
+    return MaskedText(text_encoder(tok.input_ids, attention_mask=tok.attention_mask)[0], tok.attention_mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How to load one kind of text-to-image diffusion model, encode its prompts and call it as ε(x_t, t, c)."""
+    name: str
+    denoiser: str  # diffusers class of the ε-network, kept in the pipeline folder's subfolder `folder`
+    folder: str
+    text: tuple  # transformers classes of the text encoder and its tokenizer
+    eps: typing.Callable  # eps(net, x_t, t, c) -> ε̂ (B, 4, h, w)
+    encode: typing.Callable  # encode(tokenizer, text_encoder, prompts) -> c
+    pre_encode: bool  # encode every prompt once at start-up (cached in output_dir), then free the text encoder
+    readout: str  # the denoiser's last layer, computed in fp32 (readout_in_fp32)
+    t_star: int  # default t* of the one-step generator (see OneStepGenerator)
+    lora_targets: tuple  # layers that get a LoRA adapter under --lora_rank (never the readout)
+
+
+FAMILIES = {f.name: f for f in (
+    Family("sd", "UNet2DConditionModel", "unet", ("CLIPTextModel", "CLIPTokenizer"), sd_eps, encode_prompts,
+           False, "conv_out", 999,  # DMD2's t* and LoRA layers
+           ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+            "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")),
+    # T5-XXL (4.8 B parameters, 9.5 GB in bf16) only ever encodes the fixed prompt lists: pre-encoded, it never
+    # sits beside the three transformers. t* = 400 as PixArt-α-DMD (NOTE(deviation) in OneStepGenerator).
+    Family("pixart", "PixArtTransformer2DModel", "transformer", ("T5EncoderModel", "AutoTokenizer"), pixart_eps,
+           encode_prompts_t5, True, "proj_out", 400,
+           ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "adaln_single.linear")))}
+
+
+def family_of(net):
+    return {f.denoiser: f for f in FAMILIES.values()}[type(getattr(net, "module", net)).__name__]  # (DDP: .module)
+
+
+def denoise(net, x_t, t, cond):
+    """ε̂(x_t, t, c) of any family's denoiser."""
+    return family_of(net).eps(net, x_t, t, cond)
+
+
+def find_family(name):
+    """A folder's family from its layout (transformer/ or unet/), a hub id's from its model_index.json."""
+    if os.path.isdir(name):
+        return FAMILIES["pixart" if os.path.isdir(os.path.join(name, "transformer")) else "sd"]
+    from diffusers import DiffusionPipeline
+    index = load_or_die(lambda: DiffusionPipeline.load_config(name), name, "model_index.json")
+    return FAMILIES["pixart" if "transformer" in index else "sd"]
+
+
+def load_sd(name, device, dtype, text_encoder=True):
+    """Teacher denoiser, VAE, text encoder, tokenizer and schedule of a diffusers SD-1.x or PixArt-α folder or
+    hub id. text_encoder=False returns None for it: train() loads it only where it is needed."""
+    import diffusers
+    import transformers
+    fam = find_family(name)
+    if os.path.isdir(name):
+        missing = [f for f in (f"{fam.folder}/config.json", "vae/config.json", "text_encoder/config.json",
+                               "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json")
+                   if not os.path.isfile(os.path.join(name, f))]
+        if missing:
+            die(f"'{name}' is not a complete diffusers SD-1.x or PixArt-α folder: missing {', '.join(missing)}. "
+                "Get one with `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 (or "
+                "PixArt-alpha/PixArt-XL-2-512x512) --local-dir DIR`")
+    get = lambda cls, sub: load_or_die(lambda: cls.from_pretrained(name, subfolder=sub), name, f"{sub}/")
+    unet, vae = get(getattr(diffusers, fam.denoiser), fam.folder), get(diffusers.AutoencoderKL, "vae")
+    tokenizer, scheduler = get(getattr(transformers, fam.text[1]), "tokenizer"), get(diffusers.DDPMScheduler, "scheduler")
+    if scheduler.config.prediction_type != "epsilon":
+        die(f"'{name}' predicts {scheduler.config.prediction_type}; dipp supports ε-prediction models")
+    # frozen nets are stored in the low-precision dtype: we never backprop into their weights
+    freeze(unet, device, dtype)
+    # NOTE: the VAE decoder stays fp32 under fp16 (its activations overflow fp16 at 512 px); bf16 is safe
+    freeze(vae, device, torch.float32 if dtype == torch.float16 else dtype)
+    text_encoder = load_text_encoder(name, fam, device, dtype) if text_encoder else None
+    return readout_in_fp32(unet), vae, text_encoder, tokenizer, Schedule(scheduler.alphas_cumprod)
+
+
+def load_text_encoder(name, fam, device, dtype):
+    import transformers
+    load = lambda: getattr(transformers, fam.text[0]).from_pretrained(name, subfolder="text_encoder")
+    return freeze(load_or_die(load, name, "text_encoder/"), device, dtype)
+
+
+def conditioning(cfg, fam, tokenizer, prompt_lists, device, dtype, main_rank=True, world=1):
+    """(prompts -> c, text encoder or None). SD's CLIP encoder (123 M) runs every step. A pre-encoding family
+    (PixArt's T5) encodes each prompt of the lists once, cached in output_dir/text_embeddings, and is freed
+    before the trainable nets exist; a rerun or resume with the same prompts never loads it."""
+    name = cfg.pretrained_model_name_or_path
+    if not fam.pre_encode:
+        text_encoder = load_text_encoder(name, fam, device, dtype)
+        return (lambda prompts: fam.encode(tokenizer, text_encoder, prompts)), text_encoder
+    make_encoder = lambda: (lambda batch, enc=load_text_encoder(name, fam, device, dtype):
+                            fam.encode(tokenizer, enc, batch)._asdict())
+    key = [name, fam.name, str(dtype), files_stamp(os.path.join(name, "text_encoder"), os.path.join(name, "tokenizer"))]
+    rows = encoded_prompts(os.path.join(cfg.output_dir, "text_embeddings"), key,
+                           [p for ps in prompt_lists for p in ps], make_encoder, device, main_rank, world)
+    return (lambda batch: MaskedText(**rows(batch)).to(torch.float32)), None
 
 
 def decode(vae, x0):
@@ -582,44 +644,39 @@ def generator_step(G, real_eps, fake_eps, reward_fn, G_params, opt, scaler, nois
             "grad_reward": grad_reward, "skipped": skipped}
 
 
-def make_adam(params, lr, cfg, device):
-    fused = device.type == "cuda"  # one kernel per step instead of one per tensor
-    return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=0.0,
-                             fused=fused)
-
-
 def build_generator(cfg, teacher, schedule, device):
-    """g_θ: a trainable fp32 copy of the teacher UNet (or of --generator_init: a UNet folder, or a weight
-    file on the teacher's config; or a LoRA adapter on the teacher) used as a one-step model."""
+    """g_θ: a trainable fp32 copy of the teacher's denoiser (or of --generator_init: a model folder, a pipeline
+    folder holding one, or a weight file on the teacher's config; or a LoRA adapter on the teacher) used as a
+    one-step model."""
     import copy
-    from diffusers import UNet2DConditionModel
+    fam = family_of(teacher)
     if cfg.lora_rank:
         if cfg.generator_init:
             die("--lora_rank trains an adapter on the teacher and cannot start from --generator_init; drop one")
-        unet = lora_copy(teacher, cfg.lora_rank, "generator")
+        unet = lora_copy(teacher, cfg.lora_rank, "generator", fam.lora_targets)
     elif os.path.isfile(cfg.generator_init):  # a bare UNet weight file, as DMD2 releases its SD1.5 generator
         unet = load_weights_or_die(teacher.__class__.from_config(teacher.config), cfg.generator_init)
-        unet.to(device, torch.float32).requires_grad_(True)
-    elif cfg.generator_init:  # a diffusers UNet folder (what dipp exports) or hub id
-        name = cfg.generator_init
-        unet = load_or_die(lambda: UNet2DConditionModel.from_pretrained(name, torch_dtype=torch.float32), name,
-                           "the --generator_init UNet")
+        unet.to(device).float().requires_grad_(True)
+    elif cfg.generator_init:  # a model folder (what dipp exports), a pipeline folder (PixArt-α-DMD's), a hub id
+        name, sub = cfg.generator_init, find_subfolder(cfg.generator_init, fam.folder)
+        unet = load_or_die(lambda: type(teacher).from_pretrained(name, subfolder=sub, torch_dtype=torch.float32), name,
+                           f"the --generator_init {fam.denoiser}")
         unet.to(device).requires_grad_(True)
     else:
-        unet = copy.deepcopy(teacher).to(device, torch.float32).requires_grad_(True)  # fp32 master weights
+        unet = copy.deepcopy(teacher).to(device).float().requires_grad_(True)  # fp32 master weights
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    return OneStepGenerator(readout_in_fp32(unet).train(), schedule, cfg.generator_timestep)
+    return OneStepGenerator(readout_in_fp32(unet).train(), schedule, cfg.generator_timestep or fam.t_star)
 
 
 def build_fake_score(cfg, teacher, device):
     """s_ψ, initialised from the reference (METHOD.md §4): an fp32 copy of the teacher, or a LoRA adapter."""
     if cfg.lora_rank:
-        fake = lora_copy(teacher, cfg.lora_rank, "fake_score")
+        fake = lora_copy(teacher, cfg.lora_rank, "fake_score", family_of(teacher).lora_targets)
     else:
         fake = teacher.__class__.from_config(teacher.config)
         fake.load_state_dict(teacher.state_dict())
-        fake.to(device, torch.float32)
+        fake.to(device).float()  # (.float(), not .to(dtype): diffusers warns on the latter)
     if cfg.gradient_checkpointing:
         fake.enable_gradient_checkpointing()
     return readout_in_fp32(fake).train()
@@ -636,26 +693,22 @@ def train(cfg):
         prepare_output_dir(cfg, main_rank)
     prompts = load_prompts(cfg.prompts, BUILTIN_PROMPTS, "--prompts")
     val_prompts = load_prompts(cfg.validation_prompts, VALIDATION_PROMPTS, "--validation_prompts")
-    teacher, vae, text_encoder, tokenizer, schedule = load_sd(cfg.pretrained_model_name_or_path, device, dtype)
+    teacher, vae, _, tokenizer, schedule = load_sd(cfg.pretrained_model_name_or_path, device, dtype, text_encoder=False)
+    fam = family_of(teacher)
+    cfg.generator_timestep = cfg.generator_timestep or fam.t_star  # 0 = the family's default t*
     check_config(cfg, schedule.T)
+    # prompts -> c; PixArt's T5 encodes the three lists once, then is freed (before G and ψ exist)
+    text, text_encoder = conditioning(cfg, fam, tokenizer, [prompts, val_prompts, [""]], device, dtype, main_rank, world)
     G, fake = build_generator(cfg, teacher, schedule, device), build_fake_score(cfg, teacher, device)
     if cfg.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     reward, reward_vae = load_reward(cfg, device, dtype), load_reward_decoder(cfg, vae, device, dtype)
     if cfg.compile != "none":  # before DDP wraps them; teacher/VAE/reward are frozen but still run every step
         compile_nets(cfg, [G.unet, fake, teacher, reward_vae.decoder] + ([reward.tower] if reward else []), device)
-    if main_rank:
-        print("\n".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()) + f"\n(device: {device}, {world} process(es))")
-    if writes:
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    record_config(cfg, main_rank, writes, f"(device: {device}, {world} process(es))")  # printed; config.json
     # Data parallel: DDP all-reduces (averages) gradients during backward, so each rank's update is the
     # gradient of the mean loss over the global batch. Saving and no-grad evaluation use the bare modules.
-    G_train, fake_train = G, fake
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ids = [device.index] if device.type == "cuda" else None
-        G_train, fake_train = DDP(G, device_ids=ids), DDP(fake, device_ids=ids)
+    G_train, fake_train = data_parallel(G, device, world), data_parallel(fake, device, world)
 
     G_params, fake_params = trainable(G), trainable(fake)
     opt_G = make_adam(G_params, cfg.learning_rate, cfg, device)
@@ -664,30 +717,17 @@ def train(cfg):
     states = dict(opt_G=opt_G, opt_fake=opt_fake, scaler_G=scaler_G, scaler_fake=scaler_fake)  # checkpointed
     ema = [p.detach().clone() for p in G_params] if cfg.ema_decay > 0 else None  # (optional) θ_ema
     step = load_checkpoint(cfg, G, fake, states, ema, rank, world, device) if cfg.resume_from_checkpoint else 0
-    null_emb = encode_prompts(tokenizer, text_encoder, [""])  # (1, 77, D): c = ∅ for CFG
+    null_emb = text([""])  # c = ∅ for CFG: the empty prompt's (1, 77, D) CLIP states, or T5 states + mask
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
     # fixed noise for the held-out prompts, from its own generator so the training RNG is untouched
     val_z = torch.randn((len(val_prompts), *latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
 
-    @torch.no_grad()
-    def validate(tag):
-        """Held-out reward: mean and spread of r(g_θ(z_i), c_i) over the validation prompts, with the same
-        z_i every time, so the curve shows the generator's change rather than sampling noise."""
-        images, rewards = [], []
-        with ctx, ema_weights(G_params, ema):
-            for i in range(0, len(val_prompts), cfg.train_batch_size):
-                c = val_prompts[i:i + cfg.train_batch_size]
-                images.append(decode(vae, G(val_z[i:i + len(c)].to(device), encode_prompts(tokenizer, text_encoder, c))))
-                if reward is not None:
-                    rewards.append(reward(images[-1], c).float())
-        save_grid(torch.cat(images)[:4], val_prompts[:4], os.path.join(cfg.output_dir, f"samples_{tag}.png"))
-        r = torch.cat(rewards) if rewards else None
-        return {} if r is None else {"val_reward": r.mean().item(), "val_reward_std": r.std(unbiased=False).item()}
+    # held-out reward (mean, spread) of decode(g_θ(z_i, c_i)) with the same z_i every time, and a sample grid
+    sample = lambda z, c: decode(vae, G(z.to(device), text(c)))  # the full decoder: what the user will see
+    validate = lambda tag: held_out_reward(sample, reward, val_prompts, val_z, cfg.train_batch_size,
+                                           [ctx, ema_weights(G_params, ema)], os.path.join(cfg.output_dir, f"samples_{tag}.png"))
 
-    def synced_time():  # --benchmark's per-phase timings on a GPU need the queued kernels to finish;
-        if cfg.benchmark and device.type == "cuda":  # training itself waits only once a step (.tolist())
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
+    synced_time = benchmark_clock(cfg, device)  # per-phase timings; synced on a GPU only under --benchmark
 
     real_eps, fake_eps, fake_train_eps = unet_eps(teacher), unet_eps(fake), unet_eps(fake_train)
     log = RunLog(cfg, step) if writes else None
@@ -695,6 +735,7 @@ def train(cfg):
     if step == 0 and writes:
         log.write({"step": 0, **validate("0000")})
     B, timings, skipped = cfg.train_batch_size, [], {"skipped_G": 0, "skipped_fake": 0}
+    startup_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the benchmark's peak is the training loop's, not loading's
     with StopSignals() as signals:
@@ -703,7 +744,7 @@ def train(cfg):
             if cfg.compile == "reduce-overhead":  # CUDA graphs: last iteration's graph outputs may be reused now
                 torch.compiler.cudagraph_mark_step_begin()
             batch = [prompts[i] for i in torch.randint(len(prompts), (world * B,))[rank * B:(rank + 1) * B].tolist()]  # c ~ prompts
-            cond = encode_prompts(tokenizer, text_encoder, batch)  # (B, 77, D)
+            cond = text(batch)  # c: (B, 77, D), or MaskedText((B, 120, D), (B, 120))
             G_c = lambda z: G_train(z, cond)
             real_c = guided(real_eps, cond, null_emb.expand_as(cond), cfg.guidance_scale)
             reward_c = (lambda x0: reward(decode(reward_vae, x0), batch)) if reward is not None else None
@@ -726,51 +767,40 @@ def train(cfg):
                 stats = generator_step(G_c, real_c, lambda x_t, t: fake_eps(x_t, t, cond), reward_c, G_params,
                                        opt_G, scaler_G, noise, schedule, cfg, ctx, x0)
                 skipped["skipped_G"] += stats["skipped"]  # fp16 overflow: GradScaler skipped it; counted, not hidden
-            except FloatingPointError as e:
-                kept = list_checkpoints(cfg.output_dir)
-                die(f"training stopped at step {step + 1}: {e}. Last good checkpoint: "
-                    f"{kept[-1] if kept else 'none'}; lower --learning_rate or --reward_scale, or try bf16")
+            except FloatingPointError as e:  # one line naming the last good checkpoint
+                die_non_finite(cfg, step + 1, e)
             if ema is not None:  # (optional) θ_ema ← d·θ_ema + (1 − d)·θ
                 ema_update(ema, G_params, cfg.ema_decay)
             step += 1
-            names = ("loss_fake", "loss_ikl", "reward", "grad_ikl", "grad_reward")
-            values = torch.stack([fake_stats["loss_fake"].float()] + [stats[k].float() for k in names[1:]]
-                                 + [stats["grad_ikl"].new_tensor(float(signals.requested > 0))])
-            if world > 1:  # log the global-batch means, not rank 0's share; a signal on any rank stops all
-                torch.distributed.all_reduce(values)
-                values /= world
-            *values, stop = values.tolist()  # waits for the step's queued GPU work, so t2 below is honest either way
+            # global-batch means over ranks (and whether a signal reached any rank); waits for the step's GPU work
+            values, stop = global_means({"loss_fake": fake_stats["loss_fake"], **{k: stats[k] for k in (
+                "loss_ikl", "reward", "grad_ikl", "grad_reward")}}, signals.requested, world)
             t2 = synced_time()
             timings.append((t1 - t0, t2 - t1))
-            stats = {"step": step, **dict(zip(names, values)), "grad_ratio": values[4] / max(values[3], 1e-30),
+            stats = {"step": step, **values, "grad_ratio": values["grad_reward"] / max(values["grad_ikl"], 1e-30),
                      "img_per_s": world * B / (t2 - t0), **(skipped if scaler_G.is_enabled() else {})}
             bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k not in ("step", "loss_ikl")})
             bar.update(1)
             if cfg.benchmark:
                 continue
-            last = step == cfg.max_train_steps or stop > 0
+            last = step == cfg.max_train_steps or stop
             if step % cfg.checkpointing_steps == 0 or last:
                 rng = rng_states(device, world)  # a collective: every rank's own RNG, so resume replays nothing
                 if main_rank:
                     save_checkpoint(cfg, step, G, fake, states, ema, rng)
             if main_rank:
                 log.write({**stats, **(validate(f"{step:04d}") if step % cfg.validation_steps == 0 or last else {})})
-            if stop > 0:
+            if stop:  # checkpoint-{step} is written: say how to resume, exit 130 (SIGINT) or 143 (SIGTERM)
                 bar.close()
-                if main_rank:
-                    print(f"stopped by signal {signals.requested or 'on another rank'} after step {step}; "
-                          f"{os.path.join(cfg.output_dir, f'checkpoint-{step}')} is written. To continue, run the "
-                          "same command with --resume_from_checkpoint latest", file=sys.stderr)
-                    log.close()
-                raise SystemExit(130 if signals.requested in (0, 2) else 128 + signals.requested)
+                signals.exit(cfg, step, log if main_rank else None)
     bar.close()
-    result = print_benchmark(cfg, timings, world, device) if cfg.benchmark and main_rank else None
+    result = print_benchmark(cfg, timings, world, device, startup_peak) if cfg.benchmark and main_rank else None
     if writes:
         log.close()  # also draws curves.png from log.jsonl
         with ema_weights(G_params, ema):  # the exported generator is the EMA one; G keeps the raw weights
             export_generator(G, os.path.join(cfg.output_dir, "generator"))
     return dict(G=G, fake=fake, teacher=teacher, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                reward=reward, reward_decoder=reward_vae, schedule=schedule, benchmark=result)
+                reward=reward, reward_decoder=reward_vae, schedule=schedule, benchmark=result, text=text)
 
 
 @torch.no_grad()
@@ -781,18 +811,20 @@ def generate(cfg):
     device = pick_device(cfg.device)
     ctx, dtype = precision(cfg, device)
     torch.manual_seed(cfg.seed)
-    cfg.lora_rank = 0  # an exported generator is a plain UNet (a LoRA one was merged on export)
+    cfg.lora_rank = 0  # an exported generator is a plain model (a LoRA one was merged on export)
     meta = os.path.join(cfg.generator_init, "dipp.json")
     if os.path.isfile(meta):
         cfg.generator_timestep = json.load(open(meta))["generator_timestep"]
-    teacher, vae, text_encoder, tokenizer, schedule = load_sd(cfg.pretrained_model_name_or_path, device, dtype)
+    teacher, vae, _, tokenizer, schedule = load_sd(cfg.pretrained_model_name_or_path, device, dtype, text_encoder=False)
     check_config(cfg, schedule.T)
-    G = build_generator(cfg, teacher, schedule, device).eval()
     prompts = [p.strip() for p in cfg.generate.split("|") if p.strip()]
+    text, _ = conditioning(cfg, family_of(teacher), tokenizer, [prompts], device, dtype)
+    G = build_generator(cfg, teacher, schedule, device).eval()
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
-    z = torch.randn((len(prompts), *latent_shape), device=device)  # z ~ N(0, I)
+    # z ~ N(0, I) from its own seeded generator: loading may draw from torch's (PixArt's __init__ does)
+    z = torch.randn((len(prompts), *latent_shape), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     with ctx:
-        images = decode(vae, G(z, encode_prompts(tokenizer, text_encoder, prompts)))
+        images = decode(vae, G(z, text(prompts)))
     os.makedirs(cfg.output_dir, exist_ok=True)
     for i, (image, prompt) in enumerate(zip(images, prompts)):
         save_grid(image[None], [prompt], os.path.join(cfg.output_dir, f"generated_{i:02d}.png"))
@@ -807,19 +839,9 @@ def main(argv=None):
     cfg = parse_config(argv)
     check_config(cfg)
     rank, world, _ = init_distributed(cfg)
-    if cfg.tiny or cfg.random_sd15:  # random weights, same code path as SD1.5, nothing downloaded
-        shapes = "tiny" if cfg.tiny else "sd15"
-        folder = os.path.join(cfg.output_dir, shapes)
-        if rank == 0:
-            writable_dir(cfg.output_dir)
-            from random_weights import build_random
-            build_random(folder, shapes, cfg.seed)
-        if world > 1:
-            torch.distributed.barrier()  # the other ranks load what rank 0 wrote
-        cfg.pretrained_model_name_or_path = os.path.join(folder, "sd")
-        if cfg.reward != "none":
-            cfg.reward, cfg.reward_model_path = "clip", os.path.join(folder, "clip")
-        cfg.reward_decoder_path = cfg.reward_decoder_path or os.path.join(folder, "taesd")
+    if cfg.random_weights or cfg.tiny or cfg.random_sd15:  # same code path as SD1.5 / PixArt-α, nothing downloaded
+        from random_weights import use_random_weights
+        use_random_weights(cfg, rank, world)  # builds them in output_dir, points the model/reward paths there
     return generate(cfg) if cfg.generate else train(cfg)
 
 

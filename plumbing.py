@@ -10,10 +10,13 @@ It never imports dipp (dipp imports it): everything it needs is passed in, e.g. 
 generator module (anything with `.unet` and `.t_star`), the optimisers.
 """
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import re
 import shutil
+import sys
 
 import torch
 
@@ -57,6 +60,40 @@ def load_weights_or_die(module, path):
     return module
 
 
+def load_imagereward(path, device):
+    """The ImageReward model from a local folder (ImageReward.pt + med_config.json) or, with path "", by name
+    through the package's own downloader (hub repo THUDM/ImageReward); a missing file is one line."""
+    import sys
+    sys.modules.setdefault("clip", type(sys)("clip"))  # ImageReward imports OpenAI's `clip` but never uses it for ImageReward
+    import ImageReward as RM
+    if path:
+        files = [os.path.join(path, f) for f in ("ImageReward.pt", "med_config.json")]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            die(f"--reward_model_path is missing {', '.join(missing)}; download both from the hub repo "
+                "THUDM/ImageReward (huggingface-cli download THUDM/ImageReward --local-dir DIR)")
+        load = lambda: RM.load(files[0], device="cpu", med_config=files[1])
+    else:
+        load = lambda: RM.load("ImageReward-v1.0", device="cpu")
+    model = load_or_die(load, path or "THUDM/ImageReward", "the ImageReward model (and its BERT tokenizer "
+                        "'bert-base-uncased')")
+    model.device = device  # score_gard builds its attention mask on model.device
+    return model
+
+
+def find_subfolder(name, sub):
+    """`sub` when the local folder or hub repo `name` keeps the model in sub/ (a pipeline layout such as
+    PixArt-α-DMD's transformer/ + scheduler/), else None (the model's own folder: config.json at the top)."""
+    if os.path.isdir(name):
+        return sub if os.path.isfile(os.path.join(name, sub, "config.json")) else None
+    from huggingface_hub import hf_hub_download
+    try:
+        hf_hub_download(name, "config.json", subfolder=sub)
+        return sub
+    except Exception:  # not found, or offline and not cached: load from the top and let that error speak
+        return None
+
+
 def writable_dir(path, flag="--output_dir"):
     """Create path if needed and prove it can be written: one line now instead of a crash at the first save."""
     try:
@@ -71,7 +108,6 @@ def parse_dataclass(cls, argv, choices, prog, description):
     """An argparse parser built from a dataclass: --field per field, type from the annotation, help from
     the field's inline comment, choices from `choices`. Returns cls(**parsed)."""
     import argparse
-    import dataclasses
     import inspect
     helps = dict(re.findall(r"^\s+(\w+): \w+ = .+?  # (.+)$", inspect.getsource(cls), flags=re.M))
     parser = argparse.ArgumentParser(prog=prog, description=description,
@@ -83,6 +119,36 @@ def parse_dataclass(cls, argv, choices, prog, description):
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps[f.name], choices=choices.get(f.name))
     return cls(**vars(parser.parse_args(argv)))
+
+
+def check_config(cfg, num_train_timesteps=1000):
+    """Reject dipp settings that would crash deep inside a library or train silently wrong: one line each."""
+    T = num_train_timesteps
+    for f in dataclasses.fields(cfg):
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
+            die(f"--{f.name} {getattr(cfg, f.name)} is not a finite number")
+    for name in ("learning_rate", "fake_learning_rate"):
+        if getattr(cfg, name) <= 0:
+            die(f"--{name} {getattr(cfg, name)} must be > 0 (Diff-Instruct and DMD2 use 1e-5)")
+    if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1):
+        die(f"--adam_beta1/--adam_beta2 must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
+    for name in ("max_grad_norm", "lora_rank", "checkpoints_total_limit"):
+        if getattr(cfg, name) < 0:
+            die(f"--{name} {getattr(cfg, name)} must be >= 0 (0 = off)")
+    if not 0 <= cfg.ema_decay < 1:
+        die(f"--ema_decay {cfg.ema_decay} must be in [0, 1): 0 = off, 0.999 = a ~1000-step average")
+    if not 0 <= cfg.generator_timestep < T:
+        die(f"--generator_timestep {cfg.generator_timestep} is outside the schedule; use 1..{T - 1} (0 = the family's)")
+    if not 0 <= cfg.t_min < cfg.t_max < T:
+        die(f"need 0 <= --t_min < --t_max < {T}, got t_min={cfg.t_min} t_max={cfg.t_max}")
+    if cfg.guidance_scale < 1:
+        die(f"--guidance_scale {cfg.guidance_scale} < 1 would push samples *away* from the prompt; use ω >= 1")
+    for name in ("train_batch_size", "max_train_steps", "fake_steps_per_G", "checkpointing_steps",
+                 "validation_steps"):
+        if getattr(cfg, name) < 1:
+            die(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.reward_scale < 0:
+        die(f"--reward_scale {cfg.reward_scale} < 0 would minimise the reward; use α_rew >= 0")
 
 
 def load_prompts(path, default, flag):
@@ -98,6 +164,45 @@ def load_prompts(path, default, flag):
     if not prompts or any("\x00" in p for p in prompts):
         die(f"{flag} file '{path}' has no prompts (or is binary); write one prompt per line")
     return prompts
+
+
+def files_stamp(*folders):
+    """(name, size, mtime) of every file in these local folders ([] for a hub id): a key that changes when the
+    files are rewritten, so a cache keyed by a model's path notices a model replaced in the same folder."""
+    return [(os.path.join(f, n), os.path.getsize(os.path.join(f, n)), os.path.getmtime(os.path.join(f, n)))
+            for f in folders if os.path.isdir(f) for n in sorted(os.listdir(f))]
+
+
+def encoded_prompts(folder, key, prompts, make_encoder, device, main_rank=True, world=1, batch_size=32):
+    """rows(batch of prompts) -> {name: (B, ...) tensor on device}: every prompt's text conditioning, read from
+    folder/<hash>.safetensors when an earlier run (or rank 0) wrote it, else computed once in batches by
+    make_encoder()(prompts) -> {name: tensor} and written there (atomically). The file is keyed by a hash of
+    `key` (the model) and the prompts, so a changed prompt file or model never reads stale embeddings.
+    make_encoder is called only on a miss and its encoder dropped on return: a 4.8 B-parameter T5 is loaded,
+    used and freed before training starts, and a resumed run never loads it. Only rank 0 computes. The table
+    stays in host memory (~1 MB per prompt for T5-XXL in bf16); a step copies its B rows to the device, at its
+    top, when the previous step's work is already done."""
+    import hashlib
+    from safetensors.torch import load_file, save_file
+    prompts = list(dict.fromkeys(prompts))
+    digest = hashlib.sha256(json.dumps([key, prompts]).encode()).hexdigest()[:16]
+    path = os.path.join(folder, f"{digest}.safetensors")
+    if main_rank and not os.path.isfile(path):
+        encode, parts = make_encoder(), []
+        with torch.no_grad():
+            for i in range(0, len(prompts), batch_size):
+                parts.append({k: v.cpu() for k, v in encode(prompts[i:i + batch_size]).items()})
+        del encode  # the text encoder goes with it
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        writable_dir(folder)
+        save_file({k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}, path + ".tmp",
+                  metadata={"key": json.dumps(key), "prompts": json.dumps(prompts)})
+        os.replace(path + ".tmp", path)
+    if world > 1:
+        torch.distributed.barrier()  # the other ranks read what rank 0 wrote
+    table, row = load_file(path), {p: i for i, p in enumerate(prompts)}
+    return lambda batch: {k: v[[row[p] for p in batch]].to(device) for k, v in table.items()}
 
 
 class PromptCache(dict):
@@ -132,6 +237,14 @@ def pick_device(name):
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
+def data_parallel(module, device, world):
+    """module wrapped in DistributedDataParallel under torchrun (world > 1), else module itself."""
+    if world == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def init_distributed(cfg):
     """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK: one process per GPU (NCCL), or per CPU process
     (gloo). Returns (rank, world_size, device). A plain `python dipp.py` is rank 0 of 1."""
@@ -157,6 +270,12 @@ def init_distributed(cfg):
 # 3. The optimiser step, trainable parameters, EMA
 
 
+def die_non_finite(cfg, step, error):
+    kept = list_checkpoints(cfg.output_dir)
+    die(f"training stopped at step {step}: {error}. Last good checkpoint: "
+        f"{kept[-1] if kept else 'none'}; lower --learning_rate or --reward_scale, or try bf16")
+
+
 def optimizer_step(loss, params, opt, scaler, max_grad_norm):
     """backward + (optional) clip + step. A non-finite loss stops training before it can poison the
     weights. Returns (scale, skipped): the loss scale the backward pass used (1 without fp16), and whether
@@ -177,9 +296,21 @@ def optimizer_step(loss, params, opt, scaler, max_grad_norm):
     return scale, scaler.is_enabled() and scaler.get_scale() < scale
 
 
+def freeze(module, device, dtype):
+    """eval mode, no weight gradients, on device in dtype (cast only when needed: .to(dtype) warns)."""
+    module.to(device).eval().requires_grad_(False)
+    return module if dtype == torch.float32 else module.to(dtype)
+
+
 def trainable_named(module):
-    """{name: parameter} of what training changes: the whole UNet, or only its LoRA adapter."""
+    """{name: parameter} of what training changes: the whole denoiser, or only its LoRA adapter."""
     return {k: p for k, p in module.named_parameters() if p.requires_grad}
+
+
+def make_adam(params, lr, cfg, device):
+    fused = device.type == "cuda"  # one kernel per step instead of one per tensor
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=0.0,
+                             fused=fused)
 
 
 def trainable(module):
@@ -209,22 +340,42 @@ def ema_weights(params, ema):
 # 4. Memory and speed switches: LoRA on one shared base, checkpointed reward towers, torch.compile
 
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
-                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]  # DMD2's list
-
-
-def lora_copy(base, rank, name):
-    """(optional, --lora_rank) A UNet that *shares* base's frozen weights (deepcopy with a memo mapping every
-    base parameter to itself) plus one trainable rank-R LoRA adapter. Teacher, generator and fake score then
-    cost one base UNet; the teacher is the base itself. LoRA's B starts at 0, so the copy starts = teacher."""
+def lora_copy(base, rank, name, targets):
+    """(optional, --lora_rank) A denoiser that *shares* base's frozen weights (deepcopy with a memo mapping every
+    base parameter to itself) plus one trainable rank-R LoRA adapter on the layers named in `targets`. Teacher,
+    generator and fake score then cost one base network; the teacher is the base itself. LoRA's B starts at 0,
+    so the copy starts = teacher. PEFT injects the adapter directly (what diffusers' add_adapter does for a
+    UNet), so the same code serves PixArt's transformer, which has no add_adapter."""
     import copy
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     unet = copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS), adapter_name=name)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)), unet, adapter_name=name)
     for p in unet.parameters():
         if p.requires_grad:  # PEFT gives the adapter the base's (low) dtype; train it in fp32
             p.data = p.data.float()
     return unet
+
+
+class Fp32Conv2d(torch.nn.Conv2d):
+    """A Conv2d computed in fp32 even under bf16/fp16 autocast (dipp's readout_in_fp32 says why)."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return self._conv_forward(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
+class Fp32Linear(torch.nn.Linear):
+    """The same for a Linear (PixArt's proj_out: patch² × 8 channels, of which the ε half matters)."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
+def fp32_layer(layer):
+    """Compute this Conv2d or Linear in fp32 from now on: same parameters and state_dict keys; copies keep it."""
+    layer.__class__ = Fp32Conv2d if isinstance(layer, torch.nn.Conv2d) else Fp32Linear
+    return layer
 
 
 def checkpoint_blocks(blocks):
@@ -253,6 +404,15 @@ def compile_nets(cfg, nets, device):
 
 # -----------------------------------------------------------------------------
 # 5. Checkpoints: checkpoint-N/{generator,fake_score[,generator_ema]}.safetensors + state.pt + dipp.json
+
+
+def record_config(cfg, main_rank, writes, note):
+    """The resolved config, printed once (one key=value a line) and, for a real run, saved as config.json."""
+    if main_rank:
+        print("\n".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()) + "\n" + note)
+    if writes:
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
 
 
 def prepare_output_dir(cfg, main_rank):
@@ -449,6 +609,38 @@ def plot_curves(log_path, png_path):
     return png_path
 
 
+def global_means(values, signal, world):
+    """{name: scalar tensor} -> ({name: float}, stop): the means over all ranks (so the log shows the global
+    batch, not rank 0's share) and whether a signal reached any rank (then every rank stops at this step).
+    One all-reduce and one .tolist(): the only place a step waits for its queued GPU work."""
+    stacked = torch.stack([v.float() for v in values.values()] + [next(iter(values.values())).new_tensor(float(signal > 0))])
+    if world > 1:
+        torch.distributed.all_reduce(stacked)
+        stacked /= world
+    *means, stop = stacked.tolist()
+    return dict(zip(values, means)), stop > 0
+
+
+@torch.no_grad()
+def held_out_reward(sample, reward, prompts, z, batch_size, contexts, grid_path):
+    """The generator on held-out prompts with fixed noise: images = sample(z_i, c_i) in batches (inside
+    `contexts`: autocast, EMA weights), a grid of the first four at grid_path, and the reward's mean and
+    population std over all prompts. The same z_i every time, so the curve shows the generator's change
+    rather than sampling noise."""
+    images, rewards = [], []
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        for i in range(0, len(prompts), batch_size):
+            batch = prompts[i:i + batch_size]
+            images.append(sample(z[i:i + len(batch)], batch))
+            if reward is not None:
+                rewards.append(reward(images[-1], batch).float())
+    save_grid(torch.cat(images)[:4], prompts[:4], grid_path)
+    r = torch.cat(rewards) if rewards else None
+    return {} if r is None else {"val_reward": r.mean().item(), "val_reward_std": r.std(unbiased=False).item()}
+
+
 class StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM (a cluster's pre-emption) set .requested instead of killing the run:
     the loop finishes its step, writes a checkpoint and exits. A second Ctrl-C interrupts at once."""
@@ -468,6 +660,15 @@ class StopSignals:
         self.requested = signum
         print(f"\nsignal {signum}: finishing this step, then writing a checkpoint (Ctrl-C again to abort)", flush=True)
 
+    def exit(self, cfg, step, log=None):
+        """After the interrupted step's checkpoint: say how to resume (rank 0, which has the log), then exit."""
+        if log is not None:
+            print(f"stopped by signal {self.requested or 'on another rank'} after step {step}; "
+                  f"{os.path.join(cfg.output_dir, f'checkpoint-{step}')} is written. To continue, run the "
+                  "same command with --resume_from_checkpoint latest", file=sys.stderr)
+            log.close()
+        raise SystemExit(130 if self.requested in (0, 2) else 128 + self.requested)
+
     def __exit__(self, *exc):
         import signal
         for sig, old in self.old.items():
@@ -477,15 +678,25 @@ class StopSignals:
 # 7. What a run leaves behind: the exported generator, sample grids, the benchmark line
 
 
+def merged_lora(net):
+    """A copy of a LoRA-carrying network with each adapter merged into its layer, W ← W + (α/r)·B·A, and the
+    PEFT wrappers replaced by the plain layers: the same function as a plain diffusers model, no PEFT needed."""
+    import copy
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    net = copy.deepcopy(net).to(torch.float32)  # a copy: merging writes into the (shared) base weights
+    for name, layer in [(n, m) for n, m in net.named_modules() if isinstance(m, BaseTunerLayer)]:
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent), child, layer.get_base_layer())
+    return net
+
+
 def export_generator(G, folder):
-    """The trained generator as a plain diffusers UNet folder (+ dipp.json with t*); a LoRA generator is
-    merged into (a copy of) its base first, so any diffusers pipeline loads it without PEFT."""
+    """The trained generator as a plain diffusers model folder (a UNet, or PixArt's transformer; + dipp.json
+    with t*); a LoRA generator is merged into (a copy of) its base first, so any diffusers pipeline loads it."""
     unet = G.unet
-    if getattr(unet, "peft_config", None):  # set by add_adapter: this generator is a LoRA adapter
-        import copy
-        unet = copy.deepcopy(unet).to(torch.float32)  # a copy: fusing writes into the (shared) base weights
-        unet.fuse_lora()
-        unet.unload_lora()
+    if any("lora_" in k for k in trainable_named(unet)):  # this generator is a LoRA adapter on a shared base
+        unet = merged_lora(unet)
     unet.save_pretrained(folder)
     with open(os.path.join(folder, "dipp.json"), "w") as f:
         json.dump({"generator_timestep": G.t_star}, f)
@@ -505,10 +716,23 @@ def save_grid(images, prompts, path):
     grid.save(path)
 
 
-def print_benchmark(cfg, timings, world, device):
+def benchmark_clock(cfg, device):
+    """time.perf_counter, preceded under --benchmark on a GPU by a sync: per-phase timings need the queued
+    kernels to finish. Training itself waits only once a step (the log's .tolist())."""
+    import time
+
+    def clock():
+        if cfg.benchmark and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return clock
+
+
+def print_benchmark(cfg, timings, world, device, startup_peak=None):
     """One machine-readable line: the mean over the iterations after the first two (warm-up, which is
     also when --compile compiles: warmup_s). With --reuse_generator_sample the shared generator forward
-    counts in the fake-score update's time."""
+    counts in the fake-score update's time. On a GPU peak_memory_gib is the training loop's; startup_peak_gib
+    the peak before it (loading, and PixArt's T5 encoding the prompts before it is freed)."""
     import resource
     warm = timings[2:] or timings
     fake_s, gen_s = (sum(t[i] for t in warm) / len(warm) for i in (0, 1))
@@ -518,7 +742,9 @@ def print_benchmark(cfg, timings, world, device):
         "images_per_s": round(world * cfg.train_batch_size / (fake_s + gen_s), 4),
         "warmup_s": round(sum(map(sum, timings[:2])), 2),
         "s_per_generator_update": round(gen_s, 5), "s_per_fake_update": round(fake_s / cfg.fake_steps_per_G, 5),
-        "peak_memory_gib": round(peak / 2 ** 30, 3), "memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
+        "peak_memory_gib": round(peak / 2 ** 30, 3),
+        "startup_peak_gib": None if startup_peak is None else round(startup_peak / 2 ** 30, 3),
+        "memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
         "batch": cfg.train_batch_size, "world": world, "iterations": len(warm), "mixed_precision": cfg.mixed_precision,
         "gradient_checkpointing": cfg.gradient_checkpointing, "lora_rank": cfg.lora_rank, "compile": cfg.compile,
         "reuse_generator_sample": cfg.reuse_generator_sample,
@@ -528,7 +754,6 @@ def print_benchmark(cfg, timings, world, device):
 
 
 if __name__ == "__main__":  # python plumbing.py curves runs/x/log.jsonl  -> runs/x/curves.png
-    import sys
     if len(sys.argv) != 3 or sys.argv[1] != "curves" or not os.path.isfile(sys.argv[2]):
         raise SystemExit("usage: python plumbing.py curves OUTPUT_DIR/log.jsonl  (writes curves.png beside it)")
     print(plot_curves(sys.argv[2], os.path.join(os.path.dirname(os.path.abspath(sys.argv[2])), "curves.png")))

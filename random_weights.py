@@ -1,7 +1,9 @@
-"""Random-weight Stable-Diffusion-1.x folders for `dipp.py --tiny` / `--random_sd15` and the tests.
+"""Random-weight model folders for `dipp.py --random_weights tiny|tiny_pixart|sd15|pixart512` (`--tiny` and
+`--random_sd15` are short for the first and third) and for the tests.
 
 Not needed to understand DI++. The components are written with save_pretrained, so dipp loads them
-through exactly the same code as the real SD1.5 weights; nothing is downloaded.
+through exactly the same code as the real SD1.5 / PixArt-α weights; nothing is downloaded. A PixArt folder
+holds a PixArtTransformer2DModel, a T5 encoder and a T5 tokenizer built in-process, and the same VAE as SD.
 """
 import json
 import os
@@ -34,31 +36,53 @@ SHAPES = {  # diffusers / transformers configs: tiny (CPU tests) and SD1.5's own
                     image_size=224, patch_size=14, projection_dim=768),
         taesd=dict()),  # AutoencoderTiny's defaults are TAESD's architecture (madebyollin/taesd)
 }
+# PixArt-α: the transformer as diffusers' own tests build it (tiny), and the 512 px model's config (pixart512).
+SHAPES["tiny_pixart"] = dict(
+    SHAPES["tiny"], transformer=dict(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                     num_attention_heads=3, caption_channels=32, cross_attention_dim=24),
+    t5=dict(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=64))
+# T5 has XXL's width (the transformer sees embeddings of the real shape) but 2 of its 24 layers: it runs once at
+# start-up and is freed before training (dipp pre-encodes the prompts), so the timed loop never holds it.
+SHAPES["pixart512"] = dict(
+    SHAPES["sd15"], transformer=dict(sample_size=64, num_layers=28, patch_size=2, attention_head_dim=72,
+                                     num_attention_heads=16, caption_channels=4096, cross_attention_dim=1152),
+    t5=dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=2, vocab_size=32128))
 
 
 def build_random(folder, shapes="tiny", seed=0):
-    """An SD-1.x folder (UNet, VAE, CLIP text encoder + tokenizer, scheduler) and a CLIP reward model with
-    random weights, written with save_pretrained so that --tiny runs the very same loading code as SD1.5."""
-    from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    arch, sd, clip = SHAPES[shapes], os.path.join(folder, "sd"), os.path.join(folder, "clip")
+    """A diffusers model folder with random weights and a CLIP reward model, written with save_pretrained so
+    that dipp runs the very same loading code as for real weights. Returns (model folder, CLIP folder):
+    SD-1.x (UNet, VAE, CLIP text encoder + tokenizer, scheduler) in folder/sd, or PixArt-α (transformer, VAE,
+    T5 encoder + tokenizer, scheduler) in folder/pixart."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    arch, clip = SHAPES[shapes], os.path.join(folder, "clip")
+    sd = os.path.join(folder, "pixart" if "transformer" in arch else "sd")
     stamp, marker = json.dumps({"shapes": arch, "seed": seed}), os.path.join(folder, "random_weights.json")
     if os.path.isfile(marker) and open(marker).read() == stamp:  # already written (SD1.5 shapes: ~6 GB)
         return sd, clip
     torch.manual_seed(seed)
-    UNet2DConditionModel(**arch["unet"]).save_pretrained(os.path.join(sd, "unet"))
+    if "transformer" in arch:  # PixArt-α: ε and the learned variance (8 channels); linear β schedule
+        PixArtTransformer2DModel(in_channels=4, out_channels=8, **arch["transformer"]).save_pretrained(
+            os.path.join(sd, "transformer"))
+        T5EncoderModel(T5Config(feed_forward_proj="gated-gelu", **arch["t5"])).save_pretrained(
+            os.path.join(sd, "text_encoder"))
+        t5_tokenizer().save_pretrained(os.path.join(sd, "tokenizer"))
+        schedule = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    else:
+        UNet2DConditionModel(**arch["unet"]).save_pretrained(os.path.join(sd, "unet"))
+        CLIPTextModel(CLIPTextConfig(**arch["text"])).save_pretrained(os.path.join(sd, "text_encoder"))
+        schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     AutoencoderKL(**arch["vae"]).save_pretrained(os.path.join(sd, "vae"))
+    DDPMScheduler(clip_sample=False, prediction_type="epsilon", **schedule).save_pretrained(os.path.join(sd, "scheduler"))
     AutoencoderTiny(**arch["taesd"]).save_pretrained(os.path.join(folder, "taesd"))  # for --reward_decoder tiny
-    CLIPTextModel(CLIPTextConfig(**arch["text"])).save_pretrained(os.path.join(sd, "text_encoder"))
-    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                  prediction_type="epsilon").save_pretrained(os.path.join(sd, "scheduler"))
     CLIPModel(CLIPConfig(text_config=arch["text"], vision_config=arch["vision"],
                          projection_dim=arch["text"]["projection_dim"])).save_pretrained(clip)
     # A byte-level BPE tokenizer with no merges: every character is a token (vocabulary of 514).
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(161, 173)) + list(range(174, 256))
     chars = [chr(b) for b in bs] + [chr(256 + i) for i in range(256 - len(bs))]  # GPT-2's bytes_to_unicode
     vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    for out in (os.path.join(sd, "tokenizer"), clip):
+    for out in [clip] + ([] if "transformer" in arch else [os.path.join(sd, "tokenizer")]):
         os.makedirs(out, exist_ok=True)
         json.dump(vocab, open(os.path.join(out, "vocab.json"), "w"))
         open(os.path.join(out, "merges.txt"), "w").write("#version: 0.2\n")
@@ -66,3 +90,37 @@ def build_random(folder, shapes="tiny", seed=0):
                       model_max_length=77).save_pretrained(out)
     open(marker, "w").write(stamp)
     return sd, clip
+
+
+def t5_tokenizer():
+    """A T5 tokenizer built in-process: a Unigram model over single characters (and "▁", SentencePiece's word
+    start), with T5's <pad>=0, </s>=1, <unk>=2 and a </s> appended to every prompt, as T5's own does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+    pieces = ["<pad>", "</s>", "<unk>", "▁"] + list("abcdefghijklmnopqrstuvwxyz0123456789.,'-!?&()")
+    tok = Tokenizer(models.Unigram([(p, 0.0 if i < 3 else -1.0) for i, p in enumerate(pieces)], unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=120)
+
+
+def use_random_weights(cfg, rank=0, world=1):
+    """--tiny / --random_sd15 / --random_weights NAME: build the models in output_dir/NAME (rank 0, once; the
+    others wait) and point cfg at them: the model folder, the tiny CLIP reward (unless --reward none) and the
+    TAESD-shaped decoder of --reward_decoder tiny."""
+    import torch
+    from plumbing import writable_dir
+    shapes = cfg.random_weights or ("tiny" if cfg.tiny else "sd15")
+    folder = os.path.join(cfg.output_dir, shapes)
+    if rank == 0:
+        writable_dir(cfg.output_dir)
+        build_random(folder, shapes, cfg.seed)
+    if world > 1:
+        torch.distributed.barrier()  # the other ranks load what rank 0 wrote
+    cfg.pretrained_model_name_or_path = os.path.join(folder, "pixart" if "pixart" in shapes else "sd")
+    if cfg.reward != "none":
+        cfg.reward, cfg.reward_model_path = "clip", os.path.join(folder, "clip")
+    cfg.reward_decoder_path = cfg.reward_decoder_path or os.path.join(folder, "taesd")

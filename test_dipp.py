@@ -431,7 +431,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     msg = error_of(["--tiny", "--reward", "none", "--max_train_steps", "3", "--checkpointing_steps", "1",
                     "--output_dir", out])
     assert "training stopped at step 2" in msg and "checkpoint-1" in msg
-    assert dipp.list_checkpoints(out) == [os.path.join(out, "checkpoint-1")]
+    assert plumbing.list_checkpoints(out) == [os.path.join(out, "checkpoint-1")]
     monkeypatch.setattr(dipp, "ikl_loss", real_ikl)
     dipp.main(["--tiny", "--reward", "none", "--max_train_steps", "2", "--output_dir", out,
                "--resume_from_checkpoint", "latest"])
@@ -618,15 +618,15 @@ def test_fresh_run_into_a_used_output_dir_stops_or_starts_clean(tmp_path):
     dipp.main(argv + ["--max_train_steps", "4"])
     msg = error_of(argv + ["--max_train_steps", "1"])
     assert msg.startswith("dipp: error:") and "holds another run" in msg and "--overwrite_output_dir" in msg
-    assert dipp.list_checkpoints(out)[-1].endswith("checkpoint-4")  # nothing was touched
+    assert plumbing.list_checkpoints(out)[-1].endswith("checkpoint-4")  # nothing was touched
     dipp.main(argv + ["--max_train_steps", "1", "--overwrite_output_dir"])
-    assert dipp.list_checkpoints(out) == [os.path.join(out, "checkpoint-1")]
+    assert plumbing.list_checkpoints(out) == [os.path.join(out, "checkpoint-1")]
     assert [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))] == [0, 1]
 
 
 # ----------------------------------------------------------------------------- notebooks
 
-NOTEBOOKS = ["01_toy", "02_sd15_one_gpu"]
+NOTEBOOKS = ["01_toy", "02_sd15_one_gpu", "03_pixart_one_gpu"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -703,7 +703,7 @@ def test_benchmark_prints_one_parseable_line(tmp_path, capsys):
     for key in ("images_per_s", "s_per_generator_update", "s_per_fake_update", "peak_memory_gib", "warmup_s"):
         assert result[key] > 0, key
     assert result["iterations"] == 2 and result["memory_kind"] == "cpu_rss"
-    assert not os.path.exists(tmp_path / "generator") and not dipp.list_checkpoints(str(tmp_path))
+    assert not os.path.exists(tmp_path / "generator") and not plumbing.list_checkpoints(str(tmp_path))
     assert set(os.listdir(tmp_path)) == {"tiny"}  # no config.json, log, grid or curves either: only the models
 
 
@@ -729,9 +729,9 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         dipp.main(argv + ["--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
     monkeypatch.setattr(torch, "save", real_save)
-    assert dipp.list_checkpoints(out) == [os.path.join(out, "checkpoint-1")]
+    assert plumbing.list_checkpoints(out) == [os.path.join(out, "checkpoint-1")]
     nets = dipp.main(argv + ["--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
-    assert dipp.list_checkpoints(out)[-1].endswith("checkpoint-2") and nets["G"] is not None
+    assert plumbing.list_checkpoints(out)[-1].endswith("checkpoint-2") and nets["G"] is not None
 
 
 def test_lora_mode_trains_adapters_on_one_shared_frozen_base(tmp_path):
@@ -1062,7 +1062,7 @@ def test_interrupt_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, m
     monkeypatch.setattr(dipp, "generator_step", interrupted)
     with pytest.raises(SystemExit) as e:
         dipp.main(common + ["--output_dir", str(tmp_path / "b")])
-    assert e.value.code == 130 and dipp.list_checkpoints(str(tmp_path / "b"))[-1].endswith("checkpoint-2")
+    assert e.value.code == 130 and plumbing.list_checkpoints(str(tmp_path / "b"))[-1].endswith("checkpoint-2")
     monkeypatch.setattr(dipp, "generator_step", real)
     resumed = dipp.main(common + ["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest"])
     assert same_weights(straight["G"].unet, resumed["G"].unet) and same_weights(straight["fake"], resumed["fake"])
@@ -1086,7 +1086,7 @@ def test_sigterm_to_a_running_training_process_checkpoints_it(tmp_path):
     _, err = proc.communicate(timeout=120)
     steps = [json.loads(l)["step"] for l in log.read_text().splitlines()]
     assert proc.returncode == 143, err[-2000:]
-    assert dipp.list_checkpoints(str(out)) == [str(out / f"checkpoint-{steps[-1]}")]
+    assert plumbing.list_checkpoints(str(out)) == [str(out / f"checkpoint-{steps[-1]}")]
     assert "--resume_from_checkpoint latest" in err
 
 
@@ -1252,3 +1252,312 @@ def test_random_sd15_taesd_has_taesds_shape():
     with torch.device("meta"):
         taesd = AutoencoderTiny(**random_weights.SHAPES["sd15"]["taesd"])
     assert round(sum(p.numel() for p in taesd.decoder.parameters()) / 1e6, 2) == 1.22
+
+
+# ----------------------------------------------------------------------------- PixArt-α (DiT) family
+
+@functools.lru_cache(maxsize=None)
+def tiny_pixart_models(folder="/tmp/dipp-test-tiny-pixart"):
+    """A tiny PixArt-α folder (transformer, T5, in-process T5 tokenizer, VAE) + CLIP, written once per session."""
+    return random_weights.build_random(folder, "tiny_pixart")
+
+
+def tiny_pixart(seed=0):
+    from diffusers import PixArtTransformer2DModel
+    torch.manual_seed(seed)
+    net = PixArtTransformer2DModel.from_pretrained(tiny_pixart_models()[0], subfolder="transformer")
+    for p in net.parameters():  # move off the init so that cond and uncond, teacher and fake really differ
+        p.data += 0.05 * torch.randn_like(p)
+    return net.eval()
+
+
+def pixart_eps_by_hand(net, x, t, emb, mask):
+    """ε̂ as PixArtAlphaPipeline computes it (not through dipp): 8 output channels, chunk(2)[0]."""
+    return net(x, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
+               added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample.chunk(2, dim=1)[0]
+
+
+def t5_like(lengths, seed, L=120, D=32):
+    """Random T5-shaped embeddings with a padding mask: prompt i has lengths[i] real tokens."""
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.arange(L)[None] < torch.tensor(lengths)[:, None]).long()  # (B, L)
+    return torch.randn(len(lengths), L, D, generator=g), mask
+
+
+def but_key_bias(weights):
+    """A state dict without attention's to_k biases. Their gradient is exactly zero (softmax ignores a shift that
+    all keys share), so Adam turns float noise into ±lr steps there, differently under a changed summation
+    order (compile, DDP); they change no output. SD's UNet has no such bias."""
+    return {k: v for k, v in weights.items() if not k.endswith("to_k.bias")}
+
+
+def pixart_schedule():
+    from diffusers import DDPMScheduler
+    return DDPMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear").alphas_cumprod.double()
+
+
+def test_pixart_ikl_gradient_and_no_gradient_into_learned_sigma():
+    """On a tiny PixArt transformer with a CFG teacher and masked T5 conditions: ∂L_IKL/∂x0 from autograd equals
+    w α (ε̃_ref − ε̂_fake)/σ with every ε̂ computed as the stock pipeline does, under the linear schedule; and
+    backprop through the one-step generator gives the proj_out rows of the learned-σ channels exactly zero
+    gradient (the ε rows get gradient)."""
+    teacher, fake = tiny_pixart(0), tiny_pixart(1)
+    abar = pixart_schedule()
+    sched, omega = dipp.Schedule(abar), 3.0
+    (emb, mask), (emb_u, mask_u) = t5_like([7, 12], 0), t5_like([1, 1], 1)
+    cond, uncond = dipp.MaskedText(emb, mask), dipp.MaskedText(emb_u, mask_u)
+    real = dipp.guided(dipp.unet_eps(teacher), cond, uncond, omega)
+    fake_c = lambda x, t: dipp.unet_eps(fake)(x, t, cond)
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 4, 8, 8, requires_grad=True)
+    t, eps = torch.tensor([100, 700]), torch.randn(2, 4, 8, 8)
+    (grad,) = torch.autograd.grad(dipp.ikl_loss(x0, t, eps, sched, real, fake_c).sum(), x0)
+    a, s = abar[t].float().sqrt().view(-1, 1, 1, 1), (1 - abar[t].float()).sqrt().view(-1, 1, 1, 1)
+    x_t = a * x0.detach() + s * eps
+    with torch.no_grad():
+        e_c, e_u = pixart_eps_by_hand(teacher, x_t, t, emb, mask), pixart_eps_by_hand(teacher, x_t, t, emb_u, mask_u)
+        expected = (s / a) ** 2 * a * (e_u + omega * (e_c - e_u) - pixart_eps_by_hand(fake, x_t, t, emb, mask)) / s
+    assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-5) and grad.abs().max() > 1e-3
+    G = dipp.OneStepGenerator(dipp.readout_in_fp32(tiny_pixart(2)).train(), sched, 400)
+    G(torch.randn(2, 4, 8, 8), cond).square().sum().backward()
+    w = G.unet.proj_out.weight.grad.view(2 * 2, 8, -1)  # rows ordered (patch row, patch column, channel)
+    assert w[:, 4:].abs().max() == 0 and w[:, :4].abs().min(-1).values.max() > 0
+    assert G.unet.proj_out.bias.grad.view(4, 8)[:, 4:].abs().max() == 0
+
+
+def test_pixart_cfg_is_an_implicit_reward_with_attention_masks():
+    """METHOD.md §5 on the DiT path: with masked T5 conditions (prompt and empty prompt of different lengths),
+    the guided teacher's IKL gradient (cond and uncond in one batched call) equals the unguided one minus
+    (ω−1)·∇x0 r_cfg from separate calls; embeddings under the mask change nothing, the mask itself does."""
+    teacher, fake = tiny_pixart(0), tiny_pixart(1)
+    eps_fn, sched, omega = dipp.unet_eps(teacher), dipp.Schedule(pixart_schedule()), 4.5
+    cond, uncond = dipp.MaskedText(*t5_like([5, 9, 3], 2)), dipp.MaskedText(*t5_like([1, 1, 1], 3))
+    fake_c = lambda x, tt: dipp.unet_eps(fake)(x, tt, cond)
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 4, 8, 8, requires_grad=True)
+    t, eps = torch.tensor([50, 400, 900]), torch.randn(3, 4, 8, 8)
+    grad_of = lambda loss: torch.autograd.grad(loss.sum(), x0)[0]
+    g_guided = grad_of(dipp.ikl_loss(x0, t, eps, sched, dipp.guided(eps_fn, cond, uncond, omega), fake_c))
+    g_plain = grad_of(dipp.ikl_loss(x0, t, eps, sched, dipp.guided(eps_fn, cond, uncond, 1.0), fake_c))
+    g_cfg = grad_of(dipp.cfg_reward_loss(x0, t, eps, sched, lambda x, tt: eps_fn(x, tt, cond),
+                                         lambda x, tt: eps_fn(x, tt, uncond)))
+    assert torch.allclose(g_guided, g_plain + (omega - 1) * g_cfg, rtol=1e-3, atol=1e-5)
+    assert (g_guided - g_plain).abs().max() > 1e-3
+    x = torch.randn(3, 4, 8, 8)
+    padded = dipp.MaskedText(cond.emb.masked_fill(cond.mask[..., None] == 0, 7.0), cond.mask)
+    unmasked = dipp.MaskedText(cond.emb, torch.ones_like(cond.mask))
+    with torch.no_grad():
+        assert torch.allclose(eps_fn(x, t, padded), eps_fn(x, t, cond), atol=1e-6)
+        assert (eps_fn(x, t, unmasked) - eps_fn(x, t, cond)).abs().max() > 1e-3
+
+
+def test_pixart_1024_models_get_the_image_size():
+    """A transformer with use_additional_conditions (the 1024-MS model's sample_size 128 turns it on) gets the
+    micro-conditions as PixArtAlphaPipeline builds them: resolution [h, w] in pixels (8 per latent) and h/w."""
+    from diffusers import PixArtTransformer2DModel
+    torch.manual_seed(0)
+    net = PixArtTransformer2DModel(in_channels=4, out_channels=8, use_additional_conditions=True,
+                                   **random_weights.SHAPES["tiny_pixart"]["transformer"]).eval()
+    emb, mask = t5_like([3, 6], 4)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([400, 400])
+    size = {"resolution": torch.tensor([[64.0, 64.0]] * 2), "aspect_ratio": torch.tensor([[1.0]] * 2)}
+    with torch.no_grad():
+        theirs = net(x, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
+                     added_cond_kwargs=size).sample.chunk(2, dim=1)[0]
+        assert torch.allclose(dipp.unet_eps(net)(x, t, dipp.MaskedText(emb, mask)), theirs, atol=1e-6)
+        size["resolution"] = size["resolution"] / 2  # the size really enters the output
+        assert (net(x, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t, added_cond_kwargs=size)
+                .sample.chunk(2, dim=1)[0] - theirs).abs().max() > 1e-4
+
+
+def pixart_command():
+    """The `python dipp.py --random_weights tiny_pixart ...` command exactly as README gives it."""
+    line = next(l for l in open(os.path.join(HERE, "README.md")).read().splitlines()
+                if "python dipp.py --random_weights tiny_pixart" in l)
+    return shlex.split(line[line.index("python dipp.py"):].split("#")[0].split("&&")[0])[2:]
+
+
+def test_pixart_readme_run_moves_only_generator_and_fake_and_resumes_from_cached_t5(tmp_path, monkeypatch):
+    """README's PixArt command: teacher, VAE and reward are bit-identical to their files after training, G and ψ
+    moved, T5 is gone (freed after pre-encoding) and its cached embedding of "" is T5's own (with the mask);
+    1 step + resume + 1 step equals the 2 straight steps bit for bit, and the resume never loads T5."""
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, CLIPModel, T5EncoderModel
+    argv = pixart_command()
+    i = argv.index("--output_dir")
+    argv[i + 1] = str(tmp_path / "a")
+    nets = dipp.main(argv)
+    folder, clip = str(tmp_path / "a" / "tiny_pixart" / "pixart"), str(tmp_path / "a" / "tiny_pixart" / "clip")
+    teacher = PixArtTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    assert same_weights(nets["teacher"], teacher) and not same_weights(nets["G"].unet, teacher)
+    assert not same_weights(nets["fake"], teacher) and nets["G"].t_star == 400
+    assert same_weights(nets["vae"], AutoencoderKL.from_pretrained(folder, subfolder="vae"))
+    assert same_weights(nets["reward"].model, CLIPModel.from_pretrained(clip))
+    assert nets["text_encoder"] is None
+    (cache,) = os.listdir(tmp_path / "a" / "text_embeddings")
+    table = load_file(str(tmp_path / "a" / "text_embeddings" / cache))
+    prompts = json.loads(__import__("safetensors").safe_open(str(tmp_path / "a" / "text_embeddings" / cache), "pt")
+                         .metadata()["prompts"])
+    assert prompts[:len(dipp.BUILTIN_PROMPTS)] == dipp.BUILTIN_PROMPTS and prompts[-1] == ""
+    tok = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")("", padding="max_length", max_length=120,
+                                                                       return_tensors="pt")
+    with torch.no_grad():
+        t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder")(tok.input_ids, attention_mask=tok.attention_mask)[0]
+    assert torch.equal(table["mask"][-1], tok.attention_mask[0]) and tok.attention_mask.sum() == 1  # just </s>
+    assert torch.allclose(table["emb"][-1], t5[0], atol=1e-6)
+    b = ["--output_dir", str(tmp_path / "b"), "--checkpointing_steps", "1"]
+    dipp.main(argv[:i] + argv[i + 2:] + b + ["--max_train_steps", "1"])
+    monkeypatch.setattr(dipp, "load_text_encoder", lambda *a: pytest.fail("T5 loaded although its embeddings are cached"))
+    resumed = dipp.main(argv[:i] + argv[i + 2:] + b + ["--resume_from_checkpoint", "latest"])
+    assert same_weights(nets["G"].unet, resumed["G"].unet) and same_weights(nets["fake"], resumed["fake"])
+
+
+def test_pixart_lora_base_untouched_merged_export_reloads_in_stock_pipeline(tmp_path):
+    """--lora_rank on PixArt: adapters move, the one shared base stays bit-identical to the teacher file, the
+    merged export is a plain PixArtTransformer2DModel folder predicting what the adapter model predicts, and a
+    stock PixArtAlphaPipeline (DDPM, clip_sample=False, timesteps=[t*], guidance 1) given it reproduces dipp's
+    --generate images from the same noise."""
+    from diffusers import AutoencoderKL, DDPMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+    out = str(tmp_path)
+    nets = dipp.main(["--random_weights", "tiny_pixart", "--lora_rank", "4", "--max_train_steps", "2", "--learning_rate",
+                      "1e-2", "--fake_learning_rate", "1e-2", "--reward_scale", "10", "--output_dir", out])
+    G, fake, teacher = nets["G"].unet, nets["fake"], nets["teacher"]
+    folder = os.path.join(out, "tiny_pixart", "pixart")
+    assert G.pos_embed.proj.weight is teacher.pos_embed.proj.weight is fake.pos_embed.proj.weight
+    assert same_weights(teacher, PixArtTransformer2DModel.from_pretrained(folder, subfolder="transformer"))
+    lora = lambda m: {k: v for k, v in m.state_dict().items() if "lora_B" in k}
+    assert lora(G) and all(v.abs().sum() > 0 for v in lora(G).values()) and any(v.abs().sum() > 0 for v in lora(fake).values())
+    merged = PixArtTransformer2DModel.from_pretrained(os.path.join(out, "generator"))
+    assert not any("lora" in k for k in merged.state_dict())
+    assert json.load(open(os.path.join(out, "generator", "config.json")))["_class_name"] == "PixArtTransformer2DModel"
+    x, t, (emb, mask) = torch.randn(2, 4, 8, 8), torch.tensor([400, 999]), t5_like([4, 9], 5)
+    with torch.no_grad():
+        assert torch.allclose(pixart_eps_by_hand(merged, x, t, emb, mask), pixart_eps_by_hand(G, x, t, emb, mask), atol=1e-5)
+    prompts = ["A red bicycle", "a fox"]
+    ours = dipp.main(["--random_weights", "tiny_pixart", "--output_dir", out, "--generate", "|".join(prompts),
+                      "--generator_init", os.path.join(out, "generator"), "--seed", "5"])
+    pipe = PixArtAlphaPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        text_encoder=T5EncoderModel.from_pretrained(folder, subfolder="text_encoder"),
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"), transformer=merged,
+        scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler", clip_sample=False))
+    torch.manual_seed(5)
+    z = torch.randn(2, 4, 8, 8)  # the same z ~ N(0, I) that dipp.generate drew after seeding
+    theirs = pipe(prompts, timesteps=[400], latents=z, guidance_scale=1.0, output_type="pt", clean_caption=False,
+                  use_resolution_binning=False).images
+    assert torch.allclose((ours.clamp(-1, 1) + 1) / 2, theirs, atol=1e-4)
+
+
+def test_pixart_switches_keep_the_math(tmp_path, monkeypatch):
+    """On PixArt: --gradient_checkpointing gives the plain run's weights (and --ema_decay exports
+    d²θ0 + d(1−d)θ1 + (1−d)θ2 after 2 steps); one --compile step (aot_eager) is within 0.1 % of its update; bf16
+    stores the frozen nets in bf16, keeps fp32 master weights, and reads ε̂ out of the transformer in fp32."""
+    from safetensors.torch import load_file
+    monkeypatch.setattr(plumbing, "COMPILE_BACKEND", "aot_eager")
+    common = ["--random_weights", "tiny_pixart", "--max_train_steps", "2", "--learning_rate", "1e-3",
+              "--fake_learning_rate", "1e-3", "--reward_scale", "10", "--checkpointing_steps", "1"]
+    run = lambda name, *flags: dipp.main(common + ["--output_dir", str(tmp_path / name), *flags])
+    plain = run("plain")
+    ckpt = run("ckpt", "--gradient_checkpointing", "--ema_decay", "0.75")
+    assert ckpt["G"].unet.is_gradient_checkpointing and ckpt["fake"].is_gradient_checkpointing
+    for name in ("G", "fake"):
+        a, b = plain[name].state_dict(), ckpt[name].state_dict()
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+    theta0 = load_file(str(tmp_path / "ckpt" / "tiny_pixart" / "pixart" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    theta1 = load_file(str(tmp_path / "ckpt" / "checkpoint-1" / "generator.safetensors"))
+    theta2, exported = ckpt["G"].unet.state_dict(), load_file(str(tmp_path / "ckpt" / "generator" / "diffusion_pytorch_model.safetensors"))
+    for k in theta1:
+        assert torch.allclose(exported[k], 0.75 * (0.75 * theta0[k] + 0.25 * theta1[k]) + 0.25 * theta2[k], atol=1e-6), k
+    compiled = run("compiled", "--compile", "default", "--benchmark", "--max_train_steps", "1")  # vs checkpoint-1
+    assert compiled["G"].unet._compiled_call_impl is not None and compiled["teacher"]._compiled_call_impl is not None
+    teacher = plain["teacher"].state_dict()
+    for name, file in (("G", "generator"), ("fake", "fake_score")):
+        a = but_key_bias(load_file(str(tmp_path / "plain" / "checkpoint-1" / f"{file}.safetensors")))
+        b = {k.removeprefix("unet."): v for k, v in compiled[name].state_dict().items()}
+        diff, update = distance(a, b), distance(a, teacher)
+        assert update > 0.01 and diff < 1e-3 * update, (name, diff, update)
+    bf16 = run("bf16", "--mixed_precision", "bf16", "--max_train_steps", "1")
+    assert bf16["teacher"].dtype == bf16["vae"].dtype == torch.bfloat16
+    assert bf16["G"].unet.dtype == bf16["fake"].dtype == torch.float32
+    seen = []
+    bf16["G"].unet.register_forward_hook(lambda m, i, o: seen.append(o.sample.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x0 = bf16["G"](torch.randn(1, 4, 8, 8), bf16["text"](dipp.BUILTIN_PROMPTS[:1]))
+    assert seen == [torch.float32] and x0.dtype == torch.float32
+
+
+def test_pixart_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
+    """torchrun with 2 CPU processes (gloo) × batch 1 on PixArt (rank 0 pre-encodes the prompts, rank 1 reads
+    its cache) gives the generator one process with batch 2 gives, up to float summation order."""
+    import subprocess
+    from safetensors.torch import load_file
+    common = ["--random_weights", "tiny_pixart", "--max_train_steps", "2", "--learning_rate", "1e-3",
+              "--fake_learning_rate", "1e-3", "--reward_scale", "10"]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "dipp.py", *common, "--train_batch_size", "1",
+                    "--output_dir", str(tmp_path / "ddp")], cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                   check=True, capture_output=True)
+    dipp.main(common + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "one")])
+    weights = lambda run: load_file(str(tmp_path / run / "generator" / "diffusion_pytorch_model.safetensors"))
+    init = load_file(str(tmp_path / "one" / "tiny_pixart" / "pixart" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    diff, update = distance(but_key_bias(weights("one")), weights("ddp")), distance(but_key_bias(weights("one")), init)
+    assert update > 0.01 and diff < 0.01 * update, (diff, update)
+
+
+def test_pixart_generator_init_takes_the_dmd_layout_a_transformer_folder_or_a_weight_file(tmp_path):
+    """--generator_init on PixArt: a folder holding only transformer/ (.bin, config naming Transformer2DModel)
+    and scheduler/ as PixArt-α-DMD's release, the transformer folder itself, and a .safetensors weight file all
+    give the same generator, at PixArt's default t* = 400; an incomplete PixArt folder is one line."""
+    import shutil
+    from diffusers import DDPMScheduler
+    from safetensors.torch import save_file
+    source = tiny_pixart(7)
+    source.save_pretrained(tmp_path / "dmd" / "transformer", safe_serialization=False)
+    config = tmp_path / "dmd" / "transformer" / "config.json"
+    config.write_text(config.read_text().replace('"PixArtTransformer2DModel"', '"Transformer2DModel"'))
+    DDPMScheduler().save_pretrained(tmp_path / "dmd" / "scheduler")
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "g.safetensors"))
+    teacher, *_, schedule = dipp.load_sd(tiny_pixart_models()[0], torch.device("cpu"), torch.float32, text_encoder=False)
+    for init in (tmp_path / "dmd", tmp_path / "dmd" / "transformer", tmp_path / "g.safetensors"):
+        G = dipp.build_generator(dipp.Config(generator_init=str(init)), teacher, schedule, torch.device("cpu"))
+        assert same_weights(G.unet, source) and G.t_star == 400, init
+    shutil.copytree(tiny_pixart_models()[0], tmp_path / "broken", ignore=shutil.ignore_patterns("text_encoder"))
+    msg = error_of(["--pretrained_model_name_or_path", str(tmp_path / "broken"), "--output_dir", str(tmp_path / "r")])
+    assert "PixArt-α folder: missing text_encoder/config.json" in msg and "\n" not in msg
+
+
+def test_pixart_prompt_cache_follows_the_text_encoder_files(tmp_path):
+    """The T5 embedding cache is keyed by the text encoder's files too: a T5 rewritten in the same folder
+    (other weights) gets a new cache file with its own embeddings, never the old model's."""
+    import shutil
+    from transformers import T5EncoderModel
+    folder = tmp_path / "pixart"
+    shutil.copytree(tiny_pixart_models()[0], folder)
+    cfg = dipp.Config(pretrained_model_name_or_path=str(folder), output_dir=str(tmp_path / "out"))
+    teacher, _, _, tok, _ = dipp.load_sd(str(folder), torch.device("cpu"), torch.float32, text_encoder=False)
+    encode = lambda: dipp.conditioning(cfg, dipp.family_of(teacher), tok, [["a fox"]], torch.device("cpu"),
+                                       torch.float32)[0](["a fox"]).emb
+    before = encode()
+    t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder")
+    for p in t5.parameters():
+        p.data += 0.1
+    t5.save_pretrained(folder / "text_encoder")
+    after = encode()
+    assert len(os.listdir(tmp_path / "out" / "text_embeddings")) == 2 and (after - before).abs().max() > 1e-3
+
+
+def test_pixart_benchmark_sweep_and_512_shapes(tmp_path):
+    """bench/sweep.py --family pixart runs the benchmark on tiny PixArt models (writing only the models and the
+    prompt cache), and the --random_weights pixart512 transformer has PixArt-XL-2-512's 0.61 B parameters."""
+    from diffusers import PixArtTransformer2DModel
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import sweep
+    rows = sweep.main(["--tiny", "--family", "pixart", "--batches", "1", "--steps", "3", "--out", str(tmp_path),
+                       "--setups", "full"])
+    assert rows[0]["images_per_s"] > 0 and "--random_weights tiny_pixart" in rows[0]["command"]
+    assert set(os.listdir(tmp_path / "models")) == {"tiny_pixart", "text_embeddings"}
+    with torch.device("meta"):
+        net = PixArtTransformer2DModel(in_channels=4, out_channels=8, **random_weights.SHAPES["pixart512"]["transformer"])
+    assert round(sum(p.numel() for p in net.parameters()) / 1e9, 2) == 0.61

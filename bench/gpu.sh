@@ -7,6 +7,7 @@
 #   bash bench/gpu.sh profile OUT    # on the GPU: one eager batch-8 run under torch.profiler -> OUT/profile_full_b8.txt
 #   bash bench/gpu.sh table OUT      # on the GPU: full / checkpointing / LoRA-64 × batch 1, 4, 8
 #   bash bench/gpu.sh table OUT --tiny --batches 1   # extra arguments go to bench/sweep.py (a CPU dry run)
+#   bash bench/gpu.sh table OUT --family pixart       # the same on PixArt-α-512-shaped random weights
 #
 # Both GPU modes install .whl/ (if present) into /tmp/site first, write SD1.5-shaped random weights once
 # (~6 GB, no download) to $MODELS (default /tmp/dipp_models, kept apart from OUT so only results come

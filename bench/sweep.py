@@ -1,11 +1,12 @@
-"""Benchmark configurations in one process, on SD1.5-shaped random weights (no download), bf16 autocast.
-Each configuration is `python dipp.py --random_sd15 --benchmark ...` with the setup's flags; one line
+"""Benchmark configurations in one process, on SD1.5- or PixArt-α-512-shaped random weights (no download), bf16
+autocast. Each configuration is `python dipp.py --random_weights sd15|pixart512 --benchmark ...` with the setup's flags; one line
 per configuration is printed and appended to results.jsonl, and table.md is rewritten after each, so a
 run cut short by a time limit still leaves every finished figure behind.
 
     python bench/sweep.py --out bench_out                       # the memory table: 3 setups × batch 1/4/8
     python bench/sweep.py --out bench_out --setups speed --batches 8   # eager vs the speed switches
     python bench/sweep.py --tiny --out /tmp/bench               # the same on tiny models (CPU smoke test)
+    python bench/sweep.py --family pixart --out bench_pixart    # PixArt-α 512 px (T5 encodes once, then is freed)
 """
 import argparse
 import json
@@ -62,7 +63,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_out", help="results.jsonl and table.md go here")
     p.add_argument("--models", default="", help="where the random weights are written once (default: OUT/models)")
-    p.add_argument("--tiny", action="store_true", help="tiny random models instead of SD1.5 shapes")
+    p.add_argument("--tiny", action="store_true", help="tiny random models instead of full-size shapes")
+    p.add_argument("--family", choices=("sd", "pixart"), default="sd", help="SD1.5 (UNet) or PixArt-α 512 px (DiT) shapes")
     p.add_argument("--setups", nargs="+", default=["table"], help=f"setup names or groups: {list(SETUPS)}, {list(GROUPS)}")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--steps", type=int, default=6, help="iterations per configuration (the first 2 are warm-up)")
@@ -75,7 +77,9 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown setup(s) {unknown}; choose from {list(SETUPS)} or {list(GROUPS)}")
     os.makedirs(args.out, exist_ok=True)
-    shapes = ["--tiny"] if args.tiny else ["--random_sd15", "--mixed_precision", "bf16"]
+    shapes = ["--random_weights", {("sd", True): "tiny", ("sd", False): "sd15", ("pixart", True): "tiny_pixart",
+                                   ("pixart", False): "pixart512"}[args.family, args.tiny]]
+    shapes += [] if args.tiny else ["--mixed_precision", "bf16"]
     rows, start = [], time.time()
     for name in names:
         for batch in args.batches:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 # The run-keeping machinery (checkpoints, EMA, LoRA sharing, torchrun, compile, export, benchmark) lives
 # in plumbing.py, so that this file holds the method. It never imports dipp.
 from plumbing import (PromptCache, RunLog, StopSignals, benchmark_clock, check_config, checkpoint_blocks,
-                      compile_nets, data_parallel, die, die_non_finite, ema_update, ema_weights,
+                      check_model_class, compile_nets, data_parallel, die, die_non_finite, ema_update, ema_weights,
                       encoded_prompts, export_generator, files_stamp, find_subfolder, fp32_layer, freeze,
                       global_means, held_out_reward, init_distributed, load_checkpoint, load_imagereward,
                       load_or_die, load_prompts, load_weights_or_die, lora_copy, make_adam, optimizer_step,
@@ -659,6 +659,8 @@ def build_generator(cfg, teacher, schedule, device):
         unet.to(device).float().requires_grad_(True)
     elif cfg.generator_init:  # a model folder (what dipp exports), a pipeline folder (PixArt-α-DMD's), a hub id
         name, sub = cfg.generator_init, find_subfolder(cfg.generator_init, fam.folder)
+        # one line for a generator of the other family (PixArt-α-DMD's config still names the old class)
+        check_model_class(name, sub, (fam.denoiser, "Transformer2DModel") if fam.name == "pixart" else (fam.denoiser,))
         unet = load_or_die(lambda: type(teacher).from_pretrained(name, subfolder=sub, torch_dtype=torch.float32), name,
                            f"the --generator_init {fam.denoiser}")
         unet.to(device).requires_grad_(True)

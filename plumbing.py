@@ -37,6 +37,8 @@ def load_or_die(fn, name, what):
         return fn()
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if os.path.exists(os.path.expanduser(name)):  # a local folder that is not what it should be
+            die(f"cannot load {what} from the local folder '{name}' ({first[:200]}); check that it holds that model")
         die(f"cannot load {what} from '{name}' ({first[:200]}). On a machine with internet run "
             f"`huggingface-cli download {name}` (then it loads from the cache), or pass a local folder")
 
@@ -79,6 +81,17 @@ def load_imagereward(path, device):
                         "'bert-base-uncased')")
     model.device = device  # score_gard builds its attention mask on model.device
     return model
+
+
+def check_model_class(name, sub, expected):
+    """One line when a local model folder holds another architecture than the teacher's (an SD generator
+    given with a PixArt-α teacher, or the reverse), instead of a loader error about attention heads."""
+    config = os.path.join(name, sub or "", "config.json")
+    if os.path.isfile(config):
+        found = json.load(open(config)).get("_class_name", "")
+        if found and found not in expected:
+            die(f"the generator '{name}' holds a {found}, but the teacher (--pretrained_model_name_or_path) uses "
+                f"a {expected[0]}; pass a generator of the teacher's family, or that family's teacher")
 
 
 def find_subfolder(name, sub):

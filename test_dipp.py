@@ -1113,7 +1113,8 @@ def test_generator_init_from_a_weight_file_equals_the_folder(tmp_path):
 
 
 def test_bad_generator_init_files_are_one_line(tmp_path):
-    """A weight file of another architecture, a truncated file, or a pickle that would run code: one line."""
+    """A weight file of another architecture, a truncated file, a pickle that would run code, or a model
+    folder of the other family (a PixArt transformer for an SD teacher): one line each."""
     import pickle
     teacher, *_, schedule = dipp.load_sd(tiny_models()[0], torch.device("cpu"), torch.float32)
     wrong = {k: v for k, v in tiny_unet().state_dict().items() if "up_blocks" not in k}
@@ -1129,6 +1130,7 @@ def test_bad_generator_init_files_are_one_line(tmp_path):
     open(tmp_path / "evil.pt", "wb").write(pickle.dumps({"conv_in.weight": Evil()}))
     cases = {"wrong.bin": "does not match", "cut.safetensors": "cannot be read", "evil.pt": "cannot be read",
              "nothing.safetensors": "does not exist"}
+    cases[os.path.join(tiny_pixart_models()[0], "transformer")] = "holds a PixArtTransformer2DModel"  # the other family
     for name, expected in cases.items():
         with pytest.raises(SystemExit) as e:
             dipp.build_generator(dipp.Config(generator_init=str(tmp_path / name)), teacher, schedule, torch.device("cpu"))

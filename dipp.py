@@ -164,11 +164,16 @@ class Schedule:
         betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
         return cls(torch.cumprod(1 - betas, 0))
 
+    def on(self, device):
+        """ᾱ_t (T,) on `device`, copied there the first time it is asked for."""
+        device = torch.device(device)
+        if device not in self.on_device:
+            self.on_device[device] = self.alphas_cumprod.to(device)
+        return self.on_device[device]
+
     def alpha_sigma(self, t, ndim):
         """α_t, σ_t for integer timesteps t (B,), shaped (B, 1, ..., 1) to broadcast over x."""
-        if t.device not in self.on_device:
-            self.on_device[t.device] = self.alphas_cumprod.to(t.device)
-        abar = self.on_device[t.device][t].view(-1, *[1] * (ndim - 1))  # (B, 1, ..)
+        abar = self.on(t.device)[t].view(-1, *[1] * (ndim - 1))  # (B, 1, ..)
         return abar.sqrt(), (1 - abar).sqrt()
 
 
@@ -197,7 +202,7 @@ def sample_timesteps(B, t_min, t_max, device, kind="uniform", schedule=None):
     # NOTE(deviation): Diff-Instruct draws a continuous VE noise level; SD1.5 has 1000 discrete ones, so
     # each draw goes to the nearest (in log σ/α) timestep and the tails beyond t_min/t_max to the ends.
     # Without a schedule (the toy, old callers) SD-1.x's scaled-linear one is used.
-    abar = (schedule or Schedule.scaled_linear()).alphas_cumprod[t_min:t_max + 1].to(device)  # (n,)
+    abar = (schedule or Schedule.scaled_linear()).on(device)[t_min:t_max + 1]  # (n,)
     log_sigma_ve = 0.5 * torch.log((1 - abar) / abar)  # (n,), increasing in t
     edges = (log_sigma_ve[1:] + log_sigma_ve[:-1]) / 2  # (n−1,) midpoints: nearest-neighbour boundaries
     log_sigma = LOGNORMAL_MEAN + LOGNORMAL_STD * torch.randn(B, device=device)  # log σ_VE ~ N(−1.2, 1.2²)

@@ -42,6 +42,7 @@ def load_or_die(fn, name, what):
         die(f"cannot load {what} from '{name}' ({first[:200]}). On a machine with internet run "
             f"`huggingface-cli download {name}` (then it loads from the cache), or pass a local folder")
 
+
 def load_weights_or_die(module, path):
     """Load a bare state-dict file (.safetensors, or a torch .bin/.pt/.pth read with weights_only=True so
     that a file someone sends you cannot run code) into module; wrong keys or shapes are one line."""
@@ -65,7 +66,6 @@ def load_weights_or_die(module, path):
 def load_imagereward(path, device):
     """The ImageReward model from a local folder (ImageReward.pt + med_config.json) or, with path "", by name
     through the package's own downloader (hub repo THUDM/ImageReward); a missing file is one line."""
-    import sys
     sys.modules.setdefault("clip", type(sys)("clip"))  # ImageReward imports OpenAI's `clip` but never uses it for ImageReward
     import ImageReward as RM
     if path:
@@ -116,6 +116,7 @@ def writable_dir(path, flag="--output_dir"):
         os.remove(probe)
     except OSError as e:
         die(f"{flag} '{path}' cannot be written ({e.strerror}); choose a folder you can write to")
+
 
 def parse_dataclass(cls, argv, choices, prog, description):
     """An argparse parser built from a dataclass: --field per field, type from the annotation, help from
@@ -284,9 +285,8 @@ def init_distributed(cfg):
 
 
 def die_non_finite(cfg, step, error):
-    kept = list_checkpoints(cfg.output_dir)
-    die(f"training stopped at step {step}: {error}. Last good checkpoint: "
-        f"{kept[-1] if kept else 'none'}; lower --learning_rate or --reward_scale, or try bf16")
+    die(f"training stopped at step {step}: {error}. Last good checkpoint: {last_checkpoint(cfg.output_dir)}; "
+        "lower --learning_rate or --reward_scale, or try bf16")
 
 
 def optimizer_step(loss, params, opt, scaler, max_grad_norm):
@@ -486,9 +486,8 @@ def save_checkpoint(cfg, step, G, fake, states, ema=None, rng=None):
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, OSError):
             raise
-        kept = list_checkpoints(cfg.output_dir)
         die(f"could not write {final} ({e.strerror or e}); the partial folder was removed. Last good "
-            f"checkpoint: {kept[-1] if kept else 'none'}; free space and resume with --resume_from_checkpoint latest")
+            f"checkpoint: {last_checkpoint(cfg.output_dir)}; free space and resume with --resume_from_checkpoint latest")
     if os.path.isdir(final):  # resuming from an earlier step into the same output_dir: swap the old one out
         os.replace(final, final + ".old")
     os.replace(tmp, final)
@@ -501,6 +500,12 @@ def save_checkpoint(cfg, step, G, fake, states, ema=None, rng=None):
 def list_checkpoints(output_dir):
     found = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)] if os.path.isdir(output_dir) else []
     return [os.path.join(output_dir, d) for d in sorted(found, key=lambda d: int(d.split("-")[1]))]
+
+
+def last_checkpoint(output_dir):
+    """The newest checkpoint-N folder, named in the one-line errors of a run that stops ('none' if there is none)."""
+    kept = list_checkpoints(output_dir)
+    return kept[-1] if kept else "none"
 
 
 def load_checkpoint(cfg, G, fake, states, ema=None, rank=0, world=1, device=torch.device("cpu")):
@@ -592,26 +597,26 @@ class RunLog:
 
 
 def plot_curves(log_path, png_path):
-    """The run at a glance from log.jsonl: both losses, training and held-out reward, and the two
-    gradient sizes at x0 with their ratio. `python plumbing.py curves runs/x/log.jsonl` redraws it."""
+    """The run at a glance from log.jsonl: both losses, training and held-out reward (± its spread), and
+    the two gradient sizes at x0. `python plumbing.py curves runs/x/log.jsonl` redraws it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(log_path)]
-    series = lambda key: ([r["step"] for r in rows if r.get(key) is not None and r[key] == r[key]],
-                          [r[key] for r in rows if r.get(key) is not None and r[key] == r[key]])  # skip None/nan
+    def series(key):  # (steps, values) of the rows that have a number for key (None and nan skipped)
+        pairs = [(r["step"], r[key]) for r in rows if r.get(key) is not None and r[key] == r[key]]
+        return [s for s, _ in pairs], [v for _, v in pairs]
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
     for ax, keys, title in ((axes[0], ["loss_fake"], "fake-score DSM loss"), (axes[1], ["loss_ikl"], "IKL surrogate (value means nothing)"),
                             (axes[2], ["reward", "val_reward"], "reward: training prompts / held-out"),
                             (axes[3], ["grad_ikl", "grad_reward"], "RMS ∂L/∂x0 per sample")):
         for key in keys:
             ax.plot(*series(key), "o-" if key == "val_reward" else "-", label=key, ms=3)
-        if key == "val_reward" and series("val_reward_std")[0]:
-            steps, mean = series("val_reward")
-            std = dict(zip(*series("val_reward_std")))
+        if "val_reward" in keys and series("val_reward_std")[0]:
+            steps, mean, std = *series("val_reward"), dict(zip(*series("val_reward_std")))
             ax.fill_between(steps, [m - std.get(s, 0) for s, m in zip(steps, mean)],
                             [m + std.get(s, 0) for s, m in zip(steps, mean)], alpha=0.2)
-        if keys[0] == "grad_ikl" and series("grad_ikl")[0]:
+        if "grad_ikl" in keys and series("grad_ikl")[0]:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")

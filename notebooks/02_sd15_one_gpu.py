@@ -75,20 +75,18 @@ del teacher, vae, text_encoder
 
 # %% [markdown]
 # ## 2. What each memory switch costs
-# Four short runs of the real training step (`python dipp.py ... --max_train_steps 3`), each
-# measured from its `log.jsonl` (images/s, last step) and, on a GPU, `torch.cuda.max_memory_allocated`.
+# Four short runs of the real training step with `--benchmark` (`python dipp.py ... --benchmark
+# --max_train_steps 3`): seconds per iteration after the warm-up and, on a GPU, the training loop's peak
+# memory, from the `BENCHMARK` result `dipp.main` returns.
 
 # %%
-def measure(name, flags, steps=3, batch=1):
-    out = os.path.join(OUT, "memory", name)
-    if GPU:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    dipp.main(MODEL + flags + ["--train_batch_size", str(batch), "--max_train_steps", str(steps), "--output_dir", out, "--validation_steps", "1000",
-                               "--checkpointing_steps", "1000", "--overwrite_output_dir"])
-    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if GPU else "n/a on CPU"
-    return {"setup": name, "s/iteration": round(batch / log[-1]["img_per_s"], 3), "peak GiB": peak}
+def measure(name, flags, batch=1):
+    """One `python dipp.py ... --benchmark` run: the real training step, timed after its 2 warm-up
+    iterations, with the training loop's peak GPU memory (CPU runs report process RSS, not shown)."""
+    r = dipp.main(MODEL + flags + ["--benchmark", "--max_train_steps", "3", "--train_batch_size", str(batch),
+                                   "--output_dir", os.path.join(OUT, "memory")])["benchmark"]
+    peak = f"{r['peak_memory_gib']:.1f} GiB" if r["memory_kind"] == "cuda_allocated" else "n/a on CPU"
+    return {"setup": name, "s/iteration": round(batch / r["images_per_s"], 3), "peak GiB": peak}
 
 
 setups = {"fp32, no checkpointing": [],

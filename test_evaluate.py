@@ -24,16 +24,6 @@ import evaluate
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one intra-op thread than on two spinning on a shared CPU (as evaluate.main
-    does for --tiny); the thread count is restored for whatever runs next."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.lru_cache(maxsize=None)
 def tiny():
     """Tiny SD, generator and scorer files (evaluate.build_tiny), written once per test session."""

@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import sys
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach the model hub
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -21,10 +22,11 @@ import plumbing
 import random_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+TMP = tempfile.gettempdir()  # models built once per session; TMPDIR keeps two checkouts' runs apart
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_models(folder="/tmp/dipp-test-tiny"):
+def tiny_models(folder=os.path.join(TMP, "dipp-test-tiny")):
     """Tiny SD + CLIP folders, written once per test session (random_weights.build_random)."""
     return random_weights.build_random(folder, "tiny")
 
@@ -268,7 +270,7 @@ def test_export_reloads_in_stock_diffusers_pipeline(tmp_path):
 # ----------------------------------------------------------------------------- rewards
 
 @functools.lru_cache(maxsize=None)
-def offline_imagereward(folder="/tmp/dipp-test-imagereward"):
+def offline_imagereward(folder=os.path.join(TMP, "dipp-test-imagereward")):
     """ImageReward built from a written med_config.json (1 BERT layer) and a small vocab, no download.
     The MLP head is re-initialised with a larger std so the score really depends on the image."""
     sys.modules.setdefault("clip", type(sys)("clip"))
@@ -509,7 +511,7 @@ def test_cfg_implicit_reward_with_exact_densities():
 
 
 @functools.lru_cache(maxsize=None)
-def toy_quick(out="/tmp/dipp-test-toy"):
+def toy_quick(out=os.path.join(TMP, "dipp-test-toy")):
     return toy.run(["--quick", "--out", out])
 
 
@@ -539,7 +541,7 @@ def test_toy_writes_its_outputs():
     """The toy writes results.json, samples.npz and toy.png, and reports the CFG comparison."""
     toy_quick()
     for f in ("results.json", "samples.npz", "toy.png"):
-        assert os.path.getsize(os.path.join("/tmp/dipp-test-toy", f)) > 0
+        assert os.path.getsize(os.path.join(TMP, "dipp-test-toy", f)) > 0
     cfg = toy_quick()["cfg"]
     assert cfg["mmd_guided_vs_explicit"] < cfg["mmd_guided_vs_unguided"]
 
@@ -1259,7 +1261,7 @@ def test_random_sd15_taesd_has_taesds_shape():
 # ----------------------------------------------------------------------------- PixArt-α (DiT) family
 
 @functools.lru_cache(maxsize=None)
-def tiny_pixart_models(folder="/tmp/dipp-test-tiny-pixart"):
+def tiny_pixart_models(folder=os.path.join(TMP, "dipp-test-tiny-pixart")):
     """A tiny PixArt-α folder (transformer, T5, in-process T5 tokenizer, VAE) + CLIP, written once per session."""
     return random_weights.build_random(folder, "tiny_pixart")
 

@@ -14,29 +14,35 @@ Stable Diffusion 1.5 on one GPU:   python dipp.py --mixed_precision bf16 --gradi
 PixArt-α (a DiT) on one GPU:       the same + --pretrained_model_name_or_path PixArt-alpha/PixArt-XL-2-512x512
 Generate with a trained generator: python dipp.py --generate "a red bicycle" --generator_init out/generator
 
-Symbols (code name <-> paper):   G / OneStepGenerator  g_θ(z, c)      x0     x_0 = g_θ(z, c)
+Symbols (code name <-> paper, as in METHOD.md §1):   G / OneStepGenerator  g_θ(z, c),  x0 = g_θ(z, c)
   real_eps  ε-prediction of the frozen reference s_ref, CFG-guided: s̃_ref (ω = guidance_scale)
   fake_eps  ε-prediction of the online "TA diffusion" s_ψ             reward_fn  r(x, c)
   Schedule.alpha_sigma(t)  α_t, σ_t of x_t = α_t x0 + σ_t ε            reward_scale  α_rew
   ikl_weight  w(t)      sample_timesteps  π(t)      fake_steps_per_G  K_TA (Alg. 1)
+  G.net  the denoiser ε_θ inside g_θ; G.t_star  t*;  families.py: what differs between SD-1.x and PixArt-α
 
-Simplifications vs. the paper (each also marked NOTE(deviation) where it happens):
+Simplifications vs. the paper (each marked `NOTE(deviation N)` where it happens; a test keeps the two in step):
   1. Discrete DDPM timesteps t ∈ {0..999} stand in for the paper's continuous t (SD1.5 and PixArt-α are discrete).
   2. w(t), π(t) are open in the paper for SD1.5. Defaults w = σ²/α² (Diff-Instruct's σ², VP form) and
-     π = U{20..980} (DMD2): on the toy they reach DI++'s exact optimum with the least jitter (README).
-     Options: `--timestep_sampling lognormal` (Diff-Instruct), `--ikl_weighting eps|dmd2` (dmd2 is adaptive).
-  3. The IKL term is summed over latent dimensions (a per-sample divergence) and averaged over the
-     batch; this reduction sets the scale of α_rew.
-  4. The generator is the teacher's denoiser evaluated once at t* on pure noise (DMD2's recipe; t* = 999 for SD,
+     π = U{20..980} (DMD2): on the toy they reach DI++'s exact optimum with the least jitter (docs).
+  3. `--timestep_sampling lognormal` (Diff-Instruct's continuous noise levels) moves each draw to the nearest
+     discrete timestep.
+  4. `--ikl_weighting dmd2`: DMD2's adaptive normaliser depends on the sample: no longer a fixed divergence.
+  5. The generator is the teacher's denoiser evaluated once at t* on pure noise (DMD2's recipe; t* = 999 for SD,
      400 for PixArt-α as PixArt-α-DMD); the paper also starts from other one-step models (`--generator_init`).
-  5. "α_cfg" is taken to mean the standard CFG scale ω; the implicit-reward weight is γ = ω − 1.
+  6. "α_cfg" is taken to mean the standard CFG scale ω; the implicit-reward weight is γ = ω − 1.
+  7. (opt-in) `--reward_decoder tiny`: the reward scores TAESD's decoding of x0, not the full VAE's.
+  8. (opt-in) `--reuse_generator_sample`: the first fake-score update trains on the generator update's sample.
 """
 # -----------------------------------------------------------------------------
 # 0. Imports. Heavy libraries (diffusers, transformers, ImageReward) are imported inside the
 #    functions that need them, so `import dipp` stays fast for the 2-D toy and the tests.
+#    Machinery is called by module, so every call site shows what it is: plumbing.py keeps a run
+#    alive (checkpoints, EMA, LoRA sharing, torchrun, compile, export, logs); families.py knows
+#    SD-1.x and PixArt-α. Neither imports dipp.
 import contextlib
 import dataclasses
-import json
+import math
 import os
 import sys
 import typing
@@ -44,15 +50,8 @@ import typing
 import torch
 import torch.nn.functional as F
 
-# The run-keeping machinery (checkpoints, EMA, LoRA sharing, torchrun, compile, export, benchmark) lives
-# in plumbing.py, so that this file holds the method. It never imports dipp.
-from plumbing import (PromptCache, RunLog, StopSignals, benchmark_clock, check_config, checkpoint_blocks,
-                      check_model_class, compile_nets, data_parallel, die, die_non_finite, ema_update, ema_weights,
-                      encoded_prompts, export_generator, files_stamp, find_subfolder, fp32_layer, freeze,
-                      global_means, held_out_reward, init_distributed, load_checkpoint, load_imagereward,
-                      load_or_die, load_prompts, load_weights_or_die, lora_copy, make_adam, optimizer_step,
-                      parse_dataclass, pick_device, prepare_output_dir, print_benchmark, record_config, rng_states,
-                      save_checkpoint, save_grid, trainable)
+import families
+import plumbing
 
 # -----------------------------------------------------------------------------
 # 1. Config. Every field is a command-line flag; the inline comment is its --help text.
@@ -73,8 +72,8 @@ class Config:
     guidance_scale: float = 1.75  # ω: CFG scale of the teacher; γ = ω−1 is the implicit-reward weight (DMD2 SD1.5: 1.75)
     generator_timestep: int = 0  # t*: the timestep at which the generator's denoiser sees noise z; 0 = the family's (SD 999, PixArt-α 400)
     fake_steps_per_G: int = 1  # K_TA: fake-score updates per generator update (Alg. 1; DMD2 uses 10)
-    # NOTE(deviation): the paper fixes no w(t), π(t) for SD1.5. x0 + uniform are kept because on the toy's
-    # exact optimum (README, "DI++'s exact optimum") they land within 4 % of m* with the least jitter; the
+    # NOTE(deviation 2): the paper fixes no w(t), π(t) for SD1.5. x0 + uniform are kept because on the toy's
+    # exact optimum (docs, "DI++'s exact optimum") they land within 4 % of m* with the least jitter; the
     # lognormal π jitters more and piles 26 % of its draws on t_min; dmd2 overshoots and can run away.
     t_min: int = 20  # π(t) lives on {t_min..t_max}: timesteps at which the IKL and DSM losses are evaluated
     t_max: int = 980  # upper end of π(t)
@@ -130,28 +129,47 @@ VALIDATION_PROMPTS = ["a golden retriever running on a beach", "a still life of 
 
 def parse_config(argv=None):
     """Every Config field is a flag --field: type from its annotation, help from its inline comment."""
-    return parse_dataclass(Config, argv, CHOICES, prog="dipp.py", description=__doc__.split("\n\n")[1])
+    return plumbing.parse_dataclass(Config, argv, CHOICES, prog="dipp.py", description=__doc__.split("\n\n")[1])
 
+
+def check_config(cfg, T=1000):
+    """Reject settings that would crash deep inside a library or train silently wrong: one line each.
+    T: the schedule's number of timesteps (known once the model is loaded)."""
+    die = plumbing.die
+    for f in dataclasses.fields(cfg):
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
+            die(f"--{f.name} {getattr(cfg, f.name)} is not a finite number")
+    for name in ("learning_rate", "fake_learning_rate"):
+        if getattr(cfg, name) <= 0:
+            die(f"--{name} {getattr(cfg, name)} must be > 0 (Diff-Instruct and DMD2 use 1e-5)")
+    if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1):
+        die(f"--adam_beta1/--adam_beta2 must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
+    for name in ("max_grad_norm", "lora_rank", "checkpoints_total_limit"):
+        if getattr(cfg, name) < 0:
+            die(f"--{name} {getattr(cfg, name)} must be >= 0 (0 = off)")
+    if not 0 <= cfg.ema_decay < 1:
+        die(f"--ema_decay {cfg.ema_decay} must be in [0, 1): 0 = off, 0.999 = a ~1000-step average")
+    if not 0 <= cfg.generator_timestep < T:
+        die(f"--generator_timestep {cfg.generator_timestep} is outside the schedule; use 1..{T - 1} (0 = the family's)")
+    if not 0 <= cfg.t_min < cfg.t_max < T:
+        die(f"need 0 <= --t_min < --t_max < {T}, got t_min={cfg.t_min} t_max={cfg.t_max}")
+    if cfg.guidance_scale < 1:
+        die(f"--guidance_scale {cfg.guidance_scale} < 1 would push samples *away* from the prompt; use ω >= 1")
+    for name in ("train_batch_size", "max_train_steps", "fake_steps_per_G", "checkpointing_steps",
+                 "validation_steps"):
+        if getattr(cfg, name) < 1:
+            die(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.reward_scale < 0:
+        die(f"--reward_scale {cfg.reward_scale} < 0 would minimise the reward; use α_rew >= 0")
 
 # -----------------------------------------------------------------------------
-# 2. Small utilities
-
-
-def precision(cfg, device):
-    """(autocast context, dtype of frozen nets). One place decides the dtype story."""
-    if cfg.mixed_precision == "no":
-        return contextlib.nullcontext(), torch.float32
-    if cfg.mixed_precision == "fp16" and device.type != "cuda":
-        die(f"--mixed_precision fp16 needs a CUDA GPU (device is {device}); use bf16 or no")
-    dtype = torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype), dtype
-
-# -----------------------------------------------------------------------------
-# 3. Forward process (METHOD.md §1): x_t = α_t x0 + σ_t ε, variance preserving (α² + σ² = 1).
+# 2. Forward process and noise (METHOD.md §1): x_t = α_t x0 + σ_t ε, variance preserving (α² + σ² = 1).
 
 
 class Schedule:
-    """The DDPM noise schedule as α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t), t ∈ {0..T−1}."""
+    """The DDPM noise schedule as α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t), t ∈ {0..T−1}.
+    NOTE(deviation 1): the paper's t is continuous; SD1.5 and PixArt-α were trained on T = 1000 discrete
+    timesteps, so t is an integer here and every integral over t is a sum over them."""
 
     def __init__(self, alphas_cumprod):
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).float()  # (T,)
@@ -199,7 +217,7 @@ def sample_timesteps(B, t_min, t_max, device, kind="uniform", schedule=None):
     assert kind in ("uniform", "lognormal"), f"unknown π(t) {kind!r}: uniform | lognormal"
     if kind == "uniform":
         return torch.randint(t_min, t_max + 1, (B,), device=device)  # t ~ U{t_min..t_max}
-    # NOTE(deviation): Diff-Instruct draws a continuous VE noise level; SD1.5 has 1000 discrete ones, so
+    # NOTE(deviation 3): Diff-Instruct draws a continuous VE noise level; SD1.5 has 1000 discrete ones, so
     # each draw goes to the nearest (in log σ/α) timestep and the tails beyond t_min/t_max to the ends.
     # Without a schedule (the toy, old callers) SD-1.x's scaled-linear one is used.
     abar = (schedule or Schedule.scaled_linear()).on(device)[t_min:t_max + 1]  # (n,)
@@ -208,34 +226,95 @@ def sample_timesteps(B, t_min, t_max, device, kind="uniform", schedule=None):
     log_sigma = LOGNORMAL_MEAN + LOGNORMAL_STD * torch.randn(B, device=device)  # log σ_VE ~ N(−1.2, 1.2²)
     return t_min + torch.bucketize(log_sigma, edges)  # (B,): nearest t; the tails land on the ends
 
+
+def draw_noise(B, z_shape, x_shape, cfg, device, rank=0, world=1, schedule=None):
+    """z ~ N(0, I), t ~ π(t), ε ~ N(0, I) for one update. Every rank draws the *global* batch of world·B
+    from the same seed and keeps its own slice, so N ranks see exactly the samples that one process
+    with batch N·B sees (and the data-parallel test can demand identical results)."""
+    n, mine = world * B, slice(rank * B, (rank + 1) * B)
+    own = lambda x: x[mine].clone() if world > 1 else x  # a copy of this rank's slice frees the global batch
+    z = own(torch.randn((n, *z_shape), device=device))  # z ~ N(0, I)
+    t = own(sample_timesteps(n, cfg.t_min, cfg.t_max, device, cfg.timestep_sampling, schedule))  # t ~ π(t)
+    eps = own(torch.randn((n, *x_shape), device=device))  # ε ~ N(0, I)
+    return z, t, eps
+
 # -----------------------------------------------------------------------------
-# 4. Networks. Every network is seen by the losses as an ε-predictor eps(x_t, t) -> ε̂ with its
-#    conditioning already bound (a closure), so the same losses run on a UNet, a DiT and a 2-D MLP.
-#    Score and ε are the same thing in two units: s(x_t) = −ε̂(x_t) / σ_t.
+# 3. The one-step generator g_θ. Every network is seen by the method as an ε-predictor: eps(x_t, t, c)
+#    -> ε̂, its family's call bound once (denoiser_eps, OneStepGenerator), so the same generator, losses
+#    and Alg. 1 run on a UNet, a DiT and a 2-D MLP. Score and ε are one thing in two units: s = −ε̂ / σ_t.
+
+
+def denoiser_eps(net, family):
+    """A diffusers denoiser of `family` (families.py) as eps(x_t, t, c) -> ε̂ in fp32. Inputs are cast to the
+    net's dtype: the frozen teacher is stored in bf16/fp16 under --mixed_precision."""
+    dtype = next(net.parameters()).dtype  # (a DDP wrapper has no .dtype of its own)
+
+    def eps(x_t, t, cond):
+        return family.eps(net, x_t.to(dtype), t, cond.to(dtype)).float()
+    return eps
+
+
+class OneStepGenerator(torch.nn.Module):
+    """g_θ(z, c): the denoiser `net` of `family` (a UNet or PixArt's transformer, see families.py) evaluated once
+    at t* on pure noise, read out as x̂0 (one step, no sampler):
+
+        x0 = g_θ(z, c) = (z − σ_{t*} ε̂_θ(z, t*, c)) / α_{t*}                  (METHOD.md §1)
+
+    NOTE(deviation 5): the paper leaves the one-step parameterisation to the initial model; we use DMD2's:
+    z itself is the input (in VP, x_t has unit variance for unit-variance data, as SD latents roughly
+    are), and t* = 999 for SD; 400 for PixArt-α, as PixArt-α-DMD (its linear schedule has α_999 = 0.0064,
+    which would amplify ε errors 157×). With this choice a stock diffusers pipeline run for one step at t*
+    reproduces our samples exactly."""
+
+    def __init__(self, net, family, schedule, t_star):
+        super().__init__()
+        self.net, self.family, self.schedule, self.t_star = net, family, schedule, t_star
+
+    def forward(self, z, cond):
+        t = torch.full((z.shape[0],), self.t_star, device=z.device, dtype=torch.long)  # (B,)
+        alpha, sigma = self.schedule.alpha_sigma(t, z.ndim)
+        eps_hat = self.family.eps(self.net, z, t, cond)  # (B, 4, h, w): fp32 master weights, no cast needed
+        return predict_x0(z, eps_hat, alpha, sigma)  # x0: (B, 4, h, w), a latent
+
+
+def build_generator(cfg, teacher, family, schedule, device):
+    """g_θ: a trainable fp32 copy of the teacher's denoiser (or of --generator_init: a model folder, a pipeline
+    folder holding one, or a weight file on the teacher's config; or a LoRA adapter on the teacher) used as a
+    one-step model."""
+    import copy
+    if cfg.lora_rank:
+        if cfg.generator_init:
+            plumbing.die("--lora_rank trains an adapter on the teacher and cannot start from --generator_init; "
+                         "drop one")
+        net = plumbing.lora_copy(teacher, cfg.lora_rank, "generator", family.lora_targets)
+    elif os.path.isfile(cfg.generator_init):  # a bare weight file, as DMD2 releases its SD1.5 generator
+        net = plumbing.load_weights_or_die(teacher.__class__.from_config(teacher.config), cfg.generator_init)
+        net.to(device).float().requires_grad_(True)
+    elif cfg.generator_init:  # a model folder (what dipp exports), a pipeline folder (PixArt-α-DMD's), a hub id
+        name, sub = cfg.generator_init, families.generator_subfolder(family, cfg.generator_init)
+        load = lambda: type(teacher).from_pretrained(name, subfolder=sub, torch_dtype=torch.float32)
+        net = plumbing.load_or_die(load, name, f"the --generator_init {family.denoiser}")
+        net.to(device).requires_grad_(True)
+    else:
+        net = copy.deepcopy(teacher).to(device).float().requires_grad_(True)  # fp32 master weights
+    if cfg.gradient_checkpointing:
+        net.enable_gradient_checkpointing()
+    net = families.readout_in_fp32(net, family).train()
+    return OneStepGenerator(net, family, schedule, cfg.generator_timestep or family.t_star)
+
+# -----------------------------------------------------------------------------
+# 4. The frozen teacher s_ref with classifier-free guidance (METHOD.md §5)
 
 
 def cfg_eps(eps_cond, eps_uncond, omega):
-    """Classifier-free guidance, METHOD.md §5: s̃ = s_∅ + ω (s_c − s_∅) = s_c + (ω−1)(s_c − s_∅).
-    ω = 1 is the plain conditional teacher; the extra (ω−1)(s_c − s_∅) is the implicit reward's pull."""
+    """Classifier-free guidance: s̃ = s_∅ + ω (s_c − s_∅) = s_c + (ω−1)(s_c − s_∅).
+    ω = 1 is the plain conditional teacher; the extra (ω−1)(s_c − s_∅) is the implicit reward's pull.
+    NOTE(deviation 6): the paper's α_cfg is read as this standard ω, so the implicit-reward weight is ω − 1."""
     return eps_uncond + omega * (eps_cond - eps_uncond)
 
 
-class MaskedText(typing.NamedTuple):
-    """PixArt's prompt conditioning c: T5 embeddings and their attention mask (padding is masked out of the
-    transformer's cross-attention). It supports what training does with SD's plain (B, 77, D) tensor:
-    .to(dtype), .expand_as(other), and batch_cat for CFG's one batched call."""
-    emb: torch.Tensor  # (B, L, D): T5's last hidden states, L = 120 tokens
-    mask: torch.Tensor  # (B, L): 1 = prompt token, 0 = padding
-
-    def to(self, dtype):
-        return MaskedText(self.emb.to(dtype), self.mask)
-
-    def expand_as(self, other):
-        return MaskedText(self.emb.expand_as(other.emb), self.mask.expand_as(other.mask))
-
-
 def batch_cat(a, b):
-    """Two conditionings stacked along the batch: tensors, or MaskedText field by field."""
+    """Two conditionings stacked along the batch: tensors, or tuples of tensors (PixArt's text + mask)."""
     return torch.cat([a, b]) if torch.is_tensor(a) else type(a)(*map(batch_cat, a, b))
 
 
@@ -249,47 +328,132 @@ def guided(eps_fn, cond, uncond, omega):
     return eps
 
 
-def unet_eps(net):
-    """A denoiser (SD's UNet or PixArt's transformer, see `denoise` in §7) as eps(x_t, t, c). Inputs are cast
-    to the net's dtype, output to fp32."""
-    dtype = next(net.parameters()).dtype  # (a DDP wrapper has no .dtype of its own)
-
-    def eps(x_t, t, cond):
-        return denoise(net, x_t.to(dtype), t, cond.to(dtype)).float()
-    return eps
-
-
-def readout_in_fp32(net):
-    """The denoiser's last layer (conv_out, or PixArt's proj_out), which outputs ε̂, computed in fp32 under bf16
-    autocast. Why: x0 = (z − σ ε̂)/α divides by α_{t*} (0.068 for SD at t* = 999), so bf16's rounding of ε̂
-    (~0.2 %) would be amplified into every sample (~0.024 rms per SD latent element); the IKL gradient's
-    ε̃_ref − ε̂_fake carries the same 1/α at high t. One small layer in fp32 costs nothing; same weights."""
-    fp32_layer(getattr(net, family_of(net).readout))
-    return net
-
-
-class OneStepGenerator(torch.nn.Module):
-    """g_θ(z, c): the denoiser (`.unet`: a UNet or PixArt's transformer) evaluated once at t* on pure noise,
-    read out as x̂0 (one step, no sampler).
-
-    x0 = (z − σ_{t*} ε̂_θ(z, t*, c)) / α_{t*}.  NOTE(deviation): the paper leaves the one-step
-    parameterisation to the initial model; we use DMD2's: z itself is the input (in VP, x_t has unit
-    variance for unit-variance data, as SD latents roughly are), and t* = 999 for SD; 400 for PixArt-α, as
-    PixArt-α-DMD (its linear schedule has α_999 = 0.0064, which would amplify ε errors 157×). With this
-    choice a stock diffusers pipeline run for one step at t* reproduces our samples exactly."""
-
-    def __init__(self, unet, schedule, t_star):
-        super().__init__()
-        self.unet, self.schedule, self.t_star = unet, schedule, t_star
-
-    def forward(self, z, cond):
-        t = torch.full((z.shape[0],), self.t_star, device=z.device, dtype=torch.long)  # (B,)
-        alpha, sigma = self.schedule.alpha_sigma(t, z.ndim)
-        eps_hat = denoise(self.unet, z, t, cond)  # (B, 4, h, w)
-        return predict_x0(z, eps_hat, alpha, sigma)  # x0: (B, 4, h, w), a latent
+def load_teacher(name, device, dtype, text_encoder=True):
+    """The frozen reference of any family (families.py picks it from the folder or hub id): its denoiser,
+    VAE, text encoder (None unless asked), tokenizer and noise schedule, as a families.Models."""
+    models = families.load_models(name, device, dtype, text_encoder)
+    return models._replace(schedule=Schedule(models.schedule))
 
 # -----------------------------------------------------------------------------
-# 5. Losses (METHOD.md §3-§5). Each returns a per-sample loss (B,); callers take the mean.
+# 5. The fake score s_ψ (the paper's "TA diffusion"), METHOD.md §4
+
+
+def build_fake_score(cfg, teacher, family, device):
+    """s_ψ, initialised from the reference (so that s_ψ = s_ref before training, as in Diff-Instruct and DMD2):
+    an fp32 copy of the teacher, or a LoRA adapter on it."""
+    if cfg.lora_rank:
+        fake = plumbing.lora_copy(teacher, cfg.lora_rank, "fake_score", family.lora_targets)
+    else:
+        fake = teacher.__class__.from_config(teacher.config)
+        fake.load_state_dict(teacher.state_dict())
+        fake.to(device).float()  # (.float(), not .to(dtype): diffusers warns on the latter)
+    if cfg.gradient_checkpointing:
+        fake.enable_gradient_checkpointing()
+    return families.readout_in_fp32(fake, family).train()
+
+# -----------------------------------------------------------------------------
+# 6. Rewards: reward(images in [-1, 1] (B, 3, H, W), prompts) -> (B,), differentiable in images.
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_preprocess(images, size):
+    """Torch version of CLIP's PIL pipeline (resize shorter side bicubic, centre crop, normalise), so
+    gradients flow. Antialiased bicubic approximates PIL's filter; test_dipp.py bounds the difference.
+    Clamp *first*, as the saved PNG and ImageReward's ReFL code do: a pixel the user sees clipped then
+    gets no reward gradient, so the reward cannot be raised by over-saturating what no one sees."""
+    x = ((images.float() + 1) / 2).clamp(0, 1)  # [-1, 1] -> [0, 1], clipped as the saved image is
+    H, W = x.shape[-2:]
+    scale = size / min(H, W)
+    x = F.interpolate(x, size=(max(size, round(H * scale)), max(size, round(W * scale))),
+                      mode="bicubic", align_corners=False, antialias=True)  # (B, 3, ≥size, ≥size)
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    x = x[..., top:top + size, left:left + size].clamp(0, 1)  # (B, 3, size, size); bicubic overshoot, as uint8
+    mean, std = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1), x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class ImageRewardFn:
+    """ImageReward (BLIP ViT-L + BERT cross-attention + MLP head), through the package's own
+    `score_gard`, the differentiable path its ReFL code uses. Output is the package's normalised score."""
+
+    def __init__(self, model):
+        self.model, self.tower = model, model.blip.visual_encoder  # tower: the part --compile compiles
+        self.text = plumbing.PromptCache()
+
+    def tokenize(self, prompts, device):  # as in ImageReward.score: pad to 35 tokens, truncate
+        t = self.model.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
+                                      return_tensors="pt")
+        return torch.stack([t.input_ids, t.attention_mask], 1).to(device)  # (N, 2, 35)
+
+    def __call__(self, images, prompts):
+        text = self.text.batch(prompts, lambda new: self.tokenize(new, images.device))  # (B, 2, 35)
+        pixels = clip_preprocess(images, 224).to(next(self.model.parameters()).dtype)  # (B, 3, 224, 224)
+        return self.model.score_gard(text[:, 0], text[:, 1], pixels).float().squeeze(1)  # (B,)
+
+
+class ClipRewardFn:
+    """CLIP score: cosine similarity of image and prompt embeddings (in [-1, 1]; ×100 is 'CLIPScore')."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer, self.tower = model, tokenizer, model.vision_model
+        self.text = plumbing.PromptCache()
+
+    @torch.no_grad()  # the text side is a constant of the reward
+    def encode_text(self, prompts):
+        ids = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.model.device)
+        return F.normalize(self.model.get_text_features(**ids).float(), dim=-1)  # (N, D)
+
+    def __call__(self, images, prompts):
+        size = self.model.config.vision_config.image_size
+        pixels = clip_preprocess(images, size).to(self.model.dtype)  # (B, 3, size, size)
+        text = self.text.batch(prompts, self.encode_text)  # (B, D)
+        image = F.normalize(self.model.get_image_features(pixel_values=pixels).float(), dim=-1)
+        return (image * text).sum(-1)  # (B,)
+
+
+def load_reward(cfg, device, dtype):
+    """Build reward_fn(images, prompts), or None for --reward none."""
+    if cfg.reward == "none":
+        return None
+    if cfg.reward == "clip":
+        from transformers import CLIPModel, CLIPTokenizer
+        name = cfg.reward_model_path or "openai/clip-vit-large-patch14"
+        model = plumbing.load_or_die(lambda: CLIPModel.from_pretrained(name), name, "the CLIP reward model")
+        tok = plumbing.load_or_die(lambda: CLIPTokenizer.from_pretrained(name), name, "the CLIP tokenizer")
+        if cfg.gradient_checkpointing:  # transformers' own switch is inactive in eval mode
+            plumbing.checkpoint_blocks(model.vision_model.encoder.layers)
+        return ClipRewardFn(plumbing.freeze(model, device, dtype), tok)
+    model = plumbing.load_imagereward(cfg.reward_model_path, device)  # by name from the hub cache, or a local folder
+    if cfg.gradient_checkpointing:
+        plumbing.checkpoint_blocks(model.blip.visual_encoder.blocks)
+    return ImageRewardFn(plumbing.freeze(model, device, dtype))
+
+
+def load_reward_decoder(cfg, family, vae, device, dtype):
+    """The decoder whose images the reward scores: the full VAE, or (--reward_decoder tiny) TAESD.
+    NOTE(deviation 7): with TAESD the reward's gradient reaches x0 through an approximate decoder (a distilled
+    ~1M-parameter one, much cheaper than the VAE decoder whose forward and backward are ~30 % of a step on
+    SD1.5), so the reward is that of TAESD's image, not of the image the user will see."""
+    if cfg.reward_decoder == "full" or cfg.reward == "none":
+        return vae
+    from diffusers import AutoencoderTiny
+    name = cfg.reward_decoder_path or family.tiny_decoder
+    taesd = plumbing.load_or_die(lambda: AutoencoderTiny.from_pretrained(name), name,
+                                 "the --reward_decoder tiny weights (TAESD)")
+    if cfg.gradient_checkpointing:
+        taesd.enable_gradient_checkpointing()
+    return plumbing.freeze(taesd, device, dtype)
+
+
+def decode(vae, x0):
+    """Latent x0 -> image in [-1, 1] (B, 3, H, W). SD latents are scaled by vae.config.scaling_factor."""
+    dtype = vae.dtype
+    with torch.autocast(x0.device.type, enabled=False) if dtype == torch.float32 else contextlib.nullcontext():
+        return vae.decode(x0.to(dtype) / vae.config.scaling_factor).sample.float()
+
+# -----------------------------------------------------------------------------
+# 7. Losses (METHOD.md §2-§5). Each returns a per-sample loss (B,); callers take the mean.
 
 
 def ikl_weight(kind, alpha, sigma, x0=None, x0_real=None):
@@ -297,7 +461,7 @@ def ikl_weight(kind, alpha, sigma, x0=None, x0_real=None):
         x0 : w = σ²/α²  ->  ∂L/∂x0 = x̂0_fake − x̂0_ref  (difference of the two denoisers; Diff-Instruct's
              σ² weight of VE, rewritten for VP)
         eps: w = σ/α    ->  ∂L/∂x0 = ε̂_ref − ε̂_fake    (bounded; the SDS-style weight)
-        dmd2: x0-weight / mean|x0 − x̂0_ref| per sample. NOTE(deviation): DMD2's adaptive normaliser
+        dmd2: x0-weight / mean|x0 − x̂0_ref| per sample. NOTE(deviation 4): DMD2's adaptive normaliser
              depends on the sample, so the objective is no longer a fixed divergence."""
     if kind == "x0":
         return sigma ** 2 / alpha ** 2
@@ -323,7 +487,7 @@ def ikl_loss(x0, t, eps, schedule, real_eps, fake_eps, weighting="x0", with_grad
         w = ikl_weight(weighting, alpha, sigma, x0.detach(), x0_real)
         # s_fake − s̃_ref = (−ε̂_fake + ε̃_ref) / σ   (score = −ε/σ)
         score_diff = w * (e_real - e_fake) / sigma  # (B, ...)
-    # NOTE(deviation): summed over dimensions (a per-sample divergence), not averaged; sets α_rew's scale.
+    # ⟨·,·⟩ sums over dimensions (a per-sample divergence, as Diff-Instruct's code sums); this sets α_rew's scale
     loss = (score_diff * x_t).flatten(1).sum(1)  # (B,)
     return (loss, alpha * score_diff) if with_grad else loss  # ∂L_G/∂x0 = α · score_diff: x_t = α x0 + σ ε
 
@@ -357,250 +521,7 @@ def cfg_reward_loss(x0, t, eps, schedule, eps_cond, eps_uncond, weighting="x0"):
     return -(classifier_grad * x_t).flatten(1).sum(1)  # (B,)
 
 # -----------------------------------------------------------------------------
-# 6. Rewards: reward(images in [-1, 1] (B, 3, H, W), prompts) -> (B,), differentiable in images.
-
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
-def clip_preprocess(images, size):
-    """Torch version of CLIP's PIL pipeline (resize shorter side bicubic, centre crop, normalise), so
-    gradients flow. Antialiased bicubic approximates PIL's filter; test_dipp.py bounds the difference.
-    Clamp *first*, as the saved PNG and ImageReward's ReFL code do: a pixel the user sees clipped then
-    gets no reward gradient, so the reward cannot be raised by over-saturating what no one sees."""
-    x = ((images.float() + 1) / 2).clamp(0, 1)  # [-1, 1] -> [0, 1], clipped as the saved image is
-    H, W = x.shape[-2:]
-    scale = size / min(H, W)
-    x = F.interpolate(x, size=(max(size, round(H * scale)), max(size, round(W * scale))),
-                      mode="bicubic", align_corners=False, antialias=True)  # (B, 3, ≥size, ≥size)
-    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-    x = x[..., top:top + size, left:left + size].clamp(0, 1)  # (B, 3, size, size); bicubic overshoot, as uint8
-    mean, std = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1), x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-class ImageRewardFn:
-    """ImageReward (BLIP ViT-L + BERT cross-attention + MLP head), through the package's own
-    `score_gard`, the differentiable path its ReFL code uses. Output is the package's normalised score."""
-
-    def __init__(self, model):
-        self.model, self.tower = model, model.blip.visual_encoder  # tower: the part --compile compiles
-        self.text = PromptCache()
-
-    def tokenize(self, prompts, device):  # as in ImageReward.score: pad to 35 tokens, truncate
-        t = self.model.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
-        return torch.stack([t.input_ids, t.attention_mask], 1).to(device)  # (N, 2, 35)
-
-    def __call__(self, images, prompts):
-        text = self.text.batch(prompts, lambda new: self.tokenize(new, images.device))  # (B, 2, 35)
-        pixels = clip_preprocess(images, 224).to(next(self.model.parameters()).dtype)  # (B, 3, 224, 224)
-        return self.model.score_gard(text[:, 0], text[:, 1], pixels).float().squeeze(1)  # (B,)
-
-
-class ClipRewardFn:
-    """CLIP score: cosine similarity of image and prompt embeddings (in [-1, 1]; ×100 is 'CLIPScore')."""
-
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer, self.tower = model, tokenizer, model.vision_model
-        self.text = PromptCache()
-
-    @torch.no_grad()  # the text side is a constant of the reward
-    def encode_text(self, prompts):
-        ids = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.model.device)
-        return F.normalize(self.model.get_text_features(**ids).float(), dim=-1)  # (N, D)
-
-    def __call__(self, images, prompts):
-        size = self.model.config.vision_config.image_size
-        pixels = clip_preprocess(images, size).to(self.model.dtype)  # (B, 3, size, size)
-        text = self.text.batch(prompts, self.encode_text)  # (B, D)
-        image = F.normalize(self.model.get_image_features(pixel_values=pixels).float(), dim=-1)
-        return (image * text).sum(-1)  # (B,)
-
-
-def load_reward(cfg, device, dtype):
-    """Build reward_fn(images, prompts), or None for --reward none."""
-    if cfg.reward == "none":
-        return None
-    if cfg.reward == "clip":
-        from transformers import CLIPModel, CLIPTokenizer
-        name = cfg.reward_model_path or "openai/clip-vit-large-patch14"
-        model = load_or_die(lambda: CLIPModel.from_pretrained(name), name, "the CLIP reward model")
-        tok = load_or_die(lambda: CLIPTokenizer.from_pretrained(name), name, "the CLIP tokenizer")
-        if cfg.gradient_checkpointing:  # transformers' own switch is inactive in eval mode
-            checkpoint_blocks(model.vision_model.encoder.layers)
-        return ClipRewardFn(freeze(model, device, dtype), tok)
-    model = load_imagereward(cfg.reward_model_path, device)  # by name from the hub cache, or a local folder
-    if cfg.gradient_checkpointing:
-        checkpoint_blocks(model.blip.visual_encoder.blocks)
-    return ImageRewardFn(freeze(model, device, dtype))
-
-
-def load_reward_decoder(cfg, vae, device, dtype):
-    """The decoder whose images the reward scores: the full VAE, or (--reward_decoder tiny) TAESD.
-    NOTE(deviation): with TAESD the reward's gradient reaches x0 through an approximate decoder (a distilled
-    ~1M-parameter one, much cheaper than the VAE decoder whose forward and backward are ~30 % of a step on
-    SD1.5), so the reward is that of TAESD's image, not of the image the user will see."""
-    if cfg.reward_decoder == "full" or cfg.reward == "none":
-        return vae
-    from diffusers import AutoencoderTiny
-    name = cfg.reward_decoder_path or "madebyollin/taesd"
-    taesd = load_or_die(lambda: AutoencoderTiny.from_pretrained(name), name, "the --reward_decoder tiny weights (TAESD)")
-    if cfg.gradient_checkpointing:
-        taesd.enable_gradient_checkpointing()
-    return freeze(taesd, device, dtype)
-
-# -----------------------------------------------------------------------------
-# 7. Models on disk: one row per model family. What differs between SD-1.x (a UNet) and PixArt-α (a DiT)
-#    is here; the losses and Alg. 1 only ever see ε(x_t, t) closures.
-
-
-def sd_eps(unet, x_t, t, cond):
-    return unet(x_t, t, encoder_hidden_states=cond).sample  # ε̂: (B, 4, h, w)
-
-
-def pixart_eps(transformer, x_t, t, cond):
-    """PixArt's transformer predicts 8 channels: ε̂ and the variance its own sampler learned. Only ε̂ is a
-    score (s = −ε̂/σ), so the second half is dropped, and gets exactly zero gradient."""
-    extra = None  # 1024-px models condition on the image size: [h, w] in pixels (VAE: 8 per latent) and h/w
-    if getattr(transformer, "module", transformer).use_additional_conditions:
-        B, (h, w) = x_t.shape[0], x_t.shape[-2:]
-        extra = dict(resolution=x_t.new_tensor([[8.0 * h, 8.0 * w]]).expand(B, 2), aspect_ratio=x_t.new_tensor([[h / w]]).expand(B, 1))
-    out = transformer(x_t, encoder_hidden_states=cond.emb, encoder_attention_mask=cond.mask, timestep=t,
-                      added_cond_kwargs=extra).sample  # (B, 8, h, w)
-    return out[:, :x_t.shape[1]]  # ε̂: (B, 4, h, w)
-
-
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts):
-    """Text embeddings c as the SD pipeline makes them (pad to 77 tokens, last hidden state)."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids.to(text_encoder.device)
-    return text_encoder(ids)[0].float()  # (B, 77, D)
-
-
-@torch.no_grad()
-def encode_prompts_t5(tokenizer, text_encoder, prompts):
-    """c as PixArtAlphaPipeline.encode_prompt makes it without caption cleaning: lower-cased, padded to 120 T5
-    tokens, the mask passed to T5 and kept for the transformer's cross-attention."""
-    tok = tokenizer([p.lower().strip() for p in prompts], padding="max_length", max_length=120, truncation=True,
-                    return_tensors="pt").to(text_encoder.device)
-    return MaskedText(text_encoder(tok.input_ids, attention_mask=tok.attention_mask)[0], tok.attention_mask)
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """How to load one kind of text-to-image diffusion model, encode its prompts and call it as ε(x_t, t, c)."""
-    name: str
-    denoiser: str  # diffusers class of the ε-network, kept in the pipeline folder's subfolder `folder`
-    folder: str
-    text: tuple  # transformers classes of the text encoder and its tokenizer
-    eps: typing.Callable  # eps(net, x_t, t, c) -> ε̂ (B, 4, h, w)
-    encode: typing.Callable  # encode(tokenizer, text_encoder, prompts) -> c
-    pre_encode: bool  # encode every prompt once at start-up (cached in output_dir), then free the text encoder
-    readout: str  # the denoiser's last layer, computed in fp32 (readout_in_fp32)
-    t_star: int  # default t* of the one-step generator (see OneStepGenerator)
-    lora_targets: tuple  # layers that get a LoRA adapter under --lora_rank (never the readout)
-
-
-FAMILIES = {f.name: f for f in (
-    Family("sd", "UNet2DConditionModel", "unet", ("CLIPTextModel", "CLIPTokenizer"), sd_eps, encode_prompts,
-           False, "conv_out", 999,  # DMD2's t* and LoRA layers
-           ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
-            "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")),
-    # T5-XXL (4.8 B parameters, 9.5 GB in bf16) only ever encodes the fixed prompt lists: pre-encoded, it never
-    # sits beside the three transformers. t* = 400 as PixArt-α-DMD (NOTE(deviation) in OneStepGenerator).
-    Family("pixart", "PixArtTransformer2DModel", "transformer", ("T5EncoderModel", "AutoTokenizer"), pixart_eps,
-           encode_prompts_t5, True, "proj_out", 400,
-           ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "adaln_single.linear")))}
-
-
-def family_of(net):
-    return {f.denoiser: f for f in FAMILIES.values()}[type(getattr(net, "module", net)).__name__]  # (DDP: .module)
-
-
-def denoise(net, x_t, t, cond):
-    """ε̂(x_t, t, c) of any family's denoiser."""
-    return family_of(net).eps(net, x_t, t, cond)
-
-
-def find_family(name):
-    """A folder's family from its layout (transformer/ or unet/), a hub id's from its model_index.json."""
-    if os.path.isdir(name):
-        return FAMILIES["pixart" if os.path.isdir(os.path.join(name, "transformer")) else "sd"]
-    from diffusers import DiffusionPipeline
-    index = load_or_die(lambda: DiffusionPipeline.load_config(name), name, "model_index.json")
-    return FAMILIES["pixart" if "transformer" in index else "sd"]
-
-
-def load_sd(name, device, dtype, text_encoder=True):
-    """Teacher denoiser, VAE, text encoder, tokenizer and schedule of a diffusers SD-1.x or PixArt-α folder or
-    hub id. text_encoder=False returns None for it: train() loads it only where it is needed."""
-    import diffusers
-    import transformers
-    fam = find_family(name)
-    if os.path.isdir(name):
-        missing = [f for f in (f"{fam.folder}/config.json", "vae/config.json", "text_encoder/config.json",
-                               "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json")
-                   if not os.path.isfile(os.path.join(name, f))]
-        if missing:
-            die(f"'{name}' is not a complete diffusers SD-1.x or PixArt-α folder: missing {', '.join(missing)}. "
-                "Get one with `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 (or "
-                "PixArt-alpha/PixArt-XL-2-512x512) --local-dir DIR`")
-    get = lambda cls, sub: load_or_die(lambda: cls.from_pretrained(name, subfolder=sub), name, f"{sub}/")
-    unet, vae = get(getattr(diffusers, fam.denoiser), fam.folder), get(diffusers.AutoencoderKL, "vae")
-    tokenizer, scheduler = get(getattr(transformers, fam.text[1]), "tokenizer"), get(diffusers.DDPMScheduler, "scheduler")
-    if scheduler.config.prediction_type != "epsilon":
-        die(f"'{name}' predicts {scheduler.config.prediction_type}; dipp supports ε-prediction models")
-    # frozen nets are stored in the low-precision dtype: we never backprop into their weights
-    freeze(unet, device, dtype)
-    # NOTE: the VAE decoder stays fp32 under fp16 (its activations overflow fp16 at 512 px); bf16 is safe
-    freeze(vae, device, torch.float32 if dtype == torch.float16 else dtype)
-    text_encoder = load_text_encoder(name, fam, device, dtype) if text_encoder else None
-    return readout_in_fp32(unet), vae, text_encoder, tokenizer, Schedule(scheduler.alphas_cumprod)
-
-
-def load_text_encoder(name, fam, device, dtype):
-    import transformers
-    load = lambda: getattr(transformers, fam.text[0]).from_pretrained(name, subfolder="text_encoder")
-    return freeze(load_or_die(load, name, "text_encoder/"), device, dtype)
-
-
-def conditioning(cfg, fam, tokenizer, prompt_lists, device, dtype, main_rank=True, world=1):
-    """(prompts -> c, text encoder or None). SD's CLIP encoder (123 M) runs every step. A pre-encoding family
-    (PixArt's T5) encodes each prompt of the lists once, cached in output_dir/text_embeddings, and is freed
-    before the trainable nets exist; a rerun or resume with the same prompts never loads it."""
-    name = cfg.pretrained_model_name_or_path
-    if not fam.pre_encode:
-        text_encoder = load_text_encoder(name, fam, device, dtype)
-        return (lambda prompts: fam.encode(tokenizer, text_encoder, prompts)), text_encoder
-    make_encoder = lambda: (lambda batch, enc=load_text_encoder(name, fam, device, dtype):
-                            fam.encode(tokenizer, enc, batch)._asdict())
-    key = [name, fam.name, str(dtype), files_stamp(os.path.join(name, "text_encoder"), os.path.join(name, "tokenizer"))]
-    rows = encoded_prompts(os.path.join(cfg.output_dir, "text_embeddings"), key,
-                           [p for ps in prompt_lists for p in ps], make_encoder, device, main_rank, world)
-    return (lambda batch: MaskedText(**rows(batch)).to(torch.float32)), None
-
-
-def decode(vae, x0):
-    """Latent x0 -> image in [-1, 1] (B, 3, H, W). SD latents are scaled by vae.config.scaling_factor."""
-    dtype = vae.dtype
-    with torch.autocast(x0.device.type, enabled=False) if dtype == torch.float32 else contextlib.nullcontext():
-        return vae.decode(x0.to(dtype) / vae.config.scaling_factor).sample.float()
-
-
-# -----------------------------------------------------------------------------
-# 8. Training: Alg. 1 — K_TA fake-score updates with θ frozen, then one generator update with ψ frozen.
-
-
-def draw_noise(B, z_shape, x_shape, cfg, device, rank=0, world=1, schedule=None):
-    """z ~ N(0, I), t ~ π(t), ε ~ N(0, I) for one step. Every rank draws the *global* batch of world·B
-    from the same seed and keeps its own slice, so N ranks see exactly the samples that one process
-    with batch N·B sees (and the data-parallel test can demand identical results)."""
-    n, mine = world * B, slice(rank * B, (rank + 1) * B)
-    own = lambda x: x[mine].clone() if world > 1 else x  # a copy of this rank's slice frees the global batch
-    z = own(torch.randn((n, *z_shape), device=device))  # z ~ N(0, I)
-    t = own(sample_timesteps(n, cfg.t_min, cfg.t_max, device, cfg.timestep_sampling, schedule))  # t ~ π(t)
-    eps = own(torch.randn((n, *x_shape), device=device))  # ε ~ N(0, I)
-    return z, t, eps
+# 8. One DI++ iteration, Alg. 1: K_TA fake-score updates with θ frozen, then one generator update with ψ frozen.
 
 
 def fake_score_step(G, fake_eps, fake_params, opt, scaler, noise, schedule, cfg, ctx=contextlib.nullcontext(),
@@ -615,7 +536,7 @@ def fake_score_step(G, fake_eps, fake_params, opt, scaler, noise, schedule, cfg,
             with torch.no_grad():
                 x0 = G(z)
         loss = fake_score_loss(fake_eps, x0.detach(), t, eps, schedule).mean()  # θ frozen: x0 = sg[g_θ(z)]
-    _, skipped = optimizer_step(loss, fake_params, opt, scaler, cfg.max_grad_norm)
+    _, skipped = plumbing.optimizer_step(loss, fake_params, opt, scaler, cfg.max_grad_norm)
     return {"loss_fake": loss.detach(), "skipped": skipped}
 
 
@@ -629,11 +550,9 @@ def generator_step(G, real_eps, fake_eps, reward_fn, G_params, opt, scaler, nois
     real_eps is the (CFG-guided) teacher, so the implicit reward (ω−1)·r_cfg is already inside the IKL
     term. ψ is not stepped here; its gradients are never computed (no_grad inside ikl_loss).
     x0: G(z) already computed *with* its graph (--reuse_generator_sample), else computed here.
-    Also returns the size of each term's pull on the sample, for choosing α_rew: grad_ikl = RMS of
-    ∂L_IKL/∂x0 (closed form) and grad_reward = RMS of α_rew ∂(−r)/∂x0 = the total ∂L/∂x0 that backward
-    delivers to x0, minus the IKL part. No extra backward pass is needed."""
+    Also returns the size of each term's pull on the sample, for choosing α_rew (plumbing.PullOnSample)."""
     z, t, eps = noise
-    B, total = z.shape[0], []
+    B = z.shape[0]
     with ctx:
         x0 = G(z) if x0 is None else x0  # (B, ...): the only path by which θ receives gradient
         loss_ikl, grad_ikl = ikl_loss(x0, t, eps, schedule, real_eps, fake_eps, cfg.ikl_weighting, with_grad=True)
@@ -642,102 +561,112 @@ def generator_step(G, real_eps, fake_eps, reward_fn, G_params, opt, scaler, nois
         if reward_fn is not None:
             reward = reward_fn(x0)  # (B,)
             loss = loss + reward_loss(reward, cfg.reward_scale).mean()
-            x0.register_hook(total.append)  # ∂(scaled loss)/∂x0 during backward: (1/B)(g_ikl + g_rew) × scale
-    scale, skipped = optimizer_step(loss, G_params, opt, scaler, cfg.max_grad_norm)
-    grad_reward = rms(total[0].float() * (B / scale) - grad_ikl) if total else x0.new_tensor(0.0)
+    pull = plumbing.PullOnSample(x0, grad_ikl, watch=reward_fn is not None)
+    scale, skipped = plumbing.optimizer_step(loss, G_params, opt, scaler, cfg.max_grad_norm)
     return {"loss_ikl": loss_ikl.detach().mean(), "reward": reward.detach().mean(), "grad_ikl": rms(grad_ikl),
-            "grad_reward": grad_reward, "skipped": skipped}
+            "grad_reward": rms(pull.rest(scale)), "skipped": skipped}
 
 
-def build_generator(cfg, teacher, schedule, device):
-    """g_θ: a trainable fp32 copy of the teacher's denoiser (or of --generator_init: a model folder, a pipeline
-    folder holding one, or a weight file on the teacher's config; or a LoRA adapter on the teacher) used as a
-    one-step model."""
-    import copy
-    fam = family_of(teacher)
-    if cfg.lora_rank:
-        if cfg.generator_init:
-            die("--lora_rank trains an adapter on the teacher and cannot start from --generator_init; drop one")
-        unet = lora_copy(teacher, cfg.lora_rank, "generator", fam.lora_targets)
-    elif os.path.isfile(cfg.generator_init):  # a bare UNet weight file, as DMD2 releases its SD1.5 generator
-        unet = load_weights_or_die(teacher.__class__.from_config(teacher.config), cfg.generator_init)
-        unet.to(device).float().requires_grad_(True)
-    elif cfg.generator_init:  # a model folder (what dipp exports), a pipeline folder (PixArt-α-DMD's), a hub id
-        name, sub = cfg.generator_init, find_subfolder(cfg.generator_init, fam.folder)
-        # one line for a generator of the other family (PixArt-α-DMD's config still names the old class)
-        check_model_class(name, sub, (fam.denoiser, "Transformer2DModel") if fam.name == "pixart" else (fam.denoiser,))
-        unet = load_or_die(lambda: type(teacher).from_pretrained(name, subfolder=sub, torch_dtype=torch.float32), name,
-                           f"the --generator_init {fam.denoiser}")
-        unet.to(device).requires_grad_(True)
-    else:
-        unet = copy.deepcopy(teacher).to(device).float().requires_grad_(True)  # fp32 master weights
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    return OneStepGenerator(readout_in_fp32(unet).train(), schedule, cfg.generator_timestep or fam.t_star)
+class Bound(typing.NamedTuple):
+    """One batch's networks with its prompts c bound: all that Alg. 1 sees (closures over x or z only)."""
+    G: typing.Callable  # z -> x0 = g_θ(z, c)   (under torchrun: through DDP, so backward averages gradients)
+    real_eps: typing.Callable  # (x_t, t) -> ε̃_ref: the frozen teacher with CFG
+    fake_eps: typing.Callable  # (x_t, t) -> ε̂_ψ: the fake score as the generator's IKL reads it (no gradient)
+    fake_train_eps: typing.Callable  # (x_t, t) -> ε̂_ψ as its own DSM update trains it (DDP under torchrun)
+    reward: typing.Optional[typing.Callable]  # x0 -> r(decode(x0), c), or None for --reward none
 
 
-def build_fake_score(cfg, teacher, device):
-    """s_ψ, initialised from the reference (METHOD.md §4): an fp32 copy of the teacher, or a LoRA adapter."""
-    if cfg.lora_rank:
-        fake = lora_copy(teacher, cfg.lora_rank, "fake_score", family_of(teacher).lora_targets)
-    else:
-        fake = teacher.__class__.from_config(teacher.config)
-        fake.load_state_dict(teacher.state_dict())
-        fake.to(device).float()  # (.float(), not .to(dtype): diffusers warns on the latter)
-    if cfg.gradient_checkpointing:
-        fake.enable_gradient_checkpointing()
-    return readout_in_fp32(fake).train()
+def dipp_step(nets, fake_opt, G_opt, noises, schedule, cfg, ctx=contextlib.nullcontext(), clock=lambda: 0.0):
+    """One iteration of Alg. 1. nets: Bound; *_opt: (params, optimiser, loss scaler); noises: K_TA + 1 draws
+    of (z, t, ε), the fake-score updates' first and the generator update's last. Returns the last fake-score
+    update's stats (with "skipped": how many of the K_TA updates fp16's loss scaler skipped), the generator
+    update's, and clock() between the two phases (--benchmark times them apart)."""
+    *fake_noises, noise = noises
+    x0 = None
+    if cfg.reuse_generator_sample:  # NOTE(deviation 8): Alg. 1 draws a fresh z for the fake update; here
+        with ctx:                   # the first one trains on g_θ(z) of the generator update below (same
+            x0 = nets.G(noise[0])   # θ, same order of updates; only z is shared), as DMD2 does. Its own
+    skipped = 0                     # z is still drawn, so the random stream is the same either way.
+    # (1) K_TA fake-score updates: DSM on sg[g_θ(z)] teaches s_ψ the generator's current distribution
+    for k, fake_noise in enumerate(fake_noises):
+        fake_stats = fake_score_step(nets.G, nets.fake_train_eps, *fake_opt, fake_noise, schedule, cfg, ctx,
+                                     x0 if k == 0 else None)
+        skipped += fake_stats["skipped"]
+    t_fake = clock()
+    # (2) one generator update: IKL towards the CFG teacher (the implicit reward inside) − α_rew · r
+    stats = generator_step(nets.G, nets.real_eps, nets.fake_eps, nets.reward, *G_opt, noise, schedule, cfg, ctx, x0)
+    return {**fake_stats, "skipped": skipped}, stats, t_fake
+
+# -----------------------------------------------------------------------------
+# 9. The training loop: Alg. 1 repeated, with what keeps a real run alive (torchrun, resume, checkpoints,
+#    signals, logs, EMA). Machinery lives in plumbing.py, called by module.
+
+
+def precision(cfg, device):
+    """(autocast context, dtype of the frozen nets) for --mixed_precision. Trainable nets keep fp32 master
+    weights; the readout layers run in fp32 (families.readout_in_fp32); the VAE stays fp32 under fp16."""
+    if cfg.mixed_precision == "no":
+        return contextlib.nullcontext(), torch.float32
+    if cfg.mixed_precision == "fp16" and device.type != "cuda":
+        plumbing.die(f"--mixed_precision fp16 needs a CUDA GPU (device is {device}); use bf16 or no")
+    dtype = torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype), dtype
 
 
 def train(cfg):
     from tqdm import tqdm
-    rank, world, device = init_distributed(cfg)
+    rank, world, device = plumbing.init_distributed(cfg)
     main_rank = rank == 0  # only rank 0 writes files, logs and shows the progress bar
     writes = main_rank and not cfg.benchmark
     ctx, dtype = precision(cfg, device)
     torch.manual_seed(cfg.seed)  # the same seed on every rank: see draw_noise
     if not cfg.benchmark:  # one line for an unwritable folder; never mix this run with another's files
-        prepare_output_dir(cfg, main_rank)
-    prompts = load_prompts(cfg.prompts, BUILTIN_PROMPTS, "--prompts")
-    val_prompts = load_prompts(cfg.validation_prompts, VALIDATION_PROMPTS, "--validation_prompts")
-    teacher, vae, _, tokenizer, schedule = load_sd(cfg.pretrained_model_name_or_path, device, dtype, text_encoder=False)
-    fam = family_of(teacher)
+        plumbing.prepare_output_dir(cfg, main_rank)
+    prompts = plumbing.load_prompts(cfg.prompts, BUILTIN_PROMPTS, "--prompts")
+    val_prompts = plumbing.load_prompts(cfg.validation_prompts, VALIDATION_PROMPTS, "--validation_prompts")
+    fam, teacher, vae, _, tokenizer, schedule = load_teacher(cfg.pretrained_model_name_or_path, device, dtype,
+                                                             text_encoder=False)
     cfg.generator_timestep = cfg.generator_timestep or fam.t_star  # 0 = the family's default t*
     check_config(cfg, schedule.T)
     # prompts -> c; PixArt's T5 encodes the three lists once, then is freed (before G and ψ exist)
-    text, text_encoder = conditioning(cfg, fam, tokenizer, [prompts, val_prompts, [""]], device, dtype, main_rank, world)
-    G, fake = build_generator(cfg, teacher, schedule, device), build_fake_score(cfg, teacher, device)
+    text, text_encoder = families.text_conditioning(
+        cfg.pretrained_model_name_or_path, fam, tokenizer, [prompts, val_prompts, [fam.null_prompt]], device, dtype,
+        os.path.join(cfg.output_dir, "text_embeddings"), main_rank, world)
+    G, fake = build_generator(cfg, teacher, fam, schedule, device), build_fake_score(cfg, teacher, fam, device)
     if cfg.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
-    reward, reward_vae = load_reward(cfg, device, dtype), load_reward_decoder(cfg, vae, device, dtype)
+    reward, reward_vae = load_reward(cfg, device, dtype), load_reward_decoder(cfg, fam, vae, device, dtype)
     if cfg.compile != "none":  # before DDP wraps them; teacher/VAE/reward are frozen but still run every step
-        compile_nets(cfg, [G.unet, fake, teacher, reward_vae.decoder] + ([reward.tower] if reward else []), device)
-    record_config(cfg, main_rank, writes, f"(device: {device}, {world} process(es))")  # printed; config.json
+        plumbing.compile_nets(cfg, [G.net, fake, teacher, reward_vae.decoder] + ([reward.tower] if reward else []),
+                              device)
+    plumbing.record_config(cfg, main_rank, writes, f"(device: {device}, {world} process(es))")  # + config.json
     # Data parallel: DDP all-reduces (averages) gradients during backward, so each rank's update is the
     # gradient of the mean loss over the global batch. Saving and no-grad evaluation use the bare modules.
-    G_train, fake_train = data_parallel(G, device, world), data_parallel(fake, device, world)
+    G_train, fake_train = plumbing.data_parallel(G, device, world), plumbing.data_parallel(fake, device, world)
 
-    G_params, fake_params = trainable(G), trainable(fake)
-    opt_G = make_adam(G_params, cfg.learning_rate, cfg, device)
-    opt_fake = make_adam(fake_params, cfg.fake_learning_rate, cfg, device)
+    G_params, fake_params = plumbing.trainable(G), plumbing.trainable(fake)
+    opt_G = plumbing.make_adam(G_params, cfg.learning_rate, cfg, device)
+    opt_fake = plumbing.make_adam(fake_params, cfg.fake_learning_rate, cfg, device)
     scaler_G, scaler_fake = (torch.amp.GradScaler(device.type, enabled=dtype == torch.float16) for _ in "ab")
     states = dict(opt_G=opt_G, opt_fake=opt_fake, scaler_G=scaler_G, scaler_fake=scaler_fake)  # checkpointed
+    trained = {"generator": G.net, "fake_score": fake}  # what a checkpoint holds (their trainable tensors)
     ema = [p.detach().clone() for p in G_params] if cfg.ema_decay > 0 else None  # (optional) θ_ema
-    step = load_checkpoint(cfg, G, fake, states, ema, rank, world, device) if cfg.resume_from_checkpoint else 0
-    null_emb = text([""])  # c = ∅ for CFG: the empty prompt's (1, 77, D) CLIP states, or T5 states + mask
+    step = (plumbing.load_checkpoint(cfg, trained, states, ema, rank, world, device)
+            if cfg.resume_from_checkpoint else 0)
+    null_emb = text([fam.null_prompt])  # c = ∅ for CFG: the empty prompt's (1, 77, D) CLIP states, or T5's + mask
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
     # fixed noise for the held-out prompts, from its own generator so the training RNG is untouched
     val_z = torch.randn((len(val_prompts), *latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
 
     # held-out reward (mean, spread) of decode(g_θ(z_i, c_i)) with the same z_i every time, and a sample grid
     sample = lambda z, c: decode(vae, G(z.to(device), text(c)))  # the full decoder: what the user will see
-    validate = lambda tag: held_out_reward(sample, reward, val_prompts, val_z, cfg.train_batch_size,
-                                           [ctx, ema_weights(G_params, ema)], os.path.join(cfg.output_dir, f"samples_{tag}.png"))
+    validate = lambda tag: plumbing.held_out_reward(
+        sample, reward, val_prompts, val_z, cfg.train_batch_size, [ctx, plumbing.ema_weights(G_params, ema)],
+        os.path.join(cfg.output_dir, f"samples_{tag}.png"))
+    synced_time = plumbing.benchmark_clock(cfg, device)  # per-phase timings; synced on a GPU only under --benchmark
 
-    synced_time = benchmark_clock(cfg, device)  # per-phase timings; synced on a GPU only under --benchmark
-
-    real_eps, fake_eps, fake_train_eps = unet_eps(teacher), unet_eps(fake), unet_eps(fake_train)
-    log = RunLog(cfg, step) if writes else None
+    real_eps, fake_eps, fake_train_eps = (denoiser_eps(net, fam) for net in (teacher, fake, fake_train))
+    log = plumbing.RunLog(cfg, step) if writes else None
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc="dipp", dynamic_ncols=True, disable=not main_rank)
     if step == 0 and writes:
         log.write({"step": 0, **validate("0000")})
@@ -745,42 +674,34 @@ def train(cfg):
     startup_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the benchmark's peak is the training loop's, not loading's
-    with StopSignals() as signals:
+    with plumbing.StopSignals() as signals:
         while step < cfg.max_train_steps:
             t0 = synced_time()
             if cfg.compile == "reduce-overhead":  # CUDA graphs: last iteration's graph outputs may be reused now
                 torch.compiler.cudagraph_mark_step_begin()
-            batch = [prompts[i] for i in torch.randint(len(prompts), (world * B,))[rank * B:(rank + 1) * B].tolist()]  # c ~ prompts
+            # c ~ the prompt list, uniformly: every rank draws the global batch and keeps its slice (draw_noise)
+            batch = [prompts[i] for i in torch.randint(len(prompts), (world * B,))[rank * B:(rank + 1) * B].tolist()]
             cond = text(batch)  # c: (B, 77, D), or MaskedText((B, 120, D), (B, 120))
-            G_c = lambda z: G_train(z, cond)
-            real_c = guided(real_eps, cond, null_emb.expand_as(cond), cfg.guidance_scale)
-            reward_c = (lambda x0: reward(decode(reward_vae, x0), batch)) if reward is not None else None
+            nets = Bound(G=lambda z: G_train(z, cond),
+                         real_eps=guided(real_eps, cond, null_emb.expand_as(cond), cfg.guidance_scale),
+                         fake_eps=lambda x_t, t: fake_eps(x_t, t, cond),
+                         fake_train_eps=lambda x_t, t: fake_train_eps(x_t, t, cond),
+                         reward=(lambda x0: reward(decode(reward_vae, x0), batch)) if reward is not None else None)
+            # (z, t, ε) for the K_TA fake updates, then for the generator update (drawn up front, in that order)
+            noises = [draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world, schedule)
+                      for _ in range(cfg.fake_steps_per_G + 1)]
             try:
-                # (z, t, ε) for the K_TA fake updates, then for the generator update (drawn up front, same order)
-                fake_noise = [draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world, schedule)
-                              for _ in range(cfg.fake_steps_per_G)]
-                noise = draw_noise(B, latent_shape, latent_shape, cfg, device, rank, world, schedule)
-                x0 = None
-                if cfg.reuse_generator_sample:  # NOTE(deviation): Alg. 1 draws a fresh z for the fake update; here
-                    with ctx:                   # the first one trains on g_θ(z) of the generator update below (same
-                        x0 = G_c(noise[0])      # θ, same order of updates; only z is shared), as DMD2 does. Its own
-                                                # z is still drawn, so the random stream is the same either way.
-                for k, fake_noise_k in enumerate(fake_noise):
-                    fake_stats = fake_score_step(G_c, lambda x_t, t: fake_train_eps(x_t, t, cond), fake_params,
-                                                 opt_fake, scaler_fake, fake_noise_k, schedule, cfg, ctx,
-                                                 x0 if k == 0 else None)
-                    skipped["skipped_fake"] += fake_stats["skipped"]
-                t1 = synced_time()
-                stats = generator_step(G_c, real_c, lambda x_t, t: fake_eps(x_t, t, cond), reward_c, G_params,
-                                       opt_G, scaler_G, noise, schedule, cfg, ctx, x0)
-                skipped["skipped_G"] += stats["skipped"]  # fp16 overflow: GradScaler skipped it; counted, not hidden
+                fake_stats, stats, t1 = dipp_step(nets, (fake_params, opt_fake, scaler_fake),
+                                                  (G_params, opt_G, scaler_G), noises, schedule, cfg, ctx, synced_time)
             except FloatingPointError as e:  # one line naming the last good checkpoint
-                die_non_finite(cfg, step + 1, e)
+                plumbing.die_non_finite(cfg, step + 1, e)
+            skipped["skipped_fake"] += fake_stats["skipped"]  # fp16 overflow: GradScaler skipped; counted, not hidden
+            skipped["skipped_G"] += stats["skipped"]
             if ema is not None:  # (optional) θ_ema ← d·θ_ema + (1 − d)·θ
-                ema_update(ema, G_params, cfg.ema_decay)
+                plumbing.ema_update(ema, G_params, cfg.ema_decay)
             step += 1
             # global-batch means over ranks (and whether a signal reached any rank); waits for the step's GPU work
-            values, stop = global_means({"loss_fake": fake_stats["loss_fake"], **{k: stats[k] for k in (
+            values, stop = plumbing.global_means({"loss_fake": fake_stats["loss_fake"], **{k: stats[k] for k in (
                 "loss_ikl", "reward", "grad_ikl", "grad_reward")}}, signals.requested, world)
             t2 = synced_time()
             timings.append((t1 - t0, t2 - t1))
@@ -792,41 +713,43 @@ def train(cfg):
                 continue
             last = step == cfg.max_train_steps or stop
             if step % cfg.checkpointing_steps == 0 or last:
-                rng = rng_states(device, world)  # a collective: every rank's own RNG, so resume replays nothing
+                rng = plumbing.rng_states(device, world)  # a collective: every rank's RNG, so resume replays nothing
                 if main_rank:
-                    save_checkpoint(cfg, step, G, fake, states, ema, rng)
+                    plumbing.save_checkpoint(cfg, step, trained, G.t_star, states, ema, rng)
             if main_rank:
                 log.write({**stats, **(validate(f"{step:04d}") if step % cfg.validation_steps == 0 or last else {})})
             if stop:  # checkpoint-{step} is written: say how to resume, exit 130 (SIGINT) or 143 (SIGTERM)
                 bar.close()
                 signals.exit(cfg, step, log if main_rank else None)
     bar.close()
-    result = print_benchmark(cfg, timings, world, device, startup_peak) if cfg.benchmark and main_rank else None
+    result = None
+    if cfg.benchmark and main_rank:
+        result = plumbing.print_benchmark(cfg, timings, world, device, startup_peak)
     if writes:
         log.close()  # also draws curves.png from log.jsonl
-        with ema_weights(G_params, ema):  # the exported generator is the EMA one; G keeps the raw weights
-            export_generator(G, os.path.join(cfg.output_dir, "generator"))
+        with plumbing.ema_weights(G_params, ema):  # the exported generator is the EMA one; G keeps the raw weights
+            plumbing.export_generator(G.net, G.t_star, os.path.join(cfg.output_dir, "generator"))
     return dict(G=G, fake=fake, teacher=teacher, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                reward=reward, reward_decoder=reward_vae, schedule=schedule, benchmark=result, text=text)
+                reward=reward, reward_decoder=reward_vae, schedule=schedule, benchmark=result, text=text, family=fam)
 
 
 @torch.no_grad()
 def generate(cfg):
     """One-step generation: decode(g_θ(z, c)) for each prompt, written as PNGs to output_dir."""
     if not cfg.generator_init:
-        die("--generate needs --generator_init DIR (a generator folder written by training)")
-    device = pick_device(cfg.device)
+        plumbing.die("--generate needs --generator_init DIR (a generator folder written by training)")
+    device = plumbing.pick_device(cfg.device)
     ctx, dtype = precision(cfg, device)
     torch.manual_seed(cfg.seed)
     cfg.lora_rank = 0  # an exported generator is a plain model (a LoRA one was merged on export)
-    meta = os.path.join(cfg.generator_init, "dipp.json")
-    if os.path.isfile(meta):
-        cfg.generator_timestep = json.load(open(meta))["generator_timestep"]
-    teacher, vae, _, tokenizer, schedule = load_sd(cfg.pretrained_model_name_or_path, device, dtype, text_encoder=False)
+    cfg.generator_timestep = plumbing.read_generator_record(cfg.generator_init) or cfg.generator_timestep
+    fam, teacher, vae, _, tokenizer, schedule = load_teacher(cfg.pretrained_model_name_or_path, device, dtype,
+                                                             text_encoder=False)
     check_config(cfg, schedule.T)
     prompts = [p.strip() for p in cfg.generate.split("|") if p.strip()]
-    text, _ = conditioning(cfg, family_of(teacher), tokenizer, [prompts], device, dtype)
-    G = build_generator(cfg, teacher, schedule, device).eval()
+    text, _ = families.text_conditioning(cfg.pretrained_model_name_or_path, fam, tokenizer, [prompts], device, dtype,
+                                         os.path.join(cfg.output_dir, "text_embeddings"))
+    G = build_generator(cfg, teacher, fam, schedule, device).eval()
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
     # z ~ N(0, I) from its own seeded generator: loading may draw from torch's (PixArt's __init__ does)
     z = torch.randn((len(prompts), *latent_shape), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
@@ -834,18 +757,18 @@ def generate(cfg):
         images = decode(vae, G(z, text(prompts)))
     os.makedirs(cfg.output_dir, exist_ok=True)
     for i, (image, prompt) in enumerate(zip(images, prompts)):
-        save_grid(image[None], [prompt], os.path.join(cfg.output_dir, f"generated_{i:02d}.png"))
+        plumbing.save_grid(image[None], [prompt], os.path.join(cfg.output_dir, f"generated_{i:02d}.png"))
     print(f"wrote {len(prompts)} images to {cfg.output_dir}")
     return images
 
 # -----------------------------------------------------------------------------
-# 9. main
+# 10. main
 
 
 def main(argv=None):
     cfg = parse_config(argv)
     check_config(cfg)
-    rank, world, _ = init_distributed(cfg)
+    rank, world, _ = plumbing.init_distributed(cfg)
     if cfg.random_weights or cfg.tiny or cfg.random_sd15:  # same code path as SD1.5 / PixArt-α, nothing downloaded
         from random_weights import use_random_weights
         use_random_weights(cfg, rank, world)  # builds them in output_dir, points the model/reward paths there

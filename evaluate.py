@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import dipp
+import plumbing
 
 METRICS = ("imagereward", "aesthetic", "hps", "pickscore", "clip", "diversity", "fd_teacher")
 CLIP_L_METRICS = ("aesthetic", "clip", "diversity", "fd_teacher")  # one CLIP ViT-L/14 pass serves all four
@@ -176,7 +177,7 @@ def locate(name, files, flag, what, patterns=None):
 
 def import_imagereward():
     """image-reward imports OpenAI's `clip` package but never uses it for ImageReward: an empty stand-in
-    module does (the same shim dipp.load_reward applies)."""
+    module does (the same shim plumbing.load_imagereward applies)."""
     sys.modules.setdefault("clip", type(sys)("clip"))
     import ImageReward
     return ImageReward
@@ -279,10 +280,10 @@ def initial_noise(seeds, latent_shape):
 
 
 @torch.no_grad()
-def one_step_images(G, sd, prompts, z, ctx):
+def one_step_images(G, sd, family, prompts, z, ctx):
     """dipp's one-step sample decode(g_θ(z, c)), mapped to [0, 1] as diffusers' postprocess does."""
     with ctx:
-        x0 = G(z, dipp.encode_prompts(sd["tokenizer"], sd["text_encoder"], prompts))  # (B, 4, h, w)
+        x0 = G(z, family.encode(sd["tokenizer"], sd["text_encoder"], prompts))  # (B, 4, h, w)
     return (dipp.decode(sd["vae"], x0).clamp(-1, 1) + 1) / 2  # (B, 3, H, W) in [0, 1]
 
 
@@ -346,7 +347,8 @@ def generate(model, sample, prompts, args, latent_shape, device):
 def generate_all(args, prompts, device, ctx, dtype):
     """Teacher (if asked) then each generator, one at a time; the SD components are loaded once."""
     with dipp_errors():
-        unet, vae, text_encoder, tokenizer, schedule = dipp.load_sd(args.pretrained_model_name_or_path, device, dtype)
+        family, unet, vae, text_encoder, tokenizer, schedule = dipp.load_teacher(args.pretrained_model_name_or_path,
+                                                                                device, dtype)
     sd = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     models = []
@@ -362,20 +364,19 @@ def generate_all(args, prompts, device, ctx, dtype):
         if not os.path.isfile(os.path.join(folder, "config.json")):
             die(f"--generator '{folder}' is not a generator folder (no config.json); give the generator/ "
                 "folder that dipp.py writes at the end of training")
-        t_star = args.generator_timestep
-        if os.path.isfile(os.path.join(folder, "dipp.json")):
-            t_star = json.load(open(os.path.join(folder, "dipp.json")))["generator_timestep"]
+        with dipp_errors():
+            t_star = plumbing.read_generator_record(folder) or args.generator_timestep
         cfg = dipp.Config(generator_init=folder, generator_timestep=t_star, mixed_precision=args.mixed_precision)
         with dipp_errors():
             dipp.check_config(cfg, schedule.T)
-            G = dipp.build_generator(cfg, unet, schedule, device).eval().requires_grad_(False)
+            G = dipp.build_generator(cfg, unet, family, schedule, device).eval().requires_grad_(False)
         parts = os.path.normpath(os.path.abspath(folder)).split(os.sep)[-2:]  # runs/a/generator -> a_generator
         slug = re.sub(r"[^\w.-]+", "_", "_".join(parts))
         while slug in slugs:
             slug += "_"
         slugs.add(slug)
         def sample(p, z, gens, G=G):  # one step: no sampler noise, gens unused
-            return one_step_images(G, sd, p, z, ctx)
+            return one_step_images(G, sd, family, p, z, ctx)
         model = {"slug": slug, "name": f"{folder} (one step, t*={t_star})", "kind": "generator", "source": folder,
                  "generator_timestep": t_star}
         models.append(generate(model, sample, prompts, args, latent_shape, device))
@@ -471,7 +472,7 @@ def load_clip_l(folder, aesthetic_path, device, dtype):
             "CLIP ViT-L/14 (768-d), any other CLIP gives meaningless numbers")
     head = load_aesthetic_head(aesthetic_path) if aesthetic_path else None
     processor = from_pretrained(CLIPProcessor, folder, "the CLIP ViT-L/14 processor")
-    return ClipLScorer(dipp.freeze(model, device, dtype), processor, head)
+    return ClipLScorer(plumbing.freeze(model, device, dtype), processor, head)
 
 
 def hps_preprocess(image, size=224):
@@ -523,7 +524,7 @@ def load_hps(path, arch, device, dtype):
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as e:
         die(f"'{path}' does not fit open_clip {arch}: {str(e).splitlines()[0][:160]}")
-    return HPSScorer(dipp.freeze(model, device, dtype), open_clip.get_tokenizer(arch))
+    return HPSScorer(plumbing.freeze(model, device, dtype), open_clip.get_tokenizer(arch))
 
 
 class PickScoreScorer:
@@ -546,7 +547,7 @@ class PickScoreScorer:
 def load_pickscore(model_folder, processor_folder, device, dtype):
     from transformers import CLIPModel, CLIPProcessor
     model = from_pretrained(CLIPModel, model_folder, "the PickScore v1 model")
-    return PickScoreScorer(dipp.freeze(model, device, dtype), from_pretrained(CLIPProcessor, processor_folder,
+    return PickScoreScorer(plumbing.freeze(model, device, dtype), from_pretrained(CLIPProcessor, processor_folder,
                                                                              "PickScore's CLIP-H processor"))
 
 
@@ -645,7 +646,7 @@ def build_tiny(folder, hps_version="v2.0", seed=0):
     sd, _ = build_random(folder, "tiny", seed)
     generator = os.path.join(folder, "generator")
     UNet2DConditionModel.from_pretrained(sd, subfolder="unet").save_pretrained(generator)
-    json.dump({"generator_timestep": 999}, open(os.path.join(generator, "dipp.json"), "w"))
+    plumbing.write_generator_record(generator, 999)
     scorers = os.path.join(folder, "scorers")
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer")  # dipp's byte-level tiny tokenizer
@@ -852,7 +853,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     metrics = check_args(args)
-    device = dipp.pick_device(args.device)
+    device = plumbing.pick_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
     threads = torch.get_num_threads()
@@ -869,7 +870,7 @@ def main(argv=None):
 def run(args, metrics, device, command):
     with dipp_errors():
         ctx, dtype = dipp.precision(dipp.Config(mixed_precision=args.mixed_precision), device)
-        prompts = dipp.load_prompts(args.prompts, dipp.BUILTIN_PROMPTS, "--prompts")
+        prompts = plumbing.load_prompts(args.prompts, dipp.BUILTIN_PROMPTS, "--prompts")
     prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
     if len(prompts) >= 2 ** 24:
         die(f"{len(prompts)} prompts is more than image_seed's layout allows (2^24); use --max_prompts")
@@ -882,7 +883,7 @@ def run(args, metrics, device, command):
         hps_arch = TINY_HPS_ARCH
     weights = dict(locate_all(args, metrics), hps_arch=hps_arch)
     if args.tiny and "imagereward" in metrics:
-        tiny_scorers["imagereward"] = ImageRewardScorer(dipp.freeze(
+        tiny_scorers["imagereward"] = ImageRewardScorer(plumbing.freeze(
             tiny_imagereward(os.path.join(args.output_dir, "tiny", "imagereward"), device), device, dtype))
     os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)  # every image has its own generator; this pins anything else that is random

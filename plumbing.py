@@ -6,13 +6,12 @@ step with its numerical guards, trainable-parameter bookkeeping and EMA, LoRA ad
 gradient checkpointing of reward towers, torch.compile, checkpoints (save, list, keep-last-K, resume),
 the exported generator folder, sample-grid PNGs and the benchmark report.
 
-It never imports dipp (dipp imports it): everything it needs is passed in, e.g. the config, the
-generator module (anything with `.unet` and `.t_star`), the optimisers.
+It never imports dipp (dipp imports it) and knows none of the method's settings: everything it needs is
+passed in (the networks to save, the generator's t*, the optimisers, the run's folder and bookkeeping flags).
 """
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -133,36 +132,6 @@ def parse_dataclass(cls, argv, choices, prog, description):
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps[f.name], choices=choices.get(f.name))
     return cls(**vars(parser.parse_args(argv)))
-
-
-def check_config(cfg, num_train_timesteps=1000):
-    """Reject dipp settings that would crash deep inside a library or train silently wrong: one line each."""
-    T = num_train_timesteps
-    for f in dataclasses.fields(cfg):
-        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
-            die(f"--{f.name} {getattr(cfg, f.name)} is not a finite number")
-    for name in ("learning_rate", "fake_learning_rate"):
-        if getattr(cfg, name) <= 0:
-            die(f"--{name} {getattr(cfg, name)} must be > 0 (Diff-Instruct and DMD2 use 1e-5)")
-    if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1):
-        die(f"--adam_beta1/--adam_beta2 must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
-    for name in ("max_grad_norm", "lora_rank", "checkpoints_total_limit"):
-        if getattr(cfg, name) < 0:
-            die(f"--{name} {getattr(cfg, name)} must be >= 0 (0 = off)")
-    if not 0 <= cfg.ema_decay < 1:
-        die(f"--ema_decay {cfg.ema_decay} must be in [0, 1): 0 = off, 0.999 = a ~1000-step average")
-    if not 0 <= cfg.generator_timestep < T:
-        die(f"--generator_timestep {cfg.generator_timestep} is outside the schedule; use 1..{T - 1} (0 = the family's)")
-    if not 0 <= cfg.t_min < cfg.t_max < T:
-        die(f"need 0 <= --t_min < --t_max < {T}, got t_min={cfg.t_min} t_max={cfg.t_max}")
-    if cfg.guidance_scale < 1:
-        die(f"--guidance_scale {cfg.guidance_scale} < 1 would push samples *away* from the prompt; use ω >= 1")
-    for name in ("train_batch_size", "max_train_steps", "fake_steps_per_G", "checkpointing_steps",
-                 "validation_steps"):
-        if getattr(cfg, name) < 1:
-            die(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
-    if cfg.reward_scale < 0:
-        die(f"--reward_scale {cfg.reward_scale} < 0 would minimise the reward; use α_rew >= 0")
 
 
 def load_prompts(path, default, flag):
@@ -307,6 +276,23 @@ def optimizer_step(loss, params, opt, scaler, max_grad_norm):
     scaler.step(opt)
     scaler.update()
     return scale, scaler.is_enabled() and scaler.get_scale() < scale
+
+
+class PullOnSample:
+    """The gradient that backward delivers to a sample x0 (B, ...), minus a part known in closed form: for
+    logging how hard the reward pulls next to the IKL (grad_reward next to grad_ikl) without a second
+    backward pass. watch=False (no reward): nothing is hooked and the rest is 0."""
+
+    def __init__(self, x0, known, watch=True):
+        self.known, self.seen = known, []
+        if watch:
+            x0.register_hook(self.seen.append)  # ∂(scaled mean loss)/∂x0: (1/B)(known + rest) × loss scale
+
+    def rest(self, loss_scale):
+        """Per-sample ∂L/∂x0 minus the known part, (B, ...)."""
+        if not self.seen:
+            return torch.zeros_like(self.known)
+        return self.seen[0].float() * (self.known.shape[0] / loss_scale) - self.known
 
 
 def freeze(module, device, dtype):
@@ -462,26 +448,27 @@ def rng_states(device, world):
     return gathered
 
 
-def save_checkpoint(cfg, step, G, fake, states, ema=None, rng=None):
+def save_checkpoint(cfg, step, nets, t_star, states, ema=None, rng=None):
     """Write checkpoint-N atomically (to a .tmp folder, then rename): a kill or a full disk mid-save never
     leaves a half-written checkpoint-N, and the .tmp folder is removed. Keeps the newest
-    cfg.checkpoints_total_limit. states: {name: object with state_dict()} (optimisers, loss scalers);
-    rng: rng_states(), one entry per rank."""
+    cfg.checkpoints_total_limit. nets: {"generator": module, "fake_score": module}, of which the trainable
+    tensors are saved (full networks, or only their LoRA adapters); ema: the generator's EMA tensors;
+    t_star: the generator's t*, for dipp.json; states: {name: object with state_dict()} (optimisers, loss
+    scalers); rng: rng_states(), one entry per rank."""
     final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     from safetensors.torch import save_file
     try:
         os.makedirs(tmp)
-        weights = {"generator": trainable_named(G.unet), "fake_score": trainable_named(fake)}
+        weights = {name: trainable_named(net) for name, net in nets.items()}
         if ema is not None:
             weights["generator_ema"] = dict(zip(weights["generator"], ema))
-        for name, tensors in weights.items():  # full UNets, or only their LoRA adapters
+        for name, tensors in weights.items():
             save_file({k: v.detach().contiguous() for k, v in tensors.items()}, os.path.join(tmp, f"{name}.safetensors"))
         torch.save({"step": step, "rng": rng, **{k: v.state_dict() for k, v in states.items()}},
                    os.path.join(tmp, "state.pt"))
-        with open(os.path.join(tmp, "dipp.json"), "w") as f:
-            json.dump({"generator_timestep": G.t_star}, f)
+        write_generator_record(tmp, t_star)
     except BaseException as e:  # a full disk, a kill: drop the partial folder, keep every older checkpoint
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, OSError):
@@ -508,8 +495,8 @@ def last_checkpoint(output_dir):
     return kept[-1] if kept else "none"
 
 
-def load_checkpoint(cfg, G, fake, states, ema=None, rank=0, world=1, device=torch.device("cpu")):
-    """Restore weights, optimiser and loss-scaler states, this rank's RNG and the step from
+def load_checkpoint(cfg, nets, states, ema=None, rank=0, world=1, device=torch.device("cpu")):
+    """Restore the weights of nets ({name: module}, as saved), the generator's EMA, optimiser and loss-scaler states, this rank's RNG and the step from
     --resume_from_checkpoint. Returns the step. state.pt loads with weights_only=True: a checkpoint someone
     sends you cannot run code on load. A truncated or corrupted file is one line, not a traceback."""
     from safetensors.torch import load_file
@@ -528,7 +515,7 @@ def load_checkpoint(cfg, G, fake, states, ema=None, rank=0, world=1, device=torc
         except Exception as e:  # safetensors' and pickle's many ways of saying "truncated" or "not this format"
             die(f"checkpoint '{path}' is damaged: {file} cannot be read ({type(e).__name__}: {str(e)[:120]}); "
                 "resume from an older checkpoint-N folder")
-    for name, net in (("generator", G.unet), ("fake_score", fake)):
+    for name, net in nets.items():
         weights = read(f"{name}.safetensors", load_file)
         expected = {k: p.shape for k, p in trainable_named(net).items()}
         if {k: v.shape for k, v in weights.items()} != expected:
@@ -539,7 +526,7 @@ def load_checkpoint(cfg, G, fake, states, ema=None, rank=0, world=1, device=torc
         if not os.path.isfile(os.path.join(path, "generator_ema.safetensors")):
             die(f"checkpoint '{path}' has no EMA weights; resume without --ema_decay or from an EMA run")
         saved = read("generator_ema.safetensors", load_file)
-        for k, e in zip(trainable_named(G.unet), ema):
+        for k, e in zip(trainable_named(nets["generator"]), ema):
             e.copy_(saved[k])
     state = read("state.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
     for name, obj in states.items():
@@ -709,16 +696,35 @@ def merged_lora(net):
     return net
 
 
-def export_generator(G, folder):
-    """The trained generator as a plain diffusers model folder (a UNet, or PixArt's transformer; + dipp.json
-    with t*); a LoRA generator is merged into (a copy of) its base first, so any diffusers pipeline loads it."""
-    unet = G.unet
-    if any("lora_" in k for k in trainable_named(unet)):  # this generator is a LoRA adapter on a shared base
-        unet = merged_lora(unet)
-    unet.save_pretrained(folder)
-    with open(os.path.join(folder, "dipp.json"), "w") as f:
-        json.dump({"generator_timestep": G.t_star}, f)
+def export_generator(net, t_star, folder):
+    """The trained generator's denoiser as a plain diffusers model folder (a UNet, or PixArt's transformer;
+    + dipp.json with t*); a LoRA one is merged into (a copy of) its base first, so any diffusers pipeline
+    loads it."""
+    if any("lora_" in k for k in trainable_named(net)):  # this generator is a LoRA adapter on a shared base
+        net = merged_lora(net)
+    net.save_pretrained(folder)
+    write_generator_record(folder, t_star)
     print(f"generator saved to {folder}")
+
+
+GENERATOR_RECORD = "dipp.json"  # beside a generator's weights: {"generator_timestep": t*}
+
+
+def write_generator_record(folder, t_star):
+    """dipp.json: what a generator folder (or checkpoint) needs beyond its weights to sample as trained."""
+    with open(os.path.join(folder, GENERATOR_RECORD), "w") as f:
+        json.dump({"generator_timestep": int(t_star)}, f)
+
+
+def read_generator_record(folder):
+    """t* from folder/dipp.json, or None for a folder without one (a generator not written by dipp)."""
+    path = os.path.join(folder, GENERATOR_RECORD)
+    if not os.path.isfile(path):
+        return None
+    try:
+        return int(json.load(open(path))["generator_timestep"])
+    except (ValueError, KeyError, TypeError) as e:
+        die(f"'{path}' is damaged ({type(e).__name__}: {e}); it should read {{\"generator_timestep\": t*}}")
 
 
 def save_grid(images, prompts, path):

@@ -36,6 +36,7 @@ import torch
 ROOT = os.path.abspath("..") if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
 sys.path.insert(0, ROOT)
 import dipp  # noqa: E402
+import plumbing  # noqa: E402
 import random_weights  # noqa: E402  (tiny random models for DIPP_TINY=1)
 
 TINY = os.environ.get("DIPP_TINY") == "1"
@@ -57,16 +58,16 @@ print(f"tiny models: {TINY} | GPU: {torch.cuda.get_device_name() if GPU else 'no
 
 # %% [markdown]
 # ## 1. The components
-# `dipp.load_sd` loads teacher UNet, VAE, text encoder, tokenizer and noise schedule from any
-# diffusers SD-1.x folder or hub id; frozen nets are stored in the low-precision dtype.
+# `dipp.load_teacher` loads the family (families.py), teacher UNet, VAE, text encoder, tokenizer and noise
+# schedule from any diffusers SD-1.x folder or hub id; frozen nets are stored in the low-precision dtype.
 
 # %%
 if TINY:
     sd_path, _ = random_weights.build_random(os.path.join(OUT, "tiny"), "tiny")
 else:
     sd_path = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-device = dipp.pick_device("auto")
-teacher, vae, text_encoder, tokenizer, schedule = dipp.load_sd(sd_path, device, torch.float32)
+device = plumbing.pick_device("auto")
+family, teacher, vae, text_encoder, tokenizer, schedule = dipp.load_teacher(sd_path, device, torch.float32)
 count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
 print(f"UNet {count(teacher):.1f}M params | VAE {count(vae):.1f}M | text encoder {count(text_encoder):.1f}M")
 print(f"generator timestep t* = 999: α = {schedule.alphas_cumprod[999].sqrt():.4f}, "
@@ -153,12 +154,12 @@ import contextlib  # noqa: E402
 prompts = dipp.BUILTIN_PROMPTS[:4]
 size = nets["teacher"].config.sample_size
 z = torch.randn((4, 4, size, size), generator=torch.Generator().manual_seed(0)).to(device)  # fixed z ~ N(0, I)
-before = (dipp.build_generator(dipp.Config(generator_init=GENERATOR_INIT[1]), nets["teacher"], schedule, device)
-          if GENERATOR_INIT else dipp.OneStepGenerator(nets["teacher"], schedule, 999))  # the generator's initialisation
+before = (dipp.build_generator(dipp.Config(generator_init=GENERATOR_INIT[1]), nets["teacher"], family, schedule, device)
+          if GENERATOR_INIT else dipp.OneStepGenerator(nets["teacher"], family, schedule, 999))  # the initialisation
 low = nets["teacher"].dtype
 ctx = torch.autocast(device.type, dtype=low) if low != torch.float32 else contextlib.nullcontext()
 with torch.no_grad(), ctx:
-    cond = dipp.encode_prompts(nets["tokenizer"], nets["text_encoder"], prompts)
+    cond = family.encode(nets["tokenizer"], nets["text_encoder"], prompts)
     for name, G in (("before", before), ("after", nets["G"])):
         r = nets["reward"](dipp.decode(nets["vae"], G(z, cond)), prompts)
         print(f"{name:>6}: mean reward {r.mean().item():+.4f}  per prompt {[round(v, 3) for v in r.tolist()]}")

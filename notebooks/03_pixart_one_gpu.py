@@ -40,6 +40,8 @@ import torch
 ROOT = os.path.abspath("..") if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
 sys.path.insert(0, ROOT)
 import dipp  # noqa: E402
+import families  # noqa: E402
+import plumbing  # noqa: E402
 import random_weights  # noqa: E402  (tiny random models for DIPP_TINY=1)
 
 TINY = os.environ.get("DIPP_TINY") == "1"
@@ -51,7 +53,7 @@ print(f"tiny models: {TINY} | GPU: {torch.cuda.get_device_name() if GPU else 'no
 
 # %% [markdown]
 # ## 1. The components
-# `dipp.load_sd` recognises the family from the folder layout (`transformer/` rather than `unet/`)
+# `dipp.load_teacher` recognises the family from the folder layout (`transformer/` rather than `unet/`)
 # or from the hub repo's `model_index.json`, and loads the teacher transformer, the VAE (the same
 # latent space as SD1.5), the T5 tokenizer and the noise schedule (linear β from 1e-4 to 0.02, read
 # from the scheduler config). `text_encoder=False` leaves T5 on disk: section 2 needs it only once.
@@ -61,9 +63,8 @@ if TINY:
     model_path, _ = random_weights.build_random(os.path.join(OUT, "tiny"), "tiny_pixart")
 else:
     model_path = "PixArt-alpha/PixArt-XL-2-512x512"
-device = dipp.pick_device("auto")
-teacher, vae, _, tokenizer, schedule = dipp.load_sd(model_path, device, torch.float32, text_encoder=False)
-family = dipp.family_of(teacher)
+device = plumbing.pick_device("auto")
+family, teacher, vae, _, tokenizer, schedule = dipp.load_teacher(model_path, device, torch.float32, text_encoder=False)
 count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
 print(f"family '{family.name}': {type(teacher).__name__} {count(teacher):.1f}M params, VAE {count(vae):.1f}M")
 print(f"output channels: {teacher.config.out_channels} (ε̂ and the learned variance; dipp keeps ε̂)")
@@ -94,7 +95,8 @@ for attempt in ("first run (encodes)", "second run (cache)"):
     if GPU:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    text, text_encoder = dipp.conditioning(cfg, family, tokenizer, [prompts, [""]], device, dtype)
+    text, text_encoder = families.text_conditioning(model_path, family, tokenizer, [prompts, [""]], device, dtype,
+                                                    os.path.join(cfg.output_dir, "text_embeddings"))
     peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if GPU else ""
     print(f"{attempt}: {time.perf_counter() - start:.2f} s{peak}; text encoder kept: {text_encoder is not None}")
 c, null = text(prompts[:2]), text([""])

@@ -147,7 +147,7 @@ class FakeScore(torch.nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Training: dipp's own Alg. 1 steps, with the toy's conditioning bound into closures.
+# Training: dipp's own Alg. 1 iteration (dipp.dipp_step), with the toy's conditioning bound into closures.
 
 
 def train(gmm, schedule, args, reward_scale, omega, reward_fn=None, seed=0, on_step=None):
@@ -168,15 +168,12 @@ def train(gmm, schedule, args, reward_scale, omega, reward_fn=None, seed=0, on_s
     for step in range(args.steps):
         c = torch.randint(gmm.C, (B,))  # c ~ U{classes}
         uncond = torch.full((B,), -1)  # c = ∅: the unconditional mixture
-        G_c = lambda z: G(z, c)
         fake_c = lambda x_t, t: fake(x_t, t, c)
-        real_c = dipp.guided(teacher, c, uncond, omega)
-        r_c = (lambda x0: reward_fn(x0, c)) if reward_fn is not None else None
-        for _ in range(cfg.fake_steps_per_G):
-            dipp.fake_score_step(G_c, fake_c, fake.parameters(), opt_fake, scaler,
-                                 dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu"), schedule, cfg)
-        dipp.generator_step(G_c, real_c, fake_c, r_c, G.parameters(), opt_G, scaler,
-                            dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu"), schedule, cfg)
+        nets = dipp.Bound(G=lambda z: G(z, c), real_eps=dipp.guided(teacher, c, uncond, omega), fake_eps=fake_c,
+                          fake_train_eps=fake_c, reward=(lambda x0: reward_fn(x0, c)) if reward_fn else None)
+        noises = [dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu") for _ in range(cfg.fake_steps_per_G + 1)]
+        dipp.dipp_step(nets, (list(fake.parameters()), opt_fake, scaler), (list(G.parameters()), opt_G, scaler),
+                       noises, schedule, cfg)
         if on_step is not None:
             on_step(step + 1, G)
     return G

@@ -1,0 +1,224 @@
+"""families: what differs between the text-to-image diffusion models dipp trains, one record per family.
+
+DI++ itself never learns a family's name: dipp.py sees every denoiser as ε(x_t, t, c), a closure with the
+network bound, and every prompt batch as a conditioning c it passes through. What *does* differ between
+Stable Diffusion 1.x (a UNet with CLIP text) and PixArt-α (a DiT with T5 text) is recorded here:
+how a model folder is recognised, which classes to load, how prompts become c and the null condition ∅ for
+CFG, how the denoiser is called, which layer reads ε̂ out, the one-step generator's default t*, where LoRA
+adapters go, the stock pipeline that samples the same model, and the tiny decoder for the reward.
+
+Adding a family is adding one `Family(...)` record and its functions (`eps`, `encode`). Nothing here is
+needed to understand the method. It imports plumbing (errors, freezing), never dipp.
+"""
+import dataclasses
+import json
+import os
+import typing
+
+import torch
+
+import plumbing
+
+# -----------------------------------------------------------------------------
+# 1. Conditioning containers
+
+
+class MaskedText(typing.NamedTuple):
+    """PixArt's prompt conditioning c: T5 embeddings and their attention mask (padding is masked out of the
+    transformer's cross-attention). It supports what training does with SD's plain (B, 77, D) tensor:
+    .to(dtype), .expand_as(other), and dipp.batch_cat for CFG's one batched call."""
+    emb: torch.Tensor  # (B, L, D): T5's last hidden states, L = 120 tokens
+    mask: torch.Tensor  # (B, L): 1 = prompt token, 0 = padding
+
+    def to(self, dtype):
+        return MaskedText(self.emb.to(dtype), self.mask)
+
+    def expand_as(self, other):
+        return MaskedText(self.emb.expand_as(other.emb), self.mask.expand_as(other.mask))
+
+# -----------------------------------------------------------------------------
+# 2. Per-family functions: the denoiser as ε(x_t, t, c), prompts as c
+
+
+def unet_eps(unet, x_t, t, cond):
+    """SD's UNet2DConditionModel: c is CLIP's last hidden state, passed as cross-attention states."""
+    return unet(x_t, t, encoder_hidden_states=cond).sample  # ε̂: (B, 4, h, w)
+
+
+def pixart_eps(transformer, x_t, t, cond):
+    """PixArt's transformer predicts 8 channels: ε̂ and the variance its own sampler learned. Only ε̂ is a
+    score (s = −ε̂/σ), so the second half is dropped, and gets exactly zero gradient."""
+    extra = None  # 1024-px models condition on the image size: [h, w] in pixels (VAE: 8 per latent) and h/w
+    if getattr(transformer, "module", transformer).use_additional_conditions:  # (DDP: .module)
+        B, (h, w) = x_t.shape[0], x_t.shape[-2:]
+        extra = dict(resolution=x_t.new_tensor([[8.0 * h, 8.0 * w]]).expand(B, 2),
+                     aspect_ratio=x_t.new_tensor([[h / w]]).expand(B, 1))
+    out = transformer(x_t, encoder_hidden_states=cond.emb, encoder_attention_mask=cond.mask, timestep=t,
+                      added_cond_kwargs=extra).sample  # (B, 8, h, w)
+    return out[:, :x_t.shape[1]]  # ε̂: (B, 4, h, w)
+
+
+@torch.no_grad()
+def clip_text(tokenizer, text_encoder, prompts):
+    """c as StableDiffusionPipeline makes it: pad to 77 CLIP tokens, last hidden state."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0].float()  # (B, 77, D)
+
+
+@torch.no_grad()
+def t5_text(tokenizer, text_encoder, prompts):
+    """c as PixArtAlphaPipeline.encode_prompt makes it without caption cleaning: lower-cased, padded to 120 T5
+    tokens, the mask passed to T5 and kept for the transformer's cross-attention."""
+    tok = tokenizer([p.lower().strip() for p in prompts], padding="max_length", max_length=120, truncation=True,
+                    return_tensors="pt").to(text_encoder.device)
+    return MaskedText(text_encoder(tok.input_ids, attention_mask=tok.attention_mask)[0], tok.attention_mask)
+
+# -----------------------------------------------------------------------------
+# 3. The records
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Family:
+    """How to recognise, load, condition and call one kind of text-to-image diffusion model."""
+    name: str
+    title: str  # how messages name it
+    recognise: typing.Callable  # recognise(index) -> bool; index: model_index.json, or a folder's subfolders
+    denoiser: str  # diffusers class of the ε-network ...
+    folder: str  # ... kept in this subfolder of a pipeline folder
+    generator_classes: tuple  # `_class_name`s a --generator_init config may carry (old names included)
+    text_encoder: str  # transformers classes of the text encoder and its tokenizer
+    tokenizer: str
+    encode: typing.Callable  # encode(tokenizer, text_encoder, prompts) -> c
+    null_prompt: str = ""  # CFG's ∅ is this prompt's c, as both pipelines build it (negative prompt "")
+    pre_encode: bool  # encode every prompt once at start-up (cached in output_dir), then free the text encoder
+    eps: typing.Callable  # eps(net, x_t, t, c) -> ε̂ (B, 4, h, w)
+    readout: str  # the denoiser's last layer, computed in fp32 (readout_in_fp32)
+    t_star: int  # default t* of the one-step generator (dipp.OneStepGenerator)
+    lora_targets: tuple  # layers that get a LoRA adapter under --lora_rank (never the readout)
+    pipeline: str  # the stock diffusers pipeline that samples this family
+    tiny_decoder: str  # AutoencoderTiny for --reward_decoder tiny (TAESD, trained on these latents)
+    example: str  # a hub id of this family, for advice in messages
+
+
+FAMILIES = {f.name: f for f in (
+    Family(name="sd", title="SD-1.x", recognise=lambda index: "unet" in index and "text_encoder_2" not in index,
+           denoiser="UNet2DConditionModel", folder="unet", generator_classes=("UNet2DConditionModel",),
+           text_encoder="CLIPTextModel", tokenizer="CLIPTokenizer", encode=clip_text, pre_encode=False,
+           eps=unet_eps, readout="conv_out", t_star=999,  # DMD2's t* and LoRA layers
+           lora_targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                         "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+                         "time_emb_proj"),
+           pipeline="StableDiffusionPipeline", tiny_decoder="madebyollin/taesd",
+           example="stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    # T5-XXL (4.8 B parameters, 9.5 GB in bf16) only ever encodes the fixed prompt lists: pre-encoded, it never
+    # sits beside the three transformers. t* = 400 as PixArt-α-DMD (see the deviation noted at dipp.OneStepGenerator).
+    # PixArt-α-DMD's released config still names the transformer's old class, Transformer2DModel.
+    Family(name="pixart", title="PixArt-α", recognise=lambda index: "transformer" in index,
+           denoiser="PixArtTransformer2DModel", folder="transformer",
+           generator_classes=("PixArtTransformer2DModel", "Transformer2DModel"),
+           text_encoder="T5EncoderModel", tokenizer="AutoTokenizer", encode=t5_text, pre_encode=True,
+           eps=pixart_eps, readout="proj_out", t_star=400,
+           lora_targets=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "adaln_single.linear"),
+           pipeline="PixArtAlphaPipeline", tiny_decoder="madebyollin/taesd",
+           example="PixArt-alpha/PixArt-XL-2-512x512"))}
+
+# -----------------------------------------------------------------------------
+# 4. Loading a model folder or hub id
+
+ADVICE = ("Get a complete one with `huggingface-cli download REPO --local-dir DIR`, REPO e.g. "
+          + " or ".join(f.example for f in FAMILIES.values()))
+
+
+def find_family(name):
+    """The family of a local folder (from its model_index.json, else its subfolders) or of a hub id (from its
+    model_index.json). One line when no family claims it."""
+    if os.path.isdir(name):
+        path = os.path.join(name, "model_index.json")
+        index = json.load(open(path)) if os.path.isfile(path) else {
+            d: None for d in os.listdir(name) if os.path.isdir(os.path.join(name, d))}
+    else:
+        from diffusers import DiffusionPipeline
+        index = plumbing.load_or_die(lambda: DiffusionPipeline.load_config(name), name, "model_index.json")
+    found = [f for f in FAMILIES.values() if f.recognise(index)]
+    if not found:
+        folders = " or ".join(f"{f.folder}/config.json ({f.title})" for f in FAMILIES.values())
+        plumbing.die(f"'{name}' is not a diffusers model folder of a family dipp knows: missing {folders}. {ADVICE}")
+    return found[0]
+
+
+def readout_in_fp32(net, family):
+    """The denoiser's last layer (conv_out, or PixArt's proj_out), which outputs ε̂, computed in fp32 under bf16
+    autocast. Why: x0 = (z − σ ε̂)/α divides by α_{t*} (0.068 for SD at t* = 999), so bf16's rounding of ε̂
+    (~0.2 %) would be amplified into every sample (~0.024 rms per SD latent element); the IKL gradient's
+    ε̃_ref − ε̂_fake carries the same 1/α at high t. One small layer in fp32 costs nothing; same weights."""
+    plumbing.fp32_layer(getattr(net, family.readout))
+    return net
+
+
+class Models(typing.NamedTuple):
+    """What a diffusers pipeline folder holds that dipp uses."""
+    family: Family
+    net: torch.nn.Module  # the frozen denoiser (teacher)
+    vae: torch.nn.Module
+    text_encoder: typing.Any  # None when not loaded (see load_models)
+    tokenizer: typing.Any
+    schedule: typing.Any  # the training noise schedule: ᾱ_t (T,) here, a dipp.Schedule from dipp.load_teacher
+
+
+def load_models(name, device, dtype, text_encoder=True):
+    """Teacher denoiser, VAE, text encoder, tokenizer and ᾱ of a diffusers folder or hub id of any family.
+    Frozen nets are stored in the low-precision dtype: nothing ever backpropagates into their weights.
+    text_encoder=False leaves it None: training loads it only where it is needed (see text_conditioning)."""
+    import diffusers
+    import transformers
+    fam = find_family(name)
+    if os.path.isdir(name):
+        missing = [f for f in (f"{fam.folder}/config.json", "vae/config.json", "text_encoder/config.json",
+                               "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json")
+                   if not os.path.isfile(os.path.join(name, f))]
+        if missing:
+            plumbing.die(f"'{name}' is not a complete diffusers {fam.title} folder: missing {', '.join(missing)}. "
+                         + ADVICE)
+    get = lambda cls, sub: plumbing.load_or_die(lambda: cls.from_pretrained(name, subfolder=sub), name, f"{sub}/")
+    net, vae = get(getattr(diffusers, fam.denoiser), fam.folder), get(diffusers.AutoencoderKL, "vae")
+    tokenizer = get(getattr(transformers, fam.tokenizer), "tokenizer")
+    scheduler = get(diffusers.DDPMScheduler, "scheduler")
+    if scheduler.config.prediction_type != "epsilon":
+        plumbing.die(f"'{name}' predicts {scheduler.config.prediction_type}; dipp supports ε-prediction models")
+    plumbing.freeze(net, device, dtype)
+    # the VAE stays fp32 under fp16 (its decoder's activations overflow fp16 at 512 px); bf16 is safe
+    plumbing.freeze(vae, device, torch.float32 if dtype == torch.float16 else dtype)
+    text = load_text_encoder(name, fam, device, dtype) if text_encoder else None
+    return Models(fam, readout_in_fp32(net, fam), vae, text, tokenizer, scheduler.alphas_cumprod)
+
+
+def load_text_encoder(name, family, device, dtype):
+    import transformers
+    load = lambda: getattr(transformers, family.text_encoder).from_pretrained(name, subfolder="text_encoder")
+    return plumbing.freeze(plumbing.load_or_die(load, name, "text_encoder/"), device, dtype)
+
+
+def text_conditioning(name, family, tokenizer, prompt_lists, device, dtype, cache_dir, main_rank=True, world=1):
+    """(prompts -> c, text encoder or None). SD's CLIP encoder (123 M) runs every step. A pre-encoding family
+    (PixArt's T5) encodes each prompt of the lists once, cached in cache_dir, and is freed before the trainable
+    nets exist; a rerun or resume with the same prompts never loads it."""
+    if not family.pre_encode:
+        text_encoder = load_text_encoder(name, family, device, dtype)
+        return (lambda prompts: family.encode(tokenizer, text_encoder, prompts)), text_encoder
+    make_encoder = lambda: (lambda batch, enc=load_text_encoder(name, family, device, dtype):
+                            family.encode(tokenizer, enc, batch)._asdict())
+    key = [name, family.name, str(dtype),
+           plumbing.files_stamp(os.path.join(name, "text_encoder"), os.path.join(name, "tokenizer"))]
+    rows = plumbing.encoded_prompts(cache_dir, key, [p for ps in prompt_lists for p in ps], make_encoder, device,
+                                    main_rank, world)
+    return (lambda batch: MaskedText(**rows(batch)).to(torch.float32)), None
+
+
+def generator_subfolder(family, name):
+    """Where a --generator_init model folder, pipeline folder or hub id keeps the denoiser (None: at its top),
+    after checking that it is this family's: a generator of the other family is one line, not a loader error
+    about attention heads."""
+    sub = plumbing.find_subfolder(name, family.folder)
+    plumbing.check_model_class(name, sub, family.generator_classes)
+    return sub

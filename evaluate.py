@@ -7,8 +7,8 @@ as a user of the teacher would. Images are written as PNGs first and every score
 the numbers belong to the files on disk, and only one scorer is in memory at a time.
 
 Quick start (CPU, no downloads, seconds):  python evaluate.py --tiny --teacher_steps 2 --output_dir eval_tiny
-Generators against the SD1.5 teacher:     python evaluate.py --generator runs/a/generator \
-    --generator runs/b/generator --teacher_steps 25 --teacher_guidance 7.5 --prompts prompts.txt
+Two generators against the SD1.5 teacher (a GPU, the scorers' weights downloaded):
+    python evaluate.py --generator runs/a/generator --generator runs/b/generator --teacher_steps 25 --prompts coco1k.txt
 
 Metrics (--metrics), each with the convention the published tables use (also in table.md's header):
   imagereward  ImageReward v1.0, the model dipp trains against: (MLP − 0.16717) / 1.03334   [arXiv 2304.05977]
@@ -25,7 +25,6 @@ Each mean comes with a 95 % confidence interval, mean ± 1.96 · s / √P over t
 """
 # -----------------------------------------------------------------------------
 # 0. Imports. Heavy libraries are imported inside the functions that need them (as in dipp.py).
-import argparse
 import contextlib
 import json
 import math
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import dipp
+import plumbing
 
 METRICS = ("imagereward", "aesthetic", "hps", "pickscore", "clip", "diversity", "fd_teacher")
 CLIP_L_METRICS = ("aesthetic", "clip", "diversity", "fd_teacher")  # one CLIP ViT-L/14 pass serves all four
@@ -66,50 +66,45 @@ def dipp_errors():
 # 1. Command line
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's usage + traceback-free exit, as one line like every other error
-        die(f"{message} (see python evaluate.py --help)")
-
-
 def parse_args(argv):
-    p = Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    # --- what to evaluate
+    """The flags in the groups --help shows them in; exact names only, an unknown one names the closest
+    (plumbing.FlagParser, as dipp.py's)."""
+    p = plumbing.FlagParser("evaluate.py", "\n\n".join(__doc__.split("\n\n")[i] for i in (0, 2)))
+    a = p.add_argument_group("what to evaluate").add_argument
     a("--generator", action="append", default=[], metavar="DIR",
       help="one-step generator folder written by dipp (UNet + dipp.json); repeat to compare several")
-    a("--generator_timestep", type=int, default=999, help="t* for a generator folder without dipp.json")
-    a("--pretrained_model_name_or_path", default=dipp.Config.pretrained_model_name_or_path,
+    a("--generator_timestep", type=int, default=999, metavar="INT", help="t* for a generator folder without dipp.json")
+    a("--pretrained_model_name_or_path", default=dipp.Config.pretrained_model_name_or_path, metavar="STR",
       help="SD-1.x teacher: hub id or diffusers folder (also supplies VAE and text encoder to the generators)")
-    a("--teacher_steps", type=int, default=0,
-      help="sample the teacher with N steps of its own scheduler (0 = no teacher row)")
-    a("--teacher_guidance", type=float, default=7.5, help="CFG scale of the teacher (diffusers' guidance_scale)")
-    # --- prompts and seeds
-    a("--prompts", default="", help="text file, one prompt per line (default: dipp's 8 built-in prompts)")
-    a("--max_prompts", type=int, default=0, help="use the first N prompts of the file (0 = all)")
-    a("--images_per_prompt", type=int, default=4, help="K images per prompt (seeds image_seed(seed, i, k))")
-    a("--seed", type=int, default=0, help="base seed of the initial noise, shared by every model")
-    # --- metrics and the weights of each scorer (hub id or local path)
-    a("--metrics", default="all", help=f"comma-separated subset of {','.join(METRICS)}")
+    a("--teacher_steps", type=int, default=0, metavar="INT",
+      help="sample the teacher with N steps of its own scheduler; 0 = no teacher row")
+    a("--teacher_guidance", type=float, default=7.5, metavar="FLOAT", help="CFG scale of the teacher (diffusers' guidance_scale)")
+    a("--tiny", action="store_true",
+      help="tiny random teacher, generator and scorers of the real architectures instead (CPU, seconds, no download)")
+    a = p.add_argument_group("prompts and seeds").add_argument
+    a("--prompts", default="", metavar="STR", help="text file, one prompt per line (default: dipp's 8 built-in prompts)")
+    a("--max_prompts", type=int, default=0, metavar="INT", help="use the first N prompts of the file; 0 = all")
+    a("--images_per_prompt", type=int, default=4, metavar="INT", help="K images per prompt (seeds image_seed(seed, i, k))")
+    a("--seed", type=int, default=0, metavar="INT", help="base seed of the initial noise, shared by every model")
+    a = p.add_argument_group("metrics and each scorer's weights (hub id or local path)").add_argument
+    a("--metrics", default="all", metavar="STR", help=f"all, or a comma-separated subset of {','.join(METRICS)}")
     a("--hps_version", default="v2.0", choices=tuple(HPS_FILES), help="HPS checkpoint; DI++ reports v2.0")
-    a("--imagereward_model", default="THUDM/ImageReward",
+    a("--imagereward_model", default="THUDM/ImageReward", metavar="STR",
       help="hub id or folder with ImageReward.pt + med_config.json")
-    a("--clip_model", default="openai/clip-vit-large-patch14",
+    a("--clip_model", default="openai/clip-vit-large-patch14", metavar="STR",
       help="OpenAI CLIP ViT-L/14 (aesthetic, clip, diversity, fd_teacher)")
-    a("--aesthetic_model", default="camenduru/improved-aesthetic-predictor",
+    a("--aesthetic_model", default="camenduru/improved-aesthetic-predictor", metavar="STR",
       help=f"hub id, folder or file: {AESTHETIC_FILE}")
-    a("--hps_model", default="xswu/HPSv2", help="hub id, folder or file: the HPS checkpoint of --hps_version")
-    a("--pickscore_model", default="yuvalkirstain/PickScore_v1", help="hub id or folder of the PickScore CLIPModel")
-    a("--pickscore_processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    a("--hps_model", default="xswu/HPSv2", metavar="STR", help="hub id, folder or file: the HPS checkpoint of --hps_version")
+    a("--pickscore_model", default="yuvalkirstain/PickScore_v1", metavar="STR", help="hub id or folder of the PickScore CLIPModel")
+    a("--pickscore_processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", metavar="STR",
       help="hub id or folder of PickScore's CLIP-H processor")
-    # --- machinery
-    a("--batch_size", type=int, default=8, help="images per generation / scoring batch")
+    a = p.add_argument_group("machinery").add_argument
+    a("--batch_size", type=int, default=8, metavar="INT", help="images per generation / scoring batch")
     a("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
       help="as in dipp: frozen nets stored in it, autocast")
-    a("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:1 ...")
-    a("--output_dir", default="eval", help="images/, scores.jsonl, summary.json, table.md, grid.png")
-    a("--tiny", action="store_true",
-      help="tiny random teacher, generator and scorers of the real architectures (CPU, seconds)")
+    a("--device", default="auto", metavar="STR", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...")
+    a("--output_dir", default="eval", metavar="STR", help="where images/, scores.jsonl, summary.json, table.md, grid.png go")
     return p.parse_args(argv)
 
 

@@ -9,6 +9,7 @@ the exported generator folder, sample-grid PNGs and the benchmark report.
 It never imports dipp (dipp imports it): everything it needs is passed in, e.g. the config, the
 generator module (anything with `.unet` and `.t_star`), the optimisers.
 """
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -21,7 +22,7 @@ import sys
 import torch
 
 # -----------------------------------------------------------------------------
-# 1. One-line errors and loading
+# 1. One-line errors, the command line, where models come from, loading
 
 
 def die(message):
@@ -118,20 +119,83 @@ def writable_dir(path, flag="--output_dir"):
         die(f"{flag} '{path}' cannot be written ({e.strerror}); choose a folder you can write to")
 
 
-def parse_dataclass(cls, argv, choices, prog, description):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help that reads: each default shown once (not when the help text already names it, and never an
+    empty one), the description's example commands kept as written."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=36)
+
+    def _get_help_string(self, action):
+        text = (action.help or "").replace("%", "%%")
+        if action.default is None or action.default is False or action.default in ("", [], argparse.SUPPRESS) \
+                or "default" in text.lower():
+            return text
+        return f"{text} (default: %(default)s)"
+
+    def _split_lines(self, text, width):  # never break a hub id or a flag at its hyphens
+        import textwrap
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse with exact flag names only (no silent abbreviations: --max_train_step is not --max_train_steps)
+    and every mistake as one line, an unknown flag naming the closest real ones. `renamed` maps an old flag to
+    what replaced it."""
+
+    def __init__(self, prog, description, renamed=None):
+        super().__init__(prog=prog, description=description, allow_abbrev=False, formatter_class=HelpFormatter,
+                         usage=f"python {prog} [--flag VALUE ...]   (python {prog} --help lists them all)")
+        self.renamed = renamed or {}
+
+    def error(self, message):
+        raise SystemExit(f"{self.prog.removesuffix('.py')}: error: {message} (see python {self.prog} --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.error(self.unknown(extra))
+        return parsed
+
+    def unknown(self, extra):
+        import difflib
+        names = [s[2:] for a in self._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+        for token in extra:
+            if token.startswith("-"):
+                name = token.split("=")[0]
+                if name in self.renamed:
+                    return f"{name} is now {self.renamed[name]}"
+                typed = name.lstrip("-")  # an abbreviation's completions first, then names spelled alike
+                close = [n for n in names if n.startswith(typed)] + difflib.get_close_matches(typed, names, 3, 0.6)
+                close = [f"--{n}" for n in dict.fromkeys(close)][:3]
+                return f"unknown flag {name}" + (f"; did you mean {' or '.join(close)}?" if close else "")
+        return f"unexpected argument '{extra[0]}': every setting is a --flag VALUE pair"
+
+
+def parse_dataclass(cls, argv, choices, prog, description, renamed=None):
     """An argparse parser built from a dataclass: --field per field, type from the annotation, help from
-    the field's inline comment, choices from `choices`. Returns cls(**parsed)."""
-    import argparse
+    the field's inline comment, choices from `choices`, one --help group per `# --- group` comment.
+    Returns cls(**parsed)."""
     import inspect
-    helps = dict(re.findall(r"^\s+(\w+): \w+ = .+?  # (.+)$", inspect.getsource(cls), flags=re.M))
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = inspect.getsource(cls)
+    helps = dict(re.findall(r"^\s+(\w+): \w+ = .+?  # (.+)$", source, flags=re.M))
+    group_of, title = {}, None
+    for line in source.splitlines():
+        title = (re.match(r"\s+# --- (.+)", line) or [None, title])[1]
+        field = re.match(r"\s+(\w+): \w+ = ", line)
+        if field:
+            group_of[field[1]] = title
+    parser = FlagParser(prog, description, renamed)
+    groups = {}
     for f in dataclasses.fields(cls):
+        title = group_of.get(f.name) or "other"
+        group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
         kind = {"bool": bool, "int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
         if kind is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", help=helps[f.name])
+            group.add_argument(f"--{f.name}", action="store_true", help=helps[f.name])
         else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps[f.name], choices=choices.get(f.name))
+            group.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps[f.name],
+                               choices=choices.get(f.name), metavar=None if f.name in choices else kind.__name__.upper())
     return cls(**vars(parser.parse_args(argv)))
 
 

@@ -440,12 +440,34 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
 
 def test_help_lists_every_flag(capsys):
-    """--help names every Config field with its help text (the CLI is the dataclass)."""
+    """--help names every Config field with its help text (the CLI is the dataclass), in the Config's groups,
+    each default at most once, no empty choice, and one flag (plus the --tiny shorthand) for random weights."""
     with pytest.raises(SystemExit):
         dipp.parse_config(["--help"])
     text = capsys.readouterr().out
     for f in dipp.dataclasses.fields(dipp.Config):
         assert f"--{f.name}" in text, f.name
+    titles = [line.split(" (")[0].rstrip(":") for line in text.splitlines() if re.fullmatch(r"[a-z].*:", line)]
+    assert titles == ["options", "models", "method", "data", "optimisation", "bookkeeping", "modes"], titles
+    for flag in re.split(r"\n  (?=--)", text.split("\n  --", 1)[1]):
+        assert flag.count("(default") <= 1 and "(default: )" not in flag, flag
+    assert "{," not in text and ",}" not in text and "--random_sd15" not in text
+
+
+def test_flags_are_exact_and_a_typo_names_the_closest():
+    """No silent abbreviations; an unknown flag is one line naming the closest real ones; a replaced flag
+    names its replacement; --tiny is exactly --random_weights tiny."""
+    cases = {("--max_train_stpes", "2"): "unknown flag --max_train_stpes; did you mean --max_train_steps?",
+             ("--max_train_step", "2"): "unknown flag --max_train_step; did you mean --max_train_steps?",
+             ("--random_sd15",): "--random_sd15 is now --random_weights sd15",
+             ("--tiny", "--random_weights", "sd15"): "--tiny is short for --random_weights tiny",
+             ("--random_weights", ""): "invalid choice"}
+    for argv, expected in cases.items():
+        with pytest.raises(SystemExit) as e:
+            dipp.parse_config(list(argv))
+        assert str(e.value).startswith("dipp: error: ") and expected in str(e.value), (argv, str(e.value))
+        assert "\n" not in str(e.value)
+    assert dipp.parse_config(["--tiny"]).random_weights == "tiny" and dipp.parse_config([]).random_weights == ""
 
 
 def test_import_is_light():

@@ -46,13 +46,14 @@ import torch.nn.functional as F
 
 # The run-keeping machinery (checkpoints, EMA, LoRA sharing, torchrun, compile, export, benchmark) lives
 # in plumbing.py, so that this file holds the method. It never imports dipp.
-from plumbing import (PromptCache, RunLog, StopSignals, benchmark_clock, check_config, checkpoint_blocks,
-                      check_model_class, compile_nets, data_parallel, die, die_non_finite, ema_update, ema_weights,
-                      encoded_prompts, export_generator, files_stamp, find_subfolder, fp32_layer, freeze,
-                      global_means, held_out_reward, init_distributed, load_checkpoint, load_imagereward,
-                      load_or_die, load_prompts, load_weights_or_die, lora_copy, make_adam, optimizer_step,
-                      parse_dataclass, pick_device, prepare_output_dir, print_benchmark, record_config, rng_states,
-                      save_checkpoint, save_grid, trainable)
+from plumbing import (PromptCache, RunLog, StopSignals, benchmark_clock, check_config,
+                      check_model_locations, checkpoint_blocks, check_model_class, compile_nets,
+                      data_parallel, die, die_non_finite, ema_update, ema_weights, encoded_prompts,
+                      export_generator, files_stamp, find_subfolder, fp32_layer, freeze, global_means,
+                      held_out_reward, init_distributed, load_checkpoint, load_imagereward, load_or_die,
+                      load_prompts, load_weights_or_die, lora_copy, make_adam, optimizer_step,
+                      parse_dataclass, pick_device, prepare_output_dir, print_benchmark, record_config,
+                      rng_states, save_checkpoint, save_grid, tidy_if_stopped_early, trainable)
 
 # -----------------------------------------------------------------------------
 # 1. Config. Every field is a command-line flag; the inline comment is its --help text.
@@ -856,7 +857,9 @@ def main(argv=None):
     if cfg.random_weights:  # same code path as SD1.5 / PixArt-α, nothing downloaded
         from random_weights import use_random_weights
         use_random_weights(cfg, rank, world)  # builds them in output_dir, points the model/reward paths there
-    return generate(cfg) if cfg.generate else train(cfg)
+    check_model_locations(cfg)  # a mistyped path or an unreachable hub: one line now, not after loading
+    with tidy_if_stopped_early(cfg.output_dir, rank == 0):  # a run that fails before step 1 leaves no files
+        return generate(cfg) if cfg.generate else train(cfg)
 
 
 if __name__ == "__main__":

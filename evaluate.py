@@ -153,15 +153,18 @@ def locate(name, files, flag, what, patterns=None):
         if missing:
             die(f"{flag} folder '{name}' lacks {', '.join(missing)} ({what})")
         return [os.path.join(name, f) for f in files]
-    if name.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+    if (name.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)
+            or ("/" in name and plumbing.looks_local(name))):  # a path: the hub is not asked
         die(f"{flag} '{name}' does not exist; give a hub id or a local path holding {', '.join(files)}")
     from huggingface_hub import snapshot_download
     fetch = f"huggingface-cli download {name} {' '.join(files)}"
+    offline = plumbing.hub_unreachable()  # (then the hub library reads its cache only: no retries)
     try:
         folder = snapshot_download(name, allow_patterns=patterns or files)
     except Exception as e:  # offline, unknown repo, no network: the hub raises many kinds
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # the first sentence
-        die(f"cannot get {what} ({', '.join(files)}) of '{name}': {first[:160]}. On a machine with internet "
+        why = f"it is not in the hub cache and the hub cannot be reached ({offline})" if offline else first[:160]
+        die(f"cannot get {what} ({', '.join(files)}) of '{name}': {why}. On a machine with internet "
             f"run `{fetch}` (it then loads from the hub cache), or pass {flag} PATH")
     missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
     if missing:
@@ -198,7 +201,14 @@ def require(metric):
 
 
 def locate_all(args, metrics):
-    """Fail fast: find (or fetch) every scorer's files before a single image is generated."""
+    """Fail fast: find (or fetch) every scorer's files, and check the teacher and generator folders, before a
+    single image is generated or the output folder is made."""
+    with dipp_errors():
+        plumbing.check_model_location(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+    for folder in args.generator:
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            die(f"--generator '{folder}' is not a generator folder (no config.json); give the generator/ "
+                "folder that dipp.py writes at the end of training")
     found = {}
     hf_model = ["config.json"]  # a transformers CLIPModel folder; its weights are resolved by from_pretrained
     processor = ["preprocessor_config.json", "tokenizer_config.json"]
@@ -353,10 +363,7 @@ def generate_all(args, prompts, device, ctx, dtype):
         model = {"slug": "teacher", "name": name, "kind": "teacher", "source": args.pretrained_model_name_or_path}
         models.append(generate(model, sample, prompts, args, latent_shape, device))
     slugs = {"teacher"}
-    for folder in args.generator:
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            die(f"--generator '{folder}' is not a generator folder (no config.json); give the generator/ "
-                "folder that dipp.py writes at the end of training")
+    for folder in args.generator:  # (each holds a config.json: locate_all checked)
         t_star = args.generator_timestep
         if os.path.isfile(os.path.join(folder, "dipp.json")):
             t_star = json.load(open(os.path.join(folder, "dipp.json")))["generator_timestep"]
@@ -861,6 +868,11 @@ def main(argv=None):
         torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
 
 
+def wrote_an_image(folder):
+    images = os.path.join(folder, "images")
+    return os.path.isdir(images) and any(os.listdir(os.path.join(images, m)) for m in os.listdir(images))
+
+
 def run(args, metrics, device, command):
     with dipp_errors():
         ctx, dtype = dipp.precision(dipp.Config(mixed_precision=args.mixed_precision), device)
@@ -879,11 +891,11 @@ def run(args, metrics, device, command):
     if args.tiny and "imagereward" in metrics:
         tiny_scorers["imagereward"] = ImageRewardScorer(dipp.freeze(
             tiny_imagereward(os.path.join(args.output_dir, "tiny", "imagereward"), device), device, dtype))
-    os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)  # every image has its own generator; this pins anything else that is random
     print(f"evaluating {len(prompts)} prompts × {args.images_per_prompt} images on {device}; "
           f"metrics: {', '.join(metrics)}")
-    models = generate_all(args, prompts, device, ctx, dtype)
+    with plumbing.tidy_if_stopped_early(args.output_dir, progress=wrote_an_image, run_files="images"):
+        models = generate_all(args, prompts, device, ctx, dtype)  # (images/<model>/ is made at the first image)
     values, speed = score_all(models, metrics, weights, prompts, args, device, dtype, tiny_scorers)
     summarise(models, values, metrics, args)
     table = write_reports(models, values, metrics, prompts, args, command, speed)

@@ -12,6 +12,7 @@ generator module (anything with `.unet` and `.t_star`), the optimisers.
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -32,16 +33,111 @@ def die(message):
 
 def load_or_die(fn, name, what):
     """Call a from_pretrained-style loader; turn 'not found / offline / wrong path' into one line."""
-    if name.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name)):
+    if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
         die(f"cannot load {what}: the path '{name}' does not exist")
+    offline = None if os.path.exists(os.path.expanduser(name)) else hub_unreachable()  # (no retry noise offline)
     try:
         return fn()
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if os.path.exists(os.path.expanduser(name)):  # a local folder that is not what it should be
             die(f"cannot load {what} from the local folder '{name}' ({first[:200]}); check that it holds that model")
+        if offline:
+            die(f"cannot load {what} from '{name}': it has not been downloaded and the hub cannot be reached "
+                f"({offline}). On a machine with internet run `huggingface-cli download {name}` (then it loads "
+                "from the cache), or pass a local folder")
         die(f"cannot load {what} from '{name}' ({first[:200]}). On a machine with internet run "
             f"`huggingface-cli download {name}` (then it loads from the cache), or pass a local folder")
+
+
+# Where a model comes from: a local path, or a hub id ("namespace/name") fetched into the hub cache. A name that
+# can only be a path is never sent to the hub, and with no network the hub is not asked at all: diffusers and
+# transformers would otherwise retry for ~30 s and then advise downloading a folder that was merely mistyped.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
+HUB_URL_WORDS = ("models", "datasets", "spaces")  # huggingface.co/<these> are pages, so no user or org has the name
+
+
+def looks_local(name):
+    """True when `name` can only be a file-system path: it starts with . / ~, has no '/' or more than one, is
+    not shaped like a hub id, or its first part is a folder here (models/sd15 when ./models exists)."""
+    first = name.split("/")[0]
+    return (name.startswith((".", "/", "~")) or "\\" in name or not HUB_ID.fullmatch(name)
+            or first in HUB_URL_WORDS or os.path.isdir(first))
+
+
+def in_hub_cache(name):
+    """Whether hub repo `name` has a snapshot in the local hub cache (HF_HOME / HF_HUB_CACHE respected)."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+    snapshots = os.path.join(HF_HUB_CACHE, "models--" + name.replace("/", "--"), "snapshots")
+    return os.path.isdir(snapshots) and bool(os.listdir(snapshots))
+
+
+@functools.lru_cache(maxsize=None)
+def hub_unreachable():
+    """None if the Hugging Face hub may be reachable, else why not. An unreachable hub switches huggingface_hub,
+    diffusers and transformers to offline mode (HF_HUB_OFFLINE=1): loads then read the hub cache at once instead
+    of retrying. Asked once per process, with a 5 s connection attempt; behind a proxy the hub is assumed reachable."""
+    import socket
+    import urllib.parse
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+        return None
+    except OSError as e:
+        reason = f"no connection to {host}: {e.strerror or type(e).__name__}"
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for libraries imported from now on; those already imported, below
+    for module, attribute in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("diffusers.utils.hub_utils", "HF_HUB_OFFLINE"),
+                              ("transformers.utils.hub", "_is_offline_mode")):
+        if hasattr(sys.modules.get(module), attribute):
+            setattr(sys.modules[module], attribute, True)
+    return reason
+
+
+def check_model_location(name, flag):
+    """One line, before anything loads or any folder is made, when `name` (a flag's value) cannot be a model:
+    a path that does not exist (the hub is not asked), or a hub id that is neither in the hub cache nor
+    downloadable because the hub cannot be reached. What is there is checked later, by the loaders."""
+    import difflib
+    path = os.path.expanduser(name)
+    if os.path.exists(path):
+        return
+    if looks_local(name):
+        parent = os.path.dirname(os.path.normpath(path)) or "."
+        if not os.path.isdir(parent):
+            die(f"{flag} '{name}' does not exist (nor does its folder '{parent}'); check the path")
+        close = difflib.get_close_matches(os.path.basename(os.path.normpath(path)), os.listdir(parent), n=1)
+        hint = f"; did you mean '{os.path.join(os.path.dirname(name), close[0])}'?" if close else "; check the path"
+        die(f"{flag} '{name}' does not exist{hint}")
+    offline = hub_unreachable()
+    if offline and not in_hub_cache(name):
+        die(f"{flag} '{name}' is a hub id that is not in the hub cache, and the hub cannot be reached ({offline}). "
+            f"On a machine with internet run `huggingface-cli download {name}` (add --local-dir DIR and pass "
+            "DIR instead to keep it in a folder of your own)")
+
+
+def check_model_locations(cfg):
+    """check_model_location for every model a dipp run will load: teacher, --generator_init, the reward
+    and TAESD. (ImageReward by name is fetched by its own package into ~/.cache/ImageReward and checked there.)"""
+    check_model_location(cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+    if cfg.generator_init:
+        check_model_location(cfg.generator_init, "--generator_init")
+    if cfg.reward == "clip":
+        check_model_location(cfg.reward_model_path or "openai/clip-vit-large-patch14", "--reward_model_path")
+    if cfg.reward == "imagereward" and cfg.reward_model_path:
+        check_model_location(cfg.reward_model_path, "--reward_model_path")
+    if cfg.reward == "imagereward" and not cfg.reward_model_path and hub_unreachable():
+        cache = os.path.expanduser("~/.cache/ImageReward")
+        if not all(os.path.isfile(os.path.join(cache, f)) for f in ("ImageReward.pt", "med_config.json")):
+            die(f"cannot load the ImageReward model: it is not in {cache} and the hub cannot be reached "
+                f"({hub_unreachable()}); on a "
+                "machine with internet run `huggingface-cli download THUDM/ImageReward --local-dir DIR` and pass "
+                "--reward_model_path DIR (its BLIP also needs `huggingface-cli download bert-base-uncased`)")
+    if cfg.reward_decoder == "tiny" and cfg.reward != "none":
+        check_model_location(cfg.reward_decoder_path or "madebyollin/taesd", "--reward_decoder_path")
 
 
 def load_weights_or_die(module, path):
@@ -513,6 +609,38 @@ def prepare_output_dir(cfg, main_rank):
         for path in gone:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         print(f"--overwrite_output_dir: deleted {len(gone)} files/folders of the previous run in {cfg.output_dir}")
+
+
+RUN_FILES = r"config\.json|log\.jsonl|curves\.png|samples_\d+\.png|generated_\d+\.png|tensorboard|wandb|checkpoint-\d+\.tmp"
+
+
+def trained_a_step(folder):
+    """Whether a run in `folder` got past its first step: a checkpoint, or a log line of step >= 1."""
+    log = os.path.join(folder, "log.jsonl")
+    steps = [json.loads(line).get("step", 0) for line in open(log) if line.strip()] if os.path.isfile(log) else []
+    return bool(list_checkpoints(folder)) or any(s >= 1 for s in steps)
+
+
+@contextlib.contextmanager
+def tidy_if_stopped_early(folder, main_rank=True, progress=trained_a_step, run_files=RUN_FILES):
+    """A run into a fresh --output_dir that stops before its first step (a missing model, a wrong flag found
+    late, out of memory in step 1) takes its own files with it: config.json, the step-0 log and grid, and the
+    folder itself when nothing else is left. Otherwise the next try would find an empty folder, or one that
+    'holds another run'. Caches that the retry reuses stay: random-weight models, PixArt's text embeddings.
+    A folder that already held a run is left as it is. (evaluate.py passes its own progress and run_files.)"""
+    before = set(os.listdir(folder)) if os.path.isdir(folder) else None
+    fresh = before is None or not (list_checkpoints(folder) or "log.jsonl" in before)
+    try:
+        yield
+    except BaseException:
+        if main_rank and fresh and os.path.isdir(folder) and not progress(folder):
+            for name in set(os.listdir(folder)) - (before or set()):
+                path = os.path.join(folder, name)
+                if re.fullmatch(run_files, name):
+                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            if before is None and not os.listdir(folder):
+                os.rmdir(folder)
+        raise
 
 
 def rng_states(device, world):

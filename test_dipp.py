@@ -379,7 +379,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
     out = str(tmp_path)
     cases = {
         ("--pretrained_model_name_or_path", "./no/such/folder"): "does not exist",
-        ("--pretrained_model_name_or_path", out): "missing unet/config.json",
+        ("--pretrained_model_name_or_path", out, "--reward", "none"): "missing unet/config.json",
         ("--pretrained_model_name_or_path", "someone/not-cached-model"): "huggingface-cli download",
         ("--tiny", "--prompts", os.path.join(out, "none.txt")): "does not exist",
         ("--tiny", "--generator_timestep", "1000"): "outside the schedule",
@@ -468,6 +468,61 @@ def test_flags_are_exact_and_a_typo_names_the_closest():
         assert str(e.value).startswith("dipp: error: ") and expected in str(e.value), (argv, str(e.value))
         assert "\n" not in str(e.value)
     assert dipp.parse_config(["--tiny"]).random_weights == "tiny" and dipp.parse_config([]).random_weights == ""
+
+
+@pytest.fixture
+def hub_probe(monkeypatch):
+    """plumbing.hub_unreachable asked afresh, with HF_HUB_OFFLINE and the libraries' offline switches restored
+    afterwards (an unreachable hub sets them for the rest of the process)."""
+    for module, attribute in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("transformers.utils.hub", "_is_offline_mode"),
+                              ("diffusers.utils.hub_utils", "HF_HUB_OFFLINE")):
+        if hasattr(sys.modules.get(module), attribute):
+            monkeypatch.setattr(sys.modules[module], attribute, getattr(sys.modules[module], attribute))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    plumbing.hub_unreachable.cache_clear()
+    yield monkeypatch
+    plumbing.hub_unreachable.cache_clear()
+
+
+def test_model_locations_fail_fast_and_honestly(tmp_path, hub_probe):
+    """A missing path that can only be local is one line at once: the hub is never asked, no download advice,
+    a near name suggested. With no network a hub id that is not cached is one line saying the hub cannot be
+    reached and what to download; a cached one passes. Neither failure leaves an output folder behind."""
+    import socket
+    import huggingface_hub.constants
+    hub_probe.chdir(tmp_path)
+    (tmp_path / "models" / "sd-15").mkdir(parents=True)
+    asked = []
+
+    def no_network(address, *args, **kwargs):
+        asked.append(address)
+        raise socket.gaierror(-2, "Name or service not known")
+    hub_probe.setattr(socket, "create_connection", no_network)
+    msg = error_of(["--pretrained_model_name_or_path", "models/sd15", "--output_dir", "run"])
+    assert msg == "dipp: error: --pretrained_model_name_or_path 'models/sd15' does not exist; did you mean 'models/sd-15'?"
+    assert not asked and not (tmp_path / "run").exists()
+    msg = error_of(["--output_dir", "run"])  # the default teacher, a hub id, with no network
+    assert "hub cannot be reached (no connection to huggingface.co" in msg and "\n" not in msg
+    assert "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5" in msg
+    assert asked == [("huggingface.co", 443)] and not (tmp_path / "run").exists()
+    hub_probe.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "hub" / "models--someone--cached" / "snapshots" / "0123").mkdir(parents=True)
+    plumbing.check_model_location("someone/cached", "--flag")  # in the cache: loads offline, no error
+
+
+def test_a_run_that_fails_before_step_1_leaves_no_folder(tmp_path, monkeypatch):
+    """A failure inside step 1 (a simulated out-of-memory, after config.json, the step-0 log and grid exist)
+    takes the fresh output folder with it, so the retry does not find 'another run' there."""
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(plumbing, "optimizer_step", out_of_memory)
+    monkeypatch.setattr(dipp, "optimizer_step", out_of_memory, raising=False)  # (dipp's own reference, if any)
+    sd, clip = tiny_models()
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        dipp.main(["--pretrained_model_name_or_path", sd, "--reward", "clip", "--reward_model_path", clip,
+                   "--max_train_steps", "1", "--output_dir", str(out)])
+    assert not out.exists()
 
 
 def test_import_is_light():

@@ -838,9 +838,9 @@ def save_comparison_grid(models, prompts, path, tile=128):
     grid = Image.new("RGB", (label_w + tile * len(columns), head_h + tile * len(models)), "white")
     draw = ImageDraw.Draw(grid)
     for c, i in enumerate(columns):
-        draw.text((label_w + c * tile + 2, 2), prompts[i][:22] + "\n" + prompts[i][22:44], fill="black")
+        draw.text((label_w + c * tile + 2, 2), plumbing.wrap_caption(prompts[i], 22, 2), fill="black")
     for r, model in enumerate(models):
-        draw.text((4, head_h + r * tile + 4), "\n".join(re.findall(".{1,34}", model["name"])), fill="black")
+        draw.text((4, head_h + r * tile + 4), plumbing.wrap_caption(model["name"], 34, 8), fill="black")
         for c, i in enumerate(columns):
             pic = Image.fromarray(model["preview"][i]).resize((tile, tile), Image.NEAREST)
             grid.paste(pic, (label_w + c * tile, head_h + r * tile))

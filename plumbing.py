@@ -922,8 +922,15 @@ def save_grid(images, prompts, path):
     grid = Image.new("RGB", (w * len(pics), h + 40), "white")
     for i, (pic, prompt) in enumerate(zip(pics, prompts)):
         grid.paste(pic.resize((w, h), Image.NEAREST), (i * w, 0))
-        ImageDraw.Draw(grid).text((i * w + 4, h + 4), prompt[:40] + "\n" + prompt[40:80], fill="black")
+        ImageDraw.Draw(grid).text((i * w + 4, h + 4), wrap_caption(prompt, 40, 2), fill="black")
     grid.save(path)
+
+
+def wrap_caption(text, width, lines):
+    """At most `lines` lines of at most `width` characters, broken between words ("oil painting", not
+    "oil pa/inting"); what does not fit ends in '...'."""
+    import textwrap
+    return "\n".join(textwrap.wrap(text, width, max_lines=lines, placeholder=" ...")) or text[:width]
 
 
 def benchmark_clock(cfg, device):

@@ -525,6 +525,14 @@ def test_a_run_that_fails_before_step_1_leaves_no_folder(tmp_path, monkeypatch):
     assert not out.exists()
 
 
+def test_grid_captions_break_between_words():
+    """Sample-grid captions wrap at word boundaries ('oil painting', never 'oil pa/inting') and mark a cut."""
+    prompt = "a still life of apples and a jug, oil painting, in the style of an old Dutch master, warm light"
+    lines = plumbing.wrap_caption(prompt, 40, 2).split("\n")
+    assert len(lines) == 2 and all(len(line) <= 40 for line in lines) and lines[1].endswith(" ...")
+    assert all(word in prompt.split() for line in lines for word in line.removesuffix(" ...").split())
+
+
 def test_import_is_light():
     """`import dipp` pulls in neither diffusers, transformers nor ImageReward (the toy stays fast)."""
     import subprocess

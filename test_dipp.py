@@ -10,6 +10,7 @@ import re
 import shlex
 import sys
 import tempfile
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach the model hub
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -729,12 +730,54 @@ def test_notebook_runs_on_tiny_models(name, monkeypatch):
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_ipynb_matches_its_source(name):
-    """The committed .ipynb has the same cells as its jupytext .py source, with outputs stripped."""
+    """The committed .ipynb has the same cells as its jupytext .py source. 01 (the toy, real results on a
+    CPU) is stored executed top to bottom with its figures, so it reads on a code host; 02 and 03 (GPU) are
+    stored without outputs."""
     import jupytext
     py = jupytext.read(os.path.join(HERE, "notebooks", f"{name}.py"))
     nb = jupytext.read(os.path.join(HERE, "notebooks", f"{name}.ipynb"))
     assert [c.source for c in py.cells] == [c.source for c in nb.cells], "run: jupytext --sync notebooks/*.py"
-    assert all(not c.get("outputs") for c in nb.cells)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    if name == "01_toy":  # re-execute: jupyter nbconvert --to notebook --execute --inplace notebooks/01_toy.ipynb
+        assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+        outputs = [o for c in code for o in c.outputs]
+        assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
+        assert not any(o.output_type == "error" or "DIPP_TINY" in str(o) for o in outputs)
+    else:
+        assert all(not c.get("outputs") for c in nb.cells)
+
+
+def test_notebooks_open_in_jupyterlab(tmp_path):
+    """README's way to open the notebooks, `jupyter lab` (installed by requirements.txt), serves notebook 01
+    with its stored figures."""
+    import socket
+    import subprocess
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp_path / "config"), JUPYTER_DATA_DIR=str(tmp_path / "data"),
+               JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"))
+    command = [os.path.join(os.path.dirname(sys.executable), "jupyter"), "lab", "--no-browser", "--ip", "127.0.0.1",
+               "--port", str(port), "--IdentityProvider.token", "test", "--ServerApp.root_dir", HERE]
+    server = subprocess.Popen(command + (["--allow-root"] if os.geteuid() == 0 else []), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api/contents/notebooks/01_toy.ipynb?token=test"
+    try:
+        for _ in range(240):
+            try:
+                nb = json.load(urllib.request.urlopen(url, timeout=5))
+                break
+            except OSError:
+                assert server.poll() is None, "jupyter lab exited"
+                time.sleep(0.25)
+        else:
+            raise AssertionError("jupyter lab did not answer within a minute")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert nb["type"] == "notebook"
+    assert any("image/png" in o.get("data", {}) for c in nb["content"]["cells"] for o in c.get("outputs", []))
 
 
 def test_notebooks_define_no_losses():

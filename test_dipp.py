@@ -791,7 +791,7 @@ def test_notebooks_define_no_losses():
 
 def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
     """torchrun with 2 CPU processes (gloo) × batch 1 gives the same generator after 2 steps as one
-    process with batch 2: the update differs by < 1% of its size (float summation order only), and the
+    process with batch 2: the update differs by < 2% of its size (float summation order only), and the
     logged global-batch losses agree. Resuming the 2-process run from checkpoint-1 gives checkpoint-2 bit
     for bit: each rank saved its own RNG state and restores it."""
     import subprocess
@@ -808,7 +808,11 @@ def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
     ddp, one, init = weights("ddp"), weights("one"), load_file(
         str(tmp_path / "one" / "tiny" / "sd" / "unet" / "diffusion_pytorch_model.safetensors"))
     diff, update = distance(one, ddp), distance(one, init)
-    assert update > 0.1 and diff < 0.01 * update, (diff, update)
+    # Adam with β1 = 0 steps ±lr on every weight whatever its gradient's size, so a gradient that is zero up to
+    # float rounding (batch 2 in one call vs two calls of 1) can flip its step: ~45 of 985k weights do, which is
+    # 1.2-1.4 % of the update on one x86 CPU and was < 1 % on another. Wrong wiring (ranks on other samples, no
+    # all-reduce) flips a large fraction.
+    assert update > 0.1 and diff < 0.02 * update, (diff, update)
     logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")][1:] for run in ("ddp", "one")]
     for a, b in zip(*logs):
         for key in ("loss_fake", "loss_ikl", "reward"):

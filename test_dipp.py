@@ -810,8 +810,7 @@ def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
     diff, update = distance(one, ddp), distance(one, init)
     # Adam with β1 = 0 steps ±lr on every weight whatever its gradient's size, so a gradient that is zero up to
     # float rounding (batch 2 in one call vs two calls of 1) can flip its step: ~45 of 985k weights do, which is
-    # 1.2-1.4 % of the update on one x86 CPU and was < 1 % on another. Wrong wiring (ranks on other samples, no
-    # all-reduce) flips a large fraction.
+    # 1.2-1.4 % of the update on one x86 CPU (the bound was 1 % when it was written on another).
     assert update > 0.1 and diff < 0.02 * update, (diff, update)
     logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")][1:] for run in ("ddp", "one")]
     for a, b in zip(*logs):

@@ -1378,7 +1378,7 @@ def test_tiny_reward_decoder_is_frozen_and_passes_the_reward_gradient(tmp_path):
 def test_tiny_reward_decoder_bad_path_is_one_line(tmp_path):
     msg = error_of(["--tiny", "--reward_decoder", "tiny", "--reward_decoder_path", str(tmp_path / "nope"),
                     "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1"])
-    assert msg.startswith("dipp: error: cannot load the --reward_decoder tiny weights") and "\n" not in msg
+    assert msg.startswith("dipp: error: --reward_decoder_path '") and "does not exist" in msg and "\n" not in msg
 
 
 def test_random_sd15_taesd_has_taesds_shape():
@@ -1659,7 +1659,8 @@ def test_pixart_generator_init_takes_the_dmd_layout_a_transformer_folder_or_a_we
         G = dipp.build_generator(dipp.Config(generator_init=str(init)), teacher, schedule, torch.device("cpu"))
         assert same_weights(G.unet, source) and G.t_star == 400, init
     shutil.copytree(tiny_pixart_models()[0], tmp_path / "broken", ignore=shutil.ignore_patterns("text_encoder"))
-    msg = error_of(["--pretrained_model_name_or_path", str(tmp_path / "broken"), "--output_dir", str(tmp_path / "r")])
+    msg = error_of(["--pretrained_model_name_or_path", str(tmp_path / "broken"), "--reward", "none",
+                    "--output_dir", str(tmp_path / "r")])
     assert "PixArt-α folder: missing text_encoder/config.json" in msg and "\n" not in msg
 
 

@@ -220,10 +220,12 @@ def readme_quickstart():
 
 
 def test_readme_quickstart_runs(tmp_path):
-    """README's CPU command runs as written and leaves a checkpoint, a sample grid and a generator."""
+    """README's CPU command runs as written, twice into the same folder (a quick start can be re-run), and
+    leaves a checkpoint, a sample grid and a generator."""
     argv = readme_quickstart()
     i = argv.index("--output_dir")
     argv[i + 1] = str(tmp_path / argv[i + 1])
+    dipp.main(argv)
     dipp.main(argv)
     out = argv[i + 1]
     files = os.listdir(out)

@@ -9,7 +9,7 @@ Paper: W. Luo, "Diff-Instruct++: Training One-step Text-to-image Generator Model
 Human Preferences", arXiv 2410.18881 (TMLR 2025). Formulas follow the project's derivation in
 METHOD.md, so no version-specific equation numbers are cited. Builds on Diff-Instruct, arXiv 2305.18455.
 
-Quick start (CPU, no downloads):   python dipp.py --tiny --max_train_steps 2 --output_dir out
+Quick start (CPU, no downloads):   python dipp.py --tiny --max_train_steps 2 --output_dir out --overwrite_output_dir
 Stable Diffusion 1.5 on one GPU:   python dipp.py --mixed_precision bf16 --gradient_checkpointing
 PixArt-α (a DiT) on one GPU:       the same + --pretrained_model_name_or_path PixArt-alpha/PixArt-XL-2-512x512
 Generate with a trained generator: python dipp.py --generate "a red bicycle" --generator_init out/generator
@@ -59,64 +59,83 @@ import plumbing
 
 @dataclasses.dataclass
 class Config:
-    # --- models
-    pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD-1.x or PixArt-α hub id or local diffusers folder (teacher, VAE, text encoder); the family is read from its layout
-    generator_init: str = ""  # one-step generator to start from: its model folder, a pipeline folder with unet/ or transformer/ (PixArt-α-DMD), or a weight file (default: copy of the teacher)
-    tiny: bool = False  # build tiny random SD + CLIP-reward models in output_dir/tiny (no download) and use them (= --random_weights tiny)
+    # --- models (hub id or local folder; each is fetched into the hub cache when online)
+    pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the teacher: an SD-1.x or
+        # PixArt-α hub id or diffusers folder (denoiser, VAE, text encoder); the family is read from its layout
+    generator_init: str = ""  # one-step generator to start from: its model folder, a pipeline folder with unet/ or
+        # transformer/ (PixArt-α-DMD), or a weight file (default: a copy of the teacher)
+    random_weights: str = ""  # instead of the teacher and reward above, random-weight models of the same architectures
+        # built in output_dir/<name>: tiny, tiny_pixart (CPU, seconds) or sd15, pixart512 (real shapes, for --benchmark)
+    tiny: bool = False  # short for --random_weights tiny: the SD1.5 code path on tiny random models, CPU, no download
     # --- method (METHOD.md §2-§5)
-    reward: str = "imagereward"  # r(x, c): imagereward | clip | none (none = pure Diff-Instruct distillation)
-    reward_model_path: str = ""  # imagereward: folder with ImageReward.pt + med_config.json; clip: CLIPModel id/folder
-    reward_decoder: str = "full"  # full | tiny: the reward sees the full VAE decoder's images, or TAESD's (faster, approximate; grids, validation and export keep the full one)
-    reward_decoder_path: str = ""  # --reward_decoder tiny: AutoencoderTiny hub id or folder (default madebyollin/taesd, TAESD for SD latents)
+    reward: str = "imagereward"  # r(x, c); none = pure Diff-Instruct distillation
+    reward_model_path: str = ""  # imagereward: a folder with ImageReward.pt + med_config.json, else THUDM/ImageReward
+        # from the hub; clip: a CLIPModel id or folder, else openai/clip-vit-large-patch14
+    reward_decoder: str = "full"  # the reward sees the full VAE decoder's images, or TAESD's (tiny: faster,
+        # approximate; grids, validation and export keep the full one)
+    reward_decoder_path: str = ""  # --reward_decoder tiny: AutoencoderTiny hub id or folder (default:
+        # madebyollin/taesd, TAESD for SD latents)
     reward_scale: float = 1.0  # α_rew: weight of the explicit reward (β = 1/α_rew in the RLHF form)
-    guidance_scale: float = 1.75  # ω: CFG scale of the teacher; γ = ω−1 is the implicit-reward weight (DMD2 SD1.5: 1.75)
-    generator_timestep: int = 0  # t*: the timestep at which the generator's denoiser sees noise z; 0 = the family's (SD 999, PixArt-α 400)
+    guidance_scale: float = 1.75  # ω: CFG scale of the teacher; γ = ω−1 is the implicit-reward weight (DMD2 SD1.5:
+        # 1.75)
+    generator_timestep: int = 0  # t*: the timestep at which the generator's denoiser sees noise z; 0 = the family's (SD
+        # 999, PixArt-α 400)
     fake_steps_per_G: int = 1  # K_TA: fake-score updates per generator update (Alg. 1; DMD2 uses 10)
     # NOTE(deviation 2): the paper fixes no w(t), π(t) for SD1.5. x0 + uniform are kept because on the toy's
-    # exact optimum (docs, "DI++'s exact optimum") they land within 4 % of m* with the least jitter; the
+    # exact optimum (docs/toy.md, "DI++'s exact optimum") they land within 4 % of m* with the least jitter; the
     # lognormal π jitters more and piles 26 % of its draws on t_min; dmd2 overshoots and can run away.
     t_min: int = 20  # π(t) lives on {t_min..t_max}: timesteps at which the IKL and DSM losses are evaluated
     t_max: int = 980  # upper end of π(t)
-    timestep_sampling: str = "uniform"  # π(t): uniform (U{t_min..t_max}, DMD2) | lognormal (log σ_t/α_t ~ N(−1.2, 1.2²), Diff-Instruct/EDM)
-    ikl_weighting: str = "x0"  # w(t): x0 (σ²/α², Diff-Instruct) | eps (σ/α) | dmd2 (adaptive normaliser)
+    timestep_sampling: str = "uniform"  # π(t): uniform is U{t_min..t_max} (DMD2); lognormal is log σ_t/α_t ~ N(−1.2,
+        # 1.2²) (Diff-Instruct/EDM)
+    ikl_weighting: str = "x0"  # w(t): x0 is σ²/α² (Diff-Instruct); eps is σ/α; dmd2 is DMD2's adaptive normaliser
     # --- data
-    prompts: str = ""  # text file with one prompt per line (default: a small built-in list)
+    prompts: str = ""  # training prompts: a text file, one prompt per line (default: 8 built-in prompts)
+    validation_prompts: str = ""  # held-out prompts, one per line (default: 8 built-in prompts disjoint from the
+        # training ones)
     # --- optimisation
-    train_batch_size: int = 1  # prompts per step
+    train_batch_size: int = 1  # prompts per step (per process under torchrun)
     max_train_steps: int = 1000  # generator updates
     learning_rate: float = 1e-5  # generator learning rate (Diff-Instruct / DMD2: 1e-5)
     fake_learning_rate: float = 1e-5  # fake-score learning rate
     adam_beta1: float = 0.0  # Adam β1 for both nets (Diff-Instruct uses 0: the loss landscape moves every step)
     adam_beta2: float = 0.999  # Adam β2
-    max_grad_norm: float = 0.0  # clip each net's gradient norm (0 = off, as Diff-Instruct: clipping the summed IKL gradient would cancel w(t))
-    ema_decay: float = 0.0  # (optional) EMA of the generator's trainable weights, e.g. 0.999; grids and export use it (0 = off)
-    lora_rank: int = 0  # 0 = full fine-tuning; R > 0 = generator and fake score as rank-R LoRA adapters on one shared frozen denoiser (UNet or transformer)
+    max_grad_norm: float = 0.0  # clip each net's gradient norm; 0 = off, as Diff-Instruct (clipping the summed IKL
+        # gradient would cancel w(t))
+    ema_decay: float = 0.0  # (optional) EMA of the generator's trainable weights, e.g. 0.999; grids and export use it;
+        # 0 = off
+    lora_rank: int = 0  # 0 = full fine-tuning; R > 0 = generator and fake score as rank-R LoRA adapters on one shared
+        # frozen denoiser
     gradient_checkpointing: bool = False  # recompute activations of generator, fake score, VAE decoder, reward tower
-    mixed_precision: str = "no"  # no | fp16 | bf16: autocast with fp32 master weights; frozen nets stored in it
-    compile: str = "none"  # torch.compile mode for all five networks (same math, fused kernels); the first steps compile, for minutes on SD1.5
-    reuse_generator_sample: bool = False  # first fake-score update trains on the generator update's own sample, as DMD2 (one generator forward less per step; z is shared)
+        # (less memory)
+    mixed_precision: str = "no"  # autocast with fp32 master weights; frozen nets stored in it (fp16 needs CUDA)
+    compile: str = "none"  # torch.compile mode for all five networks (same math, fused kernels); the first steps
+        # compile, for minutes on SD1.5
+    reuse_generator_sample: bool = False  # first fake-score update trains on the generator update's own sample, as DMD2
+        # (one generator forward less per step; z is shared)
     # --- bookkeeping
     output_dir: str = "dipp-out"  # where config.json, log.jsonl, samples, checkpoints and generator/ go
-    overwrite_output_dir: bool = False  # a fresh run into a folder holding another run deletes that run first (else: an error)
+    overwrite_output_dir: bool = False  # a fresh run into a folder holding another run deletes that run first (without
+        # it: an error)
     checkpointing_steps: int = 500  # save a resumable checkpoint every N steps
-    checkpoints_total_limit: int = 3  # keep the newest K checkpoints (0 = keep all)
-    resume_from_checkpoint: str = ""  # latest | path to a checkpoint-N folder
-    validation_steps: int = 100  # every N steps: held-out reward on --validation_prompts with fixed noise, and a sample grid
-    validation_prompts: str = ""  # held-out prompts, one per line (default: a built-in set disjoint from the training prompts)
-    report_to: str = "none"  # none | tensorboard | wandb: also send log.jsonl's numbers there (package must be installed)
+    checkpoints_total_limit: int = 3  # keep the newest K checkpoints; 0 = keep all
+    resume_from_checkpoint: str = ""  # 'latest' (in --output_dir) or the path of a checkpoint-N folder
+    validation_steps: int = 100  # every N steps: held-out reward on --validation_prompts with fixed noise, and a sample
+        # grid
+    report_to: str = "none"  # also send log.jsonl's numbers to TensorBoard or wandb (the package must be installed)
     seed: int = 0  # seeds torch once at start-up
-    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 ...
-    generate: str = ""  # generate mode: prompts separated by '|', images from --generator_init, then exit
-    benchmark: bool = False  # time max_train_steps iterations, print one BENCHMARK json line (writes no config, log, grid or checkpoint)
-    random_sd15: bool = False  # like --tiny but SD1.5-shaped (UNet 860M, VAE, CLIP-L text, CLIP ViT-L/14 reward): for --benchmark (= --random_weights sd15)
-    random_weights: str = ""  # random-weight models in output_dir/<name> instead of --pretrained_model_name_or_path: tiny | tiny_pixart (CPU, seconds) | sd15 | pixart512 (--benchmark)
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...
+    # --- modes (instead of training)
+    generate: str = ""  # prompts separated by '|': write one image each from --generator_init, then exit
+    benchmark: bool = False  # time --max_train_steps iterations and print one BENCHMARK json line; writes no config,
+        # log, grid or checkpoint
 
 
 CHOICES = {"reward": ("imagereward", "clip", "none"), "mixed_precision": ("no", "fp16", "bf16"),
            "ikl_weighting": ("x0", "eps", "dmd2"), "timestep_sampling": ("uniform", "lognormal"),
            "compile": ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
            "report_to": ("none", "tensorboard", "wandb"), "reward_decoder": ("full", "tiny"),
-           "random_weights": ("", "tiny", "tiny_pixart", "sd15", "pixart512")}
+           "random_weights": ("tiny", "tiny_pixart", "sd15", "pixart512")}
 BUILTIN_PROMPTS = ["a photo of a red bicycle leaning on a brick wall", "a watercolor painting of a fox",
                    "a bowl of ramen, studio lighting", "a lighthouse on a cliff at sunset",
                    "an astronaut riding a horse", "a cozy living room with a fireplace",
@@ -128,8 +147,15 @@ VALIDATION_PROMPTS = ["a golden retriever running on a beach", "a still life of 
 
 
 def parse_config(argv=None):
-    """Every Config field is a flag --field: type from its annotation, help from its inline comment."""
-    return plumbing.parse_dataclass(Config, argv, CHOICES, prog="dipp.py", description=__doc__.split("\n\n")[1])
+    """Every Config field is a flag --field: type from its annotation, help from its inline comment, --help
+    grouped by the `# ---` comments above. --tiny is resolved here into --random_weights tiny."""
+    blocks = __doc__.split("\n\n")
+    cfg = plumbing.parse_dataclass(Config, argv, CHOICES, prog="dipp.py", description=blocks[1] + "\n\n" + blocks[3],
+                                   renamed={"--random_sd15": "--random_weights sd15"})
+    if cfg.tiny and cfg.random_weights not in ("", "tiny"):
+        plumbing.die(f"--tiny is short for --random_weights tiny; drop it or --random_weights {cfg.random_weights}")
+    cfg.random_weights = "tiny" if cfg.tiny else cfg.random_weights
+    return cfg
 
 
 def check_config(cfg, T=1000):
@@ -354,6 +380,7 @@ def build_fake_score(cfg, teacher, family, device):
 # -----------------------------------------------------------------------------
 # 6. Rewards: reward(images in [-1, 1] (B, 3, H, W), prompts) -> (B,), differentiable in images.
 
+CLIP_REWARD = "openai/clip-vit-large-patch14"  # --reward clip without --reward_model_path
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -418,7 +445,7 @@ def load_reward(cfg, device, dtype):
         return None
     if cfg.reward == "clip":
         from transformers import CLIPModel, CLIPTokenizer
-        name = cfg.reward_model_path or "openai/clip-vit-large-patch14"
+        name = cfg.reward_model_path or CLIP_REWARD
         model = plumbing.load_or_die(lambda: CLIPModel.from_pretrained(name), name, "the CLIP reward model")
         tok = plumbing.load_or_die(lambda: CLIPTokenizer.from_pretrained(name), name, "the CLIP tokenizer")
         if cfg.gradient_checkpointing:  # transformers' own switch is inactive in eval mode
@@ -765,14 +792,26 @@ def generate(cfg):
 # 10. main
 
 
+def model_locations(cfg):
+    """(name, flag) of every model folder or hub id the run will load. (A default TAESD is the family's.)"""
+    reward = {"clip": cfg.reward_model_path or CLIP_REWARD, "imagereward": cfg.reward_model_path}.get(cfg.reward, "")
+    decoder = cfg.reward_decoder_path if cfg.reward_decoder == "tiny" and cfg.reward != "none" else ""
+    return [(name, flag) for name, flag in ((cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path"),
+                                            (cfg.generator_init, "--generator_init"), (reward, "--reward_model_path"),
+                                            (decoder, "--reward_decoder_path")) if name]
+
+
 def main(argv=None):
     cfg = parse_config(argv)
     check_config(cfg)
     rank, world, _ = plumbing.init_distributed(cfg)
-    if cfg.random_weights or cfg.tiny or cfg.random_sd15:  # same code path as SD1.5 / PixArt-α, nothing downloaded
+    if cfg.random_weights:  # same code path as SD1.5 / PixArt-α, nothing downloaded
         from random_weights import use_random_weights
         use_random_weights(cfg, rank, world)  # builds them in output_dir, points the model/reward paths there
-    return generate(cfg) if cfg.generate else train(cfg)
+    # a mistyped path or an unreachable hub: one line now, not after loading
+    plumbing.check_model_locations(model_locations(cfg), cfg.reward == "imagereward" and not cfg.reward_model_path)
+    with plumbing.tidy_if_stopped_early(cfg.output_dir, rank == 0):  # a run that fails before step 1 leaves no files
+        return generate(cfg) if cfg.generate else train(cfg)
 
 
 if __name__ == "__main__":

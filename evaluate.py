@@ -7,8 +7,8 @@ as a user of the teacher would. Images are written as PNGs first and every score
 the numbers belong to the files on disk, and only one scorer is in memory at a time.
 
 Quick start (CPU, no downloads, seconds):  python evaluate.py --tiny --teacher_steps 2 --output_dir eval_tiny
-Generators against the SD1.5 teacher:     python evaluate.py --generator runs/a/generator \
-    --generator runs/b/generator --teacher_steps 25 --teacher_guidance 7.5 --prompts prompts.txt
+Two generators against the SD1.5 teacher (a GPU, the scorers' weights downloaded):
+    python evaluate.py --generator runs/a/generator --generator runs/b/generator --teacher_steps 25 --prompts coco1k.txt
 
 Metrics (--metrics), each with the convention the published tables use (also in table.md's header):
   imagereward  ImageReward v1.0, the model dipp trains against: (MLP − 0.16717) / 1.03334   [arXiv 2304.05977]
@@ -25,7 +25,6 @@ Each mean comes with a 95 % confidence interval, mean ± 1.96 · s / √P over t
 """
 # -----------------------------------------------------------------------------
 # 0. Imports. Heavy libraries are imported inside the functions that need them (as in dipp.py).
-import argparse
 import contextlib
 import json
 import math
@@ -67,50 +66,45 @@ def dipp_errors():
 # 1. Command line
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's usage + traceback-free exit, as one line like every other error
-        die(f"{message} (see python evaluate.py --help)")
-
-
 def parse_args(argv):
-    p = Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    # --- what to evaluate
+    """The flags in the groups --help shows them in; exact names only, an unknown one names the closest
+    (plumbing.FlagParser, as dipp.py's)."""
+    p = plumbing.FlagParser("evaluate.py", "\n\n".join(__doc__.split("\n\n")[i] for i in (0, 2)))
+    a = p.add_argument_group("what to evaluate").add_argument
     a("--generator", action="append", default=[], metavar="DIR",
       help="one-step generator folder written by dipp (UNet + dipp.json); repeat to compare several")
-    a("--generator_timestep", type=int, default=999, help="t* for a generator folder without dipp.json")
-    a("--pretrained_model_name_or_path", default=dipp.Config.pretrained_model_name_or_path,
+    a("--generator_timestep", type=int, default=999, metavar="INT", help="t* for a generator folder without dipp.json")
+    a("--pretrained_model_name_or_path", default=dipp.Config.pretrained_model_name_or_path, metavar="STR",
       help="SD-1.x teacher: hub id or diffusers folder (also supplies VAE and text encoder to the generators)")
-    a("--teacher_steps", type=int, default=0,
-      help="sample the teacher with N steps of its own scheduler (0 = no teacher row)")
-    a("--teacher_guidance", type=float, default=7.5, help="CFG scale of the teacher (diffusers' guidance_scale)")
-    # --- prompts and seeds
-    a("--prompts", default="", help="text file, one prompt per line (default: dipp's 8 built-in prompts)")
-    a("--max_prompts", type=int, default=0, help="use the first N prompts of the file (0 = all)")
-    a("--images_per_prompt", type=int, default=4, help="K images per prompt (seeds image_seed(seed, i, k))")
-    a("--seed", type=int, default=0, help="base seed of the initial noise, shared by every model")
-    # --- metrics and the weights of each scorer (hub id or local path)
-    a("--metrics", default="all", help=f"comma-separated subset of {','.join(METRICS)}")
+    a("--teacher_steps", type=int, default=0, metavar="INT",
+      help="sample the teacher with N steps of its own scheduler; 0 = no teacher row")
+    a("--teacher_guidance", type=float, default=7.5, metavar="FLOAT", help="CFG scale of the teacher (diffusers' guidance_scale)")
+    a("--tiny", action="store_true",
+      help="tiny random teacher, generator and scorers of the real architectures instead (CPU, seconds, no download)")
+    a = p.add_argument_group("prompts and seeds").add_argument
+    a("--prompts", default="", metavar="STR", help="text file, one prompt per line (default: dipp's 8 built-in prompts)")
+    a("--max_prompts", type=int, default=0, metavar="INT", help="use the first N prompts of the file; 0 = all")
+    a("--images_per_prompt", type=int, default=4, metavar="INT", help="K images per prompt (seeds image_seed(seed, i, k))")
+    a("--seed", type=int, default=0, metavar="INT", help="base seed of the initial noise, shared by every model")
+    a = p.add_argument_group("metrics and each scorer's weights (hub id or local path)").add_argument
+    a("--metrics", default="all", metavar="STR", help=f"all, or a comma-separated subset of {','.join(METRICS)}")
     a("--hps_version", default="v2.0", choices=tuple(HPS_FILES), help="HPS checkpoint; DI++ reports v2.0")
-    a("--imagereward_model", default="THUDM/ImageReward",
+    a("--imagereward_model", default="THUDM/ImageReward", metavar="STR",
       help="hub id or folder with ImageReward.pt + med_config.json")
-    a("--clip_model", default="openai/clip-vit-large-patch14",
+    a("--clip_model", default="openai/clip-vit-large-patch14", metavar="STR",
       help="OpenAI CLIP ViT-L/14 (aesthetic, clip, diversity, fd_teacher)")
-    a("--aesthetic_model", default="camenduru/improved-aesthetic-predictor",
+    a("--aesthetic_model", default="camenduru/improved-aesthetic-predictor", metavar="STR",
       help=f"hub id, folder or file: {AESTHETIC_FILE}")
-    a("--hps_model", default="xswu/HPSv2", help="hub id, folder or file: the HPS checkpoint of --hps_version")
-    a("--pickscore_model", default="yuvalkirstain/PickScore_v1", help="hub id or folder of the PickScore CLIPModel")
-    a("--pickscore_processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    a("--hps_model", default="xswu/HPSv2", metavar="STR", help="hub id, folder or file: the HPS checkpoint of --hps_version")
+    a("--pickscore_model", default="yuvalkirstain/PickScore_v1", metavar="STR", help="hub id or folder of the PickScore CLIPModel")
+    a("--pickscore_processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", metavar="STR",
       help="hub id or folder of PickScore's CLIP-H processor")
-    # --- machinery
-    a("--batch_size", type=int, default=8, help="images per generation / scoring batch")
+    a = p.add_argument_group("machinery").add_argument
+    a("--batch_size", type=int, default=8, metavar="INT", help="images per generation / scoring batch")
     a("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
       help="as in dipp: frozen nets stored in it, autocast")
-    a("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:1 ...")
-    a("--output_dir", default="eval", help="images/, scores.jsonl, summary.json, table.md, grid.png")
-    a("--tiny", action="store_true",
-      help="tiny random teacher, generator and scorers of the real architectures (CPU, seconds)")
+    a("--device", default="auto", metavar="STR", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...")
+    a("--output_dir", default="eval", metavar="STR", help="where images/, scores.jsonl, summary.json, table.md, grid.png go")
     return p.parse_args(argv)
 
 
@@ -159,15 +153,18 @@ def locate(name, files, flag, what, patterns=None):
         if missing:
             die(f"{flag} folder '{name}' lacks {', '.join(missing)} ({what})")
         return [os.path.join(name, f) for f in files]
-    if name.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+    if (name.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)
+            or ("/" in name and plumbing.looks_local(name))):  # a path: the hub is not asked
         die(f"{flag} '{name}' does not exist; give a hub id or a local path holding {', '.join(files)}")
     from huggingface_hub import snapshot_download
     fetch = f"huggingface-cli download {name} {' '.join(files)}"
+    offline = plumbing.hub_unreachable()  # (then the hub library reads its cache only: no retries)
     try:
         folder = snapshot_download(name, allow_patterns=patterns or files)
     except Exception as e:  # offline, unknown repo, no network: the hub raises many kinds
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # the first sentence
-        die(f"cannot get {what} ({', '.join(files)}) of '{name}': {first[:160]}. On a machine with internet "
+        why = f"it is not in the hub cache and the hub cannot be reached ({offline})" if offline else first[:160]
+        die(f"cannot get {what} ({', '.join(files)}) of '{name}': {why}. On a machine with internet "
             f"run `{fetch}` (it then loads from the hub cache), or pass {flag} PATH")
     missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
     if missing:
@@ -204,7 +201,14 @@ def require(metric):
 
 
 def locate_all(args, metrics):
-    """Fail fast: find (or fetch) every scorer's files before a single image is generated."""
+    """Fail fast: find (or fetch) every scorer's files, and check the teacher and generator folders, before a
+    single image is generated or the output folder is made."""
+    with dipp_errors():
+        plumbing.check_model_location(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+    for folder in args.generator:
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            die(f"--generator '{folder}' is not a generator folder (no config.json); give the generator/ "
+                "folder that dipp.py writes at the end of training")
     found = {}
     hf_model = ["config.json"]  # a transformers CLIPModel folder; its weights are resolved by from_pretrained
     processor = ["preprocessor_config.json", "tokenizer_config.json"]
@@ -360,10 +364,7 @@ def generate_all(args, prompts, device, ctx, dtype):
         model = {"slug": "teacher", "name": name, "kind": "teacher", "source": args.pretrained_model_name_or_path}
         models.append(generate(model, sample, prompts, args, latent_shape, device))
     slugs = {"teacher"}
-    for folder in args.generator:
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            die(f"--generator '{folder}' is not a generator folder (no config.json); give the generator/ "
-                "folder that dipp.py writes at the end of training")
+    for folder in args.generator:  # (each holds a config.json: locate_all checked)
         with dipp_errors():
             t_star = plumbing.read_generator_record(folder) or args.generator_timestep
         cfg = dipp.Config(generator_init=folder, generator_timestep=t_star, mixed_precision=args.mixed_precision)
@@ -837,9 +838,9 @@ def save_comparison_grid(models, prompts, path, tile=128):
     grid = Image.new("RGB", (label_w + tile * len(columns), head_h + tile * len(models)), "white")
     draw = ImageDraw.Draw(grid)
     for c, i in enumerate(columns):
-        draw.text((label_w + c * tile + 2, 2), prompts[i][:22] + "\n" + prompts[i][22:44], fill="black")
+        draw.text((label_w + c * tile + 2, 2), plumbing.wrap_caption(prompts[i], 22, 2), fill="black")
     for r, model in enumerate(models):
-        draw.text((4, head_h + r * tile + 4), "\n".join(re.findall(".{1,34}", model["name"])), fill="black")
+        draw.text((4, head_h + r * tile + 4), plumbing.wrap_caption(model["name"], 34, 8), fill="black")
         for c, i in enumerate(columns):
             pic = Image.fromarray(model["preview"][i]).resize((tile, tile), Image.NEAREST)
             grid.paste(pic, (label_w + c * tile, head_h + r * tile))
@@ -867,6 +868,11 @@ def main(argv=None):
         torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
 
 
+def wrote_an_image(folder):
+    images = os.path.join(folder, "images")
+    return os.path.isdir(images) and any(os.listdir(os.path.join(images, m)) for m in os.listdir(images))
+
+
 def run(args, metrics, device, command):
     with dipp_errors():
         ctx, dtype = dipp.precision(dipp.Config(mixed_precision=args.mixed_precision), device)
@@ -885,11 +891,11 @@ def run(args, metrics, device, command):
     if args.tiny and "imagereward" in metrics:
         tiny_scorers["imagereward"] = ImageRewardScorer(plumbing.freeze(
             tiny_imagereward(os.path.join(args.output_dir, "tiny", "imagereward"), device), device, dtype))
-    os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)  # every image has its own generator; this pins anything else that is random
     print(f"evaluating {len(prompts)} prompts × {args.images_per_prompt} images on {device}; "
           f"metrics: {', '.join(metrics)}")
-    models = generate_all(args, prompts, device, ctx, dtype)
+    with plumbing.tidy_if_stopped_early(args.output_dir, progress=wrote_an_image, run_files="images"):
+        models = generate_all(args, prompts, device, ctx, dtype)  # (images/<model>/ is made at the first image)
     values, speed = score_all(models, metrics, weights, prompts, args, device, dtype, tiny_scorers)
     summarise(models, values, metrics, args)
     table = write_reports(models, values, metrics, prompts, args, command, speed)

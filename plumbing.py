@@ -1,16 +1,19 @@
 """plumbing: what keeps a dipp run alive, and none of what DI++ is.
 
 `dipp.py` holds the method (generator, teacher with CFG, fake score, reward, IKL loss, Alg. 1); this
-module holds the machinery around it: one-line errors, devices and processes (torchrun), the optimiser
-step with its numerical guards, trainable-parameter bookkeeping and EMA, LoRA adapters on a shared base,
+module holds the machinery around it: one-line errors, the command line built from a dataclass, where
+models come from (a missing path or an unreachable hub is one line at once), devices and processes
+(torchrun), the optimiser step with its numerical guards, trainable-parameter bookkeeping and EMA, LoRA adapters on a shared base,
 gradient checkpointing of reward towers, torch.compile, checkpoints (save, list, keep-last-K, resume),
 the exported generator folder, sample-grid PNGs and the benchmark report.
 
 It never imports dipp (dipp imports it) and knows none of the method's settings: everything it needs is
 passed in (the networks to save, the generator's t*, the optimisers, the run's folder and bookkeeping flags).
 """
+import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -20,7 +23,7 @@ import sys
 import torch
 
 # -----------------------------------------------------------------------------
-# 1. One-line errors and loading
+# 1. One-line errors, the command line, where models come from, loading
 
 
 def die(message):
@@ -30,16 +33,105 @@ def die(message):
 
 def load_or_die(fn, name, what):
     """Call a from_pretrained-style loader; turn 'not found / offline / wrong path' into one line."""
-    if name.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name)):
+    if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
         die(f"cannot load {what}: the path '{name}' does not exist")
+    offline = None if os.path.exists(os.path.expanduser(name)) else hub_unreachable()  # (no retry noise offline)
     try:
         return fn()
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if os.path.exists(os.path.expanduser(name)):  # a local folder that is not what it should be
             die(f"cannot load {what} from the local folder '{name}' ({first[:200]}); check that it holds that model")
+        if offline:
+            die(f"cannot load {what} from '{name}': it has not been downloaded and the hub cannot be reached "
+                f"({offline}). On a machine with internet run `huggingface-cli download {name}` (then it loads "
+                "from the cache), or pass a local folder")
         die(f"cannot load {what} from '{name}' ({first[:200]}). On a machine with internet run "
             f"`huggingface-cli download {name}` (then it loads from the cache), or pass a local folder")
+
+
+# Where a model comes from: a local path, or a hub id ("namespace/name") fetched into the hub cache. A name that
+# can only be a path is never sent to the hub, and with no network the hub is not asked at all: diffusers and
+# transformers would otherwise retry for ~30 s and then advise downloading a folder that was merely mistyped.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
+HUB_URL_WORDS = ("models", "datasets", "spaces")  # huggingface.co/<these> are pages, so no user or org has the name
+
+
+def looks_local(name):
+    """True when `name` can only be a file-system path: it starts with . / ~, has no '/' or more than one, is
+    not shaped like a hub id, or its first part is a folder here (models/sd15 when ./models exists)."""
+    first = name.split("/")[0]
+    return (name.startswith((".", "/", "~")) or "\\" in name or not HUB_ID.fullmatch(name)
+            or first in HUB_URL_WORDS or os.path.isdir(first))
+
+
+def in_hub_cache(name):
+    """Whether hub repo `name` has a snapshot in the local hub cache (HF_HOME / HF_HUB_CACHE respected)."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+    snapshots = os.path.join(HF_HUB_CACHE, "models--" + name.replace("/", "--"), "snapshots")
+    return os.path.isdir(snapshots) and bool(os.listdir(snapshots))
+
+
+@functools.lru_cache(maxsize=None)
+def hub_unreachable():
+    """None if the Hugging Face hub may be reachable, else why not. An unreachable hub switches huggingface_hub,
+    diffusers and transformers to offline mode (HF_HUB_OFFLINE=1): loads then read the hub cache at once instead
+    of retrying. Asked once per process, with a 5 s connection attempt; behind a proxy the hub is assumed reachable."""
+    import socket
+    import urllib.parse
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+        return None
+    except OSError as e:
+        reason = f"no connection to {host}: {e.strerror or type(e).__name__}"
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for libraries imported from now on; those already imported, below
+    for module, attribute in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("diffusers.utils.hub_utils", "HF_HUB_OFFLINE"),
+                              ("transformers.utils.hub", "_is_offline_mode")):
+        if hasattr(sys.modules.get(module), attribute):
+            setattr(sys.modules[module], attribute, True)
+    return reason
+
+
+def check_model_location(name, flag):
+    """One line, before anything loads or any folder is made, when `name` (a flag's value) cannot be a model:
+    a path that does not exist (the hub is not asked), or a hub id that is neither in the hub cache nor
+    downloadable because the hub cannot be reached. What is there is checked later, by the loaders."""
+    import difflib
+    path = os.path.expanduser(name)
+    if os.path.exists(path):
+        return
+    if looks_local(name):
+        parent = os.path.dirname(os.path.normpath(path)) or "."
+        if not os.path.isdir(parent):
+            die(f"{flag} '{name}' does not exist (nor does its folder '{parent}'); check the path")
+        close = difflib.get_close_matches(os.path.basename(os.path.normpath(path)), os.listdir(parent), n=1)
+        hint = f"; did you mean '{os.path.join(os.path.dirname(name), close[0])}'?" if close else "; check the path"
+        die(f"{flag} '{name}' does not exist{hint}")
+    offline = hub_unreachable()
+    if offline and not in_hub_cache(name):
+        die(f"{flag} '{name}' is a hub id that is not in the hub cache, and the hub cannot be reached ({offline}). "
+            f"On a machine with internet run `huggingface-cli download {name}` (add --local-dir DIR and pass "
+            "DIR instead to keep it in a folder of your own)")
+
+
+def check_model_locations(locations, imagereward_by_name=False):
+    """check_model_location for each (name, flag) a run will load; with imagereward_by_name (ImageReward
+    fetched by its own package into ~/.cache/ImageReward), also that its files are there when the hub
+    cannot be reached."""
+    for name, flag in locations:
+        check_model_location(name, flag)
+    if imagereward_by_name and hub_unreachable():
+        cache = os.path.expanduser("~/.cache/ImageReward")
+        if not all(os.path.isfile(os.path.join(cache, f)) for f in ("ImageReward.pt", "med_config.json")):
+            die(f"cannot load the ImageReward model: it is not in {cache} and the hub cannot be reached "
+                f"({hub_unreachable()}); on a "
+                "machine with internet run `huggingface-cli download THUDM/ImageReward --local-dir DIR` and pass "
+                "--reward_model_path DIR (its BLIP also needs `huggingface-cli download bert-base-uncased`)")
 
 
 def load_weights_or_die(module, path):
@@ -117,20 +209,85 @@ def writable_dir(path, flag="--output_dir"):
         die(f"{flag} '{path}' cannot be written ({e.strerror}); choose a folder you can write to")
 
 
-def parse_dataclass(cls, argv, choices, prog, description):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help that reads: each default shown once (not when the help text already names it, and never an
+    empty one), the description's example commands kept as written."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=36)
+
+    def _get_help_string(self, action):
+        text = (action.help or "").replace("%", "%%")
+        if action.default is None or action.default is False or action.default in ("", [], argparse.SUPPRESS) \
+                or "default" in text.lower():
+            return text
+        return f"{text} (default: %(default)s)"
+
+    def _split_lines(self, text, width):  # never break a hub id or a flag at its hyphens
+        import textwrap
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse with exact flag names only (no silent abbreviations: --max_train_step is not --max_train_steps)
+    and every mistake as one line, an unknown flag naming the closest real ones. `renamed` maps an old flag to
+    what replaced it."""
+
+    def __init__(self, prog, description, renamed=None):
+        super().__init__(prog=prog, description=description, allow_abbrev=False, formatter_class=HelpFormatter,
+                         usage=f"python {prog} [--flag VALUE ...]   (python {prog} --help lists them all)")
+        self.renamed = renamed or {}
+
+    def error(self, message):
+        raise SystemExit(f"{self.prog.removesuffix('.py')}: error: {message} (see python {self.prog} --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.error(self.unknown(extra))
+        return parsed
+
+    def unknown(self, extra):
+        import difflib
+        names = [s[2:] for a in self._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+        for token in extra:
+            if token.startswith("-"):
+                name = token.split("=")[0]
+                if name in self.renamed:
+                    return f"{name} is now {self.renamed[name]}"
+                typed = name.lstrip("-")  # an abbreviation's completions first, then names spelled alike
+                close = [n for n in names if n.startswith(typed)] + difflib.get_close_matches(typed, names, 3, 0.6)
+                close = [f"--{n}" for n in dict.fromkeys(close)][:3]
+                return f"unknown flag {name}" + (f"; did you mean {' or '.join(close)}?" if close else "")
+        return f"unexpected argument '{extra[0]}': every setting is a --flag VALUE pair"
+
+
+def parse_dataclass(cls, argv, choices, prog, description, renamed=None):
     """An argparse parser built from a dataclass: --field per field, type from the annotation, help from
-    the field's inline comment, choices from `choices`. Returns cls(**parsed)."""
-    import argparse
+    the field's inline comment, choices from `choices`, one --help group per `# --- group` comment.
+    Returns cls(**parsed)."""
     import inspect
-    helps = dict(re.findall(r"^\s+(\w+): \w+ = .+?  # (.+)$", inspect.getsource(cls), flags=re.M))
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = inspect.getsource(cls)
+    helps, group_of, title, last, indent = {}, {}, None, None, 0
+    for line in source.splitlines():  # a help may go on in comment lines indented deeper than its field
+        field, more = re.match(r"(\s+)(\w+): \w+ = .+?  # (.+)$", line), re.match(r"(\s+)# (.+)$", line)
+        if field:
+            last, indent, helps[field[2]], group_of[field[2]] = field[2], len(field[1]), field[3], title
+        elif more and last and len(more[1]) > indent:
+            helps[last] += " " + more[2]
+        else:
+            last, title = None, (re.match(r"\s+# --- (.+)", line) or [None, title])[1]
+    parser = FlagParser(prog, description, renamed)
+    groups = {}
     for f in dataclasses.fields(cls):
+        title = group_of.get(f.name) or "other"
+        group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
         kind = {"bool": bool, "int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
         if kind is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", help=helps[f.name])
+            group.add_argument(f"--{f.name}", action="store_true", help=helps[f.name])
         else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps[f.name], choices=choices.get(f.name))
+            group.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps[f.name],
+                               choices=choices.get(f.name), metavar=None if f.name in choices else kind.__name__.upper())
     return cls(**vars(parser.parse_args(argv)))
 
 
@@ -437,6 +594,38 @@ def prepare_output_dir(cfg, main_rank):
         print(f"--overwrite_output_dir: deleted {len(gone)} files/folders of the previous run in {cfg.output_dir}")
 
 
+RUN_FILES = r"config\.json|log\.jsonl|curves\.png|samples_\d+\.png|generated_\d+\.png|tensorboard|wandb|checkpoint-\d+\.tmp"
+
+
+def trained_a_step(folder):
+    """Whether a run in `folder` got past its first step: a checkpoint, or a log line of step >= 1."""
+    log = os.path.join(folder, "log.jsonl")
+    steps = [json.loads(line).get("step", 0) for line in open(log) if line.strip()] if os.path.isfile(log) else []
+    return bool(list_checkpoints(folder)) or any(s >= 1 for s in steps)
+
+
+@contextlib.contextmanager
+def tidy_if_stopped_early(folder, main_rank=True, progress=trained_a_step, run_files=RUN_FILES):
+    """A run into a fresh --output_dir that stops before its first step (a missing model, a wrong flag found
+    late, out of memory in step 1) takes its own files with it: config.json, the step-0 log and grid, and the
+    folder itself when nothing else is left. Otherwise the next try would find an empty folder, or one that
+    'holds another run'. Caches that the retry reuses stay: random-weight models, PixArt's text embeddings.
+    A folder that already held a run is left as it is. (evaluate.py passes its own progress and run_files.)"""
+    before = set(os.listdir(folder)) if os.path.isdir(folder) else None
+    fresh = before is None or not (list_checkpoints(folder) or "log.jsonl" in before)
+    try:
+        yield
+    except BaseException:
+        if main_rank and fresh and os.path.isdir(folder) and not progress(folder):
+            for name in set(os.listdir(folder)) - (before or set()):
+                path = os.path.join(folder, name)
+                if re.fullmatch(run_files, name):
+                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            if before is None and not os.listdir(folder):
+                os.rmdir(folder)
+        raise
+
+
 def rng_states(device, world):
     """Every rank's RNG state (CPU, and its own GPU's), gathered to all ranks: a collective, so every rank
     calls it. On resume rank r restores entry r, so no rank replays an un-advanced stream."""
@@ -736,8 +925,15 @@ def save_grid(images, prompts, path):
     grid = Image.new("RGB", (w * len(pics), h + 40), "white")
     for i, (pic, prompt) in enumerate(zip(pics, prompts)):
         grid.paste(pic.resize((w, h), Image.NEAREST), (i * w, 0))
-        ImageDraw.Draw(grid).text((i * w + 4, h + 4), prompt[:40] + "\n" + prompt[40:80], fill="black")
+        ImageDraw.Draw(grid).text((i * w + 4, h + 4), wrap_caption(prompt, 40, 2), fill="black")
     grid.save(path)
+
+
+def wrap_caption(text, width, lines):
+    """At most `lines` lines of at most `width` characters, broken between words ("oil painting", not
+    "oil pa/inting"); what does not fit ends in '...'."""
+    import textwrap
+    return "\n".join(textwrap.wrap(text, width, max_lines=lines, placeholder=" ...")) or text[:width]
 
 
 def benchmark_clock(cfg, device):

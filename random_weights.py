@@ -1,5 +1,5 @@
-"""Random-weight model folders for `dipp.py --random_weights tiny|tiny_pixart|sd15|pixart512` (`--tiny` and
-`--random_sd15` are short for the first and third) and for the tests.
+"""Random-weight model folders for `dipp.py --random_weights tiny|tiny_pixart|sd15|pixart512` (`--tiny` is short
+for the first) and for the tests.
 
 Not needed to understand DI++. The components are written with save_pretrained, so dipp loads them
 through exactly the same code as the real SD1.5 / PixArt-α weights; nothing is downloaded. A PixArt folder
@@ -108,12 +108,12 @@ def t5_tokenizer():
 
 
 def use_random_weights(cfg, rank=0, world=1):
-    """--tiny / --random_sd15 / --random_weights NAME: build the models in output_dir/NAME (rank 0, once; the
+    """--random_weights NAME (or --tiny): build the models in output_dir/NAME (rank 0, once; the
     others wait) and point cfg at them: the model folder, the tiny CLIP reward (unless --reward none) and the
     TAESD-shaped decoder of --reward_decoder tiny."""
     import torch
     from plumbing import writable_dir
-    shapes = cfg.random_weights or ("tiny" if cfg.tiny else "sd15")
+    shapes = cfg.random_weights
     folder = os.path.join(cfg.output_dir, shapes)
     if rank == 0:
         writable_dir(cfg.output_dir)

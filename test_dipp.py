@@ -10,6 +10,7 @@ import re
 import shlex
 import sys
 import tempfile
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach the model hub
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -234,10 +235,12 @@ def readme_quickstart():
 
 
 def test_readme_quickstart_runs(tmp_path):
-    """README's CPU command runs as written and leaves a checkpoint, a sample grid and a generator."""
+    """README's CPU command runs as written, twice into the same folder (a quick start can be re-run), and
+    leaves a checkpoint, a sample grid and a generator."""
     argv = readme_quickstart()
     i = argv.index("--output_dir")
     argv[i + 1] = str(tmp_path / argv[i + 1])
+    dipp.main(argv)
     dipp.main(argv)
     out = argv[i + 1]
     files = os.listdir(out)
@@ -397,7 +400,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
     out = str(tmp_path)
     cases = {
         ("--pretrained_model_name_or_path", "./no/such/folder"): "does not exist",
-        ("--pretrained_model_name_or_path", out): "missing unet/config.json",
+        ("--pretrained_model_name_or_path", out, "--reward", "none"): "missing unet/config.json",
         ("--pretrained_model_name_or_path", "someone/not-cached-model"): "huggingface-cli download",
         ("--tiny", "--prompts", os.path.join(out, "none.txt")): "does not exist",
         ("--tiny", "--generator_timestep", "1000"): "outside the schedule",
@@ -458,12 +461,97 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
 
 def test_help_lists_every_flag(capsys):
-    """--help names every Config field with its help text (the CLI is the dataclass)."""
+    """--help names every Config field with its help text (the CLI is the dataclass), in the Config's groups,
+    each default at most once, no empty choice, and one flag (plus the --tiny shorthand) for random weights."""
     with pytest.raises(SystemExit):
         dipp.parse_config(["--help"])
     text = capsys.readouterr().out
     for f in dipp.dataclasses.fields(dipp.Config):
         assert f"--{f.name}" in text, f.name
+    titles = [line.split(" (")[0].rstrip(":") for line in text.splitlines() if re.fullmatch(r"[a-z].*:", line)]
+    assert titles == ["options", "models", "method", "data", "optimisation", "bookkeeping", "modes"], titles
+    for flag in re.split(r"\n  (?=--)", text.split("\n  --", 1)[1]):
+        assert flag.count("(default") <= 1 and "(default: )" not in flag, flag
+    assert "{," not in text and ",}" not in text and "--random_sd15" not in text
+
+
+def test_flags_are_exact_and_a_typo_names_the_closest():
+    """No silent abbreviations; an unknown flag is one line naming the closest real ones; a replaced flag
+    names its replacement; --tiny is exactly --random_weights tiny."""
+    cases = {("--max_train_stpes", "2"): "unknown flag --max_train_stpes; did you mean --max_train_steps?",
+             ("--max_train_step", "2"): "unknown flag --max_train_step; did you mean --max_train_steps?",
+             ("--random_sd15",): "--random_sd15 is now --random_weights sd15",
+             ("--tiny", "--random_weights", "sd15"): "--tiny is short for --random_weights tiny",
+             ("--random_weights", ""): "invalid choice"}
+    for argv, expected in cases.items():
+        with pytest.raises(SystemExit) as e:
+            dipp.parse_config(list(argv))
+        assert str(e.value).startswith("dipp: error: ") and expected in str(e.value), (argv, str(e.value))
+        assert "\n" not in str(e.value)
+    assert dipp.parse_config(["--tiny"]).random_weights == "tiny" and dipp.parse_config([]).random_weights == ""
+
+
+@pytest.fixture
+def hub_probe(monkeypatch):
+    """plumbing.hub_unreachable asked afresh, with HF_HUB_OFFLINE and the libraries' offline switches restored
+    afterwards (an unreachable hub sets them for the rest of the process)."""
+    for module, attribute in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("transformers.utils.hub", "_is_offline_mode"),
+                              ("diffusers.utils.hub_utils", "HF_HUB_OFFLINE")):
+        if hasattr(sys.modules.get(module), attribute):
+            monkeypatch.setattr(sys.modules[module], attribute, getattr(sys.modules[module], attribute))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    plumbing.hub_unreachable.cache_clear()
+    yield monkeypatch
+    plumbing.hub_unreachable.cache_clear()
+
+
+def test_model_locations_fail_fast_and_honestly(tmp_path, hub_probe):
+    """A missing path that can only be local is one line at once: the hub is never asked, no download advice,
+    a near name suggested. With no network a hub id that is not cached is one line saying the hub cannot be
+    reached and what to download; a cached one passes. Neither failure leaves an output folder behind."""
+    import socket
+    import huggingface_hub.constants
+    hub_probe.chdir(tmp_path)
+    (tmp_path / "models" / "sd-15").mkdir(parents=True)
+    asked = []
+
+    def no_network(address, *args, **kwargs):
+        asked.append(address)
+        raise socket.gaierror(-2, "Name or service not known")
+    hub_probe.setattr(socket, "create_connection", no_network)
+    msg = error_of(["--pretrained_model_name_or_path", "models/sd15", "--output_dir", "run"])
+    assert msg == "dipp: error: --pretrained_model_name_or_path 'models/sd15' does not exist; did you mean 'models/sd-15'?"
+    assert not asked and not (tmp_path / "run").exists()
+    msg = error_of(["--output_dir", "run"])  # the default teacher, a hub id, with no network
+    assert "hub cannot be reached (no connection to huggingface.co" in msg and "\n" not in msg
+    assert "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5" in msg
+    assert asked == [("huggingface.co", 443)] and not (tmp_path / "run").exists()
+    hub_probe.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "hub" / "models--someone--cached" / "snapshots" / "0123").mkdir(parents=True)
+    plumbing.check_model_location("someone/cached", "--flag")  # in the cache: loads offline, no error
+
+
+def test_a_run_that_fails_before_step_1_leaves_no_folder(tmp_path, monkeypatch):
+    """A failure inside step 1 (a simulated out-of-memory, after config.json, the step-0 log and grid exist)
+    takes the fresh output folder with it, so the retry does not find 'another run' there."""
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(plumbing, "optimizer_step", out_of_memory)
+    monkeypatch.setattr(dipp, "optimizer_step", out_of_memory, raising=False)  # (dipp's own reference, if any)
+    sd, clip = tiny_models()
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        dipp.main(["--pretrained_model_name_or_path", sd, "--reward", "clip", "--reward_model_path", clip,
+                   "--max_train_steps", "1", "--output_dir", str(out)])
+    assert not out.exists()
+
+
+def test_grid_captions_break_between_words():
+    """Sample-grid captions wrap at word boundaries ('oil painting', never 'oil pa/inting') and mark a cut."""
+    prompt = "a still life of apples and a jug, oil painting, in the style of an old Dutch master, warm light"
+    lines = plumbing.wrap_caption(prompt, 40, 2).split("\n")
+    assert len(lines) == 2 and all(len(line) <= 40 for line in lines) and lines[1].endswith(" ...")
+    assert all(word in prompt.split() for line in lines for word in line.removesuffix(" ...").split())
 
 
 def test_import_is_light():
@@ -662,12 +750,54 @@ def test_notebook_runs_on_tiny_models(name, monkeypatch):
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_ipynb_matches_its_source(name):
-    """The committed .ipynb has the same cells as its jupytext .py source, with outputs stripped."""
+    """The committed .ipynb has the same cells as its jupytext .py source. 01 (the toy, real results on a
+    CPU) is stored executed top to bottom with its figures, so it reads on a code host; 02 and 03 (GPU) are
+    stored without outputs."""
     import jupytext
     py = jupytext.read(os.path.join(HERE, "notebooks", f"{name}.py"))
     nb = jupytext.read(os.path.join(HERE, "notebooks", f"{name}.ipynb"))
     assert [c.source for c in py.cells] == [c.source for c in nb.cells], "run: jupytext --sync notebooks/*.py"
-    assert all(not c.get("outputs") for c in nb.cells)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    if name == "01_toy":  # re-execute: jupyter nbconvert --to notebook --execute --inplace notebooks/01_toy.ipynb
+        assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+        outputs = [o for c in code for o in c.outputs]
+        assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
+        assert not any(o.output_type == "error" or "DIPP_TINY" in str(o) for o in outputs)
+    else:
+        assert all(not c.get("outputs") for c in nb.cells)
+
+
+def test_notebooks_open_in_jupyterlab(tmp_path):
+    """README's way to open the notebooks, `jupyter lab` (installed by requirements.txt), serves notebook 01
+    with its stored figures."""
+    import socket
+    import subprocess
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp_path / "config"), JUPYTER_DATA_DIR=str(tmp_path / "data"),
+               JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"))
+    command = [os.path.join(os.path.dirname(sys.executable), "jupyter"), "lab", "--no-browser", "--ip", "127.0.0.1",
+               "--port", str(port), "--IdentityProvider.token", "test", "--ServerApp.root_dir", HERE]
+    server = subprocess.Popen(command + (["--allow-root"] if os.geteuid() == 0 else []), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api/contents/notebooks/01_toy.ipynb?token=test"
+    try:
+        for _ in range(240):
+            try:
+                nb = json.load(urllib.request.urlopen(url, timeout=5))
+                break
+            except OSError:
+                assert server.poll() is None, "jupyter lab exited"
+                time.sleep(0.25)
+        else:
+            raise AssertionError("jupyter lab did not answer within a minute")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert nb["type"] == "notebook"
+    assert any("image/png" in o.get("data", {}) for c in nb["content"]["cells"] for o in c.get("outputs", []))
 
 
 def test_notebooks_define_no_losses():
@@ -1272,7 +1402,7 @@ def test_tiny_reward_decoder_is_frozen_and_passes_the_reward_gradient(tmp_path):
 def test_tiny_reward_decoder_bad_path_is_one_line(tmp_path):
     msg = error_of(["--tiny", "--reward_decoder", "tiny", "--reward_decoder_path", str(tmp_path / "nope"),
                     "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1"])
-    assert msg.startswith("dipp: error: cannot load the --reward_decoder tiny weights") and "\n" not in msg
+    assert msg.startswith("dipp: error: --reward_decoder_path '") and "does not exist" in msg and "\n" not in msg
 
 
 def test_random_sd15_taesd_has_taesds_shape():
@@ -1555,7 +1685,8 @@ def test_pixart_generator_init_takes_the_dmd_layout_a_transformer_folder_or_a_we
         G = dipp.build_generator(dipp.Config(generator_init=str(init)), teacher, families.FAMILIES["pixart"], schedule, torch.device("cpu"))
         assert same_weights(G.net, source) and G.t_star == 400, init
     shutil.copytree(tiny_pixart_models()[0], tmp_path / "broken", ignore=shutil.ignore_patterns("text_encoder"))
-    msg = error_of(["--pretrained_model_name_or_path", str(tmp_path / "broken"), "--output_dir", str(tmp_path / "r")])
+    msg = error_of(["--pretrained_model_name_or_path", str(tmp_path / "broken"), "--reward", "none",
+                    "--output_dir", str(tmp_path / "r")])
     assert "PixArt-α folder: missing text_encoder/config.json" in msg and "\n" not in msg
 
 

@@ -382,7 +382,9 @@ def test_bad_flags_and_prompt_files_are_one_line(tmp_path):
         ("--prompts", str(tmp_path / "empty.txt")): "has no prompts",
         ("--prompts", str(tmp_path / "latin1.txt")): "UTF-8",
         ("--mixed_precision", "fp16", "--device", "cpu"): "needs a CUDA GPU",
-        ("--no_such_flag",): "unrecognized arguments",
+        ("--no_such_flag",): "unknown flag --no_such_flag",
+        ("--generato", "x"): "did you mean --generator",
+        ("--image_per_prompt", "2"): "did you mean --images_per_prompt",
     }
     for argv, expected in cases.items():
         message = error_of(gen + ["--metrics", "clip", "--clip_model", t["clip_model"]] + list(argv))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU measurement (issue 5): every figure README's GPU tables need, for a GPU machine that
-# has python3 + torch + CUDA but perhaps not this project's other packages and no internet.
+# The prepared GPU measurement: every figure README's memory-and-time table needs (docs/training.md), for a
+# GPU machine that has python3 + torch + CUDA but perhaps not the other pinned packages and no internet.
 #
 #   bash bench/gpu.sh fetch          # on a machine with internet: wheels of the pinned packages -> .whl/
 #   bash bench/gpu.sh speed OUT      # on the GPU: batch 8, eager vs --reuse_generator_sample, --reward_decoder tiny, --compile

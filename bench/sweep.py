@@ -20,7 +20,7 @@ import torch._dynamo
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dipp  # noqa: E402
 
-SETUPS = {  # name -> dipp flags. "table" and "speed" below name the groups README reports.
+SETUPS = {  # name -> dipp flags. "table" and "speed" below name the groups docs/training.md reports.
     "full": [],
     "checkpointing": ["--gradient_checkpointing"],
     "lora64+checkpointing": ["--lora_rank", "64", "--gradient_checkpointing"],

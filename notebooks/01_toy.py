@@ -23,7 +23,10 @@
 # This notebook walks through one DI++ iteration on a 2-D Gaussian mixture whose diffused score is
 # exact (so there is no teacher to pretrain), then trains a generator and draws the reward-vs-KL
 # trade-off. Every loss and update comes from `dipp.py`; `toy/gmm.py` supplies the mixture and the
-# small MLPs. Set `DIPP_TINY=1` for a fast run (what CI does).
+# small MLPs. It runs on a CPU. Set `DIPP_TINY=1` for a fast run with fewer steps (what the tests do).
+#
+# The outputs stored in `01_toy.ipynb` come from a full run (no `DIPP_TINY`) on a 2-core CPU:
+# `jupyter nbconvert --to notebook --execute --inplace notebooks/01_toy.ipynb` (a few minutes).
 
 # %%
 import os
@@ -38,6 +41,7 @@ import dipp  # noqa: E402
 import gmm as toy  # noqa: E402
 
 TINY = os.environ.get("DIPP_TINY") == "1"
+plt.rcParams["figure.dpi"] = 72  # keeps the figures stored in the .ipynb small
 torch.manual_seed(0)
 
 # %% [markdown]
@@ -51,9 +55,9 @@ args = toy.parse(["--quick"] if TINY else [])
 mixture, schedule, reward = toy.build(args)
 fig, axes = plt.subplots(1, 4, figsize=(16, 4))
 for ax, t in zip(axes, (0, 200, 500, 900)):
-    c = torch.randint(mixture.C, (4000,))
+    c = torch.randint(mixture.C, (2000,))
     x0 = mixture.sample(c)
-    a, s = schedule.alpha_sigma(torch.full((4000,), t), 2)
+    a, s = schedule.alpha_sigma(torch.full((2000,), t), 2)
     x_t = dipp.add_noise(x0, torch.randn_like(x0), a, s)
     ax.scatter(x_t[:, 0], x_t[:, 1], c=c, s=1, cmap="coolwarm")
     ax.set(title=f"x_t at t = {t} (α = {a[0, 0]:.2f}, σ = {s[0, 0]:.2f})", xlim=(-5, 5), ylim=(-5, 5), aspect="equal")
@@ -124,11 +128,12 @@ print({k: round(float(v), 4) for k, v in stats.items()})
 # optimum of the plain-KL problem, p_ref·exp(r/β)/Z.
 
 # %%
-results = toy.run((["--quick"] if TINY else []) + ["--out", os.path.join(ROOT, "toy_out_notebook")])
+FIGURES = os.path.relpath(os.path.join(ROOT, "toy_out_notebook"))
+results = toy.run((["--quick"] if TINY else []) + ["--out", FIGURES])
 
 # %%
 from IPython.display import Image, display  # noqa: E402
 
-display(Image(os.path.join(ROOT, "toy_out_notebook", "toy.png")))
+display(Image(os.path.join(FIGURES, "toy.png")))
 for s in results["tradeoff"]:
     print(f"α_rew {s['reward_scale']:<5} KL {s['kl']:.3f}  mean reward {s['reward']:.3f}")

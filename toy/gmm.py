@@ -6,7 +6,7 @@ DI++-specific (losses, CFG, the generator and fake-score updates) is imported fr
 file holds only the mixture, two small MLPs, metrics and plots.
 
     python toy/gmm.py                # the default experiments, ~1 min on 2 CPU cores -> toy_out/
-    python toy/gmm.py --quick        # ~20 s, for tests
+    python toy/gmm.py --quick        # ~20 s, for tests: fewer steps and α_rew values, titled QUICK VERSION
 
 Experiments (numbers in toy_out/results.json, figure in toy_out/toy.png):
   recovery  α_rew = 0, ω = 1: the generator should match the reference (MMD vs the noise floor).
@@ -449,6 +449,10 @@ def plot(gmm, ref, runs, results, args, path):
     ax.set(xlabel="KL(p_θ ‖ p_ref) on a grid", ylabel="mean reward", title="reward vs KL",
            xlim=(0, 1.2 * max(s["kl"] for s in results["tradeoff"]) + 0.05))
     ax.legend(loc="lower right", fontsize=8)
+    if args.quick:  # not to be mistaken for toy/toy.png, which `python toy/gmm.py` (no --quick) draws
+        fig.suptitle(f"QUICK VERSION (python toy/gmm.py --quick: {args.steps} steps, α_rew ∈ "
+                     f"{{{', '.join(f'{a:g}' for a in args.reward_scales)}}}); the full figure: python toy/gmm.py",
+                     color="C3", fontsize=13)
     fig.tight_layout()
     fig.savefig(path, dpi=70)
     plt.close(fig)

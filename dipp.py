@@ -116,7 +116,7 @@ CHOICES = {"reward": ("imagereward", "clip", "none"), "mixed_precision": ("no", 
            "ikl_weighting": ("x0", "eps", "dmd2"), "timestep_sampling": ("uniform", "lognormal"),
            "compile": ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
            "report_to": ("none", "tensorboard", "wandb"), "reward_decoder": ("full", "tiny"),
-           "random_weights": ("", "tiny", "tiny_pixart", "sd15", "pixart512")}
+           "random_weights": ("", "tiny", "tiny_pixart", "tiny_sdxl", "sd15", "pixart512", "sdxl")}
 BUILTIN_PROMPTS = ["a photo of a red bicycle leaning on a brick wall", "a watercolor painting of a fox",
                    "a bowl of ramen, studio lighting", "a lighthouse on a cliff at sunset",
                    "an astronaut riding a horse", "a cozy living room with a fireplace",
@@ -653,7 +653,7 @@ def train(cfg):
     ema = [p.detach().clone() for p in G_params] if cfg.ema_decay > 0 else None  # (optional) θ_ema
     step = (plumbing.load_checkpoint(cfg, trained, states, ema, rank, world, device)
             if cfg.resume_from_checkpoint else 0)
-    null_emb = text([fam.null_prompt])  # c = ∅ for CFG: the empty prompt's (1, 77, D) CLIP states, or T5's + mask
+    null_emb = families.null_condition(fam, text)  # c = ∅ for CFG: the empty prompt's c (SDXL: zeroed)
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
     # fixed noise for the held-out prompts, from its own generator so the training RNG is untouched
     val_z = torch.randn((len(val_prompts), *latent_shape), generator=torch.Generator().manual_seed(cfg.seed))

@@ -1754,3 +1754,27 @@ def test_sdxl_shapes_are_sdxl_base():
         assert round(count(CLIPTextModelWithProjection(CLIPTextConfig(**arch["text2"]))) / 1e6) == 695
     assert random_weights.model_subfolder("sdxl") == "sdxl" and families.FAMILIES["sdxl"].recognise(
         {"unet": 1, "text_encoder": 1, "text_encoder_2": 1}) and not families.FAMILIES["sd"].recognise({"unet": 1, "text_encoder_2": 1})
+
+
+def test_sdxl_compile_and_benchmark_keep_the_math_and_an_incomplete_folder_is_one_line(tmp_path, monkeypatch):
+    """On SDXL: one --compile --benchmark step (aot_eager) is within 0.1 % of the plain step's update and prints a
+    BENCHMARK line; a folder whose model_index.json names text_encoder_2 but lacks it is one line."""
+    import shutil
+    monkeypatch.setattr(plumbing, "COMPILE_BACKEND", "aot_eager")
+    common = ["--random_weights", "tiny_sdxl", "--max_train_steps", "1", "--learning_rate", "1e-3",
+              "--fake_learning_rate", "1e-3", "--reward_scale", "10", "--benchmark"]
+    plain = dipp.main(common + ["--output_dir", str(tmp_path / "m")])
+    compiled = dipp.main(common + ["--output_dir", str(tmp_path / "m"), "--compile", "default"])
+    assert compiled["G"].net._compiled_call_impl is not None and compiled["teacher"]._compiled_call_impl is not None
+    assert compiled["benchmark"] is not None
+    teacher = plain["teacher"].state_dict()
+    for a, b in ((plain["G"].net, compiled["G"].net), (plain["fake"], compiled["fake"])):
+        a, b = a.state_dict(), b.state_dict()
+        diff, update = distance(a, b), distance(a, teacher)
+        assert update > 0.01 and diff < 1e-3 * update, (diff, update)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sdxl_models()[0], broken, ignore=shutil.ignore_patterns("text_encoder_2"))
+    (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", **{
+        k: ["x", "y"] for k in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}}))
+    msg = error_of(["--pretrained_model_name_or_path", str(broken), "--output_dir", str(tmp_path / "r")])
+    assert "SDXL folder: missing text_encoder_2/config.json" in msg and "\n" not in msg

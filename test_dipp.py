@@ -1778,3 +1778,21 @@ def test_sdxl_compile_and_benchmark_keep_the_math_and_an_incomplete_folder_is_on
         k: ["x", "y"] for k in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}}))
     msg = error_of(["--pretrained_model_name_or_path", str(broken), "--output_dir", str(tmp_path / "r")])
     assert "SDXL folder: missing text_encoder_2/config.json" in msg and "\n" not in msg
+
+
+def test_sdxl_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
+    """torchrun with 2 CPU processes (gloo) × batch 1 on SDXL (SDXLText through DDP's forward) gives the generator
+    one process with batch 2 gives, up to float summation order (the 2 % bound of the SD test)."""
+    import subprocess
+    from safetensors.torch import load_file
+    common = ["--random_weights", "tiny_sdxl", "--max_train_steps", "2", "--learning_rate", "1e-3",
+              "--fake_learning_rate", "1e-3", "--reward_scale", "10"]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "dipp.py", *common, "--train_batch_size", "1",
+                    "--output_dir", str(tmp_path / "ddp")], cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                   check=True, capture_output=True)
+    dipp.main(common + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "one")])
+    weights = lambda run: load_file(str(tmp_path / run / "generator" / "diffusion_pytorch_model.safetensors"))
+    init = load_file(str(tmp_path / "one" / "tiny_sdxl" / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors"))
+    diff, update = distance(weights("one"), weights("ddp")), distance(weights("one"), init)
+    assert update > 0.01 and diff < 0.02 * update, (diff, update)

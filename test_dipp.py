@@ -1796,3 +1796,13 @@ def test_sdxl_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
     init = load_file(str(tmp_path / "one" / "tiny_sdxl" / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors"))
     diff, update = distance(weights("one"), weights("ddp")), distance(weights("one"), init)
     assert update > 0.01 and diff < 0.02 * update, (diff, update)
+
+
+def test_sdxl_benchmark_sweep_runs_on_tiny_sdxl(tmp_path):
+    """bench/sweep.py --family sdxl runs the benchmark on tiny SDXL models, writing only the models."""
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import sweep
+    rows = sweep.main(["--tiny", "--family", "sdxl", "--batches", "1", "--steps", "3", "--out", str(tmp_path),
+                       "--setups", "lora64+checkpointing"])
+    assert rows[0]["images_per_s"] > 0 and "--random_weights tiny_sdxl" in rows[0]["command"]
+    assert set(os.listdir(tmp_path / "models")) == {"tiny_sdxl"}

@@ -29,7 +29,7 @@ Simplifications vs. the paper (each marked `NOTE(deviation N)` where it happens;
      discrete timestep.
   4. `--ikl_weighting dmd2`: DMD2's adaptive normaliser depends on the sample: no longer a fixed divergence.
   5. The generator is the teacher's denoiser evaluated once at t* on pure noise (DMD2's recipe; t* = 999 for SD,
-     400 for PixArt-α as PixArt-α-DMD); the paper also starts from other one-step models (`--generator_init`).
+     399 for SDXL as DMD2-SDXL, 400 for PixArt-α as PixArt-α-DMD); the paper also starts from other one-step models.
   6. "α_cfg" is taken to mean the standard CFG scale ω; the implicit-reward weight is γ = ω − 1.
   7. (opt-in) `--reward_decoder tiny`: the reward scores TAESD's decoding of x0, not the full VAE's.
   8. (opt-in) `--reuse_generator_sample`: the first fake-score update trains on the generator update's sample.
@@ -65,7 +65,8 @@ class Config:
     generator_init: str = ""  # one-step generator to start from: its model folder, a pipeline folder with unet/ or
         # transformer/ (PixArt-α-DMD), or a weight file (default: a copy of the teacher)
     random_weights: str = ""  # instead of the teacher and reward above, random-weight models of the same architectures
-        # built in output_dir/<name>: tiny, tiny_pixart (CPU, seconds) or sd15, pixart512 (real shapes, for --benchmark)
+        # built in output_dir/<name>: tiny, tiny_pixart, tiny_sdxl (CPU, seconds) or sd15, pixart512, sdxl (real
+        # shapes, for --benchmark)
     tiny: bool = False  # short for --random_weights tiny: the SD1.5 code path on tiny random models, CPU, no download
     # --- method (METHOD.md §2-§5)
     reward: str = "imagereward"  # r(x, c); none = pure Diff-Instruct distillation
@@ -78,8 +79,8 @@ class Config:
     reward_scale: float = 1.0  # α_rew: weight of the explicit reward (β = 1/α_rew in the RLHF form)
     guidance_scale: float = 1.75  # ω: CFG scale of the teacher; γ = ω−1 is the implicit-reward weight (DMD2 SD1.5:
         # 1.75)
-    generator_timestep: int = 0  # t*: the timestep at which the generator's denoiser sees noise z; 0 = the family's (SD
-        # 999, PixArt-α 400)
+    generator_timestep: int = 0  # t*: the timestep at which the generator's denoiser sees noise z; 0 = the family's
+        # (SD 999, PixArt-α 400, SDXL 399)
     fake_steps_per_G: int = 1  # K_TA: fake-score updates per generator update (Alg. 1; DMD2 uses 10)
     # NOTE(deviation 2): the paper fixes no w(t), π(t) for SD1.5. x0 + uniform are kept because on the toy's
     # exact optimum (docs/toy.md, "DI++'s exact optimum") they land within 4 % of m* with the least jitter; the
@@ -135,7 +136,7 @@ CHOICES = {"reward": ("imagereward", "clip", "none"), "mixed_precision": ("no", 
            "ikl_weighting": ("x0", "eps", "dmd2"), "timestep_sampling": ("uniform", "lognormal"),
            "compile": ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
            "report_to": ("none", "tensorboard", "wandb"), "reward_decoder": ("full", "tiny"),
-           "random_weights": ("tiny", "tiny_pixart", "sd15", "pixart512")}
+           "random_weights": ("tiny", "tiny_pixart", "tiny_sdxl", "sd15", "pixart512", "sdxl")}
 BUILTIN_PROMPTS = ["a photo of a red bicycle leaning on a brick wall", "a watercolor painting of a fox",
                    "a bowl of ramen, studio lighting", "a lighthouse on a cliff at sunset",
                    "an astronaut riding a horse", "a cozy living room with a fireplace",
@@ -680,7 +681,7 @@ def train(cfg):
     ema = [p.detach().clone() for p in G_params] if cfg.ema_decay > 0 else None  # (optional) θ_ema
     step = (plumbing.load_checkpoint(cfg, trained, states, ema, rank, world, device)
             if cfg.resume_from_checkpoint else 0)
-    null_emb = text([fam.null_prompt])  # c = ∅ for CFG: the empty prompt's (1, 77, D) CLIP states, or T5's + mask
+    null_emb = families.null_condition(fam, text)  # c = ∅ for CFG: the empty prompt's c (SDXL: zeroed)
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
     # fixed noise for the held-out prompts, from its own generator so the training RNG is untouched
     val_z = torch.randn((len(val_prompts), *latent_shape), generator=torch.Generator().manual_seed(cfg.seed))

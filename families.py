@@ -2,7 +2,8 @@
 
 DI++ itself never learns a family's name: dipp.py sees every denoiser as ε(x_t, t, c), a closure with the
 network bound, and every prompt batch as a conditioning c it passes through. What *does* differ between
-Stable Diffusion 1.x (a UNet with CLIP text) and PixArt-α (a DiT with T5 text) is recorded here:
+Stable Diffusion 1.x (a UNet with CLIP text), SDXL (a UNet with two CLIP encoders, a pooled embedding and
+size micro-conditions) and PixArt-α (a DiT with T5 text) is recorded here:
 how a model folder is recognised, which classes to load, how prompts become c and the null condition ∅ for
 CFG, how the denoiser is called, which layer reads ε̂ out, the one-step generator's default t*, where LoRA
 adapters go, the stock pipeline that samples the same model, and the tiny decoder for the reward.
@@ -36,6 +37,35 @@ class MaskedText(typing.NamedTuple):
     def expand_as(self, other):
         return MaskedText(self.emb.expand_as(other.emb), self.mask.expand_as(other.mask))
 
+
+class SDXLText(typing.NamedTuple):
+    """SDXL's conditioning c, exactly what StableDiffusionXLPipeline passes its UNet: cross-attention states, and
+    `added_cond_kwargs` = {"text_embeds": pooled, "time_ids": time_ids}. All three are float tensors in the
+    pipeline's dtype, so .to(dtype) casts all three (time ids are small integers: exact in fp16/bf16)."""
+    emb: torch.Tensor  # (B, 77, D1 + D2): penultimate hidden states of CLIP-L and CLIP-bigG, concatenated (2048)
+    pooled: torch.Tensor  # (B, P): text_encoder_2's projected pooled output (1280)
+    time_ids: torch.Tensor  # (B, 6): (original H, W, crop top, left, target H, W) in pixels
+
+    def to(self, dtype):
+        return SDXLText(*(x.to(dtype) for x in self))
+
+    def expand_as(self, other):
+        return SDXLText(*(x.expand_as(y) for x, y in zip(self, other)))
+
+    def zeroed(self):
+        """∅ as StableDiffusionXLPipeline builds it when no negative prompt is given and the pipeline's
+        force_zeros_for_empty_prompt is set (SDXL base's default): zero text states and pooled embedding, the
+        same size micro-conditions. DMD2-SDXL's training code does the same."""
+        return SDXLText(torch.zeros_like(self.emb), torch.zeros_like(self.pooled), self.time_ids)
+
+
+class TextEncoders(typing.NamedTuple):
+    """A family with two text encoders (SDXL): both, and the default image size (H, W) in pixels, which its
+    pipeline turns into the time-id micro-conditions (unet sample_size × the VAE's downsampling factor)."""
+    first: torch.nn.Module
+    second: torch.nn.Module
+    image_size: tuple
+
 # -----------------------------------------------------------------------------
 # 2. Per-family functions: the denoiser as ε(x_t, t, c), prompts as c
 
@@ -58,6 +88,13 @@ def pixart_eps(transformer, x_t, t, cond):
     return out[:, :x_t.shape[1]]  # ε̂: (B, 4, h, w)
 
 
+def sdxl_eps(unet, x_t, t, cond):
+    """SDXL's UNet2DConditionModel (addition_embed_type "text_time"): the pooled text embedding and the 6 time
+    ids enter through added_cond_kwargs, as StableDiffusionXLPipeline passes them."""
+    return unet(x_t, t, encoder_hidden_states=cond.emb,
+                added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": cond.time_ids}).sample  # ε̂: (B, 4, h, w)
+
+
 @torch.no_grad()
 def clip_text(tokenizer, text_encoder, prompts):
     """c as StableDiffusionPipeline makes it: pad to 77 CLIP tokens, last hidden state."""
@@ -74,6 +111,22 @@ def t5_text(tokenizer, text_encoder, prompts):
                     return_tensors="pt").to(text_encoder.device)
     return MaskedText(text_encoder(tok.input_ids, attention_mask=tok.attention_mask)[0], tok.attention_mask)
 
+@torch.no_grad()
+def sdxl_text(tokenizers, encoders, prompts):
+    """c as StableDiffusionXLPipeline.encode_prompt (clip_skip None) and _get_add_time_ids make it at the default
+    size: each CLIP tokenizer pads to 77, each encoder's penultimate hidden states (hidden_states[-2]),
+    concatenated; the pooled embedding is text_encoder_2's projected output; time ids (H, W, 0, 0, H, W)."""
+    states = []
+    for tokenizer, encoder in zip(tokenizers, encoders[:2]):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(encoder.device)
+        out = encoder(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])  # (B, 77, D_i)
+    pooled = out[0]  # (B, P): CLIPTextModelWithProjection's text_embeds (the second encoder's)
+    H, W = encoders.image_size
+    time_ids = pooled.new_tensor([[H, W, 0, 0, H, W]], dtype=torch.float32).repeat(len(prompts), 1)  # (B, 6)
+    return SDXLText(torch.cat(states, -1).float(), pooled.float(), time_ids)
+
 # -----------------------------------------------------------------------------
 # 3. The records
 
@@ -89,8 +142,11 @@ class Family:
     generator_classes: tuple  # `_class_name`s a --generator_init config may carry (old names included)
     text_encoder: str  # transformers classes of the text encoder and its tokenizer
     tokenizer: str
+    text_encoder_2: str = ""  # a second text encoder and tokenizer (SDXL), in text_encoder_2/ and tokenizer_2/:
+    tokenizer_2: str = ""  # then Models.tokenizer is a pair and the text encoder a TextEncoders
     encode: typing.Callable  # encode(tokenizer, text_encoder, prompts) -> c
-    null_prompt: str = ""  # CFG's ∅ is this prompt's c, as both pipelines build it (negative prompt "")
+    null_prompt: str = ""  # CFG's ∅ is this prompt's c, as SD's and PixArt's pipelines build it (negative prompt "")
+    null_zeros: bool = False  # ... with its embeddings zeroed (c.zeroed()), as SDXL's pipeline builds it
     pre_encode: bool  # encode every prompt once at start-up (cached in output_dir), then free the text encoder
     eps: typing.Callable  # eps(net, x_t, t, c) -> ε̂ (B, 4, h, w)
     readout: str  # the denoiser's last layer, computed in fp32 (readout_in_fp32)
@@ -121,7 +177,18 @@ FAMILIES = {f.name: f for f in (
            eps=pixart_eps, readout="proj_out", t_star=400,
            lora_targets=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "adaln_single.linear"),
            pipeline="PixArtAlphaPipeline", tiny_decoder="madebyollin/taesd",
-           example="PixArt-alpha/PixArt-XL-2-512x512"))}
+           example="PixArt-alpha/PixArt-XL-2-512x512"),
+    # SDXL: t* = 399 and a zero ∅ as DMD2-SDXL (LCMScheduler, timesteps=[399]) and DI++-SDXL; docs/sdxl.md.
+    Family(name="sdxl", title="SDXL", recognise=lambda index: "unet" in index and "text_encoder_2" in index,
+           denoiser="UNet2DConditionModel", folder="unet", generator_classes=("UNet2DConditionModel",),
+           text_encoder="CLIPTextModel", tokenizer="CLIPTokenizer", text_encoder_2="CLIPTextModelWithProjection",
+           tokenizer_2="CLIPTokenizer", encode=sdxl_text, null_zeros=True, pre_encode=False,
+           eps=sdxl_eps, readout="conv_out", t_star=399,
+           lora_targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                         "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+                         "time_emb_proj"),
+           pipeline="StableDiffusionXLPipeline", tiny_decoder="madebyollin/taesdxl",
+           example="stabilityai/stable-diffusion-xl-base-1.0"))}
 
 # -----------------------------------------------------------------------------
 # 4. Loading a model folder or hub id
@@ -174,8 +241,9 @@ def load_models(name, device, dtype, text_encoder=True):
     import transformers
     fam = find_family(name)
     if os.path.isdir(name):
+        second = ("text_encoder_2/config.json", "tokenizer_2/tokenizer_config.json") if fam.text_encoder_2 else ()
         missing = [f for f in (f"{fam.folder}/config.json", "vae/config.json", "text_encoder/config.json",
-                               "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json")
+                               "tokenizer/tokenizer_config.json", *second, "scheduler/scheduler_config.json")
                    if not os.path.isfile(os.path.join(name, f))]
         if missing:
             plumbing.die(f"'{name}' is not a complete diffusers {fam.title} folder: missing {', '.join(missing)}. "
@@ -183,24 +251,49 @@ def load_models(name, device, dtype, text_encoder=True):
     get = lambda cls, sub: plumbing.load_or_die(lambda: cls.from_pretrained(name, subfolder=sub), name, f"{sub}/")
     net, vae = get(getattr(diffusers, fam.denoiser), fam.folder), get(diffusers.AutoencoderKL, "vae")
     tokenizer = get(getattr(transformers, fam.tokenizer), "tokenizer")
+    if fam.tokenizer_2:  # SDXL: (CLIP-L's, CLIP-bigG's)
+        tokenizer = (tokenizer, get(getattr(transformers, fam.tokenizer_2), "tokenizer_2"))
     scheduler = get(diffusers.DDPMScheduler, "scheduler")
     if scheduler.config.prediction_type != "epsilon":
         plumbing.die(f"'{name}' predicts {scheduler.config.prediction_type}; dipp supports ε-prediction models")
     plumbing.freeze(net, device, dtype)
-    # the VAE stays fp32 under fp16 (its decoder's activations overflow fp16 at 512 px); bf16 is safe
+    # the VAE stays fp32 under fp16 (its decoder's activations overflow fp16 at 512 px, SDXL's at any size; the
+    # alternative, madebyollin/sdxl-vae-fp16-fix, is a VAE folder to put in place of vae/); bf16 is safe
     plumbing.freeze(vae, device, torch.float32 if dtype == torch.float16 else dtype)
     text = load_text_encoder(name, fam, device, dtype) if text_encoder else None
     return Models(fam, readout_in_fp32(net, fam), vae, text, tokenizer, scheduler.alphas_cumprod)
 
 
 def load_text_encoder(name, family, device, dtype):
+    """The frozen text encoder; for a family with two (SDXL) a TextEncoders with both and the default size."""
     import transformers
-    load = lambda: getattr(transformers, family.text_encoder).from_pretrained(name, subfolder="text_encoder")
-    return plumbing.freeze(plumbing.load_or_die(load, name, "text_encoder/"), device, dtype)
+
+    def load(cls, sub):
+        get = lambda: getattr(transformers, cls).from_pretrained(name, subfolder=sub)
+        return plumbing.freeze(plumbing.load_or_die(get, name, f"{sub}/"), device, dtype)
+    first = load(family.text_encoder, "text_encoder")
+    if not family.text_encoder_2:
+        return first
+    return TextEncoders(first, load(family.text_encoder_2, "text_encoder_2"), default_image_size(name))
+
+
+def default_image_size(name):
+    """(H, W) in pixels that a stock pipeline samples by default: unet sample_size × 2^(VAE blocks − 1)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    unet = plumbing.load_or_die(lambda: UNet2DConditionModel.load_config(name, subfolder="unet"), name, "unet/")
+    vae = plumbing.load_or_die(lambda: AutoencoderKL.load_config(name, subfolder="vae"), name, "vae/")
+    size = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    return (size, size)
+
+
+def null_condition(family, text):
+    """CFG's ∅ (1, ...): the null prompt's c (SD, PixArt), or that c with its embeddings zeroed (SDXL)."""
+    c = text([family.null_prompt])
+    return c.zeroed() if family.null_zeros else c
 
 
 def text_conditioning(name, family, tokenizer, prompt_lists, device, dtype, cache_dir, main_rank=True, world=1):
-    """(prompts -> c, text encoder or None). SD's CLIP encoder (123 M) runs every step. A pre-encoding family
+    """(prompts -> c, text encoder or None). SD's CLIP encoder (123 M) runs every step, as SDXL's two (817 M). A pre-encoding family
     (PixArt's T5) encodes each prompt of the lists once, cached in cache_dir, and is freed before the trainable
     nets exist; a rerun or resume with the same prompts never loads it."""
     if not family.pre_encode:

@@ -1,9 +1,11 @@
-"""Random-weight model folders for `dipp.py --random_weights tiny|tiny_pixart|sd15|pixart512` (`--tiny` is short
-for the first) and for the tests.
+"""Random-weight model folders for `dipp.py --random_weights tiny|tiny_pixart|tiny_sdxl|sd15|pixart512|sdxl`
+(`--tiny` is short for the first) and for the tests.
 
 Not needed to understand DI++. The components are written with save_pretrained, so dipp loads them
 through exactly the same code as the real SD1.5 / PixArt-α weights; nothing is downloaded. A PixArt folder
 holds a PixArtTransformer2DModel, a T5 encoder and a T5 tokenizer built in-process, and the same VAE as SD.
+An SDXL folder holds a "text_time" UNet, CLIPTextModel + CLIPTextModelWithProjection with two tokenizers, a VAE
+with SDXL's scaling factor and SDXL's EulerDiscreteScheduler config.
 """
 import json
 import os
@@ -48,16 +50,46 @@ SHAPES["pixart512"] = dict(
                                      num_attention_heads=16, caption_channels=4096, cross_attention_dim=1152),
     t5=dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=2, vocab_size=32128))
 
+# SDXL: the UNet as diffusers' own SDXL pipeline tests build it (text_time embedding, linear projections), with
+# two text encoders of different widths so that a mix-up of the two cannot pass: cross-attention sees 32 + 48,
+# the added embedding 6 time ids × 8 + the second encoder's projection (24). `sdxl` is SDXL-base-1.0's config.
+SHAPES["tiny_sdxl"] = dict(
+    SHAPES["tiny"], unet=dict(SHAPES["tiny"]["unet"], cross_attention_dim=80, use_linear_projection=True,
+                              addition_embed_type="text_time", addition_time_embed_dim=8,
+                              projection_class_embeddings_input_dim=6 * 8 + 24),
+    vae=dict(SHAPES["tiny"]["vae"], scaling_factor=0.13025),
+    text2=dict(SHAPES["tiny"]["text"], hidden_size=48, projection_dim=24, hidden_act="gelu"))
+SHAPES["sdxl"] = dict(
+    SHAPES["sd15"], unet=dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                              attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+                              cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                              addition_time_embed_dim=256, projection_class_embeddings_input_dim=6 * 256 + 1280),
+    vae=dict(SHAPES["sd15"]["vae"], sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+    text=dict(SHAPES["sd15"]["text"], hidden_act="quick_gelu"),  # CLIP ViT-L/14's text tower
+    text2=dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,  # OpenCLIP
+               vocab_size=49408, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu"))  # bigG/14
+
+
+def model_subfolder(shapes):
+    """Where build_random writes the diffusion model of SHAPES[shapes], under its folder."""
+    arch = SHAPES[shapes]
+    return "pixart" if "transformer" in arch else "sdxl" if "text2" in arch else "sd"
+
 
 def build_random(folder, shapes="tiny", seed=0):
     """A diffusers model folder with random weights and a CLIP reward model, written with save_pretrained so
     that dipp runs the very same loading code as for real weights. Returns (model folder, CLIP folder):
     SD-1.x (UNet, VAE, CLIP text encoder + tokenizer, scheduler) in folder/sd, or PixArt-α (transformer, VAE,
-    T5 encoder + tokenizer, scheduler) in folder/pixart."""
-    from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    T5 encoder + tokenizer, scheduler) in folder/pixart, or SDXL (UNet, VAE, two CLIP text encoders + tokenizers,
+    scheduler) in folder/sdxl."""
+    from diffusers import (AutoencoderKL, AutoencoderTiny, DDPMScheduler, EulerDiscreteScheduler,
+                           PixArtTransformer2DModel, UNet2DConditionModel)
+    from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                              CLIPTokenizer, T5Config, T5EncoderModel)
     arch, clip = SHAPES[shapes], os.path.join(folder, "clip")
-    sd = os.path.join(folder, "pixart" if "transformer" in arch else "sd")
+    sd = os.path.join(folder, model_subfolder(shapes))
     stamp, marker = json.dumps({"shapes": arch, "seed": seed}), os.path.join(folder, "random_weights.json")
     if os.path.isfile(marker) and open(marker).read() == stamp:  # already written (SD1.5 shapes: ~6 GB)
         return sd, clip
@@ -69,12 +101,21 @@ def build_random(folder, shapes="tiny", seed=0):
             os.path.join(sd, "text_encoder"))
         t5_tokenizer().save_pretrained(os.path.join(sd, "tokenizer"))
         schedule = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    elif "text2" in arch:  # SDXL: SD's β schedule, saved as SDXL-base's Euler config (dipp reads only its ᾱ)
+        UNet2DConditionModel(**arch["unet"]).save_pretrained(os.path.join(sd, "unet"))
+        CLIPTextModel(CLIPTextConfig(**arch["text"])).save_pretrained(os.path.join(sd, "text_encoder"))
+        CLIPTextModelWithProjection(CLIPTextConfig(**arch["text2"])).save_pretrained(os.path.join(sd, "text_encoder_2"))
+        schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     else:
         UNet2DConditionModel(**arch["unet"]).save_pretrained(os.path.join(sd, "unet"))
         CLIPTextModel(CLIPTextConfig(**arch["text"])).save_pretrained(os.path.join(sd, "text_encoder"))
         schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     AutoencoderKL(**arch["vae"]).save_pretrained(os.path.join(sd, "vae"))
-    DDPMScheduler(clip_sample=False, prediction_type="epsilon", **schedule).save_pretrained(os.path.join(sd, "scheduler"))
+    if "text2" in arch:
+        EulerDiscreteScheduler(prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
+                               **schedule).save_pretrained(os.path.join(sd, "scheduler"))
+    else:
+        DDPMScheduler(clip_sample=False, prediction_type="epsilon", **schedule).save_pretrained(os.path.join(sd, "scheduler"))
     AutoencoderTiny(**arch["taesd"]).save_pretrained(os.path.join(folder, "taesd"))  # for --reward_decoder tiny
     CLIPModel(CLIPConfig(text_config=arch["text"], vision_config=arch["vision"],
                          projection_dim=arch["text"]["projection_dim"])).save_pretrained(clip)
@@ -82,12 +123,15 @@ def build_random(folder, shapes="tiny", seed=0):
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(161, 173)) + list(range(174, 256))
     chars = [chr(b) for b in bs] + [chr(256 + i) for i in range(256 - len(bs))]  # GPT-2's bytes_to_unicode
     vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    for out in [clip] + ([] if "transformer" in arch else [os.path.join(sd, "tokenizer")]):
+    tokenizers = [] if "transformer" in arch else [os.path.join(sd, "tokenizer")]
+    tokenizers += [os.path.join(sd, "tokenizer_2")] if "text2" in arch else []
+    for out in [clip] + tokenizers:
         os.makedirs(out, exist_ok=True)
         json.dump(vocab, open(os.path.join(out, "vocab.json"), "w"))
         open(os.path.join(out, "merges.txt"), "w").write("#version: 0.2\n")
+        pad = dict(pad_token="!") if out.endswith("tokenizer_2") else {}  # SDXL's tokenizer_2 pads with "!"
         CLIPTokenizer(os.path.join(out, "vocab.json"), os.path.join(out, "merges.txt"),
-                      model_max_length=77).save_pretrained(out)
+                      model_max_length=77, **pad).save_pretrained(out)
     open(marker, "w").write(stamp)
     return sd, clip
 
@@ -120,7 +164,7 @@ def use_random_weights(cfg, rank=0, world=1):
         build_random(folder, shapes, cfg.seed)
     if world > 1:
         torch.distributed.barrier()  # the other ranks load what rank 0 wrote
-    cfg.pretrained_model_name_or_path = os.path.join(folder, "pixart" if "pixart" in shapes else "sd")
+    cfg.pretrained_model_name_or_path = os.path.join(folder, model_subfolder(shapes))
     if cfg.reward != "none":
         cfg.reward, cfg.reward_model_path = "clip", os.path.join(folder, "clip")
     cfg.reward_decoder_path = cfg.reward_decoder_path or os.path.join(folder, "taesd")

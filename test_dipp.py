@@ -1723,3 +1723,217 @@ def test_pixart_benchmark_sweep_and_512_shapes(tmp_path):
     with torch.device("meta"):
         net = PixArtTransformer2DModel(in_channels=4, out_channels=8, **random_weights.SHAPES["pixart512"]["transformer"])
     assert round(sum(p.numel() for p in net.parameters()) / 1e9, 2) == 0.61
+
+
+# ----------------------------------------------------------------------------- SDXL family (issue 22, part 1)
+
+@functools.lru_cache(maxsize=None)
+def tiny_sdxl_models(folder=os.path.join(TMP, "dipp-test-tiny-sdxl")):
+    """A tiny SDXL folder (text_time UNet, CLIP-L + CLIP-bigG-with-projection of other widths, two tokenizers,
+    VAE, SDXL's Euler scheduler config) + CLIP, written once per session."""
+    return random_weights.build_random(folder, "tiny_sdxl")
+
+
+def sdxl_pipeline(folder, unet, scheduler):
+    """A stock StableDiffusionXLPipeline assembled by hand from a folder's components (as DMD2's SDXL README does
+    with its one-step UNet), force_zeros_for_empty_prompt at its default (True)."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    return StableDiffusionXLPipeline(
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+        text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2"),
+        tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"),
+        unet=unet, scheduler=scheduler, add_watermarker=False)
+
+
+def test_sdxl_conditioning_null_and_cfg_are_what_the_stock_pipeline_passes_its_unet():
+    """A stock StableDiffusionXLPipeline call with CFG (ω = 3, no negative prompt), hooked at its UNet: the
+    cross-attention states, pooled embeddings and time ids it passes are bit for bit dipp's c and ∅ (zeros, as
+    force_zeros_for_empty_prompt), stacked (∅, c); ε̂ of the family on the same input is the UNet's output;
+    and dipp.guided gives the pipeline's guided ε̂."""
+    from diffusers import EulerDiscreteScheduler
+    folder = tiny_sdxl_models()[0]
+    fam, unet, _, text_encoder, tokenizer, _ = dipp.load_teacher(folder, torch.device("cpu"), torch.float32)
+    assert fam.name == "sdxl" and isinstance(tokenizer, tuple) and text_encoder.image_size == (16, 16)
+    torch.manual_seed(0)
+    for p in unet.parameters():  # move off the init so that cond and uncond really differ
+        p.data += 0.02 * torch.randn_like(p)
+    seen = []
+    unet.register_forward_hook(lambda m, args, kwargs, out: seen.append((args, kwargs, out[0])), with_kwargs=True)
+    pipe = sdxl_pipeline(folder, unet, EulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"))
+    prompts = ["a red bicycle", "a fox in the snow"]
+    pipe(prompts, num_inference_steps=1, guidance_scale=3.0, latents=torch.randn(2, 4, 8, 8), output_type="latent")
+    (x, t), kw, out = seen[0]
+    c = fam.encode(tokenizer, text_encoder, prompts)
+    null = families.null_condition(fam, lambda p: fam.encode(tokenizer, text_encoder, p))
+    both = dipp.batch_cat(null.expand_as(c), c)
+    assert torch.equal(kw["encoder_hidden_states"], both.emb)
+    assert torch.equal(kw["added_cond_kwargs"]["text_embeds"], both.pooled)
+    assert torch.equal(kw["added_cond_kwargs"]["time_ids"], both.time_ids)
+    assert null.emb.abs().sum() == 0 and null.pooled.abs().sum() == 0 and c.emb.shape == (2, 77, 32 + 48)
+    assert c.time_ids.tolist() == [[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]] * 2 and c.pooled.shape == (2, 24)
+    seen.clear()
+    with torch.no_grad():
+        assert torch.equal(dipp.denoiser_eps(unet, fam)(x, t, both), out)
+        guided = dipp.guided(dipp.denoiser_eps(unet, fam), c, null.expand_as(c), 3.0)(x[:2], t.expand(2))
+    e_u, e_c = out.chunk(2)
+    assert torch.allclose(guided, e_u + 3.0 * (e_c - e_u), atol=1e-5)
+    assert (e_c - e_u).abs().max() > 1e-3  # the guidance really does something here
+
+
+def test_sdxl_training_run_and_its_export_reproduce_a_stock_one_step_sdxl_call(tmp_path):
+    """`--random_weights tiny_sdxl`, 2 steps with CFG (ω = 1.75) and the CLIP reward: only the generator and the
+    fake score move. The exported generator in a stock StableDiffusionXLPipeline with DMD2-SDXL's sampler
+    (LCMScheduler, num_inference_steps=1, timesteps=[399], guidance_scale=0) gives dipp's x0 = g_θ(z, c) from
+    the same z (LCM's boundary terms at t = 399 differ from 1 by < 1e-7: 3e-8 measured), bit for bit with
+    DDPMScheduler (clip_sample=False, as the SD test), and dipp --generate's images."""
+    from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, UNet2DConditionModel
+    out = str(tmp_path)
+    nets = dipp.main(["--random_weights", "tiny_sdxl", "--max_train_steps", "2", "--learning_rate", "1e-3",
+                      "--fake_learning_rate", "1e-3", "--reward_scale", "10", "--output_dir", out])
+    folder = os.path.join(out, "tiny_sdxl", "sdxl")
+    teacher = read_unet_from(folder)
+    assert nets["family"].name == "sdxl" and nets["G"].t_star == 399
+    assert same_weights(nets["teacher"], teacher) and not same_weights(nets["G"].net, teacher)
+    assert not same_weights(nets["fake"], teacher)
+    assert same_weights(nets["vae"], AutoencoderKL.from_pretrained(folder, subfolder="vae"))
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert log[-1]["step"] == 2 and all(v == v for v in log[-1].values())
+    assert json.load(open(os.path.join(out, "generator", "dipp.json"))) == {"generator_timestep": 399}
+    pipe = sdxl_pipeline(folder, UNet2DConditionModel.from_pretrained(os.path.join(out, "generator")),
+                         LCMScheduler.from_pretrained(folder, subfolder="scheduler"))
+    prompts = ["a red bicycle", "a fox"]
+    # the z ~ N(0, I) that dipp.generate draws with the run's --seed 0 (another seed would rebuild the random models)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    theirs = pipe(prompts, num_inference_steps=1, timesteps=[399], guidance_scale=0, latents=z,
+                  output_type="latent").images
+    with torch.no_grad():
+        ours = nets["G"](z, nets["text"](prompts))
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5), (ours - theirs).abs().max()
+    ddpm = sdxl_pipeline(folder, pipe.unet, DDPMScheduler.from_pretrained(folder, subfolder="scheduler", clip_sample=False))
+    assert torch.equal(ours, ddpm(prompts, num_inference_steps=1, timesteps=[399], guidance_scale=0, latents=z,
+                                  output_type="latent").images)  # DDPM's last step returns x̂0 itself: bit for bit
+    images = dipp.main(["--random_weights", "tiny_sdxl", "--output_dir", out, "--generate", "|".join(prompts),
+                        "--generator_init", os.path.join(out, "generator")])
+    theirs = pipe(prompts, num_inference_steps=1, timesteps=[399], guidance_scale=0, latents=z,
+                  output_type="pt").images
+    assert torch.allclose((images.clamp(-1, 1) + 1) / 2, theirs, atol=1e-4)
+
+
+def test_sdxl_generator_init_takes_dmd2s_bare_fp16_unet_file_and_unet_folders(tmp_path):
+    """--generator_init on SDXL: a bare fp16 UNet state dict saved with torch.save (the layout of DMD2-SDXL's
+    dmd2_sdxl_1step_unet_fp16.bin), a UNet model folder, and a pipeline folder holding unet/ give the same
+    generator at SDXL's default t* = 399; the fp16 file loads into fp32 master weights."""
+    from diffusers import UNet2DConditionModel
+    folder = tiny_sdxl_models()[0]
+    fam, teacher, *_, schedule = dipp.load_teacher(folder, torch.device("cpu"), torch.float32, text_encoder=False)
+    torch.manual_seed(3)
+    source = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    for p in source.parameters():
+        p.data = (p.data + 0.02 * torch.randn_like(p)).half().float()  # fp16-representable, as the released file
+    torch.save({k: v.half() for k, v in source.state_dict().items()}, tmp_path / "dmd2_sdxl_1step_unet_fp16.bin")
+    source.save_pretrained(tmp_path / "model")
+    source.save_pretrained(tmp_path / "pipe" / "unet")
+    for init in ("dmd2_sdxl_1step_unet_fp16.bin", "model", "pipe"):
+        G = dipp.build_generator(dipp.Config(generator_init=str(tmp_path / init)), teacher, fam, schedule,
+                                 torch.device("cpu"))
+        assert same_weights(G.net, source) and G.t_star == 399 and G.net.dtype == torch.float32, init
+
+
+def test_sdxl_lora_ema_resume_bf16_and_checkpointing_in_one_run(tmp_path):
+    """SDXL with --lora_rank --ema_decay --gradient_checkpointing --mixed_precision bf16: the base is one shared
+    frozen bf16 UNet (bit-identical to its file), adapters are fp32 and move, ε̂ is read out in fp32; 2 steps
+    straight equal 1 step + resume + 1 step; the export is a plain merged UNet folder."""
+    from diffusers import UNet2DConditionModel
+    common = ["--random_weights", "tiny_sdxl", "--lora_rank", "4", "--ema_decay", "0.5", "--gradient_checkpointing",
+              "--mixed_precision", "bf16", "--learning_rate", "1e-2", "--fake_learning_rate", "1e-2",
+              "--reward_scale", "10", "--checkpointing_steps", "1"]
+    straight = dipp.main(common + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "a")])
+    G, fake, teacher = straight["G"].net, straight["fake"], straight["teacher"]
+    assert G.conv_in.weight is teacher.conv_in.weight is fake.conv_in.weight and teacher.dtype == torch.bfloat16
+    assert G.is_gradient_checkpointing and fake.is_gradient_checkpointing
+    lora = {k: p for k, p in G.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in k and p.dtype == torch.float32 for k, p in lora.items())
+    assert any(p.abs().sum() > 0 for k, p in lora.items() if "lora_B" in k)
+    folder = str(tmp_path / "a" / "tiny_sdxl" / "sdxl")
+    assert same_weights(teacher, UNet2DConditionModel.from_pretrained(folder, subfolder="unet").to(torch.bfloat16))
+    seen = []
+    G.conv_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        straight["G"](torch.randn(1, 4, 8, 8), straight["text"](["a fox"]))
+    assert seen == [torch.float32]
+    dipp.main(common + ["--max_train_steps", "1", "--output_dir", str(tmp_path / "b")])
+    resumed = dipp.main(common + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "b"),
+                                  "--resume_from_checkpoint", "latest"])
+    assert same_weights(straight["G"].net, resumed["G"].net) and same_weights(straight["fake"], resumed["fake"])
+    exported = UNet2DConditionModel.from_pretrained(str(tmp_path / "a" / "generator"))
+    assert not any("lora" in k for k in exported.state_dict()) and exported.config.addition_embed_type == "text_time"
+
+
+def test_sdxl_shapes_are_sdxl_base():
+    """--random_weights sdxl (for --benchmark) has SDXL-base-1.0's parameter counts: UNet 2.567 B, CLIP-L text
+    123 M, CLIP-bigG text with projection 695 M (built on the meta device: nothing allocated)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    arch = random_weights.SHAPES["sdxl"]
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    with torch.device("meta"):
+        assert round(count(UNet2DConditionModel(**arch["unet"])) / 1e6) == 2567
+        assert round(count(CLIPTextModel(CLIPTextConfig(**arch["text"]))) / 1e6) == 123
+        assert round(count(CLIPTextModelWithProjection(CLIPTextConfig(**arch["text2"]))) / 1e6) == 695
+    assert random_weights.model_subfolder("sdxl") == "sdxl" and families.FAMILIES["sdxl"].recognise(
+        {"unet": 1, "text_encoder": 1, "text_encoder_2": 1}) and not families.FAMILIES["sd"].recognise({"unet": 1, "text_encoder_2": 1})
+
+
+def test_sdxl_compile_and_benchmark_keep_the_math_and_an_incomplete_folder_is_one_line(tmp_path, monkeypatch):
+    """On SDXL: one --compile --benchmark step (aot_eager) is within 0.1 % of the plain step's update and prints a
+    BENCHMARK line; a folder whose model_index.json names text_encoder_2 but lacks it is one line."""
+    import shutil
+    monkeypatch.setattr(plumbing, "COMPILE_BACKEND", "aot_eager")
+    common = ["--random_weights", "tiny_sdxl", "--max_train_steps", "1", "--learning_rate", "1e-3",
+              "--fake_learning_rate", "1e-3", "--reward_scale", "10", "--benchmark"]
+    plain = dipp.main(common + ["--output_dir", str(tmp_path / "m")])
+    compiled = dipp.main(common + ["--output_dir", str(tmp_path / "m"), "--compile", "default"])
+    assert compiled["G"].net._compiled_call_impl is not None and compiled["teacher"]._compiled_call_impl is not None
+    assert compiled["benchmark"] is not None
+    teacher = plain["teacher"].state_dict()
+    for a, b in ((plain["G"].net, compiled["G"].net), (plain["fake"], compiled["fake"])):
+        a, b = a.state_dict(), b.state_dict()
+        diff, update = distance(a, b), distance(a, teacher)
+        assert update > 0.01 and diff < 1e-3 * update, (diff, update)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sdxl_models()[0], broken, ignore=shutil.ignore_patterns("text_encoder_2"))
+    (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", **{
+        k: ["x", "y"] for k in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}}))
+    msg = error_of(["--pretrained_model_name_or_path", str(broken), "--output_dir", str(tmp_path / "r")])
+    assert "SDXL folder: missing text_encoder_2/config.json" in msg and "\n" not in msg
+
+
+def test_sdxl_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
+    """torchrun with 2 CPU processes (gloo) × batch 1 on SDXL (SDXLText through DDP's forward) gives the generator
+    one process with batch 2 gives, up to float summation order (the 2 % bound of the SD test)."""
+    import subprocess
+    from safetensors.torch import load_file
+    common = ["--random_weights", "tiny_sdxl", "--max_train_steps", "2", "--learning_rate", "1e-3",
+              "--fake_learning_rate", "1e-3", "--reward_scale", "10"]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "dipp.py", *common, "--train_batch_size", "1",
+                    "--output_dir", str(tmp_path / "ddp")], cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                   check=True, capture_output=True)
+    dipp.main(common + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "one")])
+    weights = lambda run: load_file(str(tmp_path / run / "generator" / "diffusion_pytorch_model.safetensors"))
+    init = load_file(str(tmp_path / "one" / "tiny_sdxl" / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors"))
+    diff, update = distance(weights("one"), weights("ddp")), distance(weights("one"), init)
+    assert update > 0.01 and diff < 0.02 * update, (diff, update)
+
+
+def test_sdxl_benchmark_sweep_runs_on_tiny_sdxl(tmp_path):
+    """bench/sweep.py --family sdxl runs the benchmark on tiny SDXL models, writing only the models."""
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import sweep
+    rows = sweep.main(["--tiny", "--family", "sdxl", "--batches", "1", "--steps", "3", "--out", str(tmp_path),
+                       "--setups", "lora64+checkpointing"])
+    assert rows[0]["images_per_s"] > 0 and "--random_weights tiny_sdxl" in rows[0]["command"]
+    assert set(os.listdir(tmp_path / "models")) == {"tiny_sdxl"}

@@ -1,5 +1,5 @@
 """Benchmark configurations in one process, on SD1.5- or PixArt-α-512-shaped random weights (no download), bf16
-autocast. Each configuration is `python dipp.py --random_weights sd15|pixart512 --benchmark ...` with the setup's flags; one line
+autocast. Each configuration is `python dipp.py --random_weights sd15|pixart512|sdxl --benchmark ...` with the setup's flags; one line
 per configuration is printed and appended to results.jsonl, and table.md is rewritten after each, so a
 run cut short by a time limit still leaves every finished figure behind.
 
@@ -7,6 +7,7 @@ run cut short by a time limit still leaves every finished figure behind.
     python bench/sweep.py --out bench_out --setups speed --batches 8   # eager vs the speed switches
     python bench/sweep.py --tiny --out /tmp/bench               # the same on tiny models (CPU smoke test)
     python bench/sweep.py --family pixart --out bench_pixart    # PixArt-α 512 px (T5 encodes once, then is freed)
+    python bench/sweep.py --family sdxl --out bench_sdxl --setups lora64+checkpointing   # SDXL 1024 px
 """
 import argparse
 import json
@@ -64,7 +65,8 @@ def main(argv=None):
     p.add_argument("--out", default="bench_out", help="results.jsonl and table.md go here")
     p.add_argument("--models", default="", help="where the random weights are written once (default: OUT/models)")
     p.add_argument("--tiny", action="store_true", help="tiny random models instead of full-size shapes")
-    p.add_argument("--family", choices=("sd", "pixart"), default="sd", help="SD1.5 (UNet) or PixArt-α 512 px (DiT) shapes")
+    p.add_argument("--family", choices=("sd", "pixart", "sdxl"), default="sd",
+                   help="SD1.5 (UNet), PixArt-α 512 px (DiT) or SDXL 1024 px (UNet) shapes")
     p.add_argument("--setups", nargs="+", default=["table"], help=f"setup names or groups: {list(SETUPS)}, {list(GROUPS)}")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--steps", type=int, default=6, help="iterations per configuration (the first 2 are warm-up)")
@@ -78,7 +80,8 @@ def main(argv=None):
         p.error(f"unknown setup(s) {unknown}; choose from {list(SETUPS)} or {list(GROUPS)}")
     os.makedirs(args.out, exist_ok=True)
     shapes = ["--random_weights", {("sd", True): "tiny", ("sd", False): "sd15", ("pixart", True): "tiny_pixart",
-                                   ("pixart", False): "pixart512"}[args.family, args.tiny]]
+                                   ("pixart", False): "pixart512", ("sdxl", True): "tiny_sdxl",
+                                   ("sdxl", False): "sdxl"}[args.family, args.tiny]]
     shapes += [] if args.tiny else ["--mixed_precision", "bf16"]
     rows, start = [], time.time()
     for name in names:

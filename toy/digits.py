@@ -4,7 +4,7 @@ The 2-D toy (toy/gmm.py) checks DI++ against exact answers; this one checks that
 on images with a teacher that was *trained*: a small class-conditional diffusion model on the 1,797
 digits of `sklearn.datasets.load_digits` (the class is the prompt; CFG by label dropout). One-step
 generators are then distilled from it and aligned with a reward by dipp.py's own losses and Alg. 1 steps
-(`dipp.fake_score_step`, `dipp.generator_step`, `dipp.guided`, `dipp.cfg_reward_loss`); this file holds
+(`dipp.dipp_step`, `dipp.guided`, `dipp.cfg_reward_loss`); this file holds
 only the data, three small networks, the teacher's multi-step sampler, metrics and plots.
 
     python toy/digits.py            # the full run (3 seeds), see docs/digits.md for its wall time -> digits_out/
@@ -329,15 +329,13 @@ def train(teacher, schedule, args, reward_scale, omega, reward_fn=None, seed=0, 
             on_step(0, G)
     for step in range(args.steps):
         c = torch.randint(C, (B,))  # c ~ U{0..9}: the prompts
-        G_c = lambda z: G(z, c)
         fake_c = lambda x_t, t: fake(x_t, t, c)  # the fake score is never guided
-        real_c = dipp.guided(teacher, c, torch.full((B,), -1), omega)  # s̃_ref with CFG ω
-        r_c = (lambda x0: reward_fn(x0, c)) if reward_fn is not None else None
-        for _ in range(cfg.fake_steps_per_G):
-            dipp.fake_score_step(G_c, fake_c, fake.parameters(), opt_fake, scaler,
-                                 dipp.draw_noise(B, SHAPE, SHAPE, cfg, "cpu"), schedule, cfg)
-        stats = dipp.generator_step(G_c, real_c, fake_c, r_c, G.parameters(), opt_G, scaler,
-                                    dipp.draw_noise(B, SHAPE, SHAPE, cfg, "cpu"), schedule, cfg)
+        nets = dipp.Bound(G=lambda z: G(z, c), real_eps=dipp.guided(teacher, c, torch.full((B,), -1), omega),
+                          fake_eps=fake_c, fake_train_eps=fake_c,  # s̃_ref with CFG ω; one process, no DDP
+                          reward=(lambda x0: reward_fn(x0, c)) if reward_fn is not None else None)
+        noises = [dipp.draw_noise(B, SHAPE, SHAPE, cfg, "cpu") for _ in range(cfg.fake_steps_per_G + 1)]
+        _, stats, _ = dipp.dipp_step(nets, (list(fake.parameters()), opt_fake, scaler), (params, opt_G, scaler),
+                                     noises, schedule, cfg)  # Alg. 1: K_TA fake-score updates, one G update
         if ema is not None:
             plumbing.ema_update(ema, params, args.ema)
         if (step + 1) % 50 == 0:

@@ -179,9 +179,9 @@ def encoded_prompts(folder, key, prompts, make_encoder, device, main_rank=True, 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         writable_dir(folder)
-        save_file({k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}, path + ".tmp",
-                  metadata={"key": json.dumps(key), "prompts": json.dumps(prompts)})
-        os.replace(path + ".tmp", path)
+        table = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
+        write_files({path: lambda tmp: save_file(table, tmp, metadata={"key": json.dumps(key),
+                                                                      "prompts": json.dumps(prompts)})})
     if world > 1:
         torch.distributed.barrier()  # the other ranks read what rank 0 wrote
     table, row = load_file(path), {p: i for i, p in enumerate(prompts)}
@@ -471,9 +471,10 @@ def save_checkpoint(cfg, step, nets, t_star, states, ema=None, rng=None):
         write_generator_record(tmp, t_star)
     except BaseException as e:  # a full disk, a kill: drop the partial folder, keep every older checkpoint
         shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(e, OSError):
+        reason = write_failure(e)
+        if reason is None:
             raise
-        die(f"could not write {final} ({e.strerror or e}); the partial folder was removed. Last good "
+        die(f"could not write {final} ({reason}); the partial folder was removed. Last good "
             f"checkpoint: {last_checkpoint(cfg.output_dir)}; free space and resume with --resume_from_checkpoint latest")
     if os.path.isdir(final):  # resuming from an earlier step into the same output_dir: swap the old one out
         os.replace(final, final + ".old")
@@ -482,6 +483,43 @@ def save_checkpoint(cfg, step, nets, t_star, states, ema=None, rng=None):
     if cfg.checkpoints_total_limit > 0:
         for old in list_checkpoints(cfg.output_dir)[:-cfg.checkpoints_total_limit]:
             shutil.rmtree(old)
+
+
+def write_failure(error):
+    """Why a file write failed (full disk, quota, file-size limit), or None when `error` is something else. Each
+    writer says it its own way: open() and PIL raise OSError; safetensors a SafetensorError "I/O error: ... (os
+    error 28)"; torch.save's zip writer a RuntimeError that names no cause at all (measured under RLIMIT_FSIZE:
+    "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if isinstance(error, OSError):
+        return error.strerror or text or type(error).__name__
+    if type(error).__name__ == "SafetensorError" and "I/O error" in text:
+        return text[text.index("I/O error"):]
+    if isinstance(error, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        return f"torch.save could not write the file, most likely a full disk: {text[:120]}"
+    return None
+
+
+def write_files(writers):
+    """writers: {path: write(tmp_path)}. Every file is first written to path.tmp, and only when all are written
+    are they renamed into place (a rename needs no space): the paths hold all the new files or none of them,
+    never a half-written one. A write that fails (full disk, quota, file-size limit) removes every .tmp and
+    ends in one line; any other error is raised as it is, also after removing them."""
+    tmps = {path: f"{path}.tmp" for path in writers}
+    try:
+        for path, write in writers.items():
+            write(tmps[path])
+    except BaseException as e:
+        for tmp in tmps.values():
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        die(f"could not write '{path}' ({reason}); nothing half-written was left. Free space, or choose "
+            "another --output_dir, and run again")
+    for path, tmp in tmps.items():
+        os.replace(tmp, path)
 
 
 def list_checkpoints(output_dir):

@@ -23,9 +23,24 @@ import torch
 # 1. One-line errors and loading
 
 
+PROGRAM = "dipp"  # the name one-line errors start with; evaluate.py speaks for itself with as_program
+
+
 def die(message):
     """One clear line instead of a traceback: what is wrong and how to fix it."""
-    raise SystemExit(f"dipp: error: {message}")
+    raise SystemExit(f"{PROGRAM}: error: {message}")
+
+
+@contextlib.contextmanager
+def as_program(name):
+    """Inside the block every one-line error, this module's and its callers', starts with `name`: evaluate.py
+    runs dipp's loaders, and their messages then speak for evaluate."""
+    global PROGRAM
+    previous, PROGRAM = PROGRAM, name
+    try:
+        yield
+    finally:
+        PROGRAM = previous
 
 
 def load_or_die(fn, name, what):

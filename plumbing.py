@@ -58,43 +58,68 @@ def load_or_die(fn, name, what):
 
 
 def load_weights_or_die(module, path):
-    """Load a bare state-dict file (.safetensors, or a torch .bin/.pt/.pth read with weights_only=True so
-    that a file someone sends you cannot run code) into module; wrong keys or shapes are one line."""
+    """Load a bare state-dict file (read_weights) into module; wrong keys or shapes are one line."""
+    return load_strictly(module, read_weights(path), f"the weight file '{path}'",
+                         f"the teacher's {type(module).__name__} config")
+
+
+def read_weights(path):
+    """The tensors of a .safetensors file, or of a torch .bin/.pt/.pth read with weights_only=True so that a file
+    someone sends you cannot run code; a missing or unreadable file is one line."""
     from safetensors.torch import load_file
     if not os.path.isfile(path):
         die(f"the weight file '{path}' does not exist")
     try:
-        weights = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+        return load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
+                                                                                weights_only=True)
     except Exception as e:  # truncated, not this format, or a pickle with code in it
         die(f"the weight file '{path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
-    expected = {k: v.shape for k, v in module.state_dict().items()}
-    got = {k: getattr(v, "shape", None) for k, v in weights.items()} if isinstance(weights, dict) else {}
-    if got != expected:
-        bad = sorted(set(expected) ^ set(got)) + [k for k in expected if k in got and got[k] != expected[k]]
-        die(f"the weight file '{path}' does not match the teacher's {type(module).__name__} config ({len(got)} "
-            f"tensors, {len(expected)} expected; first mismatch: {bad[0] if bad else 'not a state dict'})")
+
+
+def load_strictly(module, weights, source, what):
+    """module.load_state_dict(weights) when every key of both fits with its shape, else one line naming the keys
+    that are missing from `source`, those it has beyond `what`, and those of another shape. (Loaders that pass
+    strict=False, as ImageReward's does, would leave the misfits silently at their random initialisation.)"""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    got = {k: tuple(getattr(v, "shape", (-1,))) for k, v in weights.items()} if isinstance(weights, dict) else {}
+    misfits = {"missing": [k for k in expected if k not in got], "unexpected": [k for k in got if k not in expected],
+               "of another shape": [k for k in expected if k in got and got[k] != expected[k]]}
+    if any(misfits.values()) or not got:
+        listed = "; ".join(f"{len(keys)} {kind}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                           for kind, keys in misfits.items() if keys)
+        die(f"{source} does not match {what} ({len(got)} tensors, {len(expected)} expected; "
+            f"{listed if got else 'not a state dict'})")
     module.load_state_dict(weights)
     return module
 
 
 def load_imagereward(path, device):
     """The ImageReward model from a local folder (ImageReward.pt + med_config.json) or, with path "", by name
-    through the package's own downloader (hub repo THUDM/ImageReward); a missing file is one line."""
+    through the package's own downloader (hub repo THUDM/ImageReward, into ~/.cache/ImageReward); a missing file
+    is one line. Loaded strictly: the package's own ImageReward.load passes strict=False, with which a
+    checkpoint that does not fit would leave part of the scorer at its random initialisation."""
     sys.modules.setdefault("clip", type(sys)("clip"))  # ImageReward imports OpenAI's `clip` but never uses it for ImageReward
     import ImageReward as RM
+    names = ("ImageReward.pt", "med_config.json")
     if path:
-        files = [os.path.join(path, f) for f in ("ImageReward.pt", "med_config.json")]
+        files = [os.path.join(path, f) for f in names]
         missing = [f for f in files if not os.path.isfile(f)]
         if missing:
             die(f"--reward_model_path is missing {', '.join(missing)}; download both from the hub repo "
                 "THUDM/ImageReward (huggingface-cli download THUDM/ImageReward --local-dir DIR)")
-        load = lambda: RM.load(files[0], device="cpu", med_config=files[1])
-    else:
-        load = lambda: RM.load("ImageReward-v1.0", device="cpu")
-    model = load_or_die(load, path or "THUDM/ImageReward", "the ImageReward model (and its BERT tokenizer "
-                        "'bert-base-uncased')")
+    else:  # what ImageReward.load("ImageReward-v1.0") fetches, where it keeps it
+        root, url = os.path.expanduser("~/.cache/ImageReward"), "https://huggingface.co/THUDM/ImageReward/blob/main/"
+        files = [load_or_die(lambda f=f: RM.utils.ImageReward_download(url + f, root), "THUDM/ImageReward",
+                             f"the ImageReward model ({f})") for f in names]
+
+    def build():  # ImageReward.load without its strict=False
+        return RM.ImageReward(med_config=files[1], device="cpu"), torch.load(files[0], map_location="cpu",
+                                                                             weights_only=True)
+    model, weights = load_or_die(build, path or "THUDM/ImageReward", "the ImageReward model (and its BERT "
+                                 "tokenizer 'bert-base-uncased')")
+    load_strictly(model, weights, f"'{files[0]}'", "ImageReward v1.0 (BLIP ViT-L + BERT + MLP)")
     model.device = device  # score_gard builds its attention mask on model.device
-    return model
+    return model.eval()
 
 
 def check_model_class(name, sub, expected):

@@ -230,16 +230,16 @@ def locate(name, files, flag, what, patterns=None):
     return [os.path.join(folder, f) for f in files]
 
 
-def check_sha256(path, expected, what):
-    """The file's bytes are the published ones, whichever mirror or folder they came from."""
+def check_aesthetic_file(path):
+    """The aesthetic head's bytes are the published file's, whichever mirror or folder they came from."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    if digest.hexdigest() != expected:
-        die(f"'{path}' is not the official {what}: its sha256 is {digest.hexdigest()}, the official file's "
-            f"{expected}; get {os.path.basename(path)} from christophschuhmann/improved-aesthetic-predictor "
-            "(or a mirror with the same bytes)")
+    if digest.hexdigest() != AESTHETIC_SHA256:
+        die(f"'{path}' is not the official {AESTHETIC_FILE}: its sha256 is {digest.hexdigest()}, the official "
+            f"file's {AESTHETIC_SHA256}; get it from christophschuhmann/improved-aesthetic-predictor (or a mirror "
+            "with the same bytes)")
 
 
 def import_imagereward():
@@ -293,7 +293,7 @@ def locate_all(args, metrics):
         found["aesthetic"] = locate(args.aesthetic_model, [AESTHETIC_FILE], "--aesthetic_model",
                                     "the LAION aesthetic predictor v2 head")[0]
         if not args.tiny:  # (--tiny's head is a random stand-in)
-            check_sha256(found["aesthetic"], AESTHETIC_SHA256, AESTHETIC_FILE)
+            check_aesthetic_file(found["aesthetic"])
     if "hps" in metrics:
         require("hps")
         hps_file = HPS_FILES[args.hps_version]

@@ -1,31 +1,27 @@
 """evaluate.py: the paper's table for any one-step generator (and its teacher) on a prompt set.
 
 Every model sees the same prompts and the same initial noise z (one seed per image: `image_seed`).
-One-step generators are sampled as dipp samples them, decode(g_θ(z, c)) at the t* stored in the
-folder's dipp.json; the teacher runs the stock diffusers StableDiffusionPipeline with N steps and CFG,
-as a user of the teacher would. Images are written as PNGs first and every scorer reads those PNGs, so
-the numbers belong to the files on disk, and only one scorer is in memory at a time.
+One-step generators are sampled as `dipp.py --generate` samples them, decode(g_θ(z, c)) at the t* stored in
+the folder's dipp.json; the teacher runs its family's stock diffusers pipeline (StableDiffusionPipeline or
+PixArtAlphaPipeline) with its own scheduler, N steps and CFG, as a user of the teacher would. Prompts are
+encoded once (PixArt-α's T5 is then freed, before any transformer is built). Images are written as PNGs
+first and every scorer reads those PNGs, so the numbers belong to the files on disk; only one scorer is in
+memory at a time, and each runs in the precision its official code uses, whatever --mixed_precision says.
 
 Quick start (CPU, no downloads, seconds):  python evaluate.py --tiny --teacher_steps 2 --output_dir eval_tiny
-Two generators against the SD1.5 teacher (a GPU, the scorers' weights downloaded):
-    python evaluate.py --generator runs/a/generator --generator runs/b/generator --teacher_steps 25 --prompts coco1k.txt
+Generators against the SD1.5 teacher:     python evaluate.py --generator runs/a/generator \
+    --generator runs/b/generator --teacher_steps 25 --prompts prompts.txt
+PixArt-α generators against PixArt-α:     the same + --pretrained_model_name_or_path PixArt-alpha/PixArt-XL-2-512x512
+    --teacher_steps 30 (the SIM paper's PixArt-α row)
 
-Metrics (--metrics), each with the convention the published tables use (also in table.md's header):
-  imagereward  ImageReward v1.0, the model dipp trains against: (MLP − 0.16717) / 1.03334   [arXiv 2304.05977]
-  aesthetic    LAION aesthetic predictor v2: a linear MLP on the L2-normalised OpenAI CLIP ViT-L/14
-               image embedding (sac+logos+ava1-l14-linearMSE.pth), roughly 1-10
-  hps          HPS v2.0 (default; v2.1 with --hps_version): 100 · cos(image, text) of open_clip
-               ViT-H-14 with the HPS checkpoint, no logit scale                            [arXiv 2306.09341]
-  pickscore    PickScore v1: logit_scale · cos(image, text) of its CLIP-H, ≈ 21-23          [arXiv 2305.01569]
-  clip         CLIP score: 100 · max(cos, 0) with OpenAI CLIP ViT-L/14 (torchmetrics' CLIPScore)
-  diversity    mean pairwise cosine distance 1 − cos between the CLIP ViT-L/14 embeddings of the K
-               images of one prompt (0 = the K seeds gave the same image: mode collapse)
-  fd_teacher   Fréchet distance between a generator's and the teacher's CLIP ViT-L/14 embeddings
-Each mean comes with a 95 % confidence interval, mean ± 1.96 · s / √P over the P per-prompt means.
+The metrics (--metrics) and the convention of each, as table.md states them: METRICS below. Each mean comes
+with a 95 % Student-t interval over the P per-prompt means. Reference: docs/evaluation.md.
 """
 # -----------------------------------------------------------------------------
 # 0. Imports. Heavy libraries are imported inside the functions that need them (as in dipp.py).
 import contextlib
+import functools
+import hashlib
 import json
 import math
 import os
@@ -33,34 +29,57 @@ import re
 import shlex
 import sys
 import time
+import typing
 
 import torch
 import torch.nn.functional as F
 
 import dipp
+import families
 import plumbing
 
-METRICS = ("imagereward", "aesthetic", "hps", "pickscore", "clip", "diversity", "fd_teacher")
-CLIP_L_METRICS = ("aesthetic", "clip", "diversity", "fd_teacher")  # one CLIP ViT-L/14 pass serves all four
+die = plumbing.die  # one line instead of a traceback; it says "evaluate: error:" while main() runs
+
+
+class Metric(typing.NamedTuple):
+    scorer: str  # the scorer that computes it (one scorer in memory at a time; clip_l serves four metrics)
+    per_image: bool  # one value per image (else one per prompt or per model)
+    header: str  # table.md's column title: it carries the convention, so a number is never read on the wrong scale
+    convention: str  # how it is computed, as table.md's notes state it
+
+
+METRICS = {
+    "imagereward": Metric("imagereward", True, "ImageReward v1.0",
+                          "THUDM ImageReward v1.0 (BLIP ViT-L/16 + BERT, prompt cut to 35 tokens), the package's own "
+                          "preprocessing; (MLP − 0.16717) / 1.03334 as `ImageReward.score()` returns it "
+                          "[arXiv 2304.05977]. The model dipp trains against"),
+    "aesthetic": Metric("clip_l", True, "Aesthetic v2 (CLIP-L/14 MLP)",
+                        "LAION aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE.pth, its official sha256; linear "
+                        "MLP 768→1024→128→64→16→1) on the L2-normalised OpenAI CLIP ViT-L/14 image embedding, ≈ 1–10"),
+    "hps": Metric("hps", True, "HPS {hps_version} (100·cos)",
+                  "open_clip ViT-H-14 with xswu/HPSv2 `{hps_file}`; longest side to 224 (bicubic, {hps_resize}) + "
+                  "zero pad; 100 × cosine of normalised embeddings, no logit scale [arXiv 2306.09341]. v2.0 and v2.1 "
+                  "are not comparable (DI++ reports v2.0)"),
+    "pickscore": Metric("pickscore", True, "PickScore v1 (logit_scale·cos)",
+                        "yuvalkirstain/PickScore_v1 with the laion CLIP-ViT-H-14 processor; logit_scale · cosine "
+                        "(≈21–23; tables such as SIM's print it ÷ 100, e.g. 0.217) [arXiv 2305.01569]"),
+    "clip": Metric("clip_l", True, "CLIP score (ViT-L/14, 100·max(cos,0))",
+                   "OpenAI CLIP ViT-L/14 (transformers), 100 · max(cosine, 0), torchmetrics' CLIPScore"),
+    "diversity": Metric("clip_l", False, "diversity (1−cos CLIP-L/14, K={images_per_prompt})",
+                        "per prompt, mean pairwise cosine distance (1 − cos) between the CLIP ViT-L/14 embeddings of "
+                        "its K images; 0 = the K seeds gave one image (mode collapse)"),
+    "fd_teacher": Metric("clip_l", False, "FD to teacher (CLIP-L/14)",
+                         "Fréchet distance between the normalised CLIP ViT-L/14 embeddings of the model's and the "
+                         "teacher's images (same prompts and seeds); biased upward when there are fewer images than "
+                         "dimensions (768), so compare runs only at equal image counts. One number per model"),
+}
 AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+AESTHETIC_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"  # christophschuhmann's file
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  # hub repo xswu/HPSv2
+HPS_RESIZE = {"legacy": "no antialias, as torchvision < 0.17 resized HPSv2's 2023 tensors",
+              "antialias": "antialiased, torchvision >= 0.17's default"}
 PACKAGES = {"imagereward": ("ImageReward", "image-reward==1.5"), "hps": ("open_clip", "open-clip-torch==2.32.0")}
-
-
-def die(message):
-    """One clear line instead of a traceback: what is wrong and how to fix it."""
-    raise SystemExit(f"evaluate: error: {message}")
-
-
-@contextlib.contextmanager
-def dipp_errors():
-    """dipp's loaders already turn a user mistake into one line; here that line speaks for evaluate."""
-    try:
-        yield
-    except SystemExit as e:
-        if isinstance(e.code, str) and e.code.startswith("dipp: error: "):
-            die(e.code[len("dipp: error: "):])
-        raise
+REPORTS = ("prompts.txt", "scores.jsonl", "summary.json", "table.md", "grid.png")  # written together, at the end
 
 # -----------------------------------------------------------------------------
 # 1. Command line
@@ -72,15 +91,23 @@ def parse_args(argv):
     p = plumbing.FlagParser("evaluate.py", "\n\n".join(__doc__.split("\n\n")[i] for i in (0, 2)))
     a = p.add_argument_group("what to evaluate").add_argument
     a("--generator", action="append", default=[], metavar="DIR",
-      help="one-step generator folder written by dipp (UNet + dipp.json); repeat to compare several")
-    a("--generator_timestep", type=int, default=999, metavar="INT", help="t* for a generator folder without dipp.json")
-    a("--pretrained_model_name_or_path", default=dipp.Config.pretrained_model_name_or_path, metavar="STR",
-      help="SD-1.x teacher: hub id or diffusers folder (also supplies VAE and text encoder to the generators)")
+      help="one-step generator folder written by dipp (its UNet or transformer + dipp.json), or a pipeline folder "
+           "holding one in unet/ or transformer/ (PixArt-α-DMD's); repeat to compare several")
+    a("--generator_timestep", type=int, default=0, metavar="INT",
+      help="t* for a generator folder without dipp.json (0 = the family's: SD 999, PixArt-α 400)")
+    a("--pretrained_model_name_or_path", default=None, metavar="STR",
+      help="the teacher, SD-1.x or PixArt-α: hub id or diffusers folder (also supplies VAE and text encoder to "
+           f"the generators, which must be of its family); default {dipp.Config.pretrained_model_name_or_path}, "
+           "or with --tiny a tiny random SD")
     a("--teacher_steps", type=int, default=0, metavar="INT",
-      help="sample the teacher with N steps of its own scheduler; 0 = no teacher row")
-    a("--teacher_guidance", type=float, default=7.5, metavar="FLOAT", help="CFG scale of the teacher (diffusers' guidance_scale)")
+      help="sample the teacher with N steps of its folder's own scheduler (0 = no teacher row). Published rows: "
+           "SD1.5 25 steps, PixArt-α 30 steps (SIM paper's table)")
+    a("--teacher_guidance", type=float, default=None, metavar="FLOAT",
+      help="CFG scale of the teacher (diffusers' guidance_scale); default: its stock pipeline's, 7.5 for SD-1.x, "
+           "4.5 for PixArt-α")
     a("--tiny", action="store_true",
-      help="tiny random teacher, generator and scorers of the real architectures instead (CPU, seconds, no download)")
+      help="tiny random scorers of the real architectures, and a tiny random SD teacher and generator where "
+           "none is given (CPU, seconds, no download)")
     a = p.add_argument_group("prompts and seeds").add_argument
     a("--prompts", default="", metavar="STR", help="text file, one prompt per line (default: dipp's 8 built-in prompts)")
     a("--max_prompts", type=int, default=0, metavar="INT", help="use the first N prompts of the file; 0 = all")
@@ -89,12 +116,15 @@ def parse_args(argv):
     a = p.add_argument_group("metrics and each scorer's weights (hub id or local path)").add_argument
     a("--metrics", default="all", metavar="STR", help=f"all, or a comma-separated subset of {','.join(METRICS)}")
     a("--hps_version", default="v2.0", choices=tuple(HPS_FILES), help="HPS checkpoint; DI++ reports v2.0")
+    a("--hps_resize", default="legacy", choices=tuple(HPS_RESIZE),
+      help="HPS's resize to 224: legacy = no antialias, as HPSv2's published numbers were computed (torchvision "
+           "< 0.17); antialias = what HPSv2's code does under torchvision >= 0.17")
     a("--imagereward_model", default="THUDM/ImageReward", metavar="STR",
       help="hub id or folder with ImageReward.pt + med_config.json")
     a("--clip_model", default="openai/clip-vit-large-patch14", metavar="STR",
       help="OpenAI CLIP ViT-L/14 (aesthetic, clip, diversity, fd_teacher)")
     a("--aesthetic_model", default="camenduru/improved-aesthetic-predictor", metavar="STR",
-      help=f"hub id, folder or file: {AESTHETIC_FILE}")
+      help=f"hub id, folder or file: {AESTHETIC_FILE} (checked against the official file's sha256)")
     a("--hps_model", default="xswu/HPSv2", metavar="STR", help="hub id, folder or file: the HPS checkpoint of --hps_version")
     a("--pickscore_model", default="yuvalkirstain/PickScore_v1", metavar="STR", help="hub id or folder of the PickScore CLIPModel")
     a("--pickscore_processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", metavar="STR",
@@ -102,7 +132,8 @@ def parse_args(argv):
     a = p.add_argument_group("machinery").add_argument
     a("--batch_size", type=int, default=8, metavar="INT", help="images per generation / scoring batch")
     a("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
-      help="as in dipp: frozen nets stored in it, autocast")
+      help="for the models evaluated, as in dipp (frozen nets stored in it, autocast); the scorers always run in "
+           "their official precision")
     a("--device", default="auto", metavar="STR", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...")
     a("--output_dir", default="eval", metavar="STR", help="where images/, scores.jsonl, summary.json, table.md, grid.png go")
     return p.parse_args(argv)
@@ -110,7 +141,7 @@ def parse_args(argv):
 
 def check_args(args):
     """Bad flags end here, before anything is loaded. Returns the metrics to compute."""
-    chosen = METRICS if args.metrics == "all" else tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    chosen = tuple(METRICS) if args.metrics == "all" else tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     unknown = [m for m in chosen if m not in METRICS]
     if unknown or not chosen:
         die(f"unknown metric(s) {', '.join(unknown) or '(none given)'} in --metrics; choose from {','.join(METRICS)}")
@@ -122,12 +153,12 @@ def check_args(args):
             f"got {args.seed} and {args.images_per_prompt}")
     if args.teacher_steps < 0 or args.max_prompts < 0:
         die("--teacher_steps and --max_prompts must be >= 0 (0 = no teacher / all prompts)")
-    if args.teacher_guidance < 1:
+    if args.teacher_guidance is not None and not args.teacher_guidance >= 1:
         die(f"--teacher_guidance {args.teacher_guidance} < 1; use 1 (no CFG) or more (SD1.5 default 7.5)")
-    if not args.generator and not args.teacher_steps and not args.tiny:
+    has_generator = bool(args.generator) or (args.tiny and not args.pretrained_model_name_or_path)  # (--tiny's)
+    if not has_generator and not args.teacher_steps:
         die("nothing to evaluate: give --generator DIR (repeatable) and/or --teacher_steps N")
     # Set metrics that cannot be computed: an error when asked for by name, a note when implied by 'all'
-    has_generator = bool(args.generator) or args.tiny
     needs = {"diversity": (args.images_per_prompt >= 2, "--images_per_prompt >= 2"),
              "fd_teacher": (args.teacher_steps > 0 and has_generator, "--teacher_steps N and a --generator")}
     for metric, (possible, what) in needs.items():
@@ -137,6 +168,35 @@ def check_args(args):
             print(f"note: {metric} skipped (needs {what})")
             chosen = tuple(m for m in chosen if m != metric)
     return chosen
+
+
+def check_models(args):
+    """Before any model is loaded or any image drawn: the teacher's family (from its folder or hub id; a local
+    folder must be complete) and every --generator: a folder of that family (a generator of the other family is
+    one line naming both classes), with a t* inside the teacher's schedule. Returns (family, [(folder, the dipp
+    Config that builds its generator)])."""
+    import diffusers
+    name = args.pretrained_model_name_or_path
+    plumbing.check_model_location(name, "--pretrained_model_name_or_path")  # a mistyped path: no hub contact
+    for folder in args.generator:
+        plumbing.check_model_location(folder, "--generator")
+    family = families.check_folder(name)
+    if family.pipeline_text is None:
+        die(f"evaluate.py cannot sample {family.title} models yet ('{name}'); it evaluates SD-1.x and PixArt-α")
+    T = plumbing.load_or_die(lambda: diffusers.DDPMScheduler.load_config(name, subfolder="scheduler"), name,
+                             "scheduler/")["num_train_timesteps"]
+    generators = []
+    for folder in args.generator:
+        sub = families.generator_subfolder(family, folder) if os.path.isdir(folder) else None
+        if not os.path.isfile(os.path.join(folder, sub or "", "config.json")):
+            die(f"--generator '{folder}' is not a generator folder (no config.json, nor {family.folder}/config.json)"
+                "; give the generator/ folder that dipp.py writes at the end of training")
+        t_star = plumbing.read_generator_record(folder) or args.generator_timestep or family.t_star
+        if not 0 < t_star < T:
+            die(f"--generator '{folder}' would be sampled at t* = {t_star} (its dipp.json, or --generator_timestep), "
+                f"outside the teacher's schedule 1..{T - 1}")
+        generators.append((folder, dipp.Config(generator_init=folder, generator_timestep=t_star)))
+    return family, generators
 
 # -----------------------------------------------------------------------------
 # 2. Weights: every scorer loads by hub id or local path; a missing one is one line
@@ -172,6 +232,18 @@ def locate(name, files, flag, what, patterns=None):
     return [os.path.join(folder, f) for f in files]
 
 
+def check_aesthetic_file(path):
+    """The aesthetic head's bytes are the published file's, whichever mirror or folder they came from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != AESTHETIC_SHA256:
+        die(f"'{path}' is not the official {AESTHETIC_FILE}: its sha256 is {digest.hexdigest()}, the official "
+            f"file's {AESTHETIC_SHA256}; get it from christophschuhmann/improved-aesthetic-predictor (or a mirror "
+            "with the same bytes)")
+
+
 def import_imagereward():
     """image-reward imports OpenAI's `clip` package but never uses it for ImageReward: an empty stand-in
     module does (the same shim plumbing.load_imagereward applies)."""
@@ -201,14 +273,8 @@ def require(metric):
 
 
 def locate_all(args, metrics):
-    """Fail fast: find (or fetch) every scorer's files, and check the teacher and generator folders, before a
-    single image is generated or the output folder is made."""
-    with dipp_errors():
-        plumbing.check_model_location(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
-    for folder in args.generator:
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            die(f"--generator '{folder}' is not a generator folder (no config.json); give the generator/ "
-                "folder that dipp.py writes at the end of training")
+    """Fail fast: find (or fetch) every scorer's files before a single image is generated or the output folder
+    is made (check_models has checked the teacher and the generators)."""
     found = {}
     hf_model = ["config.json"]  # a transformers CLIPModel folder; its weights are resolved by from_pretrained
     processor = ["preprocessor_config.json", "tokenizer_config.json"]
@@ -223,12 +289,14 @@ def locate_all(args, metrics):
                    "the BERT tokenizer ImageReward's BLIP uses",
                    ["vocab.txt", "tokenizer_config.json", "config.json"])
     # transformers models: checked here, then loaded by name, so from_pretrained fetches the weights themselves
-    if set(metrics) & set(CLIP_L_METRICS):
+    if any(METRICS[m].scorer == "clip_l" for m in metrics):
         locate(args.clip_model, hf_model + processor, "--clip_model", "OpenAI CLIP ViT-L/14", small)
         found["clip"] = args.clip_model
     if "aesthetic" in metrics:
         found["aesthetic"] = locate(args.aesthetic_model, [AESTHETIC_FILE], "--aesthetic_model",
                                     "the LAION aesthetic predictor v2 head")[0]
+        if not args.tiny:  # (--tiny's head is a random stand-in)
+            check_aesthetic_file(found["aesthetic"])
     if "hps" in metrics:
         require("hps")
         hps_file = HPS_FILES[args.hps_version]
@@ -244,28 +312,8 @@ def locate_all(args, metrics):
     return found
 
 
-def from_pretrained(cls, name, what):
-    """A transformers from_pretrained (hub id or folder) whose failure, e.g. weights not downloaded, is one line."""
-    try:
-        return cls.from_pretrained(name)
-    except (OSError, ValueError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        die(f"cannot load {what} from '{name}' ({first[:200]}); on a machine with internet run "
-            f"`huggingface-cli download {name}`, or pass a complete local folder")
-
-
-def load_checkpoint_file(path, what):
-    """torch.load restricted to tensors and plain containers (weights_only): a published checkpoint needs no
-    more, and a pickle that wants to run code is refused with one line instead of a traceback."""
-    import pickle
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        die(f"cannot read '{path}' as {what} with torch.load(weights_only=True): "
-            f"{str(e).strip().splitlines()[0][:160]}")
-
 # -----------------------------------------------------------------------------
-# 3. Sampling: the same z for every model; one-step generators as dipp, the teacher as diffusers
+# 3. Sampling: the same z for every model; one-step generators as dipp, the teacher as its stock pipeline
 
 
 def image_seed(seed, i, k):
@@ -283,35 +331,27 @@ def initial_noise(seeds, latent_shape):
     return torch.stack([torch.randn(latent_shape, generator=g) for g in generators]), generators  # (B, 4, h, w)
 
 
-@torch.no_grad()
-def one_step_images(G, sd, family, prompts, z, ctx):
-    """dipp's one-step sample decode(g_θ(z, c)), mapped to [0, 1] as diffusers' postprocess does."""
-    with ctx:
-        x0 = G(z, family.encode(sd["tokenizer"], sd["text_encoder"], prompts))  # (B, 4, h, w)
-    return (dipp.decode(sd["vae"], x0).clamp(-1, 1) + 1) / 2  # (B, 3, H, W) in [0, 1]
-
-
-def teacher_pipeline(name, sd):
-    """The stock StableDiffusionPipeline on the loaded teacher, with the folder's own scheduler class
-    (PNDM for SD1.5) rather than dipp's DDPM, exactly as `from_pretrained(name)` would build it."""
-    import diffusers
-    config = diffusers.DDPMScheduler.load_config(name, subfolder="scheduler")
-    scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
-    pipe = diffusers.StableDiffusionPipeline(**sd, scheduler=scheduler, safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def to_unit_images(vae, x0):
+    """Latent -> image in [0, 1] (B, 3, H, W): dipp.decode, then what diffusers' postprocess does."""
+    return (dipp.decode(vae, x0).clamp(-1, 1) + 1) / 2
 
 
 @torch.no_grad()
-def teacher_images(pipe, sd, prompts, z, generators, steps, guidance, ctx):
-    """N-step CFG sampling by the stock pipeline from the given z (negative prompt "", as its default).
-    The pipeline stops at the latent and dipp.decode turns it into pixels: the same math as the pipeline's
-    own decode + postprocess (the tests check it), but with the VAE kept out of fp16 autocast, as dipp does."""
+def one_step_images(G, vae, cond, z, ctx):
+    """dipp's one-step sample decode(g_θ(z, c)), under the same autocast as `dipp.py --generate`."""
     with ctx:
-        latents = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=z.to(sd["unet"].dtype),
-                       generator=generators, output_type="latent").images  # (B, 4, h, w)
-    return (dipp.decode(sd["vae"], latents).clamp(-1, 1) + 1) / 2  # (B, 3, H, W) in [0, 1]
+        return to_unit_images(vae, G(z, cond))
+
+
+@torch.no_grad()
+def teacher_images(pipe, family, vae, cond, null, z, generators, steps, guidance, ctx):
+    """N-step CFG sampling by the stock pipeline from the given z, with c and ∅ (negative prompt "", the
+    pipelines' default) already encoded. The pipeline stops at the latent and dipp.decode turns it into pixels:
+    the same math as the pipeline's own decode + postprocess (the tests check it)."""
+    with ctx:
+        latents = pipe(num_inference_steps=steps, guidance_scale=guidance, latents=z, generator=generators,
+                       output_type="latent", **family.pipeline_text(cond, null)).images  # (B, 4, h, w)
+        return to_unit_images(vae, latents)
 
 
 def synchronize(device):  # honest timings on a GPU: wait for the queued kernels
@@ -319,10 +359,15 @@ def synchronize(device):  # honest timings on a GPU: wait for the queued kernels
         torch.cuda.synchronize(device)
 
 
+def save_png(path, pixels):
+    """An (H, W, 3) uint8 image as a PNG that is complete or absent (plumbing.write_files)."""
+    from PIL import Image
+    plumbing.write_files({path: lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG")})
+
+
 def generate(model, sample, prompts, args, latent_shape, device):
     """Sample K images per prompt with `sample(prompts, z, generators) -> [0, 1] images`, write them as PNGs (8-bit,
     as diffusers' numpy_to_pil rounds) and return one record per image. Records are prompt-major."""
-    from PIL import Image
     from tqdm import tqdm
     K, folder = args.images_per_prompt, os.path.join(args.output_dir, "images", model["slug"])
     os.makedirs(folder, exist_ok=True)
@@ -340,7 +385,7 @@ def generate(model, sample, prompts, args, latent_shape, device):
         pixels = (images.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         for (i, k), seed, pix in zip(batch, seeds, pixels):
             path = os.path.join("images", model["slug"], f"{i:05d}_{k:02d}.png")
-            Image.fromarray(pix).save(os.path.join(args.output_dir, path))
+            save_png(os.path.join(args.output_dir, path), pix)
             records.append({"prompt_index": i, "image_index": k, "seed": seed, "image": path})
             if k == 0 and i < 8:
                 preview[i] = pix  # (H, W, 3) uint8, for the comparison grid
@@ -348,71 +393,75 @@ def generate(model, sample, prompts, args, latent_shape, device):
     return model
 
 
-def generate_all(args, prompts, device, ctx, dtype):
-    """Teacher (if asked) then each generator, one at a time; the SD components are loaded once."""
-    with dipp_errors():
-        family, unet, vae, text_encoder, tokenizer, schedule = dipp.load_teacher(args.pretrained_model_name_or_path,
-                                                                                device, dtype)
-    sd = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
-    latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+def generate_all(args, family, generators, prompts, device, ctx, dtype):
+    """The prompts are encoded once (PixArt-α's T5 encodes them and "" into output_dir/text_embeddings and is
+    freed before any transformer is built), then the teacher's row (if asked) and each generator's, one at a time."""
+    name = args.pretrained_model_name_or_path
+    text, _ = families.text_conditioning(name, family, families.load_tokenizer(name, family),
+                                         [prompts, [family.null_prompt]], device, dtype,
+                                         os.path.join(args.output_dir, "text_embeddings"))
+    null = text([family.null_prompt])  # ∅: the empty prompt's c, the pipelines' default negative prompt
+    teacher = dipp.load_teacher(name, device, dtype, text_encoder=False)
+    net_dtype = next(teacher.net.parameters()).dtype
+    latent_shape = (teacher.net.config.in_channels, teacher.net.config.sample_size, teacher.net.config.sample_size)
     models = []
     if args.teacher_steps:
-        pipe = teacher_pipeline(args.pretrained_model_name_or_path, sd)
-        name = f"teacher: {args.teacher_steps} steps, CFG {args.teacher_guidance:g} ({type(pipe.scheduler).__name__})"
-        def sample(p, z, gens):
-            return teacher_images(pipe, sd, p, z, gens, args.teacher_steps, args.teacher_guidance, ctx)
-        model = {"slug": "teacher", "name": name, "kind": "teacher", "source": args.pretrained_model_name_or_path}
+        pipe = families.stock_pipeline(name, teacher)
+        title = f"teacher: {args.teacher_steps} steps, CFG {args.teacher_guidance:g} ({type(pipe.scheduler).__name__})"
+
+        def sample(p, z, gens):  # z in the net's dtype, as the pipeline draws it when loaded in that dtype
+            return teacher_images(pipe, family, teacher.vae, text(p), null, z.to(net_dtype), gens, args.teacher_steps,
+                                  args.teacher_guidance, ctx)
+        model = {"slug": "teacher", "name": title, "kind": "teacher", "source": name}
         models.append(generate(model, sample, prompts, args, latent_shape, device))
+        del pipe
     slugs = {"teacher"}
-    for folder in args.generator:  # (each holds a config.json: locate_all checked)
-        with dipp_errors():
-            t_star = plumbing.read_generator_record(folder) or args.generator_timestep
-        cfg = dipp.Config(generator_init=folder, generator_timestep=t_star, mixed_precision=args.mixed_precision)
-        with dipp_errors():
-            dipp.check_config(cfg, schedule.T)
-            G = dipp.build_generator(cfg, unet, family, schedule, device).eval().requires_grad_(False)
+    for folder, cfg in generators:
+        G = dipp.build_generator(cfg, teacher.net, family, teacher.schedule, device).eval().requires_grad_(False)
         parts = os.path.normpath(os.path.abspath(folder)).split(os.sep)[-2:]  # runs/a/generator -> a_generator
         slug = re.sub(r"[^\w.-]+", "_", "_".join(parts))
         while slug in slugs:
             slug += "_"
         slugs.add(slug)
+
         def sample(p, z, gens, G=G):  # one step: no sampler noise, gens unused
-            return one_step_images(G, sd, family, p, z, ctx)
-        model = {"slug": slug, "name": f"{folder} (one step, t*={t_star})", "kind": "generator", "source": folder,
-                 "generator_timestep": t_star}
+            return one_step_images(G, teacher.vae, text(p), z, ctx)
+        model = {"slug": slug, "name": f"{folder} (one step, t*={G.t_star})", "kind": "generator", "source": folder,
+                 "generator_timestep": G.t_star}
         models.append(generate(model, sample, prompts, args, latent_shape, device))
-        del G, sample  # free this UNet before the next generator is loaded
+        del G, sample  # free this generator before the next one is loaded
     return models
 
 # -----------------------------------------------------------------------------
 # 4. Scorers. Each maps (PIL images, prompts) -> {metric: (B,) tensor}, with the scorer's own preprocessing
-#    on the PIL image as its authors run it. All scores are fp32 on the CPU.
+#    on the PIL image as its authors run it. All scores are fp32 on the CPU. Each scorer runs in the precision
+#    of its official code, whatever --mixed_precision (which is for the models evaluated): its weights in fp32,
+#    and HPS under fp16 autocast on CUDA, as HPSv2's img_score.py.
 
 CLIP_MEAN, CLIP_STD = dipp.CLIP_MEAN, dipp.CLIP_STD  # OpenAI CLIP's, used by every scorer here
 
 
 class ImageRewardScorer:
     """ImageReward's `score()` batched: the package's own PIL preprocess and its batched `score_gard`
-    (BLIP ViT-L → BERT cross-attention → MLP, normalised), prompt cut to 35 tokens as `score()` does."""
+    (BLIP ViT-L → BERT cross-attention → MLP, normalised), the prompt tokenised as dipp's reward does
+    (dipp.ImageRewardFn.tokenize: `score()`'s 35 tokens)."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, reward):
+        self.reward = reward  # a dipp.ImageRewardFn
 
     @torch.no_grad()
     def __call__(self, images, prompts):
-        m = self.model
+        m = self.reward.model
         param = next(m.parameters())
         pixels = torch.stack([m.preprocess(im) for im in images]).to(param.device, param.dtype)  # (B, 3, 224, 224)
-        text = m.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
-                                return_tensors="pt").to(param.device)
-        return {"imagereward": m.score_gard(text.input_ids, text.attention_mask, pixels).float().cpu()[:, 0]}
+        text = self.reward.text.batch(prompts, lambda new: self.reward.tokenize(new, param.device))  # (B, 2, 35)
+        return {"imagereward": m.score_gard(text[:, 0], text[:, 1], pixels).float().cpu()[:, 0]}
 
 
-def load_imagereward(folder, device, dtype):
-    """The very model dipp trains against, through dipp.load_reward (ImageReward.pt + med_config.json)."""
-    with dipp_errors():
-        reward = dipp.load_reward(dipp.Config(reward="imagereward", reward_model_path=folder), device, dtype)
-    return ImageRewardScorer(reward.model)
+def load_imagereward(folder, device):
+    """The very model dipp trains against, through dipp.load_reward (ImageReward.pt + med_config.json), in fp32."""
+    return ImageRewardScorer(dipp.load_reward(dipp.Config(reward="imagereward", reward_model_path=folder), device,
+                                              torch.float32))
 
 
 class AestheticHead(torch.nn.Module):
@@ -432,14 +481,9 @@ class AestheticHead(torch.nn.Module):
 
 
 def load_aesthetic_head(path):
-    head = AestheticHead()
-    state = load_checkpoint_file(path, "the aesthetic head")
-    try:
-        head.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError):
-        die(f"'{path}' is not the aesthetic predictor's state dict (expected layers.0/2/4/6/7 .weight/.bias "
-            f"of a 768→1024→128→64→16→1 MLP); use {AESTHETIC_FILE}")
-    return head.eval()
+    """The head's state dict, loaded strictly: every key of layers.0/2/4/6/7 with its shape, nothing else."""
+    return plumbing.load_strictly(AestheticHead(), plumbing.read_weights(path), f"'{path}'",
+                                  f"the aesthetic predictor's MLP 768→1024→128→64→16→1 ({AESTHETIC_FILE})").eval()
 
 
 class ClipLScorer:
@@ -465,30 +509,34 @@ class ClipLScorer:
         return out
 
 
-def load_clip_l(folder, aesthetic_path, device, dtype):
+def load_clip_l(folder, aesthetic_path, device):
+    """CLIP ViT-L/14 in fp32 with its slow (PIL) image processor, which is OpenAI's preprocessing bit for bit
+    (the fast one differs by up to 0.015); the aesthetic head if asked."""
     from transformers import CLIPModel, CLIPProcessor
-    model = from_pretrained(CLIPModel, folder, "CLIP ViT-L/14")
+    model = plumbing.load_or_die(lambda: CLIPModel.from_pretrained(folder), folder, "CLIP ViT-L/14")
     if aesthetic_path and model.config.projection_dim != 768:
         die(f"--clip_model '{folder}' embeds in {model.config.projection_dim}-d; the aesthetic head needs OpenAI "
             "CLIP ViT-L/14 (768-d), any other CLIP gives meaningless numbers")
     head = load_aesthetic_head(aesthetic_path) if aesthetic_path else None
-    processor = from_pretrained(CLIPProcessor, folder, "the CLIP ViT-L/14 processor")
-    return ClipLScorer(plumbing.freeze(model, device, dtype), processor, head)
+    processor = plumbing.load_or_die(lambda: CLIPProcessor.from_pretrained(folder, use_fast=False), folder,
+                                     "the CLIP ViT-L/14 processor")
+    return ClipLScorer(plumbing.freeze(model, device, torch.float32), processor, head)
 
 
-def hps_preprocess(image, size=224):
+def hps_preprocess(image, resize="legacy", size=224):
     """HPSv2's evaluation transform (hpsv2/src/open_clip/transform.py, `light_augmentation=True`):
-    ToTensor, then ResizeMaxSize on the *tensor* (longest side to `size`, bicubic with torchvision's default
-    antialias; NOTE: torchvision < 0.17, current when HPSv2 was published, did not antialias tensors),
-    pad the short side with 0 to a square (centred, the odd pixel right/bottom), normalise
-    with CLIP's mean/std. No centre crop: the whole image is scored. (HPSv2 skips the pad when no resize
-    is needed; we always pad, which only differs for a non-square image whose long side is exactly 224.)"""
+    ToTensor, then ResizeMaxSize on the *tensor* (longest side to `size`, bicubic), pad the short side with 0
+    to a square (centred, the odd pixel right/bottom), normalise with CLIP's mean/std. No centre crop: the
+    whole image is scored. torchvision < 0.17, current when HPSv2 was published, did not antialias a tensor
+    resize (resize="legacy"); since 0.17 it does by default (resize="antialias"). (HPSv2 skips the pad when no
+    resize is needed; we always pad, which only differs for a non-square image whose long side is exactly 224.)"""
     import torchvision.transforms.functional as TF
     x = TF.to_tensor(image.convert("RGB"))  # (3, H, W) in [0, 1]
     H, W = x.shape[-2:]
     scale = size / max(H, W)
     if scale != 1.0:
-        x = TF.resize(x, [round(H * scale), round(W * scale)], TF.InterpolationMode.BICUBIC)
+        x = TF.resize(x, [round(H * scale), round(W * scale)], TF.InterpolationMode.BICUBIC,
+                      antialias=resize == "antialias")
     pad_h, pad_w = size - x.shape[-2], size - x.shape[-1]
     x = TF.pad(x, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)  # (3, size, size)
     return TF.normalize(x, CLIP_MEAN, CLIP_STD)
@@ -496,36 +544,37 @@ def hps_preprocess(image, size=224):
 
 class HPSScorer:
     """HPS v2: open_clip ViT-H-14 fine-tuned on human preferences; score = 100 · cos(image, text), the
-    ×100 of the published tables applied to what hpsv2's `score()` returns (image_features @ text_features.T
-    of normalised features, no logit scale)."""
+    ×100 of the published tables applied to what HPSv2's `score()` returns: image_features @ text_features.T of
+    normalised features, no logit scale, computed (with the encoders) under fp16 autocast on CUDA."""
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, resize="legacy"):
+        self.model, self.tokenizer, self.resize = model, tokenizer, resize
 
     @torch.no_grad()
     def __call__(self, images, prompts):
-        param = next(self.model.parameters())
-        pixels = torch.stack([hps_preprocess(im) for im in images]).to(param.device, param.dtype)  # (B, 3, 224, 224)
-        text = self.tokenizer(prompts).to(param.device)  # (B, 77)
-        e = self.model.encode_image(pixels, normalize=True).float()  # (B, 1024)
-        t = self.model.encode_text(text, normalize=True).float()  # (B, 1024)
-        return {"hps": 100 * (e * t).sum(-1).cpu()}
+        device = next(self.model.parameters()).device
+        pixels = torch.stack([hps_preprocess(im, self.resize) for im in images]).to(device)  # (B, 3, 224, 224)
+        text = self.tokenizer(prompts).to(device)  # (B, 77)
+        amp = torch.autocast("cuda", torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+        with amp:  # HPSv2's img_score.py: torch.cuda.amp.autocast() (a no-op off CUDA)
+            e = self.model.encode_image(pixels, normalize=True)  # (B, 1024)
+            t = self.model.encode_text(text, normalize=True)  # (B, 1024)
+            cos = (e @ t.T).diagonal()  # (B,)
+        return {"hps": 100 * cos.float().cpu()}
 
 
-def load_hps(path, arch, device, dtype):
+def load_hps(path, arch, device, resize="legacy"):
     """open_clip's own ViT-H-14 (open-clip-torch 2.x, the line that co-installs with image-reward's timm
-    pin), then the HPS checkpoint's `state_dict` (strict: every key must fit)."""
+    pin), then the HPS checkpoint's `state_dict`, strictly: every key must fit. fp32 weights, as HPSv2's
+    precision='amp' keeps them."""
     open_clip = import_open_clip()
-    model = open_clip.create_model(arch)
-    checkpoint = load_checkpoint_file(path, "an HPS checkpoint")
+    checkpoint = plumbing.read_weights(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         die(f"'{path}' has no 'state_dict' entry, so it is not an HPS checkpoint; get "
             f"{' or '.join(HPS_FILES.values())} from the hub repo xswu/HPSv2")
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as e:
-        die(f"'{path}' does not fit open_clip {arch}: {str(e).splitlines()[0][:160]}")
-    return HPSScorer(plumbing.freeze(model, device, dtype), open_clip.get_tokenizer(arch))
+    model = plumbing.load_strictly(open_clip.create_model(arch), checkpoint["state_dict"], f"'{path}'",
+                                   f"open_clip {arch}")
+    return HPSScorer(plumbing.freeze(model, device, torch.float32), open_clip.get_tokenizer(arch), resize)
 
 
 class PickScoreScorer:
@@ -545,11 +594,13 @@ class PickScoreScorer:
         return {"pickscore": (m.logit_scale.exp().float() * (e * t).sum(-1)).cpu()}
 
 
-def load_pickscore(model_folder, processor_folder, device, dtype):
+def load_pickscore(model_folder, processor_folder, device):
     from transformers import CLIPModel, CLIPProcessor
-    model = from_pretrained(CLIPModel, model_folder, "the PickScore v1 model")
-    return PickScoreScorer(plumbing.freeze(model, device, dtype), from_pretrained(CLIPProcessor, processor_folder,
-                                                                             "PickScore's CLIP-H processor"))
+    model = plumbing.load_or_die(lambda: CLIPModel.from_pretrained(model_folder), model_folder,
+                                 "the PickScore v1 model")
+    processor = plumbing.load_or_die(lambda: CLIPProcessor.from_pretrained(processor_folder, use_fast=False),
+                                     processor_folder, "PickScore's CLIP-H processor")
+    return PickScoreScorer(plumbing.freeze(model, device, torch.float32), processor)
 
 
 def score_images(scorer, model, prompts, args):
@@ -566,22 +617,23 @@ def score_images(scorer, model, prompts, args):
     return {key: torch.cat(values) for key, values in out.items()}
 
 
-def score_all(models, metrics, weights, prompts, args, device, dtype, tiny_scorers=None):
+def score_all(models, metrics, weights, prompts, args, device, tiny_scorers=None):
     """One scorer in memory at a time; each runs over every model's images. Returns the per-image values
-    (model slug -> key -> tensor) and the scoring speed of each scorer (images/s, PNG loading included)."""
-    loaders = {  # scorer -> (metrics it serves, how to build it)
-        "imagereward": (("imagereward",), lambda: load_imagereward(weights.get("imagereward"), device, dtype)),
-        "clip_l": (CLIP_L_METRICS, lambda: load_clip_l(weights["clip"], weights.get("aesthetic"), device, dtype)),
-        "hps": (("hps",), lambda: load_hps(weights["hps"], weights.get("hps_arch", "ViT-H-14"), device, dtype)),
-        "pickscore": (("pickscore",), lambda: load_pickscore(weights["pickscore"], weights["pickscore_processor"],
-                                                             device, dtype)),
+    (model slug -> key -> tensor) and the scoring speed of each scorer (images/s, PNG loading included).
+    No precision is passed: each loader builds its scorer as its official code runs it."""
+    loaders = {
+        "imagereward": lambda: load_imagereward(weights.get("imagereward"), device),
+        "clip_l": lambda: load_clip_l(weights["clip"], weights.get("aesthetic"), device),
+        "hps": lambda: load_hps(weights["hps"], weights.get("hps_arch", "ViT-H-14"), device, args.hps_resize),
+        "pickscore": lambda: load_pickscore(weights["pickscore"], weights["pickscore_processor"], device),
     }
     values, speed = {m["slug"]: {} for m in models}, {}
-    for name, (serves, load) in loaders.items():
-        if not set(serves) & set(metrics):
+    for name, load in loaders.items():
+        serves = [m for m in metrics if METRICS[m].scorer == name]
+        if not serves:
             continue
         scorer = (tiny_scorers or {}).get(name) or load()
-        print(f"scoring with {name} ({', '.join(m for m in serves if m in metrics)})")
+        print(f"scoring with {name} ({', '.join(serves)})")
         synchronize(device)
         t0, n = time.perf_counter(), 0
         for model in models:
@@ -676,15 +728,13 @@ def build_tiny(folder, hps_version="v2.0", seed=0):
     return sd, generator, weights
 
 
-def tiny_imagereward(folder, device="cpu", seed=0):
-    """ImageReward's own classes with a small vision tower. The package hard-codes BLIP's ViT-L (the whole
-    model is 447M parameters, ~5 s and 2.2 GB to build), so we swap the two names blip_pretrain imported (create_vit,
-    init_tokenizer) for a 2-block ViT of the package's own VisionTransformer and a BertTokenizer on a
-    letter vocabulary (every word splits into letters, so the prompt matters), build, and restore them.
-    BERT keeps hidden size 768, which ImageReward's MLP(768) requires. The head (std 0.05) and BERT's
-    cross-attention to the image (std 0.1) are re-drawn larger than their inits (1/769, 0.02), with which
-    every random-model score is nearly the same number whatever the image."""
-    RM = import_imagereward()
+@contextlib.contextmanager
+def tiny_imagereward_classes(folder):
+    """Inside the block ImageReward's own classes build a small model: the package hard-codes BLIP's ViT-L (the
+    whole model is 447M parameters, ~5 s and 2.2 GB to build), so the two names blip_pretrain imported
+    (create_vit, init_tokenizer) become a 2-block ViT of the package's own VisionTransformer and a BertTokenizer
+    on a letter vocabulary (every word splits into letters, so the prompt matters); restored on exit. BERT keeps
+    hidden size 768, which ImageReward's MLP(768) requires. Yields the med_config.json written in `folder`."""
     from ImageReward.models.BLIP import blip_pretrain, vit
     from transformers import BertTokenizer
     os.makedirs(folder, exist_ok=True)
@@ -711,10 +761,19 @@ def tiny_imagereward(folder, device="cpu", seed=0):
     originals = blip_pretrain.create_vit, blip_pretrain.init_tokenizer
     blip_pretrain.create_vit, blip_pretrain.init_tokenizer = tiny_vit, tokenizer
     try:
-        torch.manual_seed(seed)
-        model = RM.ImageReward(med_config=os.path.join(folder, "med_config.json"), device=device)
+        yield os.path.join(folder, "med_config.json")
     finally:
         blip_pretrain.create_vit, blip_pretrain.init_tokenizer = originals
+
+
+def tiny_imagereward(folder, device="cpu", seed=0):
+    """ImageReward's own classes, small (tiny_imagereward_classes). The head (std 0.05) and BERT's cross-attention
+    to the image (std 0.1) are re-drawn larger than their inits (1/769, 0.02), with which every random-model
+    score is nearly the same number whatever the image."""
+    RM = import_imagereward()
+    with tiny_imagereward_classes(folder) as med_config:
+        torch.manual_seed(seed)
+        model = RM.ImageReward(med_config=med_config, device=device)
     for p in model.mlp.parameters():
         torch.nn.init.normal_(p, std=0.05)
     for name, p in model.blip.text_encoder.named_parameters():
@@ -726,42 +785,58 @@ def tiny_imagereward(folder, device="cpu", seed=0):
 # 7. Statistics and reports
 
 
+@functools.lru_cache(maxsize=None)
+def t_quantile(dof, p=0.975):
+    """t_{p, ν}: the p-quantile of Student's t with ν = dof (an integer) degrees of freedom, to double precision.
+    With θ = atan(t / √ν), P(|T| ≤ t) has a closed form [Abramowitz & Stegun 26.7.3-4]:
+        ν odd:  (2/π) (θ + sin θ (cos θ + (2/3) cos³θ + … + (2·4···(ν−3))/(1·3···(ν−2)) cos^(ν−2) θ))
+        ν even: sin θ (1 + (1/2) cos²θ + (1·3)/(2·4) cos⁴θ + … + (1·3···(ν−3))/(2·4···(ν−2)) cos^(ν−2) θ)
+    It rises with θ from 0 to 1 on [0, π/2], so bisection finds the θ where it equals 2p − 1."""
+    odd = dof % 2
+
+    def central(theta):  # P(|T| ≤ √ν tan θ)
+        c2, term, total = math.cos(theta) ** 2, math.cos(theta) if odd else 1.0, 0.0
+        for k in range((dof - 1) // 2 if odd else dof // 2):
+            total += term
+            term *= c2 * ((2 * k + 2) / (2 * k + 3) if odd else (2 * k + 1) / (2 * k + 2))
+        return 2 / math.pi * (theta + math.sin(theta) * total) if odd else math.sin(theta) * total
+
+    lo, hi = 0.0, math.pi / 2
+    for _ in range(64):  # the interval halves each time: far below double precision at the end
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if central(mid) < 2 * p - 1 else (lo, mid)
+    return math.sqrt(dof) * math.tan((lo + hi) / 2)
+
+
 def mean_ci(per_prompt):
-    """Mean and the half-width of its 95 % confidence interval, 1.96 · s / √P, over per-prompt values
-    (the K images of a prompt are not independent, so the prompt is the unit)."""
-    v = per_prompt.double()
-    half = 1.96 * v.std(unbiased=True).item() / math.sqrt(len(v)) if len(v) > 1 else None  # None: one prompt
-    return {"mean": v.mean().item(), "ci95": half, "n_prompts": len(v)}
+    """Mean and the half-width of its 95 % Student-t confidence interval over per-prompt values,
+    t_{0.975, P−1} · s / √P (the K images of a prompt are not independent, so the prompt is the unit; P is small
+    enough, 8 by default, that 1.96 would make the interval too narrow: t_{0.975, 7} = 2.365)."""
+    v, P = per_prompt.double(), len(per_prompt)
+    if P < 2:  # one prompt: no spread to estimate
+        return {"mean": v.mean().item(), "ci95": None, "n_prompts": P}
+    t = t_quantile(P - 1)
+    return {"mean": v.mean().item(), "ci95": t * v.std(unbiased=True).item() / math.sqrt(P), "n_prompts": P,
+            "t_quantile": t}
 
 
 def header(metric, args):
     """Column titles carry the convention, so a number is never read on the wrong scale."""
-    return {"imagereward": "ImageReward v1.0",
-            "aesthetic": "Aesthetic v2 (CLIP-L/14 MLP)",
-            "hps": f"HPS {args.hps_version} (100·cos)",
-            "pickscore": "PickScore v1 (logit_scale·cos)",
-            "clip": "CLIP score (ViT-L/14, 100·max(cos,0))",
-            "diversity": f"diversity (1−cos CLIP-L/14, K={args.images_per_prompt})",
-            "fd_teacher": "FD to teacher (CLIP-L/14)"}[metric]
+    return METRICS[metric].header.format(hps_version=args.hps_version, images_per_prompt=args.images_per_prompt)
 
 
-CONVENTIONS = """\
-- ImageReward: THUDM ImageReward v1.0 (BLIP ViT-L/16 + BERT, prompt cut to 35 tokens), the package's own
-  preprocessing; score = (MLP − 0.16717) / 1.03334 as `ImageReward.score()` returns it.
-- Aesthetic: LAION aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE.pth, linear MLP
-  768→1024→128→64→16→1) on the L2-normalised OpenAI CLIP ViT-L/14 image embedding.
-- HPS {hps}: open_clip ViT-H-14 with xswu/HPSv2 `{hps_file}`; longest side to 224 (bicubic) + zero pad;
-  100 × cosine of normalised embeddings, no logit scale. v2.0 and v2.1 are not comparable (DI++ reports v2.0).
-- PickScore: yuvalkirstain/PickScore_v1 with the laion CLIP-ViT-H-14 processor; logit_scale · cosine
-  (≈21–23; tables such as SIM's print it ÷ 100, e.g. 0.217).
-- CLIP score: OpenAI CLIP ViT-L/14 (transformers), 100 · max(cosine, 0), torchmetrics' CLIPScore.
-- diversity: per prompt, mean pairwise cosine distance (1 − cos) between the CLIP ViT-L/14 embeddings of
-  its K images; 0 = mode collapse.
-- FD to teacher: Fréchet distance between the normalised CLIP ViT-L/14 embeddings of the model's and the
-  teacher's images (same prompts and seeds); biased upward when there are fewer images than dimensions
-  (768), so compare runs only at equal image counts. One number per model, no interval.
-- ± is the 95 % confidence interval of the mean, 1.96 · s / √P over the P per-prompt means.
-"""
+def conventions(metrics, args):
+    """table.md's notes: each column's convention, the interval, the scorers' precision."""
+    lines = [f"- {header(m, args)}: " + METRICS[m].convention.format(
+        hps_version=args.hps_version, hps_file=HPS_FILES[args.hps_version], hps_resize=HPS_RESIZE[args.hps_resize])
+        for m in metrics]
+    lines += ["- ± is the 95 % Student-t confidence interval of the mean over the P per-prompt means, "
+              "t_{0.975, P−1} · s / √P.",
+              "- Every scorer ran in its official code's precision, whatever --mixed_precision (which applies to "
+              "the models evaluated only): fp32 weights; HPS under fp16 autocast on CUDA (HPSv2's img_score.py)."]
+    if "hps" in metrics:
+        lines += [f"- HPS resize: --hps_resize {args.hps_resize} ({HPS_RESIZE[args.hps_resize]})."]
+    return "\n".join(lines) + "\n"
 
 
 def summarise(models, values, metrics, args):
@@ -770,9 +845,8 @@ def summarise(models, values, metrics, args):
     teacher = next((m for m in models if m["kind"] == "teacher"), None)
     for model in models:
         v, stats = values[model["slug"]], {}
-        for metric in ("imagereward", "aesthetic", "hps", "pickscore", "clip"):
-            if metric in metrics:
-                stats[metric] = mean_ci(v[metric].view(P, K).mean(1))
+        for metric in (m for m in metrics if METRICS[m].per_image):
+            stats[metric] = mean_ci(v[metric].view(P, K).mean(1))
         if "diversity" in metrics:
             per_prompt = v["embedding"].view(P, K, -1)  # (P, K, 768)
             model["diversity_per_prompt"] = torch.stack([pairwise_diversity(e) for e in per_prompt])  # (P,)
@@ -784,27 +858,36 @@ def summarise(models, values, metrics, args):
         model["stats"] = stats
 
 
+def text_file(content):
+    """A writer for plumbing.write_files; closing inside `with` lets a failed final flush raise too."""
+    def write(path):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(content)
+    return write
+
+
 def write_reports(models, values, metrics, prompts, args, command, speed):
+    """prompts.txt, scores.jsonl, summary.json, table.md and grid.png, all or none of them (plumbing.write_files)."""
     out = args.output_dir
-    with open(os.path.join(out, "prompts.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(prompts) + "\n")
-    with open(os.path.join(out, "scores.jsonl"), "w") as f:  # one line per image and metric (diversity: per prompt)
-        for model in models:
-            for metric in (m for m in metrics if m not in ("diversity", "fd_teacher")):
-                for r, value in zip(model["records"], values[model["slug"]][metric].tolist()):
-                    f.write(json.dumps({"model": model["slug"], "metric": metric, "value": value, **r}) + "\n")
-            for i, value in enumerate(model.get("diversity_per_prompt", torch.empty(0)).tolist()):
-                line = {"model": model["slug"], "metric": "diversity", "value": value, "prompt_index": i}
-                f.write(json.dumps(line) + "\n")
+
+    def scores(path):  # one line per image and metric (diversity: per prompt)
+        with open(path, "w") as f:
+            for model in models:
+                for metric in (m for m in metrics if METRICS[m].per_image):
+                    for r, value in zip(model["records"], values[model["slug"]][metric].tolist()):
+                        f.write(json.dumps({"model": model["slug"], "metric": metric, "value": value, **r}) + "\n")
+                for i, value in enumerate(model.get("diversity_per_prompt", torch.empty(0)).tolist()):
+                    line = {"model": model["slug"], "metric": "diversity", "value": value, "prompt_index": i}
+                    f.write(json.dumps(line) + "\n")
     summary = {"command": command, "config": vars(args), "prompts": len(prompts),
                "images_per_prompt": args.images_per_prompt,
-               "seed": args.seed, "hps_version": args.hps_version, "metrics": list(metrics),
-               "headers": {m: header(m, args) for m in metrics},
+               "seed": args.seed, "hps_version": args.hps_version, "hps_resize": args.hps_resize,
+               "metrics": list(metrics), "headers": {m: header(m, args) for m in metrics},
+               "interval": "95 % Student-t over per-prompt means: mean ± t_{0.975, P-1} · s / √P",
                "scoring_images_per_s": {k: round(v, 3) for k, v in speed.items()},
                "models": {m["slug"]: {"name": m["name"], "kind": m["kind"], "source": m["source"],
                                       "generation_images_per_s": round(m["generation_images_per_s"], 3),
                                       "metrics": m["stats"]} for m in models}}
-    json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
 
     def cell(s):
         if s is None:
@@ -817,16 +900,18 @@ def write_reports(models, values, metrics, prompts, args, command, speed):
              "|---" * (len(metrics) + 1) + "|"]
     lines += [f"| {m['name']} | " + " | ".join(cell(m["stats"].get(k)) for k in metrics) + " |" for m in models]
     if args.tiny:
-        lines += ["", "(--tiny: teacher, generator and every scorer are random-weight stand-ins; the values mean "
-                      "nothing, the layout and the code path are the point.)"]
-    lines += ["", "Conventions:",
-              CONVENTIONS.format(hps=args.hps_version, hps_file=HPS_FILES[args.hps_version]),
+        lines += ["", "(--tiny: every scorer is a random-weight stand-in, and so are the teacher and generator unless "
+                      "given; the values mean nothing, the layout and the code path are the point.)"]
+    lines += ["", "Conventions:", conventions(metrics, args),
               "Speed on this machine (images/s): generation " +
               ", ".join(f"{m['slug']} {m['generation_images_per_s']:.3g}" for m in models) +
               "; scoring " + ", ".join(f"{k} {v:.3g}" for k, v in speed.items()) + "."]
     table = "\n".join(lines) + "\n"
-    open(os.path.join(out, "table.md"), "w").write(table)
-    save_comparison_grid(models, prompts, os.path.join(out, "grid.png"))
+    path = lambda name: os.path.join(out, name)
+    plumbing.write_files({path("prompts.txt"): text_file("\n".join(prompts) + "\n"), path("scores.jsonl"): scores,
+                          path("summary.json"): text_file(json.dumps(summary, indent=1)),
+                          path("table.md"): text_file(table),
+                          path("grid.png"): lambda tmp: save_comparison_grid(models, prompts, tmp)})
     return table
 
 
@@ -844,7 +929,7 @@ def save_comparison_grid(models, prompts, path, tile=128):
         for c, i in enumerate(columns):
             pic = Image.fromarray(model["preview"][i]).resize((tile, tile), Image.NEAREST)
             grid.paste(pic, (label_w + c * tile, head_h + r * tile))
-    grid.save(path)
+    grid.save(path, format="PNG")
 
 # -----------------------------------------------------------------------------
 # 8. main
@@ -852,20 +937,21 @@ def save_comparison_grid(models, prompts, path, tile=128):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    metrics = check_args(args)
-    device = plumbing.pick_device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
-    threads = torch.get_num_threads()
-    if args.tiny and device.type == "cpu":
-        # Tiny models are far too small for intra-op threads: on a shared CPU their OpenMP workers mostly
-        # spin (the --tiny run took 9 s with 1 thread, 29-46 s with 2, on this project's busy 2-core machine)
-        torch.set_num_threads(1)
-    try:
-        return run(args, metrics, device, "python evaluate.py " + shlex.join(argv))
-    finally:
-        torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
+    with plumbing.as_program("evaluate"):  # dipp's and plumbing's one-line errors speak for evaluate
+        args = parse_args(argv)
+        metrics = check_args(args)
+        device = plumbing.pick_device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            die(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
+        threads = torch.get_num_threads()
+        if args.tiny and device.type == "cpu":
+            # Tiny models are far too small for intra-op threads: on a shared CPU their OpenMP workers mostly
+            # spin (the --tiny run took 9 s with 1 thread, 29-46 s with 2, on this project's busy 2-core machine)
+            torch.set_num_threads(1)
+        try:
+            return run(args, metrics, device, "python evaluate.py " + shlex.join(argv))
+        finally:
+            torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
 
 
 def wrote_an_image(folder):
@@ -874,29 +960,41 @@ def wrote_an_image(folder):
 
 
 def run(args, metrics, device, command):
-    with dipp_errors():
-        ctx, dtype = dipp.precision(dipp.Config(mixed_precision=args.mixed_precision), device)
-        prompts = plumbing.load_prompts(args.prompts, dipp.BUILTIN_PROMPTS, "--prompts")
+    import inspect
+    import diffusers
+    ctx, dtype = dipp.precision(dipp.Config(mixed_precision=args.mixed_precision), device)
+    prompts = plumbing.load_prompts(args.prompts, dipp.BUILTIN_PROMPTS, "--prompts")
     prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
     if len(prompts) >= 2 ** 24:
         die(f"{len(prompts)} prompts is more than image_seed's layout allows (2^24); use --max_prompts")
     tiny_scorers, hps_arch = {}, "ViT-H-14"
     if args.tiny:  # random stand-ins for everything, loaded by the same code as the real weights
+        plumbing.writable_dir(args.output_dir)
         sd, generator, tiny_weights = build_tiny(os.path.join(args.output_dir, "tiny"), args.hps_version, args.seed)
-        args.pretrained_model_name_or_path = sd
-        args.generator = args.generator or [generator]
+        if not args.pretrained_model_name_or_path:  # (a teacher given, e.g. a tiny PixArt-α, keeps its generators)
+            args.pretrained_model_name_or_path, args.generator = sd, args.generator or [generator]
         vars(args).update(tiny_weights)
         hps_arch = TINY_HPS_ARCH
+    args.pretrained_model_name_or_path = args.pretrained_model_name_or_path or dipp.Config.pretrained_model_name_or_path
+    # Everything is checked before any model is loaded or any image drawn: models, scorers' files, output folder
+    family, generators = check_models(args)
+    if args.teacher_guidance is None:  # the stock pipeline's own default: 7.5 (SD-1.x), 4.5 (PixArt-α)
+        pipeline = getattr(diffusers, family.pipeline)
+        args.teacher_guidance = inspect.signature(pipeline.__call__).parameters["guidance_scale"].default
     weights = dict(locate_all(args, metrics), hps_arch=hps_arch)
+    plumbing.writable_dir(args.output_dir)
+    for name in REPORTS:  # a previous evaluation's reports would describe images this run overwrites
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(args.output_dir, name))
     if args.tiny and "imagereward" in metrics:
-        tiny_scorers["imagereward"] = ImageRewardScorer(plumbing.freeze(
-            tiny_imagereward(os.path.join(args.output_dir, "tiny", "imagereward"), device), device, dtype))
+        tiny_scorers["imagereward"] = ImageRewardScorer(dipp.ImageRewardFn(plumbing.freeze(
+            tiny_imagereward(os.path.join(args.output_dir, "tiny", "imagereward"), device), device, torch.float32)))
     torch.manual_seed(args.seed)  # every image has its own generator; this pins anything else that is random
     print(f"evaluating {len(prompts)} prompts × {args.images_per_prompt} images on {device}; "
           f"metrics: {', '.join(metrics)}")
     with plumbing.tidy_if_stopped_early(args.output_dir, progress=wrote_an_image, run_files="images"):
-        models = generate_all(args, prompts, device, ctx, dtype)  # (images/<model>/ is made at the first image)
-    values, speed = score_all(models, metrics, weights, prompts, args, device, dtype, tiny_scorers)
+        models = generate_all(args, family, generators, prompts, device, ctx, dtype)  # (images/<model>/: at its 1st)
+    values, speed = score_all(models, metrics, weights, prompts, args, device, tiny_scorers)
     summarise(models, values, metrics, args)
     table = write_reports(models, values, metrics, prompts, args, command, speed)
     print(table + f"wrote {args.output_dir}/: images/, scores.jsonl, summary.json, table.md, grid.png")

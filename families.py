@@ -127,6 +127,20 @@ def sdxl_text(tokenizers, encoders, prompts):
     time_ids = pooled.new_tensor([[H, W, 0, 0, H, W]], dtype=torch.float32).repeat(len(prompts), 1)  # (B, 6)
     return SDXLText(torch.cat(states, -1).float(), pooled.float(), time_ids)
 
+def clip_pipeline_text(cond, null):
+    """c and ∅ as StableDiffusionPipeline takes them already encoded (it casts them to the UNet's dtype)."""
+    return dict(prompt_embeds=cond, negative_prompt_embeds=null.expand_as(cond))
+
+
+def t5_pipeline_text(cond, null):
+    """c and ∅ as PixArtAlphaPipeline takes them already encoded, with their masks (its negative prompt, "" by
+    default, is then None). Its own caption cleaning and aspect-ratio binning are off: the prompts were encoded as
+    t5_text does, and the size is the model's."""
+    null = null.expand_as(cond)
+    return dict(prompt_embeds=cond.emb, prompt_attention_mask=cond.mask, negative_prompt=None,
+                negative_prompt_embeds=null.emb, negative_prompt_attention_mask=null.mask, clean_caption=False,
+                use_resolution_binning=False)
+
 # -----------------------------------------------------------------------------
 # 3. The records
 
@@ -152,7 +166,9 @@ class Family:
     readout: str  # the denoiser's last layer, computed in fp32 (readout_in_fp32)
     t_star: int  # default t* of the one-step generator (dipp.OneStepGenerator)
     lora_targets: tuple  # layers that get a LoRA adapter under --lora_rank (never the readout)
-    pipeline: str  # the stock diffusers pipeline that samples this family
+    pipeline: str  # the stock diffusers pipeline that samples this family (its denoiser argument is `folder`) ...
+    pipeline_parts: dict  # ... the rest of its constructor beside denoiser, VAE, tokenizer and scheduler ...
+    pipeline_text: typing.Callable  # ... and pipeline_text(c, ∅) -> its call's keywords for prompts already encoded
     tiny_decoder: str  # AutoencoderTiny for --reward_decoder tiny (TAESD, trained on these latents)
     example: str  # a hub id of this family, for advice in messages
 
@@ -165,7 +181,10 @@ FAMILIES = {f.name: f for f in (
            lora_targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                          "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
                          "time_emb_proj"),
-           pipeline="StableDiffusionPipeline", tiny_decoder="madebyollin/taesd",
+           pipeline="StableDiffusionPipeline", pipeline_text=clip_pipeline_text,
+           pipeline_parts=dict(text_encoder=None, safety_checker=None, feature_extractor=None,
+                               requires_safety_checker=False),
+           tiny_decoder="madebyollin/taesd",
            example="stable-diffusion-v1-5/stable-diffusion-v1-5"),
     # T5-XXL (4.8 B parameters, 9.5 GB in bf16) only ever encodes the fixed prompt lists: pre-encoded, it never
     # sits beside the three transformers. t* = 400 as PixArt-α-DMD (see the deviation noted at dipp.OneStepGenerator).
@@ -176,9 +195,11 @@ FAMILIES = {f.name: f for f in (
            text_encoder="T5EncoderModel", tokenizer="AutoTokenizer", encode=t5_text, pre_encode=True,
            eps=pixart_eps, readout="proj_out", t_star=400,
            lora_targets=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "adaln_single.linear"),
-           pipeline="PixArtAlphaPipeline", tiny_decoder="madebyollin/taesd",
+           pipeline="PixArtAlphaPipeline", pipeline_parts=dict(text_encoder=None), pipeline_text=t5_pipeline_text,
+           tiny_decoder="madebyollin/taesd",
            example="PixArt-alpha/PixArt-XL-2-512x512"),
     # SDXL: t* = 399 and a zero ∅ as DMD2-SDXL (LCMScheduler, timesteps=[399]) and DI++-SDXL; docs/sdxl.md.
+    # evaluate.py does not sample it yet (pipeline_text None).
     Family(name="sdxl", title="SDXL", recognise=lambda index: "unet" in index and "text_encoder_2" in index,
            denoiser="UNet2DConditionModel", folder="unet", generator_classes=("UNet2DConditionModel",),
            text_encoder="CLIPTextModel", tokenizer="CLIPTokenizer", text_encoder_2="CLIPTextModelWithProjection",
@@ -187,7 +208,8 @@ FAMILIES = {f.name: f for f in (
            lora_targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                          "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
                          "time_emb_proj"),
-           pipeline="StableDiffusionXLPipeline", tiny_decoder="madebyollin/taesdxl",
+           pipeline="StableDiffusionXLPipeline", pipeline_parts=None, pipeline_text=None,
+           tiny_decoder="madebyollin/taesdxl",
            example="stabilityai/stable-diffusion-xl-base-1.0"))}
 
 # -----------------------------------------------------------------------------
@@ -214,6 +236,21 @@ def find_family(name):
     return found[0]
 
 
+def check_folder(name):
+    """The family of a diffusers folder or hub id, after checking that a local folder holds every part dipp
+    loads: one line naming what is missing, before anything is loaded."""
+    fam = find_family(name)
+    if os.path.isdir(name):
+        second = ("text_encoder_2/config.json", "tokenizer_2/tokenizer_config.json") if fam.text_encoder_2 else ()
+        missing = [f for f in (f"{fam.folder}/config.json", "vae/config.json", "text_encoder/config.json",
+                               "tokenizer/tokenizer_config.json", *second, "scheduler/scheduler_config.json")
+                   if not os.path.isfile(os.path.join(name, f))]
+        if missing:
+            plumbing.die(f"'{name}' is not a complete diffusers {fam.title} folder: missing {', '.join(missing)}. "
+                         + ADVICE)
+    return fam
+
+
 def readout_in_fp32(net, family):
     """The denoiser's last layer (conv_out, or PixArt's proj_out), which outputs ε̂, computed in fp32 under bf16
     autocast. Why: x0 = (z − σ ε̂)/α divides by α_{t*} (0.068 for SD at t* = 999), so bf16's rounding of ε̂
@@ -238,21 +275,10 @@ def load_models(name, device, dtype, text_encoder=True):
     Frozen nets are stored in the low-precision dtype: nothing ever backpropagates into their weights.
     text_encoder=False leaves it None: training loads it only where it is needed (see text_conditioning)."""
     import diffusers
-    import transformers
-    fam = find_family(name)
-    if os.path.isdir(name):
-        second = ("text_encoder_2/config.json", "tokenizer_2/tokenizer_config.json") if fam.text_encoder_2 else ()
-        missing = [f for f in (f"{fam.folder}/config.json", "vae/config.json", "text_encoder/config.json",
-                               "tokenizer/tokenizer_config.json", *second, "scheduler/scheduler_config.json")
-                   if not os.path.isfile(os.path.join(name, f))]
-        if missing:
-            plumbing.die(f"'{name}' is not a complete diffusers {fam.title} folder: missing {', '.join(missing)}. "
-                         + ADVICE)
+    fam = check_folder(name)
     get = lambda cls, sub: plumbing.load_or_die(lambda: cls.from_pretrained(name, subfolder=sub), name, f"{sub}/")
     net, vae = get(getattr(diffusers, fam.denoiser), fam.folder), get(diffusers.AutoencoderKL, "vae")
-    tokenizer = get(getattr(transformers, fam.tokenizer), "tokenizer")
-    if fam.tokenizer_2:  # SDXL: (CLIP-L's, CLIP-bigG's)
-        tokenizer = (tokenizer, get(getattr(transformers, fam.tokenizer_2), "tokenizer_2"))
+    tokenizer = load_tokenizer(name, fam)
     scheduler = get(diffusers.DDPMScheduler, "scheduler")
     if scheduler.config.prediction_type != "epsilon":
         plumbing.die(f"'{name}' predicts {scheduler.config.prediction_type}; dipp supports ε-prediction models")
@@ -262,6 +288,16 @@ def load_models(name, device, dtype, text_encoder=True):
     plumbing.freeze(vae, device, torch.float32 if dtype == torch.float16 else dtype)
     text = load_text_encoder(name, fam, device, dtype) if text_encoder else None
     return Models(fam, readout_in_fp32(net, fam), vae, text, tokenizer, scheduler.alphas_cumprod)
+
+
+def load_tokenizer(name, family):
+    """The tokenizer, or for a family with two text encoders (SDXL) the pair (CLIP-L's, CLIP-bigG's)."""
+    import transformers
+    def get(cls, sub):
+        return plumbing.load_or_die(lambda: getattr(transformers, cls).from_pretrained(name, subfolder=sub), name,
+                                    f"{sub}/")
+    first = get(family.tokenizer, "tokenizer")
+    return (first, get(family.tokenizer_2, "tokenizer_2")) if family.tokenizer_2 else first
 
 
 def load_text_encoder(name, family, device, dtype):
@@ -315,3 +351,19 @@ def generator_subfolder(family, name):
     sub = plumbing.find_subfolder(name, family.folder)
     plumbing.check_model_class(name, sub, family.generator_classes)
     return sub
+
+
+def stock_pipeline(name, models):
+    """The family's stock diffusers pipeline (StableDiffusionPipeline, PixArtAlphaPipeline) on already loaded
+    models, with the scheduler class of the folder's own scheduler config (SD1.5: PNDM, PixArt-α: DPM-Solver++)
+    rather than dipp's DDPM: what `Pipeline.from_pretrained(name)` builds. It holds no text encoder: it is called
+    with prompts already encoded, through family.pipeline_text."""
+    import diffusers
+    fam = models.family
+    config = plumbing.load_or_die(lambda: diffusers.DDPMScheduler.load_config(name, subfolder="scheduler"), name,
+                                  "scheduler/")
+    scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+    pipe = getattr(diffusers, fam.pipeline)(**{fam.folder: models.net}, vae=models.vae, tokenizer=models.tokenizer,
+                                            scheduler=scheduler, **fam.pipeline_parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

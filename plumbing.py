@@ -26,9 +26,24 @@ import torch
 # 1. One-line errors, the command line, where models come from, loading
 
 
+PROGRAM = "dipp"  # the name one-line errors start with; evaluate.py speaks for itself with as_program
+
+
 def die(message):
     """One clear line instead of a traceback: what is wrong and how to fix it."""
-    raise SystemExit(f"dipp: error: {message}")
+    raise SystemExit(f"{PROGRAM}: error: {message}")
+
+
+@contextlib.contextmanager
+def as_program(name):
+    """Inside the block every one-line error, this module's and its callers', starts with `name`: evaluate.py
+    runs dipp's loaders, and their messages then speak for evaluate."""
+    global PROGRAM
+    previous, PROGRAM = PROGRAM, name
+    try:
+        yield
+    finally:
+        PROGRAM = previous
 
 
 def load_or_die(fn, name, what):
@@ -135,43 +150,68 @@ def check_model_locations(locations, imagereward_by_name=False):
 
 
 def load_weights_or_die(module, path):
-    """Load a bare state-dict file (.safetensors, or a torch .bin/.pt/.pth read with weights_only=True so
-    that a file someone sends you cannot run code) into module; wrong keys or shapes are one line."""
+    """Load a bare state-dict file (read_weights) into module; wrong keys or shapes are one line."""
+    return load_strictly(module, read_weights(path), f"the weight file '{path}'",
+                         f"the teacher's {type(module).__name__} config")
+
+
+def read_weights(path):
+    """The tensors of a .safetensors file, or of a torch .bin/.pt/.pth read with weights_only=True so that a file
+    someone sends you cannot run code; a missing or unreadable file is one line."""
     from safetensors.torch import load_file
     if not os.path.isfile(path):
         die(f"the weight file '{path}' does not exist")
     try:
-        weights = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+        return load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
+                                                                                weights_only=True)
     except Exception as e:  # truncated, not this format, or a pickle with code in it
         die(f"the weight file '{path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
-    expected = {k: v.shape for k, v in module.state_dict().items()}
-    got = {k: getattr(v, "shape", None) for k, v in weights.items()} if isinstance(weights, dict) else {}
-    if got != expected:
-        bad = sorted(set(expected) ^ set(got)) + [k for k in expected if k in got and got[k] != expected[k]]
-        die(f"the weight file '{path}' does not match the teacher's {type(module).__name__} config ({len(got)} "
-            f"tensors, {len(expected)} expected; first mismatch: {bad[0] if bad else 'not a state dict'})")
+
+
+def load_strictly(module, weights, source, what):
+    """module.load_state_dict(weights) when every key of both fits with its shape, else one line naming the keys
+    that are missing from `source`, those it has beyond `what`, and those of another shape. (Loaders that pass
+    strict=False, as ImageReward's does, would leave the misfits silently at their random initialisation.)"""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    got = {k: tuple(getattr(v, "shape", (-1,))) for k, v in weights.items()} if isinstance(weights, dict) else {}
+    misfits = {"missing": [k for k in expected if k not in got], "unexpected": [k for k in got if k not in expected],
+               "of another shape": [k for k in expected if k in got and got[k] != expected[k]]}
+    if any(misfits.values()) or not got:
+        listed = "; ".join(f"{len(keys)} {kind}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                           for kind, keys in misfits.items() if keys)
+        die(f"{source} does not match {what} ({len(got)} tensors, {len(expected)} expected; "
+            f"{listed if got else 'not a state dict'})")
     module.load_state_dict(weights)
     return module
 
 
 def load_imagereward(path, device):
     """The ImageReward model from a local folder (ImageReward.pt + med_config.json) or, with path "", by name
-    through the package's own downloader (hub repo THUDM/ImageReward); a missing file is one line."""
+    through the package's own downloader (hub repo THUDM/ImageReward, into ~/.cache/ImageReward); a missing file
+    is one line. Loaded strictly: the package's own ImageReward.load passes strict=False, with which a
+    checkpoint that does not fit would leave part of the scorer at its random initialisation."""
     sys.modules.setdefault("clip", type(sys)("clip"))  # ImageReward imports OpenAI's `clip` but never uses it for ImageReward
     import ImageReward as RM
+    names = ("ImageReward.pt", "med_config.json")
     if path:
-        files = [os.path.join(path, f) for f in ("ImageReward.pt", "med_config.json")]
+        files = [os.path.join(path, f) for f in names]
         missing = [f for f in files if not os.path.isfile(f)]
         if missing:
             die(f"--reward_model_path is missing {', '.join(missing)}; download both from the hub repo "
                 "THUDM/ImageReward (huggingface-cli download THUDM/ImageReward --local-dir DIR)")
-        load = lambda: RM.load(files[0], device="cpu", med_config=files[1])
-    else:
-        load = lambda: RM.load("ImageReward-v1.0", device="cpu")
-    model = load_or_die(load, path or "THUDM/ImageReward", "the ImageReward model (and its BERT tokenizer "
-                        "'bert-base-uncased')")
+    else:  # what ImageReward.load("ImageReward-v1.0") fetches, where it keeps it
+        root, url = os.path.expanduser("~/.cache/ImageReward"), "https://huggingface.co/THUDM/ImageReward/blob/main/"
+        files = [load_or_die(lambda f=f: RM.utils.ImageReward_download(url + f, root), "THUDM/ImageReward",
+                             f"the ImageReward model ({f})") for f in names]
+
+    def build():  # ImageReward.load without its strict=False
+        return RM.ImageReward(med_config=files[1], device="cpu"), torch.load(files[0], map_location="cpu",
+                                                                             weights_only=True)
+    model, weights = load_or_die(build, path or "THUDM/ImageReward", "the ImageReward model (and its BERT "
+                                 "tokenizer 'bert-base-uncased')")
+    load_strictly(model, weights, f"'{files[0]}'", "ImageReward v1.0 (BLIP ViT-L + BERT + MLP)")
     model.device = device  # score_gard builds its attention mask on model.device
-    return model
+    return model.eval()
 
 
 def check_model_class(name, sub, expected):
@@ -336,9 +376,9 @@ def encoded_prompts(folder, key, prompts, make_encoder, device, main_rank=True, 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         writable_dir(folder)
-        save_file({k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}, path + ".tmp",
-                  metadata={"key": json.dumps(key), "prompts": json.dumps(prompts)})
-        os.replace(path + ".tmp", path)
+        table = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
+        write_files({path: lambda tmp: save_file(table, tmp, metadata={"key": json.dumps(key),
+                                                                      "prompts": json.dumps(prompts)})})
     if world > 1:
         torch.distributed.barrier()  # the other ranks read what rank 0 wrote
     table, row = load_file(path), {p: i for i, p in enumerate(prompts)}
@@ -660,9 +700,10 @@ def save_checkpoint(cfg, step, nets, t_star, states, ema=None, rng=None):
         write_generator_record(tmp, t_star)
     except BaseException as e:  # a full disk, a kill: drop the partial folder, keep every older checkpoint
         shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(e, OSError):
+        reason = write_failure(e)
+        if reason is None:
             raise
-        die(f"could not write {final} ({e.strerror or e}); the partial folder was removed. Last good "
+        die(f"could not write {final} ({reason}); the partial folder was removed. Last good "
             f"checkpoint: {last_checkpoint(cfg.output_dir)}; free space and resume with --resume_from_checkpoint latest")
     if os.path.isdir(final):  # resuming from an earlier step into the same output_dir: swap the old one out
         os.replace(final, final + ".old")
@@ -671,6 +712,43 @@ def save_checkpoint(cfg, step, nets, t_star, states, ema=None, rng=None):
     if cfg.checkpoints_total_limit > 0:
         for old in list_checkpoints(cfg.output_dir)[:-cfg.checkpoints_total_limit]:
             shutil.rmtree(old)
+
+
+def write_failure(error):
+    """Why a file write failed (full disk, quota, file-size limit), or None when `error` is something else. Each
+    writer says it its own way: open() and PIL raise OSError; safetensors a SafetensorError "I/O error: ... (os
+    error 28)"; torch.save's zip writer a RuntimeError that names no cause at all (measured under RLIMIT_FSIZE:
+    "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if isinstance(error, OSError):
+        return error.strerror or text or type(error).__name__
+    if type(error).__name__ == "SafetensorError" and "I/O error" in text:
+        return text[text.index("I/O error"):]
+    if isinstance(error, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        return f"torch.save could not write the file, most likely a full disk: {text[:120]}"
+    return None
+
+
+def write_files(writers):
+    """writers: {path: write(tmp_path)}. Every file is first written to path.tmp, and only when all are written
+    are they renamed into place (a rename needs no space): the paths hold all the new files or none of them,
+    never a half-written one. A write that fails (full disk, quota, file-size limit) removes every .tmp and
+    ends in one line; any other error is raised as it is, also after removing them."""
+    tmps = {path: f"{path}.tmp" for path in writers}
+    try:
+        for path, write in writers.items():
+            write(tmps[path])
+    except BaseException as e:
+        for tmp in tmps.values():
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        die(f"could not write '{path}' ({reason}); nothing half-written was left. Free space, or choose "
+            "another --output_dir, and run again")
+    for path, tmp in tmps.items():
+        os.replace(tmp, path)
 
 
 def list_checkpoints(output_dir):

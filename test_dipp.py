@@ -1329,25 +1329,31 @@ def test_user_mistakes_are_one_line(tmp_path, monkeypatch):
     assert "is damaged" in msg and "state.pt" in msg
 
 
-def test_full_disk_while_checkpointing_names_the_last_good_one(tmp_path, monkeypatch):
-    """'No space left on device' while writing checkpoint-2: one line naming checkpoint-1 (which still
-    resumes), and no half-written checkpoint-2.tmp left taking the space."""
-    import errno
-    import safetensors.torch
+def test_full_disk_while_checkpointing_names_the_last_good_one(tmp_path):
+    """A real write failure while checkpoint-2 is written (the kernel refuses to grow a file: RLIMIT_FSIZE, no
+    injected exception): in a training run, where torch.save's zip writer raises a RuntimeError naming no cause
+    for state.pt, and in a direct save whose safetensors file fails (SafetensorError). Each is one line naming
+    checkpoint-1, which is left byte for byte, and no half-written checkpoint-2 (or its .tmp) is left."""
+    import types
+    from conftest import file_size_limit
     out = str(tmp_path)
     argv = ["--tiny", "--reward", "none", "--checkpointing_steps", "1", "--output_dir", out]
     dipp.main(argv + ["--max_train_steps", "1"])
-    real, calls = safetensors.torch.save_file, []
-
-    def full(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:  # the fake score's file: the generator's is already half of the folder
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(*a, **k)
-
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
-    msg = error_of(argv + ["--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
-    assert "No space left on device" in msg and "checkpoint-1" in msg and "\n" not in msg
+    files = lambda: {f: open(os.path.join(out, "checkpoint-1", f), "rb").read()
+                     for f in os.listdir(os.path.join(out, "checkpoint-1"))}
+    saved = files()
+    assert len(saved["state.pt"]) > 2 * len(saved["generator.safetensors"])  # (Adam's two moments per weight)
+    with file_size_limit(len(saved["state.pt"]) // 2):  # the weights fit, state.pt does not
+        msg = error_of(argv + ["--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
+    net = torch.nn.Linear(64, 64)
+    with file_size_limit(4096), pytest.raises(SystemExit) as e:  # its 16 kB weight file does not fit
+        plumbing.save_checkpoint(types.SimpleNamespace(output_dir=out, checkpoints_total_limit=3), 2,
+                                 {"generator": net, "fake_score": net}, 999, {})
+    for msg, failure in ((msg, "torch.save could not write"), (str(e.value), "I/O error: File too large")):
+        assert msg.startswith("dipp: error: could not write " + os.path.join(out, "checkpoint-2")), msg
+        assert failure in msg and "Last good checkpoint: " + os.path.join(out, "checkpoint-1") in msg, msg
+        assert "\n" not in msg
+    assert files() == saved
     assert sorted(os.listdir(out)) == sorted(["checkpoint-1", "config.json", "log.jsonl", "samples_0000.png",
                                               "samples_0001.png", "curves.png", "generator", "tiny"])
 

@@ -26,10 +26,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @functools.lru_cache(maxsize=None)
 def tiny():
-    """Tiny SD, generator and scorer files (evaluate.build_tiny), written once per test session."""
-    folder = tempfile.mkdtemp(prefix="dipp-test-eval-tiny-")
+    """Tiny SD, generator and scorer files (evaluate.build_tiny), written once per test session into root/tiny,
+    where `evaluate.py --tiny --output_dir root` writes the same files again."""
+    root = tempfile.mkdtemp(prefix="dipp-test-eval-tiny-")
+    folder = os.path.join(root, "tiny")
     sd, generator, weights = evaluate.build_tiny(folder)
-    return dict(folder=folder, sd=sd, generator=generator, **weights)
+    return dict(root=root, folder=folder, sd=sd, generator=generator, **weights)
 
 
 def readme_command():
@@ -74,7 +76,7 @@ def test_readme_tiny_command_writes_the_table():
     models, metrics = result["models"], result["metrics"]
     K = int(argv[argv.index("--images_per_prompt") + 1])
     P = len(dipp.BUILTIN_PROMPTS)
-    assert [m["kind"] for m in models] == ["teacher", "generator"] and metrics == evaluate.METRICS
+    assert [m["kind"] for m in models] == ["teacher", "generator"] and metrics == tuple(evaluate.METRICS)
     for m in models:
         assert len(os.listdir(os.path.join(out, "images", m["slug"]))) == P * K
     lines = [json.loads(l) for l in open(os.path.join(out, "scores.jsonl"))]
@@ -89,6 +91,9 @@ def test_readme_tiny_command_writes_the_table():
     assert set(summary["scoring_images_per_s"]) == {"imagereward", "clip_l", "hps", "pickscore"}
     table = open(os.path.join(out, "table.md")).read()
     assert "Command: `python evaluate.py --tiny" in table and "HPS v2.0 (100·cos)" in table
+    assert "95 % Student-t confidence interval" in table and "--hps_resize legacy (no antialias" in table
+    P = len(dipp.BUILTIN_PROMPTS)
+    assert summary["models"]["teacher"]["metrics"]["clip"]["t_quantile"] == evaluate.t_quantile(P - 1)
     for metric in metrics:
         assert evaluate.header(metric, evaluate.parse_args(argv)) in table
     from PIL import Image
@@ -159,7 +164,7 @@ def test_imagereward_matches_the_package_score():
     from PIL import Image
     images = [pil(1, (512, 512)), pil(2, (16, 16)), pil(3, (300, 200)), Image.new("RGB", (512, 512), "black")]
     prompts = ["a red bicycle", "a watercolor fox", "a lighthouse at sunset", "a red bicycle"]
-    ours = evaluate.ImageRewardScorer(model)(images, prompts)["imagereward"]
+    ours = evaluate.ImageRewardScorer(dipp.ImageRewardFn(model))(images, prompts)["imagereward"]
     with torch.no_grad():
         theirs = torch.tensor([model.score(p, im) for p, im in zip(prompts, images)])
     assert torch.allclose(ours, theirs, atol=1e-5), (ours, theirs)
@@ -188,7 +193,7 @@ def test_aesthetic_head_loads_published_keys_and_is_the_linear_mlp(tmp_path):
         state[f"layers.{i}.bias"] = torch.randn(o, generator=g)
     torch.save(state, tmp_path / evaluate.AESTHETIC_FILE)
     clip = tiny()["clip_model"]
-    scorer = evaluate.load_clip_l(clip, str(tmp_path / evaluate.AESTHETIC_FILE), torch.device("cpu"), torch.float32)
+    scorer = evaluate.load_clip_l(clip, str(tmp_path / evaluate.AESTHETIC_FILE), torch.device("cpu"))
     images, prompts = [pil(5), pil(6, (64, 48))], ["a fox", "a castle"]
     ours = scorer(images, prompts)["aesthetic"]
     model, processor = CLIPModel.from_pretrained(clip).eval(), CLIPProcessor.from_pretrained(clip)
@@ -196,16 +201,15 @@ def test_aesthetic_head_loads_published_keys_and_is_the_linear_mlp(tmp_path):
         embeds = model(**processor(text=prompts, images=images, return_tensors="pt", padding=True)).image_embeds
     assert torch.allclose(ours, hand_aesthetic(state, embeds), atol=1e-4)
     torch.save({"fc.weight": torch.zeros(1, 768)}, tmp_path / "wrong.pth")
-    with pytest.raises(SystemExit) as e:
-        evaluate.load_aesthetic_head(str(tmp_path / "wrong.pth"))
-    assert str(e.value).startswith("evaluate: error:") and "layers.0" in str(e.value) and "\n" not in str(e.value)
+    message = evaluate_error(lambda: evaluate.load_aesthetic_head(str(tmp_path / "wrong.pth")))
+    assert "10 missing: layers.0.weight" in message and "1 unexpected: fc.weight" in message
 
 
 def test_clip_score_is_100_times_clamped_cosine():
     """CLIP score = 100 · max(cos, 0) of CLIPModel's own (normalised) image and text embeddings."""
     from transformers import CLIPModel, CLIPProcessor
     clip = tiny()["clip_model"]
-    scorer = evaluate.load_clip_l(clip, None, torch.device("cpu"), torch.float32)
+    scorer = evaluate.load_clip_l(clip, None, torch.device("cpu"))
     images, prompts = [pil(7), pil(8), pil(9)], ["a fox", "a red bicycle", "an astronaut riding a horse"]
     ours = scorer(images, prompts)["clip"]
     model, processor = CLIPModel.from_pretrained(clip).eval(), CLIPProcessor.from_pretrained(clip)
@@ -215,22 +219,25 @@ def test_clip_score_is_100_times_clamped_cosine():
     assert torch.allclose(ours, 100 * cos.clamp_min(0), atol=1e-4)
 
 
-def test_hps_preprocessing_is_the_hpsv2_recipe():
-    """hps_preprocess = HPSv2's ResizeMaxSize on the tensor: longest side to 224 (bicubic, antialiased),
-    zero pad centred (odd pixel right/bottom), CLIP normalisation; checked on non-square and square images
-    against plain torch interpolate + explicit padding."""
+@pytest.mark.parametrize("resize", ["legacy", "antialias"])
+def test_hps_preprocessing_is_the_hpsv2_recipe(resize):
+    """hps_preprocess = HPSv2's ResizeMaxSize on the tensor: longest side to 224 (bicubic; antialiased or, as
+    torchvision < 0.17 did for HPSv2's published numbers, not), zero pad centred (odd pixel right/bottom), CLIP
+    normalisation; checked on non-square and square images against plain torch interpolate + explicit padding."""
     import numpy as np
     mean, std = torch.tensor(dipp.CLIP_MEAN).view(3, 1, 1), torch.tensor(dipp.CLIP_STD).view(3, 1, 1)
     for size, resized in (((300, 201), (150, 224)), ((512, 512), (224, 224)), ((16, 16), (224, 224))):
         image = pil(10, size)  # PIL size = (W, H)
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255  # (3, H, W)
         x = torch.nn.functional.interpolate(x[None], size=resized, mode="bicubic", align_corners=False,
-                                            antialias=True)[0]  # (3, h, w), longest side 224
+                                            antialias=resize == "antialias")[0]  # (3, h, w), longest side 224
         top, left = (224 - resized[0]) // 2, (224 - resized[1]) // 2
         expected = torch.zeros(3, 224, 224)  # fill 0 *before* normalisation, as HPSv2 pads
         expected[:, top:top + resized[0], left:left + resized[1]] = x
-        ours = evaluate.hps_preprocess(image)
+        ours = evaluate.hps_preprocess(image, resize)
         assert torch.allclose(ours, (expected - mean) / std, atol=1e-5), size
+    other = {"legacy": "antialias", "antialias": "legacy"}[resize]  # not vacuous: the two differ when shrinking
+    assert (evaluate.hps_preprocess(pil(10, (512, 512)), other) - ours).abs().max() > 1e-3
 
 
 def test_hps_is_100_cos_of_open_clip_encoders():
@@ -238,7 +245,7 @@ def test_hps_is_100_cos_of_open_clip_encoders():
     own encode_image / encode_text on the same preprocessed tensors and tokens."""
     import open_clip
     t = tiny()
-    scorer = evaluate.load_hps(t["hps_model"], evaluate.TINY_HPS_ARCH, torch.device("cpu"), torch.float32)
+    scorer = evaluate.load_hps(t["hps_model"], evaluate.TINY_HPS_ARCH, torch.device("cpu"))
     images, prompts = [pil(11, (512, 512)), pil(12, (300, 200))], ["a bowl of ramen", "a cozy living room"]
     ours = scorer(images, prompts)["hps"]
     model = open_clip.create_model(evaluate.TINY_HPS_ARCH)
@@ -255,8 +262,7 @@ def test_pickscore_is_logit_scale_times_cosine():
     """PickScore = logit_scale.exp() · cos: the diagonal of CLIPModel's own logits_per_image."""
     from transformers import CLIPModel, CLIPProcessor
     t = tiny()
-    scorer = evaluate.load_pickscore(t["pickscore_model"], t["pickscore_processor"], torch.device("cpu"),
-                                     torch.float32)
+    scorer = evaluate.load_pickscore(t["pickscore_model"], t["pickscore_processor"], torch.device("cpu"))
     images, prompts = [pil(13), pil(14)], ["a lighthouse on a cliff", "a close-up portrait"]
     ours = scorer(images, prompts)["pickscore"]
     model = CLIPModel.from_pretrained(t["pickscore_model"]).eval()
@@ -303,6 +309,16 @@ def test_frechet_distance_matches_closed_forms():
 
 
 # ----------------------------------------------------------------------------- user mistakes
+
+def evaluate_error(fn):
+    """The one-line error of fn() called as evaluate.main calls its pieces (plumbing's errors speak for evaluate)."""
+    import plumbing
+    with pytest.raises(SystemExit) as e, plumbing.as_program("evaluate"):
+        fn()
+    message = str(e.value)
+    assert message.startswith("evaluate: error: ") and "\n" not in message, message
+    return message
+
 
 def error_of(argv):
     with pytest.raises(SystemExit) as e:
@@ -394,21 +410,223 @@ def test_bad_flags_and_prompt_files_are_one_line(tmp_path):
 
 def test_wrong_checkpoint_files_are_one_line(tmp_path):
     """A file that is no checkpoint, an HPS file without 'state_dict', or one for another architecture:
-    each is one line, not a torch traceback."""
+    each is one line naming what is wrong, not a torch traceback."""
     cpu = torch.device("cpu")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     torch.save({"model": torch.zeros(1)}, tmp_path / "no_state.pt")
     torch.save({"state_dict": {"visual.proj": torch.zeros(1)}}, tmp_path / "other.pt")
-    cases = [(lambda: evaluate.load_aesthetic_head(str(tmp_path / "garbage.pt")), "cannot read"),
-             (lambda: evaluate.load_hps(str(tmp_path / "garbage.pt"), evaluate.TINY_HPS_ARCH, cpu, torch.float32),
-              "cannot read"),
-             (lambda: evaluate.load_hps(str(tmp_path / "no_state.pt"), evaluate.TINY_HPS_ARCH, cpu, torch.float32),
-              "no 'state_dict'"),
-             (lambda: evaluate.load_hps(str(tmp_path / "other.pt"), evaluate.TINY_HPS_ARCH, cpu, torch.float32),
-              "does not fit")]
+    cases = [(lambda: evaluate.load_aesthetic_head(str(tmp_path / "garbage.pt")), "cannot be read"),
+             (lambda: evaluate.load_hps(str(tmp_path / "garbage.pt"), evaluate.TINY_HPS_ARCH, cpu), "cannot be read"),
+             (lambda: evaluate.load_hps(str(tmp_path / "no_state.pt"), evaluate.TINY_HPS_ARCH, cpu), "no 'state_dict'"),
+             (lambda: evaluate.load_hps(str(tmp_path / "other.pt"), evaluate.TINY_HPS_ARCH, cpu),
+              "does not match open_clip tiny-ViT-H-14"),
+             (lambda: evaluate.load_aesthetic_head(str(tmp_path)), "does not exist")]
     tiny()  # registers the tiny open_clip architecture
     for load, expected in cases:
-        with pytest.raises(SystemExit) as e:
-            load()
-        message = str(e.value)
-        assert message.startswith("evaluate: error:") and expected in message and "\n" not in message, message
+        message = evaluate_error(load)
+        assert expected in message, message
+
+
+# ----------------------------------------------------------------------------- PixArt-α
+
+@functools.lru_cache(maxsize=None)
+def pixart_run():
+    """evaluate.py on a tiny PixArt-α teacher (2 steps of its DDPM scheduler, its stock pipeline's CFG) and a
+    one-step PixArt-α generator (another random transformer, t* = 400 in its dipp.json): 2 prompts × 2 images,
+    CLIP score. Records what loads when: T5 loads, its forward calls, and whether it is still alive when a
+    transformer is built."""
+    import weakref
+    import families
+    import plumbing
+    import random_weights
+    from diffusers import PixArtTransformer2DModel
+    root = tempfile.mkdtemp(prefix="dipp-test-eval-pixart-")
+    pixart, _ = random_weights.build_random(os.path.join(tempfile.gettempdir(), "dipp-test-tiny-pixart"), "tiny_pixart")
+    generator = os.path.join(root, "generator")
+    torch.manual_seed(1)
+    PixArtTransformer2DModel(in_channels=4, out_channels=8, **random_weights.SHAPES["tiny_pixart"]["transformer"]
+                             ).save_pretrained(generator)
+    plumbing.write_generator_record(generator, 400)
+    events, t5 = [], []
+    load_text_encoder, from_pretrained = families.load_text_encoder, PixArtTransformer2DModel.from_pretrained
+
+    def t5_loaded(*args, **kwargs):
+        encoder = load_text_encoder(*args, **kwargs)
+        encoder.register_forward_hook(lambda *_: events.append("t5 forward"))
+        t5.append(weakref.ref(encoder))
+        events.append("t5 loaded")
+        return encoder
+
+    def transformer_built(*args, **kwargs):  # (no gc.collect(): freed means freed at once, as the memory is)
+        events.append("transformer built" + (" beside T5" if any(r() is not None for r in t5) else ""))
+        return from_pretrained(*args, **kwargs)
+    argv = ["--pretrained_model_name_or_path", pixart, "--generator", generator, "--teacher_steps", "2",
+            "--max_prompts", "2", "--images_per_prompt", "2", "--metrics", "clip", "--clip_model",
+            tiny()["clip_model"], "--output_dir", os.path.join(root, "eval")]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(families, "load_text_encoder", t5_loaded)
+        patch.setattr(PixArtTransformer2DModel, "from_pretrained", transformer_built)
+        result = evaluate.main(argv)
+    return dict(pixart=pixart, generator=generator, out=os.path.join(root, "eval"), result=result, events=events)
+
+
+def test_pixart_prompts_are_encoded_once_and_t5_freed_before_any_transformer():
+    """A PixArt-α run loads T5 once, encodes the prompts and "" in one call, and frees T5 before the teacher's or
+    any generator's transformer is built."""
+    events = pixart_run()["events"]
+    assert events == ["t5 loaded", "t5 forward", "transformer built", "transformer built"], events
+
+
+def test_pixart_teacher_row_is_the_stock_pipeline():
+    """The PixArt-α teacher's PNGs equal a stock PixArtAlphaPipeline assembled here (with its T5, prompts as
+    strings, its folder's scheduler, N steps, guidance 4.5 = the pipeline's default) from the same seeds."""
+    from diffusers import AutoencoderKL, DDPMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+    run = pixart_run()
+    teacher, folder = run["result"]["models"][0], run["pixart"]
+    assert teacher["kind"] == "teacher" and "CFG 4.5" in teacher["name"]
+    pipe = PixArtAlphaPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        text_encoder=T5EncoderModel.from_pretrained(folder, subfolder="text_encoder"),
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+        transformer=PixArtTransformer2DModel.from_pretrained(folder, subfolder="transformer"),
+        scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"))
+    theirs = stock_images(pipe, teacher["records"], num_inference_steps=2, guidance_scale=4.5, clean_caption=False,
+                          use_resolution_binning=False)
+    ours = torch.stack([png(run["out"], r) for r in teacher["records"]])
+    assert (ours - theirs).abs().max() <= 1 and (ours != theirs).float().mean() < 0.01
+    assert (ours[0] - ours[1]).abs().max() > 10  # not vacuous: images differ
+
+
+def test_pixart_generator_row_is_dipp_generate(tmp_path):
+    """A PixArt-α generator's PNGs equal `dipp.py --generate` with that generator, prompt and seed."""
+    run = pixart_run()
+    generator = run["result"]["models"][1]
+    assert generator["kind"] == "generator" and generator["generator_timestep"] == 400
+    for r in [r for r in generator["records"] if r["image_index"] == 0]:
+        images = dipp.main(["--pretrained_model_name_or_path", run["pixart"], "--generator_init", run["generator"],
+                            "--generate", dipp.BUILTIN_PROMPTS[r["prompt_index"]], "--seed", str(r["seed"]),
+                            "--output_dir", str(tmp_path)])  # z = randn from a generator seeded with --seed
+        theirs = ((images[0].clamp(-1, 1) + 1) * 127.5).round().int().permute(1, 2, 0)  # (H, W, 3)
+        assert (png(run["out"], r) - theirs).abs().max() <= 1, r
+
+
+# ----------------------------------------------------------------------------- precision, statistics, checks, faults
+
+def test_scores_do_not_follow_mixed_precision():
+    """--mixed_precision bf16 is for the models evaluated only: every per-image score evaluate.py gives the images
+    of a bf16 run equals what fp32 scorers built here give the same PNGs (a scorer in bf16 would not)."""
+    from PIL import Image
+    t, cpu = tiny(), torch.device("cpu")
+    result = evaluate.main(["--tiny", "--mixed_precision", "bf16", "--device", "cpu", "--max_prompts", "2",
+                            "--images_per_prompt", "1", "--metrics", "imagereward,aesthetic,hps,pickscore,clip",
+                            "--output_dir", t["root"]])  # (writes the same tiny/ files again)
+    model = result["models"][0]
+    images = [Image.open(os.path.join(t["root"], r["image"])).convert("RGB") for r in model["records"]]
+    prompts = [dipp.BUILTIN_PROMPTS[r["prompt_index"]] for r in model["records"]]
+    clip = evaluate.load_clip_l(t["clip_model"], t["aesthetic_model"], cpu)
+    scorers = [evaluate.ImageRewardScorer(dipp.ImageRewardFn(evaluate.tiny_imagereward(
+               os.path.join(t["folder"], "imagereward")))), clip,
+               evaluate.load_hps(t["hps_model"], evaluate.TINY_HPS_ARCH, cpu),
+               evaluate.load_pickscore(t["pickscore_model"], t["pickscore_processor"], cpu)]
+    expected = {k: v for scorer in scorers for k, v in scorer(images, prompts).items()}
+    for metric in result["metrics"]:
+        assert torch.allclose(result["values"][model["slug"]][metric], expected[metric], rtol=0, atol=1e-6), metric
+    in_bf16 = evaluate.ClipLScorer(clip.model.to(torch.bfloat16), clip.processor, clip.head)(images, prompts)
+    assert (in_bf16["clip"] - expected["clip"]).abs().max() > 1e-3  # not vacuous
+
+
+def test_interval_is_student_t_over_prompt_means():
+    """t_quantile(ν) is Student's t 0.975-quantile: it equals scipy.stats.t.ppf where scipy is installed, the
+    printed table value t(0.975, 7) = 2.365, and the t density integrates to 0.95 over ±t (Simpson's rule, from
+    lgamma); mean_ci's half-width is t(0.975, P−1) · s / √P."""
+    def density_mass(t, nu, n=4000):  # ∫_{-t}^{t} Γ((ν+1)/2) / (√(νπ) Γ(ν/2)) (1 + x²/ν)^(-(ν+1)/2) dx
+        c = math.exp(math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2)) / math.sqrt(nu * math.pi)
+        f = lambda x: c * (1 + x * x / nu) ** (-(nu + 1) / 2)
+        h = 2 * t / n
+        return h / 3 * sum((1 if i in (0, n) else 4 if i % 2 else 2) * f(-t + i * h) for i in range(n + 1))
+    assert round(evaluate.t_quantile(7), 3) == 2.365 and round(evaluate.t_quantile(1), 3) == 12.706
+    for nu in (1, 2, 3, 4, 7, 10, 29, 100, 999):
+        assert abs(density_mass(evaluate.t_quantile(nu), nu) - 0.95) < 1e-7, nu
+    try:
+        from scipy.stats import t as student
+    except ImportError:
+        student = None
+    if student is not None:
+        for nu in (1, 2, 3, 4, 7, 10, 29, 100, 999, 29999):
+            assert abs(evaluate.t_quantile(nu) - student.ppf(0.975, nu)) < 1e-9, nu
+    values = torch.tensor([0.1, 0.4, 0.35, 0.2, 0.5, 0.3, 0.15, 0.45])
+    stats = evaluate.mean_ci(values)
+    expected = evaluate.t_quantile(7) * values.double().std().item() / math.sqrt(8)
+    assert abs(stats["ci95"] - expected) < 1e-12 and stats["ci95"] > 1.96 * values.double().std().item() / math.sqrt(8)
+    assert evaluate.mean_ci(values[:1])["ci95"] is None
+
+
+def test_models_scorers_and_output_folder_are_checked_before_anything_loads(tmp_path, monkeypatch):
+    """A generator of the other family, a folder that is no generator, a t* outside the schedule, an aesthetic
+    head that is not the official file (checksum) and an output folder that cannot be created are each one line,
+    before any model is loaded (loading here fails the test) and before the output folder is made."""
+    import families
+    import plumbing
+    import random_weights
+    t = tiny()
+    pixart, _ = random_weights.build_random(os.path.join(tempfile.gettempdir(), "dipp-test-tiny-pixart"), "tiny_pixart")
+    late = lambda *a, **k: pytest.fail("a model was loaded before every check was done")
+    monkeypatch.setattr(dipp, "load_teacher", late)
+    monkeypatch.setattr(families, "text_conditioning", late)
+    far = tmp_path / "far"  # a generator whose dipp.json says t* = 1000
+    os.makedirs(far)
+    open(far / "config.json", "w").write(open(os.path.join(t["generator"], "config.json")).read())
+    plumbing.write_generator_record(str(far), 1000)
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "eval"
+    base = ["--pretrained_model_name_or_path", t["sd"], "--generator", t["generator"], "--metrics", "clip",
+            "--clip_model", t["clip_model"], "--output_dir", str(out)]
+    cases = [(["--generator", os.path.join(pixart, "transformer")], "holds a PixArtTransformer2DModel"),
+             (["--generator", str(tmp_path)], "is not a generator folder"),
+             (["--generator", str(far)], "t* = 1000 (its dipp.json"),
+             (["--metrics", "aesthetic", "--aesthetic_model", t["aesthetic_model"]],
+              f"is not the official {evaluate.AESTHETIC_FILE}: its sha256 is"),
+             (["--output_dir", str(tmp_path / "a_file" / "eval")], "cannot be written")]
+    for extra, expected in cases:
+        message = error_of(base + extra)  # (a second --generator adds to the first)
+        assert expected in message and not out.exists(), (extra, message)
+
+
+def test_imagereward_loads_strictly(tmp_path):
+    """plumbing.load_imagereward (dipp's reward, evaluate's scorer) loads ImageReward.pt strictly: the model's own
+    file gives the same weights; one missing and one unknown key, which the package's strict=False loader would
+    pass over (leaving a layer at random), are one line naming both."""
+    import plumbing
+    folder = str(tmp_path)
+    state = evaluate.tiny_imagereward(folder).state_dict()
+    torch.save(state, tmp_path / "ImageReward.pt")
+    with evaluate.tiny_imagereward_classes(folder):
+        loaded = plumbing.load_imagereward(folder, torch.device("cpu")).state_dict()
+        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
+        gone = next(k for k in state if k.startswith("mlp."))
+        torch.save({**{k: v for k, v in state.items() if k != gone}, "mlp.extra": torch.zeros(1)},
+                   tmp_path / "ImageReward.pt")
+        message = evaluate_error(lambda: plumbing.load_imagereward(folder, torch.device("cpu")))
+    assert f"1 missing: {gone}" in message and "1 unexpected: mlp.extra" in message, message
+
+
+def test_full_disk_and_unwritable_output_are_one_line_and_leave_nothing_half_written(tmp_path):
+    """Real write failures (the kernel refuses to grow a file past a limit: RLIMIT_FSIZE) while the images are
+    written, then while the reports are: one line naming the file each time; no .tmp and no partial file left,
+    and the reports are all written or none (here none), while the images written before are whole."""
+    from PIL import Image
+    from conftest import file_size_limit
+    t, out = tiny(), tmp_path / "eval"
+    argv = ["--pretrained_model_name_or_path", t["sd"], "--generator", t["generator"], "--max_prompts", "2",
+            "--images_per_prompt", "1", "--metrics", "clip", "--clip_model", t["clip_model"], "--output_dir", str(out)]
+    written = lambda: sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+    with file_size_limit(100):  # no PNG fits
+        message = error_of(argv)
+    assert "could not write" in message and ".png' (File too large)" in message and written() == []
+    with file_size_limit(2048):  # the 16-px PNGs fit, not every report does
+        message = error_of(argv)
+    images = [f for f in written() if f.endswith(".png")]
+    assert "File too large" in message and any(f"{r}'" in message for r in evaluate.REPORTS), message
+    assert written() == images and len(images) == 2, written()  # no report, no .tmp
+    assert all(Image.open(out / f).load() for f in images)  # whole PNGs

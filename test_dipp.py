@@ -1943,3 +1943,256 @@ def test_sdxl_benchmark_sweep_runs_on_tiny_sdxl(tmp_path):
                        "--setups", "lora64+checkpointing"])
     assert rows[0]["images_per_s"] > 0 and "--random_weights tiny_sdxl" in rows[0]["command"]
     assert set(os.listdir(tmp_path / "models")) == {"tiny_sdxl"}
+
+
+# ----------------------------------------------------------------------------- the wiring of Alg. 1, against a hand-wired reference
+# The tests above check each piece against an independent computation; runs that agree with each other (resume =
+# straight, DDP = one process, compile = eager) cannot see a wrong wiring, since two runs of it agree. Here one
+# iteration of the real training loop (dipp.main) is checked against the same iteration written out by hand from
+# METHOD.md, and the wiring's single points (prompt draw, keep-last-K, stop-gradient, reward sign) one by one.
+
+def run_recording_the_draws(monkeypatch, argv):
+    """dipp.main(argv), one step; returns its result, the torch RNG state at the top of that step and the (z, t, ε)
+    that draw_noise returned. train() reads its clock (plumbing.benchmark_clock) first thing in a step, before it
+    draws the prompts and the noise: from that state a test replays the draws by hand."""
+    states, draws = [], []
+    real_clock, real_draw = plumbing.benchmark_clock, dipp.draw_noise
+
+    def recording_clock(cfg, device):
+        clock = real_clock(cfg, device)
+        return lambda: (states.append(torch.get_rng_state()), clock())[1]
+
+    monkeypatch.setattr(plumbing, "benchmark_clock", recording_clock)
+    monkeypatch.setattr(dipp, "draw_noise", lambda *a, **k: draws.append(real_draw(*a, **k)) or draws[-1])
+    return dipp.main(argv), states[0], draws
+
+
+def hand_wired_family(kind, folder):
+    """What the reference needs of a model family, from the diffusers / transformers classes as the stock pipelines
+    use them (not from dipp or families.py): the denoiser, prompts -> c, ε̂ = eps(net, x_t, t, c), c repeated over a
+    batch, and t*: SD's CLIP text padded to 77 tokens and DMD2's t* = 999; PixArt-α's lower-cased T5 text padded to
+    120 tokens with its mask, ε̂ the first half of the 8 output channels, and PixArt-α-DMD's t* = 400."""
+    if kind == "sd":
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+        tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+        return dict(net=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"), t_star=999,
+                    encode=lambda prompts: text(tok(prompts, padding="max_length", max_length=77, truncation=True,
+                                                    return_tensors="pt").input_ids)[0],
+                    eps=lambda net, x, t, c: net(x, t, encoder_hidden_states=c).sample,
+                    repeat=lambda c, B: c.expand(B, -1, -1))
+    from diffusers import PixArtTransformer2DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+    tok = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder")
+
+    def encode(prompts):
+        ids = tok([p.lower() for p in prompts], padding="max_length", max_length=120, truncation=True,
+                  return_tensors="pt")
+        return t5(ids.input_ids, attention_mask=ids.attention_mask)[0], ids.attention_mask
+    return dict(net=PixArtTransformer2DModel.from_pretrained(folder, subfolder="transformer"), t_star=400,
+                encode=encode, eps=lambda net, x, t, c: pixart_eps_by_hand(net, x, t, *c),
+                repeat=lambda c, B: (c[0].expand(B, -1, -1), c[1].expand(B, -1)))
+
+
+def hand_wired_iteration(kind, folder, clip, rng_state, prompts, B, omega, K, reward_scale, lr):
+    """One iteration of Alg. 1 written out from METHOD.md with explicit autograd, and what each part contributes.
+    From rng_state: c ~ U(prompts) (B of them), then K_TA + 1 draws of z ~ N(0, I), t ~ U{20..980}, ε ~ N(0, I).
+    (1) K_TA fake-score updates, θ frozen: DSM ‖ε̂_ψ(α sg[g_θ(z)] + σ ε, t, c) − ε‖², mean over batch and dims.
+    (2) one generator update with the updated ψ frozen: ∂L/∂x0 = w α (ε̃_ref − ε̂_ψ)/σ with w = σ²/α² and
+        ε̃_ref = ε_∅ + ω (ε_c − ε_∅) from separate teacher calls on c and on the empty prompt, plus −α_rew ∂r/∂x0
+        by autograd of r = cos(CLIP image features of the VAE's decoding of x0, CLIP text features); mean over
+        the batch; backpropagated into θ through g_θ(z, c) = (z − σ_{t*} ε̂_θ(z, t*, c)) / α_{t*}.
+    Each net is stepped by torch.optim.Adam(lr, betas=(0, 0.999)) (Diff-Instruct's, METHOD.md §7)."""
+    import copy
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPModel, CLIPTokenizer
+    F = torch.nn.functional
+    fam = hand_wired_family(kind, folder)
+    abar = DDPMScheduler.from_pretrained(folder, subfolder="scheduler").alphas_cumprod  # (T,), the folder's own
+    alpha, sigma = (lambda t: abar[t].sqrt().view(-1, 1, 1, 1)), (lambda t: (1 - abar[t]).sqrt().view(-1, 1, 1, 1))
+    eps = fam["eps"]
+    teacher = fam["net"].eval().requires_grad_(False)
+    G, fake = (copy.deepcopy(teacher).train().requires_grad_(True) for _ in "ab")  # θ0 = ψ0 = the teacher
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval().requires_grad_(False)
+    clip_model, clip_tok = CLIPModel.from_pretrained(clip).eval().requires_grad_(False), CLIPTokenizer.from_pretrained(clip)
+    g = torch.Generator()
+    g.set_state(rng_state)
+    batch = [prompts[i] for i in torch.randint(len(prompts), (B,), generator=g).tolist()]
+    draws = [(torch.randn(B, 4, 8, 8, generator=g), torch.randint(20, 981, (B,), generator=g),
+              torch.randn(B, 4, 8, 8, generator=g)) for _ in range(K + 1)]
+    with torch.no_grad():
+        cond, null = fam["encode"](batch), fam["repeat"](fam["encode"]([""]), B)
+        text = F.normalize(clip_model.get_text_features(**clip_tok(batch, padding=True, return_tensors="pt")), dim=-1)
+    t_star = torch.full((B,), fam["t_star"])
+    generate = lambda z: (z - sigma(t_star) * eps(G, z, t_star, cond)) / alpha(t_star)
+    opt_G, opt_fake = (torch.optim.Adam(net.parameters(), lr=lr, betas=(0.0, 0.999)) for net in (G, fake))
+    fake_before = copy.deepcopy(fake)
+    for z, t, e in draws[:K]:  # (1)
+        with torch.no_grad():
+            x0 = generate(z)
+        opt_fake.zero_grad()
+        (eps(fake, alpha(t) * x0 + sigma(t) * e, t, cond) - e).pow(2).mean().backward()
+        opt_fake.step()
+    z, t, e = draws[K]  # (2)
+    x0 = generate(z)
+    with torch.no_grad():
+        x_t = alpha(t) * x0 + sigma(t) * e
+        e_c, e_null = eps(teacher, x_t, t, cond), eps(teacher, x_t, t, null)
+        e_fake, e_fake_before = eps(fake, x_t, t, cond), eps(fake_before, x_t, t, cond)
+    w_alpha_over_sigma = sigma(t) ** 2 / alpha(t) ** 2 * alpha(t) / sigma(t)
+    image = vae.decode(x0 / vae.config.scaling_factor).sample  # [-1, 1]
+    pixels = dipp.clip_preprocess(image, clip_model.config.vision_config.image_size)
+    r = (F.normalize(clip_model.get_image_features(pixel_values=pixels), dim=-1) * text).sum(-1)  # (B,)
+    params = list(G.parameters())
+    grad = lambda out, d_out=None: torch.autograd.grad(out, params, d_out, retain_graph=True)
+    ikl = grad(x0, w_alpha_over_sigma * (e_null + omega * (e_c - e_null) - e_fake) / B)
+    reward = grad(-reward_scale * r.mean())
+    parts = {"guidance": grad(x0, w_alpha_over_sigma * (omega - 1) * (e_c - e_null) / B), "reward": reward,
+             "fake update": grad(x0, w_alpha_over_sigma * (e_fake_before - e_fake) / B)}
+    for p, a, b in zip(params, ikl, reward):
+        p.grad = a + b
+    opt_G.step()
+    return dict(G=G, fake=fake, opt_G=opt_G, opt_fake=opt_fake, draws=draws, parts=parts,
+                grad=[p.grad for p in params])
+
+
+def assert_same_adam_update(run_net, run_state, ref_net, ref_opt, lr, what):
+    """The run's update of one net equals the reference's. Adam's moments are compared to float tolerance: with
+    β1 = 0 its first moment *is* the last gradient, its second the squares (Adam's first step, ≈ lr·sign(g),
+    would hide a gradient's scale). The weights are the reference's to float precision wherever √v is not within
+    rounding of 0 (there the sign of a float-noise gradient decides a ±lr step; < 1 % of the entries) or is exactly
+    0, PixArt's to_k biases left out (a zero gradient that rounds to noise: see but_key_bias)."""
+    names = [k for k, p in run_net.named_parameters() if p.requires_grad]
+    ref = dict(ref_net.named_parameters())
+    assert names == list(ref), what
+    for key in ("exp_avg", "exp_avg_sq"):
+        a, b = [run_state[i][key] for i in range(len(names))], [ref_opt.state[ref[k]][key] for k in names]
+        err = sum((x - y).pow(2).sum() for x, y in zip(a, b)).sqrt() / sum(y.pow(2).sum() for y in b).sqrt()
+        assert err < 1e-4, (what, key, float(err))
+    weights, kept, total = run_net.state_dict(), 0, 0
+    for k in but_key_bias(dict.fromkeys(names)):
+        scale = ref_opt.state[ref[k]]["exp_avg_sq"].sqrt()
+        sure = (scale > 1e-3 * scale.pow(2).mean().sqrt()) | (scale == 0)  # 0: e.g. PixArt's learned-σ rows
+        kept, total = kept + int(sure.sum()), total + sure.numel()
+        diff = (weights[k] - ref[k].detach())[sure].abs().max() if sure.any() else 0
+        assert diff <= 1e-4 * lr, (what, k, float(diff))
+    assert kept > 0.99 * total, (what, kept, total)
+
+
+def check_iteration_against_hand_wired(monkeypatch, tmp_path, kind, argv, omega, K, reward_scale, lr=1e-3, B=2):
+    """One step of dipp.main(argv) against hand_wired_iteration on the models the run built and loaded: the same
+    draws, each part of the reference's generator gradient > 1 % of it, and the same update of both nets (the
+    optimiser states from the run's checkpoint-1, the weights from the nets it returns)."""
+    out = tmp_path / "run"
+    nets, rng_state, run_draws = run_recording_the_draws(monkeypatch, argv + [
+        "--max_train_steps", "1", "--train_batch_size", str(B), "--learning_rate", str(lr), "--fake_learning_rate",
+        str(lr), "--reward_scale", str(reward_scale), "--device", "cpu", "--output_dir", str(out)])
+    models = out / ("tiny" if kind == "sd" else "tiny_pixart")
+    ref = hand_wired_iteration(kind, str(models / ("sd" if kind == "sd" else "pixart")), str(models / "clip"),
+                               rng_state, dipp.BUILTIN_PROMPTS, B, omega, K, reward_scale, lr)
+    assert len(run_draws) == K + 1 and all(torch.equal(a, b) for d, e in zip(run_draws, ref["draws"]) for a, b in zip(d, e)), \
+        "the run's (z, t, ε) are not N(0, I), U{20..980}, N(0, I) drawn after the prompts, K_TA + 1 times"
+    size = lambda grads: sum(x.pow(2).sum() for x in grads).sqrt()
+    for part, grads in ref["parts"].items():  # each is far above the tolerance: leaving it out fails the test
+        assert size(grads) > 0.01 * size(ref["grad"]), (part, float(size(grads) / size(ref["grad"])))
+    state = torch.load(out / "checkpoint-1" / "state.pt", weights_only=True)
+    assert_same_adam_update(nets["G"].net, state["opt_G"]["state"], ref["G"], ref["opt_G"], lr, "generator")
+    assert_same_adam_update(nets["fake"], state["opt_fake"]["state"], ref["fake"], ref["opt_fake"], lr, "fake score")
+
+
+def test_one_sd_iteration_equals_alg1_wired_by_hand(tmp_path, monkeypatch):
+    """`dipp.py --tiny` for one step (batch 2, reward on) gives the generator and fake-score updates of Alg. 1 wired
+    by hand (hand_wired_iteration): same prompts and noise, teacher on c and on ∅ with ω, fake score trained first,
+    reward ascended. It runs with the method's defaults, ω = 1.75 (DMD2), K_TA = 1, w = σ²/α², π = U{20..980} and
+    Adam β = (0, 0.999), so a changed default fails it too. The guidance, the reward and the fake update each move
+    the generator's gradient by > 1 % (the tolerance is 0.01 %): a swapped argument, a swapped branch or a missing
+    term fails."""
+    check_iteration_against_hand_wired(monkeypatch, tmp_path, "sd", ["--tiny"], omega=1.75, K=1, reward_scale=10)
+
+
+def test_one_pixart_iteration_equals_alg1_wired_by_hand(tmp_path, monkeypatch):
+    """The same on tiny PixArt-α (T5 text with its mask, ∅ = the empty prompt's embedding and mask), with ω = 3 and
+    K_TA = 2: two fake-score updates on fresh draws, then the generator update against the twice-updated ψ. (α_rew =
+    1000: at PixArt's high t, σ/α reaches ~100 and the tiny CLIP reward's pull would be below 1 % of the IKL's.)"""
+    check_iteration_against_hand_wired(monkeypatch, tmp_path, "pixart", [
+        "--random_weights", "tiny_pixart", "--guidance_scale", "3", "--fake_steps_per_G", "2"],
+        omega=3.0, K=2, reward_scale=1000)
+
+
+def test_prompts_are_drawn_from_the_whole_file(tmp_path, monkeypatch):
+    """c ~ U(prompt file): a one-line file trains (its prompt is all there is to draw), and a batch of 16 from a
+    two-line file holds both lines, the last one included (a uniform draw misses one with probability 2⁻¹⁵)."""
+    import dataclasses
+    sd, seen = families.FAMILIES["sd"], []
+    monkeypatch.setitem(families.FAMILIES, "sd", dataclasses.replace(
+        sd, encode=lambda tok, enc, prompts: seen.append(list(prompts)) or sd.encode(tok, enc, prompts)))
+    for lines, B in ((["a red fox"], 1), (["a red fox", "a blue whale"], 16)):
+        (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
+        seen.clear()
+        dipp.main(["--tiny", "--benchmark", "--reward", "none", "--max_train_steps", "1", "--train_batch_size", str(B),
+                   "--prompts", str(tmp_path / "prompts.txt"), "--device", "cpu", "--output_dir", str(tmp_path / "run")])
+        drawn = [p for batch in seen if batch != [""] for p in batch]
+        assert len(drawn) == B and set(drawn) == set(lines), (lines, drawn)
+
+
+def test_keep_last_k_orders_checkpoints_by_step(tmp_path):
+    """Ten checkpoints with a limit of 3 leave checkpoint-8, -9 and -10, and `latest` resumes step 10. (Sorted as
+    text, checkpoint-10 comes before checkpoint-7: pruning would delete the one just written.)"""
+    cfg = dipp.Config(output_dir=str(tmp_path), checkpoints_total_limit=3, resume_from_checkpoint="latest")
+    nets = lambda: {"generator": torch.nn.Linear(2, 2), "fake_score": torch.nn.Linear(2, 2)}
+    rng = plumbing.rng_states(torch.device("cpu"), 1)
+    for step in range(1, 11):
+        saved = nets()
+        torch.nn.init.constant_(saved["generator"].weight, step)
+        plumbing.save_checkpoint(cfg, step, saved, 999, {}, rng=rng)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-8", "checkpoint-9"]
+    assert plumbing.list_checkpoints(str(tmp_path))[-1] == str(tmp_path / "checkpoint-10")
+    resumed = nets()
+    assert plumbing.load_checkpoint(cfg, resumed, {}) == 10
+    assert torch.all(resumed["generator"].weight == 10)
+
+
+def test_generator_step_differentiates_neither_score_network():
+    """METHOD.md §3: both score networks are evaluated without gradient, only the explicit x_t carries one to θ.
+    Under every w(t), a generator update leaves the parameters of the teacher and of the fake score (both
+    trainable here) without a .grad (none was computed), while θ's have one."""
+    sd = families.FAMILIES["sd"]
+    cond = torch.randn(2, 77, 32)
+    G, _, _ = tiny_sd_nets()
+    teacher, fake = tiny_unet(0).requires_grad_(True), tiny_unet(1).requires_grad_(True)
+    real_eps = dipp.guided(dipp.denoiser_eps(teacher, sd), cond, torch.zeros_like(cond), 2.0)
+    fake_eps = lambda x, t: dipp.denoiser_eps(fake, sd)(x, t, cond)
+    noise = (torch.randn(2, 4, 8, 8), torch.tensor([200, 800]), torch.randn(2, 4, 8, 8))
+    params = list(G.parameters())
+    for weighting in ("x0", "eps", "dmd2"):
+        G.zero_grad(set_to_none=True)
+        dipp.generator_step(lambda z: G(z, cond), real_eps, fake_eps, None, params,
+                            torch.optim.AdamW(params, lr=1e-5), torch.amp.GradScaler("cpu", enabled=False), noise,
+                            G.schedule, dipp.Config(reward="none", ikl_weighting=weighting))
+        assert all(p.grad is None for p in [*teacher.parameters(), *fake.parameters()]), weighting
+        assert sum(p.grad.abs().sum() for p in params if p.grad is not None) > 0, weighting
+
+
+def test_generator_step_ascends_the_reward():
+    """The reward's gradient has the sign that raises it: with the fake score equal to the teacher (the IKL gradient
+    is exactly 0), the gradient a generator update hands Adam is autograd's −α_rew ∂ mean r / ∂θ of the reward
+    alone, and the reward of the same z is higher after the update."""
+    cond = torch.randn(2, 77, 32)
+    G, real, _ = tiny_sd_nets()
+    real_c = lambda x, t: real(x, t, cond)
+    target = torch.randn(1, 4, 8, 8)
+    reward = lambda x0: -(x0 - target).pow(2).flatten(1).mean(1)  # (B,), highest at x0 = target
+    noise = (torch.randn(2, 4, 8, 8), torch.tensor([300, 700]), torch.randn(2, 4, 8, 8))
+    cfg, params = dipp.Config(reward_scale=3.0), list(G.parameters())
+    before = reward(G(noise[0], cond))
+    expected = torch.autograd.grad(-cfg.reward_scale * before.mean(), params)
+    dipp.generator_step(lambda z: G(z, cond), real_c, real_c, reward, params,
+                        torch.optim.AdamW(params, lr=1e-6, betas=(0.0, 0.999), weight_decay=0.0),
+                        torch.amp.GradScaler("cpu", enabled=False), noise, G.schedule, cfg)
+    for p, e in zip(params, expected):
+        assert torch.allclose(p.grad, e, rtol=1e-4, atol=1e-6 * e.abs().max().item())
+    with torch.no_grad():
+        after = reward(G(noise[0], cond))
+    assert after.mean() > before.mean().detach() + 1e-6, (before, after)

@@ -673,8 +673,9 @@ def train(cfg):
     G_train, fake_train = plumbing.data_parallel(G, device, world), plumbing.data_parallel(fake, device, world)
 
     G_params, fake_params = plumbing.trainable(G), plumbing.trainable(fake)
-    opt_G = plumbing.make_adam(G_params, cfg.learning_rate, cfg, device)
-    opt_fake = plumbing.make_adam(fake_params, cfg.fake_learning_rate, cfg, device)
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    opt_G = plumbing.make_adam(G_params, cfg.learning_rate, betas, device)
+    opt_fake = plumbing.make_adam(fake_params, cfg.fake_learning_rate, betas, device)
     scaler_G, scaler_fake = (torch.amp.GradScaler(device.type, enabled=dtype == torch.float16) for _ in "ab")
     states = dict(opt_G=opt_G, opt_fake=opt_fake, scaler_G=scaler_G, scaler_fake=scaler_fake)  # checkpointed
     trained = {"generator": G.net, "fake_score": fake}  # what a checkpoint holds (their trainable tensors)
@@ -752,7 +753,9 @@ def train(cfg):
     bar.close()
     result = None
     if cfg.benchmark and main_rank:
-        result = plumbing.print_benchmark(cfg, timings, world, device, startup_peak)
+        switches = ("mixed_precision", "gradient_checkpointing", "lora_rank", "compile", "reuse_generator_sample")
+        result = plumbing.print_benchmark(timings, B, cfg.fake_steps_per_G, world, device, startup_peak,
+                                          {k: getattr(cfg, k) for k in switches})
     if writes:
         log.close()  # also draws curves.png from log.jsonl
         with plumbing.ema_weights(G_params, ema):  # the exported generator is the EMA one; G keeps the raw weights

@@ -503,10 +503,9 @@ def trainable_named(module):
     return {k: p for k, p in module.named_parameters() if p.requires_grad}
 
 
-def make_adam(params, lr, cfg, device):
+def make_adam(params, lr, betas, device):
     fused = device.type == "cuda"  # one kernel per step instead of one per tensor
-    return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=0.0,
-                             fused=fused)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0, fused=fused)
 
 
 def trainable(module):
@@ -1026,26 +1025,25 @@ def benchmark_clock(cfg, device):
     return clock
 
 
-def print_benchmark(cfg, timings, world, device, startup_peak=None):
+def print_benchmark(timings, batch, fake_updates, world, device, startup_peak=None, settings=None):
     """One machine-readable line: the mean over the iterations after the first two (warm-up, which is
-    also when --compile compiles: warmup_s). With --reuse_generator_sample the shared generator forward
-    counts in the fake-score update's time. On a GPU peak_memory_gib is the training loop's; startup_peak_gib
-    the peak before it (loading, and PixArt's T5 encoding the prompts before it is freed)."""
+    also when --compile compiles: warmup_s); timings: (fake-score phase, generator phase) per iteration, with
+    fake_updates updates in the first. On a GPU peak_memory_gib is the training loop's; startup_peak_gib the
+    peak before it (loading, and PixArt's T5 encoding the prompts before it is freed). settings: the run's
+    switches, reported as they are."""
     import resource
     warm = timings[2:] or timings
     fake_s, gen_s = (sum(t[i] for t in warm) / len(warm) for i in (0, 1))
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
     result = {
-        "images_per_s": round(world * cfg.train_batch_size / (fake_s + gen_s), 4),
+        "images_per_s": round(world * batch / (fake_s + gen_s), 4),
         "warmup_s": round(sum(map(sum, timings[:2])), 2),
-        "s_per_generator_update": round(gen_s, 5), "s_per_fake_update": round(fake_s / cfg.fake_steps_per_G, 5),
+        "s_per_generator_update": round(gen_s, 5), "s_per_fake_update": round(fake_s / fake_updates, 5),
         "peak_memory_gib": round(peak / 2 ** 30, 3),
         "startup_peak_gib": None if startup_peak is None else round(startup_peak / 2 ** 30, 3),
         "memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
-        "batch": cfg.train_batch_size, "world": world, "iterations": len(warm), "mixed_precision": cfg.mixed_precision,
-        "gradient_checkpointing": cfg.gradient_checkpointing, "lora_rank": cfg.lora_rank, "compile": cfg.compile,
-        "reuse_generator_sample": cfg.reuse_generator_sample,
+        "batch": batch, "world": world, "iterations": len(warm), **(settings or {}),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     print("BENCHMARK " + json.dumps(result))
     return result

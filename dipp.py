@@ -797,8 +797,10 @@ def generate(cfg):
 
 
 def model_locations(cfg):
-    """(name, flag) of every model folder or hub id the run will load. (A default TAESD is the family's.)"""
+    """(name, flag) of every model folder or hub id the run will load. (A default TAESD is the family's;
+    --generate loads no reward.)"""
     reward = {"clip": cfg.reward_model_path or CLIP_REWARD, "imagereward": cfg.reward_model_path}.get(cfg.reward, "")
+    reward = "" if cfg.generate else reward
     decoder = cfg.reward_decoder_path if cfg.reward_decoder == "tiny" and cfg.reward != "none" else ""
     return [(name, flag) for name, flag in ((cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path"),
                                             (cfg.generator_init, "--generator_init"), (reward, "--reward_model_path"),
@@ -812,8 +814,12 @@ def main(argv=None):
     if cfg.random_weights:  # same code path as SD1.5 / PixArt-α, nothing downloaded
         from random_weights import use_random_weights
         use_random_weights(cfg, rank, world)  # builds them in output_dir, points the model/reward paths there
-    # a mistyped path or an unreachable hub: one line now, not after loading
-    plumbing.check_model_locations(model_locations(cfg), cfg.reward == "imagereward" and not cfg.reward_model_path)
+    # a mistyped path, an incomplete model folder or an unreachable hub: one line now, not after loading
+    plumbing.check_model_locations(model_locations(cfg))
+    if os.path.isdir(cfg.pretrained_model_name_or_path):
+        families.check_folder(cfg.pretrained_model_name_or_path)
+    if cfg.reward == "imagereward" and not cfg.reward_model_path and not cfg.generate:
+        plumbing.check_imagereward_cache()
     with plumbing.tidy_if_stopped_early(cfg.output_dir, rank == 0):  # a run that fails before step 1 leaves no files
         return generate(cfg) if cfg.generate else train(cfg)
 

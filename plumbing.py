@@ -134,13 +134,16 @@ def check_model_location(name, flag):
             "DIR instead to keep it in a folder of your own)")
 
 
-def check_model_locations(locations, imagereward_by_name=False):
-    """check_model_location for each (name, flag) a run will load; with imagereward_by_name (ImageReward
-    fetched by its own package into ~/.cache/ImageReward), also that its files are there when the hub
-    cannot be reached."""
+def check_model_locations(locations):
+    """check_model_location for each (name, flag) a run will load."""
     for name, flag in locations:
         check_model_location(name, flag)
-    if imagereward_by_name and hub_unreachable():
+
+
+def check_imagereward_cache():
+    """ImageReward by name is fetched by its own package into ~/.cache/ImageReward: when the hub cannot be
+    reached, its files must already be there."""
+    if hub_unreachable():
         cache = os.path.expanduser("~/.cache/ImageReward")
         if not all(os.path.isfile(os.path.join(cache, f)) for f in ("ImageReward.pt", "med_config.json")):
             die(f"cannot load the ImageReward model: it is not in {cache} and the hub cannot be reached "

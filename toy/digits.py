@@ -39,6 +39,9 @@ import dipp  # noqa: E402  (the repo root holds dipp.py)
 import evaluate  # noqa: E402  (its Fréchet distance and pairwise diversity, the ones the SD evaluation uses)
 import plumbing  # noqa: E402  (dipp's optional EMA of the generator)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import optimum  # noqa: E402  (toy/optimum.py's process pool for independent runs)
+
 C = 10  # classes = prompts; c = −1 is the empty prompt ∅ (as in toy/gmm.py)
 SHAPE = (1, 8, 8)  # one image: 1 channel, 8×8 pixels
 
@@ -432,15 +435,6 @@ def experiments(args):
     return runs
 
 
-def run_all(args, jobs):
-    """jobs: {key: job arguments} -> {key: result}, over args.workers processes."""
-    if args.workers > 1 and len(jobs) > 1:
-        import concurrent.futures
-        import multiprocessing
-        with concurrent.futures.ProcessPoolExecutor(args.workers, multiprocessing.get_context("spawn")) as pool:
-            futures = {k: pool.submit(job, args, *v) for k, v in jobs.items()}
-            return {k: f.result() for k, f in futures.items()}
-    return {k: job(args, *v) for k, v in jobs.items()}
 
 
 def summarise(values):
@@ -491,7 +485,7 @@ def run(argv=None):
     jobs = {(name, s): (name, *spec[:3], args.seed + s, *spec[3:]) for name, spec in runs.items()
             for s in range(args.seeds)}
     print(f"{len(jobs)} generator runs of {args.steps} steps on {args.workers} worker(s) ...", flush=True)
-    results = run_all(args, jobs)
+    results = optimum.run_all(args, jobs, job)  # over args.workers processes
     for name in runs:
         res = [results[(name, s)] for s in range(args.seeds)]
         ms = [measure(r["samples"], c, judge, referee, refs) for r in res]

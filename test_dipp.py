@@ -1654,12 +1654,12 @@ def test_pixart_switches_keep_the_math(tmp_path, monkeypatch):
     assert seen == [torch.float32] and x0.dtype == torch.float32
 
 
-def test_pixart_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
-    """torchrun with 2 CPU processes (gloo) × batch 1 on PixArt (rank 0 pre-encodes the prompts, rank 1 reads
-    its cache) gives the generator one process with batch 2 gives, up to float summation order."""
+def ddp_and_one_process(tmp_path, shapes, denoiser):
+    """Generators after 2 steps of torchrun with 2 CPU processes (gloo) × batch 1 and of one process × batch 2 on
+    --random_weights `shapes`, and the initial denoiser (`denoiser`: its folder under the random models)."""
     import subprocess
     from safetensors.torch import load_file
-    common = ["--random_weights", "tiny_pixart", "--max_train_steps", "2", "--learning_rate", "1e-3",
+    common = ["--random_weights", shapes, "--max_train_steps", "2", "--learning_rate", "1e-3",
               "--fake_learning_rate", "1e-3", "--reward_scale", "10"]
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "dipp.py", *common, "--train_batch_size", "1",
@@ -1667,8 +1667,15 @@ def test_pixart_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
                    check=True, capture_output=True)
     dipp.main(common + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "one")])
     weights = lambda run: load_file(str(tmp_path / run / "generator" / "diffusion_pytorch_model.safetensors"))
-    init = load_file(str(tmp_path / "one" / "tiny_pixart" / "pixart" / "transformer" / "diffusion_pytorch_model.safetensors"))
-    diff, update = distance(but_key_bias(weights("one")), weights("ddp")), distance(but_key_bias(weights("one")), init)
+    init = load_file(str(tmp_path / "one" / shapes / denoiser / "diffusion_pytorch_model.safetensors"))
+    return weights("one"), weights("ddp"), init
+
+
+def test_pixart_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
+    """torchrun with 2 CPU processes (gloo) × batch 1 on PixArt (rank 0 pre-encodes the prompts, rank 1 reads
+    its cache) gives the generator one process with batch 2 gives, up to float summation order."""
+    one, ddp, init = ddp_and_one_process(tmp_path, "tiny_pixart", "pixart/transformer")
+    diff, update = distance(but_key_bias(one), ddp), distance(but_key_bias(one), init)
     assert update > 0.01 and diff < 0.01 * update, (diff, update)
 
 
@@ -1920,18 +1927,8 @@ def test_sdxl_compile_and_benchmark_keep_the_math_and_an_incomplete_folder_is_on
 def test_sdxl_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
     """torchrun with 2 CPU processes (gloo) × batch 1 on SDXL (SDXLText through DDP's forward) gives the generator
     one process with batch 2 gives, up to float summation order (the 2 % bound of the SD test)."""
-    import subprocess
-    from safetensors.torch import load_file
-    common = ["--random_weights", "tiny_sdxl", "--max_train_steps", "2", "--learning_rate", "1e-3",
-              "--fake_learning_rate", "1e-3", "--reward_scale", "10"]
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "dipp.py", *common, "--train_batch_size", "1",
-                    "--output_dir", str(tmp_path / "ddp")], cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                   check=True, capture_output=True)
-    dipp.main(common + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "one")])
-    weights = lambda run: load_file(str(tmp_path / run / "generator" / "diffusion_pytorch_model.safetensors"))
-    init = load_file(str(tmp_path / "one" / "tiny_sdxl" / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors"))
-    diff, update = distance(weights("one"), weights("ddp")), distance(weights("one"), init)
+    one, ddp, init = ddp_and_one_process(tmp_path, "tiny_sdxl", "sdxl/unet")
+    diff, update = distance(one, ddp), distance(one, init)
     assert update > 0.01 and diff < 0.02 * update, (diff, update)
 
 

@@ -92,8 +92,9 @@ def parse_args(argv):
     p = plumbing.FlagParser("evaluate.py", "\n\n".join(__doc__.split("\n\n")[i] for i in (0, 2)))
     a = p.add_argument_group("what to evaluate").add_argument
     a("--generator", action="append", default=[], metavar="DIR",
-      help="one-step generator folder written by dipp (its UNet or transformer + dipp.json), or a pipeline folder "
-           "holding one in unet/ or transformer/ (PixArt-α-DMD's); repeat to compare several")
+      help="one-step generator folder written by dipp (its UNet or transformer + dipp.json), a pipeline folder "
+           "holding one in unet/ or transformer/ (PixArt-α-DMD's), or a bare weight file on the teacher's config "
+           "(DMD2's); repeat to compare several")
     a("--generator_timestep", type=int, default=0, metavar="INT",
       help="t* for a generator folder without dipp.json (0 = the family's: SD 999, PixArt-α 400)")
     a("--pretrained_model_name_or_path", default=None, metavar="STR",
@@ -189,9 +190,11 @@ def check_models(args):
     generators = []
     for folder in args.generator:
         sub = families.generator_subfolder(family, folder) if os.path.isdir(folder) else None
-        if not os.path.isfile(os.path.join(folder, sub or "", "config.json")):
+        weight_file = os.path.isfile(folder) and folder.endswith((".safetensors", ".bin", ".pt", ".pth"))
+        if not weight_file and not os.path.isfile(os.path.join(folder, sub or "", "config.json")):
             die(f"--generator '{folder}' is not a generator folder (no config.json, nor {family.folder}/config.json)"
-                "; give the generator/ folder that dipp.py writes at the end of training")
+                " nor a weight file; give the generator/ folder that dipp.py writes at the end of training, or a "
+                "bare weight file on the teacher's config (DMD2's released UNet), as --generator_init takes")
         t_star = plumbing.read_generator_record(folder) or args.generator_timestep or family.t_star
         if not 0 < t_star < T:
             die(f"--generator '{folder}' would be sampled at t* = {t_star} (its dipp.json, or --generator_timestep), "

@@ -53,7 +53,8 @@ class PromptSet(NamedTuple):
 
 _SID = "https://raw.githubusercontent.com/mingyuanzhou/SiD-LSG/3ea64877a535a27aec3866ad589195b6cc7a85b3/"
 _PARTI = "https://raw.githubusercontent.com/google-research/parti/2c99f6652cbc7f0d0441aa91f4c7e7055bcb0071/"
-_DRAWBENCH = "https://raw.githubusercontent.com/kennymckormick/DrawBench-Glance/fd4117bc76a78a1519d1b061144efca9cd131270/"
+_DRAWBENCH = ("https://raw.githubusercontent.com/kennymckormick/DrawBench-Glance/"
+              "fd4117bc76a78a1519d1b061144efca9cd131270/")
 _HPD = "https://huggingface.co/datasets/zhwang/HPDv2/resolve/main/benchmark/"  # NOTE: a branch, not a revision
 _HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 _COCO_LICENCE = "CC BY 4.0 (COCO annotations, cocodataset.org terms of use)"
@@ -124,11 +125,12 @@ def resolve(value, flag="--prompts"):
         return value
     if value in SETS:
         return fetch(SETS[value])
-    if os.sep in value or "/" in value or os.path.splitext(value)[1]:  # meant as a path: the old message
-        die(f"{flag} file '{value}' does not exist; give a text file with one prompt per line, or a named set "
-            "(python promptsets.py lists them)")
-    close = difflib.get_close_matches(value, SETS, n=1, cutoff=0.5)
+    stem = os.path.splitext(os.path.basename(value))[0]  # `coco1k.txt` (the old README's file) -> 'coco1k'
+    close = difflib.get_close_matches(stem, SETS, n=1, cutoff=0.5)
     hint = f"did you mean '{close[0]}'? " if close else ""
+    if os.sep in value or "/" in value or stem != value:  # meant as a path: the old message, and the name
+        die(f"{flag} file '{value}' does not exist; give a text file with one prompt per line, or a named set "
+            f"({hint}python promptsets.py lists them)")
     die(f"{flag} '{value}' is neither a file nor a named prompt set; {hint}python promptsets.py lists the sets")
 
 
@@ -180,7 +182,7 @@ def download(spec, url):
         with open(local, "rb") as f:
             raw = f.read()
         return raw, hashlib.sha256(raw).hexdigest()
-    if not url.startswith("file://") and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+    if not url.startswith("file://") and os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         die(f"prompt set '{spec.name}': offline (HF_HUB_OFFLINE=1), not trying {url}; {where}")
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:

@@ -121,6 +121,7 @@ def test_every_failure_is_one_line_and_caches_nothing(sandbox, monkeypatch):
     HTTP error and a truncated download: one line each naming the set and the problem, and an empty cache."""
     server = http.server.HTTPServer(("127.0.0.1", 0), Server)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("no_proxy", "*")  # 127.0.0.1 directly, whatever proxy the environment names
     local = f"http://127.0.0.1:{server.server_port}/"
     evil = pickle.dumps(OrderedDict(a="b"))  # names collections.OrderedDict: unpickling it could run code
     (sandbox / "mirror" / "evil.pkl").write_bytes(evil)
@@ -147,12 +148,15 @@ def test_every_failure_is_one_line_and_caches_nothing(sandbox, monkeypatch):
         local + "missing": "answered HTTP 404",
         local + "short": "was truncated (10 bytes, 90 missing)",
     }
-    for url, expected in network.items():
-        spec = stand_in("net", ["lines.txt"], urls=(url,))
-        message = one_line_error(lambda: promptsets.fetch(spec))
-        assert "prompt set 'net'" in message and expected in message, message
-        assert "python promptsets.py fetch net" in message  # the fix: fetch elsewhere, mirror, or a path
-    server.shutdown()
+    try:
+        for url, expected in network.items():
+            spec = stand_in("net", ["lines.txt"], urls=(url,))
+            message = one_line_error(lambda: promptsets.fetch(spec))
+            assert "prompt set 'net'" in message and expected in message, message
+            assert "python promptsets.py fetch net" in message  # the fix: fetch elsewhere, mirror, or a path
+    finally:
+        server.shutdown()
+        server.server_close()
     assert cache_files(sandbox) == []
     # a cached file changed since it was verified is named, not used
     monkeypatch.setenv("DIPP_PROMPTS_MIRROR", str(sandbox / "mirror"))
@@ -168,6 +172,8 @@ def test_unknown_names_and_missing_paths_say_what_to_do(sandbox, tmp_path):
     assert "'lines_tx' is neither a file nor a named prompt set; did you mean 'lines_txt'?" in message
     assert "python promptsets.py lists the sets" in message
     assert "does not exist" in one_line_error(lambda: promptsets.resolve(str(tmp_path / "none.txt")))
+    message = one_line_error(lambda: promptsets.resolve("table_csv.txt"))  # a set's name written as a file
+    assert "file 'table_csv.txt' does not exist" in message and "did you mean 'table_csv'?" in message, message
     # dipp.py's --prompts/--validation_prompts and evaluate.py's --prompts all go through plumbing.load_prompts
     # (test_dipp/test_evaluate's bad-input tests show it); here the whole way through evaluate.py's main
     import evaluate

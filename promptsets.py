@@ -138,7 +138,7 @@ def fetch(spec):
     """The set's prompt file in the cache, fetched and verified first if it is not there yet."""
     path = cached_path(spec.name)
     if os.path.isfile(path):
-        n = sum(1 for line in open(path, encoding="utf-8") if line.strip())
+        n = sum(1 for line in open(path, encoding="utf-8", errors="replace") if line.strip())
         if spec.count is not None and n != spec.count:  # edited or damaged since it was verified
             die(f"prompt set '{spec.name}': the cached {path} has {n} prompts, not {spec.count}; delete it to "
                 "fetch it again")
@@ -162,7 +162,11 @@ def fetch(spec):
             "different file); nothing was cached. Try again, or give a file path")
     if not prompts:
         die(f"prompt set '{spec.name}' parsed to no prompts; nothing was cached. Give a file path instead")
-    write_atomically(path, "".join(p + "\n" for p in prompts).encode("utf-8"))
+    try:
+        write_atomically(path, "".join(p + "\n" for p in prompts).encode("utf-8"))
+    except OSError as e:
+        die(f"prompt set '{spec.name}': cannot write the cache {cache_dir()} ({e}); set DIPP_CACHE to a writable "
+            "folder")
     return path
 
 

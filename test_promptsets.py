@@ -117,8 +117,8 @@ class Server(http.server.BaseHTTPRequestHandler):
 
 
 def test_every_failure_is_one_line_and_caches_nothing(sandbox, monkeypatch):
-    """Wrong checksum, too few prompts, a pickle that names a class, HF_HUB_OFFLINE=1, an unreachable host, an
-    HTTP error and a truncated download: one line each naming the set and the problem, and an empty cache."""
+    """Wrong checksum, too few prompts, a pickle that names a class, an unwritable cache, HF_HUB_OFFLINE=1, an
+    unreachable host, an HTTP error and a truncated download: one line each naming the problem; an empty cache."""
     server = http.server.HTTPServer(("127.0.0.1", 0), Server)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("no_proxy", "*")  # 127.0.0.1 directly, whatever proxy the environment names
@@ -138,6 +138,10 @@ def test_every_failure_is_one_line_and_caches_nothing(sandbox, monkeypatch):
         assert f"prompt set '{spec.name}'" in message and expected in message, message
         assert "nothing was cached" in message
     assert cache_files(sandbox) == []
+    (sandbox / "a_file").write_text("x")
+    monkeypatch.setenv("DIPP_CACHE", str(sandbox / "a_file"))  # a cache folder that cannot be made
+    assert "cannot write the cache" in one_line_error(lambda: promptsets.resolve("lines_txt"))
+    monkeypatch.setenv("DIPP_CACHE", str(sandbox / "cache"))
     monkeypatch.delenv("DIPP_PROMPTS_MIRROR")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     message = one_line_error(lambda: promptsets.fetch(wrong))

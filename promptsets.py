@@ -156,7 +156,8 @@ def fetch(spec):
             prompts += parse(spec, raw, url)
             if expected is None:
                 print(f"prompt set '{spec.name}': {basename(url)} has no pinned sha256 (hub-only when SETS was "
-                      f"written); got sha256 {digest}, checked its format only", file=sys.stderr)
+                      f"written); got sha256 {digest}, checked its format" + (" and count" if spec.count else "")
+                      + " only", file=sys.stderr)
     if spec.count is not None and len(prompts) != spec.count:
         die(f"prompt set '{spec.name}' parsed to {len(prompts)} prompts, not {spec.count} (a truncated or "
             "different file); nothing was cached. Try again, or give a file path")

@@ -75,7 +75,7 @@ def cache_files(tmp_path):
     return sorted(os.listdir(folder)) if folder.exists() else []
 
 
-def test_sets_fetch_verify_and_cache_from_a_mirror_then_work_without_it(sandbox, monkeypatch):
+def test_sets_fetch_verify_and_cache_from_a_mirror_then_work_without_it(sandbox, monkeypatch, capsys):
     """Every extraction kind parses to the hand-written prompts; the cached file is one prompt per line; a
     second resolve reads the cache with the source gone; a path still wins; DIPP_CACHE/XDG pick the folder."""
     expected = {name: [p for f in (RAW[u.rsplit("/", 1)[1]] for u in spec.urls) for p in f[1]]
@@ -86,6 +86,11 @@ def test_sets_fetch_verify_and_cache_from_a_mirror_then_work_without_it(sandbox,
         assert path == str(sandbox / "cache" / "prompts" / f"{name}.txt")
         assert open(path, encoding="utf-8").read() == "".join(p + "\n" for p in prompts), name
     assert cache_files(sandbox) == sorted(f"{n}.txt" for n in expected)  # no temporary file left behind
+    # a hub-only set without a pinned sha256: fetched, its format and count checked, its sha256 printed to pin it
+    promptsets.SETS["unpinned"] = stand_in("unpinned", ["lines.txt"], sha256=(None,))
+    assert promptsets.read_prompts(promptsets.resolve("unpinned")) == RAW["lines.txt"][1]
+    assert f"got sha256 {hashlib.sha256(RAW['lines.txt'][0]).hexdigest()}, checked its format and count only" \
+        in capsys.readouterr().err
     # the source gone: the cache answers, and through plumbing.load_prompts as dipp.py and evaluate.py call it
     monkeypatch.setenv("DIPP_PROMPTS_MIRROR", str(sandbox / "gone"))
     assert plumbing.load_prompts("table_tsv", ["builtin"], "--prompts") == RAW["table.tsv"][1]

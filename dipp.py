@@ -91,9 +91,10 @@ class Config:
         # 1.2²) (Diff-Instruct/EDM)
     ikl_weighting: str = "x0"  # w(t): x0 is σ²/α² (Diff-Instruct); eps is σ/α; dmd2 is DMD2's adaptive normaliser
     # --- data
-    prompts: str = ""  # training prompts: a text file, one prompt per line (default: 8 built-in prompts)
-    validation_prompts: str = ""  # held-out prompts, one per line (default: 8 built-in prompts disjoint from the
-        # training ones)
+    prompts: str = ""  # training prompts: a text file, one prompt per line, or a named set: python promptsets.py
+        # lists them (default: 8 built-in prompts)
+    validation_prompts: str = ""  # held-out prompts: a file or a named set, as --prompts (default: 8 built-in
+        # prompts disjoint from the training ones)
     # --- optimisation
     train_batch_size: int = 1  # prompts per step (per process under torchrun)
     max_train_steps: int = 1000  # generator updates

@@ -111,7 +111,8 @@ def parse_args(argv):
       help="tiny random scorers of the real architectures, and a tiny random SD teacher and generator where "
            "none is given (CPU, seconds, no download)")
     a = p.add_argument_group("prompts and seeds").add_argument
-    a("--prompts", default="", metavar="STR", help="text file, one prompt per line (default: dipp's 8 built-in prompts)")
+    a("--prompts", default="", metavar="STR", help="a text file, one prompt per line, or a named set: "
+      "python promptsets.py lists them (default: dipp's 8 built-in prompts)")
     a("--max_prompts", type=int, default=0, metavar="INT", help="use the first N prompts of the file; 0 = all")
     a("--images_per_prompt", type=int, default=4, metavar="INT", help="K images per prompt (seeds image_seed(seed, i, k))")
     a("--seed", type=int, default=0, metavar="INT", help="base seed of the initial noise, shared by every model")

@@ -335,11 +335,12 @@ def parse_dataclass(cls, argv, choices, prog, description, renamed=None):
 
 
 def load_prompts(path, default, flag):
-    """One prompt per line of a UTF-8 text file (blank lines skipped), or the built-in list `default`."""
+    """One prompt per line of a UTF-8 text file (blank lines skipped), a named set (promptsets.py: fetched and
+    verified on first use, then cached), or the built-in list `default`."""
     if not path:
         return list(default)
-    if not os.path.isfile(path):
-        die(f"{flag} file '{path}' does not exist; give a text file with one prompt per line")
+    import promptsets  # (it imports this module: importing it here, not at the top, avoids the cycle)
+    path = promptsets.resolve(path, flag)
     try:
         prompts = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
     except UnicodeDecodeError:

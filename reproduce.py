@@ -61,7 +61,7 @@ RECIPES = {
                "--learning_rate", "1e-6", "--fake_learning_rate", "1e-6", "--train_batch_size", "8",
                "--max_train_steps", "2000", "--mixed_precision", "bf16", "--gradient_checkpointing",
                "--checkpointing_steps", "250", "--validation_steps", "250"],
-        train_prompts="sam_llava", eval_prompts="coco30k", teacher_steps=30,
+        train_prompts="laion_aesthetics_625_20k", eval_prompts="coco30k", teacher_steps=30,
         evaluate=["--images_per_prompt", "1", "--hps_version", "v2.0",
                   "--metrics", "aesthetic,imagereward,hps,pickscore,clip"],
         published=[
@@ -79,7 +79,7 @@ RECIPES = {
                "--learning_rate", "1e-6", "--fake_learning_rate", "1e-6", "--train_batch_size", "8",
                "--max_train_steps", "2000", "--mixed_precision", "bf16", "--gradient_checkpointing",
                "--checkpointing_steps", "250", "--validation_steps", "250"],
-        train_prompts="laion_aesthetics", eval_prompts="coco30k", teacher_steps=25,
+        train_prompts="laion_aesthetics_625", eval_prompts="coco30k", teacher_steps=25,
         evaluate=["--images_per_prompt", "1", "--hps_version", "v2.0",
                   "--metrics", "aesthetic,imagereward,hps,pickscore,clip"],
         published=[

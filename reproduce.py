@@ -3,6 +3,7 @@
     python reproduce.py pixart --plan   # what it downloads and what each stage costs on this card; nothing runs
     python reproduce.py pixart          # the headline row: PixArt-α-512 from PixArt-α-DMD, ImageReward
     python reproduce.py sd15            # the SD1.5 row: from DMD2's one-step UNet, ImageReward
+    python reproduce.py sdxl --nproc 8  # DI++-SDXL (the released model's row): from DMD2-SDXL, FSDP2 on 8 GPUs
     python reproduce.py pixart --tiny   # the whole chain on tiny random weights, on a CPU, in about a minute
 
 Each recipe runs five stages into --output_dir (default runs/reproduce-NAME), each a command it prints first:
@@ -49,6 +50,8 @@ class Recipe(typing.NamedTuple):
     teacher_steps: int  # the teacher row: its stock pipeline, N steps, the pipeline's default CFG
     evaluate: list  # evaluate.py flags shared by the three rows
     published: list  # [Published]
+    shard: bool = False  # --nproc > 1 trains with --shard fsdp (FSDP2) instead of DDP: the two nets outgrow one GPU
+    note: str = ""  # what the table does not reproduce
 
 
 RECIPES = {
@@ -88,6 +91,30 @@ RECIPES = {
             Published("Hyper-SD15, one step (a one-step baseline, not this run's init)",
                       {"aesthetic": 5.79, "imagereward": 0.29, "pickscore": 21.5},
                       "SIM paper's table, COCO prompts (PickScore 0.215 there)")]),
+    "sdxl": Recipe(
+        title="DI++-SDXL: SDXL-base, one step, from DMD2-SDXL's one-step UNet, ImageReward, Parti prompts at 1024 px",
+        teacher="stabilityai/stable-diffusion-xl-base-1.0", shapes="sdxl", tiny_shapes="tiny_sdxl",
+        init=("tianweiy/DMD2", "dmd2_sdxl_1step_unet_fp16.bin"),
+        init_note="DMD2-SDXL's one-step UNet (a bare fp16 state dict, CC BY-NC 4.0), sampled at t* = 399",
+        train=["--reward", "imagereward", "--guidance_scale", "7.5", "--fake_steps_per_G", "5",
+               "--learning_rate", "5e-7", "--fake_learning_rate", "5e-7", "--train_batch_size", "4",
+               "--max_train_steps", "2000", "--mixed_precision", "bf16", "--gradient_checkpointing",
+               "--checkpointing_steps", "250", "--validation_steps", "250"],
+        train_prompts="laion_aesthetics_625", eval_prompts="parti", teacher_steps=50,
+        evaluate=["--images_per_prompt", "1", "--hps_version", "v2.1", "--batch_size", "4",
+                  "--metrics", "aesthetic,imagereward,pickscore,clip"],
+        published=[
+            Published("SDXL-Base, 50 steps", {"imagereward": 0.887, "aesthetic": 5.72, "pickscore": 22.74,
+                                              "clip": 32.72}, "Diff-Instruct* README, Parti prompts, 1024 px"),
+            Published("DMD2-SDXL, one step", {"imagereward": 0.930, "aesthetic": 5.51, "pickscore": 22.49,
+                                              "clip": 32.97}, "Diff-Instruct* README"),
+            Published("DI++-SDXL, one step", {"imagereward": 1.061, "aesthetic": 5.58, "pickscore": 22.60,
+                                              "clip": 32.94}, "Diff-Instruct* README; (α_rew, α_cfg) = (100, 7.5); "
+                                                              "PickScore 0.2260 there (×100 here); its CLIP score's "
+                                                              "backbone and scale are not stated")],
+        shard=True,
+        note="HPS v2.1 (the README's 29.72 average) is scored on the HPSv2 benchmark's four styles, not on Parti: "
+             "run evaluate.py --prompts hps_anime (and the other three) --hps_version v2.1 on the same folders"),
 }
 
 
@@ -168,7 +195,8 @@ def make_plan(recipe, args, out):
         models = {"teacher": recipe.teacher, "init": None, "reward": "THUDM/ImageReward"}
         prompts = ["--prompts", recipe.train_prompts]
         ev = list(recipe.evaluate) + ["--teacher_steps", str(recipe.teacher_steps), "--prompts", recipe.eval_prompts,
-                                      "--mixed_precision", "bf16", "--batch_size", "16"]
+                                      "--mixed_precision", "bf16"]
+        ev = ev if "--batch_size" in ev else ev + ["--batch_size", "16"]
         ev += ["--max_prompts", str(args.max_prompts)] if args.max_prompts else []
         d = evaluate.parse_args([])  # the scorers' default hub ids, as evaluate.py loads them
         downloads = [(recipe.teacher, None, "the teacher (diffusers pipeline)"),
@@ -182,6 +210,7 @@ def make_plan(recipe, args, out):
                      (d.pickscore_model, ["*.json", "*.txt", "WEIGHTS"], "PickScore v1"),
                      (d.pickscore_processor, ["*.json", "*.txt"], "PickScore's processor")]
     train = set_flag(train, "--max_train_steps", steps)
+    train += ["--shard", "fsdp"] if recipe.shard and args.nproc > 1 else []
     train = ["--pretrained_model_name_or_path", models["teacher"], "--generator_init", "INIT"] + train + prompts
     return Plan(downloads, models, train, ["--pretrained_model_name_or_path", models["teacher"]] + ev, steps,
                 calibrate=args.reward_scale is None)
@@ -307,6 +336,12 @@ def calibrate(args, plan, out, init):
         return json.load(open(path))["reward_scale"]
     folder, steps = os.path.join(out, "calibrate"), 2 if args.tiny else CALIBRATION_STEPS
     flags = set_flag(set_flag(plan.train, "--max_train_steps", steps), "--reward_scale", 1)
+    if "--prompts" in flags:  # its first 1,000 prompts (PixArt's T5 embeds each once: ~1 MiB a prompt)
+        import plumbing
+        few = os.path.join(out, "calibration_prompts.txt")
+        with open(few, "w", encoding="utf-8") as f:
+            f.write("\n".join(plumbing.load_prompts(flag(flags, "--prompts"), [], "--prompts")[:1000]) + "\n")
+        flags = set_flag(flags, "--prompts", few)
     flags = set_flag(set_flag(flags, "--generator_init", init), "--checkpointing_steps", steps)
     run(dipp_command(args, flags + ["--output_dir", folder, "--overwrite_output_dir"]), out)
     ratios = [json.loads(line).get("grad_ratio") for line in open(os.path.join(folder, "log.jsonl"))]
@@ -360,6 +395,7 @@ def write_table(recipe, args, out, plan, reward_scale):
               "- Published rows as their sources print them: " + "; ".join(f"{p.row}: {p.source}"
                                                                             for p in recipe.published) + ".",
               "- Measured ± is the 95 % Student-t interval over per-prompt means; published rows state none.",
+              *([f"- Not reproduced here: {recipe.note}."] if recipe.note else []),
               "- Each column's convention, from evaluate.py:"]
     lines += ["  " + line for line in evaluate.conventions(metrics, evaluate.parse_args(
         ["--hps_version", summary["hps_version"], "--hps_resize", summary["hps_resize"]])).splitlines()]
@@ -382,6 +418,10 @@ def main(argv=None):
     if args.plan:
         return plan
     init = plan.models["init"] or download(plan)
+    if not args.tiny:  # the prompt sets too, before any run starts (fetched once, verified, cached)
+        import promptsets
+        for name in (recipe.train_prompts, recipe.eval_prompts):
+            print(f"prompts: {name} -> {promptsets.resolve(name)}")
     train = set_flag(plan.train, "--generator_init", init)
     scale = calibrate(args, plan._replace(train=train), out, init)
     folder = os.path.join(out, "train")
@@ -427,7 +467,8 @@ def print_cost(recipe, args, plan):
                     guidance_scale=float(flag(plan.train, "--guidance_scale")))
     shapes = recipe.tiny_shapes if args.tiny else recipe.shapes
     per_iteration = cost.iteration_flops(shapes, batch=batch, **switches)
-    n_prompts = args.max_prompts or (3 if args.tiny else None)
+    import promptsets
+    n_prompts = args.max_prompts or (3 if args.tiny else promptsets.SETS[recipe.eval_prompts].count)
     stages = {"calibrate": per_iteration * CALIBRATION_STEPS * plan.calibrate,
               "train": per_iteration * plan.steps * args.nproc}
     if n_prompts:
@@ -446,8 +487,6 @@ def print_cost(recipe, args, plan):
     if not peak:
         print(f"  (no time estimate: {'no GPU here' if not card else f'no peak known for {card!r}'}; "
               "pass --card, e.g. --card 'H100 SXM')")
-    if "evaluate" not in stages:
-        print("  evaluate: set-dependent (30,000 COCO prompts: run --plan --max_prompts 30000 for its figure)")
 
 
 if __name__ == "__main__":

@@ -374,15 +374,15 @@ def encoded_prompts(folder, key, prompts, make_encoder, device, main_rank=True, 
     digest = hashlib.sha256(json.dumps([key, prompts]).encode()).hexdigest()[:16]
     path = os.path.join(folder, f"{digest}.safetensors")
     if main_rank and not os.path.isfile(path):
-        encode, parts = make_encoder(), []
+        encode, table = make_encoder(), {}
         with torch.no_grad():
             for i in range(0, len(prompts), batch_size):
-                parts.append({k: v.cpu() for k, v in encode(prompts[i:i + batch_size]).items()})
+                for k, v in encode(prompts[i:i + batch_size]).items():  # filled in place: one copy in RAM
+                    table.setdefault(k, torch.empty((len(prompts), *v.shape[1:]), dtype=v.dtype))[i:i + len(v)] = v
         del encode  # the text encoder goes with it
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         writable_dir(folder)
-        table = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
         write_files({path: lambda tmp: save_file(table, tmp, metadata={"key": json.dumps(key),
                                                                       "prompts": json.dumps(prompts)})})
     if world > 1:

@@ -1885,6 +1885,36 @@ def test_sdxl_lora_ema_resume_bf16_and_checkpointing_in_one_run(tmp_path):
     assert not any("lora" in k for k in exported.state_dict()) and exported.config.addition_embed_type == "text_time"
 
 
+def test_sdxl_pre_encoded_training_equals_encoding_every_step(tmp_path, monkeypatch):
+    """SDXL pre-encodes (families.FAMILIES["sdxl"].pre_encode): both text encoders encode the prompt lists once and
+    are freed before the UNets exist. One step with CFG from the cached SDXLText rows equals the same step with the
+    encoders kept and run every step (pre_encode off) to float rounding: c of every prompt and of "" within 1e-6 (the
+    pooled projection rounds differently at another batch size), the logged losses within 1e-5 relative, and
+    generator and fake score alike but for < 0.1 % of their elements (Adam's first step is ≈ ±lr wherever the
+    gradient is not 0, so a rounding-size gradient element can flip; a wrong c or ∅ moves most of them)."""
+    import dataclasses
+    folder = tiny_sdxl_models()[0]
+    common = ["--pretrained_model_name_or_path", folder, "--reward", "none", "--guidance_scale", "3",
+              "--max_train_steps", "1", "--learning_rate", "1e-2", "--fake_learning_rate", "1e-2"]
+    cached = dipp.main(common + ["--output_dir", str(tmp_path / "a")])
+    assert cached["text_encoder"] is None and len(os.listdir(tmp_path / "a" / "text_embeddings")) == 1
+    monkeypatch.setitem(families.FAMILIES, "sdxl", dataclasses.replace(families.FAMILIES["sdxl"], pre_encode=False))
+    every_step = dipp.main(common + ["--output_dir", str(tmp_path / "b")])
+    assert isinstance(every_step["text_encoder"], families.TextEncoders)
+    assert not (tmp_path / "b" / "text_embeddings").exists()
+    for prompt in dipp.BUILTIN_PROMPTS + [""]:
+        for x, y in zip(cached["text"]([prompt]), every_step["text"]([prompt])):
+            assert torch.allclose(x, y, rtol=0, atol=1e-6), prompt
+    logs = [json.loads(open(tmp_path / run / "log.jsonl").readlines()[-1]) for run in "ab"]
+    for k in ("loss_fake", "loss_ikl", "grad_ikl"):
+        assert abs(logs[0][k] - logs[1][k]) <= 1e-5 * abs(logs[1][k]), (k, logs)
+    teacher = every_step["teacher"].state_dict()
+    for a, b in ((cached["G"].net, every_step["G"].net), (cached["fake"], every_step["fake"])):
+        a, b = a.state_dict(), b.state_dict()
+        differ = sum(((a[k] - b[k]).abs() > 1e-6).sum() for k in a) / sum(v.numel() for v in a.values())
+        assert distance(a, teacher) > 0.01 and differ < 1e-3, differ
+
+
 def test_sdxl_shapes_are_sdxl_base():
     """--random_weights sdxl (for --benchmark) has SDXL-base-1.0's parameter counts: UNet 2.567 B, CLIP-L text
     123 M, CLIP-bigG text with projection 695 M (built on the meta device: nothing allocated)."""
@@ -1933,13 +1963,14 @@ def test_sdxl_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
 
 
 def test_sdxl_benchmark_sweep_runs_on_tiny_sdxl(tmp_path):
-    """bench/sweep.py --family sdxl runs the benchmark on tiny SDXL models, writing only the models."""
+    """bench/sweep.py --family sdxl runs the benchmark on tiny SDXL models, writing only the models and the
+    prompt cache."""
     sys.path.insert(0, os.path.join(HERE, "bench"))
     import sweep
     rows = sweep.main(["--tiny", "--family", "sdxl", "--batches", "1", "--steps", "3", "--out", str(tmp_path),
                        "--setups", "lora64+checkpointing"])
     assert rows[0]["images_per_s"] > 0 and "--random_weights tiny_sdxl" in rows[0]["command"]
-    assert set(os.listdir(tmp_path / "models")) == {"tiny_sdxl"}
+    assert set(os.listdir(tmp_path / "models")) == {"tiny_sdxl", "text_embeddings"}
 
 
 # ----------------------------------------------------------------------------- the wiring of Alg. 1, against a hand-wired reference

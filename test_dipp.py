@@ -1817,13 +1817,18 @@ def test_sdxl_training_run_and_its_export_reproduce_a_stock_one_step_sdxl_call(t
     assert json.load(open(os.path.join(out, "generator", "dipp.json"))) == {"generator_timestep": 399}
     pipe = sdxl_pipeline(folder, UNet2DConditionModel.from_pretrained(os.path.join(out, "generator")),
                          LCMScheduler.from_pretrained(folder, subfolder="scheduler"))
-    prompts = ["a red bicycle", "a fox"]
+    prompts = dipp.BUILTIN_PROMPTS[:2]  # (pre-encoded: nets["text"] knows the run's prompts)
     # the z ~ N(0, I) that dipp.generate draws with the run's --seed 0 (another seed would rebuild the random models)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     theirs = pipe(prompts, num_inference_steps=1, timesteps=[399], guidance_scale=0, latents=z,
                   output_type="latent").images
+    # c as the pipeline encodes it (these 2 prompts in one batch): the run's pre-encoded rows (encoded in a batch of
+    # all its prompts) differ from it in the last bits of the pooled projection, which bit for bit would see
+    encoders = families.load_text_encoder(folder, nets["family"], torch.device("cpu"), torch.float32)
+    cond = nets["family"].encode(nets["tokenizer"], encoders, prompts)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(cond, nets["text"](prompts)))
     with torch.no_grad():
-        ours = nets["G"](z, nets["text"](prompts))
+        ours = nets["G"](z, cond)
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5), (ours - theirs).abs().max()
     ddpm = sdxl_pipeline(folder, pipe.unet, DDPMScheduler.from_pretrained(folder, subfolder="scheduler", clip_sample=False))
     assert torch.equal(ours, ddpm(prompts, num_inference_steps=1, timesteps=[399], guidance_scale=0, latents=z,
@@ -1875,7 +1880,7 @@ def test_sdxl_lora_ema_resume_bf16_and_checkpointing_in_one_run(tmp_path):
     seen = []
     G.conv_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        straight["G"](torch.randn(1, 4, 8, 8), straight["text"](["a fox"]))
+        straight["G"](torch.randn(1, 4, 8, 8), straight["text"](dipp.BUILTIN_PROMPTS[:1]))
     assert seen == [torch.float32]
     dipp.main(common + ["--max_train_steps", "1", "--output_dir", str(tmp_path / "b")])
     resumed = dipp.main(common + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "b"),

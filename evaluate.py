@@ -62,7 +62,7 @@ METRICS = {
     "hps": Metric("hps", True, "HPS {hps_version} (100·cos)",
                   "open_clip ViT-H-14 with xswu/HPSv2 `{hps_file}`; longest side to 224 (bicubic, {hps_resize}) + "
                   "zero pad; 100 × cosine of normalised embeddings, no logit scale [arXiv 2306.09341]. v2.0 and v2.1 "
-                  "are not comparable (DI++ reports v2.0)"),
+                  "are not comparable (the DI++ paper reports v2.0, its SDXL table v2.1)"),
     "pickscore": Metric("pickscore", True, "PickScore v1 (logit_scale·cos)",
                         "yuvalkirstain/PickScore_v1 with the laion CLIP-ViT-H-14 processor; logit_scale · cosine "
                         "(≈21–23; tables such as SIM's print it ÷ 100, e.g. 0.217) [arXiv 2305.01569]"),
@@ -120,7 +120,8 @@ def parse_args(argv):
     a("--seed", type=int, default=0, metavar="INT", help="base seed of the initial noise, shared by every model")
     a = p.add_argument_group("metrics and each scorer's weights (hub id or local path)").add_argument
     a("--metrics", default="all", metavar="STR", help=f"all, or a comma-separated subset of {','.join(METRICS)}")
-    a("--hps_version", default="v2.0", choices=tuple(HPS_FILES), help="HPS checkpoint; DI++ reports v2.0")
+    a("--hps_version", default="v2.0", choices=tuple(HPS_FILES),
+      help="HPS checkpoint; the DI++ paper reports v2.0, the DI++-SDXL table v2.1")
     a("--hps_resize", default="legacy", choices=tuple(HPS_RESIZE),
       help="HPS's resize to 224: legacy = no antialias, as HPSv2's published numbers were computed (torchvision "
            "< 0.17); antialias = what HPSv2's code does under torchvision >= 0.17")
@@ -192,6 +193,9 @@ def check_models(args):
     for folder in args.generator:
         sub = families.generator_subfolder(family, folder) if os.path.isdir(folder) else None
         # (a weight file is a state dict on the teacher's config: its keys are checked when it loads)
+        if os.path.isfile(folder) and not folder.endswith((".safetensors", ".bin", ".pt", ".pth")):
+            die(f"--generator '{folder}' is a file but not a weight file (.safetensors, .bin, .pt, .pth); give a "
+                "generator folder, or the UNet's weight file (DMD2-SDXL's .bin, DI++-SDXL's .safetensors)")
         if not os.path.isfile(folder) and not os.path.isfile(os.path.join(folder, sub or "", "config.json")):
             die(f"--generator '{folder}' is not a generator folder (no config.json, nor {family.folder}/config.json)"
                 "; give the generator/ folder that dipp.py writes at the end of training, or a weight file")

@@ -652,9 +652,10 @@ def test_interval_is_student_t_over_prompt_means():
 
 
 def test_models_scorers_and_output_folder_are_checked_before_anything_loads(tmp_path, monkeypatch):
-    """A generator of the other family, a folder that is no generator, a t* outside the schedule, an aesthetic
-    head that is not the official file (checksum) and an output folder that cannot be created are each one line,
-    before any model is loaded (loading here fails the test) and before the output folder is made."""
+    """A generator of the other family, a folder that is no generator, a file that is no weight file, a t* outside the
+    schedule, an aesthetic head that is not the official file (checksum) and an output folder that cannot be created
+    are each one line, before any model is loaded (loading here fails the test) and before the output folder is
+    made."""
     import families
     import plumbing
     import random_weights
@@ -673,6 +674,7 @@ def test_models_scorers_and_output_folder_are_checked_before_anything_loads(tmp_
             "--clip_model", t["clip_model"], "--output_dir", str(out)]
     cases = [(["--generator", os.path.join(pixart, "transformer")], "holds a PixArtTransformer2DModel"),
              (["--generator", str(tmp_path)], "is not a generator folder"),
+             (["--generator", str(tmp_path / "a_file")], "is a file but not a weight file"),
              (["--generator", str(far)], "t* = 1000 (its dipp.json"),
              (["--metrics", "aesthetic", "--aesthetic_model", t["aesthetic_model"]],
               f"is not the official {evaluate.AESTHETIC_FILE}: its sha256 is"),

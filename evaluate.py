@@ -5,9 +5,9 @@ One-step generators are sampled as `dipp.py --generate` samples them, decode(g_Î
 the folder's dipp.json; the teacher runs its family's stock diffusers pipeline (StableDiffusionPipeline,
 PixArtAlphaPipeline or StableDiffusionXLPipeline) with its own scheduler, N steps and CFG, as a user of the
 teacher would. Prompts are encoded once (PixArt-Î±'s T5 and SDXL's two CLIPs are then freed, before any denoiser
-is built). Images are written as PNGs
-first and every scorer reads those PNGs, so the numbers belong to the files on disk; only one scorer is in
-memory at a time, and each runs in the precision its official code uses, whatever --mixed_precision says.
+is built). Images are written as PNGs first and every scorer reads those PNGs, so the numbers belong to the files
+on disk; only one scorer is in memory at a time, and each runs in the precision its official code uses, whatever
+--mixed_precision says.
 
 Quick start (CPU, no downloads, seconds):  python evaluate.py --tiny --teacher_steps 2 --output_dir eval_tiny
 Generators against the SD1.5 teacher:     python evaluate.py --generator runs/a/generator \

@@ -217,8 +217,8 @@ FAMILIES = {f.name: f for f in (
            lora_targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                          "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
                          "time_emb_proj"),
-           pipeline="StableDiffusionXLPipeline", pipeline_text=sdxl_pipeline_text,  # (its watermark: PIL output only)
-           pipeline_parts=dict(text_encoder=None, text_encoder_2=None, add_watermarker=False),
+           pipeline="StableDiffusionXLPipeline", pipeline_text=sdxl_pipeline_text,  # (no watermark: it would mark
+           pipeline_parts=dict(text_encoder=None, text_encoder_2=None, add_watermarker=False),  # pixels, not latents)
            tiny_decoder="madebyollin/taesdxl",
            example="stabilityai/stable-diffusion-xl-base-1.0"))}
 

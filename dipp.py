@@ -318,9 +318,9 @@ def build_generator(cfg, teacher, family, schedule, device):
     elif os.path.isfile(cfg.generator_init):  # a bare weight file, as DMD2 releases its SD1.5 generator
         net = plumbing.load_weights_or_die(teacher.__class__.from_config(teacher.config), cfg.generator_init)
         net.to(device).float().requires_grad_(True)
-    elif cfg.generator_init:  # a model folder (what dipp exports), a pipeline folder (PixArt-α-DMD's), a hub id
+    elif cfg.generator_init:  # a model folder (dipp exports one), a pipeline folder (PixArt-α-DMD, DI++-SDXL), hub id
         name, sub = cfg.generator_init, families.generator_subfolder(family, cfg.generator_init)
-        load = lambda: type(teacher).from_pretrained(name, subfolder=sub, torch_dtype=torch.float32)
+        load = lambda: plumbing.from_pretrained_any_variant(type(teacher), name, sub, torch_dtype=torch.float32)
         net = plumbing.load_or_die(load, name, f"the --generator_init {family.denoiser}")
         net.to(device).requires_grad_(True)
     else:
@@ -657,7 +657,7 @@ def train(cfg):
                                                              text_encoder=False)
     cfg.generator_timestep = cfg.generator_timestep or fam.t_star  # 0 = the family's default t*
     check_config(cfg, schedule.T)
-    # prompts -> c; PixArt's T5 encodes the three lists once, then is freed (before G and ψ exist)
+    # prompts -> c; PixArt's T5 and SDXL's two CLIPs encode the three lists once, then are freed (before G and ψ exist)
     text, text_encoder = families.text_conditioning(
         cfg.pretrained_model_name_or_path, fam, tokenizer, [prompts, val_prompts, [fam.null_prompt]], device, dtype,
         os.path.join(cfg.output_dir, "text_embeddings"), main_rank, world)
@@ -711,7 +711,7 @@ def train(cfg):
                 torch.compiler.cudagraph_mark_step_begin()
             # c ~ the prompt list, uniformly: every rank draws the global batch and keeps its slice (draw_noise)
             batch = [prompts[i] for i in torch.randint(len(prompts), (world * B,))[rank * B:(rank + 1) * B].tolist()]
-            cond = text(batch)  # c: (B, 77, D), or MaskedText((B, 120, D), (B, 120))
+            cond = text(batch)  # c: (B, 77, D), or MaskedText((B, 120, D), (B, 120)), or SDXLText
             nets = Bound(G=lambda z: G_train(z, cond),
                          real_eps=guided(real_eps, cond, null_emb.expand_as(cond), cfg.guidance_scale),
                          fake_eps=lambda x_t, t: fake_eps(x_t, t, cond),

@@ -2,17 +2,20 @@
 
 Every model sees the same prompts and the same initial noise z (one seed per image: `image_seed`).
 One-step generators are sampled as `dipp.py --generate` samples them, decode(g_θ(z, c)) at the t* stored in
-the folder's dipp.json; the teacher runs its family's stock diffusers pipeline (StableDiffusionPipeline or
-PixArtAlphaPipeline) with its own scheduler, N steps and CFG, as a user of the teacher would. Prompts are
-encoded once (PixArt-α's T5 is then freed, before any transformer is built). Images are written as PNGs
-first and every scorer reads those PNGs, so the numbers belong to the files on disk; only one scorer is in
-memory at a time, and each runs in the precision its official code uses, whatever --mixed_precision says.
+the folder's dipp.json; the teacher runs its family's stock diffusers pipeline (StableDiffusionPipeline,
+PixArtAlphaPipeline or StableDiffusionXLPipeline) with its own scheduler, N steps and CFG, as a user of the
+teacher would. Prompts are encoded once (PixArt-α's T5 and SDXL's two CLIPs are then freed, before any denoiser
+is built). Images are written as PNGs first and every scorer reads those PNGs, so the numbers belong to the files
+on disk; only one scorer is in memory at a time, and each runs in the precision its official code uses, whatever
+--mixed_precision says.
 
 Quick start (CPU, no downloads, seconds):  python evaluate.py --tiny --teacher_steps 2 --output_dir eval_tiny
 Generators against the SD1.5 teacher:     python evaluate.py --generator runs/a/generator \
     --generator runs/b/generator --teacher_steps 25 --prompts prompts.txt
 PixArt-α generators against PixArt-α:     the same + --pretrained_model_name_or_path PixArt-alpha/PixArt-XL-2-512x512
     --teacher_steps 30 (the SIM paper's PixArt-α row)
+SDXL (DI++-SDXL's table, docs/evaluation.md): --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0
+    --teacher_steps 50 --teacher_guidance 7.5 --hps_version v2.1 --generator dipp_1step/unet/...fp16.safetensors
 
 The metrics (--metrics) and the convention of each, as table.md states them: METRICS below. Each mean comes
 with a 95 % Student-t interval over the P per-prompt means. Reference: docs/evaluation.md.
@@ -60,7 +63,7 @@ METRICS = {
     "hps": Metric("hps", True, "HPS {hps_version} (100·cos)",
                   "open_clip ViT-H-14 with xswu/HPSv2 `{hps_file}`; longest side to 224 (bicubic, {hps_resize}) + "
                   "zero pad; 100 × cosine of normalised embeddings, no logit scale [arXiv 2306.09341]. v2.0 and v2.1 "
-                  "are not comparable (DI++ reports v2.0)"),
+                  "are not comparable (the DI++ paper reports v2.0, its SDXL table v2.1)"),
     "pickscore": Metric("pickscore", True, "PickScore v1 (logit_scale·cos)",
                         "yuvalkirstain/PickScore_v1 with the laion CLIP-ViT-H-14 processor; logit_scale · cosine "
                         "(≈21–23; tables such as SIM's print it ÷ 100, e.g. 0.217) [arXiv 2305.01569]"),
@@ -93,20 +96,21 @@ def parse_args(argv):
     a = p.add_argument_group("what to evaluate").add_argument
     a("--generator", action="append", default=[], metavar="DIR",
       help="one-step generator folder written by dipp (its UNet or transformer + dipp.json), a pipeline folder "
-           "holding one in unet/ or transformer/ (PixArt-α-DMD's), or a bare weight file on the teacher's config "
-           "(DMD2's); repeat to compare several")
+           "holding one in unet/ or transformer/ (PixArt-α-DMD's, DI++-SDXL's), or a bare weight file on the "
+           "teacher's config (DMD2-SDXL's .bin, DI++-SDXL's unet .safetensors); repeat to compare several")
     a("--generator_timestep", type=int, default=0, metavar="INT",
-      help="t* for a generator folder without dipp.json (0 = the family's: SD 999, PixArt-α 400)")
+      help="t* for a generator folder without dipp.json, or a weight file (0 = the family's: SD 999, PixArt-α 400, "
+           "SDXL 399)")
     a("--pretrained_model_name_or_path", default=None, metavar="STR",
-      help="the teacher, SD-1.x or PixArt-α: hub id or diffusers folder (also supplies VAE and text encoder to "
+      help="the teacher, SD-1.x, PixArt-α or SDXL: hub id or diffusers folder (also supplies VAE and text encoder to "
            f"the generators, which must be of its family); default {dipp.Config.pretrained_model_name_or_path}, "
            "or with --tiny a tiny random SD")
     a("--teacher_steps", type=int, default=0, metavar="INT",
       help="sample the teacher with N steps of its folder's own scheduler (0 = no teacher row). Published rows: "
-           "SD1.5 25 steps, PixArt-α 30 steps (SIM paper's table)")
+           "SD1.5 25 steps, PixArt-α 30 steps (SIM paper's table), SDXL 50 steps (DI* table)")
     a("--teacher_guidance", type=float, default=None, metavar="FLOAT",
       help="CFG scale of the teacher (diffusers' guidance_scale); default: its stock pipeline's, 7.5 for SD-1.x, "
-           "4.5 for PixArt-α")
+           "4.5 for PixArt-α, 5.0 for SDXL (DI*'s SDXL row used 7.5)")
     a("--tiny", action="store_true",
       help="tiny random scorers of the real architectures, and a tiny random SD teacher and generator where "
            "none is given (CPU, seconds, no download)")
@@ -118,7 +122,8 @@ def parse_args(argv):
     a("--seed", type=int, default=0, metavar="INT", help="base seed of the initial noise, shared by every model")
     a = p.add_argument_group("metrics and each scorer's weights (hub id or local path)").add_argument
     a("--metrics", default="all", metavar="STR", help=f"all, or a comma-separated subset of {','.join(METRICS)}")
-    a("--hps_version", default="v2.0", choices=tuple(HPS_FILES), help="HPS checkpoint; DI++ reports v2.0")
+    a("--hps_version", default="v2.0", choices=tuple(HPS_FILES),
+      help="HPS checkpoint; the DI++ paper reports v2.0, the DI++-SDXL table v2.1")
     a("--hps_resize", default="legacy", choices=tuple(HPS_RESIZE),
       help="HPS's resize to 224: legacy = no antialias, as HPSv2's published numbers were computed (torchvision "
            "< 0.17); antialias = what HPSv2's code does under torchvision >= 0.17")
@@ -184,18 +189,18 @@ def check_models(args):
     for folder in args.generator:
         plumbing.check_model_location(folder, "--generator")
     family = families.check_folder(name)
-    if family.pipeline_text is None:
-        die(f"evaluate.py cannot sample {family.title} models yet ('{name}'); it evaluates SD-1.x and PixArt-α")
     T = plumbing.load_or_die(lambda: diffusers.DDPMScheduler.load_config(name, subfolder="scheduler"), name,
                              "scheduler/")["num_train_timesteps"]
     generators = []
     for folder in args.generator:
         sub = families.generator_subfolder(family, folder) if os.path.isdir(folder) else None
-        weight_file = os.path.isfile(folder) and folder.endswith((".safetensors", ".bin", ".pt", ".pth"))
-        if not weight_file and not os.path.isfile(os.path.join(folder, sub or "", "config.json")):
+        # (a weight file is a state dict on the teacher's config: its keys are checked when it loads)
+        if os.path.isfile(folder) and not folder.endswith((".safetensors", ".bin", ".pt", ".pth")):
+            die(f"--generator '{folder}' is a file but not a weight file (.safetensors, .bin, .pt, .pth); give a "
+                "generator folder, or the UNet's weight file (DMD2-SDXL's .bin, DI++-SDXL's .safetensors)")
+        if not os.path.isfile(folder) and not os.path.isfile(os.path.join(folder, sub or "", "config.json")):
             die(f"--generator '{folder}' is not a generator folder (no config.json, nor {family.folder}/config.json)"
-                " nor a weight file; give the generator/ folder that dipp.py writes at the end of training, or a "
-                "bare weight file on the teacher's config (DMD2's released UNet), as --generator_init takes")
+                "; give the generator/ folder that dipp.py writes at the end of training, or a weight file")
         t_star = plumbing.read_generator_record(folder) or args.generator_timestep or family.t_star
         if not 0 < t_star < T:
             die(f"--generator '{folder}' would be sampled at t* = {t_star} (its dipp.json, or --generator_timestep), "
@@ -440,13 +445,14 @@ def model_files(path):
 
 
 def generate_all(args, family, generators, prompts, device, ctx, dtype):
-    """The prompts are encoded once (PixArt-α's T5 encodes them and "" into output_dir/text_embeddings and is
-    freed before any transformer is built), then the teacher's row (if asked) and each generator's, one at a time."""
+    """The prompts are encoded once (PixArt-α's T5, SDXL's two CLIPs, encode them and "" into
+    output_dir/text_embeddings and are freed before any denoiser is built), then the teacher's row (if asked) and
+    each generator's, one at a time."""
     name = args.pretrained_model_name_or_path
     text, _ = families.text_conditioning(name, family, families.load_tokenizer(name, family),
                                          [prompts, [family.null_prompt]], device, dtype,
                                          os.path.join(args.output_dir, "text_embeddings"))
-    null = text([family.null_prompt])  # ∅: the empty prompt's c, the pipelines' default negative prompt
+    null = families.null_condition(family, text)  # ∅ as the stock pipeline builds it: "" encoded (SDXL: zeroed)
     teacher = dipp.load_teacher(name, device, dtype, text_encoder=False)
     net_dtype = next(teacher.net.parameters()).dtype
     latent_shape = (teacher.net.config.in_channels, teacher.net.config.sample_size, teacher.net.config.sample_size)

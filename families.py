@@ -132,6 +132,14 @@ def clip_pipeline_text(cond, null):
     return dict(prompt_embeds=cond, negative_prompt_embeds=null.expand_as(cond))
 
 
+def sdxl_pipeline_text(cond, null):
+    """c and ∅ as StableDiffusionXLPipeline takes them already encoded: cross-attention states and pooled embeddings
+    of both. Its time ids it builds itself, from the default size that sdxl_text's are made of (the test checks)."""
+    null = null.expand_as(cond)
+    return dict(prompt_embeds=cond.emb, pooled_prompt_embeds=cond.pooled, negative_prompt_embeds=null.emb,
+                negative_pooled_prompt_embeds=null.pooled)
+
+
 def t5_pipeline_text(cond, null):
     """c and ∅ as PixArtAlphaPipeline takes them already encoded, with their masks (its negative prompt, "" by
     default, is then None). Its own caption cleaning and aspect-ratio binning are off: the prompts were encoded as
@@ -161,13 +169,14 @@ class Family:
     encode: typing.Callable  # encode(tokenizer, text_encoder, prompts) -> c
     null_prompt: str = ""  # CFG's ∅ is this prompt's c, as SD's and PixArt's pipelines build it (negative prompt "")
     null_zeros: bool = False  # ... with its embeddings zeroed (c.zeroed()), as SDXL's pipeline builds it
-    pre_encode: bool  # encode every prompt once at start-up (cached in output_dir), then free the text encoder
+    pre_encode: bool  # encode every prompt once at start-up (cached in output_dir), then free the text encoder ...
+    condition: typing.Any = None  # ... and rebuild c from the cache as this NamedTuple (MaskedText, SDXLText)
     eps: typing.Callable  # eps(net, x_t, t, c) -> ε̂ (B, 4, h, w)
     readout: str  # the denoiser's last layer, computed in fp32 (readout_in_fp32)
     t_star: int  # default t* of the one-step generator (dipp.OneStepGenerator)
     lora_targets: tuple  # layers that get a LoRA adapter under --lora_rank (never the readout)
     pipeline: str  # the stock diffusers pipeline that samples this family (its denoiser argument is `folder`) ...
-    pipeline_parts: dict  # ... the rest of its constructor beside denoiser, VAE, tokenizer and scheduler ...
+    pipeline_parts: dict  # ... the rest of its constructor beside denoiser, VAE, tokenizer(s), scheduler ...
     pipeline_text: typing.Callable  # ... and pipeline_text(c, ∅) -> its call's keywords for prompts already encoded
     tiny_decoder: str  # AutoencoderTiny for --reward_decoder tiny (TAESD, trained on these latents)
     example: str  # a hub id of this family, for advice in messages
@@ -193,22 +202,23 @@ FAMILIES = {f.name: f for f in (
            denoiser="PixArtTransformer2DModel", folder="transformer",
            generator_classes=("PixArtTransformer2DModel", "Transformer2DModel"),
            text_encoder="T5EncoderModel", tokenizer="AutoTokenizer", encode=t5_text, pre_encode=True,
-           eps=pixart_eps, readout="proj_out", t_star=400,
+           condition=MaskedText, eps=pixart_eps, readout="proj_out", t_star=400,
            lora_targets=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "adaln_single.linear"),
            pipeline="PixArtAlphaPipeline", pipeline_parts=dict(text_encoder=None), pipeline_text=t5_pipeline_text,
            tiny_decoder="madebyollin/taesd",
            example="PixArt-alpha/PixArt-XL-2-512x512"),
     # SDXL: t* = 399 and a zero ∅ as DMD2-SDXL (LCMScheduler, timesteps=[399]) and DI++-SDXL; docs/sdxl.md.
-    # evaluate.py does not sample it yet (pipeline_text None).
+    # Its two text encoders (0.82 B) pre-encode the prompt lists, as PixArt's T5, and are freed before the UNets exist.
     Family(name="sdxl", title="SDXL", recognise=lambda index: "unet" in index and "text_encoder_2" in index,
            denoiser="UNet2DConditionModel", folder="unet", generator_classes=("UNet2DConditionModel",),
            text_encoder="CLIPTextModel", tokenizer="CLIPTokenizer", text_encoder_2="CLIPTextModelWithProjection",
-           tokenizer_2="CLIPTokenizer", encode=sdxl_text, null_zeros=True, pre_encode=False,
+           tokenizer_2="CLIPTokenizer", encode=sdxl_text, null_zeros=True, pre_encode=True, condition=SDXLText,
            eps=sdxl_eps, readout="conv_out", t_star=399,
            lora_targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                          "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
                          "time_emb_proj"),
-           pipeline="StableDiffusionXLPipeline", pipeline_parts=None, pipeline_text=None,
+           pipeline="StableDiffusionXLPipeline", pipeline_text=sdxl_pipeline_text,  # (no watermark: it would mark
+           pipeline_parts=dict(text_encoder=None, text_encoder_2=None, add_watermarker=False),  # pixels, not latents)
            tiny_decoder="madebyollin/taesdxl",
            example="stabilityai/stable-diffusion-xl-base-1.0"))}
 
@@ -329,19 +339,21 @@ def null_condition(family, text):
 
 
 def text_conditioning(name, family, tokenizer, prompt_lists, device, dtype, cache_dir, main_rank=True, world=1):
-    """(prompts -> c, text encoder or None). SD's CLIP encoder (123 M) runs every step, as SDXL's two (817 M). A pre-encoding family
-    (PixArt's T5) encodes each prompt of the lists once, cached in cache_dir, and is freed before the trainable
-    nets exist; a rerun or resume with the same prompts never loads it."""
+    """(prompts -> c, text encoder or None). SD's CLIP encoder (123 M) runs every step. A pre-encoding family
+    (PixArt's T5, SDXL's two CLIPs) encodes each prompt of the lists once, cached in cache_dir, and is freed before
+    the trainable nets exist; a rerun or resume with the same prompts never loads it."""
     if not family.pre_encode:
         text_encoder = load_text_encoder(name, family, device, dtype)
         return (lambda prompts: family.encode(tokenizer, text_encoder, prompts)), text_encoder
     make_encoder = lambda: (lambda batch, enc=load_text_encoder(name, family, device, dtype):
                             family.encode(tokenizer, enc, batch)._asdict())
-    key = [name, family.name, str(dtype),
-           plumbing.files_stamp(os.path.join(name, "text_encoder"), os.path.join(name, "tokenizer"))]
+    parts = ["text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if family.text_encoder_2 else [])
+    key = [name, family.name, str(dtype), plumbing.files_stamp(*(os.path.join(name, p) for p in parts))]
+    if family.text_encoder_2:  # SDXL's c holds the default size as time ids: a changed unet/vae config changes it
+        key.append(list(default_image_size(name)))
     rows = plumbing.encoded_prompts(cache_dir, key, [p for ps in prompt_lists for p in ps], make_encoder, device,
                                     main_rank, world)
-    return (lambda batch: MaskedText(**rows(batch)).to(torch.float32)), None
+    return (lambda batch: family.condition(**rows(batch)).to(torch.float32)), None
 
 
 def generator_subfolder(family, name):
@@ -354,16 +366,17 @@ def generator_subfolder(family, name):
 
 
 def stock_pipeline(name, models):
-    """The family's stock diffusers pipeline (StableDiffusionPipeline, PixArtAlphaPipeline) on already loaded
-    models, with the scheduler class of the folder's own scheduler config (SD1.5: PNDM, PixArt-α: DPM-Solver++)
-    rather than dipp's DDPM: what `Pipeline.from_pretrained(name)` builds. It holds no text encoder: it is called
-    with prompts already encoded, through family.pipeline_text."""
+    """The family's stock diffusers pipeline (StableDiffusionPipeline, PixArtAlphaPipeline, StableDiffusionXLPipeline)
+    on already loaded models, with the scheduler class of the folder's own scheduler config (SD1.5: PNDM, PixArt-α:
+    DPM-Solver++, SDXL: Euler) rather than dipp's DDPM: what `Pipeline.from_pretrained(name)` builds. It holds no
+    text encoder: it is called with prompts already encoded, through family.pipeline_text."""
     import diffusers
     fam = models.family
     config = plumbing.load_or_die(lambda: diffusers.DDPMScheduler.load_config(name, subfolder="scheduler"), name,
                                   "scheduler/")
     scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
-    pipe = getattr(diffusers, fam.pipeline)(**{fam.folder: models.net}, vae=models.vae, tokenizer=models.tokenizer,
-                                            scheduler=scheduler, **fam.pipeline_parts)
+    tokenizers = dict(zip(("tokenizer", "tokenizer_2"), models.tokenizer if fam.tokenizer_2 else [models.tokenizer]))
+    pipe = getattr(diffusers, fam.pipeline)(**{fam.folder: models.net}, vae=models.vae, scheduler=scheduler,
+                                            **tokenizers, **fam.pipeline_parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -241,6 +241,19 @@ def find_subfolder(name, sub):
         return None
 
 
+def from_pretrained_any_variant(cls, name, subfolder, **kwargs):
+    """cls.from_pretrained(name, subfolder=...), or, when the folder or hub repo holds the weights only as the fp16
+    variant (diffusion_pytorch_model.fp16.safetensors, as XDG-XHS/dipp_1step and the other Diff-Instruct SDXL
+    releases keep their unet/), that variant: diffusers reads a variant file only when asked for it by name."""
+    try:
+        return cls.from_pretrained(name, subfolder=subfolder, **kwargs)
+    except OSError as plain:  # (no weights file of the plain name; anything else fails the same way again)
+        try:
+            return cls.from_pretrained(name, subfolder=subfolder, variant="fp16", **kwargs)
+        except OSError:
+            raise plain from None
+
+
 def writable_dir(path, flag="--output_dir"):
     """Create path if needed and prove it can be written: one line now instead of a crash at the first save."""
     try:

@@ -511,6 +511,95 @@ def test_pixart_generator_row_is_dipp_generate(tmp_path):
         assert (png(run["out"], r) - theirs).abs().max() <= 1, r
 
 
+# ----------------------------------------------------------------------------- SDXL
+
+@functools.lru_cache(maxsize=None)
+def sdxl_run():
+    """evaluate.py on a tiny SDXL teacher (2 steps of its folder's Euler scheduler, its stock pipeline's CFG 5.0) and
+    one generator (another random UNet, fp16-representable weights) in three layouts: a dipp export (dipp.json:
+    t* = 399), DI++-SDXL's release (XDG-XHS/dipp_1step: unet/ with config.json and only
+    diffusion_pytorch_model.fp16.safetensors, no dipp.json) and that bare file, as the DI* notebook loads it.
+    2 prompts × 2 images, CLIP score. Records when the text encoders load and run, and whether they are alive when
+    a UNet is built."""
+    import weakref
+    import families
+    import plumbing
+    import random_weights
+    from diffusers import UNet2DConditionModel
+    root = tempfile.mkdtemp(prefix="dipp-test-eval-sdxl-")
+    sdxl, _ = random_weights.build_random(os.path.join(tempfile.gettempdir(), "dipp-test-tiny-sdxl"), "tiny_sdxl")
+    torch.manual_seed(2)
+    unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet")
+    for p in unet.parameters():
+        p.data = (p.data + 0.02 * torch.randn_like(p)).half().float()  # fp16-representable, as the released file
+    generator, release = os.path.join(root, "generator"), os.path.join(root, "dipp_1step")
+    unet.save_pretrained(generator)
+    plumbing.write_generator_record(generator, 399)
+    unet.half().save_pretrained(os.path.join(release, "unet"), variant="fp16")
+    bare = os.path.join(release, "unet", "diffusion_pytorch_model.fp16.safetensors")
+    assert sorted(os.listdir(os.path.join(release, "unet"))) == ["config.json", os.path.basename(bare)]
+    events, encoders = [], []
+    load_text_encoder, from_pretrained = families.load_text_encoder, UNet2DConditionModel.from_pretrained
+
+    def encoders_loaded(*args, **kwargs):
+        both = load_text_encoder(*args, **kwargs)
+        both.first.register_forward_hook(lambda *_: events.append("text forward"))
+        encoders.extend(weakref.ref(e) for e in both[:2])
+        events.append("text encoders loaded")
+        return both
+
+    def unet_built(*args, **kwargs):  # (no gc.collect(): freed means freed at once, as the memory is)
+        events.append("unet built" + (" beside a text encoder" if any(r() is not None for r in encoders) else ""))
+        return from_pretrained(*args, **kwargs)
+    argv = ["--pretrained_model_name_or_path", sdxl, "--generator", generator, "--generator", release, "--generator",
+            bare, "--teacher_steps", "2", "--max_prompts", "2", "--images_per_prompt", "2", "--metrics", "clip",
+            "--clip_model", tiny()["clip_model"], "--output_dir", os.path.join(root, "eval")]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(families, "load_text_encoder", encoders_loaded)
+        patch.setattr(UNet2DConditionModel, "from_pretrained", unet_built)
+        result = evaluate.main(argv)
+    return dict(sdxl=sdxl, generator=generator, out=os.path.join(root, "eval"), result=result, events=events)
+
+
+def test_sdxl_teacher_row_is_the_stock_pipeline_and_its_text_encoders_are_gone_before_any_unet():
+    """The SDXL teacher's PNGs equal a stock StableDiffusionXLPipeline assembled here (both text encoders, prompts as
+    strings, no negative prompt: ∅ = zeros, its folder's Euler scheduler, N steps, guidance 5.0 = the pipeline's
+    default) from the same seeds. The two text encoders load once, encode the prompts and "" in one call and are
+    freed before the first UNet (the teacher's) is built."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from test_dipp import sdxl_pipeline
+    run = sdxl_run()
+    events = run["events"]
+    assert events[:2] == ["text encoders loaded", "text forward"] and len(events) > 2, events
+    assert set(events[2:]) == {"unet built"}, events
+    teacher, folder = run["result"]["models"][0], run["sdxl"]
+    assert teacher["kind"] == "teacher" and "CFG 5 (EulerDiscreteScheduler)" in teacher["name"], teacher["name"]
+    pipe = sdxl_pipeline(folder, UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+                         EulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"))
+    theirs = stock_images(pipe, teacher["records"], num_inference_steps=2, guidance_scale=5.0)
+    ours = torch.stack([png(run["out"], r) for r in teacher["records"]])
+    assert (ours - theirs).abs().max() <= 1 and (ours != theirs).float().mean() < 0.01
+    assert (ours[0] - ours[1]).abs().max() > 10  # not vacuous: images differ
+
+
+def test_sdxl_generator_rows_are_dipp_generate_in_every_released_layout(tmp_path):
+    """An SDXL generator's PNGs equal `dipp.py --generate` with that generator, prompt and seed (t* = 399 from its
+    dipp.json); DI++-SDXL's released layout (fp16-variant unet/ folder) and its bare .safetensors file, which carry
+    no dipp.json, are sampled at SDXL's t* = 399 too and give the very same PNGs."""
+    run = sdxl_run()
+    rows = run["result"]["models"][1:]
+    assert [m["kind"] for m in rows] == ["generator"] * 3 and {m["generator_timestep"] for m in rows} == {399}
+    for r in [r for r in rows[0]["records"] if r["image_index"] == 0]:
+        images = dipp.main(["--pretrained_model_name_or_path", run["sdxl"], "--generator_init", run["generator"],
+                            "--generate", dipp.BUILTIN_PROMPTS[r["prompt_index"]], "--seed", str(r["seed"]),
+                            "--output_dir", str(tmp_path)])  # z = randn from a generator seeded with --seed
+        theirs = ((images[0].clamp(-1, 1) + 1) * 127.5).round().int().permute(1, 2, 0)  # (H, W, 3)
+        assert (png(run["out"], r) - theirs).abs().max() <= 1, r
+    for model in rows[1:]:
+        for r, mine in zip(model["records"], rows[0]["records"]):
+            assert torch.equal(png(run["out"], r), png(run["out"], mine)), (model["source"], r)
+
+
 # ----------------------------------------------------------------------------- precision, statistics, checks, faults
 
 def test_scores_do_not_follow_mixed_precision():
@@ -563,9 +652,10 @@ def test_interval_is_student_t_over_prompt_means():
 
 
 def test_models_scorers_and_output_folder_are_checked_before_anything_loads(tmp_path, monkeypatch):
-    """A generator of the other family, a folder that is no generator, a t* outside the schedule, an aesthetic
-    head that is not the official file (checksum) and an output folder that cannot be created are each one line,
-    before any model is loaded (loading here fails the test) and before the output folder is made."""
+    """A generator of the other family, a folder that is no generator, a file that is no weight file, a t* outside the
+    schedule, an aesthetic head that is not the official file (checksum) and an output folder that cannot be created
+    are each one line, before any model is loaded (loading here fails the test) and before the output folder is
+    made."""
     import families
     import plumbing
     import random_weights
@@ -584,6 +674,7 @@ def test_models_scorers_and_output_folder_are_checked_before_anything_loads(tmp_
             "--clip_model", t["clip_model"], "--output_dir", str(out)]
     cases = [(["--generator", os.path.join(pixart, "transformer")], "holds a PixArtTransformer2DModel"),
              (["--generator", str(tmp_path)], "is not a generator folder"),
+             (["--generator", str(tmp_path / "a_file")], "is a file but not a weight file"),
              (["--generator", str(far)], "t* = 1000 (its dipp.json"),
              (["--metrics", "aesthetic", "--aesthetic_model", t["aesthetic_model"]],
               f"is not the official {evaluate.AESTHETIC_FILE}: its sha256 is"),

@@ -101,7 +101,7 @@ RECIPES = {
                "--max_train_steps", "2000", "--mixed_precision", "bf16", "--gradient_checkpointing",
                "--checkpointing_steps", "250", "--validation_steps", "250"],
         train_prompts="laion_aesthetics_625", eval_prompts="parti", teacher_steps=50,
-        evaluate=["--images_per_prompt", "1", "--hps_version", "v2.1", "--batch_size", "4",
+        evaluate=["--images_per_prompt", "1", "--hps_version", "v2.1", "--batch_size", "4", "--teacher_guidance", "7.5",
                   "--metrics", "aesthetic,imagereward,pickscore,clip"],
         published=[
             Published("SDXL-Base, 50 steps", {"imagereward": 0.887, "aesthetic": 5.72, "pickscore": 22.74,

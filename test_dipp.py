@@ -809,19 +809,25 @@ def test_notebooks_define_no_losses():
 
 # ----------------------------------------------------------------------------- scale: DDP, benchmark, saves
 
+def torchrun_two(*argv):
+    """`torchrun --standalone --nproc_per_node 2 dipp.py *argv`: 2 CPU processes (gloo), one intra-op thread each;
+    a failure shows the end of their output."""
+    import subprocess
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "dipp.py", *argv], cwd=HERE,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+
 def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
     """torchrun with 2 CPU processes (gloo) × batch 1 gives the same generator after 2 steps as one
     process with batch 2: the update differs by < 2% of its size (float summation order only), and the
     logged global-batch losses agree. Resuming the 2-process run from checkpoint-1 gives checkpoint-2 bit
     for bit: each rank saved its own RNG state and restores it."""
-    import subprocess
     from safetensors.torch import load_file
     common = ["--tiny", "--max_train_steps", "2", "--learning_rate", "1e-3", "--fake_learning_rate", "1e-3",
               "--reward_scale", "10"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    launch = lambda *argv: subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "dipp.py", *common,
-                                           "--train_batch_size", "1", *argv], cwd=HERE, env=env, check=True, capture_output=True)
+    launch = lambda *argv: torchrun_two(*common, "--train_batch_size", "1", *argv)
     launch("--output_dir", str(tmp_path / "ddp"), "--checkpointing_steps", "1")
     dipp.main(common + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "one")])
     weights = lambda run: load_file(str(tmp_path / run / "generator" / "diffusion_pytorch_model.safetensors"))
@@ -844,6 +850,54 @@ def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
     for name in ("generator", "fake_score"):
         a, b = (load_file(str(tmp_path / run / "checkpoint-2" / f"{name}.safetensors")) for run in ("ddp", "resumed"))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_two_fsdp_processes_train_like_one_and_their_checkpoint_resumes_in_two_or_one(tmp_path):
+    """--shard fsdp: 2 CPU processes (gloo) with an FSDP2-sharded generator and fake score × batch 1 train like one
+    process × batch 2 (the DDP test's 2 % bound and reason; the same logged losses). Their checkpoint has the
+    one-process layout: whole tensors, Adam states numbered as one process numbers them, holding the same moments.
+    Resumed by 2 sharded processes it gives checkpoint-2 bit for bit; by one process × batch 2 (world 2 -> 1), a
+    step within the same bound of that step's update."""
+    import shutil
+    from safetensors.torch import load_file
+    flags = ["--random_weights", "tiny", "--max_train_steps", "2", "--learning_rate", "1e-3", "--fake_learning_rate",
+             "1e-3", "--reward_scale", "10", "--shard", "fsdp"]  # (one process: --shard fsdp shards nothing)
+    one, fsdp, init = ddp_and_one_process(tmp_path, "tiny", "sd/unet", "--shard", "fsdp", "--checkpointing_steps", "1")
+    diff, update = distance(one, fsdp), distance(one, init)
+    assert update > 0.1 and diff < 0.02 * update, (diff, update)
+    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("ddp", "one")]
+    assert len(logs[0]) == len(logs[1]) == 3 and "val_reward" in logs[0][0]  # validation ran on the sharded G
+    for a, b in zip(*logs):
+        for key in set(b) & {"loss_fake", "loss_ikl", "reward", "val_reward"}:
+            assert abs(a[key] - b[key]) <= 1e-3 * (abs(b[key]) + 1e-3), (key, a[key], b[key])
+    state = {run: torch.load(tmp_path / run / "checkpoint-1" / "state.pt", weights_only=True) for run in ("ddp", "one")}
+    assert len(state["ddp"]["rng"]) == 2 and state["ddp"].keys() == state["one"].keys()
+    for name in ("opt_G", "opt_fake"):
+        sharded, single = state["ddp"][name], state["one"][name]
+        assert sharded["param_groups"] == single["param_groups"] and sharded["state"].keys() == single["state"].keys()
+        for i, moments in single["state"].items():  # exp_avg = the step's gradient (β1 = 0): equal to float rounding
+            assert torch.equal(sharded["state"][i]["step"], moments["step"]), i
+            moments = {k: moments[k] for k in ("exp_avg", "exp_avg_sq")}
+            gap, size = distance(moments, sharded["state"][i]), distance(moments, {k: 0 for k in moments})
+            assert gap <= 1e-3 * size + 1e-12, (name, i, gap, size)
+    for name in ("generator", "fake_score"):
+        assert load_file(tmp_path / "ddp" / "checkpoint-1" / f"{name}.safetensors").keys() == \
+            load_file(tmp_path / "one" / "checkpoint-1" / f"{name}.safetensors").keys()
+    for run in ("two", "single"):
+        shutil.copytree(tmp_path / "ddp" / "checkpoint-1", tmp_path / run / "checkpoint-1")
+    torchrun_two(*flags, "--train_batch_size", "1", "--output_dir", str(tmp_path / "two"), "--resume_from_checkpoint",
+                 "latest")
+    dipp.main(flags + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "single"),
+                       "--resume_from_checkpoint", "latest"])
+    read = lambda run, step, name: load_file(tmp_path / run / f"checkpoint-{step}" / f"{name}.safetensors")
+    for name in ("generator", "fake_score"):
+        straight, two, single = read("ddp", 2, name), read("two", 2, name), read("single", 2, name)
+        assert all(torch.equal(straight[k], two[k]) for k in straight), name
+        diff, update = distance(straight, single), distance(straight, read("ddp", 1, name))
+        assert update > 0.05 and diff < 0.02 * update, (name, diff, update)
+    resumed = torch.load(tmp_path / "two" / "checkpoint-2" / "state.pt", weights_only=True)["opt_G"]["state"]
+    straight = torch.load(tmp_path / "ddp" / "checkpoint-2" / "state.pt", weights_only=True)["opt_G"]["state"]
+    assert all(torch.equal(straight[i][k], resumed[i][k]) for i in straight for k in straight[i])
 
 
 def test_benchmark_prints_one_parseable_line(tmp_path, capsys):
@@ -1654,17 +1708,14 @@ def test_pixart_switches_keep_the_math(tmp_path, monkeypatch):
     assert seen == [torch.float32] and x0.dtype == torch.float32
 
 
-def ddp_and_one_process(tmp_path, shapes, denoiser):
+def ddp_and_one_process(tmp_path, shapes, denoiser, *extra):
     """Generators after 2 steps of torchrun with 2 CPU processes (gloo) × batch 1 and of one process × batch 2 on
-    --random_weights `shapes`, and the initial denoiser (`denoiser`: its folder under the random models)."""
-    import subprocess
+    --random_weights `shapes`, and the initial denoiser (`denoiser`: its folder under the random models). extra:
+    more flags for both runs (their folders: tmp_path/ddp and tmp_path/one)."""
     from safetensors.torch import load_file
     common = ["--random_weights", shapes, "--max_train_steps", "2", "--learning_rate", "1e-3",
-              "--fake_learning_rate", "1e-3", "--reward_scale", "10"]
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "dipp.py", *common, "--train_batch_size", "1",
-                    "--output_dir", str(tmp_path / "ddp")], cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                   check=True, capture_output=True)
+              "--fake_learning_rate", "1e-3", "--reward_scale", "10", *extra]
+    torchrun_two(*common, "--train_batch_size", "1", "--output_dir", str(tmp_path / "ddp"))
     dipp.main(common + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "one")])
     weights = lambda run: load_file(str(tmp_path / run / "generator" / "diffusion_pytorch_model.safetensors"))
     init = load_file(str(tmp_path / "one" / shapes / denoiser / "diffusion_pytorch_model.safetensors"))

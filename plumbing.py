@@ -767,7 +767,12 @@ def owner(opt, nets):
     """The sharded net among nets.values() whose parameters the optimiser `opt` steps; None for an unsharded one
     (or a loss scaler)."""
     first = next((p for g in getattr(opt, "param_groups", []) for p in g["params"]), None)
-    return next((n for n in nets.values() if is_sharded(n) and any(p is first for p in n.parameters())), None)
+    for net in nets.values():
+        if is_sharded(net):  # after a no-grad forward FSDP2 leaves the root's weights gathered, in place of the
+            net.reshard()    # shards the optimiser steps: shard them again, so parameters() lists the optimiser's
+            if any(p is first for p in net.parameters()):
+                return net
+    return None
 
 
 def full_optimizer_state(opt, net):
@@ -792,6 +797,8 @@ def load_full_optimizer_state(opt, net, state):
     named = {"state": {order[i]: v for i, v in state["state"].items()},
              "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
     set_optimizer_state_dict(net, opt, named, options=StateDictOptions(full_state_dict=True))
+    for group, saved in zip(opt.param_groups, state["param_groups"]):  # DCP turned tuples (Adam's betas) into lists:
+        group.update({k: v for k, v in saved.items() if k != "params"})  # keep the saved values, as load_state_dict
 
 
 def write_failure(error):

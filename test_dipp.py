@@ -408,6 +408,10 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
         ("--tiny", "--mixed_precision", "fp16", "--device", "cpu"): "needs a CUDA GPU",
         ("--tiny", "--generate", "a fox"): "--generator_init",
         ("--tiny", "--resume_from_checkpoint", "latest"): "no checkpoint",
+        ("--tiny", "--shard", "fsdp", "--lora_rank", "4"): "--lora_rank cannot be combined with --shard fsdp",
+        ("--tiny", "--shard", "fsdp", "--ema_decay", "0.9"): "--ema_decay cannot be combined with --shard fsdp",
+        ("--tiny", "--shard", "fsdp", "--compile", "default"): "--compile cannot be combined with --shard fsdp",
+        ("--tiny", "--shard", "fsdp", "--mixed_precision", "fp16"): "use bf16",
     }
     open(os.path.join(out, "empty.txt"), "w").write("\n  \n")
     cases[("--tiny", "--prompts", os.path.join(out, "empty.txt"))] = "has no prompts"
@@ -898,6 +902,60 @@ def test_two_fsdp_processes_train_like_one_and_their_checkpoint_resumes_in_two_o
     resumed = torch.load(tmp_path / "two" / "checkpoint-2" / "state.pt", weights_only=True)["opt_G"]["state"]
     straight = torch.load(tmp_path / "ddp" / "checkpoint-2" / "state.pt", weights_only=True)["opt_G"]["state"]
     assert all(torch.equal(straight[i][k], resumed[i][k]) for i in straight for k in straight[i])
+
+
+def test_shard_keeps_fp32_masters_bf16_blocks_an_fp32_readout_and_saves_what_one_process_saves(tmp_path):
+    """plumbing.shard in a one-process gloo group (FSDP2 runs the same code at any world size; there each shard is
+    the whole tensor): under bf16 the blocks compute with bf16 copies of fp32 master shards and the readout with
+    fp32 weights, within bf16 rounding of the unsharded UNet under bf16 autocast. After an Adam step the gathered
+    weights and optimiser state are the shards' own values bit for bit, in the layout a plain optimiser's
+    state_dict has; that state loads back into a fresh sharded optimiser exactly; the exported folder holds the
+    gathered weights, and the step agrees with the unsharded UNet's to float rounding (FSDP sums some gradients in
+    another order)."""
+    import copy
+    import torch.distributed as dist
+    from diffusers import UNet2DConditionModel
+    fam, unet = families.FAMILIES["sd"], families.readout_in_fp32(tiny_unet(), families.FAMILIES["sd"])
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 32)  # x_t, t, text states
+    shard = lambda dtype: plumbing.shard(copy.deepcopy(unet), fam.shard_units, fam.readout, dtype)
+    local = lambda v: v.to_local() if hasattr(v, "to_local") else v  # a DTensor's shard: here the whole tensor
+    equal = lambda a, b: a.keys() == b.keys() and all(torch.equal(local(a[k]), local(b[k])) for k in a)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        low, seen = shard(torch.bfloat16), {}
+        for name in ("conv_in", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "conv_out"):
+            low.get_submodule(name).register_forward_pre_hook(lambda m, i, n=name: seen.update({n: m.weight.dtype}))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, ref = low(x, t, c).sample, unet(x, t, c).sample
+        assert list(seen.values()) == [torch.bfloat16, torch.bfloat16, torch.float32], seen
+        assert out.dtype == torch.float32 and (out - ref).abs().max() <= 0.02 * ref.abs().max()
+        low.reshard()
+        assert all(type(p).__name__ == "DTensor" and p.dtype == torch.float32 for p in low.parameters())
+        nets = {"plain": copy.deepcopy(unet), "sharded": shard(torch.float32)}
+        opts = {k: torch.optim.AdamW(plumbing.trainable(n), lr=1e-3, betas=(0.0, 0.999)) for k, n in nets.items()}
+        for k, net in nets.items():
+            net(x, t, c).sample.pow(2).mean().backward()
+            opts[k].step()
+        weights = plumbing.full_weights(nets["sharded"])
+        assert equal(weights, dict(nets["sharded"].named_parameters()))
+        plain, start = plumbing.full_weights(nets["plain"]), unet.state_dict()
+        diff, update = distance(plain, weights), distance(plain, start)
+        assert diff < 0.02 * update, (diff, update)
+        own, single = opts["sharded"].state_dict(), opts["plain"].state_dict()
+        gathered = plumbing.full_optimizer_state(opts["sharded"], plumbing.owner(opts["sharded"], nets))
+        fresh_net = shard(torch.float32)
+        fresh = torch.optim.AdamW(plumbing.trainable(fresh_net), lr=0.5)
+        plumbing.load_full_optimizer_state(fresh, fresh_net, gathered)
+        for state in (gathered, plumbing.full_optimizer_state(fresh, fresh_net)):
+            assert state["param_groups"] == own["param_groups"] == single["param_groups"]
+            assert state["state"].keys() == single["state"].keys()
+            assert all(equal(state["state"][i], own["state"][i]) for i in own["state"])
+            assert all(state["state"][i][k].shape == v.shape for i, s in single["state"].items() for k, v in s.items())
+        plumbing.export_generator(nets["sharded"], 999, str(tmp_path / "generator"))
+        exported = UNet2DConditionModel.from_pretrained(tmp_path / "generator").state_dict()
+        assert equal(exported, plumbing.full_weights(nets["sharded"], trained_only=False))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_benchmark_prints_one_parseable_line(tmp_path, capsys):

@@ -857,18 +857,19 @@ def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
 
 
 def test_two_fsdp_processes_train_like_one_and_their_checkpoint_resumes_in_two_or_one(tmp_path):
-    """--shard fsdp: 2 CPU processes (gloo) with an FSDP2-sharded generator and fake score × batch 1 train like one
-    process × batch 2 (the DDP test's 2 % bound and reason; the same logged losses). Their checkpoint has the
+    """--shard fsdp on tiny SDXL (the family that needs it): 2 CPU processes (gloo) with an FSDP2-sharded generator and
+    fake score × batch 1 train like one process × batch 2 (the DDP test's 2 % bound and reason; the same logged losses). Their checkpoint has the
     one-process layout: whole tensors, Adam states numbered as one process numbers them, holding the same moments.
     Resumed by 2 sharded processes it gives checkpoint-2 bit for bit; by one process × batch 2 (world 2 -> 1), a
     step within the same bound of that step's update."""
     import shutil
     from safetensors.torch import load_file
-    flags = ["--random_weights", "tiny", "--max_train_steps", "2", "--learning_rate", "1e-3", "--fake_learning_rate",
+    flags = ["--random_weights", "tiny_sdxl", "--max_train_steps", "2", "--learning_rate", "1e-3", "--fake_learning_rate",
              "1e-3", "--reward_scale", "10", "--shard", "fsdp"]  # (one process: --shard fsdp shards nothing)
-    one, fsdp, init = ddp_and_one_process(tmp_path, "tiny", "sd/unet", "--shard", "fsdp", "--checkpointing_steps", "1")
+    one, fsdp, init = ddp_and_one_process(tmp_path, "tiny_sdxl", "sdxl/unet", "--shard", "fsdp", "--checkpointing_steps",
+                                          "1")
     diff, update = distance(one, fsdp), distance(one, init)
-    assert update > 0.1 and diff < 0.02 * update, (diff, update)
+    assert update > 0.01 and diff < 0.02 * update, (diff, update)
     logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("ddp", "one")]
     assert len(logs[0]) == len(logs[1]) == 3 and "val_reward" in logs[0][0]  # validation ran on the sharded G
     for a, b in zip(*logs):
@@ -898,7 +899,7 @@ def test_two_fsdp_processes_train_like_one_and_their_checkpoint_resumes_in_two_o
         straight, two, single = read("ddp", 2, name), read("two", 2, name), read("single", 2, name)
         assert all(torch.equal(straight[k], two[k]) for k in straight), name
         diff, update = distance(straight, single), distance(straight, read("ddp", 1, name))
-        assert update > 0.05 and diff < 0.02 * update, (name, diff, update)
+        assert update > 0.01 and diff < 0.02 * update, (name, diff, update)
     resumed = torch.load(tmp_path / "two" / "checkpoint-2" / "state.pt", weights_only=True)["opt_G"]["state"]
     straight = torch.load(tmp_path / "ddp" / "checkpoint-2" / "state.pt", weights_only=True)["opt_G"]["state"]
     assert all(torch.equal(straight[i][k], resumed[i][k]) for i in straight for k in straight[i])

@@ -912,7 +912,7 @@ def test_shard_keeps_fp32_masters_bf16_blocks_an_fp32_readout_and_saves_what_one
     weights and optimiser state are the shards' own values bit for bit, in the layout a plain optimiser's
     state_dict has; that state loads back into a fresh sharded optimiser exactly; the exported folder holds the
     gathered weights, and the step agrees with the unsharded UNet's to float rounding (FSDP sums some gradients in
-    another order)."""
+    another order). Gradient checkpointing leaves the sharded gradients bit for bit as they are."""
     import copy
     import torch.distributed as dist
     from diffusers import UNet2DConditionModel
@@ -955,6 +955,17 @@ def test_shard_keeps_fp32_masters_bf16_blocks_an_fp32_readout_and_saves_what_one
         plumbing.export_generator(nets["sharded"], 999, str(tmp_path / "generator"))
         exported = UNet2DConditionModel.from_pretrained(tmp_path / "generator").state_dict()
         assert equal(exported, plumbing.full_weights(nets["sharded"], trained_only=False))
+        grads, calls = [], []  # diffusers' gradient checkpointing re-runs blocks inside FSDP2's gathers: same gradients
+        for checkpointing in (False, True):
+            net = copy.deepcopy(unet).train()
+            if checkpointing:
+                net.enable_gradient_checkpointing()
+            net = plumbing.shard(net, fam.shard_units, fam.readout, torch.float32)
+            net.get_submodule("down_blocks.1.resnets.0").register_forward_pre_hook(lambda *_: calls.append(1))
+            net(x, t, c).sample.pow(2).mean().backward()
+            net.reshard()
+            grads.append({n: p.grad for n, p in net.named_parameters()})
+        assert equal(*grads) and len(calls) == 3  # (the checkpointed block ran twice: forward, then recomputed)
     finally:
         dist.destroy_process_group()
 

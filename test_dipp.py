@@ -857,11 +857,11 @@ def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
 
 
 def test_two_fsdp_processes_train_like_one_and_their_checkpoint_resumes_in_two_or_one(tmp_path):
-    """--shard fsdp on tiny SDXL (the family that needs it): 2 CPU processes (gloo) with an FSDP2-sharded generator and
-    fake score × batch 1 train like one process × batch 2 (the DDP test's 2 % bound and reason; the same logged losses). Their checkpoint has the
-    one-process layout: whole tensors, Adam states numbered as one process numbers them, holding the same moments.
-    Resumed by 2 sharded processes it gives checkpoint-2 bit for bit; by one process × batch 2 (world 2 -> 1), a
-    step within the same bound of that step's update."""
+    """--shard fsdp on tiny SDXL (the family that needs it): 2 CPU processes (gloo) with an FSDP2-sharded generator
+    and fake score × batch 1 train like one process × batch 2 (the DDP test's 2 % bound and reason; the same logged
+    losses). Their checkpoint has the one-process layout: whole tensors, Adam states numbered as one process numbers
+    them, holding the same moments. Resumed by 2 sharded processes it gives checkpoint-2 bit for bit; by one
+    process × batch 2 (world 2 -> 1), a step within the same bound of that step's update."""
     import shutil
     from safetensors.torch import load_file
     flags = ["--random_weights", "tiny_sdxl", "--max_train_steps", "2", "--learning_rate", "1e-3", "--fake_learning_rate",

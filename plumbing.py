@@ -3,7 +3,8 @@
 `dipp.py` holds the method (generator, teacher with CFG, fake score, reward, IKL loss, Alg. 1); this
 module holds the machinery around it: one-line errors, the command line built from a dataclass, where
 models come from (a missing path or an unreachable hub is one line at once), devices and processes
-(torchrun: DDP, or FSDP2 sharding), the optimiser step with its numerical guards, trainable-parameter bookkeeping and EMA, LoRA adapters on a shared base,
+(torchrun: DDP, or FSDP2 sharding), the optimiser step with its numerical guards, trainable-parameter
+bookkeeping and EMA, LoRA adapters on a shared base,
 gradient checkpointing of reward towers, torch.compile, checkpoints (save, list, keep-last-K, resume),
 the exported generator folder, sample-grid PNGs and the benchmark report.
 

@@ -864,10 +864,10 @@ def test_two_fsdp_processes_train_like_one_and_their_checkpoint_resumes_in_two_o
     process × batch 2 (world 2 -> 1), a step within the same bound of that step's update."""
     import shutil
     from safetensors.torch import load_file
-    flags = ["--random_weights", "tiny_sdxl", "--max_train_steps", "2", "--learning_rate", "1e-3", "--fake_learning_rate",
-             "1e-3", "--reward_scale", "10", "--shard", "fsdp"]  # (one process: --shard fsdp shards nothing)
-    one, fsdp, init = ddp_and_one_process(tmp_path, "tiny_sdxl", "sdxl/unet", "--shard", "fsdp", "--checkpointing_steps",
-                                          "1")
+    flags = ["--random_weights", "tiny_sdxl", "--max_train_steps", "2", "--learning_rate", "1e-3",
+             "--fake_learning_rate", "1e-3", "--reward_scale", "10", "--shard", "fsdp"]  # (one process: shards nothing)
+    one, fsdp, init = ddp_and_one_process(tmp_path, "tiny_sdxl", "sdxl/unet", "--shard", "fsdp",
+                                          "--checkpointing_steps", "1")
     diff, update = distance(one, fsdp), distance(one, init)
     assert update > 0.01 and diff < 0.02 * update, (diff, update)
     logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("ddp", "one")]

@@ -451,6 +451,8 @@ def shard(net, units, readout, dtype):
 
 def is_sharded(module):
     """Whether `module` was sharded by FSDP2 (shard): its parameters are then DTensor shards."""
+    if not torch.distributed.is_available():  # (a torch built without it, as on some laptops, shards nothing)
+        return False
     from torch.distributed.fsdp import FSDPModule
     return isinstance(module, FSDPModule)
 

@@ -1,4 +1,5 @@
-"""pytest set-up shared by every test file: one intra-op thread; file_size_limit for tests of a full disk.
+"""pytest set-up shared by every test file: one intra-op thread; file_size_limit for tests of a full disk; the
+grouping and order of the tests on pytest-xdist's two workers; DIPP_TEST_CPU_LOG, each test's CPU-seconds.
 
 The tests run tiny models, far too small for intra-op parallelism: on a 2-core machine that is also
 running anything else, two OpenMP workers mostly spin (a 20-step tiny run took 9-13 s on one thread
@@ -6,10 +7,12 @@ and 74-75 s on two while other jobs ran). OMP_NUM_THREADS also reaches the subpr
 (notebook kernels, torchrun, `python dipp.py`).
 """
 import contextlib
+import json
 import os
 import resource
 import signal
 import sys
+import time
 
 os.environ["OMP_NUM_THREADS"] = "1"
 
@@ -110,3 +113,18 @@ def pytest_configure(config):
     if tuple(map(int, xdist.split(".")[:2])) <= (3, 8) and pytest.version_tuple[:2] >= (9, 2):
         raise pytest.UsageError(f"pytest {pytest.__version__} breaks pytest-xdist {xdist}'s --dist loadgroup: "
                                 "pip install -r requirements.txt (pytest 9.1.1), or run with -n 0")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """DIPP_TEST_CPU_LOG=FILE: one JSON line per test with its CPU-seconds (this process and the children it
+    waited for: torchrun, notebook kernels, subprocesses) and wall seconds, for docs/tests.md's timings."""
+    path = os.environ.get("DIPP_TEST_CPU_LOG")
+    cpu = lambda: sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                      for f in ("ru_utime", "ru_stime"))
+    start, wall = cpu(), time.perf_counter()
+    yield
+    if path:
+        with open(path, "a") as log:  # each line is one short write: two workers can share the file
+            log.write(json.dumps(dict(test=item.nodeid, cpu_s=round(cpu() - start, 2), wall_s=round(
+                time.perf_counter() - wall, 2), worker=os.environ.get("PYTEST_XDIST_WORKER", "main"))) + "\n")

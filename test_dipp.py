@@ -303,9 +303,12 @@ def offline_imagereward(folder=os.path.join(TMP, "dipp-test-imagereward")):
                layer_norm_eps=1e-12, max_position_embeddings=512, model_type="bert", num_attention_heads=12,
                num_hidden_layers=1, pad_token_id=0, type_vocab_size=2, vocab_size=30524,
                encoder_width=768, add_cross_attention=True)
-    json.dump(med, open(os.path.join(folder, "med_config.json"), "w"))
     words = "a red bicycle fox photo of the on watercolor painting".split()
-    open(os.path.join(folder, "vocab.txt"), "w").write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words))
+    vocab = "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)
+    for name, text in (("med_config.json", json.dumps(med)), ("vocab.txt", vocab)):  # atomically: another test
+        tmp = os.path.join(folder, f"{name}.{os.getpid()}.tmp")                    # worker may be reading it
+        open(tmp, "w").write(text)
+        os.replace(tmp, os.path.join(folder, name))
 
     def init_tokenizer():  # blip_pretrain imported the name, so patch it there
         tok = BertTokenizer(os.path.join(folder, "vocab.txt"))
@@ -622,7 +625,16 @@ def test_cfg_implicit_reward_with_exact_densities():
 
 @functools.lru_cache(maxsize=None)
 def toy_quick(out=os.path.join(TMP, "dipp-test-toy")):
-    return toy.run(["--quick", "--out", out])
+    """The results of `toy.run(["--quick", "--out", FIGURES])` as notebook 01 runs it under DIPP_TINY=1 (its
+    results.json; its files copied to out): one quick run serves the notebook's test and the toy's."""
+    import shutil
+    nb = executed_notebook("01_toy")
+    figures = os.path.join(HERE, "toy_out_notebook")  # the notebook's FIGURES
+    assert os.path.getmtime(os.path.join(figures, "results.json")) >= nb.metadata["started"]  # this run's, not older
+    shutil.copytree(figures, out, dirs_exist_ok=True)
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["settings"]["quick"] and results["settings"]["out"] == os.path.relpath(figures, NOTEBOOK_DIR)
+    return results
 
 
 def test_toy_quick_recovery_lands_near_reference():
@@ -741,15 +753,30 @@ def test_fresh_run_into_a_used_output_dir_stops_or_starts_clean(tmp_path):
 NOTEBOOKS = ["01_toy", "02_sd15_one_gpu", "03_pixart_one_gpu"]
 
 
+NOTEBOOK_DIR = os.path.join(HERE, "notebooks")
+
+
+@functools.lru_cache(maxsize=None)
+def executed_notebook(name):
+    """notebooks/<name>.py executed top to bottom with DIPP_TINY=1, once per process (notebook 01's quick toy run
+    is the one the toy's tests read: toy_quick)."""
+    import jupytext
+    import nbclient
+    from filelock import FileLock
+    nb = jupytext.read(os.path.join(NOTEBOOK_DIR, f"{name}.py"))
+    nb.metadata["started"] = time.time()
+    # (one notebook at a time per TMPDIR: a notebook writes its outputs to a fixed folder of the checkout)
+    with FileLock(os.path.join(TMP, f"dipp-test-notebook-{name}.lock")), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIPP_TINY", "1")
+        nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
+                                resources={"metadata": {"path": NOTEBOOK_DIR}}).execute()
+    return nb
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_on_tiny_models(name, monkeypatch):
     """Each notebook executes top to bottom with DIPP_TINY=1 (tiny random models, CPU, offline)."""
-    import jupytext
-    import nbclient
-    monkeypatch.setenv("DIPP_TINY", "1")
-    nb = jupytext.read(os.path.join(HERE, "notebooks", f"{name}.py"))
-    nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
-                            resources={"metadata": {"path": os.path.join(HERE, "notebooks")}}).execute()
+    executed_notebook(name)
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

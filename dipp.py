@@ -111,6 +111,8 @@ class Config:
     gradient_checkpointing: bool = False  # recompute activations of generator, fake score, VAE decoder, reward tower
         # (less memory)
     mixed_precision: str = "no"  # autocast with fp32 master weights; frozen nets stored in it (fp16 needs CUDA)
+    shard: str = "none"  # under torchrun: none = DDP (each process holds the generator and fake score whole); fsdp =
+        # FSDP2, each of N processes holds 1/N of their weights, gradients and Adam states (full fine-tuning of SDXL)
     compile: str = "none"  # torch.compile mode for all five networks (same math, fused kernels); the first steps
         # compile, for minutes on SD1.5
     reuse_generator_sample: bool = False  # first fake-score update trains on the generator update's own sample, as DMD2
@@ -136,7 +138,7 @@ class Config:
 CHOICES = {"reward": ("imagereward", "clip", "none"), "mixed_precision": ("no", "fp16", "bf16"),
            "ikl_weighting": ("x0", "eps", "dmd2"), "timestep_sampling": ("uniform", "lognormal"),
            "compile": ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
-           "report_to": ("none", "tensorboard", "wandb"), "reward_decoder": ("full", "tiny"),
+           "report_to": ("none", "tensorboard", "wandb"), "reward_decoder": ("full", "tiny"), "shard": ("none", "fsdp"),
            "random_weights": ("tiny", "tiny_pixart", "tiny_sdxl", "sd15", "pixart512", "sdxl")}
 BUILTIN_PROMPTS = ["a photo of a red bicycle leaning on a brick wall", "a watercolor painting of a fox",
                    "a bowl of ramen, studio lighting", "a lighthouse on a cliff at sunset",
@@ -189,6 +191,13 @@ def check_config(cfg, T=1000):
             die(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
     if cfg.reward_scale < 0:
         die(f"--reward_scale {cfg.reward_scale} < 0 would minimise the reward; use α_rew >= 0")
+    for on, flag, why in ((cfg.lora_rank, "--lora_rank", "LoRA is the one-GPU mode (DDP, without --shard, runs it on "
+                           "several)"), (cfg.ema_decay, "--ema_decay", "the EMA of sharded weights is not built yet"),
+                          (cfg.compile != "none", "--compile", "the two were never tested together"),
+                          (cfg.mixed_precision == "fp16", "--mixed_precision fp16", "each process would check only its "
+                           "shard's gradients for fp16 overflow; use bf16")):
+        if on and cfg.shard == "fsdp":
+            die(f"{flag} cannot be combined with --shard fsdp: {why}")
 
 # -----------------------------------------------------------------------------
 # 2. Forward process and noise (METHOD.md §1): x_t = α_t x0 + σ_t ε, variance preserving (α² + σ² = 1).
@@ -668,10 +677,16 @@ def train(cfg):
     if cfg.compile != "none":  # before DDP wraps them; teacher/VAE/reward are frozen but still run every step
         plumbing.compile_nets(cfg, [G.net, fake, teacher, reward_vae.decoder] + ([reward.tower] if reward else []),
                               device)
-    plumbing.record_config(cfg, main_rank, writes, f"(device: {device}, {world} process(es))")  # + config.json
+    sharded = cfg.shard == "fsdp" and world > 1  # (--shard fsdp in one process: nothing to shard, a plain run)
+    note = ", FSDP2" if sharded else ", one process: nothing to shard" if cfg.shard != "none" else ""
+    plumbing.record_config(cfg, main_rank, writes, f"(device: {device}, {world} process(es){note})")  # + config.json
     # Data parallel: DDP all-reduces (averages) gradients during backward, so each rank's update is the
     # gradient of the mean loss over the global batch. Saving and no-grad evaluation use the bare modules.
-    G_train, fake_train = plumbing.data_parallel(G, device, world), plumbing.data_parallel(fake, device, world)
+    # --shard fsdp: FSDP2 shards G's denoiser and ψ in place instead (plumbing.shard; same averaged update), so every
+    # rank must run each call of them, also validation and saving. The frozen teacher, VAE and reward stay whole.
+    for net in (G.net, fake) if sharded else ():
+        plumbing.shard(net, fam.shard_units, fam.readout, dtype)
+    G_train, fake_train = (m if sharded else plumbing.data_parallel(m, device, world) for m in (G, fake))
 
     G_params, fake_params = plumbing.trainable(G), plumbing.trainable(fake)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
@@ -692,14 +707,17 @@ def train(cfg):
     sample = lambda z, c: decode(vae, G(z.to(device), text(c)))  # the full decoder: what the user will see
     validate = lambda tag: plumbing.held_out_reward(
         sample, reward, val_prompts, val_z, cfg.train_batch_size, [ctx, plumbing.ema_weights(G_params, ema)],
-        os.path.join(cfg.output_dir, f"samples_{tag}.png"))
+        os.path.join(cfg.output_dir, f"samples_{tag}.png") if main_rank else None)
+    validates = writes or (sharded and not cfg.benchmark)  # (a sharded G runs only when every rank runs it)
     synced_time = plumbing.benchmark_clock(cfg, device)  # per-phase timings; synced on a GPU only under --benchmark
 
     real_eps, fake_eps, fake_train_eps = (denoiser_eps(net, fam) for net in (teacher, fake, fake_train))
     log = plumbing.RunLog(cfg, step) if writes else None
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc="dipp", dynamic_ncols=True, disable=not main_rank)
-    if step == 0 and writes:
-        log.write({"step": 0, **validate("0000")})
+    if step == 0 and validates:
+        held_out = validate("0000")
+        if writes:
+            log.write({"step": 0, **held_out})
     B, timings, skipped = cfg.train_batch_size, [], {"skipped_G": 0, "skipped_fake": 0}
     startup_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     if device.type == "cuda":
@@ -744,10 +762,11 @@ def train(cfg):
             last = step == cfg.max_train_steps or stop
             if step % cfg.checkpointing_steps == 0 or last:
                 rng = plumbing.rng_states(device, world)  # a collective: every rank's RNG, so resume replays nothing
-                if main_rank:
-                    plumbing.save_checkpoint(cfg, step, trained, G.t_star, states, ema, rng)
+                # every rank calls it (a sharded net is gathered whole first); rank 0 writes
+                plumbing.save_checkpoint(cfg, step, trained, G.t_star, states, ema, rng, write=main_rank)
+            held_out = validate(f"{step:04d}") if validates and (step % cfg.validation_steps == 0 or last) else {}
             if main_rank:
-                log.write({**stats, **(validate(f"{step:04d}") if step % cfg.validation_steps == 0 or last else {})})
+                log.write({**stats, **held_out})
             if stop:  # checkpoint-{step} is written: say how to resume, exit 130 (SIGINT) or 143 (SIGTERM)
                 bar.close()
                 signals.exit(cfg, step, log if main_rank else None)
@@ -759,8 +778,9 @@ def train(cfg):
                                           {k: getattr(cfg, k) for k in switches})
     if writes:
         log.close()  # also draws curves.png from log.jsonl
+    if not cfg.benchmark:  # every rank calls it (a sharded generator is gathered whole first); rank 0 writes
         with plumbing.ema_weights(G_params, ema):  # the exported generator is the EMA one; G keeps the raw weights
-            plumbing.export_generator(G.net, G.t_star, os.path.join(cfg.output_dir, "generator"))
+            plumbing.export_generator(G.net, G.t_star, os.path.join(cfg.output_dir, "generator"), write=writes)
     return dict(G=G, fake=fake, teacher=teacher, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                 reward=reward, reward_decoder=reward_vae, schedule=schedule, benchmark=result, text=text, family=fam)
 

@@ -175,6 +175,7 @@ class Family:
     readout: str  # the denoiser's last layer, computed in fp32 (readout_in_fp32)
     t_star: int  # default t* of the one-step generator (dipp.OneStepGenerator)
     lora_targets: tuple  # layers that get a LoRA adapter under --lora_rank (never the readout)
+    shard_units: tuple  # classes of the blocks FSDP2 shards one by one under --shard fsdp (plumbing.shard)
     pipeline: str  # the stock diffusers pipeline that samples this family (its denoiser argument is `folder`) ...
     pipeline_parts: dict  # ... the rest of its constructor beside denoiser, VAE, tokenizer(s), scheduler ...
     pipeline_text: typing.Callable  # ... and pipeline_text(c, ∅) -> its call's keywords for prompts already encoded
@@ -186,10 +187,10 @@ FAMILIES = {f.name: f for f in (
     Family(name="sd", title="SD-1.x", recognise=lambda index: "unet" in index and "text_encoder_2" not in index,
            denoiser="UNet2DConditionModel", folder="unet", generator_classes=("UNet2DConditionModel",),
            text_encoder="CLIPTextModel", tokenizer="CLIPTokenizer", encode=clip_text, pre_encode=False,
-           eps=unet_eps, readout="conv_out", t_star=999,  # DMD2's t* and LoRA layers
+           eps=unet_eps, readout="conv_out", t_star=999, shard_units=("BasicTransformerBlock", "ResnetBlock2D"),
            lora_targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                          "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
-                         "time_emb_proj"),
+                         "time_emb_proj"),  # DMD2's t* and LoRA layers
            pipeline="StableDiffusionPipeline", pipeline_text=clip_pipeline_text,
            pipeline_parts=dict(text_encoder=None, safety_checker=None, feature_extractor=None,
                                requires_safety_checker=False),
@@ -203,6 +204,7 @@ FAMILIES = {f.name: f for f in (
            generator_classes=("PixArtTransformer2DModel", "Transformer2DModel"),
            text_encoder="T5EncoderModel", tokenizer="AutoTokenizer", encode=t5_text, pre_encode=True,
            condition=MaskedText, eps=pixart_eps, readout="proj_out", t_star=400,
+           shard_units=("BasicTransformerBlock",),
            lora_targets=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "adaln_single.linear"),
            pipeline="PixArtAlphaPipeline", pipeline_parts=dict(text_encoder=None), pipeline_text=t5_pipeline_text,
            tiny_decoder="madebyollin/taesd",
@@ -213,7 +215,7 @@ FAMILIES = {f.name: f for f in (
            denoiser="UNet2DConditionModel", folder="unet", generator_classes=("UNet2DConditionModel",),
            text_encoder="CLIPTextModel", tokenizer="CLIPTokenizer", text_encoder_2="CLIPTextModelWithProjection",
            tokenizer_2="CLIPTokenizer", encode=sdxl_text, null_zeros=True, pre_encode=True, condition=SDXLText,
-           eps=sdxl_eps, readout="conv_out", t_star=399,
+           eps=sdxl_eps, readout="conv_out", t_star=399, shard_units=("BasicTransformerBlock", "ResnetBlock2D"),
            lora_targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                          "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
                          "time_emb_proj"),

@@ -3,7 +3,8 @@
 `dipp.py` holds the method (generator, teacher with CFG, fake score, reward, IKL loss, Alg. 1); this
 module holds the machinery around it: one-line errors, the command line built from a dataclass, where
 models come from (a missing path or an unreachable hub is one line at once), devices and processes
-(torchrun), the optimiser step with its numerical guards, trainable-parameter bookkeeping and EMA, LoRA adapters on a shared base,
+(torchrun: DDP, or FSDP2 sharding), the optimiser step with its numerical guards, trainable-parameter
+bookkeeping and EMA, LoRA adapters on a shared base,
 gradient checkpointing of reward towers, torch.compile, checkpoints (save, list, keep-last-K, resume),
 the exported generator folder, sample-grid PNGs and the benchmark report.
 
@@ -445,6 +446,34 @@ def data_parallel(module, device, world):
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def shard(net, units, readout, dtype):
+    """(optional, --shard fsdp under torchrun) FSDP2 on a trainable denoiser, in place: `fully_shard` on every block
+    whose class is named in `units` (a UNet's transformer and ResNet blocks, a DiT's transformer blocks), on the
+    readout layer, then on net itself, which keeps what is left (embeddings, norms, in/out convolutions), as the
+    PyTorch FSDP2 docs recommend. Each of N processes then holds 1/N of every weight, gradient and Adam state as a
+    DTensor shard; a block's weights are all-gathered just before its forward and freed after it (again for the
+    backward), and its gradients are reduce-scattered, averaged over ranks: each rank's update is the global
+    batch's, as under DDP. Mixed precision keeps dipp's meaning: fp32 master shards; blocks gathered in `dtype`
+    (the --mixed_precision one) to compute, gradients reduced in fp32; the readout gathered in fp32
+    (families.readout_in_fp32 says why). Parameter names are unchanged, so checkpoints keep their keys."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    low = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+    for block in [m for m in reversed(list(net.modules())) if type(m).__name__ in units]:  # (inner blocks first)
+        fully_shard(block, mp_policy=low)
+    fully_shard(getattr(net, readout), mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32,
+                                                                      reduce_dtype=torch.float32))
+    fully_shard(net, mp_policy=low)
+    return net
+
+
+def is_sharded(module):
+    """Whether `module` was sharded by FSDP2 (shard): its parameters are then DTensor shards."""
+    if not torch.distributed.is_available():  # (a torch built without it, as on some laptops, shards nothing)
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(module, FSDPModule)
+
+
 def init_distributed(cfg):
     """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK: one process per GPU (NCCL), or per CPU process
     (gloo). Returns (rank, world_size, device). A plain `python dipp.py` is rank 0 of 1."""
@@ -696,26 +725,34 @@ def rng_states(device, world):
     return gathered
 
 
-def save_checkpoint(cfg, step, nets, t_star, states, ema=None, rng=None):
+def save_checkpoint(cfg, step, nets, t_star, states, ema=None, rng=None, write=True):
     """Write checkpoint-N atomically (to a .tmp folder, then rename): a kill or a full disk mid-save never
     leaves a half-written checkpoint-N, and the .tmp folder is removed. Keeps the newest
     cfg.checkpoints_total_limit. nets: {"generator": module, "fake_score": module}, of which the trainable
     tensors are saved (full networks, or only their LoRA adapters); ema: the generator's EMA tensors;
     t_star: the generator's t*, for dipp.json; states: {name: object with state_dict()} (optimisers, loss
-    scalers); rng: rng_states(), one entry per rank."""
+    scalers); rng: rng_states(), one entry per rank. write: whether this process writes (rank 0). Sharded nets
+    (--shard fsdp) are saved whole, in the layout one process writes, so any number of processes resumes them:
+    gathering them is a collective, so then every rank calls this."""
+    sharded = any(is_sharded(net) for net in nets.values())
+    if not (write or sharded):
+        return
+    weights = {name: full_weights(net) for name, net in nets.items()}  # (sharded: collectives, whole on rank 0)
+    saved = {k: full_optimizer_state(v, owner(v, nets)) if owner(v, nets) else v.state_dict()
+             for k, v in states.items()}
+    if not write:
+        return
     final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     from safetensors.torch import save_file
     try:
         os.makedirs(tmp)
-        weights = {name: trainable_named(net) for name, net in nets.items()}
         if ema is not None:
             weights["generator_ema"] = dict(zip(weights["generator"], ema))
         for name, tensors in weights.items():
             save_file({k: v.detach().contiguous() for k, v in tensors.items()}, os.path.join(tmp, f"{name}.safetensors"))
-        torch.save({"step": step, "rng": rng, **{k: v.state_dict() for k, v in states.items()}},
-                   os.path.join(tmp, "state.pt"))
+        torch.save({"step": step, "rng": rng, **saved}, os.path.join(tmp, "state.pt"))
         write_generator_record(tmp, t_star)
     except BaseException as e:  # a full disk, a kill: drop the partial folder, keep every older checkpoint
         shutil.rmtree(tmp, ignore_errors=True)
@@ -731,6 +768,57 @@ def save_checkpoint(cfg, step, nets, t_star, states, ema=None, rng=None):
     if cfg.checkpoints_total_limit > 0:
         for old in list_checkpoints(cfg.output_dir)[:-cfg.checkpoints_total_limit]:
             shutil.rmtree(old)
+
+
+FULL_STATE = dict(full_state_dict=True, cpu_offload=True)  # torch.distributed.checkpoint: whole tensors on rank 0's CPU
+
+
+def full_weights(net, trained_only=True):
+    """{name: tensor} of net's trainable tensors (or its whole state dict), whole. For a sharded net a collective
+    that every rank calls: get_model_state_dict gathers the shards onto rank 0's CPU; the other ranks get {}."""
+    if not is_sharded(net):
+        return {k: p.detach() for k, p in trainable_named(net).items()} if trained_only else net.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(net, options=StateDictOptions(**FULL_STATE))
+    return {k: full[k] for k in trainable_named(net) if k in full} if trained_only else full
+
+
+def owner(opt, nets):
+    """The sharded net among nets.values() whose parameters the optimiser `opt` steps; None for an unsharded one
+    (or a loss scaler)."""
+    first = next((p for g in getattr(opt, "param_groups", []) for p in g["params"]), None)
+    for net in nets.values():
+        if is_sharded(net):  # after a no-grad forward FSDP2 leaves the root's weights gathered, in place of the
+            net.reshard()    # shards the optimiser steps: shard them again, so parameters() lists the optimiser's
+            if any(p is first for p in net.parameters()):
+                return net
+    return None
+
+
+def full_optimizer_state(opt, net):
+    """For the optimiser of a sharded net: opt.state_dict() as one process writes it (parameters numbered 0..n−1 in
+    the optimiser's order, whole moments), gathered onto rank 0 (a collective; the other ranks get {}).
+    get_optimizer_state_dict names the parameters instead; numbering them keeps the unsharded layout."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    named = get_optimizer_state_dict(net, opt, options=StateDictOptions(**FULL_STATE))
+    if not named:
+        return {}
+    index = {n: i for i, n in enumerate(n for g in named["param_groups"] for n in g["params"])}
+    return {"state": {index[n]: v for n, v in named["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]}
+
+
+def load_full_optimizer_state(opt, net, state):
+    """The inverse of full_optimizer_state: an optimiser state of the unsharded layout (written by one process or
+    by N) loaded into the optimiser of a sharded net; each rank keeps its shards of the moments."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = {id(p): n for n, p in net.named_parameters()}
+    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]  # number i -> parameter name
+    named = {"state": {order[i]: v for i, v in state["state"].items()},
+             "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(net, opt, named, options=StateDictOptions(full_state_dict=True))
+    for group, saved in zip(opt.param_groups, state["param_groups"]):  # DCP turned tuples (Adam's betas) into lists:
+        group.update({k: v for k, v in saved.items() if k != "params"})  # keep the saved values, as load_state_dict
 
 
 def write_failure(error):
@@ -807,7 +895,11 @@ def load_checkpoint(cfg, nets, states, ema=None, rank=0, world=1, device=torch.d
         if {k: v.shape for k, v in weights.items()} != expected:
             die(f"checkpoint '{path}' does not match this model ({name}: {len(weights)} tensors saved, "
                 f"{len(expected)} trainable here); resume with the --lora_rank it was trained with")
-        net.load_state_dict(weights, strict=False)
+        if is_sharded(net):  # every rank read the whole tensors; each keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            set_model_state_dict(net, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            net.load_state_dict(weights, strict=False)
     if ema is not None:
         if not os.path.isfile(os.path.join(path, "generator_ema.safetensors")):
             die(f"checkpoint '{path}' has no EMA weights; resume without --ema_decay or from an EMA run")
@@ -817,11 +909,13 @@ def load_checkpoint(cfg, nets, states, ema=None, rank=0, world=1, device=torch.d
     state = read("state.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
     for name, obj in states.items():
         if name in state:  # (checkpoints written before the loss scalers were saved lack scaler_*)
-            obj.load_state_dict(state[name])
+            sharded = owner(obj, nets)
+            load_full_optimizer_state(obj, sharded, state[name]) if sharded else obj.load_state_dict(state[name])
     rng = state["rng"] if isinstance(state["rng"], list) else [{"cpu": state["rng"]["cpu"], "cuda": None}]
     if len(rng) != world:
-        print(f"note: {path} was written by {len(rng)} process(es) and is resumed by {world}: the global batch "
-              "differs, so this continues the weights but is not the same run")
+        print(f"note: {path} was written by {len(rng)} process(es) and is resumed by {world}: the weights and Adam "
+              "states continue; the same run continues only with the same global batch (processes × "
+              "--train_batch_size), then up to float rounding")
     mine = rng[min(rank, len(rng) - 1)]
     torch.set_rng_state(mine["cpu"])
     if mine["cuda"] is not None and device.type == "cuda":
@@ -927,7 +1021,8 @@ def held_out_reward(sample, reward, prompts, z, batch_size, contexts, grid_path)
             images.append(sample(z[i:i + len(batch)], batch))
             if reward is not None:
                 rewards.append(reward(images[-1], batch).float())
-    save_grid(torch.cat(images)[:4], prompts[:4], grid_path)
+    if grid_path:  # (None: a rank other than 0 that runs it only because the sharded generator needs every rank)
+        save_grid(torch.cat(images)[:4], prompts[:4], grid_path)
     r = torch.cat(rewards) if rewards else None
     return {} if r is None else {"val_reward": r.mean().item(), "val_reward_std": r.std(unbiased=False).item()}
 
@@ -982,10 +1077,22 @@ def merged_lora(net):
     return net
 
 
-def export_generator(net, t_star, folder):
+def export_generator(net, t_star, folder, write=True):
     """The trained generator's denoiser as a plain diffusers model folder (a UNet, or PixArt's transformer;
     + dipp.json with t*); a LoRA one is merged into (a copy of) its base first, so any diffusers pipeline
-    loads it."""
+    loads it. write: whether this process writes (rank 0); a sharded one (--shard fsdp) is gathered whole into
+    an unsharded model first, a collective, so then every rank calls this."""
+    if is_sharded(net):
+        from torch.distributed.fsdp import FSDPModule
+        weights = full_weights(net, trained_only=False)  # (whole on rank 0, {} elsewhere)
+        if not write:
+            return
+        plain = next(c for c in type(net).__mro__ if not issubclass(c, FSDPModule))  # the class fully_shard subclassed
+        with torch.device("meta"):  # no memory, no random init: every tensor comes from `weights`
+            net = plain.from_config(net.config)
+        net.load_state_dict(weights, assign=True)
+    if not write:
+        return
     if any("lora_" in k for k in trainable_named(net)):  # this generator is a LoRA adapter on a shared base
         net = merged_lora(net)
     net.save_pretrained(folder)

@@ -84,15 +84,28 @@ def build_random(folder, shapes="tiny", seed=0):
     SD-1.x (UNet, VAE, CLIP text encoder + tokenizer, scheduler) in folder/sd, or PixArt-α (transformer, VAE,
     T5 encoder + tokenizer, scheduler) in folder/pixart, or SDXL (UNet, VAE, two CLIP text encoders + tokenizers,
     scheduler) in folder/sdxl."""
+    from filelock import FileLock  # (huggingface_hub's own dependency)
+    arch, clip = SHAPES[shapes], os.path.join(folder, "clip")
+    sd = os.path.join(folder, model_subfolder(shapes))
+    stamp, marker = json.dumps({"shapes": arch, "seed": seed}), os.path.join(folder, "random_weights.json")
+    written = lambda: os.path.isfile(marker) and open(marker).read() == stamp  # (SD1.5 shapes: ~6 GB to write)
+    if not written():
+        os.makedirs(folder, exist_ok=True)
+        # Two processes building one folder at once (parallel test workers) would write the same files under
+        # each other: the second waits here, then finds the marker that the first writes last.
+        with FileLock(os.path.join(folder, ".build.lock")):
+            if not written():
+                _write_random(folder, arch, sd, clip, seed)
+                open(marker, "w").write(stamp)
+    return sd, clip
+
+
+def _write_random(folder, arch, sd, clip, seed):
+    """build_random's writing, inside its lock."""
     from diffusers import (AutoencoderKL, AutoencoderTiny, DDPMScheduler, EulerDiscreteScheduler,
                            PixArtTransformer2DModel, UNet2DConditionModel)
     from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                               CLIPTokenizer, T5Config, T5EncoderModel)
-    arch, clip = SHAPES[shapes], os.path.join(folder, "clip")
-    sd = os.path.join(folder, model_subfolder(shapes))
-    stamp, marker = json.dumps({"shapes": arch, "seed": seed}), os.path.join(folder, "random_weights.json")
-    if os.path.isfile(marker) and open(marker).read() == stamp:  # already written (SD1.5 shapes: ~6 GB)
-        return sd, clip
     torch.manual_seed(seed)
     if "transformer" in arch:  # PixArt-α: ε and the learned variance (8 channels); linear β schedule
         PixArtTransformer2DModel(in_channels=4, out_channels=8, **arch["transformer"]).save_pretrained(
@@ -132,8 +145,6 @@ def build_random(folder, shapes="tiny", seed=0):
         pad = dict(pad_token="!") if out.endswith("tokenizer_2") else {}  # SDXL's tokenizer_2 pads with "!"
         CLIPTokenizer(os.path.join(out, "vocab.json"), os.path.join(out, "merges.txt"),
                       model_max_length=77, **pad).save_pretrained(out)
-    open(marker, "w").write(stamp)
-    return sd, clip
 
 
 def t5_tokenizer():

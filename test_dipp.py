@@ -303,9 +303,12 @@ def offline_imagereward(folder=os.path.join(TMP, "dipp-test-imagereward")):
                layer_norm_eps=1e-12, max_position_embeddings=512, model_type="bert", num_attention_heads=12,
                num_hidden_layers=1, pad_token_id=0, type_vocab_size=2, vocab_size=30524,
                encoder_width=768, add_cross_attention=True)
-    json.dump(med, open(os.path.join(folder, "med_config.json"), "w"))
     words = "a red bicycle fox photo of the on watercolor painting".split()
-    open(os.path.join(folder, "vocab.txt"), "w").write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words))
+    vocab = "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)
+    for name, text in (("med_config.json", json.dumps(med)), ("vocab.txt", vocab)):  # atomically: another test
+        tmp = os.path.join(folder, f"{name}.{os.getpid()}.tmp")                    # worker may be reading it
+        open(tmp, "w").write(text)
+        os.replace(tmp, os.path.join(folder, name))
 
     def init_tokenizer():  # blip_pretrain imported the name, so patch it there
         tok = BertTokenizer(os.path.join(folder, "vocab.txt"))
@@ -408,6 +411,10 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
         ("--tiny", "--mixed_precision", "fp16", "--device", "cpu"): "needs a CUDA GPU",
         ("--tiny", "--generate", "a fox"): "--generator_init",
         ("--tiny", "--resume_from_checkpoint", "latest"): "no checkpoint",
+        ("--tiny", "--shard", "fsdp", "--lora_rank", "4"): "--lora_rank cannot be combined with --shard fsdp",
+        ("--tiny", "--shard", "fsdp", "--ema_decay", "0.9"): "--ema_decay cannot be combined with --shard fsdp",
+        ("--tiny", "--shard", "fsdp", "--compile", "default"): "--compile cannot be combined with --shard fsdp",
+        ("--tiny", "--shard", "fsdp", "--mixed_precision", "fp16"): "use bf16",
     }
     open(os.path.join(out, "empty.txt"), "w").write("\n  \n")
     cases[("--tiny", "--prompts", os.path.join(out, "empty.txt"))] = "has no prompts"
@@ -618,7 +625,16 @@ def test_cfg_implicit_reward_with_exact_densities():
 
 @functools.lru_cache(maxsize=None)
 def toy_quick(out=os.path.join(TMP, "dipp-test-toy")):
-    return toy.run(["--quick", "--out", out])
+    """The results of `toy.run(["--quick", "--out", FIGURES])` as notebook 01 runs it under DIPP_TINY=1 (its
+    results.json; its files copied to out): one quick run serves the notebook's test and the toy's."""
+    import shutil
+    nb = executed_notebook("01_toy")
+    figures = os.path.join(HERE, "toy_out_notebook")  # the notebook's FIGURES
+    assert os.path.getmtime(os.path.join(figures, "results.json")) >= nb.metadata["started"]  # this run's, not older
+    shutil.copytree(figures, out, dirs_exist_ok=True)
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["settings"]["quick"] and results["settings"]["out"] == os.path.relpath(figures, NOTEBOOK_DIR)
+    return results
 
 
 def test_toy_quick_recovery_lands_near_reference():
@@ -737,15 +753,30 @@ def test_fresh_run_into_a_used_output_dir_stops_or_starts_clean(tmp_path):
 NOTEBOOKS = ["01_toy", "02_sd15_one_gpu", "03_pixart_one_gpu"]
 
 
+NOTEBOOK_DIR = os.path.join(HERE, "notebooks")
+
+
+@functools.lru_cache(maxsize=None)
+def executed_notebook(name):
+    """notebooks/<name>.py executed top to bottom with DIPP_TINY=1, once per process (notebook 01's quick toy run
+    is the one the toy's tests read: toy_quick)."""
+    import jupytext
+    import nbclient
+    from filelock import FileLock
+    nb = jupytext.read(os.path.join(NOTEBOOK_DIR, f"{name}.py"))
+    nb.metadata["started"] = time.time()
+    # (one notebook at a time per TMPDIR: a notebook writes its outputs to a fixed folder of the checkout)
+    with FileLock(os.path.join(TMP, f"dipp-test-notebook-{name}.lock")), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIPP_TINY", "1")
+        nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
+                                resources={"metadata": {"path": NOTEBOOK_DIR}}).execute()
+    return nb
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_on_tiny_models(name, monkeypatch):
     """Each notebook executes top to bottom with DIPP_TINY=1 (tiny random models, CPU, offline)."""
-    import jupytext
-    import nbclient
-    monkeypatch.setenv("DIPP_TINY", "1")
-    nb = jupytext.read(os.path.join(HERE, "notebooks", f"{name}.py"))
-    nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
-                            resources={"metadata": {"path": os.path.join(HERE, "notebooks")}}).execute()
+    executed_notebook(name)
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -809,19 +840,25 @@ def test_notebooks_define_no_losses():
 
 # ----------------------------------------------------------------------------- scale: DDP, benchmark, saves
 
+def torchrun_two(*argv):
+    """`torchrun --standalone --nproc_per_node 2 dipp.py *argv`: 2 CPU processes (gloo), one intra-op thread each;
+    a failure shows the end of their output."""
+    import subprocess
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "dipp.py", *argv], cwd=HERE,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+
 def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
     """torchrun with 2 CPU processes (gloo) × batch 1 gives the same generator after 2 steps as one
     process with batch 2: the update differs by < 2% of its size (float summation order only), and the
     logged global-batch losses agree. Resuming the 2-process run from checkpoint-1 gives checkpoint-2 bit
     for bit: each rank saved its own RNG state and restores it."""
-    import subprocess
     from safetensors.torch import load_file
     common = ["--tiny", "--max_train_steps", "2", "--learning_rate", "1e-3", "--fake_learning_rate", "1e-3",
               "--reward_scale", "10"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    launch = lambda *argv: subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "dipp.py", *common,
-                                           "--train_batch_size", "1", *argv], cwd=HERE, env=env, check=True, capture_output=True)
+    launch = lambda *argv: torchrun_two(*common, "--train_batch_size", "1", *argv)
     launch("--output_dir", str(tmp_path / "ddp"), "--checkpointing_steps", "1")
     dipp.main(common + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "one")])
     weights = lambda run: load_file(str(tmp_path / run / "generator" / "diffusion_pytorch_model.safetensors"))
@@ -844,6 +881,120 @@ def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
     for name in ("generator", "fake_score"):
         a, b = (load_file(str(tmp_path / run / "checkpoint-2" / f"{name}.safetensors")) for run in ("ddp", "resumed"))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_two_fsdp_processes_train_like_one_and_their_checkpoint_resumes_in_two_or_one(tmp_path):
+    """--shard fsdp on tiny SDXL (the family that needs it): 2 CPU processes (gloo) with an FSDP2-sharded generator
+    and fake score × batch 1 train like one process × batch 2 (the DDP test's 2 % bound and reason; the same logged
+    losses). Their checkpoint has the one-process layout: whole tensors, Adam states numbered as one process numbers
+    them, holding the same moments. Resumed by 2 sharded processes it gives checkpoint-2 bit for bit; by one
+    process × batch 2 (world 2 -> 1), a step within the same bound of that step's update."""
+    import shutil
+    from safetensors.torch import load_file
+    flags = ["--random_weights", "tiny_sdxl", "--max_train_steps", "2", "--learning_rate", "1e-3",
+             "--fake_learning_rate", "1e-3", "--reward_scale", "10", "--shard", "fsdp"]  # (one process: shards nothing)
+    one, fsdp, init = ddp_and_one_process(tmp_path, "tiny_sdxl", "sdxl/unet", "--shard", "fsdp",
+                                          "--checkpointing_steps", "1")
+    diff, update = distance(one, fsdp), distance(one, init)
+    assert update > 0.01 and diff < 0.02 * update, (diff, update)
+    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("ddp", "one")]
+    assert len(logs[0]) == len(logs[1]) == 3 and "val_reward" in logs[0][0]  # validation ran on the sharded G
+    for a, b in zip(*logs):
+        for key in set(b) & {"loss_fake", "loss_ikl", "reward", "val_reward"}:
+            assert abs(a[key] - b[key]) <= 1e-3 * (abs(b[key]) + 1e-3), (key, a[key], b[key])
+    state = {run: torch.load(tmp_path / run / "checkpoint-1" / "state.pt", weights_only=True) for run in ("ddp", "one")}
+    assert len(state["ddp"]["rng"]) == 2 and state["ddp"].keys() == state["one"].keys()
+    for name in ("opt_G", "opt_fake"):
+        sharded, single = state["ddp"][name], state["one"][name]
+        assert sharded["param_groups"] == single["param_groups"] and sharded["state"].keys() == single["state"].keys()
+        for i, moments in single["state"].items():  # exp_avg = the step's gradient (β1 = 0): equal to float rounding
+            assert torch.equal(sharded["state"][i]["step"], moments["step"]), i
+            moments = {k: moments[k] for k in ("exp_avg", "exp_avg_sq")}
+            gap, size = distance(moments, sharded["state"][i]), distance(moments, {k: 0 for k in moments})
+            assert gap <= 1e-3 * size + 1e-12, (name, i, gap, size)
+    for name in ("generator", "fake_score"):
+        assert load_file(tmp_path / "ddp" / "checkpoint-1" / f"{name}.safetensors").keys() == \
+            load_file(tmp_path / "one" / "checkpoint-1" / f"{name}.safetensors").keys()
+    for run in ("two", "single"):
+        shutil.copytree(tmp_path / "ddp" / "checkpoint-1", tmp_path / run / "checkpoint-1")
+    torchrun_two(*flags, "--train_batch_size", "1", "--output_dir", str(tmp_path / "two"), "--resume_from_checkpoint",
+                 "latest")
+    dipp.main(flags + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "single"),
+                       "--resume_from_checkpoint", "latest"])
+    read = lambda run, step, name: load_file(tmp_path / run / f"checkpoint-{step}" / f"{name}.safetensors")
+    for name in ("generator", "fake_score"):
+        straight, two, single = read("ddp", 2, name), read("two", 2, name), read("single", 2, name)
+        assert all(torch.equal(straight[k], two[k]) for k in straight), name
+        diff, update = distance(straight, single), distance(straight, read("ddp", 1, name))
+        assert update > 0.01 and diff < 0.02 * update, (name, diff, update)
+    resumed = torch.load(tmp_path / "two" / "checkpoint-2" / "state.pt", weights_only=True)["opt_G"]["state"]
+    straight = torch.load(tmp_path / "ddp" / "checkpoint-2" / "state.pt", weights_only=True)["opt_G"]["state"]
+    assert all(torch.equal(straight[i][k], resumed[i][k]) for i in straight for k in straight[i])
+
+
+def test_shard_keeps_fp32_masters_bf16_blocks_an_fp32_readout_and_saves_what_one_process_saves(tmp_path):
+    """plumbing.shard in a one-process gloo group (FSDP2 runs the same code at any world size; there each shard is
+    the whole tensor): under bf16 the blocks compute with bf16 copies of fp32 master shards and the readout with
+    fp32 weights, within bf16 rounding of the unsharded UNet under bf16 autocast. After an Adam step the gathered
+    weights and optimiser state are the shards' own values bit for bit, in the layout a plain optimiser's
+    state_dict has; that state loads back into a fresh sharded optimiser exactly; the exported folder holds the
+    gathered weights, and the step agrees with the unsharded UNet's to float rounding (FSDP sums some gradients in
+    another order). Gradient checkpointing leaves the sharded gradients bit for bit as they are."""
+    import copy
+    import torch.distributed as dist
+    from diffusers import UNet2DConditionModel
+    fam, unet = families.FAMILIES["sd"], families.readout_in_fp32(tiny_unet(), families.FAMILIES["sd"])
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 32)  # x_t, t, text states
+    shard = lambda dtype: plumbing.shard(copy.deepcopy(unet), fam.shard_units, fam.readout, dtype)
+    local = lambda v: v.to_local() if hasattr(v, "to_local") else v  # a DTensor's shard: here the whole tensor
+    equal = lambda a, b: a.keys() == b.keys() and all(torch.equal(local(a[k]), local(b[k])) for k in a)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        low, seen = shard(torch.bfloat16), {}
+        for name in ("conv_in", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "conv_out"):
+            low.get_submodule(name).register_forward_pre_hook(lambda m, i, n=name: seen.update({n: m.weight.dtype}))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, ref = low(x, t, c).sample, unet(x, t, c).sample
+        assert list(seen.values()) == [torch.bfloat16, torch.bfloat16, torch.float32], seen
+        assert out.dtype == torch.float32 and (out - ref).abs().max() <= 0.02 * ref.abs().max()
+        low.reshard()
+        assert all(type(p).__name__ == "DTensor" and p.dtype == torch.float32 for p in low.parameters())
+        nets = {"plain": copy.deepcopy(unet), "sharded": shard(torch.float32)}
+        opts = {k: torch.optim.AdamW(plumbing.trainable(n), lr=1e-3, betas=(0.0, 0.999)) for k, n in nets.items()}
+        for k, net in nets.items():
+            net(x, t, c).sample.pow(2).mean().backward()
+            opts[k].step()
+        weights = plumbing.full_weights(nets["sharded"])
+        assert equal(weights, dict(nets["sharded"].named_parameters()))
+        plain, start = plumbing.full_weights(nets["plain"]), unet.state_dict()
+        diff, update = distance(plain, weights), distance(plain, start)
+        assert diff < 0.02 * update, (diff, update)
+        own, single = opts["sharded"].state_dict(), opts["plain"].state_dict()
+        gathered = plumbing.full_optimizer_state(opts["sharded"], plumbing.owner(opts["sharded"], nets))
+        fresh_net = shard(torch.float32)
+        fresh = torch.optim.AdamW(plumbing.trainable(fresh_net), lr=0.5)
+        plumbing.load_full_optimizer_state(fresh, fresh_net, gathered)
+        for state in (gathered, plumbing.full_optimizer_state(fresh, fresh_net)):
+            assert state["param_groups"] == own["param_groups"] == single["param_groups"]
+            assert state["state"].keys() == single["state"].keys()
+            assert all(equal(state["state"][i], own["state"][i]) for i in own["state"])
+            assert all(state["state"][i][k].shape == v.shape for i, s in single["state"].items() for k, v in s.items())
+        plumbing.export_generator(nets["sharded"], 999, str(tmp_path / "generator"))
+        exported = UNet2DConditionModel.from_pretrained(tmp_path / "generator").state_dict()
+        assert equal(exported, plumbing.full_weights(nets["sharded"], trained_only=False))
+        grads, calls = [], []  # diffusers' gradient checkpointing re-runs blocks inside FSDP2's gathers: same gradients
+        for checkpointing in (False, True):
+            net = copy.deepcopy(unet).train()
+            if checkpointing:
+                net.enable_gradient_checkpointing()
+            net = plumbing.shard(net, fam.shard_units, fam.readout, torch.float32)
+            net.get_submodule("down_blocks.1.resnets.0").register_forward_pre_hook(lambda *_: calls.append(1))
+            net(x, t, c).sample.pow(2).mean().backward()
+            net.reshard()
+            grads.append({n: p.grad for n, p in net.named_parameters()})
+        assert equal(*grads) and len(calls) == 3  # (the checkpointed block ran twice: forward, then recomputed)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_benchmark_prints_one_parseable_line(tmp_path, capsys):
@@ -1654,17 +1805,14 @@ def test_pixart_switches_keep_the_math(tmp_path, monkeypatch):
     assert seen == [torch.float32] and x0.dtype == torch.float32
 
 
-def ddp_and_one_process(tmp_path, shapes, denoiser):
+def ddp_and_one_process(tmp_path, shapes, denoiser, *extra):
     """Generators after 2 steps of torchrun with 2 CPU processes (gloo) × batch 1 and of one process × batch 2 on
-    --random_weights `shapes`, and the initial denoiser (`denoiser`: its folder under the random models)."""
-    import subprocess
+    --random_weights `shapes`, and the initial denoiser (`denoiser`: its folder under the random models). extra:
+    more flags for both runs (their folders: tmp_path/ddp and tmp_path/one)."""
     from safetensors.torch import load_file
     common = ["--random_weights", shapes, "--max_train_steps", "2", "--learning_rate", "1e-3",
-              "--fake_learning_rate", "1e-3", "--reward_scale", "10"]
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "dipp.py", *common, "--train_batch_size", "1",
-                    "--output_dir", str(tmp_path / "ddp")], cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                   check=True, capture_output=True)
+              "--fake_learning_rate", "1e-3", "--reward_scale", "10", *extra]
+    torchrun_two(*common, "--train_batch_size", "1", "--output_dir", str(tmp_path / "ddp"))
     dipp.main(common + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "one")])
     weights = lambda run: load_file(str(tmp_path / run / "generator" / "diffusion_pytorch_model.safetensors"))
     init = load_file(str(tmp_path / "one" / shapes / denoiser / "diffusion_pytorch_model.safetensors"))

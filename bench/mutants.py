@@ -253,7 +253,9 @@ def run_tests(copy, tests, args, stop_first=True):
     """(pytest's exit code or 'timeout', seconds, the failing tests) for tests run in the scratch copy."""
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", COLUMNS="400",
                TMPDIR=os.path.join(copy, ".tmp"))  # the copy's own tiny models and tmp_path folders; wide summary lines
-    cmd = [args.python, "-B", "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-x"] if stop_first else []), *tests]
+    # -n 0: in this one process (pytest.ini's two workers would each import everything for a mutant's few tests)
+    cmd = [args.python, "-B", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
+           *(["-x"] if stop_first else []), *tests]
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own process group: a timeout ends torchrun children too

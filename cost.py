@@ -1,14 +1,15 @@
 """cost: what a DI++ run will cost before it starts. FLOPs of one training iteration (or of sampling one image),
-counted on the real architectures on PyTorch's meta device: no weights, no memory, no GPU, a few seconds.
+counted on the real architectures on PyTorch's meta device: no weights, no memory, no GPU (a CPU takes seconds
+for the tiny shapes, about a minute of CPU time for an SD1.5 iteration).
 
-    python cost.py                                   # SD1.5: FLOPs per iteration of each setup, and the time on a card
-    python cost.py --family pixart --batch 4 --device "NVIDIA H100 80GB HBM3"
+    python cost.py                        # SD1.5: FLOPs per iteration of each setup, and the time on an H100
+    python cost.py --family pixart --batch 4 --device "NVIDIA A100-SXM4-80GB" --setups full lora
 
 How the count is made. torch.utils.flop_counter.FlopCounterMode sees every aten op and adds up the FLOPs of the
 matrix products (mm, addmm, bmm, convolutions and their backward, attention): 2·m·n·k per matmul, a backward
 pass 2× its forward (input and weight gradients; a weight-only or input-only gradient is 1×). It does *not*
-count elementwise work (normalisation, activations, Adam's update, the loss), which is a few percent of the
-arithmetic but, at small batch, much of the time. iteration_flops builds dipp's own networks with dipp's own
+count elementwise work (normalisation, activations, Adam's update, the loss): little arithmetic next to the
+matrix products, but at small batch much of the time. iteration_flops builds dipp's own networks with dipp's own
 builders on the meta device and runs dipp.dipp_step once, so the count follows the code: a switch that changes
 what the code runs changes the count. The estimated time is FLOPs ÷ (the card's peak × UTILISATION).
 
@@ -22,7 +23,6 @@ Not needed to understand DI++; it imports dipp and is imported by nothing in the
 """
 import argparse
 import dataclasses
-import contextlib
 import json
 import os
 import sys
@@ -220,7 +220,8 @@ def meta_models(shapes, cfg, device=META):
         teacher = families.readout_in_fp32(frozen(teacher), fam)
         vae = frozen(AutoencoderKL(**arch["vae"]))
         cfg.generator_timestep = fam.t_star
-        G, fake = dipp.build_generator(cfg, teacher, fam, schedule, device), dipp.build_fake_score(cfg, teacher, fam, device)
+        G = dipp.build_generator(cfg, teacher, fam, schedule, device)
+        fake = dipp.build_fake_score(cfg, teacher, fam, device)
         if cfg.gradient_checkpointing:
             vae.enable_gradient_checkpointing()
         reward = None
@@ -353,9 +354,11 @@ SETUPS = {  # name -> (label, switches on top of the base run given by the flags
     "reuse": ("--reuse_generator_sample", dict(reuse_generator_sample=True)),
     "tiny_decoder": ("--reward_decoder tiny", dict(reward_decoder="tiny")),
     "fake2": ("--fake_steps_per_G 2", dict(fake_steps_per_G=2)),
-    "no_reward": ("--reward none", dict(reward="none")), "no_cfg": ("--guidance_scale 1 (no CFG)", dict(guidance_scale=1.0)),
+    "no_reward": ("--reward none", dict(reward="none")),
+    "no_cfg": ("--guidance_scale 1 (no CFG)", dict(guidance_scale=1.0)),
 }
-GUIDANCE = {"sd": 1.75, "pixart": 4.5, "sdxl": 1.0}  # default ω: dipp's (DMD2's SD1.5), README's PixArt-α, DMD2-SDXL's
+GUIDANCE = {"sd": 1.75, "pixart": 4.5, "sdxl": 1.0}  # the base run's ω: dipp's (DMD2 SD1.5), README's PixArt-α,
+# DMD2-SDXL's
 SAMPLE_GUIDANCE = {"sd": 7.5, "pixart": 4.5, "sdxl": 5.0}  # the stock pipelines' default CFG for the teacher rows
 
 

@@ -19,8 +19,8 @@ META, CPU = torch.device("meta"), torch.device("cpu")  # counts agree on both (t
 
 
 def test_counter_matches_a_hand_count():
-    """Conv2d → Linear, forward and backward, against the textbook counts: a conv is 2·Cin·Cout·k²·Hout·Wout·B, a
-    matmul 2·m·n·k, a backward pass 2× its forward (input and weight gradients) and 1× where the input needs no
+    """Conv2d → Linear, forward and backward, against the textbook counts: a conv is 2·Cin·Cout·k²·Hout·Wout·B,
+    a matmul 2·m·n·k, a backward pass 2× its forward (input and weight gradients) and 1× where the input needs no
     gradient. Attention is 4·B·h·Lq·Lk·d forward and twice that backward, on the meta device and on the CPU alike
     (torch's own table gives the CPU's attention kernel 0)."""
     B, Cin, Cout, k, H, out = 2, 3, 5, 3, 8, 7
@@ -66,10 +66,11 @@ def parts(**switches):
 
 
 def test_iteration_is_alg1_made_of_its_parts():
-    """On the meta device and the CPU one iteration counts the same. One iteration (no reward) = the text encoding + K_TA × (a generator forward without gradient + a fake-score
-    forward and backward) + the generator update: generator forward and backward, the teacher on cond and
-    uncond (2× batch under CFG), a fake-score forward. --fake_steps_per_G 2 adds exactly one fake update;
-    --reuse_generator_sample saves exactly one generator forward; ω = 1 saves exactly one teacher pass."""
+    """On the meta device and the CPU one iteration counts the same. One iteration (no reward) = the text
+    encoding + K_TA × (a generator forward without gradient + a fake-score forward and backward) + the generator
+    update: generator forward and backward, the teacher on cond and uncond (2× batch under CFG), a fake-score
+    forward. --fake_steps_per_G 2 adds exactly one fake update; --reuse_generator_sample saves exactly one
+    generator forward; ω = 1 saves exactly one teacher pass."""
     p = parts()
     assert cost.iteration_flops("tiny", batch=2, reward="none") == iteration(reward="none", guidance_scale=1.75)
     assert iteration(reward="none", guidance_scale=1.75) == (

@@ -399,7 +399,8 @@ def main(argv=None):
     if args.batch < 1:
         plumbing.die(f"--batch must be a positive integer, got {args.batch}")
     _, fam = architecture(args.family)
-    base = {"guidance_scale": GUIDANCE[fam.name], **{k: getattr(args, k) for k in SWITCHES if getattr(args, k)}}
+    given = {k: v for k in SWITCHES if (v := getattr(args, k)) is not None and v is not False}  # (0 is a value)
+    base = {"guidance_scale": GUIDANCE[fam.name], **given}
     peak = peak_tflops(args.device)
     print(f"{args.family}, batch {args.batch}, base run {base}; time = FLOPs / ({args.device}: "
           f"{peak or 'unknown'} TFLOP/s dense bf16 peak × {args.utilisation} utilisation)")
@@ -414,4 +415,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with plumbing.as_program("cost"):  # one-line errors (dipp's checks included) speak for cost.py
+        main()

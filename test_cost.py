@@ -120,3 +120,15 @@ def test_peak_table_and_estimate():
     assert cost.peak_tflops("cpu") is None and cost.estimate_seconds(1e15, "cpu") is None
     assert cost.estimate_seconds(989.4e12, "NVIDIA H100 80GB HBM3", utilisation=0.5) == pytest.approx(2.0)
     assert cost.UTILISATION == pytest.approx(8 * 13.5 / 0.78 / 989.4, abs=0.005)  # ECOSYSTEM.md's H100 figures
+
+
+def test_bad_input_is_one_line():
+    """An unknown architecture, a batch below 1, an unknown switch and a switch value dipp rejects are each one
+    line naming the problem, before anything is built."""
+    for call, words in ((lambda: cost.main(["--family", "sd14"]), ["unknown shapes 'sd14'", "sd15"]),
+                        (lambda: cost.main(["--family", "tiny", "--batch", "0"]), ["--batch", "positive"]),
+                        (lambda: cost.iteration_flops("tiny", lora=4), ["unknown switch", "lora_rank"]),
+                        (lambda: cost.iteration_flops("tiny", fake_steps_per_G=0), ["--fake_steps_per_G", "positive"])):
+        with pytest.raises(SystemExit) as e:
+            call()
+        assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), str(e.value)

@@ -332,7 +332,8 @@ def sample_parts(shapes, guidance_scale=1.0):
     cond = text(["a prompt"])
     null = text([fam.null_prompt]) if guidance_scale > 1 else None
     with torch.no_grad():
-        return dict(text=count_flops(lambda: [text(["a prompt"])] + ([text([fam.null_prompt])] if null else [])),
+        return dict(text=count_flops(lambda: [text(["a prompt"])] + ([text([fam.null_prompt])] if null is not None
+                                                                     else [])),
                     step=count_flops(lambda: dipp.guided(eps, cond, null, guidance_scale)(x, t) if null is not None
                                      else eps(x, t, cond)),
                     decode=count_flops(lambda: dipp.decode(m["vae"], x)))
@@ -385,8 +386,8 @@ def main(argv=None):
     p.add_argument("--device", default="NVIDIA H100 80GB HBM3", help="card for the time estimate, named as "
                    "torch.cuda.get_device_name names it")
     p.add_argument("--utilisation", type=float, default=UTILISATION, help="achieved / peak (default: from H100 data)")
-    p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS), help="rows, each = the base "
-                   "run + one switch")
+    p.add_argument("--setups", nargs="*", default=list(SETUPS), choices=list(SETUPS), help="rows, each = the base "
+                   "run + one switch (none: no table)")
     p.add_argument("--sample_steps", type=int, default=0, help="also count sampling one image: the teacher with N "
                    "steps (CFG as its pipeline) and the one-step generator; 0 = skip")
     types = {f.name: f.type for f in dataclasses.fields(dipp.Config)}

@@ -109,6 +109,16 @@ def test_reward_path_costs_a_decode_and_a_reward_forward_and_backward():
     assert base < iteration(reward="clip", guidance_scale=1.75, reward_decoder="tiny") < base + path
 
 
+def test_sampling_is_text_steps_and_a_decode():
+    """Sampling one image: with CFG the prompt and the empty prompt are encoded and every step runs the teacher on
+    both (the parts above, counted at batch 2); a one-step generator encodes one prompt and runs once; both decode
+    once."""
+    p, m = parts(), cost.meta_models("tiny", dipp.Config(reward="none"), CPU)
+    decode = cost.count_flops(lambda: torch.no_grad()(dipp.decode)(m["vae"], torch.zeros(1, 4, 8, 8)))
+    assert cost.sample_flops("tiny", 3, guidance_scale=7.5) == p["text"] + 3 * p["teacher"] + decode
+    assert cost.sample_flops("tiny", 1) == p["text"] // 2 + p["teacher"] // 2 + decode
+
+
 def test_peak_table_and_estimate():
     """peak_tflops matches torch.cuda.get_device_name strings (the PCIe H100 is not the SXM one); the estimate is
     FLOPs ÷ (peak × utilisation); an unknown card or a CPU has no estimate."""

@@ -90,17 +90,20 @@ class FirstIteration:
 # -----------------------------------------------------------------------------
 # 2. Cards: dense bf16 peak (no 2:4 sparsity), TFLOP/s, from the vendors' datasheets:
 #    NVIDIA H100 Tensor Core GPU datasheet (SXM 989.4, PCIe 756.5 dense; NVL 835.5), H200 datasheet (989, as H100
-#    SXM; H200 NVL 835), A100 datasheet (312, SXM and PCIe), L40S datasheet (362.05 dense; 733 with sparsity),
+#    SXM; H200 NVL 835.5), A100 datasheet (312, SXM and PCIe), L40/L40S datasheet (181.05 / 362.05 dense),
 #    L4 datasheet (121 dense), A10 datasheet (125 dense), "NVIDIA Ada Lovelace GPU architecture" whitepaper v1.01
 #    app. A (RTX 4090: 165.2 dense bf16 with fp32 accumulate; RTX 6000 Ada 364.2), "NVIDIA Ampere GA102 GPU
 #    architecture" whitepaper (RTX A6000: 154.8 dense bf16; RTX 3090: 71 dense with fp32 accumulate),
 #    B200 datasheet (HGX B200: 2250 dense per GPU, half the 4.5 PFLOPS sparse figure).
 #    Keys are matched as substrings of torch.cuda.get_device_name(), longest key first ("H100 PCIe" before "H100").
+#    Quoted from those documents' tables (only L40/L40S re-read online here). A name containing a key gets that key's
+#    peak, so an unlisted variant can borrow a wrong one (an A10G would get the A10's): `python cost.py --device NAME`
+#    prints the peak it uses.
 
 PEAK_TFLOPS = {
     "H100 PCIe": 756.5, "H100 NVL": 835.5, "H100": 989.4,  # "NVIDIA H100 80GB HBM3" is the SXM card
-    "H200 NVL": 835.0, "H200": 989.4, "GH200": 989.4,
-    "A100": 312.0, "L40S": 362.05, "L4": 121.0, "A10": 125.0,
+    "H200 NVL": 835.5, "H200": 989.4, "GH200": 989.4,
+    "A100": 312.0, "L40S": 362.05, "L40": 181.05, "L4": 121.0, "A10": 125.0,
     "RTX 6000 Ada": 364.2, "RTX 4090": 165.2, "RTX A6000": 154.8, "RTX 3090": 71.0, "B200": 2250.0,
 }
 

@@ -126,7 +126,8 @@ def test_peak_table_and_estimate():
     assert cost.peak_tflops("NVIDIA H100 PCIe") == 756.5
     assert cost.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert cost.peak_tflops("NVIDIA GeForce RTX 4090") == 165.2
-    assert cost.peak_tflops("NVIDIA L40S") == 362.05 and cost.peak_tflops("NVIDIA L4") == 121.0
+    assert cost.peak_tflops("NVIDIA L40S") == 362.05 and cost.peak_tflops("NVIDIA L40") == 181.05
+    assert cost.peak_tflops("NVIDIA L4") == 121.0
     assert cost.peak_tflops("cpu") is None and cost.estimate_seconds(1e15, "cpu") is None
     assert cost.estimate_seconds(989.4e12, "NVIDIA H100 80GB HBM3", utilisation=0.5) == pytest.approx(2.0)
     assert cost.UTILISATION == pytest.approx(8 * 13.5 / 0.78 / 989.4, abs=0.005)  # ECOSYSTEM.md's H100 figures

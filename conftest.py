@@ -55,8 +55,9 @@ def file_size_limit(nbytes):
 # their groups into one. The cheap caches (the random-weight folders, shared on disk under a lock) are not here.
 SHARED = {"test_dipp.py": ("executed_notebook", "offline_imagereward"),  # notebook 01 runs the quick toy
           "test_evaluate.py": ("readme_run", "pixart_run"),
-          "test_toy.py": ("DIGITS_CACHE",),
-          "test_reproduce.py": ("tiny_chain",)}  # its notebook test reads the teacher that the run before it trained
+          "test_toy.py": ("DIGITS_CACHE",),  # its notebook test reads the teacher that the run before it trained
+          "test_cost.py": ("iteration", "parts"),  # cached FLOP counts
+          "test_reproduce.py": ("tiny_chain",)}
 
 
 def names_reached(function, module, seen=None):

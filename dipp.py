@@ -487,7 +487,7 @@ def load_reward_decoder(cfg, family, vae, device, dtype):
 def decode(vae, x0):
     """Latent x0 -> image in [-1, 1] (B, 3, H, W). SD latents are scaled by vae.config.scaling_factor."""
     dtype = vae.dtype
-    with torch.autocast(x0.device.type, enabled=False) if dtype == torch.float32 else contextlib.nullcontext():
+    with plumbing.autocast_off(x0) if dtype == torch.float32 else contextlib.nullcontext():
         return vae.decode(x0.to(dtype) / vae.config.scaling_factor).sample.float()
 
 # -----------------------------------------------------------------------------
@@ -710,6 +710,8 @@ def train(cfg):
         os.path.join(cfg.output_dir, f"samples_{tag}.png") if main_rank else None)
     validates = writes or (sharded and not cfg.benchmark)  # (a sharded G runs only when every rank runs it)
     synced_time = plumbing.benchmark_clock(cfg, device)  # per-phase timings; synced on a GPU only under --benchmark
+    import cost  # (cost.py imports dipp) --benchmark: the FLOPs of the first, untimed, iteration; else does nothing
+    flops = cost.FirstIteration(cfg.benchmark)
 
     real_eps, fake_eps, fake_train_eps = (denoiser_eps(net, fam) for net in (teacher, fake, fake_train))
     log = plumbing.RunLog(cfg, step) if writes else None
@@ -727,6 +729,7 @@ def train(cfg):
             t0 = synced_time()
             if cfg.compile == "reduce-overhead":  # CUDA graphs: last iteration's graph outputs may be reused now
                 torch.compiler.cudagraph_mark_step_begin()
+            flops.begin()
             # c ~ the prompt list, uniformly: every rank draws the global batch and keeps its slice (draw_noise)
             batch = [prompts[i] for i in torch.randint(len(prompts), (world * B,))[rank * B:(rank + 1) * B].tolist()]
             cond = text(batch)  # c: (B, 77, D), or MaskedText((B, 120, D), (B, 120)), or SDXLText
@@ -743,6 +746,7 @@ def train(cfg):
                                                   (G_params, opt_G, scaler_G), noises, schedule, cfg, ctx, synced_time)
             except FloatingPointError as e:  # one line naming the last good checkpoint
                 plumbing.die_non_finite(cfg, step + 1, e)
+            flops.end()
             skipped["skipped_fake"] += fake_stats["skipped"]  # fp16 overflow: GradScaler skipped; counted, not hidden
             skipped["skipped_G"] += stats["skipped"]
             if ema is not None:  # (optional) θ_ema ← d·θ_ema + (1 − d)·θ
@@ -775,7 +779,7 @@ def train(cfg):
     if cfg.benchmark and main_rank:
         switches = ("mixed_precision", "gradient_checkpointing", "lora_rank", "compile", "reuse_generator_sample")
         result = plumbing.print_benchmark(timings, B, cfg.fake_steps_per_G, world, device, startup_peak,
-                                          {k: getattr(cfg, k) for k in switches})
+                                          {k: getattr(cfg, k) for k in switches}, flops.total, cost.peak_tflops)
     if writes:
         log.close()  # also draws curves.png from log.jsonl
     if not cfg.benchmark:  # every rank calls it (a sharded generator is gathered whole first); rank 0 writes

@@ -511,7 +511,7 @@ def optimizer_step(loss, params, opt, scaler, max_grad_norm):
     bad = (~torch.isfinite(loss.detach())).float()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(bad)  # every rank stops together, or the others hang in backward
-    if bad.item():
+    if loss.device.type != "meta" and bad.item():  # (a meta loss, cost.py's FLOP count, has no value to check)
         raise FloatingPointError(f"loss became {loss.item()} (on at least one rank)")
     scale = scaler.get_scale() if scaler.is_enabled() else 1.0  # .item() sync only under fp16
     opt.zero_grad(set_to_none=True)
@@ -600,11 +600,17 @@ def lora_copy(base, rank, name, targets):
     return unet
 
 
+def autocast_off(x):
+    """A context in which x's device runs without autocast. The meta device (cost.py counts FLOPs there) has no
+    autocast to turn off."""
+    return contextlib.nullcontext() if x.device.type == "meta" else torch.autocast(x.device.type, enabled=False)
+
+
 class Fp32Conv2d(torch.nn.Conv2d):
     """A Conv2d computed in fp32 even under bf16/fp16 autocast (dipp's readout_in_fp32 says why)."""
 
     def forward(self, x):
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x):
             return self._conv_forward(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
 
 
@@ -612,7 +618,7 @@ class Fp32Linear(torch.nn.Linear):
     """The same for a Linear (PixArt's proj_out: patch² × 8 channels, of which the ε half matters)."""
 
     def forward(self, x):
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x):
             return torch.nn.functional.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
 
 
@@ -1152,26 +1158,35 @@ def benchmark_clock(cfg, device):
     return clock
 
 
-def print_benchmark(timings, batch, fake_updates, world, device, startup_peak=None, settings=None):
+def print_benchmark(timings, batch, fake_updates, world, device, startup_peak=None, settings=None, flops=None,
+                    peak_tflops=lambda name: None):
     """One machine-readable line: the mean over the iterations after the first two (warm-up, which is
     also when --compile compiles: warmup_s); timings: (fake-score phase, generator phase) per iteration, with
     fake_updates updates in the first. On a GPU peak_memory_gib is the training loop's; startup_peak_gib the
     peak before it (loading, and PixArt's T5 encoding the prompts before it is freed). settings: the run's
-    switches, reported as they are."""
+    switches, reported as they are. flops: one iteration's FLOPs on this process (cost.FirstIteration), from
+    which achieved TFLOP/s and, where peak_tflops(device name) knows the card, the fraction of its peak."""
     import resource
     warm = timings[2:] or timings
     fake_s, gen_s = (sum(t[i] for t in warm) / len(warm) for i in (0, 1))
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    achieved = None if flops is None else flops / (fake_s + gen_s) / 1e12  # per process: each runs its own batch
+    card_peak = peak_tflops(name) if device.type == "cuda" else None
     result = {
         "images_per_s": round(world * batch / (fake_s + gen_s), 4),
+        "flop_per_iteration": flops,  # matmuls, convolutions, attention (cost.py says what is counted)
+        "achieved_tflop_per_s": None if achieved is None else float(f"{achieved:.4g}"),
+        "peak_tflop_per_s": card_peak,
+        "fraction_of_peak": None if achieved is None or card_peak is None else round(achieved / card_peak, 4),
         "warmup_s": round(sum(map(sum, timings[:2])), 2),
         "s_per_generator_update": round(gen_s, 5), "s_per_fake_update": round(fake_s / fake_updates, 5),
         "peak_memory_gib": round(peak / 2 ** 30, 3),
         "startup_peak_gib": None if startup_peak is None else round(startup_peak / 2 ** 30, 3),
         "memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
         "batch": batch, "world": world, "iterations": len(warm), **(settings or {}),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+        "device": name}
     print("BENCHMARK " + json.dumps(result))
     return result
 

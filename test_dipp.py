@@ -1009,6 +1009,15 @@ def test_benchmark_prints_one_parseable_line(tmp_path, capsys):
     assert result["iterations"] == 2 and result["memory_kind"] == "cpu_rss"
     assert not os.path.exists(tmp_path / "generator") and not plumbing.list_checkpoints(str(tmp_path))
     assert set(os.listdir(tmp_path)) == {"tiny"}  # no config.json, log, grid or curves either: only the models
+    # FLOPs of the run's first iteration, counted as it ran: cost.py's count of the same setup on the meta device,
+    # plus the CLIP reward's text features of the drawn prompt (≤ 77 tokens; cached afterwards, and by cost.py)
+    import cost
+    meta = cost.iteration_flops("tiny", reward="clip", guidance_scale=1.75)
+    reward = cost.meta_models("tiny", dipp.Config(reward="clip"))["reward"]
+    assert meta < result["flop_per_iteration"] <= meta + cost.count_flops(lambda: reward.encode_text(["a"]))
+    assert result["achieved_tflop_per_s"] == pytest.approx(result["flop_per_iteration"] / 1e12 * result["images_per_s"],
+                                                           rel=1e-2)  # batch 1: images/s = iterations/s (rounded)
+    assert result["peak_tflop_per_s"] is None and result["fraction_of_peak"] is None  # a CPU has no datasheet peak
 
 
 def test_sd15_shapes_match_stable_diffusion():

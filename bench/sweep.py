@@ -39,12 +39,12 @@ GROUPS = {"table": ["full", "checkpointing", "lora64+checkpointing"],
 
 def write_table(rows, out):
     with open(os.path.join(out, "table.md"), "w") as f:
-        f.write("| setup | batch | images/s | s/generator update | s/fake update | peak GiB | warm-up s | device |\n"
-                "|---|---|---|---|---|---|---|---|\n")
+        f.write("| setup | batch | images/s | s/generator update | s/fake update | peak GiB | warm-up s | TFLOP/s | "
+                "of peak | device |\n|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             f.write(f"| {r['setup']} | {r['batch']} | {r.get('images_per_s')} | {r.get('s_per_generator_update')} | "
                     f"{r.get('s_per_fake_update')} | {r.get('peak_memory_gib') or str(r.get('error'))[:80].replace('|', '/')} | {r.get('warmup_s')} | "
-                    f"{r.get('device')} |\n")
+                    f"{r.get('achieved_tflop_per_s')} | {r.get('fraction_of_peak')} | {r.get('device')} |\n")
 
 
 def profiled(argv, path):

@@ -182,8 +182,8 @@ def make_plan(recipe, args, out):
         steps = args.max_train_steps or 2
         train = set_flag(set_flag(train, "--train_batch_size", 1), "--mixed_precision", "no")
         train = [f for f in train if f != "--gradient_checkpointing"]
-        train = set_flag(set_flag(set_flag(train, "--fake_steps_per_G", 1), "--checkpointing_steps", 1),
-                         "--validation_steps", 1)
+        train = set_flag(set_flag(set_flag(train, "--fake_steps_per_G", 1), "--checkpointing_steps", steps),
+                         "--validation_steps", steps)
         train = set_flag(set_flag(set_flag(train, "--reward", "clip"), "--reward_model_path", models["reward"]),
                          "--learning_rate", "1e-3")
         prompts = []
@@ -455,38 +455,46 @@ def print_plan(recipe, args, plan):
 
 
 def print_cost(recipe, args, plan):
-    """Seconds per stage = FLOPs ÷ (the card's bf16 peak × a stated utilisation) (cost.py; docs/cost.md)."""
+    """Hours per stage = FLOPs ÷ (the card's bf16 peak × a stated utilisation) ÷ GPUs. FLOPs: cost.py, counted on
+    the meta device through dipp's own code on the real shapes (docs/cost.md); the scorers are not counted."""
     import cost
+    import promptsets
     import torch
     card = args.card or (torch.cuda.get_device_name() if torch.cuda.is_available() else "")
     util = args.utilisation or cost.UTILISATION
     peak = cost.peak_tflops(card) if card else None
     batch = int(flag(plan.train, "--train_batch_size"))
     switches = dict(gradient_checkpointing="--gradient_checkpointing" in plan.train,
+                    reward=flag(plan.train, "--reward"),
                     fake_steps_per_G=int(flag(plan.train, "--fake_steps_per_G")),
                     guidance_scale=float(flag(plan.train, "--guidance_scale")))
     shapes = recipe.tiny_shapes if args.tiny else recipe.shapes
-    per_iteration = cost.iteration_flops(shapes, batch=batch, **switches)
-    import promptsets
-    n_prompts = args.max_prompts or (3 if args.tiny else promptsets.SETS[recipe.eval_prompts].count)
-    stages = {"calibrate": per_iteration * CALIBRATION_STEPS * plan.calibrate,
-              "train": per_iteration * plan.steps * args.nproc}
-    if n_prompts:
-        guidance = 4.5 if recipe.shapes.startswith("pixart") else 7.5
-        stages["evaluate"] = n_prompts * (cost.sample_flops(shapes, recipe.teacher_steps, guidance)
-                                          + 2 * cost.sample_flops(shapes, 1, 1.0))
-    print(f"\ncost: {per_iteration / 1e12:.3g} TFLOP per iteration at batch {batch} ({shapes} shapes, cost.py)")
+    print(f"\ncost ({shapes} shapes; counting FLOPs on the meta device, cost.py) ...", flush=True)
+    per_iteration = cost.iteration_flops(shapes, batch=batch, **switches)  # one process's iteration
+    available = len(__import__("dipp").BUILTIN_PROMPTS) if args.tiny else promptsets.SETS[recipe.eval_prompts].count
+    prompts = min(int(flag(plan.evaluate, "--max_prompts", 0)) or available, available)
+    per_image = int(flag(plan.evaluate, "--images_per_prompt"))
+    guidance = float(flag(plan.evaluate, "--teacher_guidance", 4.5 if recipe.shapes.startswith("pixart") else 7.5))
+    teacher_steps = int(flag(plan.evaluate, "--teacher_steps"))
+    stages = {"calibrate": per_iteration * CALIBRATION_STEPS * args.nproc if plan.calibrate else 0,
+              "train": per_iteration * plan.steps * args.nproc,  # every GPU runs its own batch
+              "evaluate": prompts * per_image * (cost.sample_flops(shapes, teacher_steps, guidance)
+                                                 + 2 * cost.sample_flops(shapes, 1, 1.0))}
+    print(f"  one training iteration: {per_iteration / 1e12:.4g} TFLOP at batch {batch} per GPU; evaluation: "
+          f"{prompts} prompts × {per_image} image(s) × 3 models (teacher at {teacher_steps} steps, CFG {guidance:g})")
     for stage, flops in stages.items():
         if not flops:
             continue
+        gpus = args.nproc if stage != "evaluate" else 1  # evaluate.py runs on one GPU
         line = f"  {stage:10s} {flops / 1e15:10.4g} PFLOP"
         if peak:
-            hours = cost.estimate_seconds(flops, card, util) / 3600 / args.nproc
-            line += f"  ≈ {hours:.3g} h on {args.nproc} × {card} at {util:.0%} of its {peak:g} TFLOP/s bf16 peak"
+            hours = cost.estimate_seconds(flops, card, util) / 3600 / gpus
+            line += f"  ≈ {hours:.3g} h on {gpus} × {card} at {util:.0%} of its {peak:g} TFLOP/s bf16 peak"
         print(line)
     if not peak:
         print(f"  (no time estimate: {'no GPU here' if not card else f'no peak known for {card!r}'}; "
               "pass --card, e.g. --card 'H100 SXM')")
+    return stages
 
 
 if __name__ == "__main__":

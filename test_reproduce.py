@@ -87,19 +87,35 @@ def test_an_unfinished_training_run_resumes_from_its_latest_checkpoint(tmp_path)
     assert reproduce.finished(str(folder), 250) and not reproduce.finished(str(folder), 500)
 
 
-def test_plans_of_the_published_recipes(capsys):
+def test_plans_of_the_published_recipes(capsys, monkeypatch):
     """--plan runs nothing and prints, for each real recipe: the downloads (teacher, released generator, reward,
-    every scorer), the dipp.py flags the recipe documents, and the cost per stage from cost.py."""
+    every scorer), the dipp.py flags the recipe documents, and each stage's cost = FLOPs ÷ (peak × utilisation).
+    cost.py's counts are tested in test_cost.py; here they are stand-ins (a real SDXL count takes minutes), so the
+    arithmetic on them is checked against a hand computation."""
+    import cost
+    import promptsets
+    calls = []
+    monkeypatch.setattr(cost, "iteration_flops", lambda shapes, batch, **sw: calls.append((shapes, batch, sw)) or 1e13)
+    monkeypatch.setattr(cost, "sample_flops", lambda shapes, steps, guidance: 1e12 * steps * (2 if guidance > 1 else 1))
     for name, recipe in reproduce.RECIPES.items():
         out = tempfile.mkdtemp(prefix="dipp-test-plan-")
-        plan = reproduce.main([name, "--plan", "--output_dir", out, "--card", "H100 SXM"])
+        plan = reproduce.main([name, "--plan", "--output_dir", out, "--card", "H100 SXM", "--nproc", "2"])
         printed = capsys.readouterr().out
         repos = [d[0] for d in plan.downloads]
         assert repos[:3] == [recipe.teacher, recipe.init[0], "THUDM/ImageReward"]
         assert {"openai/clip-vit-large-patch14", "xswu/HPSv2", "yuvalkirstain/PickScore_v1"} <= set(repos)
         for f in recipe.train:
             assert f in plan.train
+        assert ("--shard" in plan.train) == recipe.shard  # FSDP2 only where the nets outgrow one GPU
         assert reproduce.flag(plan.train, "--prompts") == recipe.train_prompts
         assert reproduce.flag(plan.evaluate, "--prompts") == recipe.eval_prompts
-        assert "TFLOP per iteration" in printed and " h on 1 × H100 SXM" in printed
+        shapes, batch, switches = calls[-1]
+        assert shapes == recipe.shapes and batch == int(reproduce.flag(recipe.train, "--train_batch_size"))
+        assert switches["fake_steps_per_G"] == int(reproduce.flag(recipe.train, "--fake_steps_per_G"))
+        peak, util = cost.peak_tflops("H100 SXM"), cost.UTILISATION
+        train_h = 1e13 * 2000 * 2 / (peak * 1e12 * util) / 3600 / 2  # 2 GPUs, each its own batch
+        assert f"train      {1e13 * 2000 * 2 / 1e15:10.4g} PFLOP  ≈ {train_h:.3g} h on 2 × H100 SXM" in printed
+        steps, n = recipe.teacher_steps, promptsets.SETS[recipe.eval_prompts].count
+        eval_flops = n * (1e12 * steps * 2 + 2 * 1e12)  # teacher under CFG + two one-step generators, 1 image each
+        assert f"evaluate   {eval_flops / 1e15:10.4g} PFLOP  ≈ " in printed
         assert os.listdir(out) == []  # nothing was run or written

@@ -55,8 +55,9 @@ def file_size_limit(nbytes):
 # their groups into one. The cheap caches (the random-weight folders, shared on disk under a lock) are not here.
 SHARED = {"test_dipp.py": ("executed_notebook", "offline_imagereward"),  # notebook 01 runs the quick toy
           "test_evaluate.py": ("readme_run", "pixart_run"),
-          "test_toy.py": ("DIGITS_CACHE",),
-          "test_cost.py": ("iteration", "parts")}  # cached FLOP counts  # its notebook test reads the teacher that the run before it trained
+          "test_toy.py": ("DIGITS_CACHE",),  # its notebook test reads the teacher that the run before it trained
+          "test_cost.py": ("iteration", "parts"),  # cached FLOP counts
+          "test_reproduce.py": ("tiny_chain",)}
 
 
 def names_reached(function, module, seen=None):
@@ -102,7 +103,7 @@ def pytest_collection_modifyitems(config, items):
 # first (largest first), then single tests in collection order: these go to the front of that order.
 LONGEST = ("test_two_process_ddp_equals_one_process", "test_compile_is_the_same_math",
            "test_sdxl_compile_and_benchmark", "test_pixart_two_process_ddp", "test_sdxl_two_process_ddp",
-           "test_two_fsdp_processes")
+           "test_two_fsdp_processes", "test_tiny_chain")
 
 
 def pytest_configure(config):

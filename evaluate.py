@@ -30,6 +30,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 import typing
@@ -374,16 +375,47 @@ def save_png(path, pixels):
     plumbing.write_files({path: lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG")})
 
 
+def image_key(model, prompts, args, device):
+    """What a model's images depend on, beyond (i, k): the model (its files' names, sizes and mtimes, so a
+    generator retrained in the same folder is new), how it is sampled, the prompts, the seed, the precision
+    and the device type. An images/<model>/ folder written under another key is not reused."""
+    return {"model": model["source"], "files": model.pop("files"), "sampling": model["name"],
+            "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(), "seed": args.seed,
+            "mixed_precision": args.mixed_precision, "device": device.type}
+
+
+def reusable_images(folder, key):
+    """Resume: the PNGs already in folder when it was written under the same key (every PNG is complete or
+    absent: save_png), else none, and the folder is emptied. Returns the set of reusable file names."""
+    key_file, text = os.path.join(folder, "key.json"), json.dumps(key, sort_keys=True)
+    if os.path.isdir(folder) and not (os.path.isfile(key_file) and open(key_file).read() == text):
+        shutil.rmtree(folder)  # another model's or another setting's images: never mixed with these
+    os.makedirs(folder, exist_ok=True)
+    if not os.path.isfile(key_file):
+        plumbing.write_files({key_file: text_file(text)})
+    return set(os.listdir(folder))
+
+
 def generate(model, sample, prompts, args, latent_shape, device):
     """Sample K images per prompt with `sample(prompts, z, generators) -> [0, 1] images`, write them as PNGs (8-bit,
-    as diffusers' numpy_to_pil rounds) and return one record per image. Records are prompt-major."""
+    as diffusers' numpy_to_pil rounds) and return one record per image. Records are prompt-major. Images that an
+    earlier run wrote for the same model and settings are kept, not drawn again (a re-run resumes)."""
+    import numpy as np
+    from PIL import Image
     from tqdm import tqdm
     K, folder = args.images_per_prompt, os.path.join(args.output_dir, "images", model["slug"])
-    os.makedirs(folder, exist_ok=True)
-    jobs = [(i, k) for i in range(len(prompts)) for k in range(K)]
-    records, seconds, preview = [], 0.0, {}
-    for start in tqdm(range(0, len(jobs), args.batch_size), desc=f"generate {model['slug']}", dynamic_ncols=True):
-        batch = jobs[start:start + args.batch_size]
+    model["key"] = image_key(model, prompts, args, device)
+    done = reusable_images(folder, model["key"])
+    name = lambda i, k: f"{i:05d}_{k:02d}.png"
+    records = [{"prompt_index": i, "image_index": k, "seed": image_seed(args.seed, i, k),
+                "image": os.path.join("images", model["slug"], name(i, k))} for i in range(len(prompts))
+               for k in range(K)]
+    todo = [(i, k) for i in range(len(prompts)) for k in range(K) if name(i, k) not in done]
+    if len(todo) < len(records):
+        print(f"{model['slug']}: {len(records) - len(todo)} of {len(records)} images kept from an earlier run")
+    seconds, preview = 0.0, {}
+    for start in tqdm(range(0, len(todo), args.batch_size), desc=f"generate {model['slug']}", dynamic_ncols=True):
+        batch = todo[start:start + args.batch_size]
         seeds = [image_seed(args.seed, i, k) for i, k in batch]
         z, generators = initial_noise(seeds, latent_shape)
         synchronize(device)
@@ -392,14 +424,24 @@ def generate(model, sample, prompts, args, latent_shape, device):
         synchronize(device)
         seconds += time.perf_counter() - t0
         pixels = (images.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        for (i, k), seed, pix in zip(batch, seeds, pixels):
-            path = os.path.join("images", model["slug"], f"{i:05d}_{k:02d}.png")
-            save_png(os.path.join(args.output_dir, path), pix)
-            records.append({"prompt_index": i, "image_index": k, "seed": seed, "image": path})
+        for (i, k), pix in zip(batch, pixels):
+            save_png(os.path.join(folder, name(i, k)), pix)
             if k == 0 and i < 8:
                 preview[i] = pix  # (H, W, 3) uint8, for the comparison grid
-    model.update(records=records, preview=preview, generation_images_per_s=len(jobs) / max(seconds, 1e-9))
+    for i in range(min(8, len(prompts))):  # the grid's images that were kept, read back
+        if i not in preview:
+            preview[i] = np.array(Image.open(os.path.join(folder, name(i, 0))).convert("RGB"))
+    speed = len(todo) / seconds if todo else None  # (None: nothing was drawn in this run)
+    model.update(records=records, preview=preview, generation_images_per_s=speed)
     return model
+
+
+def model_files(path):
+    """plumbing.files_stamp of a local model (a file, or a folder and its subfolders); [] for a hub id."""
+    if os.path.isfile(path):
+        return [(path, os.path.getsize(path), os.path.getmtime(path))]
+    subs = sorted(os.path.join(path, d) for d in os.listdir(path)) if os.path.isdir(path) else []
+    return plumbing.files_stamp(path, *subs)
 
 
 def generate_all(args, family, generators, prompts, device, ctx, dtype):
@@ -422,7 +464,7 @@ def generate_all(args, family, generators, prompts, device, ctx, dtype):
         def sample(p, z, gens):  # z in the net's dtype, as the pipeline draws it when loaded in that dtype
             return teacher_images(pipe, family, teacher.vae, text(p), null, z.to(net_dtype), gens, args.teacher_steps,
                                   args.teacher_guidance, ctx)
-        model = {"slug": "teacher", "name": title, "kind": "teacher", "source": name}
+        model = {"slug": "teacher", "name": title, "kind": "teacher", "source": name, "files": model_files(name)}
         models.append(generate(model, sample, prompts, args, latent_shape, device))
         del pipe
     slugs = {"teacher"}
@@ -437,7 +479,7 @@ def generate_all(args, family, generators, prompts, device, ctx, dtype):
         def sample(p, z, gens, G=G):  # one step: no sampler noise, gens unused
             return one_step_images(G, teacher.vae, text(p), z, ctx)
         model = {"slug": slug, "name": f"{folder} (one step, t*={G.t_star})", "kind": "generator", "source": folder,
-                 "generator_timestep": G.t_star}
+                 "generator_timestep": G.t_star, "files": model_files(folder)}
         models.append(generate(model, sample, prompts, args, latent_shape, device))
         del G, sample  # free this generator before the next one is loaded
     return models
@@ -642,17 +684,51 @@ def score_all(models, metrics, weights, prompts, args, device, tiny_scorers=None
         serves = [m for m in metrics if METRICS[m].scorer == name]
         if not serves:
             continue
-        scorer = (tiny_scorers or {}).get(name) or load()
-        print(f"scoring with {name} ({', '.join(serves)})")
+        # Resume: a model's scores from an earlier run are kept when its images and this scorer are the same
+        key = {"scorer": name, "weights": {k: weights.get(k) for k in SCORER_WEIGHTS[name]},
+               "tiny": args.tiny, "hps": [args.hps_version, args.hps_resize] if name == "hps" else None}
+        cached = {m["slug"]: cached_scores(args.output_dir, m, key) for m in models}
+        todo = [m for m in models if cached[m["slug"]] is None]
+        scorer = ((tiny_scorers or {}).get(name) or load()) if todo else None
+        print(f"scoring with {name} ({', '.join(serves)})" + (f"; kept for {len(models) - len(todo)} model(s) from "
+                                                              "an earlier run" if len(todo) < len(models) else ""))
         synchronize(device)
         t0, n = time.perf_counter(), 0
         for model in models:
-            values[model["slug"]].update(score_images(scorer, model, prompts, args))
-            n += len(model["records"])
+            if model in todo:
+                cached[model["slug"]] = score_images(scorer, model, prompts, args)
+                n += len(model["records"])
+                save_scores(args.output_dir, model, key, cached[model["slug"]])
+            values[model["slug"]].update(cached[model["slug"]])
         synchronize(device)
-        speed[name] = n / max(time.perf_counter() - t0, 1e-9)
+        if n:
+            speed[name] = n / max(time.perf_counter() - t0, 1e-9)
         del scorer
     return values, speed
+
+
+SCORER_WEIGHTS = {"imagereward": ("imagereward",), "clip_l": ("clip", "aesthetic"), "hps": ("hps", "hps_arch"),
+                  "pickscore": ("pickscore", "pickscore_processor")}  # the `weights` entries each scorer loads
+
+
+def scores_path(out, model, key):
+    return os.path.join(out, "images", model["slug"], f"scores_{key['scorer']}.pt")
+
+
+def cached_scores(out, model, key):
+    """{key: tensor over images} one scorer wrote for this model's images (same images/<model>/key.json, same
+    scorer and weights), or None."""
+    path = scores_path(out, model, key)
+    if not os.path.isfile(path):
+        return None
+    saved = torch.load(path, weights_only=True)
+    return saved["values"] if saved["key"] == json.dumps([model["key"], key], sort_keys=True) else None
+
+
+def save_scores(out, model, key, values):
+    """Saved beside the images (atomically), so a changed model, which empties images/<model>/, drops them too."""
+    saved = {"key": json.dumps([model["key"], key], sort_keys=True), "values": values}
+    plumbing.write_files({scores_path(out, model, key): lambda tmp: torch.save(saved, tmp)})
 
 # -----------------------------------------------------------------------------
 # 5. Set metrics: diversity within a prompt, Fréchet distance to the teacher
@@ -707,10 +783,17 @@ def build_tiny(folder, hps_version="v2.0", seed=0):
     from random_weights import build_random
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
     sd, _ = build_random(folder, "tiny", seed)
-    generator = os.path.join(folder, "generator")
+    generator, scorers = os.path.join(folder, "generator"), os.path.join(folder, "scorers")
+    weights = dict(clip_model=os.path.join(scorers, "clip-l"), aesthetic_model=os.path.join(scorers, AESTHETIC_FILE),
+                   hps_model=os.path.join(scorers, HPS_FILES[hps_version]),
+                   pickscore_model=os.path.join(scorers, "pickscore"),
+                   pickscore_processor=os.path.join(scorers, "pickscore"))
+    stamp, marker = json.dumps({"hps_version": hps_version, "seed": seed}), os.path.join(folder, "tiny_scorers.json")
+    if os.path.isfile(marker) and open(marker).read() == stamp:  # written by an earlier run: kept, so a re-run
+        open_clip.add_model_config(os.path.join(scorers, f"{TINY_HPS_ARCH}.json"))  # resumes (same files)
+        return sd, generator, weights
     UNet2DConditionModel.from_pretrained(sd, subfolder="unet").save_pretrained(generator)
     plumbing.write_generator_record(generator, 999)
-    scorers = os.path.join(folder, "scorers")
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer")  # dipp's byte-level tiny tokenizer
     processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 224}, crop_size=224), tokenizer)
@@ -731,10 +814,7 @@ def build_tiny(folder, hps_version="v2.0", seed=0):
     open_clip.add_model_config(os.path.join(scorers, f"{TINY_HPS_ARCH}.json"))
     torch.save({"state_dict": open_clip.create_model(TINY_HPS_ARCH).state_dict()},
                os.path.join(scorers, HPS_FILES[hps_version]))
-    weights = dict(clip_model=os.path.join(scorers, "clip-l"), aesthetic_model=os.path.join(scorers, AESTHETIC_FILE),
-                   hps_model=os.path.join(scorers, HPS_FILES[hps_version]),
-                   pickscore_model=os.path.join(scorers, "pickscore"),
-                   pickscore_processor=os.path.join(scorers, "pickscore"))
+    open(marker, "w").write(stamp)
     return sd, generator, weights
 
 
@@ -896,7 +976,8 @@ def write_reports(models, values, metrics, prompts, args, command, speed):
                "interval": "95 % Student-t over per-prompt means: mean ± t_{0.975, P-1} · s / √P",
                "scoring_images_per_s": {k: round(v, 3) for k, v in speed.items()},
                "models": {m["slug"]: {"name": m["name"], "kind": m["kind"], "source": m["source"],
-                                      "generation_images_per_s": round(m["generation_images_per_s"], 3),
+                                      "generation_images_per_s": m["generation_images_per_s"] and
+                                      round(m["generation_images_per_s"], 3),
                                       "metrics": m["stats"]} for m in models}}
 
     def cell(s):
@@ -914,8 +995,9 @@ def write_reports(models, values, metrics, prompts, args, command, speed):
                       "given; the values mean nothing, the layout and the code path are the point.)"]
     lines += ["", "Conventions:", conventions(metrics, args),
               "Speed on this machine (images/s): generation " +
-              ", ".join(f"{m['slug']} {m['generation_images_per_s']:.3g}" for m in models) +
-              "; scoring " + ", ".join(f"{k} {v:.3g}" for k, v in speed.items()) + "."]
+              ", ".join(f"{m['slug']} " + (f"{m['generation_images_per_s']:.3g}" if m["generation_images_per_s"]
+                                          else "(kept from an earlier run)") for m in models) +
+              "; scoring " + (", ".join(f"{k} {v:.3g}" for k, v in speed.items()) or "(kept from an earlier run)") + "."]
     table = "\n".join(lines) + "\n"
     path = lambda name: os.path.join(out, name)
     plumbing.write_files({path("prompts.txt"): text_file("\n".join(prompts) + "\n"), path("scores.jsonl"): scores,

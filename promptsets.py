@@ -92,6 +92,11 @@ SETS = {s.name: s for s in [
               "DMD2's SD1.5 training prompts (Yin et al. 2024), hub tianweiy/DMD2 data/laion/ (a pickled list)",
               "captions: LAION-5B metadata, CC BY 4.0; DMD2 releases its work under CC BY-NC-SA 4.0",
               "LAION-Aesthetics 6.25+ captions, the kind DI++ trained SD1.5 on; hub-only: no pinned sha256 or count"),
+    PromptSet("laion_aesthetics_625_20k", "train", (), (), 20000, "head", "the first 20,000 of laion_aesthetics_625",
+              "as laion_aesthetics_625",
+              "reproduce.py pixart's training prompts: T5-XXL embeds each prompt into ~0.94 MiB, so 20,000 (18.8 "
+              "GiB on disk) rather than the whole list; 2,000 steps × batch 8 draw 16,000",
+              parent="laion_aesthetics_625"),
     PromptSet("pixart_dmd_toy", "train",
               ("https://huggingface.co/datasets/PixArt-alpha/pixart-sigma-toy-dataset/resolve/main/InternData/"
                "data_info.json",), (None,), None, "json:prompt",

@@ -78,7 +78,7 @@ def test_readme_tiny_command_writes_the_table():
     P = len(dipp.BUILTIN_PROMPTS)
     assert [m["kind"] for m in models] == ["teacher", "generator"] and metrics == tuple(evaluate.METRICS)
     for m in models:
-        assert len(os.listdir(os.path.join(out, "images", m["slug"]))) == P * K
+        assert len([f for f in os.listdir(os.path.join(out, "images", m["slug"])) if f.endswith(".png")]) == P * K
     lines = [json.loads(l) for l in open(os.path.join(out, "scores.jsonl"))]
     assert len(lines) == len(models) * (P * K * 5 + P)  # 5 per-image metrics, diversity per prompt
     assert all(math.isfinite(l["value"]) for l in lines)
@@ -705,7 +705,8 @@ def test_imagereward_loads_strictly(tmp_path):
 def test_full_disk_and_unwritable_output_are_one_line_and_leave_nothing_half_written(tmp_path):
     """Real write failures (the kernel refuses to grow a file past a limit: RLIMIT_FSIZE) while the images are
     written, then while the reports are: one line naming the file each time; no .tmp and no partial file left,
-    and the reports are all written or none (here none), while the images written before are whole."""
+    and the reports are all written or none (here none), while the images and scores an earlier run wrote are kept
+    untouched (a re-run resumes: it writes only the reports)."""
     from PIL import Image
     from conftest import file_size_limit
     t, out = tiny(), tmp_path / "eval"
@@ -714,10 +715,12 @@ def test_full_disk_and_unwritable_output_are_one_line_and_leave_nothing_half_wri
     written = lambda: sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
     with file_size_limit(100):  # no PNG fits
         message = error_of(argv)
-    assert "could not write" in message and ".png' (File too large)" in message and written() == []
-    with file_size_limit(2048):  # the 16-px PNGs fit, not every report does
+    assert "could not write" in message and "' (File too large)" in message and written() == []
+    evaluate.main(argv)  # then a run that fits: a re-run keeps its images and scores and rewrites only the reports
+    kept = {f: os.path.getmtime(out / f) for f in written() if not f.endswith(evaluate.REPORTS)}
+    with file_size_limit(2048):  # the reports do not all fit
         message = error_of(argv)
     images = [f for f in written() if f.endswith(".png")]
     assert "File too large" in message and any(f"{r}'" in message for r in evaluate.REPORTS), message
-    assert written() == images and len(images) == 2, written()  # no report, no .tmp
+    assert {f: os.path.getmtime(out / f) for f in written()} == kept and len(images) == 2, written()  # no report, no .tmp
     assert all(Image.open(out / f).load() for f in images)  # whole PNGs

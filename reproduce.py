@@ -102,7 +102,7 @@ RECIPES = {
                "--checkpointing_steps", "250", "--validation_steps", "250"],
         train_prompts="laion_aesthetics_625", eval_prompts="parti", teacher_steps=50,
         evaluate=["--images_per_prompt", "1", "--hps_version", "v2.1", "--batch_size", "4", "--teacher_guidance", "7.5",
-                  "--metrics", "aesthetic,imagereward,pickscore,clip"],
+                  "--mixed_precision", "fp16", "--metrics", "aesthetic,imagereward,pickscore,clip"],  # (the DI* notebook's)
         published=[
             Published("SDXL-Base, 50 steps", {"imagereward": 0.887, "aesthetic": 5.72, "pickscore": 22.74,
                                               "clip": 32.72}, "Diff-Instruct* README, Parti prompts, 1024 px"),
@@ -194,9 +194,9 @@ def make_plan(recipe, args, out):
     else:
         models = {"teacher": recipe.teacher, "init": None, "reward": "THUDM/ImageReward"}
         prompts = ["--prompts", recipe.train_prompts]
-        ev = list(recipe.evaluate) + ["--teacher_steps", str(recipe.teacher_steps), "--prompts", recipe.eval_prompts,
-                                      "--mixed_precision", "bf16"]
-        ev = ev if "--batch_size" in ev else ev + ["--batch_size", "16"]
+        ev = list(recipe.evaluate) + ["--teacher_steps", str(recipe.teacher_steps), "--prompts", recipe.eval_prompts]
+        ev += [] if "--mixed_precision" in ev else ["--mixed_precision", "bf16"]
+        ev += [] if "--batch_size" in ev else ["--batch_size", "16"]
         ev += ["--max_prompts", str(args.max_prompts)] if args.max_prompts else []
         d = evaluate.parse_args([])  # the scorers' default hub ids, as evaluate.py loads them
         downloads = [(recipe.teacher, None, "the teacher (diffusers pipeline)"),

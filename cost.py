@@ -247,7 +247,7 @@ def meta_models(shapes, cfg, device=META):
             if cfg.gradient_checkpointing:
                 reward_vae.enable_gradient_checkpointing()
             reward_vae = frozen(reward_vae)
-        if fam.pre_encode:  # PixArt: T5 ran once at start-up; training reads its cached embeddings (no FLOPs)
+        if fam.name == "pixart":  # T5 ran once at start-up; training reads its cached embeddings (no FLOPs)
             width = arch["transformer"]["caption_channels"]
             text = lambda prompts: families.MaskedText(torch.zeros(len(prompts), 120, width, device=device),
                                                        torch.ones(len(prompts), 120, device=device))
@@ -260,6 +260,9 @@ def meta_models(shapes, cfg, device=META):
                     encoder, frozen(CLIPTextModelWithProjection(CLIPTextConfig(**arch["text2"]))), (size, size))
                 tokenizer = (tokenizer, tokenizer)
             text = lambda prompts: fam.encode(tokenizer, encoder, prompts)
+            if fam.pre_encode:  # SDXL: its two CLIPs encode the prompt list once at start-up, then training reads
+                cache, encode = {}, text  # the cached c (iteration_flops encodes its batch before it counts)
+                text = lambda prompts: cache.setdefault(tuple(prompts), encode(prompts))
     return dict(family=fam, teacher=teacher, vae=vae, G=G, fake=fake, reward=reward, reward_decoder=reward_vae,
                 text=text, schedule=schedule)
 
@@ -272,8 +275,8 @@ SWITCHES = ("lora_rank", "gradient_checkpointing", "reuse_generator_sample", "fa
 
 def iteration_flops(shapes, batch=1, device=META, **switches):
     """FLOPs of ONE DI++ iteration of dipp.py at `batch` prompts: K_TA fake-score updates and one generator
-    update, exactly as dipp.dipp_step runs them, plus the per-step text encoding of SD/SDXL (PixArt's T5 runs
-    once at start-up and is not counted). Counted on the meta device with the real architecture of
+    update, exactly as dipp.dipp_step runs them, plus the per-step text encoding of SD-1.x (PixArt's T5 and
+    SDXL's two CLIPs run once at start-up and are not counted). Counted on the meta device with the real architecture of
     random_weights.SHAPES[shapes] ("sd15", "pixart", "sdxl"; "tiny*" for tests). switches: dipp's flags
     lora_rank, gradient_checkpointing, reuse_generator_sample, fake_steps_per_G, reward (imagereward | clip |
     none), reward_decoder (full | tiny), guidance_scale (> 1: the teacher runs on cond and uncond).
@@ -301,6 +304,8 @@ def iteration_flops(shapes, batch=1, device=META, **switches):
     prompts = [f"prompt {i}" for i in range(batch)]
     if isinstance(reward, dipp.ClipRewardFn):  # the CLIP reward encodes each prompt once per run (PromptCache)
         reward.text.batch(prompts, reward.encode_text)
+    if fam.pre_encode:  # start-up work (PixArt's T5, SDXL's CLIPs), not an iteration's
+        m["text"](prompts)
 
     def iteration():  # the body of dipp.train's loop, on meta tensors
         cond = m["text"](prompts)

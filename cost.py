@@ -262,7 +262,7 @@ def meta_models(shapes, cfg, device=META):
             text = lambda prompts: fam.encode(tokenizer, encoder, prompts)
             if fam.pre_encode:  # SDXL: its two CLIPs encode the prompt list once at start-up, then training reads
                 cache, encode = {}, text  # the cached c (iteration_flops encodes its batch before it counts)
-                text = lambda prompts: cache.setdefault(tuple(prompts), encode(prompts))
+                text = lambda prompts: cache.get(tuple(prompts)) or cache.setdefault(tuple(prompts), encode(prompts))
     return dict(family=fam, teacher=teacher, vae=vae, G=G, fake=fake, reward=reward, reward_decoder=reward_vae,
                 text=text, schedule=schedule)
 

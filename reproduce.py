@@ -452,6 +452,9 @@ def print_plan(recipe, args, plan):
     print(f"  calibrate  {CALIBRATION_STEPS} steps at α_rew = 1" if plan.calibrate else
           f"  calibrate  skipped: --reward_scale {args.reward_scale:g}")
     print(f"  train      python dipp.py {shlex.join(plan.train)}")
+    if recipe.shard and args.nproc == 1 and not args.tiny:
+        print("             (one process: full fine-tuning of these nets needs ~79 GB before activations, docs/sdxl.md;"
+              " --nproc N shards them with FSDP2)")
     print(f"  evaluate   python evaluate.py {shlex.join(plan.evaluate)} --generator INIT --generator RESULT")
     print_cost(recipe, args, plan)
 

@@ -249,8 +249,8 @@ def meta_models(shapes, cfg, device=META):
             reward_vae = frozen(reward_vae)
         if fam.name == "pixart":  # T5 ran once at start-up; training reads its cached embeddings (no FLOPs)
             width = arch["transformer"]["caption_channels"]
-            text = lambda prompts: families.MaskedText(torch.zeros(len(prompts), 120, width, device=device),
-                                                       torch.ones(len(prompts), 120, device=device))
+            text = encode_text = lambda prompts: families.MaskedText(
+                torch.zeros(len(prompts), 120, width, device=device), torch.ones(len(prompts), 120, device=device))
         else:  # SD and SDXL encode every batch's prompts with CLIP, every step (families.text_conditioning)
             encoder = frozen(CLIPTextModel(CLIPTextConfig(**arch["text"])))
             tokenizer = MetaTokenizer(77)
@@ -259,12 +259,12 @@ def meta_models(shapes, cfg, device=META):
                 encoder = families.TextEncoders(
                     encoder, frozen(CLIPTextModelWithProjection(CLIPTextConfig(**arch["text2"]))), (size, size))
                 tokenizer = (tokenizer, tokenizer)
-            text = lambda prompts: fam.encode(tokenizer, encoder, prompts)
+            text = encode_text = lambda prompts: fam.encode(tokenizer, encoder, prompts)
             if fam.pre_encode:  # SDXL: its two CLIPs encode the prompt list once at start-up, then training reads
                 cache, encode = {}, text  # the cached c (iteration_flops encodes its batch before it counts)
                 text = lambda prompts: cache.get(tuple(prompts)) or cache.setdefault(tuple(prompts), encode(prompts))
     return dict(family=fam, teacher=teacher, vae=vae, G=G, fake=fake, reward=reward, reward_decoder=reward_vae,
-                text=text, schedule=schedule)
+                text=text, encode_text=encode_text, schedule=schedule)
 
 # -----------------------------------------------------------------------------
 # 4. FLOPs of one training iteration, and of sampling one image
@@ -328,8 +328,8 @@ def sample_parts(shapes, guidance_scale=1.0):
     from transformers import T5Config, T5EncoderModel
     arch, fam = architecture(shapes)
     m = meta_models(shapes, dipp.Config(reward="none"))
-    text = m["text"]
-    if fam.pre_encode:  # the real depth of T5-XXL (random_weights' has 2 of its 24 layers)
+    text = m["encode_text"]  # (sampling encodes each prompt: SDXL's two CLIPs included)
+    if fam.name == "pixart":  # the real depth of T5-XXL (random_weights' has 2 of its 24 layers)
         with torch.device(META):
             t5 = T5EncoderModel(T5Config(**(T5_XXL if not shapes.startswith("tiny") else arch["t5"])))
         text = lambda prompts: fam.encode(MetaTokenizer(120), plumbing.freeze(t5, META, torch.float32), prompts)

@@ -247,10 +247,10 @@ def meta_models(shapes, cfg, device=META):
             if cfg.gradient_checkpointing:
                 reward_vae.enable_gradient_checkpointing()
             reward_vae = frozen(reward_vae)
-        if fam.pre_encode:  # PixArt: T5 ran once at start-up; training reads its cached embeddings (no FLOPs)
+        if fam.name == "pixart":  # T5 ran once at start-up; training reads its cached embeddings (no FLOPs)
             width = arch["transformer"]["caption_channels"]
-            text = lambda prompts: families.MaskedText(torch.zeros(len(prompts), 120, width, device=device),
-                                                       torch.ones(len(prompts), 120, device=device))
+            text = encode_text = lambda prompts: families.MaskedText(
+                torch.zeros(len(prompts), 120, width, device=device), torch.ones(len(prompts), 120, device=device))
         else:  # SD and SDXL encode every batch's prompts with CLIP, every step (families.text_conditioning)
             encoder = frozen(CLIPTextModel(CLIPTextConfig(**arch["text"])))
             tokenizer = MetaTokenizer(77)
@@ -259,9 +259,12 @@ def meta_models(shapes, cfg, device=META):
                 encoder = families.TextEncoders(
                     encoder, frozen(CLIPTextModelWithProjection(CLIPTextConfig(**arch["text2"]))), (size, size))
                 tokenizer = (tokenizer, tokenizer)
-            text = lambda prompts: fam.encode(tokenizer, encoder, prompts)
+            text = encode_text = lambda prompts: fam.encode(tokenizer, encoder, prompts)
+            if fam.pre_encode:  # SDXL: its two CLIPs encode the prompt list once at start-up, then training reads
+                cache, encode = {}, text  # the cached c (iteration_flops encodes its batch before it counts)
+                text = lambda prompts: cache.get(tuple(prompts)) or cache.setdefault(tuple(prompts), encode(prompts))
     return dict(family=fam, teacher=teacher, vae=vae, G=G, fake=fake, reward=reward, reward_decoder=reward_vae,
-                text=text, schedule=schedule)
+                text=text, encode_text=encode_text, schedule=schedule)
 
 # -----------------------------------------------------------------------------
 # 4. FLOPs of one training iteration, and of sampling one image
@@ -272,8 +275,8 @@ SWITCHES = ("lora_rank", "gradient_checkpointing", "reuse_generator_sample", "fa
 
 def iteration_flops(shapes, batch=1, device=META, **switches):
     """FLOPs of ONE DI++ iteration of dipp.py at `batch` prompts: K_TA fake-score updates and one generator
-    update, exactly as dipp.dipp_step runs them, plus the per-step text encoding of SD/SDXL (PixArt's T5 runs
-    once at start-up and is not counted). Counted on the meta device with the real architecture of
+    update, exactly as dipp.dipp_step runs them, plus the per-step text encoding of SD-1.x (PixArt's T5 and
+    SDXL's two CLIPs run once at start-up and are not counted). Counted on the meta device with the real architecture of
     random_weights.SHAPES[shapes] ("sd15", "pixart", "sdxl"; "tiny*" for tests). switches: dipp's flags
     lora_rank, gradient_checkpointing, reuse_generator_sample, fake_steps_per_G, reward (imagereward | clip |
     none), reward_decoder (full | tiny), guidance_scale (> 1: the teacher runs on cond and uncond).
@@ -301,6 +304,8 @@ def iteration_flops(shapes, batch=1, device=META, **switches):
     prompts = [f"prompt {i}" for i in range(batch)]
     if isinstance(reward, dipp.ClipRewardFn):  # the CLIP reward encodes each prompt once per run (PromptCache)
         reward.text.batch(prompts, reward.encode_text)
+    if fam.pre_encode:  # start-up work (PixArt's T5, SDXL's CLIPs), not an iteration's
+        m["text"](prompts)
 
     def iteration():  # the body of dipp.train's loop, on meta tensors
         cond = m["text"](prompts)
@@ -323,8 +328,8 @@ def sample_parts(shapes, guidance_scale=1.0):
     from transformers import T5Config, T5EncoderModel
     arch, fam = architecture(shapes)
     m = meta_models(shapes, dipp.Config(reward="none"))
-    text = m["text"]
-    if fam.pre_encode:  # the real depth of T5-XXL (random_weights' has 2 of its 24 layers)
+    text = m["encode_text"]  # (sampling encodes each prompt: SDXL's two CLIPs included)
+    if fam.name == "pixart":  # the real depth of T5-XXL (random_weights' has 2 of its 24 layers)
         with torch.device(META):
             t5 = T5EncoderModel(T5Config(**(T5_XXL if not shapes.startswith("tiny") else arch["t5"])))
         text = lambda prompts: fam.encode(MetaTokenizer(120), plumbing.freeze(t5, META, torch.float32), prompts)

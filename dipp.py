@@ -191,13 +191,7 @@ def check_config(cfg, T=1000):
             die(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
     if cfg.reward_scale < 0:
         die(f"--reward_scale {cfg.reward_scale} < 0 would minimise the reward; use α_rew >= 0")
-    for on, flag, why in ((cfg.lora_rank, "--lora_rank", "LoRA is the one-GPU mode (DDP, without --shard, runs it on "
-                           "several)"), (cfg.ema_decay, "--ema_decay", "the EMA of sharded weights is not built yet"),
-                          (cfg.compile != "none", "--compile", "the two were never tested together"),
-                          (cfg.mixed_precision == "fp16", "--mixed_precision fp16", "each process would check only its "
-                           "shard's gradients for fp16 overflow; use bf16")):
-        if on and cfg.shard == "fsdp":
-            die(f"{flag} cannot be combined with --shard fsdp: {why}")
+    plumbing.check_shard(cfg)  # --shard fsdp with a switch it does not support yet: one line
 
 # -----------------------------------------------------------------------------
 # 2. Forward process and noise (METHOD.md §1): x_t = α_t x0 + σ_t ε, variance preserving (α² + σ² = 1).

@@ -446,6 +446,17 @@ def data_parallel(module, device, world):
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def check_shard(cfg):
+    """--shard fsdp refuses, in one line, the switches it does not support (yet)."""
+    for on, flag, why in ((cfg.lora_rank, "--lora_rank", "LoRA is the one-GPU mode (DDP, without --shard, runs it on "
+                           "several)"), (cfg.ema_decay, "--ema_decay", "the EMA of sharded weights is not built yet"),
+                          (cfg.compile != "none", "--compile", "the two were never tested together"),
+                          (cfg.mixed_precision == "fp16", "--mixed_precision fp16", "each process would check only its "
+                           "shard's gradients for fp16 overflow; use bf16")):
+        if on and cfg.shard == "fsdp":
+            die(f"{flag} cannot be combined with --shard fsdp: {why}")
+
+
 def shard(net, units, readout, dtype):
     """(optional, --shard fsdp under torchrun) FSDP2 on a trainable denoiser, in place: `fully_shard` on every block
     whose class is named in `units` (a UNet's transformer and ResNet blocks, a DiT's transformer blocks), on the

@@ -71,7 +71,9 @@ RECIPES = {
             Published("PixArt-α, 30 steps", {"aesthetic": 5.97, "imagereward": 0.82, "pickscore": 22.6},
                       "SIM paper's table, COCO prompts (PickScore printed there as 0.226: ×100 here)"),
             Published("DI++ DiT, one step", {"aesthetic": 6.19, "imagereward": 1.24, "hps": 28.48},
-                      "DI++ paper (arXiv 2410.18881), COCO validation prompts; HPS v2.0")]),
+                      "DI++ paper (arXiv 2410.18881), COCO validation prompts; HPS v2.0, on a prompt set our "
+                      "sources do not state (HPSv2's own benchmark prompts are the usual one: then the measured HPS, "
+                      "on COCO, is not comparable)")]),
     "sd15": Recipe(
         title="DI++ on SD1.5: one step, from DMD2's one-step UNet, ImageReward",
         teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", shapes="sd15", tiny_shapes="tiny",
@@ -102,7 +104,7 @@ RECIPES = {
                "--checkpointing_steps", "250", "--validation_steps", "250"],
         train_prompts="laion_aesthetics_625", eval_prompts="parti", teacher_steps=50,
         evaluate=["--images_per_prompt", "1", "--hps_version", "v2.1", "--batch_size", "4", "--teacher_guidance", "7.5",
-                  "--metrics", "aesthetic,imagereward,pickscore,clip"],
+                  "--mixed_precision", "fp16", "--metrics", "aesthetic,imagereward,pickscore,clip"],  # (the DI* notebook's)
         published=[
             Published("SDXL-Base, 50 steps", {"imagereward": 0.887, "aesthetic": 5.72, "pickscore": 22.74,
                                               "clip": 32.72}, "Diff-Instruct* README, Parti prompts, 1024 px"),
@@ -194,9 +196,9 @@ def make_plan(recipe, args, out):
     else:
         models = {"teacher": recipe.teacher, "init": None, "reward": "THUDM/ImageReward"}
         prompts = ["--prompts", recipe.train_prompts]
-        ev = list(recipe.evaluate) + ["--teacher_steps", str(recipe.teacher_steps), "--prompts", recipe.eval_prompts,
-                                      "--mixed_precision", "bf16"]
-        ev = ev if "--batch_size" in ev else ev + ["--batch_size", "16"]
+        ev = list(recipe.evaluate) + ["--teacher_steps", str(recipe.teacher_steps), "--prompts", recipe.eval_prompts]
+        ev += [] if "--mixed_precision" in ev else ["--mixed_precision", "bf16"]
+        ev += [] if "--batch_size" in ev else ["--batch_size", "16"]
         ev += ["--max_prompts", str(args.max_prompts)] if args.max_prompts else []
         d = evaluate.parse_args([])  # the scorers' default hub ids, as evaluate.py loads them
         downloads = [(recipe.teacher, None, "the teacher (diffusers pipeline)"),
@@ -450,8 +452,37 @@ def print_plan(recipe, args, plan):
     print(f"  calibrate  {CALIBRATION_STEPS} steps at α_rew = 1" if plan.calibrate else
           f"  calibrate  skipped: --reward_scale {args.reward_scale:g}")
     print(f"  train      python dipp.py {shlex.join(plan.train)}")
+    if recipe.shard and args.nproc == 1 and not args.tiny:
+        print("             (one process: full fine-tuning of these nets needs ~79 GB before activations, docs/sdxl.md;"
+              " --nproc N shards them with FSDP2)")
     print(f"  evaluate   python evaluate.py {shlex.join(plan.evaluate)} --generator INIT --generator RESULT")
     print_cost(recipe, args, plan)
+
+
+def counted(count, *key):
+    """count() (a FLOP count: minutes for SDXL on a laptop CPU) remembered in the user's cache, keyed by its
+    arguments, the code that counts (dipp.py, families.py, cost.py, random_weights.py) and the library versions,
+    so a re-run (a resume) prints its plan at once."""
+    import hashlib
+    import promptsets
+    import diffusers
+    import torch
+    code = b"".join(open(os.path.join(HERE, f), "rb").read() for f in ("dipp.py", "families.py", "cost.py",
+                                                                       "random_weights.py"))
+    digest = hashlib.sha256(json.dumps([key, torch.__version__, diffusers.__version__], sort_keys=True).encode()
+                            + code).hexdigest()[:16]
+    path = os.path.join(os.path.dirname(promptsets.cache_dir()), "cost", f"{digest}.json")
+    if os.path.isfile(path):
+        return json.load(open(path))["flops"]
+    flops = count()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"flops": flops, "key": key}, f)
+        os.replace(path + ".tmp", path)
+    except OSError:  # a cache that cannot be written only costs the next plan its count
+        pass
+    return flops
 
 
 def print_cost(recipe, args, plan):
@@ -470,7 +501,8 @@ def print_cost(recipe, args, plan):
                     guidance_scale=float(flag(plan.train, "--guidance_scale")))
     shapes = recipe.tiny_shapes if args.tiny else recipe.shapes
     print(f"\ncost ({shapes} shapes; counting FLOPs on the meta device, cost.py) ...", flush=True)
-    per_iteration = cost.iteration_flops(shapes, batch=batch, **switches)  # one process's iteration
+    count = lambda: cost.iteration_flops(shapes, batch=batch, **switches)  # one process's iteration
+    per_iteration = count() if args.tiny else counted(count, shapes, batch, switches)  # (tiny: seconds, uncached)
     available = len(__import__("dipp").BUILTIN_PROMPTS) if args.tiny else promptsets.SETS[recipe.eval_prompts].count
     prompts = min(int(flag(plan.evaluate, "--max_prompts", 0)) or available, available)
     per_image = int(flag(plan.evaluate, "--images_per_prompt"))

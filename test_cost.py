@@ -143,3 +143,19 @@ def test_bad_input_is_one_line():
         with pytest.raises(SystemExit) as e:
             call()
         assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), str(e.value)
+
+
+def test_prompts_encoded_at_start_up_cost_an_iteration_nothing(monkeypatch):
+    """SDXL pre-encodes its prompts (its two CLIPs run once, at start-up), so its iteration holds no text encoding:
+    encoding every step, as it did before, costs exactly one batch's encoding more."""
+    import dataclasses
+    import dipp
+    import families
+    once = cost.iteration_flops("tiny_sdxl", batch=1, reward="none")
+    sdxl = families.FAMILIES["sdxl"]
+    assert sdxl.pre_encode
+    monkeypatch.setitem(families.FAMILIES, "sdxl", dataclasses.replace(sdxl, pre_encode=False))
+    every_step = cost.iteration_flops("tiny_sdxl", batch=1, reward="none")
+    m = cost.meta_models("tiny_sdxl", dipp.Config(reward="none"))
+    text = cost.count_flops(lambda: m["text"](["prompt 0"]))
+    assert text > 0 and every_step - once == text

@@ -155,6 +155,35 @@ def test_generator_images_are_one_step_samples():
     assert (ours - theirs).abs().max() <= 1
 
 
+def test_a_rerun_keeps_what_it_wrote_and_redraws_a_retrained_generator(tmp_path):
+    """Resume: evaluating again into the same folder keeps every PNG and score of an unchanged model (the files are
+    not rewritten); a generator retrained in the same folder (its weights rewritten) is a new model, so its images
+    are drawn again from its new weights, and its scores are recomputed."""
+    import shutil
+    from diffusers import UNet2DConditionModel
+    t, out = tiny(), tmp_path / "eval"
+    generator = shutil.copytree(t["generator"], tmp_path / "generator")
+    argv = ["--pretrained_model_name_or_path", t["sd"], "--generator", str(generator), "--max_prompts", "2",
+            "--images_per_prompt", "1", "--metrics", "clip", "--clip_model", t["clip_model"], "--output_dir", str(out)]
+    first = evaluate.main(argv)
+    files = lambda: {p: os.path.getmtime(p) for p in map(str, out.glob("images/*/*")) if not p.endswith("key.json")}
+    before = files()
+    second = evaluate.main(argv)
+    slug = first["models"][0]["slug"]
+    assert files() == before and len(before) == 3  # 2 PNGs + the clip_l scores, untouched
+    assert torch.equal(first["values"][slug]["clip"], second["values"][slug]["clip"])
+    unet = UNet2DConditionModel.from_pretrained(generator)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(-1)  # "retrained": a different generator in the same folder
+    unet.save_pretrained(generator)
+    third = evaluate.main(argv)
+    after = files()
+    assert all(after[p] > before[p] for p in before), (before, after)  # every file written anew
+    record = third["models"][0]["records"][0]
+    assert not torch.equal(png(out, record), torch.from_numpy(first["models"][0]["preview"][0]).int())
+    assert not torch.equal(first["values"][slug]["clip"], third["values"][slug]["clip"])
+
+
 # ----------------------------------------------------------------------------- each scorer vs its reference
 
 def test_imagereward_matches_the_package_score():

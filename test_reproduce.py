@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import re
+import statistics
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach the model hub
@@ -49,7 +50,13 @@ def test_tiny_chain_writes_the_table_with_every_row_and_column():
         assert len(re.findall(r"-?\d[\d.e-]* ± \d", row)) == len(reproduce.METRIC_ORDER), row
     assert [r.split(" | ")[0] for r in published] == [f"| {p.row}, published" for p in recipe.published]
     calibration = json.load(open(os.path.join(out, "calibration.json")))
-    assert calibration["reward_scale"] > 0
+    ratios = [json.loads(line).get("grad_ratio") for line in open(os.path.join(out, "calibrate", "log.jsonl"))]
+    assert calibration["median_grad_ratio_at_1"] == statistics.median(r for r in ratios if r is not None)
+    # α_rew = target / median ratio at α_rew = 1 (the ratio is linear in α_rew), to two significant digits
+    assert calibration["reward_scale"] == float(f"{reproduce.TARGET_RATIO / calibration['median_grad_ratio_at_1']:.2g}")
+    train = [c for c in open(os.path.join(out, "commands.sh")).read().splitlines() if c.endswith("/train")][0]
+    assert f"--reward_scale {calibration['reward_scale']:g}" in train or \
+        f"--reward_scale {calibration['reward_scale']}" in train
     assert f"α_rew = {calibration['reward_scale']:g} (calibrated" in table
     assert "95 % Student-t" in table and "HPS v2.0 (100·cos)" in table
     # the three rows are the teacher, the bare weight file and dipp's export, each sampled by evaluate.py
@@ -94,6 +101,7 @@ def test_plans_of_the_published_recipes(capsys, monkeypatch):
     arithmetic on them is checked against a hand computation."""
     import cost
     import promptsets
+    monkeypatch.setenv("DIPP_CACHE", tempfile.mkdtemp(prefix="dipp-test-cache-"))  # (the counts' cache: not ~)
     calls = []
     monkeypatch.setattr(cost, "iteration_flops", lambda shapes, batch, **sw: calls.append((shapes, batch, sw)) or 1e13)
     monkeypatch.setattr(cost, "sample_flops", lambda shapes, steps, guidance: 1e12 * steps * (2 if guidance > 1 else 1))

@@ -224,6 +224,27 @@ MUTANTS = [
            "return seed * 2 ** 40 + i * 2 ** 16 + k",
            "return seed * 2 ** 40 + i + k",
            ("test_evaluate.py::test_all_models_share_prompts_and_seeds",), "image (0, 1) and (1, 0) share their z"),
+    # --- issues 20 and 22: SDXL's ∅, FSDP2, evaluation resume, the reproduction's α_rew
+    Mutant("sdxl-null-not-zeroed", "families.py",
+           "return c.zeroed() if family.null_zeros else c",
+           "return c",
+           ("test_evaluate.py::test_sdxl_teacher_row_is_the_stock_pipeline_and_its_text_encoders_are_gone_before_any_unet",),
+           "SDXL's CFG uses the encoded \"\" instead of the zeros its pipeline (and DMD2-SDXL) use"),
+    Mutant("fsdp-shards-nothing", "dipp.py",
+           "for net in (G.net, fake) if sharded else ():",
+           "for net in ():",
+           ("test_dipp.py::test_two_fsdp_processes_train_like_one_and_their_checkpoint_resumes_in_two_or_one",),
+           "--shard fsdp trains N unsynchronised copies (no gradient averaging)"),
+    Mutant("evaluate-resume-ignores-the-model", "evaluate.py",
+           "if os.path.isdir(folder) and not (os.path.isfile(key_file) and open(key_file).read() == text):",
+           "if False:",
+           ("test_evaluate.py::test_a_rerun_keeps_what_it_wrote_and_redraws_a_retrained_generator",),
+           "a retrained generator is scored on the old generator's images"),
+    Mutant("calibration-inverted", "reproduce.py",
+           "scale = float(f\"{TARGET_RATIO / median:.2g}\")",
+           "scale = float(f\"{median / TARGET_RATIO:.2g}\")",
+           ("test_reproduce.py::test_tiny_chain_writes_the_table_with_every_row_and_column",),
+           "α_rew moves away from the aimed gradient ratio instead of towards it"),
 ]
 
 

@@ -722,7 +722,9 @@ def cached_scores(out, model, key):
     if not os.path.isfile(path):
         return None
     saved = torch.load(path, weights_only=True)
-    return saved["values"] if saved["key"] == json.dumps([model["key"], key], sort_keys=True) else None
+    same = saved["key"] == json.dumps([model["key"], key], sort_keys=True)
+    whole = all(len(v) == len(model["records"]) for v in saved["values"].values())  # (--images_per_prompt changed)
+    return saved["values"] if same and whole else None
 
 
 def save_scores(out, model, key, values):

@@ -158,7 +158,8 @@ def test_generator_images_are_one_step_samples():
 def test_a_rerun_keeps_what_it_wrote_and_redraws_a_retrained_generator(tmp_path):
     """Resume: evaluating again into the same folder keeps every PNG and score of an unchanged model (the files are
     not rewritten); a generator retrained in the same folder (its weights rewritten) is a new model, so its images
-    are drawn again from its new weights, and its scores are recomputed."""
+    are drawn again from its new weights, and its scores are recomputed; asking for more images per prompt keeps the
+    images already drawn and scores them all again (a score file for fewer images is not reused)."""
     import shutil
     from diffusers import UNet2DConditionModel
     t, out = tiny(), tmp_path / "eval"
@@ -182,6 +183,10 @@ def test_a_rerun_keeps_what_it_wrote_and_redraws_a_retrained_generator(tmp_path)
     record = third["models"][0]["records"][0]
     assert not torch.equal(png(out, record), torch.from_numpy(first["models"][0]["preview"][0]).int())
     assert not torch.equal(first["values"][slug]["clip"], third["values"][slug]["clip"])
+    argv[argv.index("--images_per_prompt") + 1] = "2"  # more images of each prompt: the first ones are kept
+    fourth = evaluate.main(argv)
+    assert len(fourth["values"][slug]["clip"]) == 4 and torch.allclose(fourth["values"][slug]["clip"][::2],
+                                                                        third["values"][slug]["clip"], atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- each scorer vs its reference

@@ -353,8 +353,10 @@ def calibrate(args, plan, out, init):
                          "pass --reward_scale A to choose α_rew yourself")
     median = statistics.median(ratios)
     scale = float(f"{TARGET_RATIO / median:.2g}")
-    json.dump({"reward_scale": scale, "median_grad_ratio_at_1": median, "target_ratio": TARGET_RATIO,
-               "steps": len(ratios)}, open(path, "w"), indent=1)
+    with open(path + ".tmp", "w") as f:  # (complete or absent: a re-run reads it back)
+        json.dump({"reward_scale": scale, "median_grad_ratio_at_1": median, "target_ratio": TARGET_RATIO,
+                   "steps": len(ratios)}, f, indent=1)
+    os.replace(path + ".tmp", path)
     print(f"calibrated: median grad_ratio {median:.3g} at α_rew = 1 -> α_rew = {scale:g}")
     return scale
 
@@ -376,7 +378,7 @@ def write_table(recipe, args, out, plan, reward_scale):
 
     def cell(stats):
         return "—" if stats is None else f"{stats['mean']:.4g} ± {stats['ci95']:.2g}"
-    lines = [f"# {recipe.title}", "", f"Command: `python reproduce.py {shlex.join(sys.argv[1:]) or args.recipe}`", "",
+    lines = [f"# {recipe.title}", "", f"Command: `python reproduce.py {shlex.join(args.argv)}`", "",
              "| row | " + " | ".join(headers[m] for m in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     result = os.path.join(out, "train", "generator")
     kind = lambda m: m["kind"] if m["kind"] == "teacher" else "result" if m["source"] == result else "init"
@@ -412,7 +414,9 @@ def write_table(recipe, args, out, plan, reward_scale):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    args.argv = argv  # (table.md names the command)
     recipe, out = RECIPES[args.recipe], os.path.abspath(args.output_dir)
     os.makedirs(out, exist_ok=True)
     plan = make_plan(recipe, args, out)

@@ -59,6 +59,7 @@ def test_tiny_chain_writes_the_table_with_every_row_and_column():
         f"--reward_scale {calibration['reward_scale']}" in train
     assert f"α_rew = {calibration['reward_scale']:g} (calibrated" in table
     assert "95 % Student-t" in table and "HPS v2.0 (100·cos)" in table
+    assert f"Command: `python reproduce.py sd15 --tiny --output_dir {out}`" in table
     # the three rows are the teacher, the bare weight file and dipp's export, each sampled by evaluate.py
     sources = {m["kind"]: m["source"] for m in summary["models"].values() if m["kind"] == "teacher"}
     generators = [m["source"] for m in summary["models"].values() if m["kind"] == "generator"]

@@ -1048,14 +1048,19 @@ def main(argv=None):
             torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
 
 
+def pipeline_guidance(family):
+    """The family's stock pipeline's own default CFG scale: 7.5 (SD-1.x), 4.5 (PixArt-α), 5.0 (SDXL)."""
+    import inspect
+    import diffusers
+    return inspect.signature(getattr(diffusers, family.pipeline).__call__).parameters["guidance_scale"].default
+
+
 def wrote_an_image(folder):
     images = os.path.join(folder, "images")
     return os.path.isdir(images) and any(os.listdir(os.path.join(images, m)) for m in os.listdir(images))
 
 
 def run(args, metrics, device, command):
-    import inspect
-    import diffusers
     ctx, dtype = dipp.precision(dipp.Config(mixed_precision=args.mixed_precision), device)
     prompts = plumbing.load_prompts(args.prompts, dipp.BUILTIN_PROMPTS, "--prompts")
     prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
@@ -1072,9 +1077,8 @@ def run(args, metrics, device, command):
     args.pretrained_model_name_or_path = args.pretrained_model_name_or_path or dipp.Config.pretrained_model_name_or_path
     # Everything is checked before any model is loaded or any image drawn: models, scorers' files, output folder
     family, generators = check_models(args)
-    if args.teacher_guidance is None:  # the stock pipeline's own default: 7.5 (SD-1.x), 4.5 (PixArt-α)
-        pipeline = getattr(diffusers, family.pipeline)
-        args.teacher_guidance = inspect.signature(pipeline.__call__).parameters["guidance_scale"].default
+    if args.teacher_guidance is None:
+        args.teacher_guidance = pipeline_guidance(family)
     weights = dict(locate_all(args, metrics), hps_arch=hps_arch)
     plumbing.writable_dir(args.output_dir)
     for name in REPORTS:  # a previous evaluation's reports would describe images this run overwrites

@@ -54,16 +54,18 @@ class Recipe(typing.NamedTuple):
     note: str = ""  # what the table does not reproduce
 
 
+# What every recipe's training run shares; each recipe adds ω, K_TA, the learning rates and the batch
+TRAINING = ["--reward", "imagereward", "--max_train_steps", "2000", "--mixed_precision", "bf16",
+            "--gradient_checkpointing", "--checkpointing_steps", "250", "--validation_steps", "250"]
+
 RECIPES = {
     "pixart": Recipe(
         title="DI++ DiT: PixArt-α-512, one step, from PixArt-α-DMD, ImageReward (the paper's headline row)",
         teacher="PixArt-alpha/PixArt-XL-2-512x512", shapes="pixart512", tiny_shapes="tiny_pixart",
         init=("PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512", None),
         init_note="PixArt-α-DMD's one-step transformer (transformer/ + scheduler/), sampled at t* = 400",
-        train=["--reward", "imagereward", "--guidance_scale", "4.5", "--fake_steps_per_G", "5",
-               "--learning_rate", "1e-6", "--fake_learning_rate", "1e-6", "--train_batch_size", "8",
-               "--max_train_steps", "2000", "--mixed_precision", "bf16", "--gradient_checkpointing",
-               "--checkpointing_steps", "250", "--validation_steps", "250"],
+        train=["--guidance_scale", "4.5", "--fake_steps_per_G", "5", "--learning_rate", "1e-6",
+               "--fake_learning_rate", "1e-6", "--train_batch_size", "8", *TRAINING],
         train_prompts="laion_aesthetics_625_20k", eval_prompts="coco30k", teacher_steps=30,
         evaluate=["--images_per_prompt", "1", "--hps_version", "v2.0",
                   "--metrics", "aesthetic,imagereward,hps,pickscore,clip"],
@@ -80,10 +82,8 @@ RECIPES = {
         init=("tianweiy/DMD2", "model/sdv1.5/laion6.25_sd_baseline_8node_guidance1.75_lr5e-7_seed10_dfake10_"
                                "diffusion1000_gan1e-3_resume_fid8.35_checkpoint_model_041000/pytorch_model.bin"),
         init_note="DMD2's released SD1.5 one-step UNet (a bare state dict, CC BY-NC 4.0), sampled at t* = 999",
-        train=["--reward", "imagereward", "--guidance_scale", "1.75", "--fake_steps_per_G", "10",
-               "--learning_rate", "1e-6", "--fake_learning_rate", "1e-6", "--train_batch_size", "8",
-               "--max_train_steps", "2000", "--mixed_precision", "bf16", "--gradient_checkpointing",
-               "--checkpointing_steps", "250", "--validation_steps", "250"],
+        train=["--guidance_scale", "1.75", "--fake_steps_per_G", "10", "--learning_rate", "1e-6",
+               "--fake_learning_rate", "1e-6", "--train_batch_size", "8", *TRAINING],
         train_prompts="laion_aesthetics_625", eval_prompts="coco30k", teacher_steps=25,
         evaluate=["--images_per_prompt", "1", "--hps_version", "v2.0",
                   "--metrics", "aesthetic,imagereward,hps,pickscore,clip"],
@@ -98,13 +98,12 @@ RECIPES = {
         teacher="stabilityai/stable-diffusion-xl-base-1.0", shapes="sdxl", tiny_shapes="tiny_sdxl",
         init=("tianweiy/DMD2", "dmd2_sdxl_1step_unet_fp16.bin"),
         init_note="DMD2-SDXL's one-step UNet (a bare fp16 state dict, CC BY-NC 4.0), sampled at t* = 399",
-        train=["--reward", "imagereward", "--guidance_scale", "7.5", "--fake_steps_per_G", "5",
-               "--learning_rate", "5e-7", "--fake_learning_rate", "5e-7", "--train_batch_size", "4",
-               "--max_train_steps", "2000", "--mixed_precision", "bf16", "--gradient_checkpointing",
-               "--checkpointing_steps", "250", "--validation_steps", "250"],
+        train=["--guidance_scale", "7.5", "--fake_steps_per_G", "5", "--learning_rate", "5e-7",
+               "--fake_learning_rate", "5e-7", "--train_batch_size", "4", *TRAINING],
         train_prompts="laion_aesthetics_625", eval_prompts="parti", teacher_steps=50,
-        evaluate=["--images_per_prompt", "1", "--hps_version", "v2.1", "--batch_size", "4", "--teacher_guidance", "7.5",
-                  "--mixed_precision", "fp16", "--metrics", "aesthetic,imagereward,pickscore,clip"],  # (the DI* notebook's)
+        evaluate=["--images_per_prompt", "1", "--hps_version", "v2.1", "--batch_size", "4",
+                  "--teacher_guidance", "7.5", "--mixed_precision", "fp16",  # (the DI* notebook's)
+                  "--metrics", "aesthetic,imagereward,pickscore,clip"],
         published=[
             Published("SDXL-Base, 50 steps", {"imagereward": 0.887, "aesthetic": 5.72, "pickscore": 22.74,
                                               "clip": 32.72}, "Diff-Instruct* README, Parti prompts, 1024 px"),
@@ -373,7 +372,7 @@ def write_table(recipe, args, out, plan, reward_scale):
     summary = json.load(open(os.path.join(out, "eval", "summary.json")))
     metrics = [m for m in METRIC_ORDER if m in summary["metrics"]]
     headers = summary["headers"]
-    labels = {"teacher": f"teacher, measured ({recipe.teacher_steps if not args.tiny else 2} steps)",
+    labels = {"teacher": f"teacher, measured ({flag(plan.evaluate, '--teacher_steps')} steps)",
               "init": "released one-step generator (the init), measured", "result": "DI++ (this run), measured"}
 
     def cell(stats):
@@ -493,7 +492,11 @@ def print_cost(recipe, args, plan):
     """Hours per stage = FLOPs ÷ (the card's bf16 peak × a stated utilisation) ÷ GPUs. FLOPs: cost.py, counted on
     the meta device through dipp's own code on the real shapes (docs/cost.md); the scorers are not counted."""
     import cost
+    import dipp
+    import evaluate
+    import families
     import promptsets
+    import random_weights
     import torch
     card = args.card or (torch.cuda.get_device_name() if torch.cuda.is_available() else "")
     util = args.utilisation or cost.UTILISATION
@@ -507,10 +510,11 @@ def print_cost(recipe, args, plan):
     print(f"\ncost ({shapes} shapes; counting FLOPs on the meta device, cost.py) ...", flush=True)
     count = lambda: cost.iteration_flops(shapes, batch=batch, **switches)  # one process's iteration
     per_iteration = count() if args.tiny else counted(count, shapes, batch, switches)  # (tiny: seconds, uncached)
-    available = len(__import__("dipp").BUILTIN_PROMPTS) if args.tiny else promptsets.SETS[recipe.eval_prompts].count
+    available = len(dipp.BUILTIN_PROMPTS) if args.tiny else promptsets.SETS[recipe.eval_prompts].count
     prompts = min(int(flag(plan.evaluate, "--max_prompts", 0)) or available, available)
     per_image = int(flag(plan.evaluate, "--images_per_prompt"))
-    guidance = float(flag(plan.evaluate, "--teacher_guidance", 4.5 if recipe.shapes.startswith("pixart") else 7.5))
+    family = families.FAMILIES[random_weights.model_subfolder(shapes)]  # (evaluate.py's default: its pipeline's)
+    guidance = float(flag(plan.evaluate, "--teacher_guidance", evaluate.pipeline_guidance(family)))
     teacher_steps = int(flag(plan.evaluate, "--teacher_steps"))
     stages = {"calibrate": per_iteration * CALIBRATION_STEPS * args.nproc if plan.calibrate else 0,
               "train": per_iteration * plan.steps * args.nproc,  # every GPU runs its own batch

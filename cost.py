@@ -22,13 +22,18 @@ Not needed to understand DI++; it imports dipp and nothing in the training path 
 first, warm-up, iteration of the real run with the same counter, plumbing.flop_counter).
 """
 import argparse
+import collections
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import tempfile
+import weakref
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dipp
 import families
@@ -139,14 +144,16 @@ class NoUpdate:
         pass
 
 
-def meta_models(shapes, cfg, device=META):
+def meta_models(shapes, cfg, device=META, dtype=torch.float32):
     """dipp's networks for a run of cfg on the architecture `shapes`, on the meta device, built as dipp.train
     builds them (dipp.build_generator, dipp.build_fake_score, the reward and decoder switches of dipp.load_reward
-    and dipp.load_reward_decoder)."""
+    and dipp.load_reward_decoder). dtype: the frozen networks' (the --mixed_precision one; the VAE stays fp32 under
+    fp16, as families.load_models keeps it); "text_encoder" is the one a run keeps (SD's CLIP; None where the
+    prompts are pre-encoded)."""
     from diffusers import AutoencoderKL, AutoencoderTiny, PixArtTransformer2DModel, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     arch, fam = architecture(shapes)
-    frozen = lambda net: plumbing.freeze(net, device, torch.float32)  # (no autocast on meta: FLOPs are dtype-blind)
+    frozen = lambda net, dtype=dtype: plumbing.freeze(net, device, dtype)  # (FLOPs are dtype-blind; memory is not)
     with torch.device(device):
         if fam.name == "pixart":
             teacher = PixArtTransformer2DModel(in_channels=4, out_channels=8, **arch["transformer"])
@@ -155,7 +162,7 @@ def meta_models(shapes, cfg, device=META):
             teacher = UNet2DConditionModel(**arch["unet"])
             schedule = dipp.Schedule.scaled_linear()
         teacher = families.readout_in_fp32(frozen(teacher), fam)
-        vae = frozen(AutoencoderKL(**arch["vae"]))
+        vae = frozen(AutoencoderKL(**arch["vae"]), torch.float32 if dtype == torch.float16 else dtype)
         cfg.generator_timestep = fam.t_star
         G = dipp.build_generator(cfg, teacher, fam, schedule, device)
         fake = dipp.build_fake_score(cfg, teacher, fam, device)
@@ -198,27 +205,23 @@ def meta_models(shapes, cfg, device=META):
                 cache, encode = {}, text  # the cached c (iteration_flops encodes its batch before it counts)
                 text = lambda prompts: cache.get(tuple(prompts)) or cache.setdefault(tuple(prompts), encode(prompts))
     return dict(family=fam, teacher=teacher, vae=vae, G=G, fake=fake, reward=reward, reward_decoder=reward_vae,
-                text=text, encode_text=encode_text, schedule=schedule)
+                text=text, encode_text=encode_text, schedule=schedule,
+                text_encoder=None if fam.name == "pixart" or fam.pre_encode else encoder)
 
 # -----------------------------------------------------------------------------
 # 4. FLOPs of one training iteration, and of sampling one image
 
 SWITCHES = ("lora_rank", "gradient_checkpointing", "reuse_generator_sample", "fake_steps_per_G", "reward",
             "reward_decoder", "guidance_scale")
+MEMORY_SWITCHES = ("mixed_precision", "ema_decay")  # iteration_memory's too: they change no FLOP
 
 
-def iteration_flops(shapes, batch=1, device=META, **switches):
-    """FLOPs of ONE DI++ iteration of dipp.py at `batch` prompts: K_TA fake-score updates and one generator
-    update, exactly as dipp.dipp_step runs them, plus the per-step text encoding of SD-1.x (PixArt's T5 and
-    SDXL's two CLIPs run once at start-up and are not counted). Counted on the meta device with the real architecture of
-    random_weights.SHAPES[shapes] ("sd15", "pixart", "sdxl"; "tiny*" for tests). switches: dipp's flags
-    lora_rank, gradient_checkpointing, reuse_generator_sample, fake_steps_per_G, reward (imagereward | clip |
-    none), reward_decoder (full | tiny), guidance_scale (> 1: the teacher runs on cond and uncond).
-    Counted: every matmul, convolution and attention product, forward and backward, including the forward that
-    gradient checkpointing recomputes. Not counted: elementwise ops (norms, activations, the losses), Adam's
-    update, the optimiser's and DDP's memory traffic. The reward's prompt tokens are counted as new each step (a
-    real run caches them per prompt); ImageReward is the image-reward package's own classes (BLIP ViT-L/16 at
-    224 + BERT-base), the CLIP reward openai/clip-vit-large-patch14's shapes."""
+def prepare_iteration(shapes, batch=1, device=META, dtype=torch.float32, ctx=contextlib.nullcontext(),
+                      **switches):
+    """ONE DI++ iteration of dipp.py at `batch` prompts, ready to run: {"iteration": a function that runs it,
+    "models": meta_models' networks, "opt": the optimizers, "cfg"}. iteration_flops counts what it computes,
+    iteration_memory what it holds; dtype: the frozen networks' (--mixed_precision's), ctx: dipp_step's
+    autocast."""
     unknown = set(switches) - set(SWITCHES)
     if unknown:
         plumbing.die(f"unknown switch(es) {sorted(unknown)}; choose from {list(SWITCHES)}")
@@ -227,7 +230,7 @@ def iteration_flops(shapes, batch=1, device=META, **switches):
     if cfg.reward not in dipp.CHOICES["reward"] or cfg.reward_decoder not in dipp.CHOICES["reward_decoder"]:
         plumbing.die(f"reward must be one of {dipp.CHOICES['reward']}, reward_decoder one of "
                      f"{dipp.CHOICES['reward_decoder']}; got {cfg.reward}, {cfg.reward_decoder}")
-    m = meta_models(shapes, cfg, device)
+    m = meta_models(shapes, cfg, device, dtype)
     fam, teacher, G, fake, reward, schedule = (m[k] for k in ("family", "teacher", "G", "fake", "reward", "schedule"))
     null = families.null_condition(fam, m["text"])  # start-up work, as in dipp.train
     teacher_eps, fake_eps = dipp.denoiser_eps(teacher, fam), dipp.denoiser_eps(fake, fam)
@@ -250,8 +253,23 @@ def iteration_flops(shapes, batch=1, device=META, **switches):
                           else None)
         noises = [dipp.draw_noise(batch, latent_shape, latent_shape, cfg, device, schedule=schedule)
                   for _ in range(cfg.fake_steps_per_G + 1)]
-        dipp.dipp_step(nets, opt, noises, schedule, cfg)
-    return count_flops(iteration)
+        dipp.dipp_step(nets, opt, noises, schedule, cfg, ctx)
+    return dict(iteration=iteration, models=m, opt=opt, cfg=cfg)
+
+
+def iteration_flops(shapes, batch=1, device=META, **switches):
+    """FLOPs of ONE DI++ iteration of dipp.py at `batch` prompts: K_TA fake-score updates and one generator
+    update, exactly as dipp.dipp_step runs them, plus the per-step text encoding of SD-1.x (PixArt's T5 and
+    SDXL's two CLIPs run once at start-up and are not counted). Counted on the meta device with the real architecture of
+    random_weights.SHAPES[shapes] ("sd15", "pixart", "sdxl"; "tiny*" for tests). switches: dipp's flags
+    lora_rank, gradient_checkpointing, reuse_generator_sample, fake_steps_per_G, reward (imagereward | clip |
+    none), reward_decoder (full | tiny), guidance_scale (> 1: the teacher runs on cond and uncond).
+    Counted: every matmul, convolution and attention product, forward and backward, including the forward that
+    gradient checkpointing recomputes. Not counted: elementwise ops (norms, activations, the losses), Adam's
+    update, the optimiser's and DDP's memory traffic. The reward's prompt tokens are counted as new each step (a
+    real run caches them per prompt); ImageReward is the image-reward package's own classes (BLIP ViT-L/16 at
+    224 + BERT-base), the CLIP reward openai/clip-vit-large-patch14's shapes."""
+    return count_flops(prepare_iteration(shapes, batch, device, **switches)["iteration"])
 
 
 def sample_parts(shapes, guidance_scale=1.0):
@@ -289,7 +307,323 @@ def sample_flops(shapes, steps, guidance_scale=1.0):
     return parts["text"] + steps * parts["step"] + parts["decode"]
 
 # -----------------------------------------------------------------------------
-# 5. The table: python cost.py [--family sd15|pixart|sdxl] [--batch B] [switch flags]
+# 5. Memory: the bytes a GPU would hold at the peak of one iteration ("will it fit?", docs/cost.md)
+#
+# How it is counted. prepare_iteration's iteration runs on the meta device (shapes and dtypes, no data) under
+# MemoryTracker, a TorchDispatchMode: it sees every aten op, forward and backward (autograd carries the mode into the
+# backward pass) and every tensor an op returns. A return that the op's schema marks as aliasing an input (a view, an
+# in-place op) is no new memory; any other gets its storage's size, and a weakref.finalize on that storage sees it
+# freed. torch keeps a storage's Python object alive exactly as long as the storage, so what autograd saves for the
+# backward pass stays counted until the backward pass drops it, whoever holds it. (saved_tensors_hooks would see only
+# what autograd saves: not an op's transient output, nor a gradient, nor the 512-px maps of the decoder between two
+# saved ones, which set the peak as much as the saved ones.)
+#
+# What the meta device does not do as a GPU does, and is put right here:
+#   - autocast: the meta device has none, so MetaAutocast (a TorchFunctionMode, dipp_step's `ctx`) plays CUDA's:
+#     matmuls, convolutions and attention in the low dtype, norms, softmax, sums and losses in fp32, and a trainable
+#     fp32 weight's low-precision copy cached until the autocast block ends (as torch.autocast caches it);
+#   - attention: the meta device runs SDPA's math path, which keeps the L×L probabilities for the backward pass; a GPU
+#     runs flash or memory-efficient attention, which keeps the output and its log-sum-exp (B, heads, L) only.
+#     FlashAttentionMemory allocates exactly that (and flash's fp32 dq accumulator, transiently, in the backward).
+# Weights, optimiser states and the EMA are known without running anything: they are counted from the networks,
+# each tensor in its dtype (every allocation rounded up to the CUDA caching allocator's 512 bytes).
+
+GiB = 2 ** 30
+F = torch.nn.functional
+BLOCK = 512  # bytes: the CUDA caching allocator rounds every allocation up to a multiple of this
+PRECISION = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PARTS = ("weights", "trainable", "gradients", "optimizer", "ema", "activations")  # the breakdown's keys
+# CUDA autocast's op lists (torch.amp docs: "CUDA Ops that can autocast to float16 / to float32"), as Python calls
+LOW_OPS = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+           torch.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm, torch.addbmm, torch.einsum,
+           torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.mm, torch.Tensor.bmm, torch.Tensor.baddbmm,
+           torch.Tensor.addmm, F.scaled_dot_product_attention}
+FP32_OPS = {F.layer_norm, F.group_norm, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
+            torch.Tensor.softmax, torch.Tensor.log_softmax, F.mse_loss, F.normalize, torch.sum, torch.Tensor.sum,
+            torch.pow, torch.Tensor.pow, torch.exp, torch.Tensor.exp, torch.rsqrt, torch.Tensor.rsqrt,
+            torch.norm, torch.Tensor.norm, torch.cumsum, torch.Tensor.cumsum}
+
+
+def block(nbytes):
+    return -(-nbytes // BLOCK) * BLOCK
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Live bytes of the tensors created inside it, by label ("activations" unless label() says otherwise), and the
+    breakdown at the moment their sum was largest: `with MemoryTracker() as m: ...; m.peak, m.at_peak`."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.totals = {}, collections.Counter()  # storage key -> (label, bytes); label -> bytes
+        self.peak, self.at_peak = 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        for i, t in enumerate(torch.utils._pytree.tree_leaves(out)):
+            ret = returns[min(i, len(returns) - 1)] if returns else None
+            if isinstance(t, torch.Tensor) and not (ret is not None and ret.alias_info is not None):
+                self.add(t)
+        return out
+
+    def add(self, t, label="activations"):
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.live:
+            return t
+        self.live[key] = (label, block(storage.nbytes()))
+        self.totals[label] += self.live[key][1]
+        weakref.finalize(storage, self.free, key).atexit = False
+        total = sum(self.totals.values())
+        if total > self.peak:
+            self.peak, self.at_peak = total, dict(self.totals)
+        return t
+
+    def free(self, key):
+        label, nbytes = self.live.pop(key, (None, 0))
+        if label:
+            self.totals[label] -= nbytes
+
+    def label(self, t, label):
+        """Count t's storage under `label` from now on (a gradient is made by a backward op, then becomes .grad)."""
+        key = t.untyped_storage()._cdata
+        if key not in self.live:
+            return self.add(t, label)
+        old, nbytes = self.live[key]
+        self.live[key] = (label, nbytes)
+        self.totals[old] -= nbytes
+        self.totals[label] += nbytes
+        return t
+
+
+class FlashAttentionMemory(torch.autograd.Function):
+    """SDPA as a flash / memory-efficient kernel holds it: the output and the log-sum-exp are saved with q, k, v;
+    no L×L matrix. Shapes only (meta tensors): no values are computed."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))  # (B, heads, L_q, d_v)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)  # (B, heads, L_q)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        accumulator = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # flash's fp32 dq, transient
+        del accumulator
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class MetaAutocast(TorchFunctionMode):
+    """torch.autocast for the meta device, used as dipp_step's ctx (entered once per phase): LOW_OPS take their
+    floating inputs in `dtype`, FP32_OPS in fp32; a trainable weight's cast is cached until the block ends. off()
+    (plumbing.autocast_off inside a count) turns it off, as autocast_off does on a GPU."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.dtype, self.cache, self.enabled = dtype, {}, True
+
+    def __exit__(self, *exc):
+        self.cache.clear()  # torch.autocast frees its weight casts when the outermost block ends
+        return super().__exit__(*exc)
+
+    def active(self):
+        return self.enabled and self in torch.overrides._get_current_function_mode_stack()
+
+    @contextlib.contextmanager
+    def off(self):
+        was, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = was
+
+    def cast(self, x, dtype):
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype):
+            return x
+        if x.is_leaf and x.requires_grad and dtype == self.dtype:  # autocast's cache: one copy per weight
+            if id(x) not in self.cache:
+                self.cache[id(x)] = x.to(dtype)
+            return self.cache[id(x)]
+        return x.to(dtype)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.enabled and (func in LOW_OPS or func in FP32_OPS):
+            dtype = self.dtype if func in LOW_OPS else torch.float32
+            args = [self.cast(a, dtype) for a in args]
+            kwargs = {k: self.cast(v, dtype) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def counting_memory(autocast):
+    """Inside: every F.scaled_dot_product_attention runs as FlashAttentionMemory (under autocast in its dtype),
+    plumbing.autocast_off turns MetaAutocast off, and gradient checkpointing recomputes a block under the autocast
+    state of its forward pass, as torch's checkpoint does with torch.autocast (the backward pass runs outside
+    dipp_step's autocast blocks). Module attributes are patched, so diffusers' and transformers' calls see them."""
+    import torch.utils.checkpoint as ck
+    originals = F.scaled_dot_product_attention, plumbing.autocast_off, ck.checkpoint
+    on = isinstance(autocast, MetaAutocast)
+
+    def sdpa(q, k, v, *args, **kwargs):
+        if on and autocast.active():
+            q, k, v = (autocast.cast(x, autocast.dtype) for x in (q, k, v))
+        return FlashAttentionMemory.apply(q, k, v)
+
+    def checkpoint(fn, *args, **kwargs):
+        again = on and autocast.active()
+
+        def run(*a, **k):
+            inside = on and autocast in torch.overrides._get_current_function_mode_stack()
+            with autocast if again and not inside else contextlib.nullcontext():
+                return fn(*a, **k)
+        return originals[2](run, *args, **kwargs)
+
+    F.scaled_dot_product_attention, ck.checkpoint = sdpa, checkpoint
+    if on:
+        plumbing.autocast_off = lambda x: autocast.off()
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention, plumbing.autocast_off, ck.checkpoint = originals
+
+
+def network_bytes(nets):
+    """{"weights": bytes of every parameter and buffer the networks hold (shared ones once: LoRA's base),
+    "trainable": of those, the trainable ones (fp32 masters)}."""
+    seen, out = set(), collections.Counter()
+    for net in nets:
+        for t in [*net.parameters(), *net.buffers()]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                out["trainable" if t.requires_grad else "weights"] += block(t.numel() * t.element_size())
+    return out
+
+
+def iteration_memory(shapes, batch=1, ranks=1, device=META, mixed_precision="no", ema_decay=0.0, **switches):
+    """Peak bytes one process holds in ONE DI++ iteration of dipp.py (a steady-state one: the optimiser states exist
+    and both networks' gradients of the previous iteration are still held, as dipp_step frees each net's just before
+    its own backward pass), and what makes it up: {"weights" (frozen), "trainable" (fp32 masters), "gradients",
+    "optimizer" (AdamW: 2 fp32 moments per trainable weight), "ema", "activations" (everything else alive at the peak:
+    what autograd saved, autocast's weight copies, the op running), "total"}. ranks > 1: FSDP2 (--shard fsdp), each
+    rank holding 1/ranks of the trainable weights, their gradients and optimiser states. switches: iteration_flops'.
+    Not counted: the CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's unused reserve (docs/cost.md)."""
+    if mixed_precision not in PRECISION:
+        plumbing.die(f"mixed_precision must be one of {list(PRECISION)}, got {mixed_precision!r}")
+    if ranks < 1 or (ranks > 1 and (switches.get("lora_rank") or ema_decay)):
+        plumbing.die(f"ranks must be ≥ 1, and FSDP2 (ranks > 1) shards full fine-tuning without EMA; got ranks={ranks}")
+    dtype = PRECISION[mixed_precision]
+    autocast = MetaAutocast(dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    with counting_memory(autocast):  # (the reward towers' checkpointing is set up while they are built)
+        run = prepare_iteration(shapes, batch, device, dtype, autocast, **switches)
+    m, opt = run["models"], run["opt"]
+    reward = m["reward"].model if m["reward"] is not None else None
+    parts = network_bytes([net for net in (m["teacher"], m["vae"], m["G"], m["fake"], reward, m["reward_decoder"],
+                                           m["text_encoder"]) if net is not None])
+    trained = opt.fake.params + opt.G.params
+    parts["optimizer"] = sum(2 * block(p.numel() * 4) for p in trained)  # exp_avg, exp_avg_sq in fp32
+    parts["ema"] = sum(block(p.numel() * 4) for p in opt.G.params) if ema_decay > 0 else 0
+    tracker = MemoryTracker()
+    try:
+        with counting_memory(autocast), tracker:
+            for p in trained:  # the previous iteration's gradients
+                p.grad = tracker.label(torch.empty_like(p), "gradients")
+            relabel = lambda p: [tracker.label(p.grad, "gradients")] and None  # (a hook returns None)
+            hooks = [p.register_post_accumulate_grad_hook(relabel) for p in trained]
+            run["iteration"]()
+    finally:
+        for p in trained:
+            p.grad = None
+        for hook in locals().get("hooks", []):
+            hook.remove()
+    parts.update(gradients=tracker.at_peak.get("gradients", 0), activations=tracker.at_peak.get("activations", 0))
+    for k in ("trainable", "gradients", "optimizer", "ema"):  # FSDP2: each rank holds its shard
+        parts[k] = -(-parts[k] // ranks)
+    out = {k: int(parts[k]) for k in PARTS}
+    return dict(out, total=sum(out.values()))
+
+
+def cached(kind, count, *key):
+    """count() remembered in the user's cache ($DIPP_CACHE/cost, else ~/.cache/dipp/cost), keyed by `kind`, its
+    arguments, the code that counts (dipp.py, families.py, cost.py, random_weights.py, plumbing.py, rewards.py) and
+    the library versions: reproduce.counted's scheme, for any count (FLOPs, memory). A cache that cannot be written
+    only costs the next call its count."""
+    import hashlib
+    import diffusers
+    import promptsets
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = b"".join(open(os.path.join(here, f), "rb").read() for f in ("dipp.py", "families.py", "cost.py",
+                                                                       "random_weights.py", "plumbing.py", "rewards.py"))
+    digest = hashlib.sha256(json.dumps([kind, key, torch.__version__, diffusers.__version__], sort_keys=True,
+                                       default=str).encode() + code).hexdigest()[:16]
+    path = os.path.join(os.path.dirname(promptsets.cache_dir()), "cost", f"{kind}-{digest}.json")
+    if os.path.isfile(path):
+        try:
+            return json.load(open(path))[kind]
+        except (OSError, ValueError, KeyError):  # a damaged entry is counted again
+            pass
+    value = count()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump({kind: value, "key": key}, f, default=str)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass
+    return value
+
+
+def memory(shapes, batch=1, ranks=1, **switches):
+    """iteration_memory on the meta device, cached (real shapes take minutes of CPU)."""
+    return cached("memory", lambda: iteration_memory(shapes, batch, ranks, **switches), shapes, batch, ranks,
+                  sorted(switches.items()))
+
+
+# Will it fit? A run fits a card when its counted peak plus HEADROOM is at most the card's free memory. HEADROOM is what
+# the count leaves out (docs/cost.md, "Against the reference"): the caching allocator's reserve beyond the live
+# tensors and the cuBLAS/cuDNN workspaces. (The CUDA context is already taken out of torch.cuda.mem_get_info's
+# free memory.)
+HEADROOM = (0.10, 1 * GiB)  # × the count, + bytes
+# What to try, in this order and cumulatively, when a run does not fit: switches that cost FLOPs but not quality, a
+# smaller batch (halving), then the approximate decoder (deviation 6).
+FIT_STEPS = (("gradient_checkpointing", True, "--gradient_checkpointing"), ("lora_rank", 64, "--lora_rank 64"),
+             ("mixed_precision", "bf16", "--mixed_precision bf16"))
+
+
+def fits(need, free):
+    return need * (1 + HEADROOM[0]) + HEADROOM[1] <= free
+
+
+def fit(shapes, batch, free, ranks=1, **switches):
+    """Whether one process of the run fits `free` bytes, and where it does not, the first setup that does, trying
+    FIT_STEPS, then halving the batch, then --reward_decoder tiny: {"need": bytes, "fits": bool, "flags": the
+    switches to add (None: nothing tried fits), "then": their need}. Every count is memory()'s (cached)."""
+    need = memory(shapes, batch, ranks, **switches)["total"]
+    verdict = dict(need=need, fits=fits(need, free), flags=None, then=None)
+    if verdict["fits"]:
+        return verdict
+    run, flags, candidates = dict(switches), [], []
+    for name, value, flag in FIT_STEPS:
+        if run.get(name) or (name == "mixed_precision" and run.get(name, "no") != "no") or (name == "lora_rank"
+                                                                                                and ranks > 1):
+            continue  # already on (a LoRA of another rank, fp16 included); FSDP2 shards full fine-tuning only
+        run, flags = {**run, name: value}, flags + [flag]
+        candidates.append((run, batch, flags))
+    for smaller in [batch >> k for k in range(1, batch.bit_length())]:  # batch/2, batch/4, ..., 1
+        candidates.append((run, smaller, flags + [f"--train_batch_size {smaller}"]))
+    if run.get("reward", "imagereward") != "none" and run.get("reward_decoder", "full") == "full":
+        candidates.append(({**run, "reward_decoder": "tiny"}, 1, flags + ["--train_batch_size 1"] * (batch > 1)
+                           + ["--reward_decoder tiny"]))
+    for switches_, batch_, flags_ in candidates:
+        then = memory(shapes, batch_, ranks, **switches_)["total"]
+        if fits(then, free):
+            return dict(verdict, flags=flags_, then=then)
+    return verdict
+
+# -----------------------------------------------------------------------------
+# 6. The table: python cost.py [--family sd15|pixart|sdxl] [--batch B] [switch flags]
 
 SETUPS = {  # name -> (label, switches on top of the base run given by the flags)
     "full": ("full fine-tuning", {}), "lora": ("LoRA r=64 (--lora_rank 64)", dict(lora_rank=64)),
@@ -305,18 +639,30 @@ GUIDANCE = {"sd": 1.75, "pixart": 4.5, "sdxl": 1.0}  # the base run's ω: dipp's
 SAMPLE_GUIDANCE = {"sd": 7.5, "pixart": 4.5, "sdxl": 5.0}  # the stock pipelines' default CFG for the teacher rows
 
 
-def table(family, batch, device_name, utilisation, base, setups):
-    """Markdown rows: each setup's TFLOP per iteration and per image, vs the first row, and the estimated time."""
-    rows = ["| setup | TFLOP / iteration | TFLOP / image-iteration | vs first row | est. s / iteration |",
-            "|---|---|---|---|---|"]
+def table(family, batch, device_name, utilisation, base, setups, memory_base=None, ranks=1):
+    """Markdown rows: each setup's TFLOP per iteration and per image, vs the first row, and the estimated time;
+    with memory_base (mixed_precision, ema_decay) also its peak memory per process (memory(), cached) and what
+    makes it up."""
+    rows = ["| setup | TFLOP / iteration | TFLOP / image-iteration | vs first row | est. s / iteration |"
+            + (" peak GiB | weights + trainable + grads + Adam + EMA / activations |" if memory_base is not None
+               else ""), "|---|---|---|---|---|" + ("---|---|" if memory_base is not None else "")]
     first = None
     for name in setups:
         label, switches = SETUPS[name]
-        flops = iteration_flops(family, batch, **{**base, **switches})
+        flops = cached("flops", lambda: iteration_flops(family, batch, **{**base, **switches}), family, batch,
+                       sorted({**base, **switches}.items()))
         first = first or flops
         seconds = estimate_seconds(flops, device_name, utilisation)
         rows.append(f"| {label} | {flops / 1e12:.4g} | {flops / batch / 1e12:.4g} | {flops / first:.3f} | "
                     f"{'—' if seconds is None else f'{seconds:.3g}'} |")
+        if memory_base is not None:
+            if ranks > 1 and switches.get("lora_rank"):
+                rows[-1] += " — (FSDP2 shards full fine-tuning) | |"
+            else:
+                m = memory(family, batch, ranks, **{**base, **switches, **memory_base})
+                static = m["weights"] + m["trainable"] + m["gradients"] + m["optimizer"] + m["ema"]
+                rows[-1] += (f" {m['total'] / GiB:.1f} | {' + '.join(f'{m[k] / GiB:.1f}' for k in PARTS[:5])} = "
+                             f"{static / GiB:.1f} / {m['activations'] / GiB:.1f} |")
         print(rows[-1], flush=True)
     return rows
 
@@ -338,16 +684,33 @@ def main(argv=None):
             p.add_argument(f"--{name}", action="store_true")
         else:
             p.add_argument(f"--{name}", type=types[name], default=None, choices=dipp.CHOICES.get(name))
+    for name in MEMORY_SWITCHES:  # what changes the memory and not the FLOPs
+        p.add_argument(f"--{name}", type=types[name], default=None, choices=dipp.CHOICES.get(name))
+    p.add_argument("--ranks", type=int, default=1, help="processes under torchrun with --shard fsdp: the memory "
+                   "column is one rank's, holding 1/N of the trainable weights, gradients and Adam states")
+    p.add_argument("--no_memory", action="store_true", help="leave out the memory column (halves the counting)")
+    p.add_argument("--fit", type=float, default=None, metavar="GIB", help="instead of the table: whether the base run "
+                   "fits a card with GIB GiB free, and else the switches that make it fit, as one JSON line (what "
+                   "dipp.py checks before it loads anything on a GPU)")
     args = p.parse_args(argv)
-    if args.batch < 1:
-        plumbing.die(f"--batch must be a positive integer, got {args.batch}")
+    if args.batch < 1 or args.ranks < 1:
+        plumbing.die(f"--batch and --ranks must be positive integers, got {args.batch} and {args.ranks}")
     _, fam = architecture(args.family)
     given = {k: v for k in SWITCHES if (v := getattr(args, k)) is not None and v is not False}  # (0 is a value)
     base = {"guidance_scale": GUIDANCE[fam.name], **given}
+    memory_base = {k: v for k in MEMORY_SWITCHES if (v := getattr(args, k)) is not None}
+    if args.fit is not None:
+        verdict = fit(args.family, args.batch, args.fit * GiB, args.ranks, **base, **memory_base)
+        print(json.dumps({k: v / GiB if k in ("need", "then") and v is not None else v for k, v in verdict.items()}))
+        return verdict
     peak = plumbing.peak_tflops(args.device)
     print(f"{args.family}, batch {args.batch}, base run {base}; time = FLOPs / ({args.device}: "
           f"{peak or 'unknown'} TFLOP/s dense bf16 peak × {args.utilisation} utilisation)")
-    table(args.family, args.batch, args.device, args.utilisation, base, args.setups)
+    if not args.no_memory:
+        print(f"memory: one process's peak in one iteration, --mixed_precision {memory_base.get('mixed_precision', 'no')}"
+              + (f", FSDP2 over {args.ranks} ranks" if args.ranks > 1 else "") + " (cost.iteration_memory; docs/cost.md)")
+    table(args.family, args.batch, args.device, args.utilisation, base, args.setups,
+          None if args.no_memory else memory_base, args.ranks)
     if args.sample_steps:
         for label, steps, omega in ((f"teacher, {args.sample_steps} steps, CFG {SAMPLE_GUIDANCE[fam.name]}",
                                      args.sample_steps, SAMPLE_GUIDANCE[fam.name]), ("one-step generator", 1, 1.0)):

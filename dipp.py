@@ -560,6 +560,8 @@ class Config:
     generate: str = ""  # prompts separated by '|': write one image each from --generator_init, then exit
     benchmark: bool = False  # time --max_train_steps iterations and print one BENCHMARK json line; writes no config,
         # log, grid or checkpoint
+    ignore_memory_check: bool = False  # on a GPU, dipp first counts the run's peak memory (cost.py --fit) and stops,
+        # naming the switches that would fit, where the card's free memory is short; this flag runs it anyway
 
 
 CHOICES = {"reward": ("imagereward", "clip", "none"), "mixed_precision": ("no", "fp16", "bf16"),
@@ -600,7 +602,7 @@ def model_locations(cfg):
 def main(argv=None):
     cfg = parse_config(argv)
     plumbing.check_config(cfg)
-    rank, world, _ = plumbing.init_distributed(cfg)
+    rank, world, device = plumbing.init_distributed(cfg)
     if cfg.random_weights:  # same code path as SD1.5 / PixArt-α / SDXL, nothing downloaded
         from random_weights import use_random_weights
         use_random_weights(cfg, rank, world)  # builds them in output_dir, points the model/reward paths there
@@ -610,6 +612,8 @@ def main(argv=None):
         families.check_folder(cfg.pretrained_model_name_or_path)
     if cfg.reward == "imagereward" and not cfg.reward_model_path and not cfg.generate:
         plumbing.check_imagereward_cache()
+    if not cfg.generate and rank == 0:  # will it fit? (CUDA only: cost.py counts the peak before anything is loaded)
+        plumbing.check_memory(cfg, device, lambda: families.find_family(cfg.pretrained_model_name_or_path).name, world)
     with plumbing.tidy_if_stopped_early(cfg.output_dir, rank == 0):  # a run that fails before step 1 leaves no files
         return generate(cfg) if cfg.generate else train(cfg)
 

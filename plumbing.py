@@ -1329,6 +1329,51 @@ def peak_tflops(device_name):
     return None
 
 
+# Will it fit? Before dipp.py loads anything on a GPU it asks cost.py (`python cost.py --fit GIB`, a process of its
+# own: cost.py builds dipp's networks to count them, so importing it from here or from dipp.py would be an import
+# cycle) whether the run's counted peak fits the card's free memory, and stops with one line if it does not.
+FIT_SHAPES = {"sd": "sd15", "sdxl": "sdxl", "pixart": "pixart512"}  # a family's real shapes in random_weights
+
+
+def check_memory(cfg, device, family, world=1):
+    """(CUDA only; --ignore_memory_check skips it) One line and exit where the run's peak memory per process, counted
+    by cost.py on the meta device (minutes of CPU the first time, cached after), will not fit the free memory of
+    `device`, naming the switches that would. family() -> the teacher's family name (called only here: on a hub id
+    it reads model_index.json). A count that fails is a note, never a stop: the check must not block a run."""
+    if device.type != "cuda" or cfg.ignore_memory_check:
+        return
+    shapes = cfg.random_weights or FIT_SHAPES.get(family())
+    if shapes == "pixart512" and "512" not in cfg.pretrained_model_name_or_path:
+        shapes = None  # PixArt-α at 1024 px has no shapes to count here
+    if not shapes:
+        return
+    free = torch.cuda.mem_get_info(device)[0]
+    flags = ["--family", shapes, "--batch", str(cfg.train_batch_size), "--fit", f"{free / 2 ** 30:.3f}",
+             "--ranks", str(world if cfg.shard == "fsdp" else 1)]
+    for name in ("lora_rank", "fake_steps_per_G", "reward", "reward_decoder", "guidance_scale", "mixed_precision",
+                 "ema_decay"):
+        flags += [f"--{name}", str(getattr(cfg, name))]
+    flags += [f"--{name}" for name in ("gradient_checkpointing", "reuse_generator_sample") if getattr(cfg, name)]
+    print("will it fit? counting this run's memory on the meta device (python cost.py; once, then cached) ...",
+          flush=True)
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, os.path.join(here, "cost.py"), *flags], capture_output=True, text=True,
+                          cwd=here)
+    try:
+        verdict = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"(memory not checked: cost.py --fit failed: {last})")
+        return
+    if verdict["fits"]:
+        return
+    card = f"{torch.cuda.get_device_name(device)} has {free / 2 ** 30:.1f} GiB free"
+    advice = (f"it fits with {' '.join(verdict['flags'])} (~{verdict['then']:.1f} GiB)" if verdict["flags"] else
+              "no single-GPU setup dipp knows fits it (docs/cost.md, 'Which card?')")
+    die(f"this run needs ~{verdict['need']:.1f} GiB per GPU (cost.py's count + headroom) and {card}: {advice}; "
+        "--ignore_memory_check runs it anyway")
+
 # -----------------------------------------------------------------------------
 # 9. The run-keeper: everything dipp.train does around Alg. 1, behind a narrow interface
 

@@ -576,6 +576,13 @@ class SafeOptimizer:
         return self.scaler.is_enabled() and self.scaler.get_scale() < self.loss_scale
 
 
+def cpu_adam(net, lr, betas=(0.0, 0.999)):
+    """The toys' and notebooks' optimizer: torch's Adam on all of net's parameters (β1 = 0, as Diff-Instruct), with
+    fp16's loss scaler off (a CPU) and no clipping, as a SafeOptimizer."""
+    params = list(net.parameters())
+    return SafeOptimizer(params, torch.optim.Adam(params, lr=lr, betas=betas), torch.amp.GradScaler("cpu", enabled=False))
+
+
 class PullOnSample:
     """The gradient that backward delivers to a sample x0 (B, ...), minus a part known in closed form: for
     logging how hard the reward pulls next to the IKL (grad_reward next to grad_ikl) without a second

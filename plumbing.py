@@ -1,15 +1,16 @@
 """plumbing: what keeps a dipp run alive, and none of what DI++ is.
 
-`dipp.py` holds the method (generator, teacher with CFG, fake score, reward, IKL loss, Alg. 1); this
-module holds the machinery around it: one-line errors, the command line built from a dataclass, where
-models come from (a missing path or an unreachable hub is one line at once), devices and processes
-(torchrun: DDP, or FSDP2 sharding), the optimiser step with its numerical guards, trainable-parameter
-bookkeeping and EMA, LoRA adapters on a shared base,
-gradient checkpointing of reward towers, torch.compile, checkpoints (save, list, keep-last-K, resume),
-the exported generator folder, sample-grid PNGs and the benchmark report.
+`dipp.py` holds the method (generator, teacher with CFG, fake score, reward interface, losses, Alg. 1); this
+module holds the machinery around it: one-line errors, the command line built from a dataclass and its checks,
+where models come from (a missing path or an unreachable hub is one line at once), devices and processes
+(torchrun: DDP, or FSDP2 sharding), the optimizer step with its numerical guards (SafeOptimizer), trainable-
+parameter bookkeeping and EMA, LoRA adapters on a shared base, gradient checkpointing of reward towers,
+torch.compile, checkpoints (save, list, keep-last-K, resume), logs and signals, the exported generator folder,
+sample-grid PNGs, the benchmark report with its FLOP counter, and the RunKeeper that dipp.train drives.
 
-It never imports dipp (dipp imports it) and knows none of the method's settings: everything it needs is
-passed in (the networks to save, the generator's t*, the optimisers, the run's folder and bookkeeping flags).
+It is the bottom layer: it imports no other module of the project (test_dipp.py::test_no_import_cycles) and
+knows none of the method's settings; everything it needs is passed in (the networks to save, the generator's
+t*, the optimizers, the run's folder and bookkeeping flags).
 """
 import argparse
 import contextlib
@@ -536,7 +537,7 @@ def init_distributed(cfg):
     return dist.get_rank(), world, device
 
 # -----------------------------------------------------------------------------
-# 3. The optimiser step, trainable parameters, EMA
+# 3. The optimizer step, trainable parameters, EMA
 
 
 def die_non_finite(cfg, step, error):
@@ -573,6 +574,13 @@ class SafeOptimizer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return self.scaler.is_enabled() and self.scaler.get_scale() < self.loss_scale
+
+
+def cpu_adam(net, lr, betas=(0.0, 0.999)):
+    """The toys' and notebooks' optimizer: torch's Adam on all of net's parameters (β1 = 0, as Diff-Instruct), with
+    fp16's loss scaler off (a CPU) and no clipping, as a SafeOptimizer."""
+    params = list(net.parameters())
+    return SafeOptimizer(params, torch.optim.Adam(params, lr=lr, betas=betas), torch.amp.GradScaler("cpu", enabled=False))
 
 
 class PullOnSample:

@@ -490,6 +490,17 @@ def counting_memory(autocast):
         F.scaled_dot_product_attention, plumbing.autocast_off, ck.checkpoint = originals
 
 
+def step_keeps_gradients(device=META):
+    """Whether dipp's optimizer step (plumbing.SafeOptimizer) leaves the gradients it stepped with alive until the
+    next zero_grad (dipp_step calls that just before each backward pass): then, in a steady-state iteration, each
+    network's gradients of the previous iteration are still held while the other network trains. Asked of the code
+    itself, on one weight, so the count follows a change there."""
+    w = torch.zeros(1, device=device, requires_grad=True)
+    w.grad = torch.zeros(1, device=device)
+    plumbing.SafeOptimizer([w], NoUpdate([w]), torch.amp.GradScaler("cpu", enabled=False)).step(w.sum())
+    return w.grad is not None
+
+
 def network_bytes(nets):
     """{"weights": bytes of every parameter and buffer the networks hold (shared ones once: LoRA's base),
     "trainable": of those, the trainable ones (fp32 masters)}."""
@@ -516,8 +527,14 @@ def iteration_memory(shapes, batch=1, ranks=1, device=META, mixed_precision="no"
         plumbing.die(f"ranks must be ≥ 1, and FSDP2 (ranks > 1) shards full fine-tuning without EMA; got ranks={ranks}")
     dtype = PRECISION[mixed_precision]
     autocast = MetaAutocast(dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    with counting_memory(autocast):  # (the reward towers' checkpointing is set up while they are built)
-        run = prepare_iteration(shapes, batch, device, dtype, autocast, **switches)
+    from diffusers.utils import logging
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # (diffusers warns at every .to(bf16) of a model that it has no fp32 modules)
+    try:
+        with counting_memory(autocast):  # (the reward towers' checkpointing is set up while they are built)
+            run = prepare_iteration(shapes, batch, device, dtype, autocast, **switches)
+    finally:
+        logging.set_verbosity(verbosity)
     m, opt = run["models"], run["opt"]
     reward = m["reward"].model if m["reward"] is not None else None
     parts = network_bytes([net for net in (m["teacher"], m["vae"], m["G"], m["fake"], reward, m["reward_decoder"],
@@ -528,7 +545,7 @@ def iteration_memory(shapes, batch=1, ranks=1, device=META, mixed_precision="no"
     tracker = MemoryTracker()
     try:
         with counting_memory(autocast), tracker:
-            for p in trained:  # the previous iteration's gradients
+            for p in trained if step_keeps_gradients(device) else ():  # the previous iteration's gradients
                 p.grad = tracker.label(torch.empty_like(p), "gradients")
             relabel = lambda p: [tracker.label(p.grad, "gradients")] and None  # (a hook returns None)
             hooks = [p.register_post_accumulate_grad_hook(relabel) for p in trained]
@@ -539,9 +556,14 @@ def iteration_memory(shapes, batch=1, ranks=1, device=META, mixed_precision="no"
         for hook in locals().get("hooks", []):
             hook.remove()
     parts.update(gradients=tracker.at_peak.get("gradients", 0), activations=tracker.at_peak.get("activations", 0))
-    for k in ("trainable", "gradients", "optimizer", "ema"):  # FSDP2: each rank holds its shard
-        parts[k] = -(-parts[k] // ranks)
-    out = {k: int(parts[k]) for k in PARTS}
+    return shard({k: int(parts[k]) for k in PARTS}, ranks)
+
+
+def shard(parts, ranks):
+    """An iteration_memory breakdown as each of `ranks` FSDP2 processes holds it: 1/ranks of the trainable weights,
+    their gradients and optimiser states (the blocks FSDP2 gathers whole for a moment are not counted)."""
+    out = {k: -(-v // ranks) if k in ("trainable", "gradients", "optimizer", "ema") else v
+           for k, v in parts.items() if k in PARTS}
     return dict(out, total=sum(out.values()))
 
 
@@ -576,9 +598,12 @@ def cached(kind, count, *key):
 
 
 def memory(shapes, batch=1, ranks=1, **switches):
-    """iteration_memory on the meta device, cached (real shapes take minutes of CPU)."""
-    return cached("memory", lambda: iteration_memory(shapes, batch, ranks, **switches), shapes, batch, ranks,
-                  sorted(switches.items()))
+    """iteration_memory on the meta device, cached (real shapes take a minute of CPU); ranks: shard()."""
+    if ranks > 1 and (switches.get("lora_rank") or switches.get("ema_decay")):
+        plumbing.die("FSDP2 (ranks > 1) shards full fine-tuning without EMA (dipp's --shard fsdp); got "
+                     f"lora_rank={switches.get('lora_rank')}, ema_decay={switches.get('ema_decay')}")
+    return shard(cached("memory", lambda: iteration_memory(shapes, batch, 1, **switches), shapes, batch,
+                        sorted(switches.items())), ranks)
 
 
 # Will it fit? A run fits a card when its counted peak plus HEADROOM is at most the card's free memory. HEADROOM is what
@@ -621,6 +646,35 @@ def fit(shapes, batch, free, ranks=1, **switches):
         if fits(then, free):
             return dict(verdict, flags=flags_, then=then)
     return verdict
+
+# "Which card?": docs/cost.md's table. Each family at reproduce.py's recipe (batch, ω; bf16 autocast, ImageReward,
+# K_TA = 1: more fake-score updates add no memory, each frees its graph before the next) and at batch 1, full
+# fine-tuning vs LoRA r=64, with and without gradient checkpointing. Cards by their memory as torch sees it, less
+# ~0.5 GiB of CUDA context: what mem_get_info reports free on an idle card.
+RECIPE_RUNS = {"sd15": (8, 1.75), "pixart512": (8, 4.5), "sdxl": (4, 7.5)}  # (batch, ω): reproduce.RECIPES' (a test)
+CARDS = {"24 GB": 23.5 * GiB, "40 GB": 39.0 * GiB, "48 GB": 44.0 * GiB, "80 GB": 78.6 * GiB}
+
+
+def which_card(families=tuple(RECIPE_RUNS), ranks=(2, 4, 8)):
+    """Markdown rows: peak GiB per setup and whether it fits each of CARDS (fits(): the count + HEADROOM); for full
+    fine-tuning with checkpointing at the recipe's batch, also per FSDP2 rank over each of `ranks` GPUs."""
+    rows = ["| model | setup | batch | peak GiB | " + " | ".join(CARDS) + " |", "|---|---|---|---|" + "---|" * len(CARDS)]
+    for shapes in families:
+        architecture(shapes)  # (one line for an unknown name)
+        batch, omega = RECIPE_RUNS.get(ALIASES.get(shapes, shapes), (2, 1.75))  # (tiny shapes: a test's)
+        for lora in (0, 64):
+            for checkpointing in (False, True):
+                for b in sorted({1, batch}):
+                    label = ("LoRA r=64" if lora else "full") + (" + checkpointing" if checkpointing else "")
+                    switches = dict(lora_rank=lora, gradient_checkpointing=checkpointing, guidance_scale=omega,
+                                    mixed_precision="bf16")
+                    for n in [1] + (list(ranks) if not lora and checkpointing and b == batch else []):
+                        m = memory(shapes, b, n, **switches)
+                        cells = ["✓" if fits(m["total"], free) else "✗" for free in CARDS.values()]
+                        rows.append(f"| {shapes} | {label}{f', FSDP2 over {n} GPUs' if n > 1 else ''} | {b} | "
+                                    f"{m['total'] / GiB:.1f} | " + " | ".join(cells) + " |")
+                        print(rows[-1], flush=True)
+    return rows
 
 # -----------------------------------------------------------------------------
 # 6. The table: python cost.py [--family sd15|pixart|sdxl] [--batch B] [switch flags]
@@ -692,7 +746,11 @@ def main(argv=None):
     p.add_argument("--fit", type=float, default=None, metavar="GIB", help="instead of the table: whether the base run "
                    "fits a card with GIB GiB free, and else the switches that make it fit, as one JSON line (what "
                    "dipp.py checks before it loads anything on a GPU)")
+    p.add_argument("--which_card", nargs="*", default=None, metavar="FAMILY", help="instead of the table: docs/cost.md's "
+                   "'which card?' table for these families (none given: sd15 pixart sdxl), counted (minutes) or cached")
     args = p.parse_args(argv)
+    if args.which_card is not None:
+        return which_card(args.which_card or tuple(RECIPE_RUNS))
     if args.batch < 1 or args.ranks < 1:
         plumbing.die(f"--batch and --ranks must be positive integers, got {args.batch} and {args.ranks}")
     _, fam = architecture(args.family)

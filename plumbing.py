@@ -1343,6 +1343,16 @@ def peak_tflops(device_name):
 FIT_SHAPES = {"sd": "sd15", "sdxl": "sdxl", "pixart": "pixart512"}  # a family's real shapes in random_weights
 
 
+def fit_flags(cfg, shapes, free, world=1):
+    """`python cost.py` flags asking whether cfg's run fits `free` bytes (on `world` FSDP2 ranks with --shard fsdp)."""
+    flags = ["--family", shapes, "--batch", str(cfg.train_batch_size), "--fit", f"{free / 2 ** 30:.3f}",
+             "--ranks", str(world if cfg.shard == "fsdp" else 1)]
+    for name in ("lora_rank", "fake_steps_per_G", "reward", "reward_decoder", "guidance_scale", "mixed_precision",
+                 "ema_decay"):
+        flags += [f"--{name}", str(getattr(cfg, name))]
+    return flags + [f"--{name}" for name in ("gradient_checkpointing", "reuse_generator_sample") if getattr(cfg, name)]
+
+
 def check_memory(cfg, device, family, world=1):
     """(CUDA only; --ignore_memory_check skips it) One line and exit where the run's peak memory per process, counted
     by cost.py on the meta device (minutes of CPU the first time, cached after), will not fit the free memory of
@@ -1356,12 +1366,7 @@ def check_memory(cfg, device, family, world=1):
     if not shapes:
         return
     free = torch.cuda.mem_get_info(device)[0]
-    flags = ["--family", shapes, "--batch", str(cfg.train_batch_size), "--fit", f"{free / 2 ** 30:.3f}",
-             "--ranks", str(world if cfg.shard == "fsdp" else 1)]
-    for name in ("lora_rank", "fake_steps_per_G", "reward", "reward_decoder", "guidance_scale", "mixed_precision",
-                 "ema_decay"):
-        flags += [f"--{name}", str(getattr(cfg, name))]
-    flags += [f"--{name}" for name in ("gradient_checkpointing", "reuse_generator_sample") if getattr(cfg, name)]
+    flags = fit_flags(cfg, shapes, free, world)
     print("will it fit? counting this run's memory on the meta device (python cost.py; once, then cached) ...",
           flush=True)
     import subprocess

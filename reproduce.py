@@ -535,7 +535,24 @@ def print_cost(recipe, args, plan):
     if not peak:
         print(f"  (no time estimate: {'no GPU here' if not card else f'no peak known for {card!r}'}; "
               "pass --card, e.g. --card 'H100 SXM')")
+    print_memory(shapes, batch, switches, plan, args)
     return stages
+
+
+def print_memory(shapes, batch, switches, plan, args):
+    """The training run's peak memory per GPU, beside its hours: cost.memory, counted on the meta device through the
+    same iteration (docs/cost.md, "Will it fit?"), cached as the FLOPs are."""
+    import cost
+    ranks = args.nproc if "fsdp" in plan.train else 1
+    switches = dict(switches, mixed_precision=flag(plan.train, "--mixed_precision", "no"))
+    m = (cost.iteration_memory if args.tiny else cost.memory)(shapes, batch, ranks, **switches)
+    fits = [f"{gb} GB" for gb in (24, 40, 48, 80) if cost.fits(m["total"], gb * 1e9)]
+    print(f"  memory     {m['total'] / cost.GiB:.1f} GiB per GPU at batch {batch}"
+          + (f" (FSDP2 over {ranks})" if ranks > 1 else "") + f": weights {m['weights'] / cost.GiB:.1f}, trainable "
+          f"{m['trainable'] / cost.GiB:.1f}, gradients {m['gradients'] / cost.GiB:.1f}, Adam "
+          f"{m['optimizer'] / cost.GiB:.1f}, activations {m['activations'] / cost.GiB:.1f}; fits a card of "
+          + (fits[0] if fits else "none of 24-80 GB: --nproc N shards it, or a smaller --train_batch_size")
+          + (" or more" if fits and fits[0] != "80 GB" else ""))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ made of, each counted on its own. CPU, offline, no weights (the meta device).
 
 Run: pytest -q test_cost.py
 """
+import contextlib
 import functools
+import io
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach the model hub
@@ -160,3 +162,171 @@ def test_prompts_encoded_at_start_up_cost_an_iteration_nothing(monkeypatch):
     m = cost.meta_models("tiny_sdxl", dipp.Config(reward="none"))
     text = cost.count_flops(lambda: m["text"](["prompt 0"]))
     assert text > 0 and every_step - once == text
+
+# ----------------------------------------------------------------------------- memory: will it fit?
+
+MiB_BLOCK = 512  # the CUDA caching allocator's rounding, which the counts follow
+
+
+def on_card(numel, size):
+    """Bytes the caching allocator gives a tensor of numel elements of `size` bytes: rounded up to 512."""
+    return -(-numel * size // MiB_BLOCK) * MiB_BLOCK
+
+
+@functools.lru_cache(maxsize=None)
+def memory(shapes="tiny", count=cost.iteration_memory, **switches):  # (count: the real one, whatever a test patches)
+    return count(shapes, **{"reward": "none", "guidance_scale": 1.75, **switches})
+
+
+def test_tracker_holds_what_autograd_saves_and_sees_it_freed():
+    """On meta tensors, by hand: a matmul's output that only autograd still holds (sin saves its input) stays
+    counted; views are no new memory; the backward pass frees what it saved and leaves the weight's gradient."""
+    n = 64
+    b = n * n * 4
+    x, w = torch.empty(n, n, device=META), torch.empty(n, n, device=META, requires_grad=True)
+    with cost.MemoryTracker() as m:
+        h = x @ w
+        y = h.sin()
+        del h  # SinBackward still holds it
+        assert m.totals["activations"] == 2 * b
+        v = y.t(), y.view(-1), y[:3]
+        assert m.totals["activations"] == 2 * b
+        y.sum().backward()
+        assert w.grad is not None and m.totals["activations"] == 2 * b + on_card(1, 4) * 0  # y and w.grad: h freed
+        assert m.peak >= 4 * b  # in the backward: h, y, cos(h) · grad, and the gradient being made
+        del y, v
+        assert m.totals["activations"] == b  # w.grad
+
+
+def test_attention_is_counted_as_flash_keeps_it_and_autocast_as_cuda_does():
+    """counting_memory: SDPA keeps its output and log-sum-exp, no L×L matrix (the meta device's math path, outside,
+    keeps B·heads·L² probabilities). MetaAutocast: a linear computes in bf16, a layer norm in fp32, and each
+    trainable fp32 weight is cast once per autocast block, however often it is used."""
+    B, heads, L, d = 2, 4, 512, 16
+    q = torch.empty(B, heads, L, d, device=META, requires_grad=True)
+    with cost.counting_memory(None), cost.MemoryTracker() as m:
+        out = F.scaled_dot_product_attention(q, q, q)
+    assert m.totals["activations"] == on_card(B * heads * L * d, 4) + on_card(B * heads * L, 4)  # out + lse
+    with cost.MemoryTracker() as m:
+        out = F.scaled_dot_product_attention(q, q, q)
+    assert m.totals["activations"] >= B * heads * L * L * 4
+    lin, x = torch.nn.Linear(32, 32, device=META), torch.empty(8, 32, device=META)
+    autocast = cost.MetaAutocast(torch.bfloat16)
+    with autocast:
+        y = lin(lin(x))
+        assert y.dtype == torch.bfloat16 and F.layer_norm(y, (32,)).dtype == torch.float32
+        assert len(autocast.cache) == 2  # weight and bias, cast once for both calls
+        with autocast.off():
+            assert lin(x).dtype == torch.float32
+    assert not autocast.cache  # freed when the block ends, as torch.autocast frees its casts
+
+
+def hand_count(shapes, dtype, lora_rank=0):
+    """{"weights", "trainable"} bytes from the configs alone: the frozen teacher, VAE (fp32 under fp16) and SD's text
+    encoder in `dtype`, and two trainable fp32 copies of the denoiser (or two rank-R adapters on its LoRA targets:
+    A is R×in(×k×k), B is out×R), each tensor rounded as the allocator rounds it; the copies' buffers (position
+    embeddings) are their own."""
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    arch, fam = cost.architecture(shapes)
+    with torch.device(META):
+        teacher = (PixArtTransformer2DModel(in_channels=4, out_channels=8, **arch["transformer"])
+                   if fam.name == "pixart" else UNet2DConditionModel(**arch["unet"]))
+        vae = AutoencoderKL(**arch["vae"])
+        text = CLIPTextModel(CLIPTextConfig(**arch["text"])) if fam.name == "sd" else None
+    size = torch.empty(0, dtype=dtype).element_size()
+    tensors = lambda net: [*net.parameters(), *net.buffers()]
+    weights = sum(on_card(t.numel(), size if t.is_floating_point() else t.element_size())
+                  for net in (teacher, text) if net is not None for t in tensors(net))
+    weights += sum(on_card(t.numel(), 4 if dtype == torch.float16 else size) for t in tensors(vae))
+    if not lora_rank:
+        return dict(weights=weights + 2 * sum(on_card(t.numel(), 4) for t in teacher.buffers()),
+                    trainable=2 * sum(on_card(p.numel(), 4) for p in teacher.parameters()))
+    adapters = 0
+    for name, layer in teacher.named_modules():
+        if any(name == t or name.endswith("." + t) for t in fam.lora_targets):
+            k = layer.kernel_size[0] * layer.kernel_size[1] if isinstance(layer, torch.nn.Conv2d) else 1
+            fan_in, fan_out = (layer.in_channels, layer.out_channels) if k > 1 or isinstance(
+                layer, torch.nn.Conv2d) else (layer.in_features, layer.out_features)
+            adapters += on_card(lora_rank * fan_in * k, 4) + on_card(fan_out * lora_rank, 4)
+    copies = 2 * sum(on_card(t.numel(), size) for t in teacher.buffers())  # (LoRA's copies share only parameters)
+    return dict(weights=weights + copies, trainable=2 * adapters)
+
+
+@pytest.mark.parametrize("shapes, switches, ranks", [
+    ("tiny", dict(), 1), ("tiny_pixart", dict(lora_rank=4, mixed_precision="bf16", ema_decay=0.999), 1),
+    ("tiny_sdxl", dict(mixed_precision="fp16"), 2)])
+def test_weights_gradients_and_adam_states_match_a_hand_count(shapes, switches, ranks):
+    """What the count can know exactly, for every family: the frozen weights in their dtype, the trainable fp32
+    masters, AdamW's two fp32 moments per trainable weight, the EMA's fp32 copy of the generator's, each FSDP2 rank
+    holding 1/N of the trainable ones; the gradients at the peak are at most one per trainable weight."""
+    dtype = cost.PRECISION[switches.get("mixed_precision", "no")]
+    hand = hand_count(shapes, dtype, switches.get("lora_rank", 0))
+    m = cost.iteration_memory(shapes, ranks=ranks, reward="none", **switches)
+    shard = lambda n: -(-n // ranks)
+    assert m["weights"] == hand["weights"]
+    assert m["trainable"] == shard(hand["trainable"]) and m["optimizer"] == shard(2 * hand["trainable"])
+    assert m["ema"] == (hand["trainable"] // 2 if switches.get("ema_decay") else 0)
+    assert 0 < m["gradients"] <= shard(hand["trainable"]) and m["activations"] > 0
+    assert m["total"] == sum(m[k] for k in cost.PARTS)
+
+
+def test_activations_grow_with_the_batch_and_shrink_with_checkpointing():
+    """Saved activations are per sample: the batch-2 count is twice the batch-1 count (within 5 %: a few tensors do
+    not grow with the batch) and batch 4 adds what batch 2 added, twice over (within 1 %); checkpointing the
+    generator, the fake score and the VAE decoder keeps less than half of them."""
+    act = {b: memory(batch=b)["activations"] for b in (1, 2, 4)}
+    assert act[2] == pytest.approx(2 * act[1], rel=0.05)
+    assert act[4] - act[2] == pytest.approx(2 * (act[2] - act[1]), rel=0.01)
+    checkpointed = memory(batch=2, gradient_checkpointing=True)
+    assert checkpointed["activations"] < act[2] / 2
+    assert {k: v for k, v in checkpointed.items() if k not in ("activations", "total")} == \
+        {k: v for k, v in memory(batch=2).items() if k not in ("activations", "total")}
+
+
+def test_fit_names_the_first_switches_that_fit_from_cached_counts(tmp_path, monkeypatch):
+    """cost.fit: a run whose count (+ headroom) is over the free memory gets the first of FIT_STEPS, taken in
+    order, that fits (tiny shapes at batch 2: --gradient_checkpointing); where nothing fits, no switches. Each count
+    is cached on disk: asked again, fit counts nothing."""
+    monkeypatch.setenv("DIPP_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(cost, "iteration_memory", lambda shapes, batch, ranks, **sw: calls.append(sw) or memory(
+        shapes, batch=batch, **sw))
+    base, checkpointed = memory(batch=2)["total"], memory(batch=2, gradient_checkpointing=True)["total"]
+    free = checkpointed * (1 + cost.HEADROOM[0]) + cost.HEADROOM[1]
+    assert not cost.fits(base, free) and cost.fits(checkpointed, free)
+    verdict = cost.fit("tiny", 2, free, reward="none", guidance_scale=1.75)
+    assert verdict == dict(need=base, fits=False, flags=["--gradient_checkpointing"], then=checkpointed)
+    assert len(calls) == 2
+    monkeypatch.setattr(cost, "iteration_memory", None)  # from the cache alone now
+    assert cost.fit("tiny", 2, free, reward="none", guidance_scale=1.75) == verdict
+    assert cost.fit("tiny", 2, 2 ** 40, reward="none", guidance_scale=1.75)["fits"]
+
+
+def test_dipp_stops_in_one_line_before_loading_where_the_card_is_too_small(tmp_path, monkeypatch):
+    """plumbing.check_memory (dipp.main, before anything is loaded): on a CPU it does nothing (no count, no family
+    look-up); on a CUDA card with too little free memory it asks `python cost.py --fit` (a process: cost.py imports
+    dipp) and stops with one line naming the need, the card and the switches that fit; --ignore_memory_check
+    skips it. The counts here are stand-ins, written to the cache that the cost.py process reads."""
+    import subprocess
+    cfg = dipp.Config(random_weights="sd15", train_batch_size=2, reward="none")
+    monkeypatch.setattr(subprocess, "run", None)
+    assert plumbing.check_memory(cfg, CPU, family=None) is None
+    monkeypatch.undo()
+    monkeypatch.setenv("DIPP_CACHE", str(tmp_path))
+    GiB = 2 ** 30
+    fake = lambda shapes, batch, ranks, **sw: dict({k: 0 for k in cost.PARTS},
+                                                     total=(20 if sw.get("gradient_checkpointing") else 40) * GiB)
+    monkeypatch.setattr(cost, "iteration_memory", fake)
+    free = 30 * GiB
+    with contextlib.redirect_stdout(io.StringIO()):
+        cost.main(plumbing.fit_flags(cfg, "sd15", free))  # fills the cache that the process below reads
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Test GPU")
+    with pytest.raises(SystemExit) as e:
+        plumbing.check_memory(cfg, torch.device("cuda"), family=lambda: "sd")
+    message = str(e.value)
+    assert "\n" not in message and "needs ~40.0 GiB" in message and "Test GPU has 30.0 GiB free" in message
+    assert "fits with --gradient_checkpointing (~20.0 GiB)" in message and "--ignore_memory_check" in message
+    cfg.ignore_memory_check = True
+    assert plumbing.check_memory(cfg, torch.device("cuda"), family=lambda: "sd") is None

@@ -107,6 +107,10 @@ def test_plans_of_the_published_recipes(capsys, monkeypatch):
     calls = []
     monkeypatch.setattr(cost, "iteration_flops", lambda shapes, batch, **sw: calls.append((shapes, batch, sw)) or 1e13)
     monkeypatch.setattr(cost, "sample_flops", lambda shapes, steps, guidance: 1e12 * steps * (2 if guidance > 1 else 1))
+    GiB, memory_calls = 2 ** 30, []
+    monkeypatch.setattr(cost, "iteration_memory", lambda shapes, batch, ranks, **sw: memory_calls.append(
+        (ranks, sw)) or dict(weights=GiB, trainable=2 * GiB, gradients=2 * GiB, optimizer=4 * GiB, ema=0,
+                             activations=batch * GiB, total=(9 + batch) * GiB))
     for name, recipe in reproduce.RECIPES.items():
         out = tempfile.mkdtemp(prefix="dipp-test-plan-")
         plan = reproduce.main([name, "--plan", "--output_dir", out, "--card", "H100 SXM", "--nproc", "2"])
@@ -128,4 +132,9 @@ def test_plans_of_the_published_recipes(capsys, monkeypatch):
         steps, n = recipe.teacher_steps, promptsets.SETS[recipe.eval_prompts].count
         eval_flops = n * (1e12 * steps * 2 + 2 * 1e12)  # teacher under CFG + two one-step generators, 1 image each
         assert f"evaluate   {eval_flops / 1e15:10.4g} PFLOP  ≈ " in printed
+        ranks, sw = memory_calls[-1]  # the memory beside the hours: the training run's, on each GPU
+        assert ranks == (2 if recipe.shard else 1) and sw["mixed_precision"] == "bf16" and sw["gradient_checkpointing"]
+        assert f"memory     {9 + batch:.1f} GiB per GPU at batch {batch}" in printed
+        assert f"activations {batch:.1f}; fits a card of {24 if (9 + batch) * 1.1 + 1 <= 24 / 1.073741824 else 40} GB" \
+            in printed
         assert os.listdir(out) == []  # nothing was run or written

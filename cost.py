@@ -648,7 +648,7 @@ def fit(shapes, batch, free, ranks=1, **switches):
     return verdict
 
 # "Which card?": docs/cost.md's table. Each family at reproduce.py's recipe (batch, ω; bf16 autocast, ImageReward,
-# K_TA = 1: more fake-score updates add no memory, each frees its graph before the next) and at batch 1, full
+# K_TA = 1: another fake-score update adds only its noise draw, as each frees its graph before the next) and at batch 1, full
 # fine-tuning vs LoRA r=64, with and without gradient checkpointing. Cards by their memory as torch sees it, less
 # ~0.5 GiB of CUDA context: what mem_get_info reports free on an idle card.
 RECIPE_RUNS = {"sd15": (8, 1.75), "pixart512": (8, 4.5), "sdxl": (4, 7.5)}  # (batch, ω): reproduce.RECIPES' (a test)

@@ -1384,8 +1384,8 @@ def check_memory(cfg, device, family, world=1):
     card = f"{torch.cuda.get_device_name(device)} has {free / 2 ** 30:.1f} GiB free"
     advice = (f"it fits with {' '.join(verdict['flags'])} (~{verdict['then']:.1f} GiB)" if verdict["flags"] else
               "no single-GPU setup dipp knows fits it (docs/cost.md, 'Which card?')")
-    die(f"this run needs ~{verdict['need']:.1f} GiB per GPU (cost.py's count + headroom) and {card}: {advice}; "
-        "--ignore_memory_check runs it anyway")
+    die(f"this run needs ~{verdict['need']:.1f} GiB per GPU (cost.py's count; a card needs 10 % + 1 GiB more) and "
+        f"{card}: {advice}; --ignore_memory_check runs it anyway")
 
 # -----------------------------------------------------------------------------
 # 9. The run-keeper: everything dipp.train does around Alg. 1, behind a narrow interface

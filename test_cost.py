@@ -315,8 +315,8 @@ def test_dipp_stops_in_one_line_before_loading_where_the_card_is_too_small(tmp_p
     monkeypatch.undo()
     monkeypatch.setenv("DIPP_CACHE", str(tmp_path))
     GiB = 2 ** 30
-    fake = lambda shapes, batch, ranks, **sw: dict({k: 0 for k in cost.PARTS},
-                                                     total=(20 if sw.get("gradient_checkpointing") else 40) * GiB)
+    fake = lambda shapes, batch, ranks, **sw: dict({k: 0 for k in cost.PARTS}, activations=(
+        20 if sw.get("gradient_checkpointing") else 40) * GiB)
     monkeypatch.setattr(cost, "iteration_memory", fake)
     free = 30 * GiB
     with contextlib.redirect_stdout(io.StringIO()):
@@ -330,3 +330,24 @@ def test_dipp_stops_in_one_line_before_loading_where_the_card_is_too_small(tmp_p
     assert "fits with --gradient_checkpointing (~20.0 GiB)" in message and "--ignore_memory_check" in message
     cfg.ignore_memory_check = True
     assert plumbing.check_memory(cfg, torch.device("cuda"), family=lambda: "sd") is None
+
+
+def test_memory_column_and_what_adds_no_memory(tmp_path, monkeypatch, capsys):
+    """`python cost.py` prints each setup's peak beside its FLOPs (the counts above, cached on disk); a second
+    fake-score update per iteration (K_TA = 2) adds FLOPs and, to the peak, only its noise draw (each update frees its
+    graph before the next), so the which-card table counts K_TA = 1. Its recipes are reproduce.py's."""
+    import reproduce
+    monkeypatch.setenv("DIPP_CACHE", str(tmp_path))
+    monkeypatch.setattr(cost, "iteration_memory", lambda shapes, batch, ranks, **sw: memory(shapes, batch=batch, **sw))
+    cost.main(["--family", "tiny", "--batch", "2", "--setups", "full", "--reward", "none"])
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    m = memory(batch=2)
+    assert row.endswith(f" {m['total'] / cost.GiB:.1f} | {m['weights'] / cost.GiB:.1f} + {m['trainable'] / cost.GiB:.1f}"
+                        f" + {m['gradients'] / cost.GiB:.1f} + {m['optimizer'] / cost.GiB:.1f} + 0.0 = "
+                        f"{(m['total'] - m['activations']) / cost.GiB:.1f} / {m['activations'] / cost.GiB:.1f} |"), row
+    one_draw = 2 * on_card(2 * 4 * 8 * 8, 4) + on_card(2, 8)  # z and ε (B, 4, 8, 8) fp32, t (B,) int64
+    assert memory(batch=2, fake_steps_per_G=2)["total"] == m["total"] + one_draw  # dipp draws every update's up front
+    for recipe in reproduce.RECIPES.values():
+        assert cost.RECIPE_RUNS[recipe.shapes] == (int(reproduce.flag(recipe.train, "--train_batch_size")),
+                                                   float(reproduce.flag(recipe.train, "--guidance_scale")))
+        assert reproduce.flag(recipe.train, "--mixed_precision") == "bf16"

@@ -5,7 +5,8 @@
 #   bash bench/gpu.sh fetch          # on a machine with internet: wheels of the pinned packages -> .whl/
 #   bash bench/gpu.sh speed OUT      # on the GPU: batch 8, eager vs --reuse_generator_sample, --reward_decoder tiny, --compile
 #   bash bench/gpu.sh profile OUT    # on the GPU: one eager batch-8 run under torch.profiler -> OUT/profile_full_b8.txt
-#   bash bench/gpu.sh table OUT      # on the GPU: full / checkpointing / LoRA-64 × batch 1, 4, 8
+#   bash bench/gpu.sh table OUT      # on the GPU: full / checkpointing / LoRA-64 × batch 1, 4, 8: the measured peak
+#                                    # (torch.cuda.max_memory_allocated) beside cost.py's count of it (estimated GiB)
 #   bash bench/gpu.sh table OUT --tiny --batches 1   # extra arguments go to bench/sweep.py (a CPU dry run)
 #   bash bench/gpu.sh table OUT --family pixart       # the same on PixArt-α-512-shaped random weights
 #
@@ -41,5 +42,5 @@ $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__,
 case "$mode" in
   speed) $PY bench/sweep.py --out "$out" --models "${MODELS:-/tmp/dipp_models}" --setups speed --batches 8 --budget_s "${BUDGET_S:-480}" "$@" ;;
   profile) $PY bench/sweep.py --out "$out" --models "${MODELS:-/tmp/dipp_models}" --setups full --batches 8 --steps 4 --profile "$@" ;;
-  table) $PY bench/sweep.py --out "$out" --models "${MODELS:-/tmp/dipp_models}" --setups table --batches 1 4 8 --budget_s "${BUDGET_S:-480}" "$@" ;;
+  table) $PY bench/sweep.py --out "$out" --models "${MODELS:-/tmp/dipp_models}" --setups table --batches 1 4 8 --budget_s "${BUDGET_S:-480}" --estimate "$@" ;;
 esac

@@ -39,12 +39,23 @@ GROUPS = {"table": ["full", "checkpointing", "lora64+checkpointing"],
 
 def write_table(rows, out):
     with open(os.path.join(out, "table.md"), "w") as f:
-        f.write("| setup | batch | images/s | s/generator update | s/fake update | peak GiB | warm-up s | TFLOP/s | "
-                "of peak | device |\n|---|---|---|---|---|---|---|---|---|---|\n")
+        f.write("| setup | batch | images/s | s/generator update | s/fake update | peak GiB | estimated GiB | warm-up s | "
+                "TFLOP/s | of peak | device |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             f.write(f"| {r['setup']} | {r['batch']} | {r.get('images_per_s')} | {r.get('s_per_generator_update')} | "
-                    f"{r.get('s_per_fake_update')} | {r.get('peak_memory_gib') or str(r.get('error'))[:80].replace('|', '/')} | {r.get('warmup_s')} | "
+                    f"{r.get('s_per_fake_update')} | {r.get('peak_memory_gib') or str(r.get('error'))[:80].replace('|', '/')} | "
+                    f"{r.get('estimated_peak_gib', '—')} | {r.get('warmup_s')} | "
                     f"{r.get('achieved_tflop_per_s')} | {r.get('fraction_of_peak')} | {r.get('device')} |\n")
+
+
+def estimated(argv):
+    """cost.py's count of the same run's peak memory (what dipp.py checks before it starts), beside the measurement."""
+    import cost
+    cfg = dipp.parse_config(argv)
+    switches = {k: getattr(cfg, k) for k in cost.SWITCHES + cost.MEMORY_SWITCHES}
+    m = cost.memory(cfg.random_weights, cfg.train_batch_size, **switches)
+    return {"estimated_peak_gib": round(m["total"] / 2 ** 30, 2),
+            "estimated_parts_gib": {k: round(m[k] / 2 ** 30, 2) for k in cost.PARTS}}
 
 
 def profiled(argv, path):
@@ -71,6 +82,8 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--steps", type=int, default=6, help="iterations per configuration (the first 2 are warm-up)")
     p.add_argument("--budget_s", type=float, default=0, help="start no new configuration after this many seconds (0 = no limit)")
+    p.add_argument("--estimate", action="store_true", help="also count each configuration's peak memory on the meta "
+                   "device (cost.memory: ~a minute of CPU each, cached) beside the measured torch.cuda.max_memory_allocated")
     p.add_argument("--profile", action="store_true", help="also write OUT/profile_SETUP_bBATCH.txt: torch.profiler's "
                    "top 30 kernels by device time over the run (by CPU time without a GPU)")
     args = p.parse_args(argv)
@@ -90,7 +103,9 @@ def main(argv=None):
                 print(f"budget of {args.budget_s:.0f} s spent: skipping {name} at batch {batch}", flush=True)
                 continue
             argv = shapes + SETUPS[name] + ["--benchmark", "--max_train_steps", str(args.steps), "--train_batch_size",
-                                            str(batch), "--output_dir", args.models or os.path.join(args.out, "models")]
+                                            str(batch), "--output_dir", args.models or os.path.join(args.out, "models"),
+                                            "--ignore_memory_check"]  # (the estimate, if asked, is recorded instead)
+            estimate = estimated(argv) if args.estimate else {}
             t0 = time.time()
             try:
                 if args.profile:
@@ -103,7 +118,7 @@ def main(argv=None):
                 result = {"error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
             torch._dynamo.reset()  # compiled graphs of one configuration must not count towards the next
-            result.update(setup=name, batch=batch, wall_s=round(time.time() - t0, 1),
+            result.update(setup=name, batch=batch, wall_s=round(time.time() - t0, 1), **estimate,
                           command="python dipp.py " + " ".join(argv))
             rows.append(result)
             print(json.dumps(result), flush=True)

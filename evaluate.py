@@ -384,16 +384,35 @@ def image_key(model, prompts, args, device):
             "mixed_precision": args.mixed_precision, "device": device.type}
 
 
+PREVIOUS = ".previous"  # images/<model>.previous/: the images the reports on disk describe, until replaced
+
+
 def reusable_images(folder, key):
     """Resume: the PNGs already in folder when it was written under the same key (every PNG is complete or
-    absent: save_png), else none, and the folder is emptied. Returns the set of reusable file names."""
+    absent: save_png), else none. Images of another model or setting are never mixed with these: they are moved
+    aside to folder.previous (the reports still on disk describe them) and deleted only once this run's reports
+    have replaced those (write_reports). Returns the set of reusable file names."""
     key_file, text = os.path.join(folder, "key.json"), json.dumps(key, sort_keys=True)
-    if os.path.isdir(folder) and not (os.path.isfile(key_file) and open(key_file).read() == text):
-        shutil.rmtree(folder)  # another model's or another setting's images: never mixed with these
+    if os.path.isdir(folder) and not (os.path.isfile(key_file) and open(key_file, "rb").read() == text.encode()):
+        why = "its key.json is missing or damaged" if not os.path.isfile(key_file) or not valid_json(key_file) \
+            else "they were drawn for another model or other settings"
+        print(f"{folder}: drawing the images again ({why})")
+        if os.path.isdir(folder + PREVIOUS):  # (a run stopped before its reports: this folder is its own partial)
+            shutil.rmtree(folder)
+        else:
+            os.replace(folder, folder + PREVIOUS)
     os.makedirs(folder, exist_ok=True)
     if not os.path.isfile(key_file):
         plumbing.write_files({key_file: text_file(text)})
     return set(os.listdir(folder))
+
+
+def valid_json(path):
+    try:
+        json.load(open(path, encoding="utf-8"))
+        return True
+    except ValueError:  # (JSONDecodeError, UnicodeDecodeError)
+        return False
 
 
 def generate(model, sample, prompts, args, latent_shape, device):
@@ -721,8 +740,12 @@ def cached_scores(out, model, key):
     path = scores_path(out, model, key)
     if not os.path.isfile(path):
         return None
-    saved = torch.load(path, weights_only=True)
-    same = saved["key"] == json.dumps([model["key"], key], sort_keys=True)
+    try:
+        saved = torch.load(path, weights_only=True)
+        same = saved["key"] == json.dumps([model["key"], key], sort_keys=True)
+    except Exception as e:  # a damaged file (truncated, overwritten): torch raises several kinds of error
+        print(f"{path} is damaged ({type(e).__name__}: {str(e).strip()[:80]}); scoring again")
+        return None
     whole = all(len(v) == len(model["records"]) for v in saved["values"].values())  # (--images_per_prompt changed)
     return saved["values"] if same and whole else None
 
@@ -1061,6 +1084,14 @@ def wrote_an_image(folder):
 
 
 def run(args, metrics, device, command):
+    """The evaluation, holding --output_dir's lock from the moment it first writes there (plumbing.folder_lock):
+    a second evaluate.py into the same folder stops in one line instead of mixing its images with these."""
+    with contextlib.ExitStack() as held:
+        return evaluate(args, metrics, device, command,
+                        lock=lambda: held.enter_context(plumbing.folder_lock(args.output_dir)))
+
+
+def evaluate(args, metrics, device, command, lock):
     ctx, dtype = dipp.precision(dipp.Config(mixed_precision=args.mixed_precision), device)
     prompts = plumbing.load_prompts(args.prompts, dipp.BUILTIN_PROMPTS, "--prompts")
     prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
@@ -1068,7 +1099,7 @@ def run(args, metrics, device, command):
         die(f"{len(prompts)} prompts is more than image_seed's layout allows (2^24); use --max_prompts")
     tiny_scorers, hps_arch = {}, "ViT-H-14"
     if args.tiny:  # random stand-ins for everything, loaded by the same code as the real weights
-        plumbing.writable_dir(args.output_dir)
+        lock()
         sd, generator, tiny_weights = build_tiny(os.path.join(args.output_dir, "tiny"), args.hps_version, args.seed)
         if not args.pretrained_model_name_or_path:  # (a teacher given, e.g. a tiny PixArt-α, keeps its generators)
             args.pretrained_model_name_or_path, args.generator = sd, args.generator or [generator]
@@ -1080,10 +1111,8 @@ def run(args, metrics, device, command):
     if args.teacher_guidance is None:
         args.teacher_guidance = pipeline_guidance(family)
     weights = dict(locate_all(args, metrics), hps_arch=hps_arch)
-    plumbing.writable_dir(args.output_dir)
-    for name in REPORTS:  # a previous evaluation's reports would describe images this run overwrites
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(args.output_dir, name))
+    if not args.tiny:
+        lock()
     if args.tiny and "imagereward" in metrics:
         tiny_scorers["imagereward"] = ImageRewardScorer(dipp.ImageRewardFn(plumbing.freeze(
             tiny_imagereward(os.path.join(args.output_dir, "tiny", "imagereward"), device), device, torch.float32)))
@@ -1094,7 +1123,11 @@ def run(args, metrics, device, command):
         models = generate_all(args, family, generators, prompts, device, ctx, dtype)  # (images/<model>/: at its 1st)
     values, speed = score_all(models, metrics, weights, prompts, args, device, tiny_scorers)
     summarise(models, values, metrics, args)
-    table = write_reports(models, values, metrics, prompts, args, command, speed)
+    table = write_reports(models, values, metrics, prompts, args, command, speed)  # (the old ones until here)
+    images = os.path.join(args.output_dir, "images")
+    for name in os.listdir(images):  # the images that the replaced reports described
+        if name.endswith(PREVIOUS):
+            shutil.rmtree(os.path.join(images, name))
     print(table + f"wrote {args.output_dir}/: images/, scores.jsonl, summary.json, table.md, grid.png")
     return {"models": models, "values": values, "speed": speed, "metrics": metrics}
 

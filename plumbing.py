@@ -1077,6 +1077,87 @@ class StopSignals:
         for sig, old in self.old.items():
             signal.signal(sig, old)
 
+
+# (optional) Programs that start programs: one run per folder, and a kill reaches the whole job. dipp.py keeps
+# its runs apart by what a folder holds (prepare_output_dir); reproduce.py and evaluate.py also hold a lock.
+
+
+@contextlib.contextmanager
+def folder_lock(path, flag="--output_dir"):
+    """Two runs never write one folder at once: an exclusive flock on the folder itself (no lock file to leave
+    behind), held for the block and released by the kernel when the process ends, however it ends (kill -9
+    included). While another process holds it, this run stops in one line. Yields the lock's file descriptor:
+    reproduce.py hands it to the runs it starts, so that one left running still holds the folder."""
+    import fcntl
+    writable_dir(path, flag)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        die(f"{flag} '{path}' is in use by another run that is still going (it holds the folder's lock); let it "
+            f"finish or stop it, or choose another {flag}")
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def die_with_parent():
+    """(Linux, in a child before it runs) SIGTERM to this process when its parent dies, even of kill -9, which
+    no handler sees: a child is never left training alone. PR_SET_PDEATHSIG = 1 in <linux/prctl.h>."""
+    import ctypes
+    import signal
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(143)
+
+
+def run_child(command, cwd=None, pass_fds=()):
+    """Run command and wait for it; returns (exit code, the signal this process received meanwhile or None).
+    SIGINT and SIGTERM sent to this process are passed on to the child, each time, and it is waited for: a
+    Ctrl-C or a scheduler's kill stops the whole job, and a dipp.py child first writes its checkpoint. The child
+    has its own process group, so a terminal's Ctrl-C (sent to the whole foreground group) reaches it once,
+    through here, not twice (a second Ctrl-C makes dipp.py stop without a checkpoint)."""
+    import signal
+    import subprocess
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signum)
+    child = subprocess.Popen(command, cwd=cwd, pass_fds=tuple(pass_fds), start_new_session=True,
+                             preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return code, (received[0] if received else None)
+
+
+@contextlib.contextmanager
+def stopped_in_one_line(how_to_resume):
+    """SIGTERM (a scheduler, `timeout`) and SIGINT end this process with exit code 143 / 130 and one line saying
+    how to continue, instead of a traceback or a silent exit."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signum)
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args else signal.SIGINT
+        print(f"{PROGRAM}: stopped by signal {signum}; {how_to_resume}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum) from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
 # -----------------------------------------------------------------------------
 # 7. What a run leaves behind: the exported generator, sample grids, the benchmark line
 

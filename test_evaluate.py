@@ -739,8 +739,8 @@ def test_imagereward_loads_strictly(tmp_path):
 def test_full_disk_and_unwritable_output_are_one_line_and_leave_nothing_half_written(tmp_path):
     """Real write failures (the kernel refuses to grow a file past a limit: RLIMIT_FSIZE) while the images are
     written, then while the reports are: one line naming the file each time; no .tmp and no partial file left,
-    and the reports are all written or none (here none), while the images and scores an earlier run wrote are kept
-    untouched (a re-run resumes: it writes only the reports)."""
+    and the reports are all replaced or none (here none: the earlier run's stay, untouched), and so are the images
+    and scores an earlier run wrote (a re-run resumes: it writes only the reports)."""
     from PIL import Image
     from conftest import file_size_limit
     t, out = tiny(), tmp_path / "eval"
@@ -751,10 +751,58 @@ def test_full_disk_and_unwritable_output_are_one_line_and_leave_nothing_half_wri
         message = error_of(argv)
     assert "could not write" in message and "' (File too large)" in message and written() == []
     evaluate.main(argv)  # then a run that fits: a re-run keeps its images and scores and rewrites only the reports
-    kept = {f: os.path.getmtime(out / f) for f in written() if not f.endswith(evaluate.REPORTS)}
+    kept = {f: os.path.getmtime(out / f) for f in written()}
     with file_size_limit(2048):  # the reports do not all fit
         message = error_of(argv)
-    images = [f for f in written() if f.endswith(".png")]
+    images = [f for f in written() if f.startswith("images") and f.endswith(".png")]
     assert "File too large" in message and any(f"{r}'" in message for r in evaluate.REPORTS), message
-    assert {f: os.path.getmtime(out / f) for f in written()} == kept and len(images) == 2, written()  # no report, no .tmp
+    assert {f: os.path.getmtime(out / f) for f in written()} == kept and len(images) == 2, written()  # no .tmp
     assert all(Image.open(out / f).load() for f in images)  # whole PNGs
+
+
+def test_damaged_caches_are_recomputed_and_a_failed_rerun_keeps_the_previous_reports(tmp_path, monkeypatch, capsys):
+    """Files evaluate.py wrote and a user's bad day damaged (real files on disk): a truncated score file is scored
+    again and a key.json of garbage bytes has its images drawn again, each with one line saying so, to the same
+    values. A re-run that fails after drawing new images (a changed generator) leaves the previous table, summary,
+    scores and grid byte for byte, and the images they describe in images/<model>.previous; the next run that
+    completes replaces both. While one evaluation holds --output_dir, another into it stops in one line."""
+    import shutil
+    import plumbing
+    from diffusers import UNet2DConditionModel
+    t, out = tiny(), tmp_path / "eval"
+    generator = shutil.copytree(t["generator"], tmp_path / "generator")
+    argv = ["--pretrained_model_name_or_path", t["sd"], "--generator", str(generator), "--max_prompts", "2",
+            "--images_per_prompt", "1", "--metrics", "clip", "--clip_model", t["clip_model"], "--output_dir", str(out)]
+    first = evaluate.main(argv)
+    slug = first["models"][0]["slug"]
+    folder = out / "images" / slug
+    scores = folder / "scores_clip_l.pt"
+    scores.write_bytes(scores.read_bytes()[:100])  # truncated
+    capsys.readouterr()
+    second = evaluate.main(argv)
+    assert f"{scores} is damaged" in capsys.readouterr().out
+    assert torch.equal(second["values"][slug]["clip"], first["values"][slug]["clip"])
+    (folder / "key.json").write_bytes(b"\x80\xff garbage")
+    third = evaluate.main(argv)
+    assert "drawing the images again (its key.json is missing or damaged)" in capsys.readouterr().out
+    assert torch.equal(png(out, third["models"][0]["records"][0]), png(out, first["models"][0]["records"][0]))
+    assert torch.allclose(third["values"][slug]["clip"], first["values"][slug]["clip"])
+    reports = {name: (out / name).read_bytes() for name in evaluate.REPORTS}
+    unet = UNet2DConditionModel.from_pretrained(generator)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(-1)  # a retrained generator, whose re-run then fails while scoring
+    unet.save_pretrained(generator)
+
+    def fail(*args, **kwargs):
+        raise SystemExit("evaluate: error: a scorer failed")
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "score_all", fail)
+        error_of(argv)
+    assert {name: (out / name).read_bytes() for name in evaluate.REPORTS} == reports
+    old = out / "images" / (slug + evaluate.PREVIOUS)
+    assert torch.equal(png(out, {"image": f"images/{old.name}/00000_00.png"}),
+                       torch.from_numpy(first["models"][0]["preview"][0]).int())  # the images the reports describe
+    evaluate.main(argv)
+    assert not old.exists() and (out / "table.md").read_bytes() != reports["table.md"]
+    with plumbing.folder_lock(str(out)):  # another run holds the folder
+        assert "is in use by another run" in error_of(argv)

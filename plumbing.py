@@ -1140,6 +1140,61 @@ def run_child(command, cwd=None, pass_fds=()):
     return code, (received[0] if received else None)
 
 
+def ignore_sigint():
+    """(a pool's worker) A terminal's Ctrl-C goes to every process of the foreground group: the workers leave it
+    to their parent, which ends them (run_in_processes), instead of each printing a traceback."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_in_processes(fn, jobs, workers):
+    """{name: arguments} -> {name: fn(*arguments)}, over `workers` spawned processes. If this process is stopped
+    (Ctrl-C, or SIGTERM under stopped_in_one_line) or a job fails, the workers are ended at once, not left to
+    finish their runs: a kill stops the whole job."""
+    import concurrent.futures
+    import multiprocessing
+    pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
+                                                  initializer=ignore_sigint)
+    try:
+        futures = {k: pool.submit(fn, *v) for k, v in jobs.items()}
+        results = {k: f.result() for k, f in futures.items()}
+    except BaseException:
+        processes = list((getattr(pool, "_processes", None) or {}).values())  # (Python < 3.14: no public way)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            with contextlib.suppress(Exception):
+                process.terminate()
+        for process in processes:
+            process.join(10)
+        raise
+    pool.shutdown()
+    return results
+
+
+def given_flags(argv):
+    """The --flag names typed on the command line (argv; None: sys.argv), so that a preset such as --quick fills
+    only the others: what the user typed wins."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+
+
+def apply_preset(args, preset, argv):
+    """args.<k> = v for each (k, v) of preset whose flag was not given explicitly in argv."""
+    given = given_flags(argv)
+    for k, v in preset.items():
+        if k not in given:
+            setattr(args, k, v)
+
+
+def check_ranges(parser, args, rules):
+    """rules: {flag name: (test, what it must be)}; the first value that fails is one line naming its flag."""
+    for name, (ok, must) in rules.items():
+        value = getattr(args, name)
+        if not all(ok(v) for v in (value if isinstance(value, list) else [value])):
+            parser.error(f"--{name} {value if not isinstance(value, list) else ' '.join(map(str, value))}: "
+                         f"must be {must}")
+
+
 @contextlib.contextmanager
 def stopped_in_one_line(how_to_resume):
     """SIGTERM (a scheduler, `timeout`) and SIGINT end this process with exit code 143 / 130 and one line saying

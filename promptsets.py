@@ -22,6 +22,7 @@ import http.client
 import io
 import json
 import os
+import shlex
 import pickle
 import re
 import sys
@@ -287,7 +288,8 @@ def main(argv=None):
         print(table(), end="")
         return
     if argv[0] != "fetch" or len(argv) < 2:
-        sys.exit("usage: python promptsets.py [fetch NAME...]")
+        sys.exit(f"promptsets: error: unexpected {shlex.join(argv)}; run `python promptsets.py` (the sets) or "
+                 "`python promptsets.py fetch NAME...`")
     import plumbing
     with plumbing.as_program("promptsets"):
         for name in argv[1:]:

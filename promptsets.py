@@ -22,9 +22,9 @@ import http.client
 import io
 import json
 import os
-import shlex
 import pickle
 import re
+import shlex
 import sys
 import tempfile
 import urllib.error

@@ -254,7 +254,6 @@ def test_a_kill_ends_the_toy_and_its_worker_processes(tmp_path):
     except subprocess.TimeoutExpired:
         toy.kill()
         _, err = toy.communicate()
-    assert toy.returncode == 143 and err.strip().splitlines()[-1].startswith("toy/gmm: stopped by signal 15"), err
     deadline = time.time() + 10
     alive = lambda: [p for p in started if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2]
                      != "Z"]
@@ -264,3 +263,4 @@ def test_a_kill_ends_the_toy_and_its_worker_processes(tmp_path):
     for pid in left:  # (a failing test does not leave them training)
         os.kill(int(pid), signal.SIGKILL)
     assert len(started) >= 2 and not left, started
+    assert toy.returncode == 143 and err.strip().splitlines()[-1].startswith("toy/gmm: stopped by signal 15"), err

@@ -193,11 +193,11 @@ def check_models(args):
                              "scheduler/")["num_train_timesteps"]
     generators = []
     for folder in args.generator:
-        sub = families.generator_subfolder(family, folder) if os.path.isdir(folder) else None
-        # (a weight file is a state dict on the teacher's config: its keys are checked when it loads)
         if os.path.isfile(folder) and not folder.endswith((".safetensors", ".bin", ".pt", ".pth")):
             die(f"--generator '{folder}' is a file but not a weight file (.safetensors, .bin, .pt, .pth); give a "
                 "generator folder, or the UNet's weight file (DMD2-SDXL's .bin, DI++-SDXL's .safetensors)")
+        families.check_generator(family, name, folder, "--generator")  # SD-1.x vs SDXL: same class, other family
+        sub = families.generator_subfolder(family, folder) if os.path.isdir(folder) else None
         if not os.path.isfile(folder) and not os.path.isfile(os.path.join(folder, sub or "", "config.json")):
             die(f"--generator '{folder}' is not a generator folder (no config.json, nor {family.folder}/config.json)"
                 "; give the generator/ folder that dipp.py writes at the end of training, or a weight file")

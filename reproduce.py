@@ -552,7 +552,7 @@ def print_cost(recipe, args, plan):
     shapes = recipe.tiny_shapes if args.tiny else recipe.shapes
     print(f"\ncost ({shapes} shapes; counting FLOPs on the meta device, cost.py) ...", flush=True)
     count = lambda: cost.iteration_flops(shapes, batch=batch, **switches)  # one process's iteration
-    per_iteration = count() if args.tiny else counted(count, shapes, batch, switches)  # (tiny: seconds, uncached)
+    per_iteration = counted(count, shapes, batch, switches)  # (tiny: 3-10 s on a CPU; a re-run: at once)
     available = len(dipp.BUILTIN_PROMPTS) if args.tiny else promptsets.SETS[recipe.eval_prompts].count
     prompts = min(int(flag(plan.evaluate, "--max_prompts", 0)) or available, available)
     per_image = int(flag(plan.evaluate, "--images_per_prompt"))

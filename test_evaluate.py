@@ -706,7 +706,7 @@ def test_models_scorers_and_output_folder_are_checked_before_anything_loads(tmp_
     out = tmp_path / "eval"
     base = ["--pretrained_model_name_or_path", t["sd"], "--generator", t["generator"], "--metrics", "clip",
             "--clip_model", t["clip_model"], "--output_dir", str(out)]
-    cases = [(["--generator", os.path.join(pixart, "transformer")], "holds a PixArtTransformer2DModel"),
+    cases = [(["--generator", os.path.join(pixart, "transformer")], "holds a PixArt-α PixArtTransformer2DModel"),
              (["--generator", str(tmp_path)], "is not a generator folder"),
              (["--generator", str(tmp_path / "a_file")], "is a file but not a weight file"),
              (["--generator", str(far)], "t* = 1000 (its dipp.json"),
@@ -806,3 +806,45 @@ def test_damaged_caches_are_recomputed_and_a_failed_rerun_keeps_the_previous_rep
     assert not old.exists() and (out / "table.md").read_bytes() != reports["table.md"]
     with plumbing.folder_lock(str(out)):  # another run holds the folder
         assert "is in use by another run" in error_of(argv)
+
+
+def test_generators_of_another_family_or_damaged_are_refused_before_any_network(tmp_path, monkeypatch):
+    """For every pair of SD-1.x, SDXL and PixArt-α (SD-1.x and SDXL UNets are one class): a generator folder, a
+    pipeline folder and a bare weight file of another family than the teacher's are one line naming both families
+    and evaluate.py's flag (--generator), before any model is loaded; a truncated weight file, bare or in a
+    folder, is one line naming --generator too. The teacher's own denoiser, in each form, passes."""
+    import shutil
+    import families
+    import random_weights
+    root = tempfile.gettempdir()
+    models = {"sd": random_weights.build_random(os.path.join(root, "dipp-test-tiny"), "tiny")[0],
+              "sdxl": random_weights.build_random(os.path.join(root, "dipp-test-tiny-sdxl"), "tiny_sdxl")[0],
+              "pixart": random_weights.build_random(os.path.join(root, "dipp-test-tiny-pixart"), "tiny_pixart")[0]}
+    late = lambda *a, **k: pytest.fail("a model was loaded before every check was done")
+    monkeypatch.setattr(dipp, "load_teacher", late)
+    monkeypatch.setattr(families, "text_conditioning", late)
+    forms = lambda fam: {"pipeline folder": models[fam], "model folder": os.path.join(
+        models[fam], families.FAMILIES[fam].folder), "weight file": os.path.join(
+        models[fam], families.FAMILIES[fam].folder, "diffusion_pytorch_model.safetensors")}
+    base = ["--metrics", "clip", "--clip_model", tiny()["clip_model"], "--output_dir", str(tmp_path / "eval")]
+    for teacher, folder in models.items():
+        family = families.FAMILIES[teacher]
+        for other in models:
+            for form, generator in forms(other).items():
+                if other == teacher:  # (the check passes; the model would load next)
+                    families.check_generator(family, folder, generator, "--generator")
+                    continue
+                message = error_of(["--pretrained_model_name_or_path", folder, "--generator", generator] + base)
+                found = families.FAMILIES[other]
+                assert f"--generator '{generator}'" in message and (f"{found.title} {found.denoiser}" in message or
+                                                                    f"holds a {found.denoiser}" in message), message
+                assert f"the teacher is {family.title}" in message or "uses a" in message, (teacher, other, form)
+    broken = tmp_path / "unet"
+    shutil.copytree(os.path.join(models["sd"], "unet"), broken)
+    weights = broken / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # a copy cut short
+    for generator in (broken, weights):
+        message = error_of(["--pretrained_model_name_or_path", models["sd"], "--generator", str(generator)] + base)
+        assert f"--generator '{generator}'" in message and "cannot be read as a weight file" in message, message
+        assert "--generator_init" not in message
+    assert not (tmp_path / "eval").exists()

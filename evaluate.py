@@ -1119,7 +1119,8 @@ def evaluate(args, metrics, device, command, lock):
     torch.manual_seed(args.seed)  # every image has its own generator; this pins anything else that is random
     print(f"evaluating {len(prompts)} prompts × {args.images_per_prompt} images on {device}; "
           f"metrics: {', '.join(metrics)}")
-    with plumbing.tidy_if_stopped_early(args.output_dir, progress=wrote_an_image, run_files="images"):
+    with plumbing.tidy_if_stopped_early(args.output_dir, progress=wrote_an_image,
+                                        run_files="images|text_embeddings"):
         models = generate_all(args, family, generators, prompts, device, ctx, dtype)  # (images/<model>/: at its 1st)
     values, speed = score_all(models, metrics, weights, prompts, args, device, tiny_scorers)
     summarise(models, values, metrics, args)

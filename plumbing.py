@@ -699,7 +699,8 @@ def prepare_output_dir(cfg, main_rank):
         print(f"--overwrite_output_dir: deleted {len(gone)} files/folders of the previous run in {cfg.output_dir}")
 
 
-RUN_FILES = r"config\.json|log\.jsonl|curves\.png|samples_\d+\.png|generated_\d+\.png|tensorboard|wandb|checkpoint-\d+\.tmp"
+RUN_FILES = (r"config\.json|log\.jsonl|curves\.png|samples_\d+\.png|generated_\d+\.png|tensorboard|wandb|checkpoint-\d+\.tmp"
+             r"|text_embeddings")
 
 
 def trained_a_step(folder):
@@ -714,7 +715,8 @@ def tidy_if_stopped_early(folder, main_rank=True, progress=trained_a_step, run_f
     """A run into a fresh --output_dir that stops before its first step (a missing model, a wrong flag found
     late, out of memory in step 1) takes its own files with it: config.json, the step-0 log and grid, and the
     folder itself when nothing else is left. Otherwise the next try would find an empty folder, or one that
-    'holds another run'. Caches that the retry reuses stay: random-weight models, PixArt's text embeddings.
+    'holds another run'. The prompts' text_embeddings/ go too (the retry encodes them again: main() promises a
+    fresh folder left as it was); --random_weights models stay (a cache the retry reuses, not this run's).
     A folder that already held a run is left as it is. (evaluate.py passes its own progress and run_files.)"""
     before = set(os.listdir(folder)) if os.path.isdir(folder) else None
     fresh = before is None or not (list_checkpoints(folder) or "log.jsonl" in before)

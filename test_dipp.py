@@ -540,7 +540,8 @@ def test_model_locations_fail_fast_and_honestly(tmp_path, hub_probe):
 
 def test_a_run_that_fails_before_step_1_leaves_no_folder(tmp_path, monkeypatch):
     """A failure inside step 1 (a simulated out-of-memory, after config.json, the step-0 log and grid exist)
-    takes the fresh output folder with it, so the retry does not find 'another run' there."""
+    takes the fresh output folder with it, so the retry does not find 'another run' there; an SDXL run's prompt
+    embeddings (text_embeddings/, written before step 1) go with it too."""
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
     monkeypatch.setattr(plumbing, "optimizer_step", out_of_memory)
@@ -550,6 +551,10 @@ def test_a_run_that_fails_before_step_1_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         dipp.main(["--pretrained_model_name_or_path", sd, "--reward", "clip", "--reward_model_path", clip,
                    "--max_train_steps", "1", "--output_dir", str(out)])
+    assert not out.exists()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        dipp.main(["--pretrained_model_name_or_path", tiny_sdxl_models()[0], "--reward", "none", "--max_train_steps",
+                   "1", "--output_dir", str(out)])
     assert not out.exists()
 
 

@@ -858,14 +858,16 @@ def torchrun_two(*argv):
 def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
     """torchrun with 2 CPU processes (gloo) × batch 1 gives the same generator after 2 steps as one
     process with batch 2: the update differs by < 2% of its size (float summation order only), and the
-    logged global-batch losses agree. Resuming the 2-process run from checkpoint-1 gives checkpoint-2 bit
-    for bit: each rank saved its own RNG state and restores it."""
+    logged global-batch losses agree. The optimisers' moments after step 1 agree too: with Adam's β1 = 0 the
+    weights step ±lr whatever the gradient's scale, and the losses are forward values, so only the moments
+    (exp_avg = the step's averaged gradient) see a gradient averaged twice, or summed. Resuming the 2-process
+    run from checkpoint-1 gives checkpoint-2 bit for bit: each rank saved its own RNG state and restores it."""
     from safetensors.torch import load_file
     common = ["--tiny", "--max_train_steps", "2", "--learning_rate", "1e-3", "--fake_learning_rate", "1e-3",
               "--reward_scale", "10"]
     launch = lambda *argv: torchrun_two(*common, "--train_batch_size", "1", *argv)
     launch("--output_dir", str(tmp_path / "ddp"), "--checkpointing_steps", "1")
-    dipp.main(common + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "one")])
+    dipp.main(common + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "one"), "--checkpointing_steps", "1"])
     weights = lambda run: load_file(str(tmp_path / run / "generator" / "diffusion_pytorch_model.safetensors"))
     ddp, one, init = weights("ddp"), weights("one"), load_file(
         str(tmp_path / "one" / "tiny" / "sd" / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -881,6 +883,12 @@ def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
     import shutil
     state = torch.load(tmp_path / "ddp" / "checkpoint-1" / "state.pt", weights_only=True)
     assert len(state["rng"]) == 2  # one RNG state per rank
+    single = torch.load(tmp_path / "one" / "checkpoint-1" / "state.pt", weights_only=True)
+    for name in ("opt_G", "opt_fake"):  # exp_avg = g and exp_avg_sq = (1 − β2) g² after one step (β1 = 0)
+        for i, moments in single[name]["state"].items():
+            moments = {k: moments[k] for k in ("exp_avg", "exp_avg_sq")}
+            gap, size = distance(moments, state[name]["state"][i]), distance(moments, {k: 0 for k in moments})
+            assert gap <= 1e-3 * size + 1e-12, (name, i, gap, size)
     shutil.copytree(tmp_path / "ddp" / "checkpoint-1", tmp_path / "resumed" / "checkpoint-1")
     launch("--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest")
     for name in ("generator", "fake_score"):
@@ -1431,6 +1439,61 @@ def test_generator_init_from_a_weight_file_equals_the_folder(tmp_path):
     assert same_weights(folder.net, unet)
     for name in ("unet.safetensors", "unet.bin"):
         assert same_weights(build(tmp_path / name).net, folder.net), name
+
+
+def test_the_fake_score_starts_from_the_teacher_not_the_generator_init(tmp_path):
+    """s_ψ is initialised from the reference s_ref (Diff-Instruct, DMD2: the fake score starts = teacher, so the
+    IKL starts at 0 for the teacher's own samples), also when the generator starts elsewhere (--generator_init, a
+    UNet of other weights): after one step at a fake learning rate far below float resolution (1e-30) the fake
+    score holds the teacher's weights, not the init's."""
+    unet = tiny_unet(5)  # the teacher's config, other weights
+    write_unet_weights(unet, tmp_path)
+    sd, _ = tiny_models()
+    run = dipp.main(["--pretrained_model_name_or_path", sd, "--reward", "none", "--generator_init",
+                     str(tmp_path / "unet.safetensors"), "--max_train_steps", "1", "--fake_learning_rate", "1e-30",
+                     "--output_dir", str(tmp_path / "run")])
+    fake, teacher = run["fake"].state_dict(), run["teacher"].state_dict()
+    assert fake.keys() == teacher.keys()
+    assert all(torch.allclose(fake[k].float(), v.float(), rtol=0, atol=1e-20) for k, v in teacher.items())
+    assert not same_weights(unet, run["fake"]) and same_weights(unet, tiny_unet(5))
+
+
+def test_lora_adapter_adds_exactly_B_A_x():
+    """--lora_rank R puts W x + B A x on each target layer, scale α/R = 1 (lora_alpha = R, as dipp documents and
+    merged_lora's W ← W + B·A assumes): the adapted layer's output equals the base layer's plus B·A·x computed by
+    hand, at a rank (4) where PEFT's default lora_alpha (8) would double it. The base weights stay shared."""
+    torch.manual_seed(0)
+    base = torch.nn.Module()
+    base.to_q = torch.nn.Linear(6, 5)
+    adapted = plumbing.lora_copy(base, 4, "generator", ("to_q",))
+    layer = adapted.to_q
+    A, B = layer.lora_A["generator"].weight, layer.lora_B["generator"].weight  # (4, 6), (5, 4)
+    with torch.no_grad():
+        B.normal_()  # (PEFT starts B at 0: the adapter is then invisible)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), base.to_q(x) + x @ A.T @ B.T, atol=1e-6)
+    assert layer.get_base_layer().weight is base.to_q.weight
+
+
+def test_prompt_embedding_cache_is_keyed_by_dtype(tmp_path):
+    """The pre-encoded prompts (SDXL's two CLIPs, PixArt's T5) are cached per text-encoder precision: a bf16 run
+    and an fp32 run into one folder write two files, and each reads the rows its own encoder computes (a cache
+    keyed without the dtype would hand the second run the first one's rows)."""
+    folder, fam, cpu = tiny_sdxl_models()[0], families.FAMILIES["sdxl"], torch.device("cpu")
+    tokenizer, cache = families.load_tokenizer(folder, fam), str(tmp_path / "text_embeddings")
+    rows = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float32):  # (the third reads the first's file)
+        text, _ = families.text_conditioning(folder, fam, tokenizer, [["a fox"], [""]], cpu, dtype, cache)
+        rows.setdefault(dtype, []).append(text(["a fox"]))
+    assert len(os.listdir(cache)) == 2
+    for dtype, (first, *again) in rows.items():
+        with torch.no_grad():
+            direct = fam.encode(tokenizer, families.load_text_encoder(folder, fam, cpu, dtype), ["a fox", ""])
+        for x, y in zip(first, direct.to(torch.float32)):  # (the batch the cache encoded: the same rounding)
+            assert torch.equal(x, y[:1]), dtype
+        assert all(torch.equal(x, y) for again_rows in again for x, y in zip(first, again_rows))
+    assert not all(torch.equal(x, y) for x, y in zip(rows[torch.float32][0], rows[torch.bfloat16][0]))
 
 
 def test_bad_generator_init_files_are_one_line(tmp_path):

@@ -377,9 +377,14 @@ def save_png(path, pixels):
 
 def image_key(model, prompts, args, device):
     """What a model's images depend on, beyond (i, k): the model (its files' names, sizes and mtimes, so a
-    generator retrained in the same folder is new), how it is sampled, the prompts, the seed, the precision
-    and the device type. An images/<model>/ folder written under another key is not reused."""
+    generator retrained in the same folder is new), the teacher folder's VAE and text encoder(s) that decode and
+    condition every row (a generator's images change with them), how it is sampled, the prompts, the seed, the
+    precision and the device type. An images/<model>/ folder written under another key is not reused."""
+    teacher = args.pretrained_model_name_or_path
+    shared = plumbing.files_stamp(*(os.path.join(teacher, p) for p in (
+        "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")))
     return {"model": model["source"], "files": model.pop("files"), "sampling": model["name"],
+            "teacher": teacher, "teacher_parts": shared,
             "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(), "seed": args.seed,
             "mixed_precision": args.mixed_precision, "device": device.type}
 

@@ -848,3 +848,33 @@ def test_generators_of_another_family_or_damaged_are_refused_before_any_network(
         assert f"--generator '{generator}'" in message and "cannot be read as a weight file" in message, message
         assert "--generator_init" not in message
     assert not (tmp_path / "eval").exists()
+
+
+def test_image_key_holds_everything_the_images_depend_on(tmp_path):
+    """evaluate.py's image cache (images/<model>/key.json) is keyed by everything that changes a model's images:
+    the model's files, how it is sampled, the prompts, seed, precision, device, and the teacher folder's VAE and
+    text encoder, which decode and condition a generator's row too (the same generator with a VAE replaced in the
+    teacher's folder draws other images)."""
+    import argparse
+    teacher = tmp_path / "sd"
+    for part in ("vae", "text_encoder", "unet"):
+        os.makedirs(teacher / part)
+        (teacher / part / "config.json").write_text("{}")
+    model = lambda: {"source": "gen", "files": [("gen/x", 1, 2.0)], "name": "gen (one step, t*=999)"}
+    args = lambda **kw: argparse.Namespace(**{"pretrained_model_name_or_path": str(teacher), "seed": 0,
+                                              "mixed_precision": "no", **kw})
+    cpu = torch.device("cpu")
+    key = evaluate.image_key(model(), ["a fox"], args(), cpu)
+    assert key == evaluate.image_key(model(), ["a fox"], args(), cpu)
+    changed = [evaluate.image_key(model(), ["a cat"], args(), cpu), evaluate.image_key(model(), ["a fox"], args(
+                   seed=1), cpu), evaluate.image_key(model(), ["a fox"], args(mixed_precision="bf16"), cpu),
+               evaluate.image_key(model(), ["a fox"], args(), torch.device("meta")),
+               evaluate.image_key({**model(), "name": "gen (one step, t*=500)"}, ["a fox"], args(), cpu),
+               evaluate.image_key({**model(), "files": [("gen/x", 1, 3.0)]}, ["a fox"], args(), cpu)]
+    assert all(other != key for other in changed)
+    (teacher / "unet" / "config.json").write_text("{ }")  # the teacher's UNet does not draw a generator's row
+    assert evaluate.image_key(model(), ["a fox"], args(), cpu) == key
+    for part in ("vae", "text_encoder"):  # its VAE and text encoder do
+        (teacher / part / "config.json").write_text("{  }")
+        assert evaluate.image_key(model(), ["a fox"], args(), cpu) != key, part
+        key = evaluate.image_key(model(), ["a fox"], args(), cpu)

@@ -1125,17 +1125,20 @@ def run_child(command, cwd=None, pass_fds=()):
     through here, not twice (a second Ctrl-C makes dipp.py stop without a checkpoint)."""
     import signal
     import subprocess
-    received = []
+    received, child = [], []
 
     def forward(signum, frame):
         received.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            child.send_signal(signum)
-    child = subprocess.Popen(command, cwd=cwd, pass_fds=tuple(pass_fds), start_new_session=True,
-                             preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+        for process in child:  # (none yet while it starts: passed on right after)
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signum)
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = child.wait()
+        child.append(subprocess.Popen(command, cwd=cwd, pass_fds=tuple(pass_fds), start_new_session=True,
+                                      preexec_fn=die_with_parent if sys.platform.startswith("linux") else None))
+        if received:  # a signal that came while the child was being started
+            child[0].send_signal(received[-1])
+        code = child[0].wait()
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)

@@ -1059,7 +1059,8 @@ def save_comparison_grid(models, prompts, path, tile=128):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    with plumbing.as_program("evaluate"):  # dipp's and plumbing's one-line errors speak for evaluate
+    with plumbing.as_program("evaluate"), plumbing.stopped_in_one_line(  # (SIGTERM too: one line, exit 143)
+            "run the same command again: the images and scores already written are kept"):
         args = parse_args(argv)
         metrics = check_args(args)
         device = plumbing.pick_device(args.device)

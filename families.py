@@ -482,5 +482,8 @@ def check_generator(family, teacher, name, flag):
         plumbing.die(f"{flag} '{name}' is a {family.title} {family.denoiser} of another shape than the teacher's: "
                      f"{'; '.join(differ)}; give a generator of the teacher's architecture")
     weights = [f for f in sorted(os.listdir(os.path.dirname(path))) if f.endswith((".safetensors", ".bin"))]
+    if not weights:
+        plumbing.die(f"{flag} '{name}' has {os.path.relpath(path, name)} but no weight file beside it "
+                     "(diffusion_pytorch_model.safetensors or .bin); the copy or download is incomplete")
     for f in weights[:1]:  # a truncated download or copy: one line now, not a loader error later
         weight_shapes(os.path.join(os.path.dirname(path), f), f"{flag} '{name}': its {f}")

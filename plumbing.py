@@ -1132,7 +1132,9 @@ def run_child(command, cwd=None, pass_fds=()):
         for process in child:  # (none yet while it starts: passed on right after)
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signum)
-    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    import threading
+    main = threading.current_thread() is threading.main_thread()  # (signals can only be caught there)
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         child.append(subprocess.Popen(command, cwd=cwd, pass_fds=tuple(pass_fds), start_new_session=True,
                                       preexec_fn=die_with_parent if sys.platform.startswith("linux") else None))
@@ -1205,9 +1207,13 @@ def stopped_in_one_line(how_to_resume):
     """SIGTERM (a scheduler, `timeout`) and SIGINT end this process with exit code 143 / 130 and one line saying
     how to continue, instead of a traceback or a silent exit."""
     import signal
+    import threading
 
     def stop(signum, frame):
         raise KeyboardInterrupt(signum)
+    if threading.current_thread() is not threading.main_thread():  # (signals can only be caught there)
+        yield
+        return
     old = signal.signal(signal.SIGTERM, stop)
     try:
         yield

@@ -847,6 +847,9 @@ def test_generators_of_another_family_or_damaged_are_refused_before_any_network(
         message = error_of(["--pretrained_model_name_or_path", models["sd"], "--generator", str(generator)] + base)
         assert f"--generator '{generator}'" in message and "cannot be read as a weight file" in message, message
         assert "--generator_init" not in message
+    weights.unlink()  # a folder with its config but no weights
+    message = error_of(["--pretrained_model_name_or_path", models["sd"], "--generator", str(broken)] + base)
+    assert f"--generator '{broken}' has config.json but no weight file" in message, message
     assert not (tmp_path / "eval").exists()
 
 

@@ -133,10 +133,11 @@ def parse_args(argv):
     p.add_argument("--reward_scale", type=float, default=None, metavar="A",
                    help="α_rew; given, the calibration stage is skipped")
     p.add_argument("--max_train_steps", type=int, default=None, metavar="N", help="override the recipe's 2000")
-    p.add_argument("--max_prompts", type=int, default=0, metavar="N",
-                   help="evaluate on the first N prompts of the set (0 = all; the table says which)")
+    p.add_argument("--max_prompts", type=int, default=None, metavar="N",
+                   help="evaluate on the first N prompts of the set (0 = all; default all, --tiny 3)")
     args = p.parse_args(argv)
-    if args.nproc < 1 or (args.max_train_steps is not None and args.max_train_steps < 1) or args.max_prompts < 0:
+    if args.nproc < 1 or (args.max_train_steps is not None and args.max_train_steps < 1) or (
+            args.max_prompts is not None and args.max_prompts < 0):
         p.error(f"--nproc and --max_train_steps must be >= 1, --max_prompts >= 0; got {args.nproc}, "
                 f"{args.max_train_steps}, {args.max_prompts}")
     if args.utilisation is not None and not 0 < args.utilisation <= 1:
@@ -189,8 +190,8 @@ def make_plan(recipe, args, out):
         train = set_flag(set_flag(set_flag(train, "--reward", "clip"), "--reward_model_path", models["reward"]),
                          "--learning_rate", "1e-3")
         prompts = []
-        ev = ["--tiny", "--teacher_steps", "2", "--max_prompts", str(args.max_prompts or 3), "--images_per_prompt",
-              "2", "--metrics", "aesthetic,imagereward,hps,pickscore,clip", "--hps_version",
+        few = 3 if args.max_prompts is None else args.max_prompts  # (an explicit 0 = all 8 built-in prompts)
+        ev = ["--tiny", "--teacher_steps", "2", "--max_prompts", str(few), "--images_per_prompt", "2", "--metrics", "aesthetic,imagereward,hps,pickscore,clip", "--hps_version",
               flag(recipe.evaluate, "--hps_version")]
         downloads = []
     else:
@@ -453,8 +454,9 @@ def main(argv=None):
 
 
 def reproduce(args):
+    import plumbing
     recipe, out = RECIPES[args.recipe], os.path.abspath(args.output_dir)
-    os.makedirs(out, exist_ok=True)
+    plumbing.writable_dir(out)  # (one line for a folder that cannot be written)
     plan = make_plan(recipe, args, out)
     print_plan(recipe, args, plan)
     if args.plan:

@@ -224,3 +224,28 @@ def test_damaged_records_are_recomputed_with_one_line(tmp_path, monkeypatch, cap
     open(cached, "w").write('{"flops": ')
     assert reproduce.counted(lambda: 7.0, "a key") == 7.0 and "is damaged; counting again" in capsys.readouterr().out
     assert reproduce.counted(lambda: 9.0, "a key") == 7.0  # written back whole
+
+
+def test_bad_flags_and_an_unwritable_folder_are_one_line(tmp_path):
+    """Each mistake is one line naming its flag, before anything is built or written: a utilisation of 0 (which
+    the cost estimate used to replace silently by its default) or above 1, no GPUs, a negative prompt count, a
+    negative α_rew, a misspelt flag, an output folder that cannot be made (its parent is a file). An explicit
+    --max_prompts 0 means all prompts under --tiny too, not --tiny's 3."""
+    import argparse
+    import pytest
+    (tmp_path / "a_file").write_text("")
+    cases = [(["--utilisation", "0"], "--utilisation 0.0 is not a fraction"),
+             (["--utilisation", "1.5"], "--utilisation 1.5 is not a fraction"),
+             (["--nproc", "0"], "--nproc and --max_train_steps must be >= 1"),
+             (["--max_prompts", "-1"], "--max_prompts >= 0"), (["--reward_scale", "-1"], "would minimise the reward"),
+             (["--max_train_step", "3"], "unknown flag --max_train_step; did you mean --max_train_steps"),
+             (["--output_dir", str(tmp_path / "a_file" / "out")], "cannot be written")]
+    for extra, expected in cases:
+        with pytest.raises(SystemExit) as e:
+            reproduce.main(["sd15", "--tiny", "--plan", *extra])
+        message = str(e.value)
+        assert message.startswith("reproduce: error: ") and "\n" not in message and expected in message, message
+    plan = lambda *flags: reproduce.make_plan(reproduce.RECIPES["sd15"], argparse.Namespace(
+        **vars(reproduce.parse_args(["sd15", "--tiny", *flags]))), str(tmp_path / "out"))
+    assert reproduce.flag(plan("--max_prompts", "0").evaluate, "--max_prompts") == "0"
+    assert reproduce.flag(plan().evaluate, "--max_prompts") == "3"

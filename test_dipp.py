@@ -1455,7 +1455,7 @@ def test_the_fake_score_starts_from_the_teacher_not_the_generator_init(tmp_path)
     fake, teacher = run["fake"].state_dict(), run["teacher"].state_dict()
     assert fake.keys() == teacher.keys()
     assert all(torch.allclose(fake[k].float(), v.float(), rtol=0, atol=1e-20) for k, v in teacher.items())
-    assert not same_weights(unet, run["fake"]) and same_weights(unet, tiny_unet(5))
+    assert not same_weights(unet, run["teacher"])  # (the init is not the teacher: the check above can fail)
 
 
 def test_lora_adapter_adds_exactly_B_A_x():

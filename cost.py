@@ -34,6 +34,7 @@ import dipp
 import families
 import plumbing
 import random_weights
+import rewards
 
 # -----------------------------------------------------------------------------
 # 1. Counting
@@ -233,13 +234,13 @@ def meta_models(shapes, cfg, device=META):
             model = frozen(meta_imagereward())
             if cfg.gradient_checkpointing:
                 plumbing.checkpoint_blocks(model.blip.visual_encoder.blocks)
-            reward = dipp.ImageRewardFn(model)
+            reward = rewards.ImageRewardFn(model)
         elif cfg.reward == "clip":  # openai/clip-vit-large-patch14's shapes (= SHAPES' text + vision towers)
             model = frozen(CLIPModel(CLIPConfig(text_config=arch["text"], vision_config=arch["vision"],
                                                 projection_dim=arch["text"]["projection_dim"])))
             if cfg.gradient_checkpointing:
                 plumbing.checkpoint_blocks(model.vision_model.encoder.layers)
-            reward = dipp.ClipRewardFn(model, MetaTokenizer(77))
+            reward = rewards.ClipRewardFn(model, MetaTokenizer(77))
         reward_vae = vae
         if cfg.reward_decoder == "tiny" and reward is not None:
             reward_vae = AutoencoderTiny(**arch["taesd"])
@@ -301,7 +302,7 @@ def iteration_flops(shapes, batch=1, device=META, **switches):
     opt_G, opt_fake = NoUpdate(G_params), NoUpdate(fake_params)
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
     prompts = [f"prompt {i}" for i in range(batch)]
-    if isinstance(reward, dipp.ClipRewardFn):  # the CLIP reward encodes each prompt once per run (PromptCache)
+    if isinstance(reward, rewards.ClipRewardFn):  # the CLIP reward encodes each prompt once per run (PromptCache)
         reward.text.batch(prompts, reward.encode_text)
     if fam.pre_encode:  # start-up work (PixArt's T5, SDXL's CLIPs), not an iteration's
         m["text"](prompts)

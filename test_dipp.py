@@ -22,6 +22,7 @@ import dipp
 import families
 import plumbing
 import random_weights
+import rewards
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TMP = tempfile.gettempdir()  # models built once per session; TMPDIR keeps two checkouts' runs apart
@@ -346,11 +347,11 @@ def test_reward_preprocessing_matches_imagereward_pil_path():
     """dipp's torch preprocessing (differentiable) vs the package's PIL pipeline on the same image:
     pixels within 0.05 (normalised units, mean 0.01) and scores within 2% of the between-image spread."""
     model = offline_imagereward()
-    fn = dipp.ImageRewardFn(model)
+    fn = rewards.ImageRewardFn(model)
     for size in (96, 512):  # upsampling to 224 and SD1.5's downsampling 512 -> 224
         img = smooth_image(0, size)
         ref = model.preprocess(to_pil(img))[None]  # (1, 3, 224, 224), the package's own transform
-        ours = dipp.clip_preprocess(img, 224)
+        ours = rewards.clip_preprocess(img, 224)
         assert (ours - ref).abs().max() < 0.05 and (ours - ref).abs().mean() < 0.01
     with torch.no_grad():
         prompt = "a red bicycle"
@@ -369,7 +370,7 @@ def test_imagereward_gradient_reaches_generator():
     net = read_unet("unet").train()
     G = dipp.OneStepGenerator(net, families.FAMILIES["sd"], dipp.Schedule.scaled_linear(), 999)
     vae = AutoencoderKL.from_pretrained(sd, subfolder="vae").requires_grad_(False)
-    fn = dipp.ImageRewardFn(offline_imagereward())
+    fn = rewards.ImageRewardFn(offline_imagereward())
     x0 = G(torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32))
     dipp.reward_loss(fn(dipp.decode(vae, x0), ["a fox"]), 1.0).sum().backward()
     grads = [p.grad.abs().sum() for p in G.parameters() if p.grad is not None]
@@ -385,9 +386,9 @@ def test_clip_reward_is_cosine_similarity():
     prompts = ["a fox", "a red bicycle"]
     with torch.no_grad():
         out = model(input_ids=tok(prompts, padding=True, return_tensors="pt").input_ids,
-                    pixel_values=dipp.clip_preprocess(images, 16))
+                    pixel_values=rewards.clip_preprocess(images, 16))
         expected = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)
-        assert torch.allclose(dipp.ClipRewardFn(model, tok)(images, prompts), expected, atol=1e-5)
+        assert torch.allclose(rewards.ClipRewardFn(model, tok)(images, prompts), expected, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -1239,7 +1240,7 @@ def test_reward_gradient_is_zero_on_pixels_the_saved_image_clips():
     them: their gradient is exactly 0, while in-range pixels get gradient."""
     from transformers import CLIPModel, CLIPTokenizer
     clip = tiny_models()[1]
-    fn = dipp.ClipRewardFn(CLIPModel.from_pretrained(clip).eval(), CLIPTokenizer.from_pretrained(clip))
+    fn = rewards.ClipRewardFn(CLIPModel.from_pretrained(clip).eval(), CLIPTokenizer.from_pretrained(clip))
     images = (1.6 * torch.randn(2, 3, 24, 24)).requires_grad_(True)  # ~47 % of pixels outside [-1, 1]
     fn(images, ["a fox", "a red bicycle"]).sum().backward()
     outside = images.detach().abs() > 1
@@ -2302,7 +2303,7 @@ def hand_wired_iteration(kind, folder, clip, rng_state, prompts, B, omega, K, re
         e_fake, e_fake_before = eps(fake, x_t, t, cond), eps(fake_before, x_t, t, cond)
     w_alpha_over_sigma = sigma(t) ** 2 / alpha(t) ** 2 * alpha(t) / sigma(t)
     image = vae.decode(x0 / vae.config.scaling_factor).sample  # [-1, 1]
-    pixels = dipp.clip_preprocess(image, clip_model.config.vision_config.image_size)
+    pixels = rewards.clip_preprocess(image, clip_model.config.vision_config.image_size)
     r = (F.normalize(clip_model.get_image_features(pixel_values=pixels), dim=-1) * text).sum(-1)  # (B,)
     params = list(G.parameters())
     grad = lambda out, d_out=None: torch.autograd.grad(out, params, d_out, retain_graph=True)

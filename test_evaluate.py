@@ -20,6 +20,7 @@ import torch
 
 import dipp
 import evaluate
+import rewards
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -198,7 +199,7 @@ def test_imagereward_matches_the_package_score():
     from PIL import Image
     images = [pil(1, (512, 512)), pil(2, (16, 16)), pil(3, (300, 200)), Image.new("RGB", (512, 512), "black")]
     prompts = ["a red bicycle", "a watercolor fox", "a lighthouse at sunset", "a red bicycle"]
-    ours = evaluate.ImageRewardScorer(dipp.ImageRewardFn(model))(images, prompts)["imagereward"]
+    ours = evaluate.ImageRewardScorer(rewards.ImageRewardFn(model))(images, prompts)["imagereward"]
     with torch.no_grad():
         theirs = torch.tensor([model.score(p, im) for p, im in zip(prompts, images)])
     assert torch.allclose(ours, theirs, atol=1e-5), (ours, theirs)
@@ -259,7 +260,7 @@ def test_hps_preprocessing_is_the_hpsv2_recipe(resize):
     torchvision < 0.17 did for HPSv2's published numbers, not), zero pad centred (odd pixel right/bottom), CLIP
     normalisation; checked on non-square and square images against plain torch interpolate + explicit padding."""
     import numpy as np
-    mean, std = torch.tensor(dipp.CLIP_MEAN).view(3, 1, 1), torch.tensor(dipp.CLIP_STD).view(3, 1, 1)
+    mean, std = torch.tensor(rewards.CLIP_MEAN).view(3, 1, 1), torch.tensor(rewards.CLIP_STD).view(3, 1, 1)
     for size, resized in (((300, 201), (150, 224)), ((512, 512), (224, 224)), ((16, 16), (224, 224))):
         image = pil(10, size)  # PIL size = (W, H)
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255  # (3, H, W)
@@ -648,7 +649,7 @@ def test_scores_do_not_follow_mixed_precision():
     images = [Image.open(os.path.join(t["root"], r["image"])).convert("RGB") for r in model["records"]]
     prompts = [dipp.BUILTIN_PROMPTS[r["prompt_index"]] for r in model["records"]]
     clip = evaluate.load_clip_l(t["clip_model"], t["aesthetic_model"], cpu)
-    scorers = [evaluate.ImageRewardScorer(dipp.ImageRewardFn(evaluate.tiny_imagereward(
+    scorers = [evaluate.ImageRewardScorer(rewards.ImageRewardFn(evaluate.tiny_imagereward(
                os.path.join(t["folder"], "imagereward")))), clip,
                evaluate.load_hps(t["hps_model"], evaluate.TINY_HPS_ARCH, cpu),
                evaluate.load_pickscore(t["pickscore_model"], t["pickscore_processor"], cpu)]

@@ -441,6 +441,8 @@ def check_generator(family, teacher, name, flag):
     tensor names and shapes against the teacher's config). SD-1.x and SDXL UNets are one class, so the class alone
     does not tell them apart. One line naming both families otherwise, and the flag of the program that was run."""
     import diffusers
+    if not os.path.exists(name):
+        return  # (a hub id: from_pretrained's own checks, and check_model_class on what it downloaded)
     load = lambda: getattr(diffusers, family.denoiser).load_config(teacher, subfolder=family.folder)
     expected = plumbing.load_or_die(load, teacher, f"the teacher's {family.folder}/config.json")
     if os.path.isfile(name):
@@ -458,8 +460,6 @@ def check_generator(family, teacher, name, flag):
                          f"({len(wrong)} tensors missing, extra or of another shape, e.g. {', '.join(wrong[:3])}); "
                          "give the weights of a generator with the teacher's architecture")
         return
-    if not os.path.isdir(name):
-        return  # (a hub id: from_pretrained's own checks, and check_model_class on what it downloaded)
     sub = plumbing.find_subfolder(name, family.folder)
     path = os.path.join(name, sub or "", "config.json")
     if not os.path.isfile(path):  # a pipeline folder of another family keeps its denoiser in another subfolder

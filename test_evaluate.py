@@ -702,6 +702,7 @@ def test_models_scorers_and_output_folder_are_checked_before_anything_loads(tmp_
     far = tmp_path / "far"  # a generator whose dipp.json says t* = 1000
     os.makedirs(far)
     open(far / "config.json", "w").write(open(os.path.join(t["generator"], "config.json")).read())
+    __import__("shutil").copy(os.path.join(t["generator"], "diffusion_pytorch_model.safetensors"), far)  # (whole)
     plumbing.write_generator_record(str(far), 1000)
     (tmp_path / "a_file").write_text("")
     out = tmp_path / "eval"

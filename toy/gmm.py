@@ -159,27 +159,29 @@ def train(gmm, schedule, args, reward_scale, omega, reward_fn=None, seed=0, on_s
                       ikl_weighting=args.weighting, max_grad_norm=0)
     teacher = gmm.eps_fn(schedule)
     G, fake = Generator(gmm.C, args.z_dim), FakeScore(gmm.C, teacher)
-    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.999))
-    opt_fake = torch.optim.Adam(fake.parameters(), lr=args.lr_fake, betas=(0.0, 0.999))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # (fp16's loss scaler: off on a CPU)
+    opt = dipp.Optimizers(  # Adam with β1 = 0, as Diff-Instruct; no clipping
+        fake=plumbing.SafeOptimizer(list(fake.parameters()), torch.optim.Adam(fake.parameters(), lr=args.lr_fake,
+                                                                              betas=(0.0, 0.999)), scaler),
+        G=plumbing.SafeOptimizer(list(G.parameters()), torch.optim.Adam(G.parameters(), lr=args.lr,
+                                                                        betas=(0.0, 0.999)), scaler))
     B = args.batch
     if on_step is not None:
         on_step(0, G)
     for step in range(args.steps):
         c = torch.randint(gmm.C, (B,))  # c ~ U{classes}
         uncond = torch.full((B,), -1)  # c = ∅: the unconditional mixture
-        fake_c = lambda x_t, t: fake(x_t, t, c)
-        nets = dipp.Bound(G=lambda z: G(z, c), real_eps=dipp.guided(teacher, c, uncond, omega), fake_eps=fake_c,
-                          fake_train_eps=fake_c, reward=(lambda x0: reward_fn(x0, c)) if reward_fn else None)
+        nets = dipp.Bound(G_c=lambda z: G(z, c), teacher_eps_c=dipp.guided(teacher, c, uncond, omega),
+                          fake_eps_c=lambda x_t, t: fake(x_t, t, c),  # the fake score is never guided
+                          reward_c=(lambda x0: reward_fn(x0, c)) if reward_fn else None)
         noises = [dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu") for _ in range(cfg.fake_steps_per_G + 1)]
-        dipp.dipp_step(nets, (list(fake.parameters()), opt_fake, scaler), (list(G.parameters()), opt_G, scaler),
-                       noises, schedule, cfg)
+        dipp.dipp_step(nets, opt, noises, schedule, cfg)
         if on_step is not None:
             on_step(step + 1, G)
     return G
 
 
-def cfg_reward(gmm, schedule, args):
+def guidance_reward(gmm, schedule, args):
     """The implicit reward of CFG as an *explicit* reward (METHOD.md §5), one Monte-Carlo sample:
         r_cfg(x0, c) = w(t) log p_t(c | α_t x0 + σ_t ε),  t ~ π(t), ε ~ N(0, I)
     with the same w(t) and π(t) as the IKL term (dipp.ikl_weight, dipp.sample_timesteps)."""
@@ -324,7 +326,7 @@ def parse(argv=None):
         "eval_samples": (lambda v: v >= 2, ">= 2 (the metrics compare sample sets)"),
         "workers": (lambda v: v >= 1, ">= 1 (1 = no worker processes)"),
         "means": (finite, "finite"), "direction": (finite, "finite"), "centre": (finite, "finite")})
-    dipp.check_config(dipp.Config(t_min=args.t_min, t_max=args.t_max))  # π(t) inside the schedule
+    plumbing.check_config(dipp.Config(t_min=args.t_min, t_max=args.t_max))  # π(t) inside the schedule
     return args
 
 
@@ -350,7 +352,7 @@ def job(args, name, reward_scale, omega, seed):
     torch.set_num_threads(1)  # small MLPs: one thread per run, runs in parallel across cores
     gmm, schedule, reward = build(args)
     reward_fn = {"reward": lambda x0, c: reward(x0), "cfg_guided": None,
-                 "cfg_explicit": cfg_reward(gmm, schedule, args)}[name]
+                 "cfg_explicit": guidance_reward(gmm, schedule, args)}[name]
     G = train(gmm, schedule, args, reward_scale, omega, reward_fn, seed=seed)
     edges, grid = grid_for(args)
     return evaluate(G, gmm, reward, grid, edges, args.eval_samples, seed=10_000 + seed)

@@ -191,8 +191,8 @@ def make_plan(recipe, args, out):
                          "--learning_rate", "1e-3")
         prompts = []
         few = 3 if args.max_prompts is None else args.max_prompts  # (an explicit 0 = all 8 built-in prompts)
-        ev = ["--tiny", "--teacher_steps", "2", "--max_prompts", str(few), "--images_per_prompt", "2", "--metrics", "aesthetic,imagereward,hps,pickscore,clip", "--hps_version",
-              flag(recipe.evaluate, "--hps_version")]
+        ev = ["--tiny", "--teacher_steps", "2", "--max_prompts", str(few), "--images_per_prompt", "2", "--metrics",
+              "aesthetic,imagereward,hps,pickscore,clip", "--hps_version", flag(recipe.evaluate, "--hps_version")]
         downloads = []
     else:
         models = {"teacher": recipe.teacher, "init": None, "reward": "THUDM/ImageReward"}

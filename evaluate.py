@@ -163,8 +163,8 @@ def check_args(args):
             f"got {args.seed} and {args.images_per_prompt}")
     if args.teacher_steps < 0 or args.max_prompts < 0:
         die("--teacher_steps and --max_prompts must be >= 0 (0 = no teacher / all prompts)")
-    if args.teacher_guidance is not None and not args.teacher_guidance >= 1:
-        die(f"--teacher_guidance {args.teacher_guidance} < 1; use 1 (no CFG) or more (SD1.5 default 7.5)")
+    if args.teacher_guidance is not None and not 1 <= args.teacher_guidance < math.inf:
+        die(f"--teacher_guidance {args.teacher_guidance} is not in [1, ∞); use 1 (no CFG) or more (SD1.5 default 7.5)")
     has_generator = bool(args.generator) or (args.tiny and not args.pretrained_model_name_or_path)  # (--tiny's)
     if not has_generator and not args.teacher_steps:
         die("nothing to evaluate: give --generator DIR (repeatable) and/or --teacher_steps N")

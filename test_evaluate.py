@@ -430,6 +430,7 @@ def test_bad_flags_and_prompt_files_are_one_line(tmp_path):
         ("--metrics", "diversity", "--images_per_prompt", "1"): "--images_per_prompt >= 2",
         ("--metrics", "fd_teacher"): "--teacher_steps N",
         ("--teacher_steps", "2", "--teacher_guidance", "0.5"): "--teacher_guidance",
+        ("--teacher_steps", "2", "--teacher_guidance", "inf"): "--teacher_guidance inf",
         ("--prompts", str(tmp_path / "none.txt")): "does not exist",
         ("--prompts", str(tmp_path / "empty.txt")): "has no prompts",
         ("--prompts", str(tmp_path / "latin1.txt")): "UTF-8",

@@ -203,6 +203,7 @@ def test_toy_flags_are_checked_and_explicit_flags_win_over_quick(tmp_path):
     assert "--width 0.0: must be > 0" in toy_error(gmm.parse, ["--reward", "bump", "--width", "0"])
     assert "--workers 0: must be >= 1" in toy_error(gmm.parse, ["--workers", "0"])
     assert "--lr 0.0: must be > 0" in toy_error(optimum.parse, ["--lr", "0"])
+    assert "--reward_scales 0.5 inf: must be finite" in toy_error(gmm.parse, ["--reward_scales", "0.5", "inf"])
     assert "--ema 1.0: must be in [0, 1)" in toy_error(digits.parse, ["--ema", "1"])
     assert "did you mean --steps" in toy_error(gmm.parse, ["--step", "3"])  # (no silent abbreviation)
     (tmp_path / "a_file").write_text("")

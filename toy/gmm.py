@@ -325,7 +325,9 @@ def parse(argv=None):
         "lr": (lambda v: v > 0 and finite(v), "> 0"), "lr_fake": (lambda v: v > 0 and finite(v), "> 0"),
         "eval_samples": (lambda v: v >= 2, ">= 2 (the metrics compare sample sets)"),
         "workers": (lambda v: v >= 1, ">= 1 (1 = no worker processes)"),
-        "means": (finite, "finite"), "direction": (finite, "finite"), "centre": (finite, "finite")})
+        "means": (finite, "finite"), "direction": (finite, "finite"), "centre": (finite, "finite"),
+        "stds": (finite, "finite"), "weights": (finite, "finite"), "reward_scales": (finite, "finite"),
+        "guidance_scale": (finite, "finite")})
     plumbing.check_config(dipp.Config(t_min=args.t_min, t_max=args.t_max))  # π(t) inside the schedule
     return args
 

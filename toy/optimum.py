@@ -405,7 +405,8 @@ def parse(argv=None):
         "batch": (lambda v: v >= 2, ">= 2"), "lr": (lambda v: v > 0 and finite(v), "> 0"),
         "lr_fake": (lambda v: v > 0 and finite(v), "> 0"), "eval_samples": (lambda v: v >= 2, ">= 2"),
         "workers": (lambda v: v >= 1, ">= 1 (1 = no worker processes)"), "mu": (finite, "finite"),
-        "a": (finite, "finite"), "s": (finite, "finite")})
+        "a": (finite, "finite"), "s": (finite, "finite"), "reward_scales": (finite, "finite"),
+        "target_shift": (finite, "finite")})
     plumbing.check_config(dipp.Config(t_min=args.t_min, t_max=args.t_max))  # π(t) inside the schedule
     return args
 

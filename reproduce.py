@@ -120,6 +120,7 @@ RECIPES = {
 def parse_args(argv):
     import plumbing
     p = plumbing.FlagParser("reproduce.py", __doc__.split("\n\n")[0])  # (exact flags; each mistake one line)
+    p.usage = "python reproduce.py {pixart,sd15,sdxl} [--flag VALUE ...]   (python reproduce.py --help lists them all)"
     p.add_argument("recipe", choices=tuple(RECIPES), help="which published row")
     p.add_argument("--output_dir", default="", metavar="DIR", help="default runs/reproduce-RECIPE (-tiny)")
     p.add_argument("--plan", action="store_true", help="print the downloads, the commands and the cost; run nothing")

@@ -193,12 +193,13 @@ def check_models(args):
                              "scheduler/")["num_train_timesteps"]
     generators = []
     for folder in args.generator:
-        sub = families.generator_subfolder(family, folder) if os.path.isdir(folder) else None
+        adapter = plumbing.lora_adapter_file(folder)  # a LoRA adapter (file, or a folder of only it): teacher + it
+        sub = families.generator_subfolder(family, folder) if os.path.isdir(folder) and not adapter else None
         # (a weight file is a state dict on the teacher's config: its keys are checked when it loads)
         if os.path.isfile(folder) and not folder.endswith((".safetensors", ".bin", ".pt", ".pth")):
             die(f"--generator '{folder}' is a file but not a weight file (.safetensors, .bin, .pt, .pth); give a "
                 "generator folder, or the UNet's weight file (DMD2-SDXL's .bin, DI++-SDXL's .safetensors)")
-        if not os.path.isfile(folder) and not os.path.isfile(os.path.join(folder, sub or "", "config.json")):
+        if not adapter and not os.path.isfile(folder) and not os.path.isfile(os.path.join(folder, sub or "", "config.json")):
             die(f"--generator '{folder}' is not a generator folder (no config.json, nor {family.folder}/config.json)"
                 "; give the generator/ folder that dipp.py writes at the end of training, or a weight file")
         t_star = plumbing.read_generator_record(folder) or args.generator_timestep or family.t_star

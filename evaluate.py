@@ -41,6 +41,8 @@ import torch.nn.functional as F
 import dipp
 import families
 import plumbing
+import promptsets
+import rewards
 
 die = plumbing.die  # one line instead of a traceback; it says "evaluate: error:" while main() runs
 
@@ -491,16 +493,16 @@ def generate_all(args, family, generators, prompts, device, ctx, dtype):
 #    of its official code, whatever --mixed_precision (which is for the models evaluated): its weights in fp32,
 #    and HPS under fp16 autocast on CUDA, as HPSv2's img_score.py.
 
-CLIP_MEAN, CLIP_STD = dipp.CLIP_MEAN, dipp.CLIP_STD  # OpenAI CLIP's, used by every scorer here
+CLIP_MEAN, CLIP_STD = rewards.CLIP_MEAN, rewards.CLIP_STD  # OpenAI CLIP's, used by every scorer here
 
 
 class ImageRewardScorer:
     """ImageReward's `score()` batched: the package's own PIL preprocess and its batched `score_gard`
     (BLIP ViT-L → BERT cross-attention → MLP, normalised), the prompt tokenised as dipp's reward does
-    (dipp.ImageRewardFn.tokenize: `score()`'s 35 tokens)."""
+    (rewards.ImageRewardFn.tokenize: `score()`'s 35 tokens)."""
 
     def __init__(self, reward):
-        self.reward = reward  # a dipp.ImageRewardFn
+        self.reward = reward  # a rewards.ImageRewardFn
 
     @torch.no_grad()
     def __call__(self, images, prompts):
@@ -1062,8 +1064,8 @@ def wrote_an_image(folder):
 
 
 def run(args, metrics, device, command):
-    ctx, dtype = dipp.precision(dipp.Config(mixed_precision=args.mixed_precision), device)
-    prompts = plumbing.load_prompts(args.prompts, dipp.BUILTIN_PROMPTS, "--prompts")
+    ctx, dtype = plumbing.precision(args.mixed_precision, device)
+    prompts = promptsets.load_prompts(args.prompts, promptsets.BUILTIN_PROMPTS, "--prompts")
     prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
     if len(prompts) >= 2 ** 24:
         die(f"{len(prompts)} prompts is more than image_seed's layout allows (2^24); use --max_prompts")
@@ -1086,7 +1088,7 @@ def run(args, metrics, device, command):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(args.output_dir, name))
     if args.tiny and "imagereward" in metrics:
-        tiny_scorers["imagereward"] = ImageRewardScorer(dipp.ImageRewardFn(plumbing.freeze(
+        tiny_scorers["imagereward"] = ImageRewardScorer(rewards.ImageRewardFn(plumbing.freeze(
             tiny_imagereward(os.path.join(args.output_dir, "tiny", "imagereward"), device), device, torch.float32)))
     torch.manual_seed(args.seed)  # every image has its own generator; this pins anything else that is random
     print(f"evaluating {len(prompts)} prompts × {args.images_per_prompt} images on {device}; "

@@ -604,6 +604,8 @@ def main(argv=None):
     if cfg.random_weights:  # same code path as SD1.5 / PixArt-α / SDXL, nothing downloaded
         from random_weights import use_random_weights
         use_random_weights(cfg, rank, world)  # builds them in output_dir, points the model/reward paths there
+    from random_weights import build_random  # (rebuilds a random-weight teacher whose folder is gone)
+    plumbing.use_recorded_teacher(cfg, argv, build_random)  # --generate: the teacher the generator's dipp.json names
     # a mistyped path, an incomplete model folder or an unreachable hub: one line now, not after loading
     plumbing.check_model_locations(model_locations(cfg))
     if os.path.isdir(cfg.pretrained_model_name_or_path):

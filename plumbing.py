@@ -1135,7 +1135,8 @@ class StopSignals:
             signal.signal(sig, old)
 
 # -----------------------------------------------------------------------------
-# 7. What a run leaves behind: the exported generator, sample grids, the benchmark line
+# 7. What a run leaves behind: the exported generator (dipp.json with its teacher, the LoRA adapter file, the
+#    model card), sample grids, the benchmark line
 
 
 def merged_lora(net, copy=True):
@@ -1188,8 +1189,6 @@ def export_generator(net, t_star, folder, write=True, cfg=None, family=None):
     print(f"generator saved to {folder}" + (f" (and its LoRA adapter, {LORA_FILE})" if record.get("lora") else ""))
 
 
-# -----------------------------------------------------------------------------
-# 8. Shipping a generator: dipp.json (t*, the teacher, the settings), the LoRA adapter file, the model card
 
 GENERATOR_RECORD = "dipp.json"  # beside a generator's weights: {"generator_timestep": t*, "teacher": ..., ...}
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes (LORA_WEIGHT_NAME_SAFE)
@@ -1242,20 +1241,22 @@ def read_generator_record(folder):
     return int(record["generator_timestep"]) if record else None
 
 
-def use_recorded_teacher(cfg, argv=None):
+def use_recorded_teacher(cfg, argv=None, rebuild=None):
     """--generate with --generator_init but neither --pretrained_model_name_or_path nor --random_weights: the teacher
-    is the one the generator's dipp.json records (recorded_teacher), not the default hub id. An explicit flag wins."""
+    is the one the generator's dipp.json records (recorded_teacher), not the default hub id. An explicit flag wins.
+    rebuild: random_weights.build_random, for a random-weight teacher whose folder is gone."""
     argv = sys.argv[1:] if argv is None else argv
     given = any(a == "--pretrained_model_name_or_path" or a.startswith("--pretrained_model_name_or_path=") for a in argv)
     if cfg.generate and cfg.generator_init and not cfg.random_weights and not given:
-        cfg.pretrained_model_name_or_path = (recorded_teacher(cfg.generator_init, cfg.output_dir)
+        cfg.pretrained_model_name_or_path = (recorded_teacher(cfg.generator_init, cfg.output_dir, rebuild)
                                              or cfg.pretrained_model_name_or_path)
 
 
-def recorded_teacher(generator, output_dir):
+def recorded_teacher(generator, output_dir, rebuild=None):
     """The teacher that dipp.json beside `generator` names (None: no record, or one without a teacher): a hub id as
     written; a folder where it now is (relative to the generator first: a run folder moved whole); a random-weight
-    teacher whose folder is gone rebuilt from its recipe in output_dir. A recorded folder that is gone is one line."""
+    teacher whose folder is gone rebuilt from its recipe by rebuild(folder, shapes, seed) in output_dir. A recorded
+    folder that is gone is one line."""
     record = generator_record(generator)
     teacher = record.get("teacher")
     if not teacher or "teacher_relative" not in record:
@@ -1265,11 +1266,10 @@ def recorded_teacher(generator, output_dir):
         if os.path.isdir(folder):
             return os.path.normpath(folder)
     recipe = record.get("random_weights")
-    if recipe:  # the same shapes and seed build the same weights
-        from random_weights import build_random
+    if recipe and rebuild:  # the same shapes and seed build the same weights
         print(f"the teacher recorded in {generator}'s dipp.json ('{teacher}') is gone; rebuilding its random "
               f"weights (--random_weights {recipe['shapes']}, seed {recipe['seed']}) in {output_dir}")
-        return build_random(os.path.join(output_dir, recipe["shapes"]), recipe["shapes"], recipe["seed"])[0]
+        return rebuild(os.path.join(output_dir, recipe["shapes"]), recipe["shapes"], recipe["seed"])[0]
     die(f"the teacher of '{generator}', recorded in its {GENERATOR_RECORD} as the folder '{teacher}', no longer "
         "exists; pass --pretrained_model_name_or_path with that folder's new place (or the hub id it came from)")
 
@@ -1598,7 +1598,7 @@ class RunKeeper:
         self.autocast, self.dtype = precision(cfg.mixed_precision, self.device)
         if not cfg.benchmark:  # one line for an unwritable folder; never mix this run with another's files
             prepare_output_dir(cfg, self.main_rank)
-        self.step, self.benchmark, self.sharded, self.t0 = 0, None, False, 0.0
+        self.step, self.benchmark, self.sharded, self.t0, self.family = 0, None, False, 0.0, None
 
     def wrap(self, G, fake, family, frozen=()):
         """Compile every network (before DDP wraps them), record the config, then wrap G and the fake score for
@@ -1607,7 +1607,7 @@ class RunKeeper:
         of the mean loss over the global batch; saving and no-grad evaluation use the bare modules. --shard fsdp:
         FSDP2 shards G's denoiser and ψ in place instead (shard(); the same averaged update), so every rank runs each
         call of them, validation and saving included. The frozen teacher, VAE and reward stay whole."""
-        cfg = self.cfg
+        cfg, self.family = self.cfg, family  # (the export's adapter file and model card need the family)
         if cfg.compile != "none":  # the frozen nets too: they run every step
             compile_nets(cfg, [G.net, fake] + [net for net in frozen if net is not None], self.device)
         self.sharded = cfg.shard == "fsdp" and self.world > 1  # (--shard fsdp in one process: a plain run)
@@ -1728,7 +1728,7 @@ class RunKeeper:
         if not cfg.benchmark:  # every rank calls it (a sharded generator is gathered whole first); rank 0 writes
             with ema_weights(self.G_params, self.ema):
                 export_generator(self.G.net, self.G.t_star, os.path.join(cfg.output_dir, "generator"),
-                                 write=self.writes)
+                                 write=self.writes, cfg=cfg, family=self.family)
 
 
 if __name__ == "__main__":  # python plumbing.py curves runs/x/log.jsonl  -> runs/x/curves.png

@@ -1246,7 +1246,8 @@ def use_recorded_teacher(cfg, argv=None, rebuild=None):
     is the one the generator's dipp.json records (recorded_teacher), not the default hub id. An explicit flag wins.
     rebuild: random_weights.build_random, for a random-weight teacher whose folder is gone."""
     argv = sys.argv[1:] if argv is None else argv
-    given = any(a == "--pretrained_model_name_or_path" or a.startswith("--pretrained_model_name_or_path=") for a in argv)
+    flag = "--pretrained_model_name_or_path"
+    given = any(a == flag or a.startswith(flag + "=") for a in argv)
     if cfg.generate and cfg.generator_init and not cfg.random_weights and not given:
         cfg.pretrained_model_name_or_path = (recorded_teacher(cfg.generator_init, cfg.output_dir, rebuild)
                                              or cfg.pretrained_model_name_or_path)

@@ -79,7 +79,8 @@ def test_lora_adapter_in_a_stock_pipeline_reproduces_generate(shapes, tmp_path):
     t_star, teacher = record["generator_timestep"], record["teacher"]
     assert t_star == {"tiny": 999, "tiny_sdxl": 399}[shapes] and os.path.isdir(teacher)
     # --generate with only --generator_init: the teacher comes from dipp.json (the default is SD1.5's hub id)
-    ours = dipp.main(["--generate", "|".join(PROMPTS), "--generator_init", generator, "--output_dir", str(tmp_path / "a")])
+    ours = dipp.main(["--generate", "|".join(PROMPTS), "--generator_init", generator,
+                      "--output_dir", str(tmp_path / "a")])
     from_file = dipp.main(["--generate", "|".join(PROMPTS), "--generator_init",
                            os.path.join(generator, plumbing.LORA_FILE), "--output_dir", str(tmp_path / "b")])
     assert torch.allclose(ours, from_file, atol=1e-5)
@@ -196,8 +197,9 @@ def test_evaluate_takes_the_adapter_file_or_a_folder_of_only_it_as_a_generator(t
     shutil.copy(os.path.join(generator, plumbing.LORA_FILE), only)
     clip = shutil.copytree(os.path.join(out, "tiny", "clip"), tmp_path / "clip")  # + a processor: the CLIP scorer's
     CLIPImageProcessor(size={"shortest_edge": 16}, crop_size=16).save_pretrained(clip)
-    result = evaluate.main(["--pretrained_model_name_or_path", os.path.join(out, "tiny", "sd"), "--generator", generator,
-                            "--generator", os.path.join(generator, plumbing.LORA_FILE), "--generator", str(only),
+    result = evaluate.main(["--pretrained_model_name_or_path", os.path.join(out, "tiny", "sd"),
+                            "--generator", generator, "--generator", os.path.join(generator, plumbing.LORA_FILE),
+                            "--generator", str(only),
                             "--max_prompts", "2", "--images_per_prompt", "1", "--metrics", "clip", "--clip_model",
                             str(clip), "--output_dir", str(tmp_path / "eval")])
     png = lambda r: torch.from_numpy(numpy.array(Image.open(tmp_path / "eval" / r["image"]))).int()

@@ -1390,7 +1390,7 @@ def write_model_card(folder, record, family=None):
                   f"{lora['layers']} layers, in diffusers' LoRA format; `config.json` + "
                   "`diffusion_pytorch_model.safetensors` are the same generator merged into the whole denoiser.", ""]
     lines += ["## Training", "", "| | |", "|---|---|", f"| teacher (base model) | `{teacher or 'not recorded'}` |",
-              f"| method | DI++, {PAPER.split(' (')[0]} |", f"| t* (`--generator_timestep`) | {t_star} |"]
+              "| method | Diff-Instruct++ (DI++), arXiv 2410.18881 |", f"| t* (`--generator_timestep`) | {t_star} |"]
     if run:
         batch = f"{run['train_batch_size']} × {run['processes']} process(es)"
         lines += [f"| reward r, α_rew (`--reward`, `--reward_scale`) | {run['reward']}, {run['reward_scale']:g} |",
@@ -1399,7 +1399,8 @@ def write_model_card(folder, record, family=None):
                   f"| LoRA rank | {run['lora_rank'] or 'none (full fine-tuning)'} |",
                   f"| learning rates (generator, fake score) | {run['learning_rate']:g}, {run['fake_learning_rate']:g} |",
                   f"| precision, seed | {run['mixed_precision']}, {run['seed']} |",
-                  f"| prompts | {run['prompts'] or 'the 8 built-in prompts (a smoke test)'} |", "",
+                  f"| prompts | {run['prompts'] or 'the 8 built-in prompts (a smoke test)'} |",
+                  f"| started from (`--generator_init`) | {run['generator_init'] or 'the teacher'} |", "",
                   f"Every setting: `{GENERATOR_RECORD}` (\"training\"), the machine-readable record."]
     lines += ["", "## Sampling in one step", ""] + sampling_code(folder, teacher, t_star, lora, family)
     grid = sorted((f for f in os.listdir(folder) if re.fullmatch(r"samples_\d+\.png", f)), key=lambda f: int(f[8:-4]))

@@ -1189,7 +1189,6 @@ def export_generator(net, t_star, folder, write=True, cfg=None, family=None):
     print(f"generator saved to {folder}" + (f" (and its LoRA adapter, {LORA_FILE})" if record.get("lora") else ""))
 
 
-
 GENERATOR_RECORD = "dipp.json"  # beside a generator's weights: {"generator_timestep": t*, "teacher": ..., ...}
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes (LORA_WEIGHT_NAME_SAFE)
 PAPER = "Diff-Instruct++ (W. Luo, arXiv [2410.18881](https://arxiv.org/abs/2410.18881), TMLR 2025)"
@@ -1278,12 +1277,12 @@ def recorded_teacher(generator, output_dir, rebuild=None):
 def save_lora_adapter(net, folder, family):
     """Write net's LoRA adapter as folder/pytorch_lora_weights.safetensors through the family's stock pipeline class's
     save_lora_weights (diffusers' LoRA training scripts' route), so that `pipe.load_lora_weights(folder)` applies it.
-    Returns {"file", "rank", "alpha"} for dipp.json, or None (one line) where that pipeline has no LoRA loader.
-    NOTE: PEFT's own keys (lora_A/lora_B) are saved, as diffusers' save_lora_adapter does, not passed through
-    convert_state_dict_to_diffusers as the training scripts do: that renames only the attention layers' keys
-    (to_q.lora.down), and diffusers 0.39's loader, deciding the format from the first key (a conv's lora_A),
-    then silently drops every attention adapter. The adapter's LoraConfig goes into the file's metadata, so the
-    loader applies the trained scale α/r (the test checks the images, which would differ otherwise)."""
+    Returns {"file", "rank", "alpha", "layers"} for dipp.json, or None (one line) where that pipeline has no LoRA
+    loader. One departure from the training scripts: PEFT's own keys (lora_A/lora_B) are saved, as diffusers'
+    save_lora_adapter saves them, not passed through convert_state_dict_to_diffusers: that renames only the attention
+    layers' keys (to_q.lora.down), and diffusers 0.39's loader, deciding the format from the first key (a conv's
+    lora_A), then silently drops every attention adapter. The adapter's LoraConfig goes into the file's metadata,
+    so the loader applies the trained scale α/r (test_export.py checks both)."""
     import diffusers
     from peft.utils import get_peft_model_state_dict
     pipeline = getattr(diffusers, family.pipeline)
@@ -1429,7 +1428,8 @@ def sampling_code(folder, teacher, t_star, lora, family):
                       'torch_dtype=torch.float16).to("cuda")']
         lines += ["# one step from pure noise at t*: DDPM's last step returns the denoiser's x̂0, as dipp samples",
                   "pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)",
-                  f'image = pipe("a red bicycle", num_inference_steps=1, timesteps=[{t_star}], guidance_scale=1).images[0]',
+                  f'image = pipe("a red bicycle", num_inference_steps=1, timesteps=[{t_star}], guidance_scale=1'
+                  + (", clean_caption=False" if cls == "PixArtAlphaPipeline" else "") + ").images[0]",
                   "```", ""]
     lines += ["```bash", f'python dipp.py --generate "a red bicycle|a watercolor fox" --generator_init {folder}',
               "```", "", f"dipp reads t* and the teacher from `{GENERATOR_RECORD}`; guidance is off at sampling (the "

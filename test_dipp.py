@@ -250,9 +250,12 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
     assert any(f.startswith("samples_") and f.endswith(".png") for f in files), files
     assert os.path.isfile(os.path.join(out, "generator", "diffusion_pytorch_model.safetensors"))
     assert os.path.isfile(os.path.join(out, "generator", "README.md"))
+    commands = set()
     for text in (dipp.__doc__, open(os.path.join(HERE, "README.md")).read()):
         line = next(l for l in text.splitlines() if "--generator_init out/generator" in l)
-        images = dipp.main(shlex.split(line[line.index("python dipp.py --generate"):].split("`")[0])[2:])
+        commands.add(line[line.index("python dipp.py --generate"):].split("`")[0].strip())
+    for command in commands:  # (the same command in both, so far)
+        images = dipp.main(shlex.split(command)[2:])
         assert images.shape[0] == 1 and os.path.isfile(os.path.join("dipp-out", "generated_00.png"))
 
 

@@ -99,7 +99,8 @@ def parse_args(argv):
     a("--generator", action="append", default=[], metavar="DIR",
       help="one-step generator folder written by dipp (its UNet or transformer + dipp.json), a pipeline folder "
            "holding one in unet/ or transformer/ (PixArt-α-DMD's, DI++-SDXL's), or a bare weight file on the "
-           "teacher's config (DMD2-SDXL's .bin, DI++-SDXL's unet .safetensors); repeat to compare several")
+           "teacher's config (DMD2-SDXL's .bin, DI++-SDXL's unet .safetensors), or a LoRA adapter file on the teacher "
+           "(dipp's pytorch_lora_weights.safetensors, or a folder holding only it); repeat to compare several")
     a("--generator_timestep", type=int, default=0, metavar="INT",
       help="t* for a generator folder without dipp.json, or a weight file (0 = the family's: SD 999, PixArt-α 400, "
            "SDXL 399)")
@@ -195,12 +196,14 @@ def check_models(args):
                              "scheduler/")["num_train_timesteps"]
     generators = []
     for folder in args.generator:
+        adapter = plumbing.lora_adapter_file(folder)  # a LoRA adapter (file, or a folder of only it): teacher + it
         if os.path.isfile(folder) and not folder.endswith((".safetensors", ".bin", ".pt", ".pth")):
             die(f"--generator '{folder}' is a file but not a weight file (.safetensors, .bin, .pt, .pth); give a "
                 "generator folder, or the UNet's weight file (DMD2-SDXL's .bin, DI++-SDXL's .safetensors)")
         families.check_generator(family, name, folder, "--generator")  # SD-1.x vs SDXL: same class, other family
-        sub = families.generator_subfolder(family, folder) if os.path.isdir(folder) else None
-        if not os.path.isfile(folder) and not os.path.isfile(os.path.join(folder, sub or "", "config.json")):
+        sub = families.generator_subfolder(family, folder) if os.path.isdir(folder) and not adapter else None
+        model = os.path.isfile(folder) or os.path.isfile(os.path.join(folder, sub or "", "config.json"))
+        if not adapter and not model:
             die(f"--generator '{folder}' is not a generator folder (no config.json, nor {family.folder}/config.json)"
                 "; give the generator/ folder that dipp.py writes at the end of training, or a weight file")
         t_star = plumbing.read_generator_record(folder) or args.generator_timestep or family.t_star

@@ -370,7 +370,11 @@ def generator_subfolder(family, name):
 def load_generator(name, teacher, family, device):
     """--generator_init as a trainable fp32 denoiser: a bare weight file on the teacher's config (as DMD2 releases its
     SD1.5 generator), a model folder (dipp exports one), a pipeline folder holding one (PixArt-α-DMD, DI++-SDXL) or a
-    hub id. A generator of another family is one line."""
+    hub id; or a LoRA adapter file (or a folder of only it: dipp's pytorch_lora_weights.safetensors), merged into
+    the teacher. A generator of another family is one line."""
+    adapter = plumbing.lora_adapter_file(name)
+    if adapter:
+        return plumbing.teacher_with_lora(teacher, adapter, family).to(device).requires_grad_(True)
     if os.path.isfile(name):
         net = plumbing.load_weights_or_die(teacher.__class__.from_config(teacher.config), name)
         return net.to(device).float().requires_grad_(True)
@@ -454,8 +458,8 @@ def check_generator(family, teacher, name, flag):
     tensor names and shapes against the teacher's config). SD-1.x and SDXL UNets are one class, so the class alone
     does not tell them apart. One line naming both families otherwise, and the flag of the program that was run."""
     import diffusers
-    if not os.path.exists(name):
-        return  # (a hub id: from_pretrained's own checks, and check_model_class on what it downloaded)
+    if not os.path.exists(name) or plumbing.lora_adapter_file(name):
+        return  # (a hub id: from_pretrained's own checks; an adapter: teacher_with_lora checks its layers)
     load = lambda: getattr(diffusers, family.denoiser).load_config(teacher, subfolder=family.folder)
     expected = plumbing.load_or_die(load, teacher, f"the teacher's {family.folder}/config.json")
     if os.path.isfile(name):

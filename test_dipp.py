@@ -236,19 +236,27 @@ def readme_quickstart():
     return shlex.split(command)[2:]
 
 
-def test_readme_quickstart_runs(tmp_path):
+def test_readme_quickstart_runs(tmp_path, monkeypatch):
     """README's CPU command runs as written, twice into the same folder (a quick start can be re-run), and
-    leaves a checkpoint, a sample grid and a generator."""
+    leaves a checkpoint, a sample grid and a generator with its model card. Then the --generate example of --help
+    and README, exactly as written (no --tiny, no teacher flag), draws from it offline: dipp.json names the teacher."""
+    monkeypatch.chdir(tmp_path)  # the commands' relative paths (out/, out/generator), as a user types them
     argv = readme_quickstart()
-    i = argv.index("--output_dir")
-    argv[i + 1] = str(tmp_path / argv[i + 1])
     dipp.main(argv)
     dipp.main(argv)
-    out = argv[i + 1]
+    out = argv[argv.index("--output_dir") + 1]
     files = os.listdir(out)
     assert any(re.fullmatch(r"checkpoint-\d+", f) for f in files), files
     assert any(f.startswith("samples_") and f.endswith(".png") for f in files), files
     assert os.path.isfile(os.path.join(out, "generator", "diffusion_pytorch_model.safetensors"))
+    assert os.path.isfile(os.path.join(out, "generator", "README.md"))
+    commands = set()
+    for text in (dipp.__doc__, open(os.path.join(HERE, "README.md")).read()):
+        line = next(l for l in text.splitlines() if "--generator_init out/generator" in l)
+        commands.add(line[line.index("python dipp.py --generate"):].split("`")[0].strip())
+    for command in commands:  # (the same command in both, so far)
+        images = dipp.main(shlex.split(command)[2:])
+        assert images.shape[0] == 1 and os.path.isfile(os.path.join("dipp-out", "generated_00.png"))
 
 
 def test_resume_continues_the_run(tmp_path):
@@ -1898,9 +1906,10 @@ def test_pixart_readme_run_moves_only_generator_and_fake_and_resumes_from_cached
     assert same_weights(nets["G"].net, resumed["G"].net) and same_weights(nets["fake"], resumed["fake"])
 
 
-def test_pixart_lora_base_untouched_merged_export_reloads_in_stock_pipeline(tmp_path):
+def test_pixart_lora_base_untouched_merged_export_reloads_in_stock_pipeline(tmp_path, capsys):
     """--lora_rank on PixArt: adapters move, the one shared base stays bit-identical to the teacher file, the
-    merged export is a plain PixArtTransformer2DModel folder predicting what the adapter model predicts, and a
+    merged export (no adapter file: PixArtAlphaPipeline has no load_lora_weights, one line says so) is a plain
+    PixArtTransformer2DModel folder predicting what the adapter model predicts, and a
     stock PixArtAlphaPipeline (DDPM, clip_sample=False, timesteps=[t*], guidance 1) given it reproduces dipp's
     --generate images from the same noise."""
     from diffusers import AutoencoderKL, DDPMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
@@ -1917,6 +1926,9 @@ def test_pixart_lora_base_untouched_merged_export_reloads_in_stock_pipeline(tmp_
     merged = PixArtTransformer2DModel.from_pretrained(os.path.join(out, "generator"))
     assert not any("lora" in k for k in merged.state_dict())
     assert json.load(open(os.path.join(out, "generator", "config.json")))["_class_name"] == "PixArtTransformer2DModel"
+    assert "PixArtAlphaPipeline cannot load one" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, "generator", plumbing.LORA_FILE))
+    assert "PixArtAlphaPipeline.from_pretrained" in open(os.path.join(out, "generator", "README.md")).read()
     x, t, (emb, mask) = torch.randn(2, 4, 8, 8), torch.tensor([400, 999]), t5_like([4, 9], 5)
     with torch.no_grad():
         assert torch.allclose(pixart_eps_by_hand(merged, x, t, emb, mask), pixart_eps_by_hand(G, x, t, emb, mask), atol=1e-5)
@@ -2130,7 +2142,9 @@ def test_sdxl_training_run_and_its_export_reproduce_a_stock_one_step_sdxl_call(t
     assert same_weights(nets["vae"], AutoencoderKL.from_pretrained(folder, subfolder="vae"))
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert log[-1]["step"] == 2 and all(v == v for v in log[-1].values())
-    assert json.load(open(os.path.join(out, "generator", "dipp.json"))) == {"generator_timestep": 399}
+    record = json.load(open(os.path.join(out, "generator", "dipp.json")))  # t*, and the teacher it came from
+    assert record["generator_timestep"] == 399 and record["teacher"] == os.path.abspath(folder)
+    assert record["family"] == "sdxl" and record["training"]["reward_scale"] == 10
     pipe = sdxl_pipeline(folder, UNet2DConditionModel.from_pretrained(os.path.join(out, "generator")),
                          LCMScheduler.from_pretrained(folder, subfolder="scheduler"))
     prompts = promptsets.BUILTIN_PROMPTS[:2]  # (pre-encoded: nets["text"] knows the run's prompts)

@@ -94,10 +94,7 @@ for ax, omega in zip(axes, (1.0, 3.0)):
 cfg = dipp.Config(reward_scale=0.5, guidance_scale=1.0, t_min=args.t_min, t_max=args.t_max,
                   ikl_weighting=args.weighting, max_grad_norm=0)
 G, fake = toy.Generator(mixture.C, args.z_dim), toy.FakeScore(mixture.C, teacher)
-scaler = torch.amp.GradScaler("cpu", enabled=False)  # fp16's loss scaler: off on a CPU
-adam = lambda net, lr: plumbing.SafeOptimizer(list(net.parameters()), torch.optim.Adam(net.parameters(), lr=lr,
-                                                                                        betas=(0.0, 0.999)), scaler)
-opt = dipp.Optimizers(fake=adam(fake, args.lr_fake), G=adam(G, args.lr))
+opt = dipp.Optimizers(fake=plumbing.cpu_adam(fake, args.lr_fake), G=plumbing.cpu_adam(G, args.lr))  # Adam, β1 = 0
 B = 256
 c = torch.randint(mixture.C, (B,))
 nets = dipp.Bound(G_c=lambda z: G(z, c),

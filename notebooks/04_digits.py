@@ -83,10 +83,7 @@ plt.show()
 cfg = dipp.Config(reward_scale=10.0, guidance_scale=1.0, t_min=args.t_min, t_max=args.t_max, max_grad_norm=0)
 G = digits.Generator(teacher, schedule, args.t_star)
 fake = copy.deepcopy(teacher).requires_grad_(True)
-scaler = torch.amp.GradScaler("cpu", enabled=False)  # fp16's loss scaler: off on a CPU
-adam = lambda net, lr: plumbing.SafeOptimizer(list(net.parameters()), torch.optim.Adam(net.parameters(), lr=lr,
-                                                                                        betas=(0.0, 0.999)), scaler)
-opt = dipp.Optimizers(fake=adam(fake, args.lr_fake), G=adam(G, args.lr))
+opt = dipp.Optimizers(fake=plumbing.cpu_adam(fake, args.lr_fake), G=plumbing.cpu_adam(G, args.lr))  # Adam, β1 = 0
 B = 64
 c = torch.randint(10, (B,))
 nets = dipp.Bound(G_c=lambda z: G(z, c),

@@ -320,12 +320,7 @@ def train(teacher, schedule, args, reward_scale, omega, reward_fn=None, seed=0, 
                       t_min=args.t_min, t_max=args.t_max, ikl_weighting=weighting, max_grad_norm=0)
     G = Generator(teacher, schedule, args.t_star)  # θ and ψ both start at the teacher (METHOD.md §4)
     fake = copy.deepcopy(teacher).requires_grad_(True)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)  # (fp16's loss scaler: off on a CPU)
-    opt = dipp.Optimizers(  # Adam with β1 = 0, as Diff-Instruct; no clipping
-        fake=plumbing.SafeOptimizer(list(fake.parameters()), torch.optim.Adam(fake.parameters(), lr=args.lr_fake,
-                                                                              betas=(0.0, 0.999)), scaler),
-        G=plumbing.SafeOptimizer(list(G.parameters()), torch.optim.Adam(G.parameters(), lr=args.lr,
-                                                                        betas=(0.0, 0.999)), scaler))
+    opt = dipp.Optimizers(fake=plumbing.cpu_adam(fake, args.lr_fake), G=plumbing.cpu_adam(G, args.lr))  # Adam, β1 = 0
     # (optional) EMA of θ, dipp's --ema_decay: the generator that is evaluated. With Adam at a constant step
     # the last iterate jitters (measured on a judge α_rew = 10 run: FD to the teacher 57 at step 400, 14 at 500)
     params = list(G.parameters())

@@ -159,12 +159,7 @@ def train(gmm, schedule, args, reward_scale, omega, reward_fn=None, seed=0, on_s
                       ikl_weighting=args.weighting, max_grad_norm=0)
     teacher = gmm.eps_fn(schedule)
     G, fake = Generator(gmm.C, args.z_dim), FakeScore(gmm.C, teacher)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)  # (fp16's loss scaler: off on a CPU)
-    opt = dipp.Optimizers(  # Adam with β1 = 0, as Diff-Instruct; no clipping
-        fake=plumbing.SafeOptimizer(list(fake.parameters()), torch.optim.Adam(fake.parameters(), lr=args.lr_fake,
-                                                                              betas=(0.0, 0.999)), scaler),
-        G=plumbing.SafeOptimizer(list(G.parameters()), torch.optim.Adam(G.parameters(), lr=args.lr,
-                                                                        betas=(0.0, 0.999)), scaler))
+    opt = dipp.Optimizers(fake=plumbing.cpu_adam(fake, args.lr_fake), G=plumbing.cpu_adam(G, args.lr))  # Adam, β1 = 0
     B = args.batch
     if on_step is not None:
         on_step(0, G)

@@ -592,13 +592,13 @@ def print_memory(shapes, batch, switches, plan, args):
     ranks = args.nproc if "fsdp" in plan.train else 1
     switches = dict(switches, mixed_precision=flag(plan.train, "--mixed_precision", "no"))
     m = (cost.iteration_memory if args.tiny else cost.memory)(shapes, batch, ranks, **switches)
-    fits = [f"{gb} GB" for gb in (24, 40, 48, 80) if cost.fits(m["total"], gb * 1e9)]
+    fits = [card for card, free in cost.CARDS.items() if cost.fits(m["total"], free)]  # docs/cost.md's cards
     print(f"  memory     {m['total'] / cost.GiB:.1f} GiB per GPU at batch {batch}"
           + (f" (FSDP2 over {ranks})" if ranks > 1 else "") + f": weights {m['weights'] / cost.GiB:.1f}, trainable "
           f"{m['trainable'] / cost.GiB:.1f}, gradients {m['gradients'] / cost.GiB:.1f}, Adam "
           f"{m['optimizer'] / cost.GiB:.1f}, activations {m['activations'] / cost.GiB:.1f}; fits a card of "
           + (fits[0] if fits else "none of 24-80 GB: --nproc N shards it, or a smaller --train_batch_size")
-          + (" or more" if fits and fits[0] != "80 GB" else ""))
+          + (" or more" if fits and fits[0] != list(cost.CARDS)[-1] else ""))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ SHARED = {"test_dipp.py": ("executed_notebook", "offline_imagereward"),  # noteb
           "test_evaluate.py": ("readme_run", "pixart_run"),
           "test_export.py": ("lora_run",),  # one LoRA step per family, read by all of its tests
           "test_toy.py": ("DIGITS_CACHE",),  # its notebook test reads the teacher that the run before it trained
-          "test_cost.py": ("iteration", "parts", "memory"),  # cached FLOP and memory counts
+          "test_cost.py": ("iteration", "parts", "counted_memory"),  # cached FLOP and memory counts
           "test_reproduce.py": ("tiny_chain",)}
 
 

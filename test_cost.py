@@ -177,9 +177,14 @@ def on_card(numel, size):
     return -(-numel * size // MiB_BLOCK) * MiB_BLOCK
 
 
+def memory(shapes="tiny", **switches):
+    """cost.iteration_memory of the tiny shapes without a reward, counted once per process for equal switches."""
+    return counted_memory(shapes, tuple(sorted({"reward": "none", "guidance_scale": 1.75, **switches}.items())))
+
+
 @functools.lru_cache(maxsize=None)
-def memory(shapes="tiny", count=cost.iteration_memory, **switches):  # (count: the real one, whatever a test patches)
-    return count(shapes, **{"reward": "none", "guidance_scale": 1.75, **switches})
+def counted_memory(shapes, switches, count=cost.iteration_memory):  # (count: the real one, whatever a test patches)
+    return count(shapes, **dict(switches))
 
 
 def test_tracker_holds_what_autograd_saves_and_sees_it_freed():

@@ -419,9 +419,9 @@ class MetaAutocast(TorchFunctionMode):
     floating inputs in `dtype`, FP32_OPS in fp32; a trainable weight's cast is cached until the block ends. off()
     (plumbing.autocast_off inside a count) turns it off, as autocast_off does on a GPU."""
 
-    def __init__(self, dtype):
+    def __init__(self, dtype, label=lambda t, name: t):
         super().__init__()
-        self.dtype, self.cache, self.enabled = dtype, {}, True
+        self.dtype, self.cache, self.enabled, self.label = dtype, {}, True, label  # label: MemoryTracker.label
 
     def __exit__(self, *exc):
         self.cache.clear()  # torch.autocast frees its weight casts when the outermost block ends
@@ -443,7 +443,7 @@ class MetaAutocast(TorchFunctionMode):
             return x
         if x.is_leaf and x.requires_grad and dtype == self.dtype:  # autocast's cache: one copy per weight
             if id(x) not in self.cache:
-                self.cache[id(x)] = x.to(dtype)
+                self.cache[id(x)] = self.label(x.to(dtype), "autocast_copies")
             return self.cache[id(x)]
         return x.to(dtype)
 
@@ -525,7 +525,8 @@ def iteration_memory(shapes, batch=1, ranks=1, device=META, mixed_precision="no"
     if ranks < 1 or (ranks > 1 and (switches.get("lora_rank") or ema_decay)):
         plumbing.die(f"ranks must be ≥ 1, and FSDP2 (ranks > 1) shards full fine-tuning without EMA; got ranks={ranks}")
     dtype = PRECISION[mixed_precision]
-    autocast = MetaAutocast(dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    tracker = MemoryTracker()
+    autocast = MetaAutocast(dtype, tracker.label) if dtype != torch.float32 else contextlib.nullcontext()
     from diffusers.utils import logging
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # (diffusers warns at every .to(bf16) of a model that it has no fp32 modules)
@@ -541,7 +542,6 @@ def iteration_memory(shapes, batch=1, ranks=1, device=META, mixed_precision="no"
     trained = opt.fake.params + opt.G.params
     parts["optimizer"] = sum(2 * block(p.numel() * 4) for p in trained)  # exp_avg, exp_avg_sq in fp32
     parts["ema"] = sum(block(p.numel() * 4) for p in opt.G.params) if ema_decay > 0 else 0
-    tracker = MemoryTracker()
     try:
         with counting_memory(autocast), tracker:
             for p in trained if step_keeps_gradients(device) else ():  # the previous iteration's gradients
@@ -554,16 +554,23 @@ def iteration_memory(shapes, batch=1, ranks=1, device=META, mixed_precision="no"
             p.grad = None
         for hook in locals().get("hooks", []):
             hook.remove()
-    parts.update(gradients=tracker.at_peak.get("gradients", 0), activations=tracker.at_peak.get("activations", 0))
-    return shard({k: int(parts[k]) for k in PARTS}, ranks)
+    copies = tracker.at_peak.get("autocast_copies", 0)
+    parts.update(gradients=tracker.at_peak.get("gradients", 0),
+                 activations=tracker.at_peak.get("activations", 0) + copies)
+    return shard(dict({k: int(parts[k]) for k in PARTS}, autocast_copies=copies), ranks)
 
 
 def shard(parts, ranks):
     """An iteration_memory breakdown as each of `ranks` FSDP2 processes holds it: 1/ranks of the trainable weights,
-    their gradients and optimiser states (the blocks FSDP2 gathers whole for a moment are not counted)."""
+    their gradients and optimiser states; and no autocast copy of the whole trainable weights (FSDP2's mixed
+    precision gathers each block in the low dtype, so autocast has nothing to copy; the one block gathered at a
+    time is not counted). "autocast_copies": the part of the activations that autocast's weight copies are."""
     out = {k: -(-v // ranks) if k in ("trainable", "gradients", "optimizer", "ema") else v
            for k, v in parts.items() if k in PARTS}
-    return dict(out, total=sum(out.values()))
+    copies = parts.get("autocast_copies", 0)
+    if ranks > 1:
+        out["activations"], copies = out["activations"] - copies, 0
+    return dict(out, total=sum(out.values()), autocast_copies=copies)
 
 
 def cached(kind, count, *key):

@@ -542,17 +542,19 @@ def iteration_memory(shapes, batch=1, ranks=1, device=META, mixed_precision="no"
     trained = opt.fake.params + opt.G.params
     parts["optimizer"] = sum(2 * block(p.numel() * 4) for p in trained)  # exp_avg, exp_avg_sq in fp32
     parts["ema"] = sum(block(p.numel() * 4) for p in opt.G.params) if ema_decay > 0 else 0
+    def relabel(p):  # a backward op made p.grad; from now on it is a gradient
+        tracker.label(p.grad, "gradients")
+
+    hooks = [p.register_post_accumulate_grad_hook(relabel) for p in trained]
     try:
         with counting_memory(autocast), tracker:
             for p in trained if step_keeps_gradients(device) else ():  # the previous iteration's gradients
                 p.grad = tracker.label(torch.empty_like(p), "gradients")
-            relabel = lambda p: [tracker.label(p.grad, "gradients")] and None  # (a hook returns None)
-            hooks = [p.register_post_accumulate_grad_hook(relabel) for p in trained]
             run["iteration"]()
     finally:
         for p in trained:
             p.grad = None
-        for hook in locals().get("hooks", []):
+        for hook in hooks:
             hook.remove()
     copies = tracker.at_peak.get("autocast_copies", 0)
     parts.update(gradients=tracker.at_peak.get("gradients", 0),

@@ -708,6 +708,7 @@ def table(family, batch, device_name, utilisation, base, setups, memory_base=Non
     rows = ["| setup | TFLOP / iteration | TFLOP / image-iteration | vs first row | est. s / iteration |"
             + (" peak GiB | weights + trainable + grads + Adam + EMA / activations |" if memory_base is not None
                else ""), "|---|---|---|---|---|" + ("---|---|" if memory_base is not None else "")]
+    print("\n".join(rows), flush=True)  # (the columns' names, before the first count)
     first = None
     for name in setups:
         label, switches = SETUPS[name]

@@ -6,7 +6,8 @@
 #   bash bench/gpu.sh speed OUT      # on the GPU: batch 8, eager vs --reuse_generator_sample, --reward_decoder tiny, --compile
 #   bash bench/gpu.sh profile OUT    # on the GPU: one eager batch-8 run under torch.profiler -> OUT/profile_full_b8.txt
 #   bash bench/gpu.sh table OUT      # on the GPU: full / checkpointing / LoRA-64 × batch 1, 4, 8: the measured peak
-#                                    # (torch.cuda.max_memory_allocated) beside cost.py's count of it (estimated GiB)
+#                                    # (torch.cuda.max_memory_allocated) beside cost.py's count of it (estimated GiB,
+#                                    # counted on the CPU after all runs: ~20-60 s each, OUT/estimates.jsonl)
 #   bash bench/gpu.sh table OUT --tiny --batches 1   # extra arguments go to bench/sweep.py (a CPU dry run)
 #   bash bench/gpu.sh table OUT --family pixart       # the same on PixArt-α-512-shaped random weights
 #

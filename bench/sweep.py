@@ -82,8 +82,9 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--steps", type=int, default=6, help="iterations per configuration (the first 2 are warm-up)")
     p.add_argument("--budget_s", type=float, default=0, help="start no new configuration after this many seconds (0 = no limit)")
-    p.add_argument("--estimate", action="store_true", help="also count each configuration's peak memory on the meta "
-                   "device (cost.memory: ~a minute of CPU each, cached) beside the measured torch.cuda.max_memory_allocated")
+    p.add_argument("--estimate", action="store_true", help="after the runs, count each one's peak memory on the meta "
+                   "device (cost.memory: up to a minute of CPU each, cached) beside the measured "
+                   "torch.cuda.max_memory_allocated (OUT/estimates.jsonl, table.md)")
     p.add_argument("--profile", action="store_true", help="also write OUT/profile_SETUP_bBATCH.txt: torch.profiler's "
                    "top 30 kernels by device time over the run (by CPU time without a GPU)")
     args = p.parse_args(argv)
@@ -105,7 +106,6 @@ def main(argv=None):
             argv = shapes + SETUPS[name] + ["--benchmark", "--max_train_steps", str(args.steps), "--train_batch_size",
                                             str(batch), "--output_dir", args.models or os.path.join(args.out, "models"),
                                             "--ignore_memory_check"]  # (the estimate, if asked, is recorded instead)
-            estimate = estimated(argv) if args.estimate else {}
             t0 = time.time()
             try:
                 if args.profile:
@@ -118,12 +118,19 @@ def main(argv=None):
                 result = {"error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
             torch._dynamo.reset()  # compiled graphs of one configuration must not count towards the next
-            result.update(setup=name, batch=batch, wall_s=round(time.time() - t0, 1), **estimate,
+            result.update(setup=name, batch=batch, wall_s=round(time.time() - t0, 1), argv=argv,
                           command="python dipp.py " + " ".join(argv))
             rows.append(result)
             print(json.dumps(result), flush=True)
             with open(os.path.join(args.out, "results.jsonl"), "a") as f:
                 f.write(json.dumps(result) + "\n")
+            write_table(rows, args.out)
+    if args.estimate:  # after every measurement (a count is CPU time: it must not eat the GPU's budget first)
+        for r in rows:
+            r.update(estimated(r["argv"]))
+            with open(os.path.join(args.out, "estimates.jsonl"), "a") as f:
+                f.write(json.dumps({k: r[k] for k in ("setup", "batch", "peak_memory_gib", "estimated_peak_gib",
+                                                      "estimated_parts_gib") if k in r}) + "\n")
             write_table(rows, args.out)
     print(open(os.path.join(args.out, "table.md")).read())
     return rows

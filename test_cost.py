@@ -263,12 +263,14 @@ def hand_count(shapes, dtype, lora_rank=0):
 
 
 @pytest.mark.parametrize("shapes, switches, ranks", [
-    ("tiny", dict(), 1), ("tiny_pixart", dict(lora_rank=4, mixed_precision="bf16", ema_decay=0.999), 1),
+    ("tiny", dict(mixed_precision="bf16"), 1), ("tiny_pixart", dict(lora_rank=4, mixed_precision="bf16",
+                                                                     ema_decay=0.999), 1),
     ("tiny_sdxl", dict(mixed_precision="fp16"), 2)])
 def test_weights_gradients_and_adam_states_match_a_hand_count(shapes, switches, ranks):
     """What the count can know exactly, for every family: the frozen weights in their dtype, the trainable fp32
     masters, AdamW's two fp32 moments per trainable weight, the EMA's fp32 copy of the generator's, each FSDP2 rank
-    holding 1/N of the trainable ones; the gradients at the peak are at most one per trainable weight."""
+    holding 1/N of the trainable ones, and autocast's bf16 copies of the trainable weights that run in bf16 (the
+    readout computes in fp32, norms take fp32); the gradients at the peak are at most one per trainable weight."""
     dtype = cost.PRECISION[switches.get("mixed_precision", "no")]
     hand = hand_count(shapes, dtype, switches.get("lora_rank", 0))
     m = cost.iteration_memory(shapes, ranks=ranks, reward="none", **switches)
@@ -278,6 +280,12 @@ def test_weights_gradients_and_adam_states_match_a_hand_count(shapes, switches, 
     assert m["ema"] == (hand["trainable"] // 2 if switches.get("ema_decay") else 0)
     assert 0 < m["gradients"] <= shard(hand["trainable"]) and m["activations"] > 0
     assert m["total"] == sum(m[k] for k in cost.PARTS)
+    if shapes == "tiny":  # at the peak (the generator update's forward) autocast holds a bf16 copy of every Linear and
+        nets = cost.meta_models(shapes, dipp.Config(reward="none"), dtype=dtype)  # Conv2d of G and ψ but the readout
+        copies = sum(on_card(p.numel(), 2) for net in (nets["G"].net, nets["fake"]) for name, layer in net.named_modules()
+                     if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) and name != "conv_out"
+                     for p in layer.parameters(recurse=False))
+        assert m["autocast_copies"] == copies
 
 
 def test_activations_grow_with_the_batch_and_shrink_with_checkpointing():

@@ -523,7 +523,8 @@ def iteration_memory(shapes, batch=1, ranks=1, device=META, mixed_precision="no"
     if mixed_precision not in PRECISION:
         plumbing.die(f"mixed_precision must be one of {list(PRECISION)}, got {mixed_precision!r}")
     if ranks < 1 or (ranks > 1 and (switches.get("lora_rank") or ema_decay)):
-        plumbing.die(f"ranks must be ≥ 1, and FSDP2 (ranks > 1) shards full fine-tuning without EMA; got ranks={ranks}")
+        plumbing.die(f"ranks must be ≥ 1, and FSDP2 (ranks > 1) shards full fine-tuning without EMA; got "
+                     f"ranks={ranks}")
     dtype = PRECISION[mixed_precision]
     tracker = MemoryTracker()
     autocast = MetaAutocast(dtype, tracker.label) if dtype != torch.float32 else contextlib.nullcontext()
@@ -584,8 +585,8 @@ def cached(kind, count, *key):
     import diffusers
     import promptsets
     here = os.path.dirname(os.path.abspath(__file__))
-    code = b"".join(open(os.path.join(here, f), "rb").read() for f in ("dipp.py", "families.py", "cost.py",
-                                                                       "random_weights.py", "plumbing.py", "rewards.py"))
+    code = b"".join(open(os.path.join(here, f), "rb").read() for f in (
+        "dipp.py", "families.py", "cost.py", "random_weights.py", "plumbing.py", "rewards.py"))
     digest = hashlib.sha256(json.dumps([kind, key, torch.__version__, diffusers.__version__], sort_keys=True,
                                        default=str).encode() + code).hexdigest()[:16]
     path = os.path.join(os.path.dirname(promptsets.cache_dir()), "cost", f"{kind}-{digest}.json")
@@ -656,8 +657,8 @@ def fit(shapes, batch, free, ranks=1, **switches):
     return verdict
 
 # "Which card?": docs/cost.md's table. Each family at reproduce.py's recipe (batch, ω; bf16 autocast, ImageReward,
-# K_TA = 1: another fake-score update adds only its noise draw, as each frees its graph before the next) and at batch 1, full
-# fine-tuning vs LoRA r=64, with and without gradient checkpointing. Cards by their memory as torch sees it, less
+# K_TA = 1: another fake-score update adds only its noise draw, as each frees its graph before the next) and at
+# batch 1, full fine-tuning vs LoRA r=64, with and without gradient checkpointing. Cards by their memory as torch sees it, less
 # ~0.5 GiB of CUDA context: what mem_get_info reports free on an idle card.
 RECIPE_RUNS = {"sd15": (8, 1.75), "pixart512": (8, 4.5), "sdxl": (4, 7.5)}  # (batch, ω): reproduce.RECIPES' (a test)
 CARDS = {"24 GB": 23.5 * GiB, "40 GB": 39.0 * GiB, "48 GB": 44.0 * GiB, "80 GB": 78.6 * GiB}
@@ -666,7 +667,8 @@ CARDS = {"24 GB": 23.5 * GiB, "40 GB": 39.0 * GiB, "48 GB": 44.0 * GiB, "80 GB":
 def which_card(families=tuple(RECIPE_RUNS), ranks=(2, 4, 8)):
     """Markdown rows: peak GiB per setup and whether it fits each of CARDS (fits(): the count + HEADROOM); for full
     fine-tuning with checkpointing at the recipe's batch, also per FSDP2 rank over each of `ranks` GPUs."""
-    rows = ["| model | setup | batch | peak GiB | " + " | ".join(CARDS) + " |", "|---|---|---|---|" + "---|" * len(CARDS)]
+    rows = ["| model | setup | batch | peak GiB | " + " | ".join(CARDS) + " |",
+            "|---|---|---|---|" + "---|" * len(CARDS)]
     for shapes in families:
         architecture(shapes)  # (one line for an unknown name)
         batch, omega = RECIPE_RUNS.get(ALIASES.get(shapes, shapes), (2, 1.75))  # (tiny shapes: a test's)
@@ -755,8 +757,9 @@ def main(argv=None):
     p.add_argument("--fit", type=float, default=None, metavar="GIB", help="instead of the table: whether the base run "
                    "fits a card with GIB GiB free, and else the switches that make it fit, as one JSON line (what "
                    "dipp.py checks before it loads anything on a GPU)")
-    p.add_argument("--which_card", nargs="*", default=None, metavar="FAMILY", help="instead of the table: docs/cost.md's "
-                   "'which card?' table for these families (none given: sd15 pixart sdxl), counted (minutes) or cached")
+    p.add_argument("--which_card", nargs="*", default=None, metavar="FAMILY", help="instead of the table: "
+                   "docs/cost.md's 'which card?' table for these families (none given: sd15 pixart sdxl), counted "
+                   "(minutes) or cached")
     args = p.parse_args(argv)
     if args.which_card is not None:
         return which_card(args.which_card or tuple(RECIPE_RUNS))
@@ -778,7 +781,8 @@ def main(argv=None):
     print(f"{args.family}, batch {args.batch}, base run {base}; time = FLOPs / ({args.device}: "
           f"{peak or 'unknown'} TFLOP/s dense bf16 peak × {args.utilisation} utilisation)")
     if not args.no_memory:
-        print(f"memory: one process's peak in one iteration, --mixed_precision {memory_base.get('mixed_precision', 'no')}"
+        precision = memory_base.get("mixed_precision", "no")
+        print(f"memory: one process's peak in one iteration, --mixed_precision {precision}"
               + (f", FSDP2 over {args.ranks} ranks" if args.ranks > 1 else "") + " (cost.iteration_memory; docs/cost.md)")
     table(args.family, args.batch, args.device, args.utilisation, base, args.setups,
           None if args.no_memory else memory_base, args.ranks)

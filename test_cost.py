@@ -282,7 +282,8 @@ def test_weights_gradients_and_adam_states_match_a_hand_count(shapes, switches, 
     assert m["total"] == sum(m[k] for k in cost.PARTS)
     if shapes == "tiny":  # at the peak (the generator update's forward) autocast holds a bf16 copy of every Linear and
         nets = cost.meta_models(shapes, dipp.Config(reward="none"), dtype=dtype)  # Conv2d of G and ψ but the readout
-        copies = sum(on_card(p.numel(), 2) for net in (nets["G"].net, nets["fake"]) for name, layer in net.named_modules()
+        copies = sum(on_card(p.numel(), 2) for net in (nets["G"].net, nets["fake"])
+                     for name, layer in net.named_modules()
                      if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) and name != "conv_out"
                      for p in layer.parameters(recurse=False))
         assert m["autocast_copies"] == copies

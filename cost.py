@@ -1,9 +1,10 @@
-"""cost: what a DI++ run will cost before it starts. FLOPs of one training iteration (or of sampling one image),
-counted on the real architectures on PyTorch's meta device: no weights, no memory, no GPU (a CPU takes seconds
-for the tiny shapes, about a minute of CPU time for an SD1.5 iteration).
+"""cost: what a DI++ run will cost before it starts. FLOPs of one training iteration (or of sampling one image)
+and the peak GPU memory of one iteration (section 5), counted on the real architectures on PyTorch's meta device:
+no weights, no memory, no GPU (a CPU takes seconds for the tiny shapes, about a minute for an SD1.5 iteration).
 
-    python cost.py                        # SD1.5: FLOPs per iteration of each setup, and the time on an H100
+    python cost.py                        # SD1.5: FLOPs, time on an H100 and peak memory of each setup
     python cost.py --family pixart --batch 4 --device "NVIDIA A100-SXM4-80GB" --setups full lora
+    python cost.py --which_card           # which card fits which setup of SD1.5, PixArt-α and SDXL (docs/cost.md)
 
 How the count is made. torch.utils.flop_counter.FlopCounterMode sees every aten op and adds up the FLOPs of the
 matrix products (mm, addmm, bmm, convolutions and their backward, attention): 2·m·n·k per matmul, a backward

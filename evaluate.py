@@ -651,108 +651,29 @@ def frechet_distance(mu1, cov1, mu2, cov2):
 # 6. (optional) --tiny: random-weight stand-ins of the real architectures, built in seconds
 
 
-TINY_HPS_ARCH = "tiny-ViT-H-14"  # an open_clip model config registered at run time (same CLIP class)
+TINY_HPS_ARCH = rewards.TINY_HPS_ARCH  # an open_clip model config registered at run time (same CLIP class)
+tiny_imagereward, tiny_imagereward_classes = rewards.tiny_imagereward, rewards.tiny_imagereward_classes
 
 
 def build_tiny(folder, hps_version="v2.0", seed=0):
     """Writes, under `folder`: dipp's tiny SD (random_weights.build_random, identical to `dipp.py --tiny`'s),
     the untrained one-step generator (the teacher UNet at t* = 999, dipp's initialisation) and small
-    scorers in their real file formats, which then load through the real loaders: transformers CLIPModel +
-    CLIPProcessor folders (ViT-L/14 and PickScore stand-ins, 768-d projection for the aesthetic head), the
-    aesthetic state dict, an open_clip CLIP in an HPS-style {'state_dict': ...} checkpoint. ImageReward is
-    built in-process (tiny_imagereward). Returns (SD folder, generator folder, weights)."""
-    open_clip = import_open_clip()
+    scorers in their real file formats (rewards.build_tiny), which then load through the real loaders. ImageReward
+    is built in-process (tiny_imagereward). Returns (SD folder, generator folder, weights)."""
     from diffusers import UNet2DConditionModel
     from random_weights import build_random
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
     sd, _ = build_random(folder, "tiny", seed)
-    generator, scorers = os.path.join(folder, "generator"), os.path.join(folder, "scorers")
-    weights = dict(clip_model=os.path.join(scorers, "clip-l"), aesthetic_model=os.path.join(scorers, AESTHETIC_FILE),
-                   hps_model=os.path.join(scorers, HPS_FILES[hps_version]),
-                   pickscore_model=os.path.join(scorers, "pickscore"),
-                   pickscore_processor=os.path.join(scorers, "pickscore"))
-    stamp, marker = json.dumps({"hps_version": hps_version, "seed": seed}), os.path.join(folder, "tiny_scorers.json")
-    if os.path.isfile(marker) and open(marker).read() == stamp:  # written by an earlier run: kept, so a re-run
-        open_clip.add_model_config(os.path.join(scorers, f"{TINY_HPS_ARCH}.json"))  # resumes (same files)
-        return sd, generator, weights
-    UNet2DConditionModel.from_pretrained(sd, subfolder="unet").save_pretrained(generator)
-    plumbing.write_generator_record(generator, 999)
-    torch.manual_seed(seed)
-    tokenizer = CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer")  # dipp's byte-level tiny tokenizer
-    processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 224}, crop_size=224), tokenizer)
-    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=1000,
-                max_position_embeddings=77)
-    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=224,
-                  patch_size=32)
-    # logit_scale starts at ln 100, where CLIP's training clamps it, as a fine-tuned PickScore sits
-    for name, dim in (("clip-l", 768), ("pickscore", 32)):
-        CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=dim,
-                             logit_scale_init_value=math.log(100))).save_pretrained(os.path.join(scorers, name))
-        processor.save_pretrained(os.path.join(scorers, name))
-    torch.save(rewards.AestheticHead().state_dict(), os.path.join(scorers, AESTHETIC_FILE))
-    # HPS: the ViT-H-14 config shrunk (open_clip's CLIP class and its real BPE tokenizer, vocab 49408)
-    config = dict(embed_dim=32, vision_cfg=dict(image_size=224, layers=2, width=64, head_width=32, patch_size=32),
-                  text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
-    json.dump(config, open(os.path.join(scorers, f"{TINY_HPS_ARCH}.json"), "w"))
-    open_clip.add_model_config(os.path.join(scorers, f"{TINY_HPS_ARCH}.json"))
-    torch.save({"state_dict": open_clip.create_model(TINY_HPS_ARCH).state_dict()},
-               os.path.join(scorers, HPS_FILES[hps_version]))
-    open(marker, "w").write(stamp)
+    generator = os.path.join(folder, "generator")
+    at = rewards.build_tiny(os.path.join(folder, "scorers"), os.path.join(sd, "tokenizer"), seed)
+    weights = dict(clip_model=at["clip"]["model"], aesthetic_model=at["aesthetic"]["head"],
+                   hps_model=at[{"v2.0": "hps20", "v2.1": "hps21"}[hps_version]]["model"],
+                   pickscore_model=at["pickscore"]["model"], pickscore_processor=at["pickscore"]["processor"])
+    stamp, marker = json.dumps({"seed": seed}), os.path.join(folder, "tiny_generator.json")
+    if not (os.path.isfile(marker) and open(marker).read() == stamp):  # (else kept: a re-run resumes, same files)
+        UNet2DConditionModel.from_pretrained(sd, subfolder="unet").save_pretrained(generator)
+        plumbing.write_generator_record(generator, 999)
+        open(marker, "w").write(stamp)
     return sd, generator, weights
-
-
-@contextlib.contextmanager
-def tiny_imagereward_classes(folder):
-    """Inside the block ImageReward's own classes build a small model: the package hard-codes BLIP's ViT-L (the
-    whole model is 447M parameters, ~5 s and 2.2 GB to build), so the two names blip_pretrain imported
-    (create_vit, init_tokenizer) become a 2-block ViT of the package's own VisionTransformer and a BertTokenizer
-    on a letter vocabulary (every word splits into letters, so the prompt matters); restored on exit. BERT keeps
-    hidden size 768, which ImageReward's MLP(768) requires. Yields the med_config.json written in `folder`."""
-    from ImageReward.models.BLIP import blip_pretrain, vit
-    from transformers import BertTokenizer
-    os.makedirs(folder, exist_ok=True)
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + letters + ["##" + c for c in letters]
-    open(os.path.join(folder, "vocab.txt"), "w").write("\n".join(vocab) + "\n")
-    med = dict(architectures=["BertModel"], attention_probs_dropout_prob=0.1, hidden_act="gelu",
-               hidden_dropout_prob=0.1, hidden_size=768, initializer_range=0.02, intermediate_size=256,
-               layer_norm_eps=1e-12, max_position_embeddings=512, model_type="bert", num_attention_heads=12,
-               num_hidden_layers=1, pad_token_id=0, type_vocab_size=2, vocab_size=len(vocab) + 2,
-               encoder_width=64, add_cross_attention=True)  # vocab + [DEC] + [ENC]
-    json.dump(med, open(os.path.join(folder, "med_config.json"), "w"))
-
-    def tiny_vit(*args, **kwargs):
-        return vit.VisionTransformer(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2), 64
-
-    def tokenizer():  # what blip.init_tokenizer does to bert-base-uncased, on the letter vocabulary
-        tok = BertTokenizer(os.path.join(folder, "vocab.txt"))
-        tok.add_special_tokens({"bos_token": "[DEC]"})
-        tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
-        tok.enc_token_id = tok.additional_special_tokens_ids[0]
-        return tok
-
-    originals = blip_pretrain.create_vit, blip_pretrain.init_tokenizer
-    blip_pretrain.create_vit, blip_pretrain.init_tokenizer = tiny_vit, tokenizer
-    try:
-        yield os.path.join(folder, "med_config.json")
-    finally:
-        blip_pretrain.create_vit, blip_pretrain.init_tokenizer = originals
-
-
-def tiny_imagereward(folder, device="cpu", seed=0):
-    """ImageReward's own classes, small (tiny_imagereward_classes). The head (std 0.05) and BERT's cross-attention
-    to the image (std 0.1) are re-drawn larger than their inits (1/769, 0.02), with which every random-model
-    score is nearly the same number whatever the image."""
-    RM = import_imagereward()
-    with tiny_imagereward_classes(folder) as med_config:
-        torch.manual_seed(seed)
-        model = RM.ImageReward(med_config=med_config, device=device)
-    for p in model.mlp.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    for name, p in model.blip.text_encoder.named_parameters():
-        if ".crossattention." in name and name.endswith("weight") and "LayerNorm" not in name:
-            torch.nn.init.normal_(p, std=0.1)
-    return model.to(device).eval().requires_grad_(False)
 
 # -----------------------------------------------------------------------------
 # 7. Statistics and reports

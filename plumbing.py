@@ -981,8 +981,10 @@ class RunLog:
 
 
 def plot_curves(log_path, png_path):
-    """The run at a glance from log.jsonl: both losses, training and held-out reward (± its spread), and
-    the two gradient sizes at x0. `python plumbing.py curves runs/x/log.jsonl` redraws it."""
+    """The run at a glance from log.jsonl: both losses, training and held-out reward (± its spread), the
+    gradient sizes at x0 (a mix's per-term pulls too) and, when the run watched other rewards or trained on a
+    mix, every held-out reward's change side by side: a reward that rises while the others fall is the reward
+    being hacked. `python plumbing.py curves runs/x/log.jsonl` redraws it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -990,10 +992,13 @@ def plot_curves(log_path, png_path):
     def series(key):  # (steps, values) of the rows that have a number for key (None and nan skipped)
         pairs = [(r["step"], r[key]) for r in rows if r.get(key) is not None and r[key] == r[key]]
         return [s for s, _ in pairs], [v for _, v in pairs]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    # every reward scored on the held-out prompts: the trained one (val_reward), a mix's terms, the watched ones
+    watched = sorted({k for r in rows for k in r if k.startswith("val_") and not k.endswith("_std")} - {"val_reward"})
+    terms = sorted({k for r in rows for k in r if k.startswith("grad_reward_")})  # a mix's per-term pulls
+    fig, axes = plt.subplots(1, 5 if watched else 4, figsize=(22 if watched else 18, 3.6))
     for ax, keys, title in ((axes[0], ["loss_fake"], "fake-score DSM loss"), (axes[1], ["loss_ikl"], "IKL surrogate (value means nothing)"),
                             (axes[2], ["reward", "val_reward"], "reward: training prompts / held-out"),
-                            (axes[3], ["grad_ikl", "grad_reward"], "RMS ∂L/∂x0 per sample")):
+                            (axes[3], ["grad_ikl", "grad_reward"] + terms, "RMS ∂L/∂x0 per sample")):
         for key in keys:
             ax.plot(*series(key), "o-" if key == "val_reward" else "-", label=key, ms=3)
         if "val_reward" in keys and series("val_reward_std")[0]:
@@ -1005,6 +1010,19 @@ def plot_curves(log_path, png_path):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
+    if watched:  # on one axis: each one's change since its first value, in units of its spread over the prompts
+        ax = axes[4]
+        for key in ["val_reward"] + watched:
+            steps, values = series(key)
+            if not steps:
+                continue
+            spread = dict(zip(*series(key + "_std"))).get(steps[0]) or 1.0
+            ax.plot(steps, [(v - values[0]) / spread for v in values], "o-", ms=3, label=key,
+                    lw=2.5 if key == "val_reward" else 1)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_title("held-out rewards: change since the first validation / its spread", fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=80)
     plt.close(fig)
@@ -1024,12 +1042,13 @@ def global_means(values, signal, world):
 
 
 @torch.no_grad()
-def held_out_reward(sample, reward, prompts, z, batch_size, contexts, grid_path):
+def held_out_reward(sample, reward, prompts, z, batch_size, contexts, grid_path, watch=None):
     """The generator on held-out prompts with fixed noise: images = sample(z_i, c_i) in batches (inside
     `contexts`: autocast, EMA weights), a grid of the first four at grid_path, and the reward's mean and
     population std over all prompts. The same z_i every time, so the curve shows the generator's change
-    rather than sampling noise."""
-    images, rewards = [], []
+    rather than sampling noise. Also val_<name> (mean and std) of each term of a mixed reward (its .last
+    scores) and of each reward in `watch` ({name: reward fn}: rewards the run is *not* trained on)."""
+    images, scores = [], {}
     with contextlib.ExitStack() as stack:
         for c in contexts:
             stack.enter_context(c)
@@ -1037,11 +1056,19 @@ def held_out_reward(sample, reward, prompts, z, batch_size, contexts, grid_path)
             batch = prompts[i:i + batch_size]
             images.append(sample(z[i:i + len(batch)], batch))
             if reward is not None:
-                rewards.append(reward(images[-1], batch).float())
+                scores.setdefault("reward", []).append(reward(images[-1], batch).float())
+                if len(getattr(reward, "last", {})) > 1:  # a mix: each term's own score
+                    for name, r in reward.last.items():
+                        scores.setdefault(name, []).append(r.float())
+            for name, fn in (watch or {}).items():
+                scores.setdefault(name, []).append(fn(images[-1], batch).float())
     if grid_path:  # (None: a rank other than 0 that runs it only because the sharded generator needs every rank)
         save_grid(torch.cat(images)[:4], prompts[:4], grid_path)
-    r = torch.cat(rewards) if rewards else None
-    return {} if r is None else {"val_reward": r.mean().item(), "val_reward_std": r.std(unbiased=False).item()}
+    out = {}
+    for name, values in scores.items():
+        r = torch.cat(values)  # (P,)
+        out.update({f"val_{name}": r.mean().item(), f"val_{name}_std": r.std(unbiased=False).item()})
+    return out
 
 
 class StopSignals:

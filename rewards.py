@@ -14,6 +14,7 @@ reward measures, how it fails and how to weight a mix.
 """
 import contextlib
 import hashlib
+import json
 import math
 import os
 import sys
@@ -531,10 +532,15 @@ def load_one(name, path, device, dtype, gradient_checkpointing=False, pil=False,
     random stand-ins of --tiny."""
     record = RECORDS[name]
     at = path if isinstance(path, dict) else where(name, path)
+    tiny = is_tiny(name, at)  # (optional) build_tiny's stand-ins: their own small configs, random (not official) bytes
     for part, w in record.weights.items():
-        if w.sha256 and checksum and os.path.isfile(at[part]):
+        if w.sha256 and checksum and not tiny and os.path.isfile(at[part]):
             check_sha256(at[part], w.sha256, w.files[0], w.hub)
-    fn = record.build(at, device, dtype, pil, **options)
+    if tiny and name.startswith("hps"):
+        register_tiny_hps(os.path.dirname(at["model"]))
+        options = {**options, "arch": TINY_HPS_ARCH}
+    with tiny_imagereward_classes(at["model"]) if tiny and name == "imagereward" else contextlib.nullcontext():
+        fn = record.build(at, device, dtype, pil, **options)
     if gradient_checkpointing:
         for tower in fn.towers:  # transformers' own switch is inactive in eval mode; BLIP's ViT has none
             blocks = (getattr(tower, "blocks", None) or getattr(getattr(tower, "encoder", None), "layers", None)
@@ -592,3 +598,123 @@ def load(spec, paths, device, dtype, gradient_checkpointing=False):
     paths = parse_paths(paths, [n for n, _ in terms]) if isinstance(paths, str) else paths
     return Mix([(name, weight, load_one(name, paths.get(name, ""), device, dtype, gradient_checkpointing))
                 for name, weight in terms])
+
+# -----------------------------------------------------------------------------
+# 6. (optional) tiny random stand-ins of every reward's real architecture, for --tiny and the tests (CPU, seconds,
+#    no download). They load through the real loaders; TINY_MARKER beside them tells load_one so.
+
+TINY_HPS_ARCH = "tiny-ViT-H-14"  # an open_clip model config registered at run time (same CLIP class)
+TINY_MARKER = "tiny_rewards.json"
+
+
+def register_tiny_hps(folder):
+    import_open_clip().add_model_config(os.path.join(folder, f"{TINY_HPS_ARCH}.json"))
+
+
+def build_tiny(folder, tokenizer, seed=0):
+    """Writes under `folder` one stand-in per record in its real file format, and returns {name: {part: path}}:
+    transformers CLIPModel + CLIPProcessor folders (CLIP-L with its 768-d projection, which the aesthetic head
+    needs, and PickScore), the aesthetic state dict (beside a CLIP-L copy), open_clip CLIPs in HPS-style
+    {'state_dict': ...} checkpoints, and ImageReward.pt + med_config.json of the package's own classes
+    (tiny_imagereward). tokenizer: a CLIPTokenizer folder (the tiny SD's byte-level one). Kept when already built."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    open_clip = import_open_clip()
+    at = {"imagereward": {"model": os.path.join(folder, "imagereward")},
+          "clip": {"model": os.path.join(folder, "clip-l")},
+          "aesthetic": {"head": os.path.join(folder, "clip-l", AESTHETIC_FILE), "model": os.path.join(folder, "clip-l")},
+          "hps20": {"model": os.path.join(folder, "hps", HPS_FILES["v2.0"])},
+          "hps21": {"model": os.path.join(folder, "hps", HPS_FILES["v2.1"])},
+          "pickscore": {"model": os.path.join(folder, "pickscore"), "processor": os.path.join(folder, "pickscore")}}
+    marker, stamp = os.path.join(folder, TINY_MARKER), json.dumps({"seed": seed})
+    if os.path.isfile(marker) and open(marker).read() == stamp:  # written by an earlier run: kept
+        register_tiny_hps(os.path.join(folder, "hps"))
+        return at
+    torch.manual_seed(seed)
+    tok = CLIPTokenizer.from_pretrained(tokenizer)
+    processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 224}, crop_size=224), tok)
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=1000,
+                max_position_embeddings=77)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=224,
+                  patch_size=32)
+    # logit_scale starts at ln 100, where CLIP's training clamps it, as a fine-tuned PickScore sits
+    for name, dim in (("clip-l", 768), ("pickscore", 32)):
+        CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=dim,
+                             logit_scale_init_value=math.log(100))).save_pretrained(os.path.join(folder, name))
+        processor.save_pretrained(os.path.join(folder, name))
+    torch.save(AestheticHead().state_dict(), at["aesthetic"]["head"])
+    # HPS: the ViT-H-14 config shrunk (open_clip's CLIP class and its real BPE tokenizer, vocab 49408)
+    config = dict(embed_dim=32, vision_cfg=dict(image_size=224, layers=2, width=64, head_width=32, patch_size=32),
+                  text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
+    os.makedirs(os.path.join(folder, "hps"), exist_ok=True)
+    json.dump(config, open(os.path.join(folder, "hps", f"{TINY_HPS_ARCH}.json"), "w"))
+    register_tiny_hps(os.path.join(folder, "hps"))
+    for name in ("hps20", "hps21"):
+        torch.save({"state_dict": open_clip.create_model(TINY_HPS_ARCH).state_dict()}, at[name]["model"])
+    torch.save(tiny_imagereward(at["imagereward"]["model"], seed=seed).state_dict(),
+               os.path.join(at["imagereward"]["model"], "ImageReward.pt"))
+    for name in ("clip-l", "hps", "imagereward"):  # load_one reads these as tiny stand-ins
+        open(os.path.join(folder, name, TINY_MARKER), "w").write(stamp)
+    open(marker, "w").write(stamp)
+    return at
+
+
+def is_tiny(name, at):
+    """Whether a reward's weights (its first part's) are build_tiny's stand-ins: its marker beside them."""
+    path = at[next(iter(RECORDS[name].weights))]
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    return bool(path) and os.path.isfile(os.path.join(folder, TINY_MARKER))
+
+
+@contextlib.contextmanager
+def tiny_imagereward_classes(folder):
+    """Inside the block ImageReward's own classes build a small model: the package hard-codes BLIP's ViT-L (the
+    whole model is 447M parameters, ~5 s and 2.2 GB to build), so the two names blip_pretrain imported
+    (create_vit, init_tokenizer) become a 2-block ViT of the package's own VisionTransformer and a BertTokenizer
+    on a letter vocabulary (every word splits into letters, so the prompt matters); restored on exit. BERT keeps
+    hidden size 768, which ImageReward's MLP(768) requires. Yields the med_config.json written in `folder`."""
+    import_imagereward()
+    from ImageReward.models.BLIP import blip_pretrain, vit
+    from transformers import BertTokenizer
+    os.makedirs(folder, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + letters + ["##" + c for c in letters]
+    open(os.path.join(folder, "vocab.txt"), "w").write("\n".join(vocab) + "\n")
+    med = dict(architectures=["BertModel"], attention_probs_dropout_prob=0.1, hidden_act="gelu",
+               hidden_dropout_prob=0.1, hidden_size=768, initializer_range=0.02, intermediate_size=256,
+               layer_norm_eps=1e-12, max_position_embeddings=512, model_type="bert", num_attention_heads=12,
+               num_hidden_layers=1, pad_token_id=0, type_vocab_size=2, vocab_size=len(vocab) + 2,
+               encoder_width=64, add_cross_attention=True)  # vocab + [DEC] + [ENC]
+    json.dump(med, open(os.path.join(folder, "med_config.json"), "w"))
+
+    def tiny_vit(*args, **kwargs):
+        return vit.VisionTransformer(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2), 64
+
+    def tokenizer():  # what blip.init_tokenizer does to bert-base-uncased, on the letter vocabulary
+        tok = BertTokenizer(os.path.join(folder, "vocab.txt"))
+        tok.add_special_tokens({"bos_token": "[DEC]"})
+        tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+        tok.enc_token_id = tok.additional_special_tokens_ids[0]
+        return tok
+
+    originals = blip_pretrain.create_vit, blip_pretrain.init_tokenizer
+    blip_pretrain.create_vit, blip_pretrain.init_tokenizer = tiny_vit, tokenizer
+    try:
+        yield os.path.join(folder, "med_config.json")
+    finally:
+        blip_pretrain.create_vit, blip_pretrain.init_tokenizer = originals
+
+
+def tiny_imagereward(folder, device="cpu", seed=0):
+    """ImageReward's own classes, small (tiny_imagereward_classes). The head (std 0.05) and BERT's cross-attention
+    to the image (std 0.1) are re-drawn larger than their inits (1/769, 0.02), with which every random-model
+    score is nearly the same number whatever the image."""
+    RM = import_imagereward()
+    with tiny_imagereward_classes(folder) as med_config:
+        torch.manual_seed(seed)
+        model = RM.ImageReward(med_config=med_config, device=device)
+    for p in model.mlp.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    for name, p in model.blip.text_encoder.named_parameters():
+        if ".crossattention." in name and name.endswith("weight") and "LayerNorm" not in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model.to(device).eval().requires_grad_(False)

@@ -24,33 +24,23 @@ CPU, FP32 = torch.device("cpu"), torch.float32
 
 @functools.lru_cache(maxsize=None)
 def tiny():
-    """Tiny scorer files (evaluate.build_tiny: CLIP-L and PickScore stand-ins, the aesthetic head, an HPS checkpoint)
-    and a tiny ImageReward of the package's own classes saved as ImageReward.pt + med_config.json."""
-    folder = os.path.join(tempfile.mkdtemp(prefix="dipp-test-rewards-"), "tiny")
-    _, _, weights = evaluate.build_tiny(folder)
-    ir = os.path.join(folder, "imagereward")
-    torch.save(evaluate.tiny_imagereward(ir).state_dict(), os.path.join(ir, "ImageReward.pt"))
-    return dict(folder=folder, imagereward=ir, **weights)
+    """Tiny stand-ins of every reward (rewards.build_tiny: CLIP-L and PickScore stand-ins, the aesthetic head, HPS
+    checkpoints, ImageReward of the package's own classes), on the tiny SD's tokenizer (random_weights)."""
+    import random_weights
+    root = tempfile.mkdtemp(prefix="dipp-test-rewards-")
+    sd, _ = random_weights.build_random(os.path.join(root, "sd"), "tiny", 0)
+    return rewards.build_tiny(os.path.join(root, "rewards"), os.path.join(sd, "tokenizer"))
 
 
 def where(name):
     """{part: file or folder} of a reward's tiny stand-in."""
-    t = tiny()
-    return {"imagereward": {"model": t["imagereward"]}, "clip": {"model": t["clip_model"]},
-            "aesthetic": {"head": t["aesthetic_model"], "model": t["clip_model"]},
-            "hps20": {"model": t["hps_model"]}, "hps21": {"model": t["hps_model"]},
-            "pickscore": {"model": t["pickscore_model"], "processor": t["pickscore_processor"]}}[name]
+    return tiny()[name]
 
 
 @functools.lru_cache(maxsize=None)
 def reward(name):
-    """The reward fn of RECORDS[name] through rewards.load_one, on its tiny weights (HPS on the tiny ViT-H-14
-    config; an HPS v2.1 file has the v2.0 file's format, so one tiny checkpoint serves both records)."""
-    options = {"arch": evaluate.TINY_HPS_ARCH} if name.startswith("hps") else {}
-    if name == "imagereward":
-        with evaluate.tiny_imagereward_classes(tiny()["imagereward"]):
-            return rewards.load_one(name, tiny()["imagereward"], CPU, FP32, pil=True)
-    fn = rewards.load_one(name, where(name), CPU, FP32, pil=True, checksum=False, **options)
+    """The reward fn of RECORDS[name] through rewards.load_one, on its tiny stand-in."""
+    fn = rewards.load_one(name, where(name), CPU, FP32, pil=True)
     if name == "aesthetic":  # its default init maps every image to nearly one number: re-drawn, norm-preserving
         g = torch.Generator().manual_seed(0)
         for p in fn.head.parameters():
@@ -84,7 +74,7 @@ def official(name, x, prompts):
                        224 - y.shape[-2] - (224 - y.shape[-2]) // 2], fill=0)
         y = TF.normalize(y, rewards.CLIP_MEAN, rewards.CLIP_STD)
         import open_clip
-        tok = open_clip.get_tokenizer(evaluate.TINY_HPS_ARCH)
+        tok = open_clip.get_tokenizer(rewards.TINY_HPS_ARCH)
         img, txt = fn.model.encode_image(y), fn.model.encode_text(tok(prompts))
         return torch.nn.functional.cosine_similarity(img, txt)  # HPSv2 score(): normalised features, dot product
     y = TF.normalize(TF.center_crop(TF.resize(unit, 224, bicubic, antialias=True), 224), rewards.CLIP_MEAN,
@@ -180,7 +170,7 @@ def test_aesthetic_head_loads_published_keys_and_is_the_linear_mlp(tmp_path):
         state[f"layers.{i}.weight"] = torch.randn(o, n, generator=g) / n ** 0.5
         state[f"layers.{i}.bias"] = torch.randn(o, generator=g)
     torch.save(state, tmp_path / rewards.AESTHETIC_FILE)
-    clip = tiny()["clip_model"]
+    clip = tiny()["clip"]["model"]
     scorer = evaluate.load_clip_l(clip, str(tmp_path / rewards.AESTHETIC_FILE), CPU)
     ims, prompts = [pil(5), pil(6, (64, 48))], ["a fox", "a castle"]
     ours = scorer(ims, prompts)["aesthetic"]
@@ -199,7 +189,7 @@ def test_aesthetic_head_loads_published_keys_and_is_the_linear_mlp(tmp_path):
 def test_clip_score_is_100_times_clamped_cosine():
     """evaluate's CLIP score = 100 · max(cos, 0) of CLIPModel's own (normalised) image and text embeddings."""
     from transformers import CLIPModel, CLIPProcessor
-    clip = tiny()["clip_model"]
+    clip = tiny()["clip"]["model"]
     scorer = evaluate.load_clip_l(clip, None, CPU)
     ims, prompts = [pil(7), pil(8), pil(9)], ["a fox", "a red bicycle", "an astronaut riding a horse"]
     ours = scorer(ims, prompts)["clip"]
@@ -236,11 +226,11 @@ def test_hps_is_100_cos_of_open_clip_encoders():
     own encode_image / encode_text on the same preprocessed tensors and tokens."""
     import open_clip
     t = tiny()
-    scorer = evaluate.load_hps(t["hps_model"], evaluate.TINY_HPS_ARCH, CPU)
+    scorer = evaluate.load_hps(t["hps20"]["model"], evaluate.TINY_HPS_ARCH, CPU)
     ims, prompts = [pil(11, (512, 512)), pil(12, (300, 200))], ["a bowl of ramen", "a cozy living room"]
     ours = scorer(ims, prompts)["hps"]
     model = open_clip.create_model(evaluate.TINY_HPS_ARCH)
-    model.load_state_dict(torch.load(t["hps_model"])["state_dict"])
+    model.load_state_dict(torch.load(t["hps20"]["model"])["state_dict"])
     model.eval()
     with torch.no_grad():
         img = model.encode_image(torch.stack([rewards.hps_preprocess(im) for im in ims]))
@@ -253,11 +243,11 @@ def test_pickscore_is_logit_scale_times_cosine():
     """PickScore = logit_scale.exp() · cos: the diagonal of CLIPModel's own logits_per_image."""
     from transformers import CLIPModel, CLIPProcessor
     t = tiny()
-    scorer = evaluate.load_pickscore(t["pickscore_model"], t["pickscore_processor"], CPU)
+    scorer = evaluate.load_pickscore(t["pickscore"]["model"], t["pickscore"]["processor"], CPU)
     ims, prompts = [pil(13), pil(14)], ["a lighthouse on a cliff", "a close-up portrait"]
     ours = scorer(ims, prompts)["pickscore"]
-    model = CLIPModel.from_pretrained(t["pickscore_model"]).eval()
-    processor = CLIPProcessor.from_pretrained(t["pickscore_processor"])
+    model = CLIPModel.from_pretrained(t["pickscore"]["model"]).eval()
+    processor = CLIPProcessor.from_pretrained(t["pickscore"]["processor"])
     with torch.no_grad():
         out = model(**processor(text=prompts, images=ims, return_tensors="pt", padding=True))
     assert torch.allclose(ours, out.logits_per_image.diagonal(), atol=1e-4)
@@ -348,14 +338,17 @@ def test_bad_reward_specs_are_one_line_naming_the_valid_names():
 
 
 def test_where_takes_each_part_from_the_folder_or_its_hub_id(tmp_path):
-    """A folder holding the head alone gives the aesthetic head from it and CLIP from its hub id; a file is the
-    first part's weight file; a folder lacking the first part's files is one line naming them."""
+    """A folder holding the head alone gives the aesthetic head from it and CLIP from its hub id (both, when a CLIP
+    is beside it); a file is the first part's weight file; a folder lacking the first part's files is one line."""
     t = tiny()
-    folder = os.path.dirname(t["aesthetic_model"])
-    assert rewards.where("aesthetic", folder) == {"head": t["aesthetic_model"], "model": rewards.CLIP_L}
-    assert rewards.where("hps21", t["hps_model"]) == {"model": t["hps_model"]}
-    assert rewards.where("pickscore", t["pickscore_model"]) == {"model": t["pickscore_model"],
-                                                                "processor": t["pickscore_model"]}
+    head = str(tmp_path / "head" / rewards.AESTHETIC_FILE)
+    os.makedirs(os.path.dirname(head))
+    os.link(t["aesthetic"]["head"], head)
+    assert rewards.where("aesthetic", os.path.dirname(head)) == {"head": head, "model": rewards.CLIP_L}
+    assert rewards.where("aesthetic", os.path.dirname(t["aesthetic"]["head"])) == t["aesthetic"]  # CLIP-L beside it
+    assert rewards.where("hps21", t["hps21"]["model"]) == {"model": t["hps21"]["model"]}
+    assert rewards.where("pickscore", t["pickscore"]["model"]) == {"model": t["pickscore"]["model"],
+                                                                "processor": t["pickscore"]["model"]}
     assert rewards.where("pickscore", "") == {"model": "yuvalkirstain/PickScore_v1", "processor": rewards.CLIP_H}
     message = error_of(lambda: rewards.where("hps20", str(tmp_path)))
     assert rewards.HPS_FILES["v2.0"] in message and "huggingface-cli download xswu/HPSv2" in message

@@ -473,6 +473,21 @@ def parse(spec, flag="--reward"):
     return terms
 
 
+def parse_watch(spec, flag="--watch_rewards"):
+    """--watch_rewards 'pickscore,hps21' (or NAME=PATH for weights of your own) -> [(name, path)]: the rewards
+    scored on the held-out prompts at each validation and not trained on. One line for a wrong name."""
+    watched = []
+    for part in (p for p in (spec or "").split(",") if p.strip()):
+        name, _, path = (s.strip() for s in part.partition("="))
+        if name not in RECORDS:
+            die(f"{flag} '{spec}': unknown reward '{name}'; choose from {', '.join(NAMES)}, comma-separated, "
+                "each optionally NAME=PATH")
+        if name in (n for n, _ in watched):
+            die(f"{flag} '{spec}': {name} appears twice; give each reward once")
+        watched.append((name, path))
+    return watched
+
+
 def parse_paths(spec, names, flag="--reward_model_path"):
     """--reward_model_path: one PATH (for a single reward) or NAME=PATH,... -> {name: path} ('' = the record's
     default). A name not in the run, or one path for several rewards, is one line."""
@@ -611,6 +626,16 @@ def register_tiny_hps(folder):
     import_open_clip().add_model_config(os.path.join(folder, f"{TINY_HPS_ARCH}.json"))
 
 
+def tiny_layout(folder):
+    """{name: {part: path}} of build_tiny's files in `folder`."""
+    return {"imagereward": {"model": os.path.join(folder, "imagereward")},
+            "clip": {"model": os.path.join(folder, "clip-l")},
+            "aesthetic": {"head": os.path.join(folder, "clip-l", AESTHETIC_FILE), "model": os.path.join(folder, "clip-l")},
+            "hps20": {"model": os.path.join(folder, "hps", HPS_FILES["v2.0"])},
+            "hps21": {"model": os.path.join(folder, "hps", HPS_FILES["v2.1"])},
+            "pickscore": {"model": os.path.join(folder, "pickscore"), "processor": os.path.join(folder, "pickscore")}}
+
+
 def build_tiny(folder, tokenizer, seed=0):
     """Writes under `folder` one stand-in per record in its real file format, and returns {name: {part: path}}:
     transformers CLIPModel + CLIPProcessor folders (CLIP-L with its 768-d projection, which the aesthetic head
@@ -619,12 +644,7 @@ def build_tiny(folder, tokenizer, seed=0):
     (tiny_imagereward). tokenizer: a CLIPTokenizer folder (the tiny SD's byte-level one). Kept when already built."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
     open_clip = import_open_clip()
-    at = {"imagereward": {"model": os.path.join(folder, "imagereward")},
-          "clip": {"model": os.path.join(folder, "clip-l")},
-          "aesthetic": {"head": os.path.join(folder, "clip-l", AESTHETIC_FILE), "model": os.path.join(folder, "clip-l")},
-          "hps20": {"model": os.path.join(folder, "hps", HPS_FILES["v2.0"])},
-          "hps21": {"model": os.path.join(folder, "hps", HPS_FILES["v2.1"])},
-          "pickscore": {"model": os.path.join(folder, "pickscore"), "processor": os.path.join(folder, "pickscore")}}
+    at = tiny_layout(folder)
     marker, stamp = os.path.join(folder, TINY_MARKER), json.dumps({"seed": seed})
     if os.path.isfile(marker) and open(marker).read() == stamp:  # written by an earlier run: kept
         register_tiny_hps(os.path.join(folder, "hps"))
@@ -656,6 +676,14 @@ def build_tiny(folder, tokenizer, seed=0):
         open(os.path.join(folder, name, TINY_MARKER), "w").write(stamp)
     open(marker, "w").write(stamp)
     return at
+
+
+def tiny_paths(folder):
+    """{name: the PATH that --reward_model_path NAME=PATH takes} of build_tiny's stand-ins in `folder` (the
+    aesthetic head's folder holds its CLIP-L too)."""
+    at = tiny_layout(folder)
+    return {name: os.path.dirname(parts["head"]) if name == "aesthetic" else parts["model"]
+            for name, parts in at.items()}
 
 
 def is_tiny(name, at):

@@ -175,7 +175,7 @@ def architecture(shapes):
 def meta_imagereward():
     """ImageReward built by the image-reward package's own classes (BLIP ViT-L/16 at 224 + BERT-base with
     cross-attention + MLP) on the meta device, with BLIP's med_config and a MetaTokenizer for its BERT tokenizer."""
-    sys.modules.setdefault("clip", type(sys)("clip"))  # as plumbing.load_imagereward: an unused import
+    sys.modules.setdefault("clip", type(sys)("clip"))  # as rewards.import_imagereward: an unused import
     import ImageReward as RM
     from accelerate import init_empty_weights  # (a dependency of peft)
     from ImageReward.models.BLIP import blip_pretrain

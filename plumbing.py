@@ -189,35 +189,6 @@ def load_strictly(module, weights, source, what):
     return module
 
 
-def load_imagereward(path, device):
-    """The ImageReward model from a local folder (ImageReward.pt + med_config.json) or, with path "", by name
-    through the package's own downloader (hub repo THUDM/ImageReward, into ~/.cache/ImageReward); a missing file
-    is one line. Loaded strictly: the package's own ImageReward.load passes strict=False, with which a
-    checkpoint that does not fit would leave part of the scorer at its random initialisation."""
-    sys.modules.setdefault("clip", type(sys)("clip"))  # ImageReward imports OpenAI's `clip` but never uses it for ImageReward
-    import ImageReward as RM
-    names = ("ImageReward.pt", "med_config.json")
-    if path:
-        files = [os.path.join(path, f) for f in names]
-        missing = [f for f in files if not os.path.isfile(f)]
-        if missing:
-            die(f"--reward_model_path is missing {', '.join(missing)}; download both from the hub repo "
-                "THUDM/ImageReward (huggingface-cli download THUDM/ImageReward --local-dir DIR)")
-    else:  # what ImageReward.load("ImageReward-v1.0") fetches, where it keeps it
-        root, url = os.path.expanduser("~/.cache/ImageReward"), "https://huggingface.co/THUDM/ImageReward/blob/main/"
-        files = [load_or_die(lambda f=f: RM.utils.ImageReward_download(url + f, root), "THUDM/ImageReward",
-                             f"the ImageReward model ({f})") for f in names]
-
-    def build():  # ImageReward.load without its strict=False
-        return RM.ImageReward(med_config=files[1], device="cpu"), torch.load(files[0], map_location="cpu",
-                                                                             weights_only=True)
-    model, weights = load_or_die(build, path or "THUDM/ImageReward", "the ImageReward model (and its BERT "
-                                 "tokenizer 'bert-base-uncased')")
-    load_strictly(model, weights, f"'{files[0]}'", "ImageReward v1.0 (BLIP ViT-L + BERT + MLP)")
-    model.device = device  # score_gard builds its attention mask on model.device
-    return model.eval()
-
-
 def check_model_class(name, sub, expected):
     """One line when a local model folder holds another architecture than the teacher's (an SD generator
     given with a PixArt-α teacher, or the reverse), instead of a loader error about attention heads."""

@@ -269,8 +269,8 @@ def locate_all(args, metrics):
     if "imagereward" in metrics:
         require("imagereward")
         if not args.tiny:  # (--tiny builds its ImageReward in-process, see §6)
-            ir = locate(args.imagereward_model, ["ImageReward.pt", "med_config.json"], "--imagereward_model",
-                        "the ImageReward weights")
+            ir = locate(args.imagereward_model, list(rewards.RECORDS["imagereward"].weights["model"].files),
+                        "--imagereward_model", "the ImageReward weights")
             found["imagereward"] = os.path.dirname(ir[0])
             locate("bert-base-uncased", ["vocab.txt"], "(ImageReward's BLIP tokenizer)",
                    "the BERT tokenizer ImageReward's BLIP uses",

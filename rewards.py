@@ -630,7 +630,8 @@ def tiny_layout(folder):
     """{name: {part: path}} of build_tiny's files in `folder`."""
     return {"imagereward": {"model": os.path.join(folder, "imagereward")},
             "clip": {"model": os.path.join(folder, "clip-l")},
-            "aesthetic": {"head": os.path.join(folder, "clip-l", AESTHETIC_FILE), "model": os.path.join(folder, "clip-l")},
+            "aesthetic": {"head": os.path.join(folder, "clip-l", AESTHETIC_FILE),  # the head beside its CLIP-L
+                          "model": os.path.join(folder, "clip-l")},
             "hps20": {"model": os.path.join(folder, "hps", HPS_FILES["v2.0"])},
             "hps21": {"model": os.path.join(folder, "hps", HPS_FILES["v2.1"])},
             "pickscore": {"model": os.path.join(folder, "pickscore"), "processor": os.path.join(folder, "pickscore")}}

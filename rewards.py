@@ -572,8 +572,8 @@ class Mix:
     def __init__(self, terms):
         self.terms = terms  # [(name, weight, fn)]
         self.names = [name for name, _, _ in terms]
-        self.towers = [tower for _, _, fn in terms for tower in fn.towers]
-        self.tower = self.towers[0]
+        self.towers = [tower for _, _, fn in terms for tower in getattr(fn, "towers", [])]  # (toy rewards: none)
+        self.tower = self.towers[0] if self.towers else None
         self.image_grads, self.last = {}, {}
 
     def __call__(self, images, prompts):

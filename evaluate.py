@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import dipp
 import families
 import plumbing
+import promptsets
 import rewards
 
 die = plumbing.die  # one line instead of a traceback; it says "evaluate: error:" while main() runs
@@ -863,8 +864,8 @@ def wrote_an_image(folder):
 
 
 def run(args, metrics, device, command):
-    ctx, dtype = dipp.precision(dipp.Config(mixed_precision=args.mixed_precision), device)
-    prompts = plumbing.load_prompts(args.prompts, dipp.BUILTIN_PROMPTS, "--prompts")
+    ctx, dtype = plumbing.precision(args.mixed_precision, device)
+    prompts = promptsets.load_prompts(args.prompts, promptsets.BUILTIN_PROMPTS, "--prompts")
     prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
     if len(prompts) >= 2 ** 24:
         die(f"{len(prompts)} prompts is more than image_seed's layout allows (2^24); use --max_prompts")

@@ -21,6 +21,7 @@ import torch
 import dipp
 import families
 import plumbing
+import promptsets
 import random_weights
 import rewards
 
@@ -145,7 +146,7 @@ def test_cfg_is_an_implicit_reward():
 
     g_guided = grad_of(dipp.ikl_loss(x0, t, eps, sched, dipp.guided(eps_fn, cond, uncond, omega), fake_c))
     g_plain = grad_of(dipp.ikl_loss(x0, t, eps, sched, dipp.guided(eps_fn, cond, uncond, 1.0), fake_c))
-    g_cfg = grad_of(dipp.cfg_reward_loss(x0, t, eps, sched, lambda x, tt: eps_fn(x, tt, cond),
+    g_cfg = grad_of(dipp.guidance_reward_loss(x0, t, eps, sched, lambda x, tt: eps_fn(x, tt, cond),
                                          lambda x, tt: eps_fn(x, tt, uncond)))  # = −∇ r_cfg
     assert torch.allclose(g_guided, g_plain + (omega - 1) * g_cfg, rtol=1e-3, atol=1e-5)
     assert (g_guided - g_plain).abs().max() > 1e-3  # guidance really changed the gradient
@@ -454,7 +455,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
     def ikl_nan_on_second_call(*args, **kwargs):
         calls.append(1)
-        loss, grad = real_ikl(*args, **kwargs)  # generator_step asks for (loss, ∂loss/∂x0)
+        loss, grad = real_ikl(*args, **kwargs)  # dipp_step asks for (loss, ∂loss/∂x0)
         return (loss * float("nan") if len(calls) == 2 else loss), grad
 
     monkeypatch.setattr(dipp, "ikl_loss", ikl_nan_on_second_call)
@@ -544,8 +545,7 @@ def test_a_run_that_fails_before_step_1_leaves_no_folder(tmp_path, monkeypatch):
     takes the fresh output folder with it, so the retry does not find 'another run' there."""
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
-    monkeypatch.setattr(plumbing, "optimizer_step", out_of_memory)
-    monkeypatch.setattr(dipp, "optimizer_step", out_of_memory, raising=False)  # (dipp's own reference, if any)
+    monkeypatch.setattr(plumbing.SafeOptimizer, "step", out_of_memory)
     sd, clip = tiny_models()
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="out of memory"):
@@ -607,21 +607,73 @@ def test_gmm_log_density_integrates_to_one_and_class_posterior_normalises():
 
 
 def test_cfg_implicit_reward_with_exact_densities():
-    """With the exact mixture, −∇x0 of dipp.cfg_reward_loss equals autograd of
+    """With the exact mixture, −∇x0 of dipp.guidance_reward_loss equals autograd of
     w(t)·log p_t(c | α x0 + σ ε) computed from closed-form densities (METHOD.md §5)."""
     gmm, sched = toy_mixture(), dipp.Schedule.scaled_linear()
     torch.manual_seed(1)
     x0 = torch.randn(32, 2, requires_grad=True)
     c, t, eps = torch.randint(0, 2, (32,)), torch.randint(20, 981, (32,)), torch.randn(32, 2)
     teacher = gmm.eps_fn(sched)
-    loss = dipp.cfg_reward_loss(x0, t, eps, sched, lambda x, tt: teacher(x, tt, c),
-                                lambda x, tt: teacher(x, tt, torch.full_like(c, -1)), "eps")
+    loss = dipp.guidance_reward_loss(x0, t, eps, sched, lambda x, tt: teacher(x, tt, c),
+                                     lambda x, tt: teacher(x, tt, torch.full_like(c, -1)), "eps")
     (ours,) = torch.autograd.grad(loss.sum(), x0)
     a, s = sched.alpha_sigma(t, 2)
     r_cfg = dipp.ikl_weight("eps", a, s)[:, 0] * gmm.log_p_class_t(a * x0 + s * eps, a, s).gather(1, c[:, None])[:, 0]
     (exact,) = torch.autograd.grad(r_cfg.sum(), x0)
     assert torch.allclose(-ours, exact, rtol=1e-3, atol=1e-5)
     assert exact.abs().max() > 1e-2
+
+
+def test_guidance_reward_loss_takes_every_weighting():
+    """guidance_reward_loss runs with each w(t) of ikl_weight (dmd2 included: its normaliser is read from the
+    conditional teacher's x̂0) and its x0-gradient is the hand-derived −w α (ε̂_∅ − ε̂_c)/σ."""
+    sched = dipp.Schedule.scaled_linear()
+    torch.manual_seed(2)
+    x0 = torch.randn(6, 3, requires_grad=True)
+    t, eps = torch.randint(20, 981, (6,)), torch.randn(6, 3)
+    A, b = torch.randn(3, 3) / 3, torch.randn(3)  # two affine ε-predictors stand in for s_c and s_∅
+    eps_cond, eps_null = (lambda x, tt: x @ A), (lambda x, tt: x @ A.T + b)
+    a, s = sched.alpha_sigma(t, 2)
+    x_t = (a * x0 + s * eps).detach()
+    for weighting in ("x0", "eps", "dmd2"):
+        loss = dipp.guidance_reward_loss(x0, t, eps, sched, eps_cond, eps_null, weighting)
+        (ours,) = torch.autograd.grad(loss.sum(), x0)
+        w = {"x0": s ** 2 / a ** 2, "eps": s / a}.get(weighting)
+        if w is None:  # σ²/α² over mean_d |x0 − x̂0_c|, x̂0_c = (x_t − σ ε̂_c)/α
+            w = s ** 2 / a ** 2 / (x0.detach() - (x_t - s * eps_cond(x_t, t)) / a).abs().mean(1, keepdim=True)
+        expected = -w * a * (eps_null(x_t, t) - eps_cond(x_t, t)) / s
+        assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-6), weighting
+
+
+def test_no_import_cycles():
+    """The project's modules import one another one way only (plumbing at the bottom; families, promptsets,
+    random_weights, rewards above it; dipp above them; cost, evaluate, the toys, reproduce on top): every import
+    statement counts, the lazy ones inside functions too (`python dipp.py` once loaded itself a second time, as the
+    module `dipp`, through cost.py)."""
+    import ast
+    files = {f[:-3]: os.path.join(HERE, d, f) for d in ("", "toy", "bench")
+             for f in os.listdir(os.path.join(HERE, d)) if f.endswith(".py") and not f.startswith(("test_", "conftest"))}
+    graph = {}
+    for name, path in files.items():
+        found = set()
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module.split(".")[0])
+        graph[name] = found & set(files) - {name}
+    assert {"dipp", "plumbing", "cost", "gmm"} <= set(graph) and "plumbing" in graph["dipp"]
+
+    def cycle_from(name, path):
+        for dep in sorted(graph[name]):
+            if dep in path:
+                return path[path.index(dep):] + [dep]
+            found = cycle_from(dep, path + [dep])
+            if found:
+                return found
+    for name in sorted(graph):
+        assert cycle_from(name, [name]) is None, " -> ".join(cycle_from(name, [name]))
+    assert not graph["plumbing"], graph["plumbing"]  # the bottom layer imports no project module
 
 
 @functools.lru_cache(maxsize=None)
@@ -1199,6 +1251,21 @@ def tiny_sd_nets(seed=0):
     return G, dipp.denoiser_eps(teacher, families.FAMILIES["sd"]), dipp.denoiser_eps(fake, families.FAMILIES["sd"])
 
 
+def generator_update(G_c, teacher_eps_c, fake_eps_c, reward_c, params, optimizer, scaler, noise, schedule, cfg):
+    """The generator half of dipp.dipp_step alone (no fake-score noise given, so no fake-score update): its stats."""
+    opt = dipp.Optimizers(fake=None, G=plumbing.SafeOptimizer(params, optimizer, scaler, cfg.max_grad_norm))
+    return dipp.dipp_step(dipp.Bound(G_c, teacher_eps_c, fake_eps_c, reward_c), opt, [noise], schedule, cfg)
+
+
+def safe_step(loss, params, optimizer, scaler, max_grad_norm):
+    """One step as dipp.dipp_step takes it (zero_grad, scaled backward, SafeOptimizer.step): (scale used, skipped)."""
+    opt = plumbing.SafeOptimizer(params, optimizer, scaler, max_grad_norm)
+    opt.zero_grad()
+    opt.scaler.scale(loss).backward()
+    skipped = opt.step(loss)
+    return opt.loss_scale, skipped
+
+
 def test_default_generator_update_keeps_w_of_t_at_batch_1():
     """With the default flags the gradient that reaches Adam scales with w(t): at batch 1 the x0 and eps
     weightings (σ²/α² vs σ/α) give gradients whose norms differ by exactly σ_t/α_t. A clip of the summed
@@ -1213,7 +1280,7 @@ def test_default_generator_update_keeps_w_of_t_at_batch_1():
         G = copy.deepcopy(G0)
         cfg = dipp.Config(reward="none", ikl_weighting=weighting)
         opt = torch.optim.AdamW(G.parameters(), lr=1e-5)
-        dipp.generator_step(lambda z: G(z, cond), lambda x, t: real(x, t, cond), lambda x, t: fake(x, t, cond),
+        generator_update(lambda z: G(z, cond), lambda x, t: real(x, t, cond), lambda x, t: fake(x, t, cond),
                             None, list(G.parameters()), opt, torch.amp.GradScaler("cpu", enabled=False),
                             noise, G.schedule, cfg)
         norms[weighting] = torch.cat([p.grad.flatten() for p in G.parameters()]).norm()  # what Adam stepped on
@@ -1252,14 +1319,14 @@ def test_generator_readout_is_fp32_under_bf16_autocast():
 
 
 def test_loss_scaler_skips_are_reported_and_its_state_survives_resume(tmp_path):
-    """optimizer_step reports a step that fp16's GradScaler skipped (overflow) and the scale it used; the
+    """SafeOptimizer.step reports a step that fp16's GradScaler skipped (overflow) and the scale it used; the
     scalers' state is saved in the checkpoint and restored on resume (it restarted at 65,536 before)."""
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([w], lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
-    scale, skipped = plumbing.optimizer_step((w * 1e35).sum(), [w], opt, scaler, 0)  # 1e35 × 65536 overflows fp32
+    scale, skipped = safe_step((w * 1e35).sum(), [w], opt, scaler, 0)  # 1e35 × 65536 overflows fp32
     assert skipped and scale == 2.0 ** 16 and scaler.get_scale() == 2.0 ** 15 and torch.equal(w.data, torch.ones(3))
-    scale, skipped = plumbing.optimizer_step(w.sum(), [w], opt, scaler, 0)
+    scale, skipped = safe_step(w.sum(), [w], opt, scaler, 0)
     assert not skipped and torch.allclose(w.data, torch.full((3,), 0.9))
     # the checkpoint round trip, through the real save/load with a tiny generator
     G, _, _ = tiny_sd_nets()
@@ -1275,15 +1342,15 @@ def test_loss_scaler_skips_are_reported_and_its_state_survives_resume(tmp_path):
 
 def test_skipped_steps_are_counted_in_the_log(tmp_path, monkeypatch):
     """Every generator / fake-score step that the loss scaler skipped is counted in log.jsonl (fp16)."""
-    real = plumbing.optimizer_step
+    real = plumbing.SafeOptimizer.step
     calls = []
 
-    def skip_second(loss, params, opt, scaler, max_grad_norm):
+    def skip_second(self, loss):
         calls.append(1)
-        scale, _ = real(loss, params, opt, scaler, max_grad_norm)
-        return scale, len(calls) == 2  # the 2nd update (step 1's generator update) is reported as skipped
+        real(self, loss)
+        return len(calls) == 2  # the 2nd update (step 1's generator update) is reported as skipped
 
-    monkeypatch.setattr(plumbing, "optimizer_step", skip_second)
+    monkeypatch.setattr(plumbing.SafeOptimizer, "step", skip_second)
     monkeypatch.setattr(dipp.torch.amp.GradScaler, "is_enabled", lambda self: True)
     monkeypatch.setattr(dipp.torch.amp.GradScaler, "get_scale", lambda self: 1.0)
     dipp.main(["--tiny", "--reward", "none", "--max_train_steps", "2", "--output_dir", str(tmp_path)])
@@ -1317,7 +1384,7 @@ def test_device_flags_that_cannot_hold_are_one_line(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- runs that explain themselves
 
 def test_gradient_split_equals_autograd_of_each_term():
-    """generator_step's grad_ikl (closed form) and grad_reward (total ∂L/∂x0 from backward minus the IKL
+    """dipp_step's grad_ikl (closed form) and grad_reward (total ∂L/∂x0 from backward minus the IKL
     part) equal the per-sample RMS of autograd's gradient of each term taken separately."""
     import copy
     torch.manual_seed(0)
@@ -1332,7 +1399,7 @@ def test_gradient_split_equals_autograd_of_each_term():
     g_ikl, = torch.autograd.grad(dipp.ikl_loss(x0, noise[1], noise[2], G.schedule, real_c, fake_c, "eps").sum(), x0)
     g_rew, = torch.autograd.grad(dipp.reward_loss(reward(x0), cfg.reward_scale).sum(), x0)
     per_sample_rms = lambda g: g.flatten(1).pow(2).mean(1).sqrt().mean()
-    stats = dipp.generator_step(lambda z: G(z, cond), real_c, fake_c, reward, list(G.parameters()),
+    stats = generator_update(lambda z: G(z, cond), real_c, fake_c, reward, list(G.parameters()),
                                 torch.optim.AdamW(G.parameters(), lr=1e-5), torch.amp.GradScaler("cpu", enabled=False),
                                 noise, G.schedule, cfg)
     assert per_sample_rms(g_ikl) > 0 and per_sample_rms(g_rew) > 0
@@ -1367,7 +1434,7 @@ def test_interrupt_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, m
     common = ["--tiny", "--reward", "none", "--learning_rate", "1e-3", "--fake_learning_rate", "1e-3",
               "--checkpointing_steps", "100", "--max_train_steps", "3"]
     straight = dipp.main(common + ["--output_dir", str(tmp_path / "a")])
-    real, calls = dipp.generator_step, []
+    real, calls = dipp.dipp_step, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -1375,11 +1442,11 @@ def test_interrupt_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, m
             os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step, as a Ctrl-C would
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dipp, "generator_step", interrupted)
+    monkeypatch.setattr(dipp, "dipp_step", interrupted)
     with pytest.raises(SystemExit) as e:
         dipp.main(common + ["--output_dir", str(tmp_path / "b")])
     assert e.value.code == 130 and plumbing.list_checkpoints(str(tmp_path / "b"))[-1].endswith("checkpoint-2")
-    monkeypatch.setattr(dipp, "generator_step", real)
+    monkeypatch.setattr(dipp, "dipp_step", real)
     resumed = dipp.main(common + ["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest"])
     assert same_weights(straight["G"].net, resumed["G"].net) and same_weights(straight["fake"], resumed["fake"])
     assert [json.loads(l)["step"] for l in open(tmp_path / "b" / "log.jsonl")] == [0, 1, 2, 3]
@@ -1666,7 +1733,7 @@ def test_pixart_cfg_is_an_implicit_reward_with_attention_masks():
     grad_of = lambda loss: torch.autograd.grad(loss.sum(), x0)[0]
     g_guided = grad_of(dipp.ikl_loss(x0, t, eps, sched, dipp.guided(eps_fn, cond, uncond, omega), fake_c))
     g_plain = grad_of(dipp.ikl_loss(x0, t, eps, sched, dipp.guided(eps_fn, cond, uncond, 1.0), fake_c))
-    g_cfg = grad_of(dipp.cfg_reward_loss(x0, t, eps, sched, lambda x, tt: eps_fn(x, tt, cond),
+    g_cfg = grad_of(dipp.guidance_reward_loss(x0, t, eps, sched, lambda x, tt: eps_fn(x, tt, cond),
                                          lambda x, tt: eps_fn(x, tt, uncond)))
     assert torch.allclose(g_guided, g_plain + (omega - 1) * g_cfg, rtol=1e-3, atol=1e-5)
     assert (g_guided - g_plain).abs().max() > 1e-3
@@ -1726,7 +1793,7 @@ def test_pixart_readme_run_moves_only_generator_and_fake_and_resumes_from_cached
     table = load_file(str(tmp_path / "a" / "text_embeddings" / cache))
     prompts = json.loads(__import__("safetensors").safe_open(str(tmp_path / "a" / "text_embeddings" / cache), "pt")
                          .metadata()["prompts"])
-    assert prompts[:len(dipp.BUILTIN_PROMPTS)] == dipp.BUILTIN_PROMPTS and prompts[-1] == ""
+    assert prompts[:len(promptsets.BUILTIN_PROMPTS)] == promptsets.BUILTIN_PROMPTS and prompts[-1] == ""
     tok = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")("", padding="max_length", max_length=120,
                                                                        return_tensors="pt")
     with torch.no_grad():
@@ -1811,7 +1878,7 @@ def test_pixart_switches_keep_the_math(tmp_path, monkeypatch):
     seen = []
     bf16["G"].net.register_forward_hook(lambda m, i, o: seen.append(o.sample.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        x0 = bf16["G"](torch.randn(1, 4, 8, 8), bf16["text"](dipp.BUILTIN_PROMPTS[:1]))
+        x0 = bf16["G"](torch.randn(1, 4, 8, 8), bf16["text"](promptsets.BUILTIN_PROMPTS[:1]))
     assert seen == [torch.float32] and x0.dtype == torch.float32
 
 
@@ -1975,7 +2042,7 @@ def test_sdxl_training_run_and_its_export_reproduce_a_stock_one_step_sdxl_call(t
     assert json.load(open(os.path.join(out, "generator", "dipp.json"))) == {"generator_timestep": 399}
     pipe = sdxl_pipeline(folder, UNet2DConditionModel.from_pretrained(os.path.join(out, "generator")),
                          LCMScheduler.from_pretrained(folder, subfolder="scheduler"))
-    prompts = dipp.BUILTIN_PROMPTS[:2]  # (pre-encoded: nets["text"] knows the run's prompts)
+    prompts = promptsets.BUILTIN_PROMPTS[:2]  # (pre-encoded: nets["text"] knows the run's prompts)
     # the z ~ N(0, I) that dipp.generate draws with the run's --seed 0 (another seed would rebuild the random models)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     theirs = pipe(prompts, num_inference_steps=1, timesteps=[399], guidance_scale=0, latents=z,
@@ -2038,7 +2105,7 @@ def test_sdxl_lora_ema_resume_bf16_and_checkpointing_in_one_run(tmp_path):
     seen = []
     G.conv_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        straight["G"](torch.randn(1, 4, 8, 8), straight["text"](dipp.BUILTIN_PROMPTS[:1]))
+        straight["G"](torch.randn(1, 4, 8, 8), straight["text"](promptsets.BUILTIN_PROMPTS[:1]))
     assert seen == [torch.float32]
     dipp.main(common + ["--max_train_steps", "1", "--output_dir", str(tmp_path / "b")])
     resumed = dipp.main(common + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "b"),
@@ -2066,7 +2133,7 @@ def test_sdxl_pre_encoded_training_equals_encoding_every_step(tmp_path, monkeypa
     every_step = dipp.main(common + ["--output_dir", str(tmp_path / "b")])
     assert isinstance(every_step["text_encoder"], families.TextEncoders)
     assert not (tmp_path / "b" / "text_embeddings").exists()
-    for prompt in dipp.BUILTIN_PROMPTS + [""]:
+    for prompt in promptsets.BUILTIN_PROMPTS + [""]:
         for x, y in zip(cached["text"]([prompt]), every_step["text"]([prompt])):
             assert torch.allclose(x, y, rtol=0, atol=1e-6), prompt
     logs = [json.loads(open(tmp_path / run / "log.jsonl").readlines()[-1]) for run in "ab"]
@@ -2283,7 +2350,7 @@ def check_iteration_against_hand_wired(monkeypatch, tmp_path, kind, argv, omega,
         str(lr), "--reward_scale", str(reward_scale), "--device", "cpu", "--output_dir", str(out)])
     models = out / ("tiny" if kind == "sd" else "tiny_pixart")
     ref = hand_wired_iteration(kind, str(models / ("sd" if kind == "sd" else "pixart")), str(models / "clip"),
-                               rng_state, dipp.BUILTIN_PROMPTS, B, omega, K, reward_scale, lr)
+                               rng_state, promptsets.BUILTIN_PROMPTS, B, omega, K, reward_scale, lr)
     assert len(run_draws) == K + 1 and all(torch.equal(a, b) for d, e in zip(run_draws, ref["draws"]) for a, b in zip(d, e)), \
         "the run's (z, t, ε) are not N(0, I), U{20..980}, N(0, I) drawn after the prompts, K_TA + 1 times"
     size = lambda grads: sum(x.pow(2).sum() for x in grads).sqrt()
@@ -2346,7 +2413,7 @@ def test_keep_last_k_orders_checkpoints_by_step(tmp_path):
     assert torch.all(resumed["generator"].weight == 10)
 
 
-def test_generator_step_differentiates_neither_score_network():
+def test_generator_update_differentiates_neither_score_network():
     """METHOD.md §3: both score networks are evaluated without gradient, only the explicit x_t carries one to θ.
     Under every w(t), a generator update leaves the parameters of the teacher and of the fake score (both
     trainable here) without a .grad (none was computed), while θ's have one."""
@@ -2354,20 +2421,20 @@ def test_generator_step_differentiates_neither_score_network():
     cond = torch.randn(2, 77, 32)
     G, _, _ = tiny_sd_nets()
     teacher, fake = tiny_unet(0).requires_grad_(True), tiny_unet(1).requires_grad_(True)
-    real_eps = dipp.guided(dipp.denoiser_eps(teacher, sd), cond, torch.zeros_like(cond), 2.0)
+    teacher_eps = dipp.guided(dipp.denoiser_eps(teacher, sd), cond, torch.zeros_like(cond), 2.0)
     fake_eps = lambda x, t: dipp.denoiser_eps(fake, sd)(x, t, cond)
     noise = (torch.randn(2, 4, 8, 8), torch.tensor([200, 800]), torch.randn(2, 4, 8, 8))
     params = list(G.parameters())
     for weighting in ("x0", "eps", "dmd2"):
         G.zero_grad(set_to_none=True)
-        dipp.generator_step(lambda z: G(z, cond), real_eps, fake_eps, None, params,
+        generator_update(lambda z: G(z, cond), teacher_eps, fake_eps, None, params,
                             torch.optim.AdamW(params, lr=1e-5), torch.amp.GradScaler("cpu", enabled=False), noise,
                             G.schedule, dipp.Config(reward="none", ikl_weighting=weighting))
         assert all(p.grad is None for p in [*teacher.parameters(), *fake.parameters()]), weighting
         assert sum(p.grad.abs().sum() for p in params if p.grad is not None) > 0, weighting
 
 
-def test_generator_step_ascends_the_reward():
+def test_generator_update_ascends_the_reward():
     """The reward's gradient has the sign that raises it: with the fake score equal to the teacher (the IKL gradient
     is exactly 0), the gradient a generator update hands Adam is autograd's −α_rew ∂ mean r / ∂θ of the reward
     alone, and the reward of the same z is higher after the update."""
@@ -2380,7 +2447,7 @@ def test_generator_step_ascends_the_reward():
     cfg, params = dipp.Config(reward_scale=3.0), list(G.parameters())
     before = reward(G(noise[0], cond))
     expected = torch.autograd.grad(-cfg.reward_scale * before.mean(), params)
-    dipp.generator_step(lambda z: G(z, cond), real_c, real_c, reward, params,
+    generator_update(lambda z: G(z, cond), real_c, real_c, reward, params,
                         torch.optim.AdamW(params, lr=1e-6, betas=(0.0, 0.999), weight_decay=0.0),
                         torch.amp.GradScaler("cpu", enabled=False), noise, G.schedule, cfg)
     for p, e in zip(params, expected):

@@ -20,6 +20,7 @@ import torch
 
 import dipp
 import evaluate
+import promptsets
 import rewards
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,7 +68,7 @@ def test_readme_tiny_command_writes_the_table():
     out, argv, result = readme_run()
     models, metrics = result["models"], result["metrics"]
     K = int(argv[argv.index("--images_per_prompt") + 1])
-    P = len(dipp.BUILTIN_PROMPTS)
+    P = len(promptsets.BUILTIN_PROMPTS)
     assert [m["kind"] for m in models] == ["teacher", "generator"] and metrics == tuple(evaluate.METRICS)
     for m in models:
         assert len([f for f in os.listdir(os.path.join(out, "images", m["slug"])) if f.endswith(".png")]) == P * K
@@ -84,7 +85,7 @@ def test_readme_tiny_command_writes_the_table():
     table = open(os.path.join(out, "table.md")).read()
     assert "Command: `python evaluate.py --tiny" in table and "HPS v2.0 (100·cos)" in table
     assert "95 % Student-t confidence interval" in table and "--hps_resize legacy (no antialias" in table
-    P = len(dipp.BUILTIN_PROMPTS)
+    P = len(promptsets.BUILTIN_PROMPTS)
     assert summary["models"]["teacher"]["metrics"]["clip"]["t_quantile"] == evaluate.t_quantile(P - 1)
     for metric in metrics:
         assert evaluate.header(metric, evaluate.parse_args(argv)) in table
@@ -115,7 +116,7 @@ def stock_pipeline(sd, unet_folder=None, scheduler_kwargs=None):
 
 def stock_images(pipe, records, **kwargs):
     """The pipeline's own [0, 1] output from the seeds the records name, rounded to 8 bits as PNGs are."""
-    prompts = [dipp.BUILTIN_PROMPTS[r["prompt_index"]] for r in records]
+    prompts = [promptsets.BUILTIN_PROMPTS[r["prompt_index"]] for r in records]
     generators = [torch.Generator().manual_seed(r["seed"]) for r in records]  # z first, then DDPM's step noise
     z = torch.stack([torch.randn(4, 8, 8, generator=g) for g in generators])
     with torch.no_grad():
@@ -415,7 +416,7 @@ def test_pixart_generator_row_is_dipp_generate(tmp_path):
     assert generator["kind"] == "generator" and generator["generator_timestep"] == 400
     for r in [r for r in generator["records"] if r["image_index"] == 0]:
         images = dipp.main(["--pretrained_model_name_or_path", run["pixart"], "--generator_init", run["generator"],
-                            "--generate", dipp.BUILTIN_PROMPTS[r["prompt_index"]], "--seed", str(r["seed"]),
+                            "--generate", promptsets.BUILTIN_PROMPTS[r["prompt_index"]], "--seed", str(r["seed"]),
                             "--output_dir", str(tmp_path)])  # z = randn from a generator seeded with --seed
         theirs = ((images[0].clamp(-1, 1) + 1) * 127.5).round().int().permute(1, 2, 0)  # (H, W, 3)
         assert (png(run["out"], r) - theirs).abs().max() <= 1, r
@@ -501,7 +502,7 @@ def test_sdxl_generator_rows_are_dipp_generate_in_every_released_layout(tmp_path
     assert [m["kind"] for m in rows] == ["generator"] * 3 and {m["generator_timestep"] for m in rows} == {399}
     for r in [r for r in rows[0]["records"] if r["image_index"] == 0]:
         images = dipp.main(["--pretrained_model_name_or_path", run["sdxl"], "--generator_init", run["generator"],
-                            "--generate", dipp.BUILTIN_PROMPTS[r["prompt_index"]], "--seed", str(r["seed"]),
+                            "--generate", promptsets.BUILTIN_PROMPTS[r["prompt_index"]], "--seed", str(r["seed"]),
                             "--output_dir", str(tmp_path)])  # z = randn from a generator seeded with --seed
         theirs = ((images[0].clamp(-1, 1) + 1) * 127.5).round().int().permute(1, 2, 0)  # (H, W, 3)
         assert (png(run["out"], r) - theirs).abs().max() <= 1, r
@@ -522,7 +523,7 @@ def test_scores_do_not_follow_mixed_precision():
                             "--output_dir", t["root"]])  # (writes the same tiny/ files again)
     model = result["models"][0]
     images = [Image.open(os.path.join(t["root"], r["image"])).convert("RGB") for r in model["records"]]
-    prompts = [dipp.BUILTIN_PROMPTS[r["prompt_index"]] for r in model["records"]]
+    prompts = [promptsets.BUILTIN_PROMPTS[r["prompt_index"]] for r in model["records"]]
     clip = evaluate.load_clip_l(t["clip_model"], t["aesthetic_model"], cpu)
     scorers = [evaluate.ImageRewardScorer(rewards.ImageRewardFn(evaluate.tiny_imagereward(
                os.path.join(t["folder"], "imagereward")))), clip,

@@ -143,18 +143,6 @@ def check_model_locations(locations):
         check_model_location(name, flag)
 
 
-def check_imagereward_cache():
-    """ImageReward by name is fetched by its own package into ~/.cache/ImageReward: when the hub cannot be
-    reached, its files must already be there."""
-    if hub_unreachable():
-        cache = os.path.expanduser("~/.cache/ImageReward")
-        if not all(os.path.isfile(os.path.join(cache, f)) for f in ("ImageReward.pt", "med_config.json")):
-            die(f"cannot load the ImageReward model: it is not in {cache} and the hub cannot be reached "
-                f"({hub_unreachable()}); on a "
-                "machine with internet run `huggingface-cli download THUDM/ImageReward --local-dir DIR` and pass "
-                "--reward_model_path DIR (its BLIP also needs `huggingface-cli download bert-base-uncased`)")
-
-
 def load_weights_or_die(module, path):
     """Load a bare state-dict file (read_weights) into module; wrong keys or shapes are one line."""
     return load_strictly(module, read_weights(path), f"the weight file '{path}'",
@@ -1381,10 +1369,11 @@ class RunKeeper:
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         return SafeOptimizer(params, adamw, scaler, self.cfg.max_grad_norm)
 
-    def start(self, trained, opt, G, sample, reward_fn, val_prompts, latent_shape):
+    def start(self, trained, opt, G, sample, reward_fn, val_prompts, latent_shape, watch=None):
         """Resume (--resume_from_checkpoint), set up the (optional) EMA of G, the log and the progress bar, and
         validate at step 0. trained: {"generator": G.net, "fake_score": ψ}, what a checkpoint holds; opt: the
-        optimizers (.G, .fake); sample(z, prompts) -> images, reward_fn(images, prompts) -> (B,) or None."""
+        optimizers (.G, .fake); sample(z, prompts) -> images, reward_fn(images, prompts) -> (B,) or None; watch:
+        {name: reward fn} also scored at each validation, not trained on (held_out_reward)."""
         from tqdm import tqdm
         cfg, cuda = self.cfg, self.device.type == "cuda"
         self.trained, self.G, self.G_params = trained, G, opt.G.params
@@ -1400,7 +1389,7 @@ class RunKeeper:
         self.validate = lambda tag: held_out_reward(
             sample, reward_fn, val_prompts, val_z, cfg.train_batch_size, [self.autocast, ema_weights(self.G_params,
                                                                                                       self.ema)],
-            os.path.join(cfg.output_dir, f"samples_{tag}.png") if self.main_rank else None)
+            os.path.join(cfg.output_dir, f"samples_{tag}.png") if self.main_rank else None, watch)
         self.validates = self.writes or (self.sharded and not cfg.benchmark)  # (a sharded G runs on every rank)
         self.clock = benchmark_clock(cfg, self.device)  # synced on a GPU only under --benchmark
         self.flops = FirstIteration(cfg.benchmark)  # --benchmark: the FLOPs of the first, untimed, iteration
@@ -1446,8 +1435,9 @@ class RunKeeper:
             ema_update(self.ema, self.G_params, cfg.ema_decay)
         self.step += 1
         # global-batch means over ranks (and whether a signal reached any rank); waits for the step's GPU work
-        values, stop = global_means({k: stats[k] for k in ("loss_fake", "loss_ikl", "reward", "grad_ikl",
-                                                             "grad_reward")}, self.signals.requested, self.world)
+        logged = ("loss_fake", "loss_ikl", "reward", "grad_ikl", "grad_reward") + tuple(  # (+ a mix's terms)
+            k for k in stats if k.startswith(("grad_reward_", "reward_")))
+        values, stop = global_means({k: stats[k] for k in logged}, self.signals.requested, self.world)
         t2 = self.clock()
         self.timings.append((self.t1 - self.t0, t2 - self.t1))
         stats = {"step": self.step, **values, "grad_ratio": values["grad_reward"] / max(values["grad_ikl"], 1e-30),

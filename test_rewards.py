@@ -363,3 +363,49 @@ def test_missing_weights_offline_are_one_line_before_any_model_loads(tmp_path, m
     for spec in ("pickscore", "hps21=1,aesthetic=2"):
         message = error_of(lambda: rewards.check(rewards.parse(spec), {}))
         assert "not in the hub cache" in message and "huggingface-cli download" in message, message
+
+# ----------------------------------------------------------------------------- through dipp.py
+
+
+def test_bad_reward_flags_are_one_line_before_anything_loads(tmp_path, monkeypatch):
+    """dipp.py with a wrong --reward, --reward_model_path or --watch_rewards stops with one line naming the valid
+    names before a model (or the random-weight folder of --tiny) is built."""
+    import dipp
+    monkeypatch.setattr(dipp, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(rewards, "load_one", lambda *a, **k: pytest.fail("a reward was loaded"))
+    out = tmp_path / "run"
+    for flags, expected in ((["--reward", "hps"], "unknown reward 'hps'"),
+                            (["--reward", "imagereward=0"], "must be a positive number"),
+                            (["--reward", "clip;pickscore"], "unknown reward 'clip;pickscore'"),
+                            (["--reward", "clip,hps21", "--reward_model_path", "/w"], "is one path but the run has 2"),
+                            (["--reward", "clip", "--reward_model_path", "hps21=/w"], "names no reward of this run"),
+                            (["--watch_rewards", "pickscore,hsp21"], "unknown reward 'hsp21'")):
+        message = error_of(lambda: dipp.main(["--tiny", "--output_dir", str(out)] + flags))
+        assert expected in message and "imagereward" in message or "NAME=PATH" in message, message
+    assert not out.exists()
+
+
+def test_a_mixed_run_logs_each_terms_pull_and_the_watched_rewards(tmp_path):
+    """`dipp.py --tiny --reward "clip=1,pickscore=0.5" --watch_rewards hps21`, one step: the step logs each term's
+    pull and score (per sample the pulls add up to the total, so the RMS of the total is at most their sum); each
+    validation logs val_clip and val_pickscore (val_reward = val_clip + 0.5 val_pickscore) and val_hps21, which
+    equals HPS v2.1 (its tiny stand-in) recomputed by hand on the step-0 images."""
+    import json
+    import dipp
+    out, prompts = tmp_path / "run", ["a green teapot", "two cats on a sofa"]
+    (tmp_path / "val.txt").write_text("\n".join(prompts) + "\n")
+    nets = dipp.main(["--tiny", "--max_train_steps", "1", "--reward", "clip=1,pickscore=0.5", "--watch_rewards",
+                      "hps21", "--validation_prompts", str(tmp_path / "val.txt"), "--train_batch_size", "2",
+                      "--seed", "3", "--output_dir", str(out)])
+    first, step = (json.loads(line) for line in open(out / "log.jsonl"))
+    assert 0 < step["grad_reward"] <= step["grad_reward_clip"] + step["grad_reward_pickscore"] + 1e-9
+    assert step["grad_reward_clip"] > 0 and step["grad_reward_pickscore"] > 0 and "reward_clip" in step
+    for row in (first, step):
+        assert abs(row["val_reward"] - (row["val_clip"] + 0.5 * row["val_pickscore"])) < 1e-5
+    G0 = dipp.OneStepGenerator(nets["teacher"], nets["family"], nets["schedule"], 999)  # step 0: the teacher
+    z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    hps = rewards.load_one("hps21", rewards.tiny_paths(str(out / "tiny" / "rewards"))["hps21"], CPU, FP32)
+    with torch.no_grad():
+        cond = nets["family"].encode(nets["tokenizer"], nets["text_encoder"], prompts)
+        r = hps(dipp.decode(nets["vae"], G0(z, cond)), prompts)
+    assert abs(first["val_hps21"] - r.mean().item()) < 1e-5 and "val_hps21" in step

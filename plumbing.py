@@ -1033,8 +1033,9 @@ def plot_curves(log_path, png_path):
             if not steps:
                 continue
             spread = dict(zip(*series(key + "_std"))).get(steps[0]) or 1.0
-            ax.plot(steps, [(v - values[0]) / spread for v in values], "o-", ms=3, label=key,
-                    lw=2.5 if key == "val_reward" else 1)
+            trained = key == "val_reward" or f"grad_reward_{key[4:]}" in terms  # (a mix's terms log their pulls)
+            ax.plot(steps, [(v - values[0]) / spread for v in values], "o-" if trained else "o--", ms=3,
+                    label=key + ("" if trained else " (watched)"), lw=2.5 if key == "val_reward" else 1)
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_title("held-out rewards: change since the first validation / its spread", fontsize=9)
         ax.set_xlabel("step")

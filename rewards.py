@@ -538,7 +538,7 @@ def check(terms, paths):
             if name == "imagereward" and not location:
                 check_imagereward_cache()
             elif location:
-                plumbing.check_model_location(location, f"--reward_model_path {name} ({part})")
+                plumbing.check_model_location(location, f"the {name} reward's {part} (--reward_model_path {name}=PATH)")
 
 
 def load_one(name, path, device, dtype, gradient_checkpointing=False, pil=False, checksum=True, **options):

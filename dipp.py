@@ -510,9 +510,11 @@ def generate(cfg):
 class Config:
     # --- models (hub id or local folder; each is fetched into the hub cache when online)
     pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the teacher: an SD-1.x, SDXL
-        # or PixArt-α hub id or diffusers folder (denoiser, VAE, text encoder); the family is read from its layout
+        # or PixArt-α hub id or diffusers folder (denoiser, VAE, text encoder); the family is read from its layout;
+        # --generate: by default the teacher the generator's dipp.json records
     generator_init: str = ""  # one-step generator to start from: its model folder, a pipeline folder with unet/ or
-        # transformer/ (PixArt-α-DMD, DI++-SDXL), or a weight file (default: a copy of the teacher)
+        # transformer/ (PixArt-α-DMD, DI++-SDXL), a weight file, or a LoRA adapter file (dipp's
+        # pytorch_lora_weights.safetensors: the teacher with it merged in) (default: a copy of the teacher)
     random_weights: str = ""  # instead of the teacher and reward above, random-weight models of the same architectures
         # built in output_dir/<name>: tiny, tiny_pixart, tiny_sdxl (CPU, seconds) or sd15, pixart512, sdxl (real
         # shapes, for --benchmark)
@@ -631,10 +633,14 @@ def main(argv=None):
     if cfg.random_weights:  # same code path as SD1.5 / PixArt-α / SDXL, nothing downloaded
         from random_weights import use_random_weights
         use_random_weights(cfg, rank, world)  # builds them in output_dir, points the model/reward paths there
+    from random_weights import build_random  # (rebuilds a random-weight teacher whose folder is gone)
+    plumbing.use_recorded_teacher(cfg, argv, build_random)  # --generate: the teacher the generator's dipp.json names
     # a mistyped path, an incomplete model folder or an unreachable hub: one line now, not after loading
     plumbing.check_model_locations(model_locations(cfg))
     if os.path.isdir(cfg.pretrained_model_name_or_path):
-        families.check_folder(cfg.pretrained_model_name_or_path)
+        family = families.check_folder(cfg.pretrained_model_name_or_path)
+        if cfg.generator_init:  # SD-1.x and SDXL UNets are one class: the family read from its config or tensors
+            families.check_generator(family, cfg.pretrained_model_name_or_path, cfg.generator_init, "--generator_init")
     if not cfg.generate:  # every reward's weights, trained on or watched (after --tiny pointed them at its own)
         terms, paths, watched = check_rewards(cfg)
         rewards.check(terms, paths)

@@ -715,7 +715,8 @@ def prepare_output_dir(cfg, main_rank):
         print(f"--overwrite_output_dir: deleted {len(gone)} files/folders of the previous run in {cfg.output_dir}")
 
 
-RUN_FILES = r"config\.json|log\.jsonl|curves\.png|samples_\d+\.png|generated_\d+\.png|tensorboard|wandb|checkpoint-\d+\.tmp"
+RUN_FILES = (r"config\.json|log\.jsonl|curves\.png|samples_\d+\.png|generated_\d+\.png|tensorboard|wandb|checkpoint-\d+\.tmp"
+             r"|text_embeddings")
 
 
 def trained_a_step(folder):
@@ -730,7 +731,8 @@ def tidy_if_stopped_early(folder, main_rank=True, progress=trained_a_step, run_f
     """A run into a fresh --output_dir that stops before its first step (a missing model, a wrong flag found
     late, out of memory in step 1) takes its own files with it: config.json, the step-0 log and grid, and the
     folder itself when nothing else is left. Otherwise the next try would find an empty folder, or one that
-    'holds another run'. Caches that the retry reuses stay: random-weight models, PixArt's text embeddings.
+    'holds another run'. The prompts' text_embeddings/ go too (the retry encodes them again: main() promises a
+    fresh folder left as it was); --random_weights models stay (a cache the retry reuses, not this run's).
     A folder that already held a run is left as it is. (evaluate.py passes its own progress and run_files.)"""
     before = set(os.listdir(folder)) if os.path.isdir(folder) else None
     fresh = before is None or not (list_checkpoints(folder) or "log.jsonl" in before)
@@ -1121,16 +1123,163 @@ class StopSignals:
         for sig, old in self.old.items():
             signal.signal(sig, old)
 
+
+# (optional) Programs that start programs: one run per folder, and a kill reaches the whole job. dipp.py keeps
+# its runs apart by what a folder holds (prepare_output_dir); reproduce.py and evaluate.py also hold a lock.
+
+
+@contextlib.contextmanager
+def folder_lock(path, flag="--output_dir"):
+    """Two runs never write one folder at once: an exclusive flock on the folder itself (no lock file to leave
+    behind), held for the block and released by the kernel when the process ends, however it ends (kill -9
+    included). While another process holds it, this run stops in one line. Yields the lock's file descriptor:
+    reproduce.py hands it to the runs it starts, so that one left running still holds the folder."""
+    import fcntl
+    writable_dir(path, flag)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        die(f"{flag} '{path}' is in use by another run that is still going (it holds the folder's lock); let it "
+            f"finish or stop it, or choose another {flag}")
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def die_with_parent():
+    """(Linux, in a child before it runs) SIGTERM to this process when its parent dies, even of kill -9, which
+    no handler sees: a child is never left training alone. PR_SET_PDEATHSIG = 1 in <linux/prctl.h>."""
+    import ctypes
+    import signal
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(143)
+
+
+def run_child(command, cwd=None, pass_fds=()):
+    """Run command and wait for it; returns (exit code, the signal this process received meanwhile or None).
+    SIGINT and SIGTERM sent to this process are passed on to the child, each time, and it is waited for: a
+    Ctrl-C or a scheduler's kill stops the whole job, and a dipp.py child first writes its checkpoint. The child
+    has its own process group, so a terminal's Ctrl-C (sent to the whole foreground group) reaches it once,
+    through here, not twice (a second Ctrl-C makes dipp.py stop without a checkpoint)."""
+    import signal
+    import subprocess
+    received, child = [], []
+
+    def forward(signum, frame):
+        received.append(signum)
+        for process in child:  # (none yet while it starts: passed on right after)
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signum)
+    import threading
+    main = threading.current_thread() is threading.main_thread()  # (signals can only be caught there)
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        child.append(subprocess.Popen(command, cwd=cwd, pass_fds=tuple(pass_fds), start_new_session=True,
+                                      preexec_fn=die_with_parent if sys.platform.startswith("linux") else None))
+        if received:  # a signal that came while the child was being started
+            child[0].send_signal(received[-1])
+        code = child[0].wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return code, (received[0] if received else None)
+
+
+def ignore_sigint():
+    """(a pool's worker) A terminal's Ctrl-C goes to every process of the foreground group: the workers leave it
+    to their parent, which ends them (run_in_processes), instead of each printing a traceback."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_in_processes(fn, jobs, workers):
+    """{name: arguments} -> {name: fn(*arguments)}, over `workers` spawned processes. If this process is stopped
+    (Ctrl-C, or SIGTERM under stopped_in_one_line) or a job fails, the workers are ended at once, not left to
+    finish their runs: a kill stops the whole job."""
+    import concurrent.futures
+    import multiprocessing
+    pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
+                                                  initializer=ignore_sigint)
+    try:
+        futures = {k: pool.submit(fn, *v) for k, v in jobs.items()}
+        results = {k: f.result() for k, f in futures.items()}
+    except BaseException:
+        processes = list((getattr(pool, "_processes", None) or {}).values())  # (Python < 3.14: no public way)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            with contextlib.suppress(Exception):
+                process.terminate()
+        for process in processes:
+            process.join(10)
+        raise
+    pool.shutdown()
+    return results
+
+
+def given_flags(argv):
+    """The --flag names typed on the command line (argv; None: sys.argv), so that a preset such as --quick fills
+    only the others: what the user typed wins."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+
+
+def apply_preset(args, preset, argv):
+    """args.<k> = v for each (k, v) of preset whose flag was not given explicitly in argv."""
+    given = given_flags(argv)
+    for k, v in preset.items():
+        if k not in given:
+            setattr(args, k, v)
+
+
+def check_ranges(parser, args, rules):
+    """rules: {flag name: (test, what it must be)}; the first value that fails is one line naming its flag."""
+    for name, (ok, must) in rules.items():
+        value = getattr(args, name)
+        if not all(ok(v) for v in (value if isinstance(value, list) else [value])):
+            parser.error(f"--{name} {value if not isinstance(value, list) else ' '.join(map(str, value))}: "
+                         f"must be {must}")
+
+
+@contextlib.contextmanager
+def stopped_in_one_line(how_to_resume):
+    """SIGTERM (a scheduler, `timeout`) and SIGINT end this process with exit code 143 / 130 and one line saying
+    how to continue, instead of a traceback or a silent exit."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signum)
+    if threading.current_thread() is not threading.main_thread():  # (signals can only be caught there)
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args else signal.SIGINT
+        print(f"{PROGRAM}: stopped by signal {signum}; {how_to_resume}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum) from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
 # -----------------------------------------------------------------------------
-# 7. What a run leaves behind: the exported generator, sample grids, the benchmark line
+# 7. What a run leaves behind: the exported generator (dipp.json with its teacher, the LoRA adapter file, the
+#    model card), sample grids, the benchmark line
 
 
-def merged_lora(net):
-    """A copy of a LoRA-carrying network with each adapter merged into its layer, W ← W + (α/r)·B·A, and the
-    PEFT wrappers replaced by the plain layers: the same function as a plain diffusers model, no PEFT needed."""
-    import copy
+def merged_lora(net, copy=True):
+    """A LoRA-carrying network with each adapter merged into its layer, W ← W + (α/r)·B·A, and the PEFT wrappers
+    replaced by the plain layers: the same function as a plain diffusers model, no PEFT needed. copy: merge into a
+    fp32 copy (training's generator shares its base weights with the teacher, which merging would overwrite)."""
+    import copy as copying
     from peft.tuners.tuners_utils import BaseTunerLayer
-    net = copy.deepcopy(net).to(torch.float32)  # a copy: merging writes into the (shared) base weights
+    net = copying.deepcopy(net).to(torch.float32) if copy else net
     for name, layer in [(n, m) for n, m in net.named_modules() if isinstance(m, BaseTunerLayer)]:
         layer.merge()
         parent, _, child = name.rpartition(".")
@@ -1138,11 +1287,13 @@ def merged_lora(net):
     return net
 
 
-def export_generator(net, t_star, folder, write=True):
-    """The trained generator's denoiser as a plain diffusers model folder (a UNet, or PixArt's transformer;
-    + dipp.json with t*); a LoRA one is merged into (a copy of) its base first, so any diffusers pipeline
-    loads it. write: whether this process writes (rank 0); a sharded one (--shard fsdp) is gathered whole into
-    an unsharded model first, a collective, so then every rank calls this."""
+def export_generator(net, t_star, folder, write=True, cfg=None, family=None):
+    """The trained generator's denoiser as a plain diffusers model folder (a UNet, or PixArt's transformer), with
+    dipp.json (t*, and with cfg and family: the teacher and the training settings) and a model card (README.md).
+    A LoRA one is merged into (a copy of) its base, so any diffusers pipeline loads it, and (given its family) also
+    written as the adapter file a stock pipeline's load_lora_weights reads (save_lora_adapter). write: whether
+    this process writes (rank 0); a sharded one (--shard fsdp) is gathered whole into an unsharded model first, a
+    collective, so then every rank calls this."""
     if is_sharded(net):
         from torch.distributed.fsdp import FSDPModule
         weights = full_weights(net, trained_only=False)  # (whole on rank 0, {} elsewhere)
@@ -1154,31 +1305,270 @@ def export_generator(net, t_star, folder, write=True):
         net.load_state_dict(weights, assign=True)
     if not write:
         return
+    record = dict(generator_timestep=int(t_star))
+    if cfg is not None:
+        record.update(run_record(cfg, folder, family))
+        os.makedirs(folder, exist_ok=True)
+        grids = sorted((f for f in os.listdir(cfg.output_dir) if re.fullmatch(r"samples_\d+\.png", f)),
+                       key=lambda f: int(f[8:-4]))
+        if grids:  # the last validation grid, which the model card shows
+            shutil.copy(os.path.join(cfg.output_dir, grids[-1]), folder)
     if any("lora_" in k for k in trainable_named(net)):  # this generator is a LoRA adapter on a shared base
+        if family is not None:
+            record["lora"] = save_lora_adapter(net, folder, family)
         net = merged_lora(net)
     net.save_pretrained(folder)
-    write_generator_record(folder, t_star)
-    print(f"generator saved to {folder}")
+    write_generator_record(folder, **record)
+    write_model_card(folder, record, family)
+    print(f"generator saved to {folder}" + (f" (and its LoRA adapter, {LORA_FILE})" if record.get("lora") else ""))
 
 
-GENERATOR_RECORD = "dipp.json"  # beside a generator's weights: {"generator_timestep": t*}
+GENERATOR_RECORD = "dipp.json"  # beside a generator's weights: {"generator_timestep": t*, "teacher": ..., ...}
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes (LORA_WEIGHT_NAME_SAFE)
+PAPER = "Diff-Instruct++ (W. Luo, arXiv [2410.18881](https://arxiv.org/abs/2410.18881), TMLR 2025)"
 
 
-def write_generator_record(folder, t_star):
-    """dipp.json: what a generator folder (or checkpoint) needs beyond its weights to sample as trained."""
+def run_record(cfg, folder, family=None):
+    """What dipp.json records about a run beside t*: the teacher (a hub id; or a folder, absolute and relative to
+    the generator folder, so that a run folder moved whole still finds its own; or dipp's random-weight recipe,
+    which rebuilds it), the family, the number of processes and the training settings (the whole Config)."""
+    name = cfg.pretrained_model_name_or_path
+    record = {"teacher": name}
+    if os.path.isdir(name):
+        path = os.path.abspath(name)
+        record.update(teacher=path, teacher_relative=os.path.relpath(path, os.path.abspath(folder)))
+    if cfg.random_weights:
+        record["random_weights"] = {"shapes": cfg.random_weights, "seed": cfg.seed}
+    if family is not None:
+        record["family"] = family.name
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    record["training"] = {**dataclasses.asdict(cfg), "processes": world}
+    return record
+
+
+def write_generator_record(folder, generator_timestep, **more):
+    """dipp.json: what a generator folder (or checkpoint) needs beyond its weights to sample as trained, and what it
+    was trained from (run_record)."""
     with open(os.path.join(folder, GENERATOR_RECORD), "w") as f:
-        json.dump({"generator_timestep": int(t_star)}, f)
+        json.dump({"generator_timestep": int(generator_timestep), **more}, f, indent=1)
+
+
+def generator_record(path):
+    """The dipp.json of a generator folder, or of the folder holding a generator's weight file (the LoRA adapter,
+    or a bare state dict); {} where there is none (a generator not written by dipp)."""
+    folder = os.path.dirname(path) if os.path.isfile(path) else path
+    file = os.path.join(folder, GENERATOR_RECORD)
+    if not os.path.isfile(file):
+        return {}
+    try:
+        record = json.load(open(file))
+        int(record["generator_timestep"])
+        return record
+    except (ValueError, KeyError, TypeError) as e:
+        die(f"'{file}' is damaged ({type(e).__name__}: {e}); it should read {{\"generator_timestep\": t*, ...}}")
 
 
 def read_generator_record(folder):
-    """t* from folder/dipp.json, or None for a folder without one (a generator not written by dipp)."""
-    path = os.path.join(folder, GENERATOR_RECORD)
-    if not os.path.isfile(path):
+    """t* from dipp.json beside a generator (generator_record), or None where there is none."""
+    record = generator_record(folder)
+    return int(record["generator_timestep"]) if record else None
+
+
+def use_recorded_teacher(cfg, argv=None, rebuild=None):
+    """--generate with --generator_init but neither --pretrained_model_name_or_path nor --random_weights: the teacher
+    is the one the generator's dipp.json records (recorded_teacher), not the default hub id. An explicit flag wins.
+    rebuild: random_weights.build_random, for a random-weight teacher whose folder is gone."""
+    argv = sys.argv[1:] if argv is None else argv
+    flag = "--pretrained_model_name_or_path"
+    given = any(a == flag or a.startswith(flag + "=") for a in argv)
+    if cfg.generate and cfg.generator_init and not cfg.random_weights and not given:
+        cfg.pretrained_model_name_or_path = (recorded_teacher(cfg.generator_init, cfg.output_dir, rebuild)
+                                             or cfg.pretrained_model_name_or_path)
+
+
+def recorded_teacher(generator, output_dir, rebuild=None):
+    """The teacher that dipp.json beside `generator` names (None: no record, or one without a teacher): a hub id as
+    written; a folder where it now is (relative to the generator first: a run folder moved whole); a random-weight
+    teacher whose folder is gone rebuilt from its recipe by rebuild(folder, shapes, seed) in output_dir. A recorded
+    folder that is gone is one line."""
+    record = generator_record(generator)
+    teacher = record.get("teacher")
+    if not teacher or "teacher_relative" not in record:
+        return teacher or None
+    here = os.path.dirname(generator) if os.path.isfile(generator) else generator
+    for folder in (os.path.join(here, record["teacher_relative"]), teacher):
+        if os.path.isdir(folder):
+            return os.path.normpath(folder)
+    recipe = record.get("random_weights")
+    if recipe and rebuild:  # the same shapes and seed build the same weights
+        print(f"the teacher recorded in {generator}'s dipp.json ('{teacher}') is gone; rebuilding its random "
+              f"weights (--random_weights {recipe['shapes']}, seed {recipe['seed']}) in {output_dir}")
+        return rebuild(os.path.join(output_dir, recipe["shapes"]), recipe["shapes"], recipe["seed"])[0]
+    die(f"the teacher of '{generator}', recorded in its {GENERATOR_RECORD} as the folder '{teacher}', no longer "
+        "exists; pass --pretrained_model_name_or_path with that folder's new place (or the hub id it came from)")
+
+
+def save_lora_adapter(net, folder, family):
+    """Write net's LoRA adapter as folder/pytorch_lora_weights.safetensors through the family's stock pipeline class's
+    save_lora_weights (diffusers' LoRA training scripts' route), so that `pipe.load_lora_weights(folder)` applies it.
+    Returns {"file", "rank", "alpha", "layers"} for dipp.json, or None (one line) where that pipeline has no LoRA
+    loader. One departure from the training scripts: PEFT's own keys (lora_A/lora_B) are saved, as diffusers'
+    save_lora_adapter saves them, not passed through convert_state_dict_to_diffusers: that renames only the attention
+    layers' keys (to_q.lora.down), and diffusers 0.39's loader, deciding the format from the first key (a conv's
+    lora_A), then silently drops every attention adapter. The adapter's LoraConfig goes into the file's metadata,
+    so the loader applies the trained scale α/r (test_export.py checks both)."""
+    import diffusers
+    from peft.utils import get_peft_model_state_dict
+    pipeline = getattr(diffusers, family.pipeline)
+    if not hasattr(pipeline, "load_lora_weights"):
+        print(f"no LoRA adapter file: diffusers {diffusers.__version__}'s {family.pipeline} cannot load one (it has no "
+              "load_lora_weights); the generator is exported merged only")
         return None
+    name = next(iter(net.peft_config))  # the one adapter G carries ("generator"; the fake score's is on its own copy)
+    config = net.peft_config[name]
+    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    weights = {k: v.detach().float().contiguous() for k, v in get_peft_model_state_dict(net, adapter_name=name).items()}
+    pipeline.save_lora_weights(folder, **{f"{family.folder}_lora_layers": weights,
+                                          f"{family.folder}_lora_adapter_metadata": metadata}, weight_name=LORA_FILE)
+    return {"file": LORA_FILE, "rank": config.r, "alpha": config.lora_alpha, "layers": len(weights) // 2}
+
+
+def lora_adapter_file(path):
+    """The LoRA adapter file that a --generator_init / --generator names: the file itself (a .safetensors of LoRA
+    tensors), or a folder holding pytorch_lora_weights.safetensors and no model (config.json); else None."""
+    if os.path.isdir(path):
+        file = os.path.join(path, LORA_FILE)
+        return file if os.path.isfile(file) and not os.path.isfile(os.path.join(path, "config.json")) else None
+    if not (os.path.isfile(path) and path.endswith(".safetensors")):
+        return None
+    from safetensors import safe_open
     try:
-        return int(json.load(open(path))["generator_timestep"])
-    except (ValueError, KeyError, TypeError) as e:
-        die(f"'{path}' is damaged ({type(e).__name__}: {e}); it should read {{\"generator_timestep\": t*}}")
+        with safe_open(path, "pt") as f:
+            return path if any(".lora_A." in k or ".lora.down." in k for k in f.keys()) else None
+    except Exception:  # unreadable: not an adapter; the weight-file loader says what is wrong with it
+        return None
+
+
+def teacher_with_lora(teacher, path, family):
+    """The generator a LoRA adapter file stands for: the teacher's denoiser (an fp32 copy) with the adapter merged
+    in. Read by diffusers' own loader (load_lora_adapter, what a pipeline's load_lora_weights calls for its
+    denoiser), so the file means here what it means to any diffusers user. An adapter whose layers are not all the
+    teacher's (another family's, another size) is one line."""
+    import copy
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    net = copy.deepcopy(teacher).float()
+    load = lambda: net.load_lora_adapter(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path),
+                                         prefix=family.folder, adapter_name="generator")
+    load_or_die(load, path, f"the LoRA adapter onto the teacher's {family.denoiser}")
+    wanted = {k.removeprefix(family.folder + ".").split(".lora")[0] for k in read_weights(path)}
+    loaded = {n for n, m in net.named_modules() if isinstance(m, BaseTunerLayer)}
+    if not loaded or wanted - loaded:
+        die(f"the LoRA adapter '{path}' does not fit the teacher's {family.denoiser}: {len(wanted - loaded)} of its "
+            f"{len(wanted)} layers are not the teacher's (e.g. {sorted(wanted - loaded or wanted)[0]}); pass the "
+            "teacher it was trained on with --pretrained_model_name_or_path")
+    return merged_lora(net, copy=False)
+
+
+LICENSES = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",  # the base models' own cards
+            "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
+            "stabilityai/stable-diffusion-xl-base-1.0": "openrail++",
+            "PixArt-alpha/PixArt-XL-2-512x512": "openrail++", "PixArt-alpha/PixArt-XL-2-1024-MS": "openrail++"}
+
+
+FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "pixart": "pixart-alpha"}
+
+
+def base_license(teacher):
+    """The teacher's licence: known for the families' usual hub ids, else read from the front matter of a local
+    folder's README.md (huggingface-cli download --local-dir keeps it), else None."""
+    readme = os.path.join(teacher, "README.md")
+    if teacher in LICENSES or not os.path.isfile(readme):
+        return LICENSES.get(teacher)
+    from huggingface_hub import ModelCard
+    try:
+        return ModelCard.load(readme).data.license
+    except Exception:  # a README without front matter
+        return None
+
+
+def write_model_card(folder, record, family=None):
+    """README.md of a generator folder, as diffusers' training scripts write one (huggingface_hub's ModelCard with
+    YAML front matter: base_model, license, library_name, tags; diffusers' populate_model_card): what it is, the
+    teacher, the method, the run's settings, how to sample it in one step, and the last validation grid. Written
+    from the same record as dipp.json."""
+    from diffusers.utils.hub_utils import populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
+    teacher, t_star, lora = record.get("teacher"), record["generator_timestep"], record.get("lora")
+    run, recipe = record.get("training", {}), record.get("random_weights")
+    hub_id = teacher if teacher and "teacher_relative" not in record else None
+    licence = base_license(teacher) if teacher else None
+    teacher = run.get("pretrained_model_name_or_path", teacher)  # a folder as the command named it
+    data = ModelCardData(base_model=hub_id, library_name="diffusers", license=licence or "other",
+                         license_name=None if licence else "see-base-model", pipeline_tag="text-to-image")
+    tags = ["text-to-image", "diffusers", "one-step", "distillation", "diff-instruct-plus-plus", "dipp"]
+    tags += (["lora"] if lora else []) + ([FAMILY_TAGS[family.name]] if family else [])
+    title = family.title if family else "diffusion"
+    lines = [f"# A one-step {title} generator trained with DI++" + (" (LoRA)" if lora else ""), "",
+             f"The teacher's denoiser evaluated once, at t* = {t_star}, on pure noise: a one-step text-to-image "
+             f"generator, trained with {PAPER} by dipp (`dipp.py`): the reward is maximised while an Integral-KL "
+             f"divergence to the frozen teacher{' with CFG' if run else ''} keeps the images realistic. No image "
+             "data is used.", ""]
+    if recipe:
+        lines += [f"**Random weights.** The teacher is dipp's random-weight test model (`--random_weights "
+                  f"{recipe['shapes']}`, seed {recipe['seed']}): this generator exists to test the code; its images "
+                  "are noise by design.", ""]
+    if lora:
+        lines += [f"`{LORA_FILE}` is a rank-{lora['rank']} LoRA adapter (α = {lora['alpha']}: scale α/r = "
+                  f"{lora['alpha'] / lora['rank']:g}) on the teacher's {family.denoiser if family else 'denoiser'}, "
+                  f"{lora['layers']} layers, in diffusers' LoRA format; `config.json` + "
+                  "`diffusion_pytorch_model.safetensors` are the same generator merged into the whole denoiser.", ""]
+    lines += ["## Training", "", "| | |", "|---|---|", f"| teacher (base model) | `{teacher or 'not recorded'}` |",
+              "| method | Diff-Instruct++ (DI++), arXiv 2410.18881 |", f"| t* (`--generator_timestep`) | {t_star} |"]
+    if run:
+        batch = f"{run['train_batch_size']} × {run['processes']} process(es)"
+        lines += [f"| reward r, α_rew (`--reward`, `--reward_scale`) | {run['reward']}, {run['reward_scale']:g} |",
+                  f"| ω (`--guidance_scale`, the teacher's CFG) | {run['guidance_scale']:g} |",
+                  f"| steps, batch | {run['max_train_steps']}, {batch} |",
+                  f"| LoRA rank | {run['lora_rank'] or 'none (full fine-tuning)'} |",
+                  f"| learning rates (generator, fake score) | {run['learning_rate']:g}, {run['fake_learning_rate']:g} |",
+                  f"| precision, seed | {run['mixed_precision']}, {run['seed']} |",
+                  f"| prompts | {run['prompts'] or 'the 8 built-in prompts (a smoke test)'} |",
+                  f"| started from (`--generator_init`) | {run['generator_init'] or 'the teacher'} |", "",
+                  f"Every setting: `{GENERATOR_RECORD}` (\"training\"), the machine-readable record."]
+    lines += ["", "## Sampling in one step", ""] + sampling_code(folder, teacher, t_star, lora, family)
+    grid = sorted((f for f in os.listdir(folder) if re.fullmatch(r"samples_\d+\.png", f)), key=lambda f: int(f[8:-4]))
+    if grid:
+        lines += ["", "## Samples", "", f"![validation grid]({grid[-1]})", "",
+                  f"Held-out prompts (`--validation_prompts`) with fixed noise, at step {int(grid[-1][8:-4])}."]
+    card = populate_model_card(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"), tags=tags)
+    card.save(os.path.join(folder, "README.md"))
+
+
+def sampling_code(folder, teacher, t_star, lora, family):
+    """The card's commands that sample the generator in one step: a stock diffusers pipeline on the teacher (with
+    load_lora_weights, or with the generator as its denoiser), and dipp.py --generate."""
+    lines = []
+    if family is not None:
+        cls, denoiser = family.pipeline, family.denoiser
+        lines += ["```python", "import torch", f"from diffusers import DDPMScheduler, {cls}"
+                  + ("" if lora else f", {denoiser}"), ""]
+        if lora:
+            lines += [f'pipe = {cls}.from_pretrained("{teacher}", torch_dtype=torch.float16).to("cuda")',
+                      f'pipe.load_lora_weights("{folder}", weight_name="{LORA_FILE}")  # (weight_name: needed offline)',
+                      "pipe.fuse_lora()  # optional: the adapter merged into the weights, as fast as the base model"]
+        else:
+            lines += [f'{family.folder} = {denoiser}.from_pretrained("{folder}", torch_dtype=torch.float16)',
+                      f'pipe = {cls}.from_pretrained("{teacher}", {family.folder}={family.folder}, '
+                      'torch_dtype=torch.float16).to("cuda")']
+        lines += ["# one step from pure noise at t*: DDPM's last step returns the denoiser's x̂0, as dipp samples",
+                  "pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)",
+                  f'image = pipe("a red bicycle", num_inference_steps=1, timesteps=[{t_star}], guidance_scale=1'
+                  + (", clean_caption=False" if cls == "PixArtAlphaPipeline" else "") + ").images[0]",
+                  "```", ""]
+    lines += ["```bash", f'python dipp.py --generate "a red bicycle|a watercolor fox" --generator_init {folder}',
+              "```", "", f"dipp reads t* and the teacher from `{GENERATOR_RECORD}`; guidance is off at sampling (the "
+              "teacher's CFG was distilled in during training)."]
+    return lines
 
 
 def save_grid(images, prompts, path):
@@ -1344,7 +1734,7 @@ class RunKeeper:
         self.autocast, self.dtype = precision(cfg.mixed_precision, self.device)
         if not cfg.benchmark:  # one line for an unwritable folder; never mix this run with another's files
             prepare_output_dir(cfg, self.main_rank)
-        self.step, self.benchmark, self.sharded, self.t0 = 0, None, False, 0.0
+        self.step, self.benchmark, self.sharded, self.t0, self.family = 0, None, False, 0.0, None
 
     def wrap(self, G, fake, family, frozen=()):
         """Compile every network (before DDP wraps them), record the config, then wrap G and the fake score for
@@ -1353,7 +1743,7 @@ class RunKeeper:
         of the mean loss over the global batch; saving and no-grad evaluation use the bare modules. --shard fsdp:
         FSDP2 shards G's denoiser and ψ in place instead (shard(); the same averaged update), so every rank runs each
         call of them, validation and saving included. The frozen teacher, VAE and reward stay whole."""
-        cfg = self.cfg
+        cfg, self.family = self.cfg, family  # (the export's adapter file and model card need the family)
         if cfg.compile != "none":  # the frozen nets too: they run every step
             compile_nets(cfg, [G.net, fake] + [net for net in frozen if net is not None], self.device)
         self.sharded = cfg.shard == "fsdp" and self.world > 1  # (--shard fsdp in one process: a plain run)
@@ -1476,7 +1866,7 @@ class RunKeeper:
         if not cfg.benchmark:  # every rank calls it (a sharded generator is gathered whole first); rank 0 writes
             with ema_weights(self.G_params, self.ema):
                 export_generator(self.G.net, self.G.t_star, os.path.join(cfg.output_dir, "generator"),
-                                 write=self.writes)
+                                 write=self.writes, cfg=cfg, family=self.family)
 
 
 if __name__ == "__main__":  # python plumbing.py curves runs/x/log.jsonl  -> runs/x/curves.png

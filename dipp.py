@@ -463,10 +463,11 @@ def train(cfg):
             noises = [draw_noise(B, latent_shape, latent_shape, cfg, device, run.rank, run.world, schedule)
                       for _ in range(cfg.fake_steps_per_G + 1)]
             # (optional) a mix's per-term pulls cost a decoder VJP each: logged on the first and validation steps
+            # (not under --benchmark, whose FLOPs are the first iteration's)
             n = run.step + 1
             terms = ((reward_fn, lambda x0: decode(reward_decoder, x0)) if reward_fn is not None and
-                     len(reward_fn.terms) > 1 and (n == 1 or n % cfg.validation_steps == 0 or n == cfg.max_train_steps)
-                     else None)
+                     len(reward_fn.terms) > 1 and not cfg.benchmark and
+                     (n == 1 or n % cfg.validation_steps == 0 or n == cfg.max_train_steps) else None)
             run.end_step(dipp_step(nets, opt, noises, schedule, cfg, ctx, run.between_phases, terms))
     run.finish()  # the log's curves, the benchmark line, and output_dir/generator (EMA weights if kept)
     return dict(G=G, fake=fake, teacher=teacher, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,

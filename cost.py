@@ -293,7 +293,8 @@ def meta_models(shapes, cfg, device=META, dtype=torch.float32):
 
 SWITCHES = ("lora_rank", "gradient_checkpointing", "reuse_generator_sample", "fake_steps_per_G", "reward",
             "reward_decoder", "guidance_scale")
-MEMORY_SWITCHES = ("mixed_precision", "ema_decay")  # iteration_memory's too: they change no FLOP
+MEMORY_SWITCHES = ("mixed_precision", "ema_decay", "watch_rewards")  # iteration_memory's too: they change no
+# training FLOP (a watched reward scores only the validation samples, but its weights stay on the GPU)
 
 
 def prepare_iteration(shapes, batch=1, device=META, dtype=torch.float32, ctx=contextlib.nullcontext(),
@@ -604,14 +605,15 @@ def network_bytes(nets):
     return out
 
 
-def iteration_memory(shapes, batch=1, ranks=1, device=META, mixed_precision="no", ema_decay=0.0, **switches):
+def iteration_memory(shapes, batch=1, ranks=1, device=META, mixed_precision="no", ema_decay=0.0, watch_rewards="",
+                     **switches):
     """Peak bytes one process holds in ONE DI++ iteration of dipp.py (a steady-state one: the optimiser states exist
     and both networks' gradients of the previous iteration are still held, as dipp_step frees each net's just before
     its own backward pass), and what makes it up: {"weights" (frozen), "trainable" (fp32 masters), "gradients",
     "optimizer" (AdamW: 2 fp32 moments per trainable weight), "ema", "activations" (everything else alive at the peak:
     what autograd saved, autocast's weight copies, the op running), "total"}. ranks > 1: FSDP2 (--shard fsdp), each
-    rank holding 1/ranks of the trainable weights, their gradients and optimiser states. switches: iteration_flops'.
-    Not counted: the CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's unused reserve (docs/cost.md)."""
+    rank holding 1/ranks of the trainable weights, their gradients and optimiser states. watch_rewards: dipp's flag
+    (those models' weights are held for validation). switches: iteration_flops'. Not counted: the CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's unused reserve (docs/cost.md)."""
     if mixed_precision not in PRECISION:
         plumbing.die(f"mixed_precision must be one of {list(PRECISION)}, got {mixed_precision!r}")
     if ranks < 1 or (ranks > 1 and (switches.get("lora_rank") or ema_decay)):
@@ -630,8 +632,11 @@ def iteration_memory(shapes, batch=1, ranks=1, device=META, mixed_precision="no"
         logging.set_verbosity(verbosity)
     m, opt = run["models"], run["opt"]
     reward = [net for _, _, fn in (m["reward"].terms if m["reward"] is not None else []) for net in modules_of(fn)]
-    parts = network_bytes([net for net in (m["teacher"], m["vae"], m["G"], m["fake"], *reward, m["reward_decoder"],
-                                           m["text_encoder"]) if net is not None])
+    arch, _ = architecture(shapes)  # --watch_rewards: frozen models held for validation, never trained on
+    watched = [net for name, _ in rewards.parse_watch(watch_rewards)
+               for net in modules_of(meta_reward(name, arch, dtype=dtype))]
+    parts = network_bytes([net for net in (m["teacher"], m["vae"], m["G"], m["fake"], *reward, *watched,
+                                           m["reward_decoder"], m["text_encoder"]) if net is not None])
     trained = opt.fake.params + opt.G.params
     parts["optimizer"] = sum(2 * block(p.numel() * 4) for p in trained)  # exp_avg, exp_avg_sq in fp32
     parts["ema"] = sum(block(p.numel() * 4) for p in opt.G.params) if ema_decay > 0 else 0

@@ -1725,7 +1725,7 @@ def fit_flags(cfg, shapes, free, world=1):
     flags = ["--family", shapes, "--batch", str(cfg.train_batch_size), "--fit", f"{free / 2 ** 30:.3f}",
              "--ranks", str(world if cfg.shard == "fsdp" else 1)]
     for name in ("lora_rank", "fake_steps_per_G", "reward", "reward_decoder", "guidance_scale", "mixed_precision",
-                 "ema_decay"):
+                 "ema_decay", "watch_rewards"):
         flags += [f"--{name}", str(getattr(cfg, name))]
     return flags + [f"--{name}" for name in ("gradient_checkpointing", "reuse_generator_sample") if getattr(cfg, name)]
 

@@ -379,3 +379,14 @@ def test_memory_column_and_what_adds_no_memory(tmp_path, monkeypatch, capsys):
         assert cost.RECIPE_RUNS[recipe.shapes] == (int(reproduce.flag(recipe.train, "--train_batch_size")),
                                                    float(reproduce.flag(recipe.train, "--guidance_scale")))
         assert reproduce.flag(recipe.train, "--mixed_precision") == "bf16"
+
+
+def test_watched_rewards_add_their_weights():
+    """--watch_rewards models are held for validation: their weights (the aesthetic predictor: CLIP ViT-L/14 and
+    its head, fp32 here) add to the weights, every tensor rounded as the allocator rounds it, and nothing else."""
+    base, watched = memory(batch=1), memory(batch=1, watch_rewards="aesthetic")
+    fn = cost.meta_reward("aesthetic", cost.architecture("tiny")[0])
+    tensors = [t for net in (fn.clip.model, fn.head) for t in [*net.parameters(), *net.buffers()]]
+    assert watched["weights"] - base["weights"] == sum(on_card(t.numel(), t.element_size()) for t in tensors) > 1e9
+    assert {k: v for k, v in watched.items() if k not in ("weights", "total")} == \
+        {k: v for k, v in base.items() if k not in ("weights", "total")}

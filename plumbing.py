@@ -35,6 +35,29 @@ def die(message):
     raise SystemExit(f"{PROGRAM}: error: {message}")
 
 
+def all_or_die(*checks):
+    """Run every check (a callable that stops with die's one line on a missing download or a bad value) and report
+    all that failed in one message, not one per attempt: a user offline learns every missing piece at once.
+    Returns the checks' results. (A check that itself reported several problems adds each of them.)"""
+    results, problems = [], []
+    for check in checks:
+        try:
+            results.append(check())
+        except SystemExit as e:
+            if not str(e).startswith(f"{PROGRAM}: error: "):
+                raise
+            problems += getattr(e, "problems", None) or [str(e).split(": error: ", 1)[1]]
+            results.append(None)
+    if len(problems) == 1:
+        die(problems[0])
+    if problems:
+        error = SystemExit(f"{PROGRAM}: error: {len(problems)} problems, each to fix before this run: "
+                           + " ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
+        error.problems = problems
+        raise error
+    return results
+
+
 @contextlib.contextmanager
 def as_program(name):
     """Inside the block every one-line error, this module's and its callers', starts with `name`: evaluate.py
@@ -136,9 +159,8 @@ def check_model_location(name, flag):
 
 
 def check_model_locations(locations):
-    """check_model_location for each (name, flag) a run will load."""
-    for name, flag in locations:
-        check_model_location(name, flag)
+    """check_model_location for each (name, flag) a run will load; every one missing, in one message."""
+    all_or_die(*(functools.partial(check_model_location, name, flag) for name, flag in locations))
 
 
 def check_imagereward_cache():
@@ -287,36 +309,58 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 class FlagParser(argparse.ArgumentParser):
     """argparse with exact flag names only (no silent abbreviations: --max_train_step is not --max_train_steps)
-    and every mistake as one line, an unknown flag naming the closest real ones. `renamed` maps an old flag to
-    what replaced it."""
+    and every mistake in one line: all unknown flags (each naming the closest real ones) and all bad values
+    together, not one per attempt. `renamed` maps an old flag to what replaced it."""
 
     def __init__(self, prog, description, renamed=None):
         super().__init__(prog=prog, description=description, allow_abbrev=False, formatter_class=HelpFormatter,
                          usage=f"python {prog} [--flag VALUE ...]   (python {prog} --help lists them all)")
-        self.renamed = renamed or {}
+        self.renamed, self.problems = renamed or {}, []
 
     def error(self, message):
         raise SystemExit(f"{self.prog.removesuffix('.py')}: error: {message} (see python {self.prog} --help)")
 
     def parse_args(self, args=None, namespace=None):
+        self.problems = []  # bad values, noted as argparse meets them (_get_value, _check_value) instead of stopping
         parsed, extra = self.parse_known_args(args, namespace)
-        if extra:
-            self.error(self.unknown(extra))
+        problems = self.problems + self.unknown(extra)
+        if problems:
+            self.error(("" if len(problems) == 1 else f"{len(problems)} problems: ") + "; ".join(problems))
         return parsed
 
+    def _get_value(self, action, arg_string):  # a value its type cannot read: noted, parsing goes on
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError as e:
+            self.problems.append(str(e))
+            return action.default
+
+    def _check_value(self, action, value):  # a value outside its choices: noted, parsing goes on
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as e:
+            self.problems.append(str(e))
+
     def unknown(self, extra):
+        """One phrase per unknown flag (and one for stray values), each naming the closest real flags."""
         import difflib
         names = [s[2:] for a in self._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+        found = []
         for token in extra:
             if token.startswith("-"):
                 name = token.split("=")[0]
                 if name in self.renamed:
-                    return f"{name} is now {self.renamed[name]}"
+                    found.append(f"{name} is now {self.renamed[name]}")
+                    continue
                 typed = name.lstrip("-")  # an abbreviation's completions first, then names spelled alike
                 close = [n for n in names if n.startswith(typed)] + difflib.get_close_matches(typed, names, 3, 0.6)
                 close = [f"--{n}" for n in dict.fromkeys(close)][:3]
-                return f"unknown flag {name}" + (f"; did you mean {' or '.join(close)}?" if close else "")
-        return f"unexpected argument '{extra[0]}': every setting is a --flag VALUE pair"
+                found.append(f"unknown flag {name}" + (f"; did you mean {' or '.join(close)}?" if close else ""))
+        stray = [t for i, t in enumerate(extra) if not t.startswith("-") and not (i and extra[i - 1].startswith("-")
+                                                                                  and "=" not in extra[i - 1])]
+        if stray:  # (a value right after an unknown flag is that flag's value)
+            found.append(f"unexpected argument '{stray[0]}': every setting is a --flag VALUE pair")
+        return found
 
 
 def parse_dataclass(cls, argv, choices, prog, description, renamed=None):
@@ -668,12 +712,22 @@ def compile_nets(cfg, nets, device):
 
 
 def record_config(cfg, main_rank, writes, note):
-    """The resolved config, printed once (one key=value a line) and, for a real run, saved as config.json."""
-    if main_rank:
-        print("\n".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()) + "\n" + note)
+    """The resolved config saved as config.json (a real run), and one line pointing to it with the settings that
+    differ from the defaults: a newcomer's terminal shows progress, not fifty settings. Every key=value is printed
+    with --verbose (a Config field `verbose`; absent, the short form)."""
+    settings = dataclasses.asdict(cfg)
+    path = os.path.join(cfg.output_dir, "config.json")
     if writes:
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
+        with open(path, "w") as f:
+            json.dump(settings, f, indent=1)
+    if not main_rank:
+        return
+    if getattr(cfg, "verbose", False):
+        print("\n".join(f"{k}={v}" for k, v in settings.items()))
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    changed = " ".join(f"{k}={v}" for k, v in settings.items() if v != defaults.get(k) and k != "verbose")
+    where = f"all {len(settings)} in {path}" if writes else "not saved: --benchmark writes no files"
+    print(f"settings ({where}; --verbose prints them): {changed or 'the defaults'} {note}")
 
 
 def prepare_output_dir(cfg, main_rank):

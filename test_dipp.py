@@ -484,12 +484,18 @@ def test_help_lists_every_flag(capsys):
 
 def test_flags_are_exact_and_a_typo_names_the_closest():
     """No silent abbreviations; an unknown flag is one line naming the closest real ones; a replaced flag
-    names its replacement; --tiny is exactly --random_weights tiny."""
+    names its replacement; several mistakes are all named in that line; --tiny is exactly --random_weights tiny."""
     cases = {("--max_train_stpes", "2"): "unknown flag --max_train_stpes; did you mean --max_train_steps?",
              ("--max_train_step", "2"): "unknown flag --max_train_step; did you mean --max_train_steps?",
              ("--random_sd15",): "--random_sd15 is now --random_weights sd15",
              ("--tiny", "--random_weights", "sd15"): "--tiny is short for --random_weights tiny",
-             ("--random_weights", ""): "invalid choice"}
+             ("--random_weights", ""): "invalid choice",
+             # every mistake at once, not the first of them
+             ("--max_train_stpes", "2", "--seed", "one", "--compile", "fast", "--learning_rat", "1"):
+                 "4 problems: argument --seed: invalid int value: 'one'; argument --compile: invalid choice: 'fast' "
+                 "(choose from 'none', 'default', 'max-autotune-no-cudagraphs', 'reduce-overhead'); unknown flag "
+                 "--max_train_stpes; did you mean --max_train_steps?; unknown flag --learning_rat; did you mean "
+                 "--learning_rate or --fake_learning_rate?"}
     for argv, expected in cases.items():
         with pytest.raises(SystemExit) as e:
             dipp.parse_config(list(argv))
@@ -529,6 +535,10 @@ def test_model_locations_fail_fast_and_honestly(tmp_path, hub_probe):
     msg = error_of(["--pretrained_model_name_or_path", "models/sd15", "--output_dir", "run"])
     assert msg == "dipp: error: --pretrained_model_name_or_path 'models/sd15' does not exist; did you mean 'models/sd-15'?"
     assert not asked and not (tmp_path / "run").exists()
+    msg = error_of(["--pretrained_model_name_or_path", "models/sd15", "--generator_init", "models/gen.bin",
+                    "--output_dir", "run"])  # every missing model in one message, not one per attempt
+    assert msg.startswith("dipp: error: 2 problems") and "(1) --pretrained_model_name_or_path 'models/sd15'" in msg \
+        and "(2) --generator_init 'models/gen.bin' does not exist" in msg and "\n" not in msg, msg
     msg = error_of(["--output_dir", "run"])  # the default teacher, a hub id, with no network
     assert "hub cannot be reached (no connection to huggingface.co" in msg and "\n" not in msg
     assert "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5" in msg

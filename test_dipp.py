@@ -860,11 +860,62 @@ def torchrun_two(*argv):
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
 
 
+def two_processes(*argv, timeout=600):
+    """dipp.main(argv) in 2 CPU processes (gloo, one intra-op thread each) forked from this one, with the variables
+    torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the exit dipp.py's __main__ makes
+    (barrier, then the group torn down): the same code as torchrun_two without three fresh interpreters, each
+    importing torch, diffusers and transformers (~8 CPU-seconds each, most of a tiny 2-process run's cost).
+    test_two_process_ddp_equals_one_process_with_global_batch launches the real torchrun. A failure shows the end
+    of both processes' output."""
+    import socket
+    import traceback
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs, pids = [os.path.join(tempfile.mkdtemp(prefix="dipp-test-rank-"), "out.txt") for _ in range(2)], []
+    for rank in range(2):
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                out = os.open(logs[rank], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(out, 1), os.dup2(out, 2)
+                sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+                os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                dipp.main(list(argv))
+                torch.distributed.barrier()
+                torch.distributed.destroy_process_group()
+                code = 0
+            except SystemExit as e:
+                print(e)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        pids.append(pid)
+    deadline, codes = time.time() + timeout, {}
+    while len(codes) < 2:
+        for pid in set(pids) - set(codes):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[pid] = os.waitstatus_to_exitcode(status)
+        if time.time() > deadline:
+            for pid in set(pids) - set(codes):
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                codes[pid] = "killed after the time limit"
+        time.sleep(0.05)
+    output = "".join(open(log).read()[-1500:] for log in logs)
+    assert all(codes[pid] == 0 for pid in pids), (codes, output)
+
+
 def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
     """torchrun with 2 CPU processes (gloo) × batch 1 gives the same generator after 2 steps as one
     process with batch 2: the update differs by < 2% of its size (float summation order only), and the
-    logged global-batch losses agree. Resuming the 2-process run from checkpoint-1 gives checkpoint-2 bit
-    for bit: each rank saved its own RNG state and restores it."""
+    logged global-batch losses agree. Resuming the 2-process run from checkpoint-1 (in 2 processes forked by
+    two_processes) gives checkpoint-2 bit for bit: each rank saved its own RNG state and restores it."""
     from safetensors.torch import load_file
     common = ["--tiny", "--max_train_steps", "2", "--learning_rate", "1e-3", "--fake_learning_rate", "1e-3",
               "--reward_scale", "10"]
@@ -887,7 +938,8 @@ def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
     state = torch.load(tmp_path / "ddp" / "checkpoint-1" / "state.pt", weights_only=True)
     assert len(state["rng"]) == 2  # one RNG state per rank
     shutil.copytree(tmp_path / "ddp" / "checkpoint-1", tmp_path / "resumed" / "checkpoint-1")
-    launch("--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest")
+    two_processes(*common, "--train_batch_size", "1", "--output_dir", str(tmp_path / "resumed"),
+                  "--resume_from_checkpoint", "latest")
     for name in ("generator", "fake_score"):
         a, b = (load_file(str(tmp_path / run / "checkpoint-2" / f"{name}.safetensors")) for run in ("ddp", "resumed"))
         assert all(torch.equal(a[k], b[k]) for k in a), name
@@ -927,8 +979,8 @@ def test_two_fsdp_processes_train_like_one_and_their_checkpoint_resumes_in_two_o
             load_file(tmp_path / "one" / "checkpoint-1" / f"{name}.safetensors").keys()
     for run in ("two", "single"):
         shutil.copytree(tmp_path / "ddp" / "checkpoint-1", tmp_path / run / "checkpoint-1")
-    torchrun_two(*flags, "--train_batch_size", "1", "--output_dir", str(tmp_path / "two"), "--resume_from_checkpoint",
-                 "latest")
+    two_processes(*flags, "--train_batch_size", "1", "--output_dir", str(tmp_path / "two"), "--resume_from_checkpoint",
+                  "latest")
     dipp.main(flags + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "single"),
                        "--resume_from_checkpoint", "latest"])
     read = lambda run, step, name: load_file(tmp_path / run / f"checkpoint-{step}" / f"{name}.safetensors")
@@ -1825,13 +1877,13 @@ def test_pixart_switches_keep_the_math(tmp_path, monkeypatch):
 
 
 def ddp_and_one_process(tmp_path, shapes, denoiser, *extra):
-    """Generators after 2 steps of torchrun with 2 CPU processes (gloo) × batch 1 and of one process × batch 2 on
+    """Generators after 2 steps of 2 CPU processes (gloo, two_processes) × batch 1 and of one process × batch 2 on
     --random_weights `shapes`, and the initial denoiser (`denoiser`: its folder under the random models). extra:
     more flags for both runs (their folders: tmp_path/ddp and tmp_path/one)."""
     from safetensors.torch import load_file
     common = ["--random_weights", shapes, "--max_train_steps", "2", "--learning_rate", "1e-3",
               "--fake_learning_rate", "1e-3", "--reward_scale", "10", *extra]
-    torchrun_two(*common, "--train_batch_size", "1", "--output_dir", str(tmp_path / "ddp"))
+    two_processes(*common, "--train_batch_size", "1", "--output_dir", str(tmp_path / "ddp"))
     dipp.main(common + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "one")])
     weights = lambda run: load_file(str(tmp_path / run / "generator" / "diffusion_pytorch_model.safetensors"))
     init = load_file(str(tmp_path / "one" / shapes / denoiser / "diffusion_pytorch_model.safetensors"))
@@ -1839,7 +1891,7 @@ def ddp_and_one_process(tmp_path, shapes, denoiser, *extra):
 
 
 def test_pixart_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
-    """torchrun with 2 CPU processes (gloo) × batch 1 on PixArt (rank 0 pre-encodes the prompts, rank 1 reads
+    """2 CPU processes (gloo, two_processes) × batch 1 on PixArt (rank 0 pre-encodes the prompts, rank 1 reads
     its cache) gives the generator one process with batch 2 gives, up to float summation order."""
     one, ddp, init = ddp_and_one_process(tmp_path, "tiny_pixart", "pixart/transformer")
     diff, update = distance(but_key_bias(one), ddp), distance(but_key_bias(one), init)
@@ -2128,7 +2180,7 @@ def test_sdxl_compile_and_benchmark_keep_the_math_and_an_incomplete_folder_is_on
 
 
 def test_sdxl_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
-    """torchrun with 2 CPU processes (gloo) × batch 1 on SDXL (SDXLText through DDP's forward) gives the generator
+    """2 CPU processes (gloo, two_processes) × batch 1 on SDXL (SDXLText through DDP's forward) gives the generator
     one process with batch 2 gives, up to float summation order (the 2 % bound of the SD test)."""
     one, ddp, init = ddp_and_one_process(tmp_path, "tiny_sdxl", "sdxl/unet")
     diff, update = distance(one, ddp), distance(one, init)

@@ -14,16 +14,37 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import reproduce
 
 
+def in_process(command, cwd=None):
+    """subprocess.call for a stage's `python dipp.py|evaluate.py ARGS`: that script's main(ARGS) run in this process,
+    with the exit status the interpreter would give (a one-line error: 1). The commands, commands.sh and the
+    exit-status handling are reproduce.run's own; what is saved is a fresh interpreter per stage, each importing
+    torch, diffusers and transformers (~8 CPU-seconds, 4 stages in the two runs)."""
+    import importlib
+    import sys
+    assert command[0] == sys.executable and command[1].endswith((os.sep + "dipp.py", os.sep + "evaluate.py")), command
+    script = importlib.import_module(os.path.basename(command[1])[:-3])
+    try:
+        script.main(command[2:])
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            print(e.code, file=sys.stderr)
+            return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_chain():
     """`python reproduce.py sd15 --tiny` (DMD2's layout: the released generator is a bare UNet state dict), run
-    once, then once more as a user re-running the same command would."""
+    once, then once more as a user re-running the same command would; its stages in this process (in_process)."""
+    import pytest
     out = os.path.join(tempfile.mkdtemp(prefix="dipp-test-reproduce-"), "sd15")
     argv = ["sd15", "--tiny", "--output_dir", out]
-    reproduce.main(argv)
-    first = {p: os.path.getmtime(p) for p in files(out)}
-    table = open(os.path.join(out, "table.md")).read()
-    reproduce.main(argv)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reproduce.subprocess, "call", in_process)
+        reproduce.main(argv)
+        first = {p: os.path.getmtime(p) for p in files(out)}
+        table = open(os.path.join(out, "table.md")).read()
+        reproduce.main(argv)
     return out, first, table
 
 

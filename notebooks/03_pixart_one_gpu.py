@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -151,7 +151,7 @@ for row in table:
 # from the same fixed prompts and noise.
 
 # %%
-steps = 20 if TINY else 500
+steps = 4 if TINY else 500  # (tiny: a few steps, to run the cell in seconds; the images are noise anyway)
 run_dir = os.path.join(OUT, "align")
 nets = dipp.main(MODEL + ["--max_train_steps", str(steps), "--output_dir", run_dir, "--validation_steps", str(steps),
                           "--overwrite_output_dir", "--checkpointing_steps", str(steps), "--reward_scale", "1",

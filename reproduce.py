@@ -479,7 +479,8 @@ def print_plan(recipe, args, plan):
                   + (f"  [{size / 2 ** 30:.1f} GiB]" if size else ""))
         for name, use in ((recipe.train_prompts, "training"), (recipe.eval_prompts, "evaluation")):
             print(f"  [{' ' if promptsets.missing(name) else 'x'}] prompt set {name:37s} {use} prompts (promptsets.py)")
-        missing = [fetch_command(repo, patterns) for repo, patterns, _ in plan.downloads if not in_cache(repo, patterns)]
+        missing = [fetch_command(repo, patterns) for repo, patterns, _ in plan.downloads
+                   if not in_cache(repo, patterns)]
         missing += [m for m in map(promptsets.missing, (recipe.train_prompts, recipe.eval_prompts)) if m]
         print(f"  missing: {len(missing)}; `python reproduce.py {args.recipe}` fetches them all when online, or one by"
               " one:\n" + "".join(f"    {m}\n" for m in missing) if missing else "  nothing is missing\n")

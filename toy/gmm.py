@@ -5,8 +5,8 @@ The reference p(x|c) is a Gaussian mixture, so its diffused score and log p_t(c|
 DI++-specific (losses, CFG, the generator and fake-score updates) is imported from dipp.py; this
 file holds only the mixture, two small MLPs, metrics and plots.
 
-    python toy/gmm.py                # the default experiments, ~1 min on 2 CPU cores -> toy_out/
-    python toy/gmm.py --quick        # ~20 s, for tests: fewer steps and α_rew values, titled QUICK VERSION
+    python toy/gmm.py                # the default experiments, 77 s on 2 CPU cores (docs/toy.md) -> toy_out/
+    python toy/gmm.py --quick        # 47 CPU-seconds (200 s on a loaded 2-core CPU): fewer steps and α_rew values
 
 Experiments (numbers in toy_out/results.json, figure in toy_out/toy.png):
   recovery  α_rew = 0, ω = 1: the generator should match the reference (MMD vs the noise floor).
@@ -300,7 +300,8 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the first run (others add 1, 2, ...)")
     p.add_argument("--out", default="toy_out", help="output folder")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel training runs")
-    p.add_argument("--quick", action="store_true", help="short runs for tests (~20 s)")
+    p.add_argument("--quick", action="store_true",
+                   help="short runs: fewer steps and α_rew values (47 CPU-seconds), the figure titled QUICK VERSION")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.eval_samples, args.reward_scales = 500, 4000, [0.0, 0.5]
@@ -349,12 +350,35 @@ def job(args, name, reward_scale, omega, seed):
     return evaluate(G, gmm, reward, grid, edges, args.eval_samples, seed=10_000 + seed)
 
 
+def run_jobs(args, jobs, fn):
+    """jobs: {name: arguments} -> {name: fn(args, *arguments)}, over args.workers processes, with a progress bar
+    of the finished runs (a full toy runs for minutes). toy/optimum.py and toy/digits.py run theirs here too."""
+    import concurrent.futures
+    import multiprocessing
+    from tqdm import tqdm
+    with tqdm(total=len(jobs), desc="runs", unit="run", disable=len(jobs) < 2) as bar:
+        if args.workers > 1 and len(jobs) > 1:
+            with concurrent.futures.ProcessPoolExecutor(args.workers, multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(fn, args, *v): k for k, v in jobs.items()}
+                done = {}
+                for future in concurrent.futures.as_completed(futures):
+                    done[futures[future]] = future.result()
+                    bar.update()
+            return {k: done[k] for k in jobs}  # (in the jobs' order)
+        done = {}
+        for k, v in jobs.items():
+            done[k] = fn(args, *v)
+            bar.update()
+        return done
+
+
 def summary(results):
     """The numbers that matter, as a short table (every number is in results.json)."""
     ref = results["reference"]
     lines = [f"reference: mean reward {ref['reward']:.3f}; noise floors MMD² {ref['mmd_floor']:.4f}, "
              f"KL {ref['kl_floor']:.3f}", "α_rew  KL(p_θ‖p_ref)  mean reward  MMD² to reference"]
-    lines += [f"{s['reward_scale']:<6g} {s['kl']:<15.3f} {s['reward']:<12.3f} {s['mmd']:.4f}" for s in results["tradeoff"]]
+    lines += [f"{s['reward_scale']:<6g} {s['kl']:<15.3f} {s['reward']:<12.3f} {s['mmd']:.4f}"
+              for s in results["tradeoff"]]
     if "recovery" in results:
         rec = results["recovery"]
         lines.append(f"recovery (α_rew = 0): MMD² {rec['mmd']:.4f}; mode weights "
@@ -381,14 +405,7 @@ def run(argv=None):
     jobs["cfg_guided_seed2"] = ("cfg_guided", 0.0, omega, args.seed + 1)  # the training-noise floor
     jobs["cfg_explicit"] = ("cfg_explicit", omega - 1, 1.0, args.seed)  # unguided teacher + (ω−1)·r_cfg
     print(f"{len(jobs)} training runs of {args.steps} steps on {args.workers} worker(s) ...", flush=True)
-    if args.workers > 1:
-        import concurrent.futures
-        import multiprocessing
-        with concurrent.futures.ProcessPoolExecutor(args.workers, multiprocessing.get_context("spawn")) as pool:
-            futures = {k: pool.submit(job, args, *v) for k, v in jobs.items()}
-            runs = {k: f.result() for k, f in futures.items()}
-    else:
-        runs = {k: job(args, *v) for k, v in jobs.items()}
+    runs = run_jobs(args, jobs, job)
 
     # noise floors: exact reference samples against exact reference samples
     g = torch.Generator().manual_seed(12345)

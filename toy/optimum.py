@@ -160,16 +160,10 @@ def run_one(args, weighting, sampling, reward_scale, seed):
 
 
 def run_all(args, jobs, fn=None):
-    """jobs: {name: arguments} -> {name: fn(args, *arguments)}, over args.workers processes. fn defaults to
-    run_one (arguments: weighting, sampling, reward_scale, seed); toy/digits.py passes its own job."""
-    fn = fn or run_one
-    if args.workers > 1 and len(jobs) > 1:
-        import concurrent.futures
-        import multiprocessing
-        with concurrent.futures.ProcessPoolExecutor(args.workers, multiprocessing.get_context("spawn")) as pool:
-            futures = {k: pool.submit(fn, args, *v) for k, v in jobs.items()}
-            return {k: f.result() for k, f in futures.items()}
-    return {k: fn(args, *v) for k, v in jobs.items()}
+    """jobs: {name: arguments} -> {name: fn(args, *arguments)}, over args.workers processes (toy.run_jobs: with a
+    progress bar). fn defaults to run_one (arguments: weighting, sampling, reward_scale, seed); toy/digits.py passes
+    its own job."""
+    return toy.run_jobs(args, jobs, fn or run_one)
 
 
 def errors(point, m_star, mu, s):

@@ -55,6 +55,7 @@ def file_size_limit(nbytes):
 # their groups into one. The cheap caches (the random-weight folders, shared on disk under a lock) are not here.
 SHARED = {"test_dipp.py": ("executed_notebook", "offline_imagereward"),  # notebook 01 runs the quick toy
           "test_evaluate.py": ("readme_run", "pixart_run"),
+          "test_export.py": ("lora_run",),  # one LoRA step per family, read by all of its tests
           "test_toy.py": ("DIGITS_CACHE",),  # its notebook test reads the teacher that the run before it trained
           "test_cost.py": ("iteration", "parts"),  # cached FLOP counts
           "test_reproduce.py": ("tiny_chain",)}

@@ -18,8 +18,8 @@ whichever kernel runs it, so a count on the meta device, a CPU or a GPU agree. (
 flash kernel's backward as 2.5× its forward, for the scores it recomputes, and counts nothing for the CPU's
 attention kernel.)
 
-Not needed to understand DI++; it imports dipp and is imported by nothing in the training path except
---benchmark, which counts the first (warm-up) iteration of the real run with the same counter.
+Not needed to understand DI++; it imports dipp and nothing in the training path imports it (--benchmark counts the
+first, warm-up, iteration of the real run with the same counter, plumbing.flop_counter).
 """
 import argparse
 import dataclasses
@@ -29,83 +29,26 @@ import sys
 import tempfile
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import dipp
 import families
 import plumbing
 import random_weights
+import rewards
 
 # -----------------------------------------------------------------------------
 # 1. Counting
 
-aten = torch.ops.aten
-
-
-def attention_flops(query, key, value, *rest, **kwargs):
-    return sdpa_flop_count(query, key, value)  # 2 matmuls: 4·B·heads·L_q·L_k·d
-
-
-def attention_backward_flops(grad_out, query, key, value, *rest, **kwargs):
-    return 2 * sdpa_flop_count(query, key, value)  # each matmul's two gradients; no recomputed scores
-
-
-MODEL_FLOPS = {  # FlopCounterMode's custom_mapping: attention ops whose arguments start (grad,) q, k, v
-    aten._scaled_dot_product_flash_attention_for_cpu: attention_flops,  # torch counts 0 for the CPU kernel
-    aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward_flops,
-    aten._scaled_dot_product_flash_attention_backward: attention_backward_flops,
-    aten._scaled_dot_product_efficient_attention_backward: attention_backward_flops,
-    aten._scaled_dot_product_cudnn_attention_backward: attention_backward_flops,
-}
-
-
-def counter():
-    """A FlopCounterMode with the attention convention above; use as `with counter() as c: ...; c.get_total_flops()`."""
-    return FlopCounterMode(display=False, custom_mapping=MODEL_FLOPS)
-
 
 def count_flops(fn):
-    """FLOPs of running fn() (forward and backward passes as they happen inside it)."""
-    with counter() as c:
+    """FLOPs of running fn() (forward and backward passes as they happen inside it), counted with the attention
+    convention above (plumbing.flop_counter, which dipp.py's --benchmark uses too)."""
+    with plumbing.flop_counter() as c:
         fn()
     return c.get_total_flops()
 
-
-class FirstIteration:
-    """For dipp --benchmark: counts the FLOPs of the first training iteration (warm-up, which the timings leave
-    out, so counting slows nothing that is reported). begin()/end() bracket an iteration; total: its FLOPs."""
-
-    def __init__(self, active=True):
-        self.mode, self.total, self.active = None, None, active
-
-    def begin(self):
-        if self.active and self.total is None and self.mode is None:
-            self.mode = counter().__enter__()
-
-    def end(self):
-        if self.mode is not None:
-            self.mode.__exit__(None, None, None)
-            self.total, self.mode = self.mode.get_total_flops(), None
-
 # -----------------------------------------------------------------------------
-# 2. Cards: dense bf16 peak (no 2:4 sparsity), TFLOP/s, from the vendors' datasheets:
-#    NVIDIA H100 Tensor Core GPU datasheet (SXM 989.4, PCIe 756.5 dense; NVL 835.5), H200 datasheet (989, as H100
-#    SXM; H200 NVL 835.5), A100 datasheet (312, SXM and PCIe), L40/L40S datasheet (181.05 / 362.05 dense),
-#    L4 datasheet (121 dense), A10 datasheet (125 dense), "NVIDIA Ada Lovelace GPU architecture" whitepaper v1.01
-#    app. A (RTX 4090: 165.2 dense bf16 with fp32 accumulate; RTX 6000 Ada 364.2), "NVIDIA Ampere GA102 GPU
-#    architecture" whitepaper (RTX A6000: 154.8 dense bf16; RTX 3090: 71 dense with fp32 accumulate),
-#    B200 datasheet (HGX B200: 2250 dense per GPU, half the 4.5 PFLOPS sparse figure).
-#    Keys are matched as substrings of torch.cuda.get_device_name(), longest key first ("H100 PCIe" before "H100").
-#    Quoted from those documents' tables (only L40/L40S re-read online here). A name containing a key gets that key's
-#    peak, so an unlisted variant can borrow a wrong one (an A10G would get the A10's): `python cost.py --device NAME`
-#    prints the peak it uses.
-
-PEAK_TFLOPS = {
-    "H100 PCIe": 756.5, "H100 NVL": 835.5, "H100": 989.4,  # "NVIDIA H100 80GB HBM3" is the SXM card
-    "H200 NVL": 835.5, "H200": 989.4, "GH200": 989.4,
-    "A100": 312.0, "L40S": 362.05, "L40": 181.05, "L4": 121.0, "A10": 125.0,
-    "RTX 6000 Ada": 364.2, "RTX 4090": 165.2, "RTX A6000": 154.8, "RTX 3090": 71.0, "B200": 2250.0,
-}
+# 2. Cards: their dense bf16 peaks are plumbing.PEAK_TFLOPS (read by --benchmark too; the sources are noted there).
 
 # UTILISATION, from ECOSYSTEM.md's only GPU data (H100 SXM, SD1.5 shapes, full fine-tuning, bf16 autocast, eager):
 # ~13.5 TFLOP per iteration at batch 1, so ~8 × 13.5 = 108 TFLOP at batch 8, done in 0.78 s:
@@ -115,20 +58,11 @@ PEAK_TFLOPS = {
 UTILISATION = 0.14
 
 
-def peak_tflops(device_name):
-    """Dense bf16 peak TFLOP/s of a card named as torch.cuda.get_device_name() names it; None if unknown (or a CPU)."""
-    name = (device_name or "").upper()
-    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
-        if key.upper() in name:
-            return PEAK_TFLOPS[key]
-    return None
-
-
 def estimate_seconds(flops, device_name=None, utilisation=None):
     """flops ÷ (peak × utilisation), in seconds; device_name None = the visible GPU. None when the peak is unknown."""
     if device_name is None and torch.cuda.is_available():
         device_name = torch.cuda.get_device_name()
-    peak = peak_tflops(device_name)
+    peak = plumbing.peak_tflops(device_name)
     return None if peak is None else flops / (peak * 1e12 * (utilisation or UTILISATION))
 
 # -----------------------------------------------------------------------------
@@ -234,13 +168,13 @@ def meta_models(shapes, cfg, device=META):
             model = frozen(meta_imagereward())
             if cfg.gradient_checkpointing:
                 plumbing.checkpoint_blocks(model.blip.visual_encoder.blocks)
-            reward = dipp.ImageRewardFn(model)
+            reward = rewards.ImageRewardFn(model)
         elif cfg.reward == "clip":  # openai/clip-vit-large-patch14's shapes (= SHAPES' text + vision towers)
             model = frozen(CLIPModel(CLIPConfig(text_config=arch["text"], vision_config=arch["vision"],
                                                 projection_dim=arch["text"]["projection_dim"])))
             if cfg.gradient_checkpointing:
                 plumbing.checkpoint_blocks(model.vision_model.encoder.layers)
-            reward = dipp.ClipRewardFn(model, MetaTokenizer(77))
+            reward = rewards.ClipRewardFn(model, MetaTokenizer(77))
         reward_vae = vae
         if cfg.reward_decoder == "tiny" and reward is not None:
             reward_vae = AutoencoderTiny(**arch["taesd"])
@@ -289,34 +223,34 @@ def iteration_flops(shapes, batch=1, device=META, **switches):
     if unknown:
         plumbing.die(f"unknown switch(es) {sorted(unknown)}; choose from {list(SWITCHES)}")
     cfg = dipp.Config(train_batch_size=batch, **switches)
-    dipp.check_config(cfg)
+    plumbing.check_config(cfg)
     if cfg.reward not in dipp.CHOICES["reward"] or cfg.reward_decoder not in dipp.CHOICES["reward_decoder"]:
         plumbing.die(f"reward must be one of {dipp.CHOICES['reward']}, reward_decoder one of "
                      f"{dipp.CHOICES['reward_decoder']}; got {cfg.reward}, {cfg.reward_decoder}")
     m = meta_models(shapes, cfg, device)
     fam, teacher, G, fake, reward, schedule = (m[k] for k in ("family", "teacher", "G", "fake", "reward", "schedule"))
     null = families.null_condition(fam, m["text"])  # start-up work, as in dipp.train
-    real_eps, fake_eps = dipp.denoiser_eps(teacher, fam), dipp.denoiser_eps(fake, fam)
-    G_params, fake_params = plumbing.trainable(G), plumbing.trainable(fake)
+    teacher_eps, fake_eps = dipp.denoiser_eps(teacher, fam), dipp.denoiser_eps(fake, fam)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    opt_G, opt_fake = NoUpdate(G_params), NoUpdate(fake_params)
+    opt = dipp.Optimizers(*(plumbing.SafeOptimizer(plumbing.trainable(net), NoUpdate(plumbing.trainable(net)), scaler)
+                            for net in (fake, G)))
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
     prompts = [f"prompt {i}" for i in range(batch)]
-    if isinstance(reward, dipp.ClipRewardFn):  # the CLIP reward encodes each prompt once per run (PromptCache)
+    if isinstance(reward, rewards.ClipRewardFn):  # the CLIP reward encodes each prompt once per run (PromptCache)
         reward.text.batch(prompts, reward.encode_text)
     if fam.pre_encode:  # start-up work (PixArt's T5, SDXL's CLIPs), not an iteration's
         m["text"](prompts)
 
     def iteration():  # the body of dipp.train's loop, on meta tensors
         cond = m["text"](prompts)
-        nets = dipp.Bound(G=lambda z: G(z, cond),
-                          real_eps=dipp.guided(real_eps, cond, null.expand_as(cond), cfg.guidance_scale),
-                          fake_eps=lambda x_t, t: fake_eps(x_t, t, cond),
-                          fake_train_eps=lambda x_t, t: fake_eps(x_t, t, cond),
-                          reward=(lambda x0: reward(dipp.decode(m["reward_decoder"], x0), prompts)) if reward else None)
+        nets = dipp.Bound(G_c=lambda z: G(z, cond),
+                          teacher_eps_c=dipp.guided(teacher_eps, cond, null.expand_as(cond), cfg.guidance_scale),
+                          fake_eps_c=lambda x_t, t: fake_eps(x_t, t, cond),
+                          reward_c=(lambda x0: reward(dipp.decode(m["reward_decoder"], x0), prompts)) if reward
+                          else None)
         noises = [dipp.draw_noise(batch, latent_shape, latent_shape, cfg, device, schedule=schedule)
                   for _ in range(cfg.fake_steps_per_G + 1)]
-        dipp.dipp_step(nets, (fake_params, opt_fake, scaler), (G_params, opt_G, scaler), noises, schedule, cfg)
+        dipp.dipp_step(nets, opt, noises, schedule, cfg)
     return count_flops(iteration)
 
 
@@ -410,7 +344,7 @@ def main(argv=None):
     _, fam = architecture(args.family)
     given = {k: v for k in SWITCHES if (v := getattr(args, k)) is not None and v is not False}  # (0 is a value)
     base = {"guidance_scale": GUIDANCE[fam.name], **given}
-    peak = peak_tflops(args.device)
+    peak = plumbing.peak_tflops(args.device)
     print(f"{args.family}, batch {args.batch}, base run {base}; time = FLOPs / ({args.device}: "
           f"{peak or 'unknown'} TFLOP/s dense bf16 peak × {args.utilisation} utilisation)")
     table(args.family, args.batch, args.device, args.utilisation, base, args.setups)

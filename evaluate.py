@@ -41,6 +41,8 @@ import torch.nn.functional as F
 import dipp
 import families
 import plumbing
+import promptsets
+import rewards
 
 die = plumbing.die  # one line instead of a traceback; it says "evaluate: error:" while main() runs
 
@@ -97,7 +99,8 @@ def parse_args(argv):
     a("--generator", action="append", default=[], metavar="DIR",
       help="one-step generator folder written by dipp (its UNet or transformer + dipp.json), a pipeline folder "
            "holding one in unet/ or transformer/ (PixArt-α-DMD's, DI++-SDXL's), or a bare weight file on the "
-           "teacher's config (DMD2-SDXL's .bin, DI++-SDXL's unet .safetensors); repeat to compare several")
+           "teacher's config (DMD2-SDXL's .bin, DI++-SDXL's unet .safetensors), or a LoRA adapter file on the teacher "
+           "(dipp's pytorch_lora_weights.safetensors, or a folder holding only it); repeat to compare several")
     a("--generator_timestep", type=int, default=0, metavar="INT",
       help="t* for a generator folder without dipp.json, or a weight file (0 = the family's: SD 999, PixArt-α 400, "
            "SDXL 399)")
@@ -192,12 +195,14 @@ def check_models(args):
                              "scheduler/")["num_train_timesteps"]
     generators = []
     for folder in args.generator:
-        sub = families.generator_subfolder(family, folder) if os.path.isdir(folder) else None
+        adapter = plumbing.lora_adapter_file(folder)  # a LoRA adapter (file, or a folder of only it): teacher + it
+        sub = families.generator_subfolder(family, folder) if os.path.isdir(folder) and not adapter else None
         # (a weight file is a state dict on the teacher's config: its keys are checked when it loads)
         if os.path.isfile(folder) and not folder.endswith((".safetensors", ".bin", ".pt", ".pth")):
             die(f"--generator '{folder}' is a file but not a weight file (.safetensors, .bin, .pt, .pth); give a "
                 "generator folder, or the UNet's weight file (DMD2-SDXL's .bin, DI++-SDXL's .safetensors)")
-        if not os.path.isfile(folder) and not os.path.isfile(os.path.join(folder, sub or "", "config.json")):
+        model = os.path.isfile(folder) or os.path.isfile(os.path.join(folder, sub or "", "config.json"))
+        if not adapter and not model:
             die(f"--generator '{folder}' is not a generator folder (no config.json, nor {family.folder}/config.json)"
                 "; give the generator/ folder that dipp.py writes at the end of training, or a weight file")
         t_star = plumbing.read_generator_record(folder) or args.generator_timestep or family.t_star
@@ -504,16 +509,16 @@ def generate_all(args, family, generators, prompts, device, ctx, dtype):
 #    of its official code, whatever --mixed_precision (which is for the models evaluated): its weights in fp32,
 #    and HPS under fp16 autocast on CUDA, as HPSv2's img_score.py.
 
-CLIP_MEAN, CLIP_STD = dipp.CLIP_MEAN, dipp.CLIP_STD  # OpenAI CLIP's, used by every scorer here
+CLIP_MEAN, CLIP_STD = rewards.CLIP_MEAN, rewards.CLIP_STD  # OpenAI CLIP's, used by every scorer here
 
 
 class ImageRewardScorer:
     """ImageReward's `score()` batched: the package's own PIL preprocess and its batched `score_gard`
     (BLIP ViT-L → BERT cross-attention → MLP, normalised), the prompt tokenised as dipp's reward does
-    (dipp.ImageRewardFn.tokenize: `score()`'s 35 tokens)."""
+    (rewards.ImageRewardFn.tokenize: `score()`'s 35 tokens)."""
 
     def __init__(self, reward):
-        self.reward = reward  # a dipp.ImageRewardFn
+        self.reward = reward  # a rewards.ImageRewardFn
 
     @torch.no_grad()
     def __call__(self, images, prompts):
@@ -1075,7 +1080,7 @@ def wrote_an_image(folder):
 
 
 def run(args, metrics, device, command):
-    ctx, dtype = dipp.precision(dipp.Config(mixed_precision=args.mixed_precision), device)
+    ctx, dtype = plumbing.precision(args.mixed_precision, device)
     tiny_scorers, hps_arch = {}, "ViT-H-14"
     if args.tiny:  # random stand-ins for everything, loaded by the same code as the real weights
         plumbing.writable_dir(args.output_dir)
@@ -1088,7 +1093,7 @@ def run(args, metrics, device, command):
     # Everything is checked before any model is loaded or any image drawn: the prompts, models, scorers' files
     # (all that is missing in one message), then the output folder
     prompts, (family, generators), weights = plumbing.all_or_die(
-        lambda: plumbing.load_prompts(args.prompts, dipp.BUILTIN_PROMPTS, "--prompts"), lambda: check_models(args),
+        lambda: promptsets.load_prompts(args.prompts, promptsets.BUILTIN_PROMPTS, "--prompts"), lambda: check_models(args),
         lambda: locate_all(args, metrics))
     prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
     if len(prompts) >= 2 ** 24:
@@ -1101,7 +1106,7 @@ def run(args, metrics, device, command):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(args.output_dir, name))
     if args.tiny and "imagereward" in metrics:
-        tiny_scorers["imagereward"] = ImageRewardScorer(dipp.ImageRewardFn(plumbing.freeze(
+        tiny_scorers["imagereward"] = ImageRewardScorer(rewards.ImageRewardFn(plumbing.freeze(
             tiny_imagereward(os.path.join(args.output_dir, "tiny", "imagereward"), device), device, torch.float32)))
     torch.manual_seed(args.seed)  # every image has its own generator; this pins anything else that is random
     print(f"evaluating {len(prompts)} prompts × {args.images_per_prompt} images on {device}; "

@@ -367,6 +367,23 @@ def generator_subfolder(family, name):
     return sub
 
 
+def load_generator(name, teacher, family, device):
+    """--generator_init as a trainable fp32 denoiser: a bare weight file on the teacher's config (as DMD2 releases its
+    SD1.5 generator), a model folder (dipp exports one), a pipeline folder holding one (PixArt-α-DMD, DI++-SDXL) or a
+    hub id; or a LoRA adapter file (or a folder of only it: dipp's pytorch_lora_weights.safetensors), merged into
+    the teacher. A generator of another family is one line."""
+    adapter = plumbing.lora_adapter_file(name)
+    if adapter:
+        return plumbing.teacher_with_lora(teacher, adapter, family).to(device).requires_grad_(True)
+    if os.path.isfile(name):
+        net = plumbing.load_weights_or_die(teacher.__class__.from_config(teacher.config), name)
+        return net.to(device).float().requires_grad_(True)
+    sub = generator_subfolder(family, name)
+    load = lambda: plumbing.from_pretrained_any_variant(type(teacher), name, sub, torch_dtype=torch.float32)
+    net = plumbing.load_or_die(load, name, f"the --generator_init {family.denoiser}")
+    return net.to(device).requires_grad_(True)
+
+
 def stock_pipeline(name, models):
     """The family's stock diffusers pipeline (StableDiffusionPipeline, PixArtAlphaPipeline, StableDiffusionXLPipeline)
     on already loaded models, with the scheduler class of the folder's own scheduler config (SD1.5: PNDM, PixArt-α:

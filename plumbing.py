@@ -1,21 +1,23 @@
 """plumbing: what keeps a dipp run alive, and none of what DI++ is.
 
-`dipp.py` holds the method (generator, teacher with CFG, fake score, reward, IKL loss, Alg. 1); this
-module holds the machinery around it: one-line errors, the command line built from a dataclass, where
-models come from (a missing path or an unreachable hub is one line at once), devices and processes
-(torchrun: DDP, or FSDP2 sharding), the optimiser step with its numerical guards, trainable-parameter
-bookkeeping and EMA, LoRA adapters on a shared base,
-gradient checkpointing of reward towers, torch.compile, checkpoints (save, list, keep-last-K, resume),
-the exported generator folder, sample-grid PNGs and the benchmark report.
+`dipp.py` holds the method (generator, teacher with CFG, fake score, reward interface, losses, Alg. 1); this
+module holds the machinery around it: one-line errors, the command line built from a dataclass and its checks,
+where models come from (a missing path or an unreachable hub is one line at once), devices and processes
+(torchrun: DDP, or FSDP2 sharding), the optimizer step with its numerical guards (SafeOptimizer), trainable-
+parameter bookkeeping and EMA, LoRA adapters on a shared base, gradient checkpointing of reward towers,
+torch.compile, checkpoints (save, list, keep-last-K, resume), logs and signals, the exported generator folder,
+sample-grid PNGs, the benchmark report with its FLOP counter, and the RunKeeper that dipp.train drives.
 
-It never imports dipp (dipp imports it) and knows none of the method's settings: everything it needs is
-passed in (the networks to save, the generator's t*, the optimisers, the run's folder and bookkeeping flags).
+It is the bottom layer: it imports no other module of the project (test_dipp.py::test_no_import_cycles) and
+knows none of the method's settings; everything it needs is passed in (the networks to save, the generator's
+t*, the optimizers, the run's folder and bookkeeping flags).
 """
 import argparse
 import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -392,20 +394,37 @@ def parse_dataclass(cls, argv, choices, prog, description, renamed=None):
     return cls(**vars(parser.parse_args(argv)))
 
 
-def load_prompts(path, default, flag):
-    """One prompt per line of a UTF-8 text file (blank lines skipped), a named set (promptsets.py: fetched and
-    verified on first use, then cached), or the built-in list `default`."""
-    if not path:
-        return list(default)
-    import promptsets  # (it imports this module: importing it here, not at the top, avoids the cycle)
-    path = promptsets.resolve(path, flag)
-    try:
-        prompts = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
-    except UnicodeDecodeError:
-        die(f"{flag} file '{path}' is not UTF-8 text; give a text file with one prompt per line")
-    if not prompts or any("\x00" in p for p in prompts):
-        die(f"{flag} file '{path}' has no prompts (or is binary); write one prompt per line")
-    return prompts
+def check_config(cfg, T=1000):
+    """Reject settings that would crash deep inside a library or train silently wrong: one line each.
+    T: the schedule's number of timesteps (known once the model is loaded)."""
+    for f in dataclasses.fields(cfg):
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
+            die(f"--{f.name} {getattr(cfg, f.name)} is not a finite number")
+    for name in ("learning_rate", "fake_learning_rate"):
+        if getattr(cfg, name) <= 0:
+            die(f"--{name} {getattr(cfg, name)} must be > 0 (Diff-Instruct and DMD2 use 1e-5)")
+    if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1):
+        die(f"--adam_beta1/--adam_beta2 must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
+    for name in ("max_grad_norm", "lora_rank", "checkpoints_total_limit"):
+        if getattr(cfg, name) < 0:
+            die(f"--{name} {getattr(cfg, name)} must be >= 0 (0 = off)")
+    if not 0 <= cfg.ema_decay < 1:
+        die(f"--ema_decay {cfg.ema_decay} must be in [0, 1): 0 = off, 0.999 = a ~1000-step average")
+    if not 0 <= cfg.generator_timestep < T:
+        die(f"--generator_timestep {cfg.generator_timestep} is outside the schedule; use 1..{T - 1} (0 = the family's)")
+    if not 0 <= cfg.t_min < cfg.t_max < T:
+        die(f"need 0 <= --t_min < --t_max < {T}, got t_min={cfg.t_min} t_max={cfg.t_max}")
+    if cfg.guidance_scale < 1:
+        die(f"--guidance_scale {cfg.guidance_scale} < 1 would push samples *away* from the prompt; use ω >= 1")
+    for name in ("train_batch_size", "max_train_steps", "fake_steps_per_G", "checkpointing_steps",
+                 "validation_steps"):
+        if getattr(cfg, name) < 1:
+            die(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.reward_scale < 0:
+        die(f"--reward_scale {cfg.reward_scale} < 0 would minimise the reward; use α_rew >= 0")
+    if cfg.lora_rank and cfg.generator_init:
+        die("--lora_rank trains an adapter on the teacher and cannot start from --generator_init; drop one")
+    check_shard(cfg)  # --shard fsdp with a switch it does not support yet: one line
 
 
 def files_stamp(*folders):
@@ -482,6 +501,17 @@ def pick_device(name):
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
+def precision(mixed_precision, device):
+    """(autocast context, dtype of the frozen nets) for --mixed_precision. Trainable nets keep fp32 master
+    weights; the readout layers run in fp32 (families.readout_in_fp32); the VAE stays fp32 under fp16."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext(), torch.float32
+    if mixed_precision == "fp16" and device.type != "cuda":
+        die(f"--mixed_precision fp16 needs a CUDA GPU (device is {device}); use bf16 or no")
+    dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype), dtype
+
+
 def data_parallel(module, device, world):
     """module wrapped in DistributedDataParallel under torchrun (world > 1), else module itself."""
     if world == 1:
@@ -551,7 +581,7 @@ def init_distributed(cfg):
     return dist.get_rank(), world, device
 
 # -----------------------------------------------------------------------------
-# 3. The optimiser step, trainable parameters, EMA
+# 3. The optimizer step, trainable parameters, EMA
 
 
 def die_non_finite(cfg, step, error):
@@ -559,24 +589,42 @@ def die_non_finite(cfg, step, error):
         "lower --learning_rate or --reward_scale, or try bf16")
 
 
-def optimizer_step(loss, params, opt, scaler, max_grad_norm):
-    """backward + (optional) clip + step. A non-finite loss stops training before it can poison the
-    weights. Returns (scale, skipped): the loss scale the backward pass used (1 without fp16), and whether
-    GradScaler skipped this step because the fp16 gradients overflowed (it halves its scale exactly then)."""
-    bad = (~torch.isfinite(loss.detach())).float()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(bad)  # every rank stops together, or the others hang in backward
-    if loss.device.type != "meta" and bad.item():  # (a meta loss, cost.py's FLOP count, has no value to check)
-        raise FloatingPointError(f"loss became {loss.item()} (on at least one rank)")
-    scale = scaler.get_scale() if scaler.is_enabled() else 1.0  # .item() sync only under fp16
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(opt)  # clip the true gradient, not the fp16-scaled one
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    scaler.step(opt)
-    scaler.update()
-    return scale, scaler.is_enabled() and scaler.get_scale() < scale
+class SafeOptimizer:
+    """A torch optimizer (AdamW in training) with what makes its step safe: fp16's loss scaler (disabled, a no-op,
+    otherwise), --max_grad_norm clipping, and a stop on a non-finite loss before it can poison the weights.
+    dipp.dipp_step calls zero_grad(), scaler.scale(loss).backward() and step(loss) itself, so every backward pass
+    and every step of Alg. 1 stands in the iteration."""
+
+    def __init__(self, params, optimizer, scaler, max_grad_norm=0.0):
+        self.params, self.optimizer, self.scaler, self.max_grad_norm = params, optimizer, scaler, max_grad_norm
+        self.loss_scale = 1.0  # the scale the last backward pass used (1 without fp16), for PullOnSample
+
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, loss):
+        """After backward: stop on a non-finite loss (FloatingPointError, on every rank together), else unscale,
+        clip and step. Returns whether GradScaler skipped the step because the fp16 gradients overflowed (it
+        halves its scale exactly then)."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad)  # every rank stops together, or the others hang in the next collective
+        if loss.device.type != "meta" and bad.item():  # (a meta loss, cost.py's FLOP count, has no value to check)
+            raise FloatingPointError(f"loss became {loss.item()} (on at least one rank)")
+        self.loss_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0  # .item() sync only under fp16
+        self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the fp16-scaled one
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return self.scaler.is_enabled() and self.scaler.get_scale() < self.loss_scale
+
+
+def cpu_adam(net, lr, betas=(0.0, 0.999)):
+    """The toys' and notebooks' optimizer: torch's Adam on all of net's parameters (β1 = 0, as Diff-Instruct), with
+    fp16's loss scaler off (a CPU) and no clipping, as a SafeOptimizer."""
+    params = list(net.parameters())
+    return SafeOptimizer(params, torch.optim.Adam(params, lr=lr, betas=betas), torch.amp.GradScaler("cpu", enabled=False))
 
 
 class PullOnSample:
@@ -681,6 +729,15 @@ def fp32_layer(layer):
     """Compute this Conv2d or Linear in fp32 from now on: same parameters and state_dict keys; copies keep it."""
     layer.__class__ = Fp32Conv2d if isinstance(layer, torch.nn.Conv2d) else Fp32Linear
     return layer
+
+
+def load_tiny_decoder(name, device, dtype, gradient_checkpointing=False):
+    """(--reward_decoder tiny) TAESD, an AutoencoderTiny from a hub id or folder, frozen: the decoder the reward sees."""
+    from diffusers import AutoencoderTiny
+    taesd = load_or_die(lambda: AutoencoderTiny.from_pretrained(name), name, "the --reward_decoder tiny weights (TAESD)")
+    if gradient_checkpointing:
+        taesd.enable_gradient_checkpointing()
+    return freeze(taesd, device, dtype)
 
 
 def checkpoint_blocks(blocks):
@@ -1132,15 +1189,17 @@ class StopSignals:
             signal.signal(sig, old)
 
 # -----------------------------------------------------------------------------
-# 7. What a run leaves behind: the exported generator, sample grids, the benchmark line
+# 7. What a run leaves behind: the exported generator (dipp.json with its teacher, the LoRA adapter file, the
+#    model card), sample grids, the benchmark line
 
 
-def merged_lora(net):
-    """A copy of a LoRA-carrying network with each adapter merged into its layer, W ← W + (α/r)·B·A, and the
-    PEFT wrappers replaced by the plain layers: the same function as a plain diffusers model, no PEFT needed."""
-    import copy
+def merged_lora(net, copy=True):
+    """A LoRA-carrying network with each adapter merged into its layer, W ← W + (α/r)·B·A, and the PEFT wrappers
+    replaced by the plain layers: the same function as a plain diffusers model, no PEFT needed. copy: merge into a
+    fp32 copy (training's generator shares its base weights with the teacher, which merging would overwrite)."""
+    import copy as copying
     from peft.tuners.tuners_utils import BaseTunerLayer
-    net = copy.deepcopy(net).to(torch.float32)  # a copy: merging writes into the (shared) base weights
+    net = copying.deepcopy(net).to(torch.float32) if copy else net
     for name, layer in [(n, m) for n, m in net.named_modules() if isinstance(m, BaseTunerLayer)]:
         layer.merge()
         parent, _, child = name.rpartition(".")
@@ -1148,11 +1207,13 @@ def merged_lora(net):
     return net
 
 
-def export_generator(net, t_star, folder, write=True):
-    """The trained generator's denoiser as a plain diffusers model folder (a UNet, or PixArt's transformer;
-    + dipp.json with t*); a LoRA one is merged into (a copy of) its base first, so any diffusers pipeline
-    loads it. write: whether this process writes (rank 0); a sharded one (--shard fsdp) is gathered whole into
-    an unsharded model first, a collective, so then every rank calls this."""
+def export_generator(net, t_star, folder, write=True, cfg=None, family=None):
+    """The trained generator's denoiser as a plain diffusers model folder (a UNet, or PixArt's transformer), with
+    dipp.json (t*, and with cfg and family: the teacher and the training settings) and a model card (README.md).
+    A LoRA one is merged into (a copy of) its base, so any diffusers pipeline loads it, and (given its family) also
+    written as the adapter file a stock pipeline's load_lora_weights reads (save_lora_adapter). write: whether
+    this process writes (rank 0); a sharded one (--shard fsdp) is gathered whole into an unsharded model first, a
+    collective, so then every rank calls this."""
     if is_sharded(net):
         from torch.distributed.fsdp import FSDPModule
         weights = full_weights(net, trained_only=False)  # (whole on rank 0, {} elsewhere)
@@ -1164,31 +1225,270 @@ def export_generator(net, t_star, folder, write=True):
         net.load_state_dict(weights, assign=True)
     if not write:
         return
+    record = dict(generator_timestep=int(t_star))
+    if cfg is not None:
+        record.update(run_record(cfg, folder, family))
+        os.makedirs(folder, exist_ok=True)
+        grids = sorted((f for f in os.listdir(cfg.output_dir) if re.fullmatch(r"samples_\d+\.png", f)),
+                       key=lambda f: int(f[8:-4]))
+        if grids:  # the last validation grid, which the model card shows
+            shutil.copy(os.path.join(cfg.output_dir, grids[-1]), folder)
     if any("lora_" in k for k in trainable_named(net)):  # this generator is a LoRA adapter on a shared base
+        if family is not None:
+            record["lora"] = save_lora_adapter(net, folder, family)
         net = merged_lora(net)
     net.save_pretrained(folder)
-    write_generator_record(folder, t_star)
-    print(f"generator saved to {folder}")
+    write_generator_record(folder, **record)
+    write_model_card(folder, record, family)
+    print(f"generator saved to {folder}" + (f" (and its LoRA adapter, {LORA_FILE})" if record.get("lora") else ""))
 
 
-GENERATOR_RECORD = "dipp.json"  # beside a generator's weights: {"generator_timestep": t*}
+GENERATOR_RECORD = "dipp.json"  # beside a generator's weights: {"generator_timestep": t*, "teacher": ..., ...}
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes (LORA_WEIGHT_NAME_SAFE)
+PAPER = "Diff-Instruct++ (W. Luo, arXiv [2410.18881](https://arxiv.org/abs/2410.18881), TMLR 2025)"
 
 
-def write_generator_record(folder, t_star):
-    """dipp.json: what a generator folder (or checkpoint) needs beyond its weights to sample as trained."""
+def run_record(cfg, folder, family=None):
+    """What dipp.json records about a run beside t*: the teacher (a hub id; or a folder, absolute and relative to
+    the generator folder, so that a run folder moved whole still finds its own; or dipp's random-weight recipe,
+    which rebuilds it), the family, the number of processes and the training settings (the whole Config)."""
+    name = cfg.pretrained_model_name_or_path
+    record = {"teacher": name}
+    if os.path.isdir(name):
+        path = os.path.abspath(name)
+        record.update(teacher=path, teacher_relative=os.path.relpath(path, os.path.abspath(folder)))
+    if cfg.random_weights:
+        record["random_weights"] = {"shapes": cfg.random_weights, "seed": cfg.seed}
+    if family is not None:
+        record["family"] = family.name
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    record["training"] = {**dataclasses.asdict(cfg), "processes": world}
+    return record
+
+
+def write_generator_record(folder, generator_timestep, **more):
+    """dipp.json: what a generator folder (or checkpoint) needs beyond its weights to sample as trained, and what it
+    was trained from (run_record)."""
     with open(os.path.join(folder, GENERATOR_RECORD), "w") as f:
-        json.dump({"generator_timestep": int(t_star)}, f)
+        json.dump({"generator_timestep": int(generator_timestep), **more}, f, indent=1)
+
+
+def generator_record(path):
+    """The dipp.json of a generator folder, or of the folder holding a generator's weight file (the LoRA adapter,
+    or a bare state dict); {} where there is none (a generator not written by dipp)."""
+    folder = os.path.dirname(path) if os.path.isfile(path) else path
+    file = os.path.join(folder, GENERATOR_RECORD)
+    if not os.path.isfile(file):
+        return {}
+    try:
+        record = json.load(open(file))
+        int(record["generator_timestep"])
+        return record
+    except (ValueError, KeyError, TypeError) as e:
+        die(f"'{file}' is damaged ({type(e).__name__}: {e}); it should read {{\"generator_timestep\": t*, ...}}")
 
 
 def read_generator_record(folder):
-    """t* from folder/dipp.json, or None for a folder without one (a generator not written by dipp)."""
-    path = os.path.join(folder, GENERATOR_RECORD)
-    if not os.path.isfile(path):
+    """t* from dipp.json beside a generator (generator_record), or None where there is none."""
+    record = generator_record(folder)
+    return int(record["generator_timestep"]) if record else None
+
+
+def use_recorded_teacher(cfg, argv=None, rebuild=None):
+    """--generate with --generator_init but neither --pretrained_model_name_or_path nor --random_weights: the teacher
+    is the one the generator's dipp.json records (recorded_teacher), not the default hub id. An explicit flag wins.
+    rebuild: random_weights.build_random, for a random-weight teacher whose folder is gone."""
+    argv = sys.argv[1:] if argv is None else argv
+    flag = "--pretrained_model_name_or_path"
+    given = any(a == flag or a.startswith(flag + "=") for a in argv)
+    if cfg.generate and cfg.generator_init and not cfg.random_weights and not given:
+        cfg.pretrained_model_name_or_path = (recorded_teacher(cfg.generator_init, cfg.output_dir, rebuild)
+                                             or cfg.pretrained_model_name_or_path)
+
+
+def recorded_teacher(generator, output_dir, rebuild=None):
+    """The teacher that dipp.json beside `generator` names (None: no record, or one without a teacher): a hub id as
+    written; a folder where it now is (relative to the generator first: a run folder moved whole); a random-weight
+    teacher whose folder is gone rebuilt from its recipe by rebuild(folder, shapes, seed) in output_dir. A recorded
+    folder that is gone is one line."""
+    record = generator_record(generator)
+    teacher = record.get("teacher")
+    if not teacher or "teacher_relative" not in record:
+        return teacher or None
+    here = os.path.dirname(generator) if os.path.isfile(generator) else generator
+    for folder in (os.path.join(here, record["teacher_relative"]), teacher):
+        if os.path.isdir(folder):
+            return os.path.normpath(folder)
+    recipe = record.get("random_weights")
+    if recipe and rebuild:  # the same shapes and seed build the same weights
+        print(f"the teacher recorded in {generator}'s dipp.json ('{teacher}') is gone; rebuilding its random "
+              f"weights (--random_weights {recipe['shapes']}, seed {recipe['seed']}) in {output_dir}")
+        return rebuild(os.path.join(output_dir, recipe["shapes"]), recipe["shapes"], recipe["seed"])[0]
+    die(f"the teacher of '{generator}', recorded in its {GENERATOR_RECORD} as the folder '{teacher}', no longer "
+        "exists; pass --pretrained_model_name_or_path with that folder's new place (or the hub id it came from)")
+
+
+def save_lora_adapter(net, folder, family):
+    """Write net's LoRA adapter as folder/pytorch_lora_weights.safetensors through the family's stock pipeline class's
+    save_lora_weights (diffusers' LoRA training scripts' route), so that `pipe.load_lora_weights(folder)` applies it.
+    Returns {"file", "rank", "alpha", "layers"} for dipp.json, or None (one line) where that pipeline has no LoRA
+    loader. One departure from the training scripts: PEFT's own keys (lora_A/lora_B) are saved, as diffusers'
+    save_lora_adapter saves them, not passed through convert_state_dict_to_diffusers: that renames only the attention
+    layers' keys (to_q.lora.down), and diffusers 0.39's loader, deciding the format from the first key (a conv's
+    lora_A), then silently drops every attention adapter. The adapter's LoraConfig goes into the file's metadata,
+    so the loader applies the trained scale α/r (test_export.py checks both)."""
+    import diffusers
+    from peft.utils import get_peft_model_state_dict
+    pipeline = getattr(diffusers, family.pipeline)
+    if not hasattr(pipeline, "load_lora_weights"):
+        print(f"no LoRA adapter file: diffusers {diffusers.__version__}'s {family.pipeline} cannot load one (it has no "
+              "load_lora_weights); the generator is exported merged only")
         return None
+    name = next(iter(net.peft_config))  # the one adapter G carries ("generator"; the fake score's is on its own copy)
+    config = net.peft_config[name]
+    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    weights = {k: v.detach().float().contiguous() for k, v in get_peft_model_state_dict(net, adapter_name=name).items()}
+    pipeline.save_lora_weights(folder, **{f"{family.folder}_lora_layers": weights,
+                                          f"{family.folder}_lora_adapter_metadata": metadata}, weight_name=LORA_FILE)
+    return {"file": LORA_FILE, "rank": config.r, "alpha": config.lora_alpha, "layers": len(weights) // 2}
+
+
+def lora_adapter_file(path):
+    """The LoRA adapter file that a --generator_init / --generator names: the file itself (a .safetensors of LoRA
+    tensors), or a folder holding pytorch_lora_weights.safetensors and no model (config.json); else None."""
+    if os.path.isdir(path):
+        file = os.path.join(path, LORA_FILE)
+        return file if os.path.isfile(file) and not os.path.isfile(os.path.join(path, "config.json")) else None
+    if not (os.path.isfile(path) and path.endswith(".safetensors")):
+        return None
+    from safetensors import safe_open
     try:
-        return int(json.load(open(path))["generator_timestep"])
-    except (ValueError, KeyError, TypeError) as e:
-        die(f"'{path}' is damaged ({type(e).__name__}: {e}); it should read {{\"generator_timestep\": t*}}")
+        with safe_open(path, "pt") as f:
+            return path if any(".lora_A." in k or ".lora.down." in k for k in f.keys()) else None
+    except Exception:  # unreadable: not an adapter; the weight-file loader says what is wrong with it
+        return None
+
+
+def teacher_with_lora(teacher, path, family):
+    """The generator a LoRA adapter file stands for: the teacher's denoiser (an fp32 copy) with the adapter merged
+    in. Read by diffusers' own loader (load_lora_adapter, what a pipeline's load_lora_weights calls for its
+    denoiser), so the file means here what it means to any diffusers user. An adapter whose layers are not all the
+    teacher's (another family's, another size) is one line."""
+    import copy
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    net = copy.deepcopy(teacher).float()
+    load = lambda: net.load_lora_adapter(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path),
+                                         prefix=family.folder, adapter_name="generator")
+    load_or_die(load, path, f"the LoRA adapter onto the teacher's {family.denoiser}")
+    wanted = {k.removeprefix(family.folder + ".").split(".lora")[0] for k in read_weights(path)}
+    loaded = {n for n, m in net.named_modules() if isinstance(m, BaseTunerLayer)}
+    if not loaded or wanted - loaded:
+        die(f"the LoRA adapter '{path}' does not fit the teacher's {family.denoiser}: {len(wanted - loaded)} of its "
+            f"{len(wanted)} layers are not the teacher's (e.g. {sorted(wanted - loaded or wanted)[0]}); pass the "
+            "teacher it was trained on with --pretrained_model_name_or_path")
+    return merged_lora(net, copy=False)
+
+
+LICENSES = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",  # the base models' own cards
+            "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
+            "stabilityai/stable-diffusion-xl-base-1.0": "openrail++",
+            "PixArt-alpha/PixArt-XL-2-512x512": "openrail++", "PixArt-alpha/PixArt-XL-2-1024-MS": "openrail++"}
+
+
+FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "pixart": "pixart-alpha"}
+
+
+def base_license(teacher):
+    """The teacher's licence: known for the families' usual hub ids, else read from the front matter of a local
+    folder's README.md (huggingface-cli download --local-dir keeps it), else None."""
+    readme = os.path.join(teacher, "README.md")
+    if teacher in LICENSES or not os.path.isfile(readme):
+        return LICENSES.get(teacher)
+    from huggingface_hub import ModelCard
+    try:
+        return ModelCard.load(readme).data.license
+    except Exception:  # a README without front matter
+        return None
+
+
+def write_model_card(folder, record, family=None):
+    """README.md of a generator folder, as diffusers' training scripts write one (huggingface_hub's ModelCard with
+    YAML front matter: base_model, license, library_name, tags; diffusers' populate_model_card): what it is, the
+    teacher, the method, the run's settings, how to sample it in one step, and the last validation grid. Written
+    from the same record as dipp.json."""
+    from diffusers.utils.hub_utils import populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
+    teacher, t_star, lora = record.get("teacher"), record["generator_timestep"], record.get("lora")
+    run, recipe = record.get("training", {}), record.get("random_weights")
+    hub_id = teacher if teacher and "teacher_relative" not in record else None
+    licence = base_license(teacher) if teacher else None
+    teacher = run.get("pretrained_model_name_or_path", teacher)  # a folder as the command named it
+    data = ModelCardData(base_model=hub_id, library_name="diffusers", license=licence or "other",
+                         license_name=None if licence else "see-base-model", pipeline_tag="text-to-image")
+    tags = ["text-to-image", "diffusers", "one-step", "distillation", "diff-instruct-plus-plus", "dipp"]
+    tags += (["lora"] if lora else []) + ([FAMILY_TAGS[family.name]] if family else [])
+    title = family.title if family else "diffusion"
+    lines = [f"# A one-step {title} generator trained with DI++" + (" (LoRA)" if lora else ""), "",
+             f"The teacher's denoiser evaluated once, at t* = {t_star}, on pure noise: a one-step text-to-image "
+             f"generator, trained with {PAPER} by dipp (`dipp.py`): the reward is maximised while an Integral-KL "
+             f"divergence to the frozen teacher{' with CFG' if run else ''} keeps the images realistic. No image "
+             "data is used.", ""]
+    if recipe:
+        lines += [f"**Random weights.** The teacher is dipp's random-weight test model (`--random_weights "
+                  f"{recipe['shapes']}`, seed {recipe['seed']}): this generator exists to test the code; its images "
+                  "are noise by design.", ""]
+    if lora:
+        lines += [f"`{LORA_FILE}` is a rank-{lora['rank']} LoRA adapter (α = {lora['alpha']}: scale α/r = "
+                  f"{lora['alpha'] / lora['rank']:g}) on the teacher's {family.denoiser if family else 'denoiser'}, "
+                  f"{lora['layers']} layers, in diffusers' LoRA format; `config.json` + "
+                  "`diffusion_pytorch_model.safetensors` are the same generator merged into the whole denoiser.", ""]
+    lines += ["## Training", "", "| | |", "|---|---|", f"| teacher (base model) | `{teacher or 'not recorded'}` |",
+              "| method | Diff-Instruct++ (DI++), arXiv 2410.18881 |", f"| t* (`--generator_timestep`) | {t_star} |"]
+    if run:
+        batch = f"{run['train_batch_size']} × {run['processes']} process(es)"
+        lines += [f"| reward r, α_rew (`--reward`, `--reward_scale`) | {run['reward']}, {run['reward_scale']:g} |",
+                  f"| ω (`--guidance_scale`, the teacher's CFG) | {run['guidance_scale']:g} |",
+                  f"| steps, batch | {run['max_train_steps']}, {batch} |",
+                  f"| LoRA rank | {run['lora_rank'] or 'none (full fine-tuning)'} |",
+                  f"| learning rates (generator, fake score) | {run['learning_rate']:g}, {run['fake_learning_rate']:g} |",
+                  f"| precision, seed | {run['mixed_precision']}, {run['seed']} |",
+                  f"| prompts | {run['prompts'] or 'the 8 built-in prompts (a smoke test)'} |",
+                  f"| started from (`--generator_init`) | {run['generator_init'] or 'the teacher'} |", "",
+                  f"Every setting: `{GENERATOR_RECORD}` (\"training\"), the machine-readable record."]
+    lines += ["", "## Sampling in one step", ""] + sampling_code(folder, teacher, t_star, lora, family)
+    grid = sorted((f for f in os.listdir(folder) if re.fullmatch(r"samples_\d+\.png", f)), key=lambda f: int(f[8:-4]))
+    if grid:
+        lines += ["", "## Samples", "", f"![validation grid]({grid[-1]})", "",
+                  f"Held-out prompts (`--validation_prompts`) with fixed noise, at step {int(grid[-1][8:-4])}."]
+    card = populate_model_card(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"), tags=tags)
+    card.save(os.path.join(folder, "README.md"))
+
+
+def sampling_code(folder, teacher, t_star, lora, family):
+    """The card's commands that sample the generator in one step: a stock diffusers pipeline on the teacher (with
+    load_lora_weights, or with the generator as its denoiser), and dipp.py --generate."""
+    lines = []
+    if family is not None:
+        cls, denoiser = family.pipeline, family.denoiser
+        lines += ["```python", "import torch", f"from diffusers import DDPMScheduler, {cls}"
+                  + ("" if lora else f", {denoiser}"), ""]
+        if lora:
+            lines += [f'pipe = {cls}.from_pretrained("{teacher}", torch_dtype=torch.float16).to("cuda")',
+                      f'pipe.load_lora_weights("{folder}", weight_name="{LORA_FILE}")  # (weight_name: needed offline)',
+                      "pipe.fuse_lora()  # optional: the adapter merged into the weights, as fast as the base model"]
+        else:
+            lines += [f'{family.folder} = {denoiser}.from_pretrained("{folder}", torch_dtype=torch.float16)',
+                      f'pipe = {cls}.from_pretrained("{teacher}", {family.folder}={family.folder}, '
+                      'torch_dtype=torch.float16).to("cuda")']
+        lines += ["# one step from pure noise at t*: DDPM's last step returns the denoiser's x̂0, as dipp samples",
+                  "pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)",
+                  f'image = pipe("a red bicycle", num_inference_steps=1, timesteps=[{t_star}], guidance_scale=1'
+                  + (", clean_caption=False" if cls == "PixArtAlphaPipeline" else "") + ").images[0]",
+                  "```", ""]
+    lines += ["```bash", f'python dipp.py --generate "a red bicycle|a watercolor fox" --generator_init {folder}',
+              "```", "", f"dipp reads t* and the teacher from `{GENERATOR_RECORD}`; guidance is off at sampling (the "
+              "teacher's CFG was distilled in during training)."]
+    return lines
 
 
 def save_grid(images, prompts, path):
@@ -1229,7 +1529,7 @@ def print_benchmark(timings, batch, fake_updates, world, device, startup_peak=No
     also when --compile compiles: warmup_s); timings: (fake-score phase, generator phase) per iteration, with
     fake_updates updates in the first. On a GPU peak_memory_gib is the training loop's; startup_peak_gib the
     peak before it (loading, and PixArt's T5 encoding the prompts before it is freed). settings: the run's
-    switches, reported as they are. flops: one iteration's FLOPs on this process (cost.FirstIteration), from
+    switches, reported as they are. flops: one iteration's FLOPs on this process (FirstIteration), from
     which achieved TFLOP/s and, where peak_tflops(device name) knows the card, the fraction of its peak."""
     import resource
     warm = timings[2:] or timings
@@ -1254,6 +1554,237 @@ def print_benchmark(timings, batch, fake_updates, world, device, startup_peak=No
         "device": name}
     print("BENCHMARK " + json.dumps(result))
     return result
+
+
+# -----------------------------------------------------------------------------
+# 8. FLOPs and card peaks, for --benchmark's achieved TFLOP/s (cost.py counts whole iterations with the same counter).
+#    Attention is counted as the arithmetic it does (QKᵀ and PV: 4·B·heads·L_q·L_k·d forward, twice that backward)
+#    whichever kernel runs it, so a count on the meta device, a CPU or a GPU agree (docs/cost.md).
+
+aten = torch.ops.aten
+
+
+def attention_flops(query, key, value, *rest, **kwargs):
+    from torch.utils.flop_counter import sdpa_flop_count
+    return sdpa_flop_count(query, key, value)  # 2 matmuls: 4·B·heads·L_q·L_k·d
+
+
+def attention_backward_flops(grad_out, query, key, value, *rest, **kwargs):
+    from torch.utils.flop_counter import sdpa_flop_count
+    return 2 * sdpa_flop_count(query, key, value)  # each matmul's two gradients; no recomputed scores
+
+
+MODEL_FLOPS = {  # FlopCounterMode's custom_mapping: attention ops whose arguments start (grad,) q, k, v
+    aten._scaled_dot_product_flash_attention_for_cpu: attention_flops,  # torch counts 0 for the CPU kernel
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward_flops,
+    aten._scaled_dot_product_flash_attention_backward: attention_backward_flops,
+    aten._scaled_dot_product_efficient_attention_backward: attention_backward_flops,
+    aten._scaled_dot_product_cudnn_attention_backward: attention_backward_flops,
+}
+
+
+def flop_counter():
+    """A FlopCounterMode with the attention convention above: `with flop_counter() as c: ...; c.get_total_flops()`."""
+    from torch.utils.flop_counter import FlopCounterMode
+    return FlopCounterMode(display=False, custom_mapping=MODEL_FLOPS)
+
+
+class FirstIteration:
+    """For dipp --benchmark: counts the FLOPs of the first training iteration (warm-up, which the timings leave
+    out, so counting slows nothing that is reported). begin()/end() bracket an iteration; total: its FLOPs."""
+
+    def __init__(self, active=True):
+        self.mode, self.total, self.active = None, None, active
+
+    def begin(self):
+        if self.active and self.total is None and self.mode is None:
+            self.mode = flop_counter().__enter__()
+
+    def end(self):
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.total, self.mode = self.mode.get_total_flops(), None
+
+# Cards: dense bf16 peak (no 2:4 sparsity), TFLOP/s, from the vendors' datasheets:
+#    NVIDIA H100 Tensor Core GPU datasheet (SXM 989.4, PCIe 756.5 dense; NVL 835.5), H200 datasheet (989, as H100
+#    SXM; H200 NVL 835.5), A100 datasheet (312, SXM and PCIe), L40/L40S datasheet (181.05 / 362.05 dense),
+#    L4 datasheet (121 dense), A10 datasheet (125 dense), "NVIDIA Ada Lovelace GPU architecture" whitepaper v1.01
+#    app. A (RTX 4090: 165.2 dense bf16 with fp32 accumulate; RTX 6000 Ada 364.2), "NVIDIA Ampere GA102 GPU
+#    architecture" whitepaper (RTX A6000: 154.8 dense bf16; RTX 3090: 71 dense with fp32 accumulate),
+#    B200 datasheet (HGX B200: 2250 dense per GPU, half the 4.5 PFLOPS sparse figure).
+#    Keys are matched as substrings of torch.cuda.get_device_name(), longest key first ("H100 PCIe" before "H100").
+#    Quoted from those documents' tables (only L40/L40S re-read online here). A name containing a key gets that key's
+#    peak, so an unlisted variant can borrow a wrong one (an A10G would get the A10's): `python cost.py --device NAME`
+#    prints the peak it uses.
+
+PEAK_TFLOPS = {
+    "H100 PCIe": 756.5, "H100 NVL": 835.5, "H100": 989.4,  # "NVIDIA H100 80GB HBM3" is the SXM card
+    "H200 NVL": 835.5, "H200": 989.4, "GH200": 989.4,
+    "A100": 312.0, "L40S": 362.05, "L40": 181.05, "L4": 121.0, "A10": 125.0,
+    "RTX 6000 Ada": 364.2, "RTX 4090": 165.2, "RTX A6000": 154.8, "RTX 3090": 71.0, "B200": 2250.0,
+}
+
+
+def peak_tflops(device_name):
+    """Dense bf16 peak TFLOP/s of a card named as torch.cuda.get_device_name() names it; None if unknown (or a CPU)."""
+    name = (device_name or "").upper()
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if key.upper() in name:
+            return PEAK_TFLOPS[key]
+    return None
+
+
+# -----------------------------------------------------------------------------
+# 9. The run-keeper: everything dipp.train does around Alg. 1, behind a narrow interface
+
+
+class RunKeeper:
+    """What keeps a DI++ run alive around Alg. 1, so that dipp.train shows the method: RunKeeper(cfg) (torchrun,
+    the device, precision, the output folder), wrap() the trained networks (compile, DDP or FSDP2), optimizer() for
+    each, start() (resume, EMA, the log, the step-0 validation), then per step begin_step() and end_step(stats)
+    inside guard(), and finish() (the curves, the benchmark line, the export). Nothing here changes the method's
+    arithmetic: it saves, restores, logs, times and stops. Attributes dipp.train reads: device, rank, world,
+    main_rank, autocast, dtype, step, benchmark (the BENCHMARK result, after finish)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.rank, self.world, self.device = init_distributed(cfg)
+        self.main_rank = self.rank == 0  # only rank 0 writes files, logs and shows the progress bar
+        self.writes = self.main_rank and not cfg.benchmark
+        self.autocast, self.dtype = precision(cfg.mixed_precision, self.device)
+        if not cfg.benchmark:  # one line for an unwritable folder; never mix this run with another's files
+            prepare_output_dir(cfg, self.main_rank)
+        self.step, self.benchmark, self.sharded, self.t0, self.family = 0, None, False, 0.0, None
+
+    def wrap(self, G, fake, family, frozen=()):
+        """Compile every network (before DDP wraps them), record the config, then wrap G and the fake score for
+        training: returns (G, fake) as the training step calls them.
+        Data parallel: DDP all-reduces (averages) gradients during backward, so each rank's update is the gradient
+        of the mean loss over the global batch; saving and no-grad evaluation use the bare modules. --shard fsdp:
+        FSDP2 shards G's denoiser and ψ in place instead (shard(); the same averaged update), so every rank runs each
+        call of them, validation and saving included. The frozen teacher, VAE and reward stay whole."""
+        cfg, self.family = self.cfg, family  # (the export's adapter file and model card need the family)
+        if cfg.compile != "none":  # the frozen nets too: they run every step
+            compile_nets(cfg, [G.net, fake] + [net for net in frozen if net is not None], self.device)
+        self.sharded = cfg.shard == "fsdp" and self.world > 1  # (--shard fsdp in one process: a plain run)
+        note = ", FSDP2" if self.sharded else ", one process: nothing to shard" if cfg.shard != "none" else ""
+        record_config(cfg, self.main_rank, self.writes, f"(device: {self.device}, {self.world} process(es){note})")
+        for net in (G.net, fake) if self.sharded else ():
+            shard(net, family.shard_units, family.readout, self.dtype)
+        return tuple(m if self.sharded else data_parallel(m, self.device, self.world) for m in (G, fake))
+
+    def optimizer(self, net, lr):
+        """AdamW on net's trainable parameters (Adam β from the config, no weight decay), fp16's loss scaler."""
+        params = trainable(net)
+        adamw = make_adam(params, lr, (self.cfg.adam_beta1, self.cfg.adam_beta2), self.device)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        return SafeOptimizer(params, adamw, scaler, self.cfg.max_grad_norm)
+
+    def start(self, trained, opt, G, sample, reward_fn, val_prompts, latent_shape):
+        """Resume (--resume_from_checkpoint), set up the (optional) EMA of G, the log and the progress bar, and
+        validate at step 0. trained: {"generator": G.net, "fake_score": ψ}, what a checkpoint holds; opt: the
+        optimizers (.G, .fake); sample(z, prompts) -> images, reward_fn(images, prompts) -> (B,) or None."""
+        from tqdm import tqdm
+        cfg, cuda = self.cfg, self.device.type == "cuda"
+        self.trained, self.G, self.G_params = trained, G, opt.G.params
+        self.states = dict(opt_G=opt.G.optimizer, opt_fake=opt.fake.optimizer, scaler_G=opt.G.scaler,
+                           scaler_fake=opt.fake.scaler)  # checkpointed beside the weights
+        self.fp16 = opt.G.scaler.is_enabled()
+        self.ema = [p.detach().clone() for p in self.G_params] if cfg.ema_decay > 0 else None  # (optional) θ_ema
+        if cfg.resume_from_checkpoint:
+            self.step = load_checkpoint(cfg, trained, self.states, self.ema, self.rank, self.world, self.device)
+        # the held-out reward (mean, spread) of sample(z_i, c_i) with the same z_i every time, and a sample grid;
+        # the fixed noise comes from its own generator so the training RNG is untouched
+        val_z = torch.randn((len(val_prompts), *latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
+        self.validate = lambda tag: held_out_reward(
+            sample, reward_fn, val_prompts, val_z, cfg.train_batch_size, [self.autocast, ema_weights(self.G_params,
+                                                                                                      self.ema)],
+            os.path.join(cfg.output_dir, f"samples_{tag}.png") if self.main_rank else None)
+        self.validates = self.writes or (self.sharded and not cfg.benchmark)  # (a sharded G runs on every rank)
+        self.clock = benchmark_clock(cfg, self.device)  # synced on a GPU only under --benchmark
+        self.flops = FirstIteration(cfg.benchmark)  # --benchmark: the FLOPs of the first, untimed, iteration
+        self.log = RunLog(cfg, self.step) if self.writes else None
+        self.bar = tqdm(total=cfg.max_train_steps, initial=self.step, desc="dipp", dynamic_ncols=True,
+                        disable=not self.main_rank)
+        if self.step == 0 and self.validates:
+            held_out = self.validate("0000")
+            if self.writes:
+                self.log.write({"step": 0, **held_out})
+        self.timings, self.skipped = [], {"skipped_G": 0, "skipped_fake": 0}
+        self.startup_peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)  # the benchmark's peak is the training loop's
+
+    @contextlib.contextmanager
+    def guard(self):
+        """SIGINT/SIGTERM finish the step, checkpoint and exit (StopSignals); a non-finite loss is one line naming
+        the last good checkpoint."""
+        with StopSignals() as self.signals:
+            try:
+                yield
+            except FloatingPointError as e:
+                die_non_finite(self.cfg, self.step + 1, e)
+
+    def begin_step(self):
+        self.t0 = self.t1 = self.clock()
+        if self.cfg.compile == "reduce-overhead":  # CUDA graphs: last iteration's graph outputs may be reused now
+            torch.compiler.cudagraph_mark_step_begin()
+        self.flops.begin()
+
+    def between_phases(self):
+        self.t1 = self.clock()  # the fake-score phase ends here (--benchmark times the two phases apart)
+
+    def end_step(self, stats):
+        """After one DI++ iteration: EMA, the global-batch means over ranks, the log line, and on their steps a
+        checkpoint and a validation; a signal that reached any rank stops every rank here."""
+        cfg = self.cfg
+        self.flops.end()
+        for k in self.skipped:  # fp16 overflow: GradScaler skipped the update; counted, not hidden
+            self.skipped[k] += stats[k]
+        if self.ema is not None:  # (optional) θ_ema ← d·θ_ema + (1 − d)·θ
+            ema_update(self.ema, self.G_params, cfg.ema_decay)
+        self.step += 1
+        # global-batch means over ranks (and whether a signal reached any rank); waits for the step's GPU work
+        values, stop = global_means({k: stats[k] for k in ("loss_fake", "loss_ikl", "reward", "grad_ikl",
+                                                             "grad_reward")}, self.signals.requested, self.world)
+        t2 = self.clock()
+        self.timings.append((self.t1 - self.t0, t2 - self.t1))
+        stats = {"step": self.step, **values, "grad_ratio": values["grad_reward"] / max(values["grad_ikl"], 1e-30),
+                 "img_per_s": self.world * cfg.train_batch_size / (t2 - self.t0), **(self.skipped if self.fp16 else {})}
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k not in ("step", "loss_ikl")})
+        self.bar.update(1)
+        if cfg.benchmark:
+            return
+        last = self.step == cfg.max_train_steps or stop
+        if self.step % cfg.checkpointing_steps == 0 or last:
+            rng = rng_states(self.device, self.world)  # a collective: every rank's RNG, so resume replays nothing
+            # every rank calls it (a sharded net is gathered whole first); rank 0 writes
+            save_checkpoint(cfg, self.step, self.trained, self.G.t_star, self.states, self.ema, rng,
+                            write=self.main_rank)
+        validate = self.validates and (self.step % cfg.validation_steps == 0 or last)
+        held_out = self.validate(f"{self.step:04d}") if validate else {}
+        if self.main_rank:
+            self.log.write({**stats, **held_out})
+        if stop:  # checkpoint-{step} is written: say how to resume, exit 130 (SIGINT) or 143 (SIGTERM)
+            self.bar.close()
+            self.signals.exit(cfg, self.step, self.log if self.main_rank else None)
+
+    def finish(self):
+        """The benchmark line (--benchmark), the log's curves.png, and the generator exported to
+        output_dir/generator: its EMA weights when kept (G itself keeps the raw ones)."""
+        cfg = self.cfg
+        self.bar.close()
+        if cfg.benchmark and self.main_rank:
+            switches = ("mixed_precision", "gradient_checkpointing", "lora_rank", "compile", "reuse_generator_sample")
+            self.benchmark = print_benchmark(self.timings, cfg.train_batch_size, cfg.fake_steps_per_G, self.world,
+                                             self.device, self.startup_peak, {k: getattr(cfg, k) for k in switches},
+                                             self.flops.total, peak_tflops)
+        if self.writes:
+            self.log.close()  # also draws curves.png from log.jsonl
+        if not cfg.benchmark:  # every rank calls it (a sharded generator is gathered whole first); rank 0 writes
+            with ema_weights(self.G_params, self.ema):
+                export_generator(self.G.net, self.G.t_star, os.path.join(cfg.output_dir, "generator"),
+                                 write=self.writes, cfg=cfg, family=self.family)
 
 
 if __name__ == "__main__":  # python plumbing.py curves runs/x/log.jsonl  -> runs/x/curves.png

@@ -296,6 +296,32 @@ def table():
     return "\n".join(lines) + f"\n* / ?: no pinned sha256 (hub-only; docs/prompts.md). Cache: {cache_dir()}\n"
 
 
+# dipp.py's defaults: --prompts and --validation_prompts without a value (disjoint lists)
+BUILTIN_PROMPTS = ["a photo of a red bicycle leaning on a brick wall", "a watercolor painting of a fox",
+                   "a bowl of ramen, studio lighting", "a lighthouse on a cliff at sunset",
+                   "an astronaut riding a horse", "a cozy living room with a fireplace",
+                   "a close-up portrait of an old fisherman", "a castle in the clouds, fantasy art"]
+VALIDATION_PROMPTS = ["a golden retriever running on a beach", "a still life of apples and a jug, oil painting",
+                      "a snowy mountain village at night", "a robot reading a book in a library",
+                      "a hot air balloon over green hills", "a plate of sushi on a wooden table",
+                      "a portrait of a woman in a red coat, rain", "a sailing ship in a storm, dramatic light"]
+
+
+def load_prompts(path, default, flag):
+    """One prompt per line of a UTF-8 text file (blank lines skipped), a named set (promptsets.py: fetched and
+    verified on first use, then cached), or the built-in list `default`."""
+    if not path:
+        return list(default)
+    path = resolve(path, flag)
+    try:
+        prompts = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
+    except UnicodeDecodeError:
+        die(f"{flag} file '{path}' is not UTF-8 text; give a text file with one prompt per line")
+    if not prompts or any("\x00" in p for p in prompts):
+        die(f"{flag} file '{path}' has no prompts (or is binary); write one prompt per line")
+    return prompts
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv:

@@ -363,10 +363,10 @@ def calibrate(args, plan, out, init):
     folder, steps = os.path.join(out, "calibrate"), 2 if args.tiny else CALIBRATION_STEPS
     flags = set_flag(set_flag(plan.train, "--max_train_steps", steps), "--reward_scale", 1)
     if "--prompts" in flags:  # its first 1,000 prompts (PixArt's T5 embeds each once: ~1 MiB a prompt)
-        import plumbing
+        import promptsets
         few = os.path.join(out, "calibration_prompts.txt")
         with open(few, "w", encoding="utf-8") as f:
-            f.write("\n".join(plumbing.load_prompts(flag(flags, "--prompts"), [], "--prompts")[:1000]) + "\n")
+            f.write("\n".join(promptsets.load_prompts(flag(flags, "--prompts"), [], "--prompts")[:1000]) + "\n")
         flags = set_flag(flags, "--prompts", few)
     flags = set_flag(set_flag(flags, "--generator_init", init), "--checkpointing_steps", steps)
     run(dipp_command(args, flags + ["--output_dir", folder, "--overwrite_output_dir"]), out)
@@ -528,12 +528,13 @@ def print_cost(recipe, args, plan):
     import dipp
     import evaluate
     import families
+    import plumbing
     import promptsets
     import random_weights
     import torch
     card = args.card or (torch.cuda.get_device_name() if torch.cuda.is_available() else "")
     util = args.utilisation or cost.UTILISATION
-    peak = cost.peak_tflops(card) if card else None
+    peak = plumbing.peak_tflops(card) if card else None
     batch = int(flag(plan.train, "--train_batch_size"))
     switches = dict(gradient_checkpointing="--gradient_checkpointing" in plan.train,
                     reward=flag(plan.train, "--reward"),
@@ -551,7 +552,7 @@ def print_cost(recipe, args, plan):
         return flops
     per_iteration = timed("one training iteration", lambda: cost.iteration_flops(shapes, batch=batch, **switches),
                           shapes, batch, switches)  # one process's iteration
-    available = len(dipp.BUILTIN_PROMPTS) if args.tiny else promptsets.SETS[recipe.eval_prompts].count
+    available = len(promptsets.BUILTIN_PROMPTS) if args.tiny else promptsets.SETS[recipe.eval_prompts].count
     prompts = min(int(flag(plan.evaluate, "--max_prompts", 0)) or available, available)
     per_image = int(flag(plan.evaluate, "--images_per_prompt"))
     family = families.FAMILIES[random_weights.model_subfolder(shapes)]  # (evaluate.py's default: its pipeline's)

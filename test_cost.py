@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import cost
 import dipp
+import plumbing
 
 META, CPU = torch.device("meta"), torch.device("cpu")  # counts agree on both (the first tests); CPU is ~3× faster
 
@@ -122,13 +123,13 @@ def test_sampling_is_text_steps_and_a_decode():
 def test_peak_table_and_estimate():
     """peak_tflops matches torch.cuda.get_device_name strings (the PCIe H100 is not the SXM one); the estimate is
     FLOPs ÷ (peak × utilisation); an unknown card or a CPU has no estimate."""
-    assert cost.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
-    assert cost.peak_tflops("NVIDIA H100 PCIe") == 756.5
-    assert cost.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert cost.peak_tflops("NVIDIA GeForce RTX 4090") == 165.2
-    assert cost.peak_tflops("NVIDIA L40S") == 362.05 and cost.peak_tflops("NVIDIA L40") == 181.05
-    assert cost.peak_tflops("NVIDIA L4") == 121.0
-    assert cost.peak_tflops("cpu") is None and cost.estimate_seconds(1e15, "cpu") is None
+    assert plumbing.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert plumbing.peak_tflops("NVIDIA H100 PCIe") == 756.5
+    assert plumbing.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert plumbing.peak_tflops("NVIDIA GeForce RTX 4090") == 165.2
+    assert plumbing.peak_tflops("NVIDIA L40S") == 362.05 and plumbing.peak_tflops("NVIDIA L40") == 181.05
+    assert plumbing.peak_tflops("NVIDIA L4") == 121.0
+    assert plumbing.peak_tflops("cpu") is None and cost.estimate_seconds(1e15, "cpu") is None
     assert cost.estimate_seconds(989.4e12, "NVIDIA H100 80GB HBM3", utilisation=0.5) == pytest.approx(2.0)
     assert cost.UTILISATION == pytest.approx(8 * 13.5 / 0.78 / 989.4, abs=0.005)  # ECOSYSTEM.md's H100 figures
 

@@ -21,7 +21,9 @@ import torch
 import dipp
 import families
 import plumbing
+import promptsets
 import random_weights
+import rewards
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TMP = tempfile.gettempdir()  # models built once per session; TMPDIR keeps two checkouts' runs apart
@@ -144,7 +146,7 @@ def test_cfg_is_an_implicit_reward():
 
     g_guided = grad_of(dipp.ikl_loss(x0, t, eps, sched, dipp.guided(eps_fn, cond, uncond, omega), fake_c))
     g_plain = grad_of(dipp.ikl_loss(x0, t, eps, sched, dipp.guided(eps_fn, cond, uncond, 1.0), fake_c))
-    g_cfg = grad_of(dipp.cfg_reward_loss(x0, t, eps, sched, lambda x, tt: eps_fn(x, tt, cond),
+    g_cfg = grad_of(dipp.guidance_reward_loss(x0, t, eps, sched, lambda x, tt: eps_fn(x, tt, cond),
                                          lambda x, tt: eps_fn(x, tt, uncond)))  # = −∇ r_cfg
     assert torch.allclose(g_guided, g_plain + (omega - 1) * g_cfg, rtol=1e-3, atol=1e-5)
     assert (g_guided - g_plain).abs().max() > 1e-3  # guidance really changed the gradient
@@ -234,19 +236,27 @@ def readme_quickstart():
     return shlex.split(command)[2:]
 
 
-def test_readme_quickstart_runs(tmp_path):
+def test_readme_quickstart_runs(tmp_path, monkeypatch):
     """README's CPU command runs as written, twice into the same folder (a quick start can be re-run), and
-    leaves a checkpoint, a sample grid and a generator."""
+    leaves a checkpoint, a sample grid and a generator with its model card. Then the --generate example of --help
+    and README, exactly as written (no --tiny, no teacher flag), draws from it offline: dipp.json names the teacher."""
+    monkeypatch.chdir(tmp_path)  # the commands' relative paths (out/, out/generator), as a user types them
     argv = readme_quickstart()
-    i = argv.index("--output_dir")
-    argv[i + 1] = str(tmp_path / argv[i + 1])
     dipp.main(argv)
     dipp.main(argv)
-    out = argv[i + 1]
+    out = argv[argv.index("--output_dir") + 1]
     files = os.listdir(out)
     assert any(re.fullmatch(r"checkpoint-\d+", f) for f in files), files
     assert any(f.startswith("samples_") and f.endswith(".png") for f in files), files
     assert os.path.isfile(os.path.join(out, "generator", "diffusion_pytorch_model.safetensors"))
+    assert os.path.isfile(os.path.join(out, "generator", "README.md"))
+    commands = set()
+    for text in (dipp.__doc__, open(os.path.join(HERE, "README.md")).read()):
+        line = next(l for l in text.splitlines() if "--generator_init out/generator" in l)
+        commands.add(line[line.index("python dipp.py --generate"):].split("`")[0].strip())
+    for command in commands:  # (the same command in both, so far)
+        images = dipp.main(shlex.split(command)[2:])
+        assert images.shape[0] == 1 and os.path.isfile(os.path.join("dipp-out", "generated_00.png"))
 
 
 def test_resume_continues_the_run(tmp_path):
@@ -346,11 +356,11 @@ def test_reward_preprocessing_matches_imagereward_pil_path():
     """dipp's torch preprocessing (differentiable) vs the package's PIL pipeline on the same image:
     pixels within 0.05 (normalised units, mean 0.01) and scores within 2% of the between-image spread."""
     model = offline_imagereward()
-    fn = dipp.ImageRewardFn(model)
+    fn = rewards.ImageRewardFn(model)
     for size in (96, 512):  # upsampling to 224 and SD1.5's downsampling 512 -> 224
         img = smooth_image(0, size)
         ref = model.preprocess(to_pil(img))[None]  # (1, 3, 224, 224), the package's own transform
-        ours = dipp.clip_preprocess(img, 224)
+        ours = rewards.clip_preprocess(img, 224)
         assert (ours - ref).abs().max() < 0.05 and (ours - ref).abs().mean() < 0.01
     with torch.no_grad():
         prompt = "a red bicycle"
@@ -369,7 +379,7 @@ def test_imagereward_gradient_reaches_generator():
     net = read_unet("unet").train()
     G = dipp.OneStepGenerator(net, families.FAMILIES["sd"], dipp.Schedule.scaled_linear(), 999)
     vae = AutoencoderKL.from_pretrained(sd, subfolder="vae").requires_grad_(False)
-    fn = dipp.ImageRewardFn(offline_imagereward())
+    fn = rewards.ImageRewardFn(offline_imagereward())
     x0 = G(torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32))
     dipp.reward_loss(fn(dipp.decode(vae, x0), ["a fox"]), 1.0).sum().backward()
     grads = [p.grad.abs().sum() for p in G.parameters() if p.grad is not None]
@@ -385,9 +395,9 @@ def test_clip_reward_is_cosine_similarity():
     prompts = ["a fox", "a red bicycle"]
     with torch.no_grad():
         out = model(input_ids=tok(prompts, padding=True, return_tensors="pt").input_ids,
-                    pixel_values=dipp.clip_preprocess(images, 16))
+                    pixel_values=rewards.clip_preprocess(images, 16))
         expected = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)
-        assert torch.allclose(dipp.ClipRewardFn(model, tok)(images, prompts), expected, atol=1e-5)
+        assert torch.allclose(rewards.ClipRewardFn(model, tok)(images, prompts), expected, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -453,7 +463,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
     def ikl_nan_on_second_call(*args, **kwargs):
         calls.append(1)
-        loss, grad = real_ikl(*args, **kwargs)  # generator_step asks for (loss, ∂loss/∂x0)
+        loss, grad = real_ikl(*args, **kwargs)  # dipp_step asks for (loss, ∂loss/∂x0)
         return (loss * float("nan") if len(calls) == 2 else loss), grad
 
     monkeypatch.setattr(dipp, "ikl_loss", ikl_nan_on_second_call)
@@ -553,8 +563,7 @@ def test_a_run_that_fails_before_step_1_leaves_no_folder(tmp_path, monkeypatch):
     takes the fresh output folder with it, so the retry does not find 'another run' there."""
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
-    monkeypatch.setattr(plumbing, "optimizer_step", out_of_memory)
-    monkeypatch.setattr(dipp, "optimizer_step", out_of_memory, raising=False)  # (dipp's own reference, if any)
+    monkeypatch.setattr(plumbing.SafeOptimizer, "step", out_of_memory)
     sd, clip = tiny_models()
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="out of memory"):
@@ -616,21 +625,73 @@ def test_gmm_log_density_integrates_to_one_and_class_posterior_normalises():
 
 
 def test_cfg_implicit_reward_with_exact_densities():
-    """With the exact mixture, −∇x0 of dipp.cfg_reward_loss equals autograd of
+    """With the exact mixture, −∇x0 of dipp.guidance_reward_loss equals autograd of
     w(t)·log p_t(c | α x0 + σ ε) computed from closed-form densities (METHOD.md §5)."""
     gmm, sched = toy_mixture(), dipp.Schedule.scaled_linear()
     torch.manual_seed(1)
     x0 = torch.randn(32, 2, requires_grad=True)
     c, t, eps = torch.randint(0, 2, (32,)), torch.randint(20, 981, (32,)), torch.randn(32, 2)
     teacher = gmm.eps_fn(sched)
-    loss = dipp.cfg_reward_loss(x0, t, eps, sched, lambda x, tt: teacher(x, tt, c),
-                                lambda x, tt: teacher(x, tt, torch.full_like(c, -1)), "eps")
+    loss = dipp.guidance_reward_loss(x0, t, eps, sched, lambda x, tt: teacher(x, tt, c),
+                                     lambda x, tt: teacher(x, tt, torch.full_like(c, -1)), "eps")
     (ours,) = torch.autograd.grad(loss.sum(), x0)
     a, s = sched.alpha_sigma(t, 2)
     r_cfg = dipp.ikl_weight("eps", a, s)[:, 0] * gmm.log_p_class_t(a * x0 + s * eps, a, s).gather(1, c[:, None])[:, 0]
     (exact,) = torch.autograd.grad(r_cfg.sum(), x0)
     assert torch.allclose(-ours, exact, rtol=1e-3, atol=1e-5)
     assert exact.abs().max() > 1e-2
+
+
+def test_guidance_reward_loss_takes_every_weighting():
+    """guidance_reward_loss runs with each w(t) of ikl_weight (dmd2 included: its normaliser is read from the
+    conditional teacher's x̂0) and its x0-gradient is the hand-derived −w α (ε̂_∅ − ε̂_c)/σ."""
+    sched = dipp.Schedule.scaled_linear()
+    torch.manual_seed(2)
+    x0 = torch.randn(6, 3, requires_grad=True)
+    t, eps = torch.randint(20, 981, (6,)), torch.randn(6, 3)
+    A, b = torch.randn(3, 3) / 3, torch.randn(3)  # two affine ε-predictors stand in for s_c and s_∅
+    eps_cond, eps_null = (lambda x, tt: x @ A), (lambda x, tt: x @ A.T + b)
+    a, s = sched.alpha_sigma(t, 2)
+    x_t = (a * x0 + s * eps).detach()
+    for weighting in ("x0", "eps", "dmd2"):
+        loss = dipp.guidance_reward_loss(x0, t, eps, sched, eps_cond, eps_null, weighting)
+        (ours,) = torch.autograd.grad(loss.sum(), x0)
+        w = {"x0": s ** 2 / a ** 2, "eps": s / a}.get(weighting)
+        if w is None:  # σ²/α² over mean_d |x0 − x̂0_c|, x̂0_c = (x_t − σ ε̂_c)/α
+            w = s ** 2 / a ** 2 / (x0.detach() - (x_t - s * eps_cond(x_t, t)) / a).abs().mean(1, keepdim=True)
+        expected = -w * a * (eps_null(x_t, t) - eps_cond(x_t, t)) / s
+        assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-6), weighting
+
+
+def test_no_import_cycles():
+    """The project's modules import one another one way only (plumbing at the bottom; families, promptsets,
+    random_weights, rewards above it; dipp above them; cost, evaluate, the toys, reproduce on top): every import
+    statement counts, the lazy ones inside functions too (`python dipp.py` once loaded itself a second time, as the
+    module `dipp`, through cost.py)."""
+    import ast
+    files = {f[:-3]: os.path.join(HERE, d, f) for d in ("", "toy", "bench")
+             for f in os.listdir(os.path.join(HERE, d)) if f.endswith(".py") and not f.startswith(("test_", "conftest"))}
+    graph = {}
+    for name, path in files.items():
+        found = set()
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module.split(".")[0])
+        graph[name] = found & set(files) - {name}
+    assert {"dipp", "plumbing", "cost", "gmm"} <= set(graph) and "plumbing" in graph["dipp"]
+
+    def cycle_from(name, path):
+        for dep in sorted(graph[name]):
+            if dep in path:
+                return path[path.index(dep):] + [dep]
+            found = cycle_from(dep, path + [dep])
+            if found:
+                return found
+    for name in sorted(graph):
+        assert cycle_from(name, [name]) is None, " -> ".join(cycle_from(name, [name]))
+    assert not graph["plumbing"], graph["plumbing"]  # the bottom layer imports no project module
 
 
 @functools.lru_cache(maxsize=None)
@@ -1260,6 +1321,21 @@ def tiny_sd_nets(seed=0):
     return G, dipp.denoiser_eps(teacher, families.FAMILIES["sd"]), dipp.denoiser_eps(fake, families.FAMILIES["sd"])
 
 
+def generator_update(G_c, teacher_eps_c, fake_eps_c, reward_c, params, optimizer, scaler, noise, schedule, cfg):
+    """The generator half of dipp.dipp_step alone (no fake-score noise given, so no fake-score update): its stats."""
+    opt = dipp.Optimizers(fake=None, G=plumbing.SafeOptimizer(params, optimizer, scaler, cfg.max_grad_norm))
+    return dipp.dipp_step(dipp.Bound(G_c, teacher_eps_c, fake_eps_c, reward_c), opt, [noise], schedule, cfg)
+
+
+def safe_step(loss, params, optimizer, scaler, max_grad_norm):
+    """One step as dipp.dipp_step takes it (zero_grad, scaled backward, SafeOptimizer.step): (scale used, skipped)."""
+    opt = plumbing.SafeOptimizer(params, optimizer, scaler, max_grad_norm)
+    opt.zero_grad()
+    opt.scaler.scale(loss).backward()
+    skipped = opt.step(loss)
+    return opt.loss_scale, skipped
+
+
 def test_default_generator_update_keeps_w_of_t_at_batch_1():
     """With the default flags the gradient that reaches Adam scales with w(t): at batch 1 the x0 and eps
     weightings (σ²/α² vs σ/α) give gradients whose norms differ by exactly σ_t/α_t. A clip of the summed
@@ -1274,7 +1350,7 @@ def test_default_generator_update_keeps_w_of_t_at_batch_1():
         G = copy.deepcopy(G0)
         cfg = dipp.Config(reward="none", ikl_weighting=weighting)
         opt = torch.optim.AdamW(G.parameters(), lr=1e-5)
-        dipp.generator_step(lambda z: G(z, cond), lambda x, t: real(x, t, cond), lambda x, t: fake(x, t, cond),
+        generator_update(lambda z: G(z, cond), lambda x, t: real(x, t, cond), lambda x, t: fake(x, t, cond),
                             None, list(G.parameters()), opt, torch.amp.GradScaler("cpu", enabled=False),
                             noise, G.schedule, cfg)
         norms[weighting] = torch.cat([p.grad.flatten() for p in G.parameters()]).norm()  # what Adam stepped on
@@ -1288,7 +1364,7 @@ def test_reward_gradient_is_zero_on_pixels_the_saved_image_clips():
     them: their gradient is exactly 0, while in-range pixels get gradient."""
     from transformers import CLIPModel, CLIPTokenizer
     clip = tiny_models()[1]
-    fn = dipp.ClipRewardFn(CLIPModel.from_pretrained(clip).eval(), CLIPTokenizer.from_pretrained(clip))
+    fn = rewards.ClipRewardFn(CLIPModel.from_pretrained(clip).eval(), CLIPTokenizer.from_pretrained(clip))
     images = (1.6 * torch.randn(2, 3, 24, 24)).requires_grad_(True)  # ~47 % of pixels outside [-1, 1]
     fn(images, ["a fox", "a red bicycle"]).sum().backward()
     outside = images.detach().abs() > 1
@@ -1313,14 +1389,14 @@ def test_generator_readout_is_fp32_under_bf16_autocast():
 
 
 def test_loss_scaler_skips_are_reported_and_its_state_survives_resume(tmp_path):
-    """optimizer_step reports a step that fp16's GradScaler skipped (overflow) and the scale it used; the
+    """SafeOptimizer.step reports a step that fp16's GradScaler skipped (overflow) and the scale it used; the
     scalers' state is saved in the checkpoint and restored on resume (it restarted at 65,536 before)."""
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([w], lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
-    scale, skipped = plumbing.optimizer_step((w * 1e35).sum(), [w], opt, scaler, 0)  # 1e35 × 65536 overflows fp32
+    scale, skipped = safe_step((w * 1e35).sum(), [w], opt, scaler, 0)  # 1e35 × 65536 overflows fp32
     assert skipped and scale == 2.0 ** 16 and scaler.get_scale() == 2.0 ** 15 and torch.equal(w.data, torch.ones(3))
-    scale, skipped = plumbing.optimizer_step(w.sum(), [w], opt, scaler, 0)
+    scale, skipped = safe_step(w.sum(), [w], opt, scaler, 0)
     assert not skipped and torch.allclose(w.data, torch.full((3,), 0.9))
     # the checkpoint round trip, through the real save/load with a tiny generator
     G, _, _ = tiny_sd_nets()
@@ -1336,15 +1412,15 @@ def test_loss_scaler_skips_are_reported_and_its_state_survives_resume(tmp_path):
 
 def test_skipped_steps_are_counted_in_the_log(tmp_path, monkeypatch):
     """Every generator / fake-score step that the loss scaler skipped is counted in log.jsonl (fp16)."""
-    real = plumbing.optimizer_step
+    real = plumbing.SafeOptimizer.step
     calls = []
 
-    def skip_second(loss, params, opt, scaler, max_grad_norm):
+    def skip_second(self, loss):
         calls.append(1)
-        scale, _ = real(loss, params, opt, scaler, max_grad_norm)
-        return scale, len(calls) == 2  # the 2nd update (step 1's generator update) is reported as skipped
+        real(self, loss)
+        return len(calls) == 2  # the 2nd update (step 1's generator update) is reported as skipped
 
-    monkeypatch.setattr(plumbing, "optimizer_step", skip_second)
+    monkeypatch.setattr(plumbing.SafeOptimizer, "step", skip_second)
     monkeypatch.setattr(dipp.torch.amp.GradScaler, "is_enabled", lambda self: True)
     monkeypatch.setattr(dipp.torch.amp.GradScaler, "get_scale", lambda self: 1.0)
     dipp.main(["--tiny", "--reward", "none", "--max_train_steps", "2", "--output_dir", str(tmp_path)])
@@ -1378,7 +1454,7 @@ def test_device_flags_that_cannot_hold_are_one_line(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- runs that explain themselves
 
 def test_gradient_split_equals_autograd_of_each_term():
-    """generator_step's grad_ikl (closed form) and grad_reward (total ∂L/∂x0 from backward minus the IKL
+    """dipp_step's grad_ikl (closed form) and grad_reward (total ∂L/∂x0 from backward minus the IKL
     part) equal the per-sample RMS of autograd's gradient of each term taken separately."""
     import copy
     torch.manual_seed(0)
@@ -1393,7 +1469,7 @@ def test_gradient_split_equals_autograd_of_each_term():
     g_ikl, = torch.autograd.grad(dipp.ikl_loss(x0, noise[1], noise[2], G.schedule, real_c, fake_c, "eps").sum(), x0)
     g_rew, = torch.autograd.grad(dipp.reward_loss(reward(x0), cfg.reward_scale).sum(), x0)
     per_sample_rms = lambda g: g.flatten(1).pow(2).mean(1).sqrt().mean()
-    stats = dipp.generator_step(lambda z: G(z, cond), real_c, fake_c, reward, list(G.parameters()),
+    stats = generator_update(lambda z: G(z, cond), real_c, fake_c, reward, list(G.parameters()),
                                 torch.optim.AdamW(G.parameters(), lr=1e-5), torch.amp.GradScaler("cpu", enabled=False),
                                 noise, G.schedule, cfg)
     assert per_sample_rms(g_ikl) > 0 and per_sample_rms(g_rew) > 0
@@ -1428,7 +1504,7 @@ def test_interrupt_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, m
     common = ["--tiny", "--reward", "none", "--learning_rate", "1e-3", "--fake_learning_rate", "1e-3",
               "--checkpointing_steps", "100", "--max_train_steps", "3"]
     straight = dipp.main(common + ["--output_dir", str(tmp_path / "a")])
-    real, calls = dipp.generator_step, []
+    real, calls = dipp.dipp_step, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -1436,11 +1512,11 @@ def test_interrupt_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, m
             os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step, as a Ctrl-C would
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dipp, "generator_step", interrupted)
+    monkeypatch.setattr(dipp, "dipp_step", interrupted)
     with pytest.raises(SystemExit) as e:
         dipp.main(common + ["--output_dir", str(tmp_path / "b")])
     assert e.value.code == 130 and plumbing.list_checkpoints(str(tmp_path / "b"))[-1].endswith("checkpoint-2")
-    monkeypatch.setattr(dipp, "generator_step", real)
+    monkeypatch.setattr(dipp, "dipp_step", real)
     resumed = dipp.main(common + ["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest"])
     assert same_weights(straight["G"].net, resumed["G"].net) and same_weights(straight["fake"], resumed["fake"])
     assert [json.loads(l)["step"] for l in open(tmp_path / "b" / "log.jsonl")] == [0, 1, 2, 3]
@@ -1727,7 +1803,7 @@ def test_pixart_cfg_is_an_implicit_reward_with_attention_masks():
     grad_of = lambda loss: torch.autograd.grad(loss.sum(), x0)[0]
     g_guided = grad_of(dipp.ikl_loss(x0, t, eps, sched, dipp.guided(eps_fn, cond, uncond, omega), fake_c))
     g_plain = grad_of(dipp.ikl_loss(x0, t, eps, sched, dipp.guided(eps_fn, cond, uncond, 1.0), fake_c))
-    g_cfg = grad_of(dipp.cfg_reward_loss(x0, t, eps, sched, lambda x, tt: eps_fn(x, tt, cond),
+    g_cfg = grad_of(dipp.guidance_reward_loss(x0, t, eps, sched, lambda x, tt: eps_fn(x, tt, cond),
                                          lambda x, tt: eps_fn(x, tt, uncond)))
     assert torch.allclose(g_guided, g_plain + (omega - 1) * g_cfg, rtol=1e-3, atol=1e-5)
     assert (g_guided - g_plain).abs().max() > 1e-3
@@ -1787,7 +1863,7 @@ def test_pixart_readme_run_moves_only_generator_and_fake_and_resumes_from_cached
     table = load_file(str(tmp_path / "a" / "text_embeddings" / cache))
     prompts = json.loads(__import__("safetensors").safe_open(str(tmp_path / "a" / "text_embeddings" / cache), "pt")
                          .metadata()["prompts"])
-    assert prompts[:len(dipp.BUILTIN_PROMPTS)] == dipp.BUILTIN_PROMPTS and prompts[-1] == ""
+    assert prompts[:len(promptsets.BUILTIN_PROMPTS)] == promptsets.BUILTIN_PROMPTS and prompts[-1] == ""
     tok = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")("", padding="max_length", max_length=120,
                                                                        return_tensors="pt")
     with torch.no_grad():
@@ -1801,9 +1877,10 @@ def test_pixart_readme_run_moves_only_generator_and_fake_and_resumes_from_cached
     assert same_weights(nets["G"].net, resumed["G"].net) and same_weights(nets["fake"], resumed["fake"])
 
 
-def test_pixart_lora_base_untouched_merged_export_reloads_in_stock_pipeline(tmp_path):
+def test_pixart_lora_base_untouched_merged_export_reloads_in_stock_pipeline(tmp_path, capsys):
     """--lora_rank on PixArt: adapters move, the one shared base stays bit-identical to the teacher file, the
-    merged export is a plain PixArtTransformer2DModel folder predicting what the adapter model predicts, and a
+    merged export (no adapter file: PixArtAlphaPipeline has no load_lora_weights, one line says so) is a plain
+    PixArtTransformer2DModel folder predicting what the adapter model predicts, and a
     stock PixArtAlphaPipeline (DDPM, clip_sample=False, timesteps=[t*], guidance 1) given it reproduces dipp's
     --generate images from the same noise."""
     from diffusers import AutoencoderKL, DDPMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
@@ -1820,6 +1897,9 @@ def test_pixart_lora_base_untouched_merged_export_reloads_in_stock_pipeline(tmp_
     merged = PixArtTransformer2DModel.from_pretrained(os.path.join(out, "generator"))
     assert not any("lora" in k for k in merged.state_dict())
     assert json.load(open(os.path.join(out, "generator", "config.json")))["_class_name"] == "PixArtTransformer2DModel"
+    assert "PixArtAlphaPipeline cannot load one" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, "generator", plumbing.LORA_FILE))
+    assert "PixArtAlphaPipeline.from_pretrained" in open(os.path.join(out, "generator", "README.md")).read()
     x, t, (emb, mask) = torch.randn(2, 4, 8, 8), torch.tensor([400, 999]), t5_like([4, 9], 5)
     with torch.no_grad():
         assert torch.allclose(pixart_eps_by_hand(merged, x, t, emb, mask), pixart_eps_by_hand(G, x, t, emb, mask), atol=1e-5)
@@ -1872,7 +1952,7 @@ def test_pixart_switches_keep_the_math(tmp_path, monkeypatch):
     seen = []
     bf16["G"].net.register_forward_hook(lambda m, i, o: seen.append(o.sample.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        x0 = bf16["G"](torch.randn(1, 4, 8, 8), bf16["text"](dipp.BUILTIN_PROMPTS[:1]))
+        x0 = bf16["G"](torch.randn(1, 4, 8, 8), bf16["text"](promptsets.BUILTIN_PROMPTS[:1]))
     assert seen == [torch.float32] and x0.dtype == torch.float32
 
 
@@ -2033,10 +2113,12 @@ def test_sdxl_training_run_and_its_export_reproduce_a_stock_one_step_sdxl_call(t
     assert same_weights(nets["vae"], AutoencoderKL.from_pretrained(folder, subfolder="vae"))
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert log[-1]["step"] == 2 and all(v == v for v in log[-1].values())
-    assert json.load(open(os.path.join(out, "generator", "dipp.json"))) == {"generator_timestep": 399}
+    record = json.load(open(os.path.join(out, "generator", "dipp.json")))  # t*, and the teacher it came from
+    assert record["generator_timestep"] == 399 and record["teacher"] == os.path.abspath(folder)
+    assert record["family"] == "sdxl" and record["training"]["reward_scale"] == 10
     pipe = sdxl_pipeline(folder, UNet2DConditionModel.from_pretrained(os.path.join(out, "generator")),
                          LCMScheduler.from_pretrained(folder, subfolder="scheduler"))
-    prompts = dipp.BUILTIN_PROMPTS[:2]  # (pre-encoded: nets["text"] knows the run's prompts)
+    prompts = promptsets.BUILTIN_PROMPTS[:2]  # (pre-encoded: nets["text"] knows the run's prompts)
     # the z ~ N(0, I) that dipp.generate draws with the run's --seed 0 (another seed would rebuild the random models)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     theirs = pipe(prompts, num_inference_steps=1, timesteps=[399], guidance_scale=0, latents=z,
@@ -2099,7 +2181,7 @@ def test_sdxl_lora_ema_resume_bf16_and_checkpointing_in_one_run(tmp_path):
     seen = []
     G.conv_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        straight["G"](torch.randn(1, 4, 8, 8), straight["text"](dipp.BUILTIN_PROMPTS[:1]))
+        straight["G"](torch.randn(1, 4, 8, 8), straight["text"](promptsets.BUILTIN_PROMPTS[:1]))
     assert seen == [torch.float32]
     dipp.main(common + ["--max_train_steps", "1", "--output_dir", str(tmp_path / "b")])
     resumed = dipp.main(common + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "b"),
@@ -2127,7 +2209,7 @@ def test_sdxl_pre_encoded_training_equals_encoding_every_step(tmp_path, monkeypa
     every_step = dipp.main(common + ["--output_dir", str(tmp_path / "b")])
     assert isinstance(every_step["text_encoder"], families.TextEncoders)
     assert not (tmp_path / "b" / "text_embeddings").exists()
-    for prompt in dipp.BUILTIN_PROMPTS + [""]:
+    for prompt in promptsets.BUILTIN_PROMPTS + [""]:
         for x, y in zip(cached["text"]([prompt]), every_step["text"]([prompt])):
             assert torch.allclose(x, y, rtol=0, atol=1e-6), prompt
     logs = [json.loads(open(tmp_path / run / "log.jsonl").readlines()[-1]) for run in "ab"]
@@ -2296,7 +2378,7 @@ def hand_wired_iteration(kind, folder, clip, rng_state, prompts, B, omega, K, re
         e_fake, e_fake_before = eps(fake, x_t, t, cond), eps(fake_before, x_t, t, cond)
     w_alpha_over_sigma = sigma(t) ** 2 / alpha(t) ** 2 * alpha(t) / sigma(t)
     image = vae.decode(x0 / vae.config.scaling_factor).sample  # [-1, 1]
-    pixels = dipp.clip_preprocess(image, clip_model.config.vision_config.image_size)
+    pixels = rewards.clip_preprocess(image, clip_model.config.vision_config.image_size)
     r = (F.normalize(clip_model.get_image_features(pixel_values=pixels), dim=-1) * text).sum(-1)  # (B,)
     params = list(G.parameters())
     grad = lambda out, d_out=None: torch.autograd.grad(out, params, d_out, retain_graph=True)
@@ -2344,7 +2426,7 @@ def check_iteration_against_hand_wired(monkeypatch, tmp_path, kind, argv, omega,
         str(lr), "--reward_scale", str(reward_scale), "--device", "cpu", "--output_dir", str(out)])
     models = out / ("tiny" if kind == "sd" else "tiny_pixart")
     ref = hand_wired_iteration(kind, str(models / ("sd" if kind == "sd" else "pixart")), str(models / "clip"),
-                               rng_state, dipp.BUILTIN_PROMPTS, B, omega, K, reward_scale, lr)
+                               rng_state, promptsets.BUILTIN_PROMPTS, B, omega, K, reward_scale, lr)
     assert len(run_draws) == K + 1 and all(torch.equal(a, b) for d, e in zip(run_draws, ref["draws"]) for a, b in zip(d, e)), \
         "the run's (z, t, ε) are not N(0, I), U{20..980}, N(0, I) drawn after the prompts, K_TA + 1 times"
     size = lambda grads: sum(x.pow(2).sum() for x in grads).sqrt()
@@ -2407,7 +2489,7 @@ def test_keep_last_k_orders_checkpoints_by_step(tmp_path):
     assert torch.all(resumed["generator"].weight == 10)
 
 
-def test_generator_step_differentiates_neither_score_network():
+def test_generator_update_differentiates_neither_score_network():
     """METHOD.md §3: both score networks are evaluated without gradient, only the explicit x_t carries one to θ.
     Under every w(t), a generator update leaves the parameters of the teacher and of the fake score (both
     trainable here) without a .grad (none was computed), while θ's have one."""
@@ -2415,20 +2497,20 @@ def test_generator_step_differentiates_neither_score_network():
     cond = torch.randn(2, 77, 32)
     G, _, _ = tiny_sd_nets()
     teacher, fake = tiny_unet(0).requires_grad_(True), tiny_unet(1).requires_grad_(True)
-    real_eps = dipp.guided(dipp.denoiser_eps(teacher, sd), cond, torch.zeros_like(cond), 2.0)
+    teacher_eps = dipp.guided(dipp.denoiser_eps(teacher, sd), cond, torch.zeros_like(cond), 2.0)
     fake_eps = lambda x, t: dipp.denoiser_eps(fake, sd)(x, t, cond)
     noise = (torch.randn(2, 4, 8, 8), torch.tensor([200, 800]), torch.randn(2, 4, 8, 8))
     params = list(G.parameters())
     for weighting in ("x0", "eps", "dmd2"):
         G.zero_grad(set_to_none=True)
-        dipp.generator_step(lambda z: G(z, cond), real_eps, fake_eps, None, params,
+        generator_update(lambda z: G(z, cond), teacher_eps, fake_eps, None, params,
                             torch.optim.AdamW(params, lr=1e-5), torch.amp.GradScaler("cpu", enabled=False), noise,
                             G.schedule, dipp.Config(reward="none", ikl_weighting=weighting))
         assert all(p.grad is None for p in [*teacher.parameters(), *fake.parameters()]), weighting
         assert sum(p.grad.abs().sum() for p in params if p.grad is not None) > 0, weighting
 
 
-def test_generator_step_ascends_the_reward():
+def test_generator_update_ascends_the_reward():
     """The reward's gradient has the sign that raises it: with the fake score equal to the teacher (the IKL gradient
     is exactly 0), the gradient a generator update hands Adam is autograd's −α_rew ∂ mean r / ∂θ of the reward
     alone, and the reward of the same z is higher after the update."""
@@ -2441,7 +2523,7 @@ def test_generator_step_ascends_the_reward():
     cfg, params = dipp.Config(reward_scale=3.0), list(G.parameters())
     before = reward(G(noise[0], cond))
     expected = torch.autograd.grad(-cfg.reward_scale * before.mean(), params)
-    dipp.generator_step(lambda z: G(z, cond), real_c, real_c, reward, params,
+    generator_update(lambda z: G(z, cond), real_c, real_c, reward, params,
                         torch.optim.AdamW(params, lr=1e-6, betas=(0.0, 0.999), weight_decay=0.0),
                         torch.amp.GradScaler("cpu", enabled=False), noise, G.schedule, cfg)
     for p, e in zip(params, expected):

@@ -20,6 +20,8 @@ import torch
 
 import dipp
 import evaluate
+import promptsets
+import rewards
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -75,7 +77,7 @@ def test_readme_tiny_command_writes_the_table():
     out, argv, result = readme_run()
     models, metrics = result["models"], result["metrics"]
     K = int(argv[argv.index("--images_per_prompt") + 1])
-    P = len(dipp.BUILTIN_PROMPTS)
+    P = len(promptsets.BUILTIN_PROMPTS)
     assert [m["kind"] for m in models] == ["teacher", "generator"] and metrics == tuple(evaluate.METRICS)
     for m in models:
         assert len([f for f in os.listdir(os.path.join(out, "images", m["slug"])) if f.endswith(".png")]) == P * K
@@ -92,7 +94,7 @@ def test_readme_tiny_command_writes_the_table():
     table = open(os.path.join(out, "table.md")).read()
     assert "Command: `python evaluate.py --tiny" in table and "HPS v2.0 (100·cos)" in table
     assert "95 % Student-t confidence interval" in table and "--hps_resize legacy (no antialias" in table
-    P = len(dipp.BUILTIN_PROMPTS)
+    P = len(promptsets.BUILTIN_PROMPTS)
     assert summary["models"]["teacher"]["metrics"]["clip"]["t_quantile"] == evaluate.t_quantile(P - 1)
     for metric in metrics:
         assert evaluate.header(metric, evaluate.parse_args(argv)) in table
@@ -123,7 +125,7 @@ def stock_pipeline(sd, unet_folder=None, scheduler_kwargs=None):
 
 def stock_images(pipe, records, **kwargs):
     """The pipeline's own [0, 1] output from the seeds the records name, rounded to 8 bits as PNGs are."""
-    prompts = [dipp.BUILTIN_PROMPTS[r["prompt_index"]] for r in records]
+    prompts = [promptsets.BUILTIN_PROMPTS[r["prompt_index"]] for r in records]
     generators = [torch.Generator().manual_seed(r["seed"]) for r in records]  # z first, then DDPM's step noise
     z = torch.stack([torch.randn(4, 8, 8, generator=g) for g in generators])
     with torch.no_grad():
@@ -198,7 +200,7 @@ def test_imagereward_matches_the_package_score():
     from PIL import Image
     images = [pil(1, (512, 512)), pil(2, (16, 16)), pil(3, (300, 200)), Image.new("RGB", (512, 512), "black")]
     prompts = ["a red bicycle", "a watercolor fox", "a lighthouse at sunset", "a red bicycle"]
-    ours = evaluate.ImageRewardScorer(dipp.ImageRewardFn(model))(images, prompts)["imagereward"]
+    ours = evaluate.ImageRewardScorer(rewards.ImageRewardFn(model))(images, prompts)["imagereward"]
     with torch.no_grad():
         theirs = torch.tensor([model.score(p, im) for p, im in zip(prompts, images)])
     assert torch.allclose(ours, theirs, atol=1e-5), (ours, theirs)
@@ -259,7 +261,7 @@ def test_hps_preprocessing_is_the_hpsv2_recipe(resize):
     torchvision < 0.17 did for HPSv2's published numbers, not), zero pad centred (odd pixel right/bottom), CLIP
     normalisation; checked on non-square and square images against plain torch interpolate + explicit padding."""
     import numpy as np
-    mean, std = torch.tensor(dipp.CLIP_MEAN).view(3, 1, 1), torch.tensor(dipp.CLIP_STD).view(3, 1, 1)
+    mean, std = torch.tensor(rewards.CLIP_MEAN).view(3, 1, 1), torch.tensor(rewards.CLIP_STD).view(3, 1, 1)
     for size, resized in (((300, 201), (150, 224)), ((512, 512), (224, 224)), ((16, 16), (224, 224))):
         image = pil(10, size)  # PIL size = (W, H)
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255  # (3, H, W)
@@ -549,7 +551,7 @@ def test_pixart_generator_row_is_dipp_generate(tmp_path):
     assert generator["kind"] == "generator" and generator["generator_timestep"] == 400
     for r in [r for r in generator["records"] if r["image_index"] == 0]:
         images = dipp.main(["--pretrained_model_name_or_path", run["pixart"], "--generator_init", run["generator"],
-                            "--generate", dipp.BUILTIN_PROMPTS[r["prompt_index"]], "--seed", str(r["seed"]),
+                            "--generate", promptsets.BUILTIN_PROMPTS[r["prompt_index"]], "--seed", str(r["seed"]),
                             "--output_dir", str(tmp_path)])  # z = randn from a generator seeded with --seed
         theirs = ((images[0].clamp(-1, 1) + 1) * 127.5).round().int().permute(1, 2, 0)  # (H, W, 3)
         assert (png(run["out"], r) - theirs).abs().max() <= 1, r
@@ -635,7 +637,7 @@ def test_sdxl_generator_rows_are_dipp_generate_in_every_released_layout(tmp_path
     assert [m["kind"] for m in rows] == ["generator"] * 3 and {m["generator_timestep"] for m in rows} == {399}
     for r in [r for r in rows[0]["records"] if r["image_index"] == 0]:
         images = dipp.main(["--pretrained_model_name_or_path", run["sdxl"], "--generator_init", run["generator"],
-                            "--generate", dipp.BUILTIN_PROMPTS[r["prompt_index"]], "--seed", str(r["seed"]),
+                            "--generate", promptsets.BUILTIN_PROMPTS[r["prompt_index"]], "--seed", str(r["seed"]),
                             "--output_dir", str(tmp_path)])  # z = randn from a generator seeded with --seed
         theirs = ((images[0].clamp(-1, 1) + 1) * 127.5).round().int().permute(1, 2, 0)  # (H, W, 3)
         assert (png(run["out"], r) - theirs).abs().max() <= 1, r
@@ -656,9 +658,9 @@ def test_scores_do_not_follow_mixed_precision():
                             "--output_dir", t["root"]])  # (writes the same tiny/ files again)
     model = result["models"][0]
     images = [Image.open(os.path.join(t["root"], r["image"])).convert("RGB") for r in model["records"]]
-    prompts = [dipp.BUILTIN_PROMPTS[r["prompt_index"]] for r in model["records"]]
+    prompts = [promptsets.BUILTIN_PROMPTS[r["prompt_index"]] for r in model["records"]]
     clip = evaluate.load_clip_l(t["clip_model"], t["aesthetic_model"], cpu)
-    scorers = [evaluate.ImageRewardScorer(dipp.ImageRewardFn(evaluate.tiny_imagereward(
+    scorers = [evaluate.ImageRewardScorer(rewards.ImageRewardFn(evaluate.tiny_imagereward(
                os.path.join(t["folder"], "imagereward")))), clip,
                evaluate.load_hps(t["hps_model"], evaluate.TINY_HPS_ARCH, cpu),
                evaluate.load_pickscore(t["pickscore_model"], t["pickscore_processor"], cpu)]

@@ -91,9 +91,9 @@ def test_sets_fetch_verify_and_cache_from_a_mirror_then_work_without_it(sandbox,
     assert promptsets.read_prompts(promptsets.resolve("unpinned")) == RAW["lines.txt"][1]
     assert f"got sha256 {hashlib.sha256(RAW['lines.txt'][0]).hexdigest()}, checked its format and count only" \
         in capsys.readouterr().err
-    # the source gone: the cache answers, and through plumbing.load_prompts as dipp.py and evaluate.py call it
+    # the source gone: the cache answers, and through promptsets.load_prompts as dipp.py and evaluate.py call it
     monkeypatch.setenv("DIPP_PROMPTS_MIRROR", str(sandbox / "gone"))
-    assert plumbing.load_prompts("table_tsv", ["builtin"], "--prompts") == RAW["table.tsv"][1]
+    assert promptsets.load_prompts("table_tsv", ["builtin"], "--prompts") == RAW["table.tsv"][1]
     # an existing file wins over a name, even when the file is called like a set
     (sandbox / "table_tsv").write_text("mine\n")
     monkeypatch.chdir(sandbox)
@@ -183,11 +183,11 @@ def test_unknown_names_and_missing_paths_say_what_to_do(sandbox, tmp_path):
     assert "does not exist" in one_line_error(lambda: promptsets.resolve(str(tmp_path / "none.txt")))
     message = one_line_error(lambda: promptsets.resolve("table_csv.txt"))  # a set's name written as a file
     assert "file 'table_csv.txt' does not exist" in message and "did you mean 'table_csv'?" in message, message
-    # dipp.py's --prompts/--validation_prompts and evaluate.py's --prompts all go through plumbing.load_prompts
+    # dipp.py's --prompts/--validation_prompts and evaluate.py's --prompts all go through promptsets.load_prompts
     # (test_dipp/test_evaluate's bad-input tests show it); here the whole way through evaluate.py's main
     import evaluate
     out = str(tmp_path / "run")
-    message = one_line_error(lambda: plumbing.load_prompts("first_tw", [], "--validation_prompts"))
+    message = one_line_error(lambda: promptsets.load_prompts("first_tw", [], "--validation_prompts"))
     assert "--validation_prompts 'first_tw'" in message and "did you mean 'first_two'?" in message, message
     message = one_line_error(lambda: evaluate.main(["--tiny", "--prompts", "table_cs", "--output_dir", out]),
                              "evaluate")

@@ -11,6 +11,7 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach the model hub
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+import plumbing
 import reproduce
 
 
@@ -142,7 +143,7 @@ def test_plans_of_the_published_recipes(capsys, monkeypatch):
         shapes, batch, switches = calls[-1]
         assert shapes == recipe.shapes and batch == int(reproduce.flag(recipe.train, "--train_batch_size"))
         assert switches["fake_steps_per_G"] == int(reproduce.flag(recipe.train, "--fake_steps_per_G"))
-        peak, util = cost.peak_tflops("H100 SXM"), cost.UTILISATION
+        peak, util = plumbing.peak_tflops("H100 SXM"), cost.UTILISATION
         train_h = 1e13 * 2000 * 2 / (peak * 1e12 * util) / 3600 / 2  # 2 GPUs, each its own batch
         assert f"train      {1e13 * 2000 * 2 / 1e15:10.4g} PFLOP  ≈ {train_h:.3g} h on 2 × H100 SXM" in printed
         steps, n = recipe.teacher_steps, promptsets.SETS[recipe.eval_prompts].count

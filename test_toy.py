@@ -108,7 +108,7 @@ def test_dmd2_restoring_force_saturates():
 
 
 def test_quick_dipp_run_reaches_the_exact_optimum(tmp_path):
-    """A 300-step DI++ run (dipp's generator_step / fake_score_step, x0 weighting, π = U{20..980}) with
+    """A 300-step DI++ run (dipp's dipp_step, x0 weighting, π = U{20..980}) with
     α_rew = W puts the generator's mean at m* = μ + a = (1, 0) within 0.1·‖m* − μ‖ and its spread at
     s = 1 within 0.06. Tolerances from seeds 0–9 of this run (`python toy/optimum.py --quick --seed K`):
     mean error 0.027 ± 0.021 (max 0.066), so 0.1 ≈ mean + 3.5 std; spread off by at most 0.020, so
@@ -136,7 +136,7 @@ def test_digits_quick_run_distils_and_aligns(tmp_path):
     shows the effects the full run measures. Diff-Instruct (α_rew = 0) pulls the one-step generator towards
     the teacher: FD to the teacher's samples falls ≥ 25 % from the one-step init. The judge reward
     (α_rew = 10) raises log p_judge(c|x) by ≥ 0.05 and the accuracy of the *referee*, which it never trained
-    against, by ≥ 0.02. CFG ω = 2, and ω = 1 + (ω−1)·r_cfg (dipp.cfg_reward_loss as an explicit reward),
+    against, by ≥ 0.02. CFG ω = 2, and ω = 1 + (ω−1)·r_cfg (dipp.guidance_reward_loss as an explicit reward),
     both raise the judge reward by ≥ 0.05, and the two generators are ≥ 20× closer to each other than to
     the unguided one. Seeds 0/1/2 (`--seed K`) measured: FD falls 50/50/48 %; judge +0.175/+0.162/+0.132;
     referee +0.060/+0.056/+0.053; CFG +0.188/+0.171/+0.145, explicit +0.187/+0.169/+0.143; FD ratio

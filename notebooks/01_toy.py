@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -39,6 +39,7 @@ ROOT = os.path.abspath("..") if os.path.basename(os.getcwd()) == "notebooks" els
 sys.path[:0] = [ROOT, os.path.join(ROOT, "toy")]
 import dipp  # noqa: E402
 import gmm as toy  # noqa: E402
+import plumbing  # noqa: E402
 
 TINY = os.environ.get("DIPP_TINY") == "1"
 plt.rcParams["figure.dpi"] = 72  # keeps the figures stored in the .ipynb small
@@ -83,44 +84,43 @@ for ax, omega in zip(axes, (1.0, 3.0)):
     ax.set(title=f"guided score of class 0, ω = {omega}", aspect="equal")
 
 # %% [markdown]
-# ## One fake-score update (METHOD.md §4)
-# The fake score s_ψ learns the score of the *generator's* diffused distribution by denoising score
-# matching on detached generator samples. It starts at the reference (exact teacher + a zero MLP).
+# ## One DI++ iteration (Alg. 1, METHOD.md §4 and §2–§3)
+# `dipp.dipp_step` is the whole iteration: K_TA fake-score updates, in which s_ψ learns the score of the
+# *generator's* diffused distribution by denoising score matching on detached generator samples (it starts
+# at the reference: the exact teacher + a zero MLP), then one generator update on L_G = IKL − α_rew · r.
+# Each phase's loss, its `backward()` and its optimizer step stand in that function (dipp.py §7).
 
 # %%
 cfg = dipp.Config(reward_scale=0.5, guidance_scale=1.0, t_min=args.t_min, t_max=args.t_max,
                   ikl_weighting=args.weighting, max_grad_norm=0)
 G, fake = toy.Generator(mixture.C, args.z_dim), toy.FakeScore(mixture.C, teacher)
-opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.999))
-opt_fake = torch.optim.Adam(fake.parameters(), lr=args.lr_fake, betas=(0.0, 0.999))
-scaler = torch.amp.GradScaler("cpu", enabled=False)
+opt = dipp.Optimizers(fake=plumbing.cpu_adam(fake, args.lr_fake), G=plumbing.cpu_adam(G, args.lr))  # Adam, β1 = 0
 B = 256
 c = torch.randint(mixture.C, (B,))
-G_c = lambda z: G(z, c)
-fake_c = lambda x_t, t: fake(x_t, t, c)
-real_c = dipp.guided(teacher, c, torch.full((B,), -1), cfg.guidance_scale)
-noise = dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu")  # z ~ N(0, I), t ~ π(t), ε ~ N(0, I)
-loss_fake = dipp.fake_score_step(G_c, fake_c, fake.parameters(), opt_fake, scaler, noise, schedule, cfg)["loss_fake"]
-print(f"DSM loss of the fake score: {loss_fake.item():.4f}")
+nets = dipp.Bound(G_c=lambda z: G(z, c),
+                  teacher_eps_c=dipp.guided(teacher, c, torch.full((B,), -1), cfg.guidance_scale),
+                  fake_eps_c=lambda x_t, t: fake(x_t, t, c), reward_c=lambda x: reward(x))
+noises = [dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu") for _ in range(2)]  # (z, t, ε): one fake, one G update
+stats = dipp.dipp_step(nets, opt, noises, schedule, cfg)
+print(f"DSM loss of the fake score: {stats['loss_fake'].item():.4f}")
 
 # %% [markdown]
-# ## One generator update, term by term (METHOD.md §2–§3)
+# ## The generator update, term by term (METHOD.md §2–§3)
 # L_G = IKL surrogate − α_rew · r. The IKL surrogate's *value* means nothing; its gradient is
 # w(t)·α_t·(ε̃_ref − ε̂_fake)/σ_t per sample. Here both terms' gradients on x0 by autograd, next to what
-# `generator_step` logs for choosing α_rew: the per-sample RMS of each term's pull on x0 (grad_ikl from
+# `dipp_step` logs for choosing α_rew: the per-sample RMS of each term's pull on x0 (grad_ikl from
 # the closed form, grad_reward from the gradient backward delivers to x0, minus the IKL part).
 
 # %%
 z, t, eps = noise = dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu")
-x0 = G_c(z)
-ikl = dipp.ikl_loss(x0, t, eps, schedule, real_c, fake_c, cfg.ikl_weighting).sum()
+x0 = nets.G_c(z)
+ikl = dipp.ikl_loss(x0, t, eps, schedule, nets.teacher_eps_c, nets.fake_eps_c, cfg.ikl_weighting).sum()
 rew = dipp.reward_loss(reward(x0), cfg.reward_scale).sum()
 g_ikl, = torch.autograd.grad(ikl, x0, retain_graph=True)  # per-sample gradients (sum over the batch)
 g_rew, = torch.autograd.grad(rew, x0)
 print(f"autograd: RMS ∂L_IKL/∂x0 {dipp.rms(g_ikl):.4f} | RMS α_rew ∂(−r)/∂x0 {dipp.rms(g_rew):.4f}")
-stats = dipp.generator_step(G_c, real_c, fake_c, lambda x: reward(x), G.parameters(), opt_G, scaler,
-                            noise, schedule, cfg)
-print({k: round(float(v), 4) for k, v in stats.items()})
+stats = dipp.dipp_step(nets, opt, [noise], schedule, cfg)  # only the generator update: no fake-score noise given
+print({k: round(float(v), 4) for k, v in stats.items() if k != "loss_fake"})
 
 # %% [markdown]
 # ## A short training run, then the trade-off

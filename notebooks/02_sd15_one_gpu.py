@@ -36,6 +36,7 @@ import torch
 ROOT = os.path.abspath("..") if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
 sys.path.insert(0, ROOT)
 import dipp  # noqa: E402
+import promptsets  # noqa: E402
 import plumbing  # noqa: E402
 import random_weights  # noqa: E402  (tiny random models for DIPP_TINY=1)
 
@@ -151,7 +152,7 @@ print("median grad_ratio (reward pull / IKL pull at x0):", statistics.median(r["
 # %%
 import contextlib  # noqa: E402
 
-prompts = dipp.BUILTIN_PROMPTS[:4]
+prompts = promptsets.BUILTIN_PROMPTS[:4]
 size = nets["teacher"].config.sample_size
 z = torch.randn((4, 4, size, size), generator=torch.Generator().manual_seed(0)).to(device)  # fixed z ~ N(0, I)
 before = (dipp.build_generator(dipp.Config(generator_init=GENERATOR_INIT[1]), nets["teacher"], family, schedule, device)

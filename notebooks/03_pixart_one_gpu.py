@@ -40,6 +40,7 @@ import torch
 ROOT = os.path.abspath("..") if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
 sys.path.insert(0, ROOT)
 import dipp  # noqa: E402
+import promptsets  # noqa: E402
 import families  # noqa: E402
 import plumbing  # noqa: E402
 import random_weights  # noqa: E402  (tiny random models for DIPP_TINY=1)
@@ -89,7 +90,7 @@ for t_star in (999, family.t_star):
 
 # %%
 cfg = dipp.Config(pretrained_model_name_or_path=model_path, output_dir=os.path.join(OUT, "encode"))
-prompts = dipp.BUILTIN_PROMPTS
+prompts = promptsets.BUILTIN_PROMPTS
 dtype = torch.bfloat16 if GPU else torch.float32
 for attempt in ("first run (encodes)", "second run (cache)"):
     if GPU:

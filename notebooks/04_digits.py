@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -23,7 +23,7 @@
 # Notebook 01 checks DI++ against exact answers on a 2-D mixture. Here the teacher is *trained*: a small
 # class-conditional diffusion model on the 1,797 8×8 digits that ship inside scikit-learn (the class is
 # the prompt). A one-step generator is distilled from it and aligned with a reward by `dipp.py`'s own
-# `fake_score_step` / `generator_step`; `toy/digits.py` supplies the data, the networks and the metrics.
+# `dipp_step`; `toy/digits.py` supplies the data, the networks and the metrics.
 # The teacher, the judge (the reward model) and the referee (the evaluator) are trained once per machine
 # and cached. Set `DIPP_TINY=1` for a fast run on the `--quick` teacher (what the tests do).
 
@@ -39,6 +39,7 @@ ROOT = os.path.abspath("..") if os.path.basename(os.getcwd()) == "notebooks" els
 sys.path[:0] = [ROOT, os.path.join(ROOT, "toy")]
 import dipp  # noqa: E402
 import digits  # noqa: E402
+import plumbing  # noqa: E402
 
 TINY = os.environ.get("DIPP_TINY") == "1"
 torch.manual_seed(0)
@@ -72,30 +73,24 @@ for ax, (title, x) in zip(axes, shown.items()):
 plt.show()
 
 # %% [markdown]
-# ## One DI++ iteration, term by term (METHOD.md §2–§4, Alg. 1)
+# ## One DI++ iteration (METHOD.md §2–§4, Alg. 1)
 # Both the generator g_θ and the fake score s_ψ start as copies of the teacher; g_θ is the teacher's
-# ε-network read out once at t* (`digits.Generator`). One fake-score update (DSM on detached generator
-# samples), then one generator update: the IKL surrogate plus −α_rew·r. `generator_step` reports how hard
-# each term pulls on x0 (per-sample RMS of ∂L/∂x0), which is how α_rew is chosen.
+# ε-network read out once at t* (`digits.Generator`). `dipp.dipp_step` runs one fake-score update (DSM on
+# detached generator samples), then one generator update: the IKL surrogate plus −α_rew·r. It reports how
+# hard each term pulls on x0 (per-sample RMS of ∂L/∂x0: grad_ikl, grad_reward), which is how α_rew is chosen.
 
 # %%
 cfg = dipp.Config(reward_scale=10.0, guidance_scale=1.0, t_min=args.t_min, t_max=args.t_max, max_grad_norm=0)
 G = digits.Generator(teacher, schedule, args.t_star)
 fake = copy.deepcopy(teacher).requires_grad_(True)
-opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.999))
-opt_fake = torch.optim.Adam(fake.parameters(), lr=args.lr_fake, betas=(0.0, 0.999))
-scaler = torch.amp.GradScaler("cpu", enabled=False)
+opt = dipp.Optimizers(fake=plumbing.cpu_adam(fake, args.lr_fake), G=plumbing.cpu_adam(G, args.lr))  # Adam, β1 = 0
 B = 64
 c = torch.randint(10, (B,))
-G_c = lambda z: G(z, c)
-fake_c = lambda x_t, t: fake(x_t, t, c)
-real_c = dipp.guided(teacher, c, torch.full((B,), -1), cfg.guidance_scale)
-reward_c = lambda x0: digits.judge_reward(judge)(x0, c)
-noise = dipp.draw_noise(B, digits.SHAPE, digits.SHAPE, cfg, "cpu")  # z ~ N(0, I), t ~ π(t), ε ~ N(0, I)
-stats = dipp.fake_score_step(G_c, fake_c, fake.parameters(), opt_fake, scaler, noise, schedule, cfg)
-print({k: round(float(v), 4) for k, v in stats.items()})
-noise = dipp.draw_noise(B, digits.SHAPE, digits.SHAPE, cfg, "cpu")
-stats = dipp.generator_step(G_c, real_c, fake_c, reward_c, G.parameters(), opt_G, scaler, noise, schedule, cfg)
+nets = dipp.Bound(G_c=lambda z: G(z, c),
+                  teacher_eps_c=dipp.guided(teacher, c, torch.full((B,), -1), cfg.guidance_scale),
+                  fake_eps_c=lambda x_t, t: fake(x_t, t, c), reward_c=lambda x0: digits.judge_reward(judge)(x0, c))
+noises = [dipp.draw_noise(B, digits.SHAPE, digits.SHAPE, cfg, "cpu") for _ in range(2)]  # one fake, one G update
+stats = dipp.dipp_step(nets, opt, noises, schedule, cfg)
 print({k: round(float(v), 4) for k, v in stats.items()})
 
 # %% [markdown]

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dipp  # noqa: E402  (the repo root holds dipp.py)
+import plumbing  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # The exact reference: p(x|c) = Σ_{k∈K_c} π_k N(μ_k, s_k² I), diffused in closed form.
@@ -159,27 +160,24 @@ def train(gmm, schedule, args, reward_scale, omega, reward_fn=None, seed=0, on_s
                       ikl_weighting=args.weighting, max_grad_norm=0)
     teacher = gmm.eps_fn(schedule)
     G, fake = Generator(gmm.C, args.z_dim), FakeScore(gmm.C, teacher)
-    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.999))
-    opt_fake = torch.optim.Adam(fake.parameters(), lr=args.lr_fake, betas=(0.0, 0.999))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    opt = dipp.Optimizers(fake=plumbing.cpu_adam(fake, args.lr_fake), G=plumbing.cpu_adam(G, args.lr))  # Adam, β1 = 0
     B = args.batch
     if on_step is not None:
         on_step(0, G)
     for step in range(args.steps):
         c = torch.randint(gmm.C, (B,))  # c ~ U{classes}
         uncond = torch.full((B,), -1)  # c = ∅: the unconditional mixture
-        fake_c = lambda x_t, t: fake(x_t, t, c)
-        nets = dipp.Bound(G=lambda z: G(z, c), real_eps=dipp.guided(teacher, c, uncond, omega), fake_eps=fake_c,
-                          fake_train_eps=fake_c, reward=(lambda x0: reward_fn(x0, c)) if reward_fn else None)
+        nets = dipp.Bound(G_c=lambda z: G(z, c), teacher_eps_c=dipp.guided(teacher, c, uncond, omega),
+                          fake_eps_c=lambda x_t, t: fake(x_t, t, c),  # the fake score is never guided
+                          reward_c=(lambda x0: reward_fn(x0, c)) if reward_fn else None)
         noises = [dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu") for _ in range(cfg.fake_steps_per_G + 1)]
-        dipp.dipp_step(nets, (list(fake.parameters()), opt_fake, scaler), (list(G.parameters()), opt_G, scaler),
-                       noises, schedule, cfg)
+        dipp.dipp_step(nets, opt, noises, schedule, cfg)
         if on_step is not None:
             on_step(step + 1, G)
     return G
 
 
-def cfg_reward(gmm, schedule, args):
+def guidance_reward(gmm, schedule, args):
     """The implicit reward of CFG as an *explicit* reward (METHOD.md §5), one Monte-Carlo sample:
         r_cfg(x0, c) = w(t) log p_t(c | α_t x0 + σ_t ε),  t ~ π(t), ε ~ N(0, I)
     with the same w(t) and π(t) as the IKL term (dipp.ikl_weight, dipp.sample_timesteps)."""
@@ -318,7 +316,7 @@ def parse(argv=None):
         p.error("need --guidance_scale >= 1 and --reward_scales >= 0")
     if args.z_dim < 2 or args.k_ta < 1 or args.steps < 1 or args.batch < 2:
         p.error("need --z_dim >= 2, --k_ta >= 1, --steps >= 1 and --batch >= 2")
-    dipp.check_config(dipp.Config(t_min=args.t_min, t_max=args.t_max))  # π(t) inside the schedule
+    plumbing.check_config(dipp.Config(t_min=args.t_min, t_max=args.t_max))  # π(t) inside the schedule
     return args
 
 
@@ -344,7 +342,7 @@ def job(args, name, reward_scale, omega, seed):
     torch.set_num_threads(1)  # small MLPs: one thread per run, runs in parallel across cores
     gmm, schedule, reward = build(args)
     reward_fn = {"reward": lambda x0, c: reward(x0), "cfg_guided": None,
-                 "cfg_explicit": cfg_reward(gmm, schedule, args)}[name]
+                 "cfg_explicit": guidance_reward(gmm, schedule, args)}[name]
     G = train(gmm, schedule, args, reward_scale, omega, reward_fn, seed=seed)
     edges, grid = grid_for(args)
     return evaluate(G, gmm, reward, grid, edges, args.eval_samples, seed=10_000 + seed)

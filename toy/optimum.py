@@ -1,12 +1,12 @@
 """DI++'s exact optimum: a Gaussian reference, a linear reward, and what α_rew means.
 
-Reference p = N(μ, s² I), reward r(x) = aᵀx. The objective whose gradient dipp's generator_step follows,
+Reference p = N(μ, s² I), reward r(x) = aᵀx. The objective whose gradient dipp's generator update follows,
     J(q) = −α_rew E_q[aᵀx] + Σ_t π(t) w(t) KL(q_t ‖ p_t)          (w(t) = dipp.ikl_weight, score units)
 is minimised by q* = N(m*, s² I) with
     m* = μ + α_rew a / W,   W = Σ_t π(t) w(t) α_t² / (α_t² s² + σ_t²)
 (METHOD.md §6), while the plain-KL (RLHF) optimum, max E_q[r] − KL(q‖p)/α_rew, is μ + α_rew s² a.
 So the same α_rew moves samples by an amount set by w(t) and π(t). This file trains DI++ (dipp's own
-generator_step / fake_score_step, through toy/gmm.py's train) and measures the generator against m*.
+dipp_step, through toy/gmm.py's train) and measures the generator against m*.
 
     python toy/optimum.py            # α_rew sweep, ~1 min on 2 CPU cores -> optimum_out/{optimum.json,optimum.png}
     python toy/optimum.py --study    # weighting study: w(t) × π(t) × seeds -> optimum_out/{study.json,study.png}
@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dipp  # noqa: E402  (the repo root holds dipp.py)
+import plumbing  # noqa: E402
 import gmm as toy  # noqa: E402  (the exact Gaussian teacher, the MLPs and DI++'s training loop)
 
 # -----------------------------------------------------------------------------
@@ -396,7 +397,7 @@ def parse(argv=None):
         p.error("need --s > 0, a nonzero --a, --reward_scales >= 0 and --target_shift > 0")
     if args.steps < 2 or args.seeds < 2 or args.log_every < 1:
         p.error("need --steps >= 2, --seeds >= 2 (the study reports a spread) and --log_every >= 1")
-    dipp.check_config(dipp.Config(t_min=args.t_min, t_max=args.t_max))  # π(t) inside the schedule
+    plumbing.check_config(dipp.Config(t_min=args.t_min, t_max=args.t_max))  # π(t) inside the schedule
     return args
 
 

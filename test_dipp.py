@@ -531,7 +531,8 @@ def hub_probe(monkeypatch):
 def test_model_locations_fail_fast_and_honestly(tmp_path, hub_probe):
     """A missing path that can only be local is one line at once: the hub is never asked, no download advice,
     a near name suggested. With no network a hub id that is not cached is one line saying the hub cannot be
-    reached and what to download; a cached one passes. Neither failure leaves an output folder behind."""
+    reached and what to download; a cached one passes. Everything missing (models, ImageReward, a prompt set) is
+    named in one line. No failure leaves an output folder behind."""
     import socket
     import huggingface_hub.constants
     hub_probe.chdir(tmp_path)
@@ -542,13 +543,15 @@ def test_model_locations_fail_fast_and_honestly(tmp_path, hub_probe):
         asked.append(address)
         raise socket.gaierror(-2, "Name or service not known")
     hub_probe.setattr(socket, "create_connection", no_network)
-    msg = error_of(["--pretrained_model_name_or_path", "models/sd15", "--output_dir", "run"])
+    msg = error_of(["--pretrained_model_name_or_path", "models/sd15", "--reward", "none", "--output_dir", "run"])
     assert msg == "dipp: error: --pretrained_model_name_or_path 'models/sd15' does not exist; did you mean 'models/sd-15'?"
     assert not asked and not (tmp_path / "run").exists()
+    hub_probe.setenv("HOME", str(tmp_path)), hub_probe.setenv("DIPP_CACHE", str(tmp_path / "cache"))
     msg = error_of(["--pretrained_model_name_or_path", "models/sd15", "--generator_init", "models/gen.bin",
-                    "--output_dir", "run"])  # every missing model in one message, not one per attempt
-    assert msg.startswith("dipp: error: 2 problems") and "(1) --pretrained_model_name_or_path 'models/sd15'" in msg \
-        and "(2) --generator_init 'models/gen.bin' does not exist" in msg and "\n" not in msg, msg
+                    "--prompts", "coco1k", "--output_dir", "run"])  # everything missing in one message
+    assert msg.startswith("dipp: error: 4 problems") and "(1) --pretrained_model_name_or_path 'models/sd15'" in msg \
+        and "--generator_init 'models/gen.bin' does not exist" in msg and "cannot load the ImageReward model" in msg \
+        and "prompt set 'coco1k'" in msg and "\n" not in msg and not (tmp_path / "run").exists(), msg
     msg = error_of(["--output_dir", "run"])  # the default teacher, a hub id, with no network
     assert "hub cannot be reached (no connection to huggingface.co" in msg and "\n" not in msg
     assert "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5" in msg

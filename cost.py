@@ -21,7 +21,6 @@ attention kernel.)
 Not needed to understand DI++; it imports dipp and nothing in the training path imports it (--benchmark counts the
 first, warm-up, iteration of the real run with the same counter, plumbing.flop_counter).
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -63,7 +62,7 @@ def estimate_seconds(flops, device_name=None, utilisation=None):
     if device_name is None and torch.cuda.is_available():
         device_name = torch.cuda.get_device_name()
     peak = plumbing.peak_tflops(device_name)
-    return None if peak is None else flops / (peak * 1e12 * (utilisation or UTILISATION))
+    return None if peak is None else flops / (peak * 1e12 * (UTILISATION if utilisation is None else utilisation))
 
 # -----------------------------------------------------------------------------
 # 3. dipp's networks on the meta device
@@ -322,7 +321,7 @@ def table(family, batch, device_name, utilisation, base, setups):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="cost.py", description=__doc__.split("\n\n")[0])
+    p = plumbing.FlagParser("cost.py", __doc__.split("\n\n")[0])  # (exact flags, one-line errors)
     p.add_argument("--family", default="sd15", help="sd15, pixart (512 px) or sdxl (1024 px): random_weights shapes")
     p.add_argument("--batch", type=int, default=1, help="prompts per iteration (dipp's --train_batch_size)")
     p.add_argument("--device", default="NVIDIA H100 80GB HBM3", help="card for the time estimate, named as "
@@ -341,6 +340,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.batch < 1:
         plumbing.die(f"--batch must be a positive integer, got {args.batch}")
+    plumbing.check_ranges(p, args, {
+        "utilisation": (lambda v: 0 < v <= 1, "a fraction of the card's peak, 0 < F <= 1 (e.g. 0.4)"),
+        "sample_steps": (lambda v: v >= 0, ">= 0 (0 = no sampling count)")})
     _, fam = architecture(args.family)
     given = {k: v for k in SWITCHES if (v := getattr(args, k)) is not None and v is not False}  # (0 is a value)
     base = {"guidance_scale": GUIDANCE[fam.name], **given}
@@ -358,5 +360,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with plumbing.as_program("cost"):  # one-line errors (dipp's checks included) speak for cost.py
-        main()
+    with plumbing.as_program("cost"), plumbing.stopped_in_one_line("nothing is kept; run the command again"):
+        main()  # (one-line errors, dipp's checks included, speak for cost.py)

@@ -613,7 +613,12 @@ def main(argv=None):
     # line now, not one per attempt after loading
     checks = [lambda: plumbing.check_model_locations(model_locations(cfg))]
     if os.path.isdir(cfg.pretrained_model_name_or_path):
-        checks.append(lambda: families.check_folder(cfg.pretrained_model_name_or_path))
+        def teacher_folder():  # complete, and a --generator_init of its family
+            family = families.check_folder(cfg.pretrained_model_name_or_path)
+            if cfg.generator_init:  # SD-1.x and SDXL UNets are one class: the family read from its config or tensors
+                families.check_generator(family, cfg.pretrained_model_name_or_path, cfg.generator_init,
+                                         "--generator_init")
+        checks.append(teacher_folder)
     if cfg.reward == "imagereward" and not cfg.reward_model_path and not cfg.generate:
         checks.append(plumbing.check_imagereward_cache)
     if not cfg.generate:  # (a named set is fetched here when online; train() then reads it from the cache)

@@ -164,8 +164,8 @@ def check_args(args):
             f"got {args.seed} and {args.images_per_prompt}")
     if args.teacher_steps < 0 or args.max_prompts < 0:
         die("--teacher_steps and --max_prompts must be >= 0 (0 = no teacher / all prompts)")
-    if args.teacher_guidance is not None and not args.teacher_guidance >= 1:
-        die(f"--teacher_guidance {args.teacher_guidance} < 1; use 1 (no CFG) or more (SD1.5 default 7.5)")
+    if args.teacher_guidance is not None and not 1 <= args.teacher_guidance < math.inf:
+        die(f"--teacher_guidance {args.teacher_guidance} is not in [1, ∞); use 1 (no CFG) or more (SD1.5 default 7.5)")
     has_generator = bool(args.generator) or (args.tiny and not args.pretrained_model_name_or_path)  # (--tiny's)
     if not has_generator and not args.teacher_steps:
         die("nothing to evaluate: give --generator DIR (repeatable) and/or --teacher_steps N")
@@ -196,11 +196,11 @@ def check_models(args):
     generators = []
     for folder in args.generator:
         adapter = plumbing.lora_adapter_file(folder)  # a LoRA adapter (file, or a folder of only it): teacher + it
-        sub = families.generator_subfolder(family, folder) if os.path.isdir(folder) and not adapter else None
-        # (a weight file is a state dict on the teacher's config: its keys are checked when it loads)
         if os.path.isfile(folder) and not folder.endswith((".safetensors", ".bin", ".pt", ".pth")):
             die(f"--generator '{folder}' is a file but not a weight file (.safetensors, .bin, .pt, .pth); give a "
                 "generator folder, or the UNet's weight file (DMD2-SDXL's .bin, DI++-SDXL's .safetensors)")
+        families.check_generator(family, name, folder, "--generator")  # SD-1.x vs SDXL: same class, other family
+        sub = families.generator_subfolder(family, folder) if os.path.isdir(folder) and not adapter else None
         model = os.path.isfile(folder) or os.path.isfile(os.path.join(folder, sub or "", "config.json"))
         if not adapter and not model:
             die(f"--generator '{folder}' is not a generator folder (no config.json, nor {family.folder}/config.json)"
@@ -396,23 +396,47 @@ def save_png(path, pixels):
 
 def image_key(model, prompts, args, device):
     """What a model's images depend on, beyond (i, k): the model (its files' names, sizes and mtimes, so a
-    generator retrained in the same folder is new), how it is sampled, the prompts, the seed, the precision
-    and the device type. An images/<model>/ folder written under another key is not reused."""
+    generator retrained in the same folder is new), the teacher folder's VAE and text encoder(s) that decode and
+    condition every row (a generator's images change with them), how it is sampled, the prompts, the seed, the
+    precision and the device type. An images/<model>/ folder written under another key is not reused."""
+    teacher = args.pretrained_model_name_or_path
+    shared = plumbing.files_stamp(*(os.path.join(teacher, p) for p in (
+        "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")))
     return {"model": model["source"], "files": model.pop("files"), "sampling": model["name"],
+            "teacher": teacher, "teacher_parts": shared,
             "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(), "seed": args.seed,
             "mixed_precision": args.mixed_precision, "device": device.type}
 
 
+PREVIOUS = ".previous"  # images/<model>.previous/: the images the reports on disk describe, until replaced
+
+
 def reusable_images(folder, key):
     """Resume: the PNGs already in folder when it was written under the same key (every PNG is complete or
-    absent: save_png), else none, and the folder is emptied. Returns the set of reusable file names."""
+    absent: save_png), else none. Images of another model or setting are never mixed with these: they are moved
+    aside to folder.previous (the reports still on disk describe them) and deleted only once this run's reports
+    have replaced those (write_reports). Returns the set of reusable file names."""
     key_file, text = os.path.join(folder, "key.json"), json.dumps(key, sort_keys=True)
-    if os.path.isdir(folder) and not (os.path.isfile(key_file) and open(key_file).read() == text):
-        shutil.rmtree(folder)  # another model's or another setting's images: never mixed with these
+    if os.path.isdir(folder) and not (os.path.isfile(key_file) and open(key_file, "rb").read() == text.encode()):
+        why = "its key.json is missing or damaged" if not os.path.isfile(key_file) or not valid_json(key_file) \
+            else "they were drawn for another model or other settings"
+        print(f"{folder}: drawing the images again ({why})")
+        if os.path.isdir(folder + PREVIOUS):  # (a run stopped before its reports: this folder is its own partial)
+            shutil.rmtree(folder)
+        else:
+            os.replace(folder, folder + PREVIOUS)
     os.makedirs(folder, exist_ok=True)
     if not os.path.isfile(key_file):
         plumbing.write_files({key_file: text_file(text)})
     return set(os.listdir(folder))
+
+
+def valid_json(path):
+    try:
+        json.load(open(path, encoding="utf-8"))
+        return True
+    except ValueError:  # (JSONDecodeError, UnicodeDecodeError)
+        return False
 
 
 def generate(model, sample, prompts, args, latent_shape, device):
@@ -740,8 +764,12 @@ def cached_scores(out, model, key):
     path = scores_path(out, model, key)
     if not os.path.isfile(path):
         return None
-    saved = torch.load(path, weights_only=True)
-    same = saved["key"] == json.dumps([model["key"], key], sort_keys=True)
+    try:
+        saved = torch.load(path, weights_only=True)
+        same = saved["key"] == json.dumps([model["key"], key], sort_keys=True)
+    except Exception as e:  # a damaged file (truncated, overwritten): torch raises several kinds of error
+        print(f"{path} is damaged ({type(e).__name__}: {str(e).strip()[:80]}); scoring again")
+        return None
     whole = all(len(v) == len(model["records"]) for v in saved["values"].values())  # (--images_per_prompt changed)
     return saved["values"] if same and whole else None
 
@@ -1050,7 +1078,8 @@ def save_comparison_grid(models, prompts, path, tile=128):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    with plumbing.as_program("evaluate"):  # dipp's and plumbing's one-line errors speak for evaluate
+    with plumbing.as_program("evaluate"), plumbing.stopped_in_one_line(  # (SIGTERM too: one line, exit 143)
+            "run the same command again: the images and scores already written are kept"):
         args = parse_args(argv)
         metrics = check_args(args)
         device = plumbing.pick_device(args.device)
@@ -1080,10 +1109,18 @@ def wrote_an_image(folder):
 
 
 def run(args, metrics, device, command):
+    """The evaluation, holding --output_dir's lock from the moment it first writes there (plumbing.folder_lock):
+    a second evaluate.py into the same folder stops in one line instead of mixing its images with these."""
+    with contextlib.ExitStack() as held:
+        return evaluate(args, metrics, device, command,
+                        lock=lambda: held.enter_context(plumbing.folder_lock(args.output_dir)))
+
+
+def evaluate(args, metrics, device, command, lock):
     ctx, dtype = plumbing.precision(args.mixed_precision, device)
     tiny_scorers, hps_arch = {}, "ViT-H-14"
     if args.tiny:  # random stand-ins for everything, loaded by the same code as the real weights
-        plumbing.writable_dir(args.output_dir)
+        lock()
         sd, generator, tiny_weights = build_tiny(os.path.join(args.output_dir, "tiny"), args.hps_version, args.seed)
         if not args.pretrained_model_name_or_path:  # (a teacher given, e.g. a tiny PixArt-α, keeps its generators)
             args.pretrained_model_name_or_path, args.generator = sd, args.generator or [generator]
@@ -1093,29 +1130,32 @@ def run(args, metrics, device, command):
     # Everything is checked before any model is loaded or any image drawn: the prompts, models, scorers' files
     # (all that is missing in one message), then the output folder
     prompts, (family, generators), weights = plumbing.all_or_die(
-        lambda: promptsets.load_prompts(args.prompts, promptsets.BUILTIN_PROMPTS, "--prompts"), lambda: check_models(args),
-        lambda: locate_all(args, metrics))
+        lambda: promptsets.load_prompts(args.prompts, promptsets.BUILTIN_PROMPTS, "--prompts"),
+        lambda: check_models(args), lambda: locate_all(args, metrics))
     prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
     if len(prompts) >= 2 ** 24:
         die(f"{len(prompts)} prompts is more than image_seed's layout allows (2^24); use --max_prompts")
     if args.teacher_guidance is None:
         args.teacher_guidance = pipeline_guidance(family)
     weights = dict(weights, hps_arch=hps_arch)
-    plumbing.writable_dir(args.output_dir)
-    for name in REPORTS:  # a previous evaluation's reports would describe images this run overwrites
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(args.output_dir, name))
+    if not args.tiny:
+        lock()
     if args.tiny and "imagereward" in metrics:
         tiny_scorers["imagereward"] = ImageRewardScorer(rewards.ImageRewardFn(plumbing.freeze(
             tiny_imagereward(os.path.join(args.output_dir, "tiny", "imagereward"), device), device, torch.float32)))
     torch.manual_seed(args.seed)  # every image has its own generator; this pins anything else that is random
     print(f"evaluating {len(prompts)} prompts × {args.images_per_prompt} images on {device}; "
           f"metrics: {', '.join(metrics)}")
-    with plumbing.tidy_if_stopped_early(args.output_dir, progress=wrote_an_image, run_files="images"):
+    with plumbing.tidy_if_stopped_early(args.output_dir, progress=wrote_an_image,
+                                        run_files="images|text_embeddings"):
         models = generate_all(args, family, generators, prompts, device, ctx, dtype)  # (images/<model>/: at its 1st)
     values, speed = score_all(models, metrics, weights, prompts, args, device, tiny_scorers)
     summarise(models, values, metrics, args)
-    table = write_reports(models, values, metrics, prompts, args, command, speed)
+    table = write_reports(models, values, metrics, prompts, args, command, speed)  # (the old ones until here)
+    images = os.path.join(args.output_dir, "images")
+    for name in os.listdir(images):  # the images that the replaced reports described
+        if name.endswith(PREVIOUS):
+            shutil.rmtree(os.path.join(images, name))
     print(table + f"wrote {args.output_dir}/: images/, scores.jsonl, summary.json, table.md, grid.png")
     return {"models": models, "values": values, "speed": speed, "metrics": metrics}
 

@@ -399,3 +399,108 @@ def stock_pipeline(name, models):
                                             **tokenizers, **fam.pipeline_parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+# -----------------------------------------------------------------------------
+# 6. Which family a generator belongs to, from its config or its tensors (SD-1.x and SDXL UNets share one class)
+
+INTERFACE = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type",
+             "projection_class_embeddings_input_dim", "caption_channels")  # what c, x_t and ε̂ look like to the net
+
+
+def family_of_config(config):
+    """The family a denoiser's config.json describes (None: none dipp knows): PixArt-α by its class, SDXL's UNet by
+    its size-and-pooled-text embedding (addition_embed_type "text_time"), else SD-1.x's UNet."""
+    name = config.get("_class_name", "")
+    if name in FAMILIES["pixart"].generator_classes or "caption_channels" in config:
+        return FAMILIES["pixart"]
+    if name == "UNet2DConditionModel":
+        return FAMILIES["sdxl"] if config.get("addition_embed_type") == "text_time" else FAMILIES["sd"]
+    return None
+
+
+def family_of_weights(keys):
+    """The family a bare state dict's tensor names belong to (None: none dipp knows)."""
+    if "add_embedding.linear_1.weight" in keys:  # SDXL's text_time embedding
+        return FAMILIES["sdxl"]
+    if any(k.startswith(("caption_projection.", "adaln_single.")) for k in keys):
+        return FAMILIES["pixart"]
+    if "conv_in.weight" in keys and "time_embedding.linear_1.weight" in keys:
+        return FAMILIES["sd"]
+    return None
+
+
+def weight_shapes(path, what):
+    """{tensor name: shape} of a weight file, reading no more than its header (safetensors) or memory-mapping it
+    (torch's zip format): a truncated or damaged file is one line; `what` names it with the flag it came from."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, "pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # (a truncated file: an error)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # (the legacy format cannot be mapped)
+        if not isinstance(state, dict):
+            raise ValueError(f"a {type(state).__name__}, not a state dict")
+        return {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
+    except Exception as e:  # truncated, not this format, or a pickle with code in it
+        plumbing.die(f"{what} cannot be read as a weight file ({type(e).__name__}: "
+                     f"{(str(e).strip().splitlines() or [''])[0][:120]}); it is damaged or not a weight file: "
+                     "download or export it again")
+
+
+def check_generator(family, teacher, name, flag):
+    """Before any network is built: a generator (a model folder, a pipeline folder holding one, or a bare weight
+    file) must be of the teacher's family and fit its interface (the config fields in INTERFACE; a weight file's
+    tensor names and shapes against the teacher's config). SD-1.x and SDXL UNets are one class, so the class alone
+    does not tell them apart. One line naming both families otherwise, and the flag of the program that was run."""
+    import diffusers
+    if not os.path.exists(name) or plumbing.lora_adapter_file(name):
+        return  # (a hub id: from_pretrained's own checks; an adapter: teacher_with_lora checks its layers)
+    load = lambda: getattr(diffusers, family.denoiser).load_config(teacher, subfolder=family.folder)
+    expected = plumbing.load_or_die(load, teacher, f"the teacher's {family.folder}/config.json")
+    if os.path.isfile(name):
+        shapes = weight_shapes(name, f"{flag} '{name}'")
+        found = family_of_weights(shapes)
+        if found is not None and found is not family:
+            plumbing.die(f"{flag} '{name}' holds the weights of a {found.title} {found.denoiser}, but the teacher "
+                         f"is {family.title}; give a generator of the teacher's family, or that family's teacher")
+        with torch.device("meta"):  # (no memory, no initialisation: the shapes only)
+            net = getattr(diffusers, family.denoiser).from_config(expected)
+        want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        wrong = [k for k in want if shapes.get(k) != want[k]] + [k for k in shapes if k not in want]
+        if wrong:
+            plumbing.die(f"{flag} '{name}' does not fit the teacher's {family.title} {family.denoiser} config "
+                         f"({len(wrong)} tensors missing, extra or of another shape, e.g. {', '.join(wrong[:3])}); "
+                         "give the weights of a generator with the teacher's architecture")
+        return
+    sub = plumbing.find_subfolder(name, family.folder)
+    path = os.path.join(name, sub or "", "config.json")
+    if not os.path.isfile(path):  # a pipeline folder of another family keeps its denoiser in another subfolder
+        path = next((p for p in (os.path.join(name, f.folder, "config.json") for f in FAMILIES.values())
+                     if os.path.isfile(p)), None)
+        if path is None:
+            return  # (the caller says what a generator folder must hold)
+    try:
+        config = json.load(open(path, encoding="utf-8"))
+    except ValueError as e:
+        plumbing.die(f"{flag} '{name}': {path} is damaged ({type(e).__name__}); download or export it again")
+    found = family_of_config(config)
+    if found is not family:
+        what = f"a {found.title} {found.denoiser}" if found else f"a {config.get('_class_name', 'model')}"
+        plumbing.die(f"{flag} '{name}' holds {what}, but the teacher is {family.title}; give a generator of the "
+                     "teacher's family, or that family's teacher")
+    differ = [f"{k} {config.get(k)} (the teacher's: {expected.get(k)})" for k in INTERFACE
+              + (("sample_size",) if family.name == "pixart" else ()) if config.get(k) != expected.get(k)]
+    if differ:
+        plumbing.die(f"{flag} '{name}' is a {family.title} {family.denoiser} of another shape than the teacher's: "
+                     f"{'; '.join(differ)}; give a generator of the teacher's architecture")
+    weights = [f for f in sorted(os.listdir(os.path.dirname(path))) if f.endswith((".safetensors", ".bin"))]
+    if not weights:
+        plumbing.die(f"{flag} '{name}' has {os.path.relpath(path, name)} but no weight file beside it "
+                     "(diffusion_pytorch_model.safetensors or .bin); the copy or download is incomplete")
+    for f in weights[:1]:  # a truncated download or copy: one line now, not a loader error later
+        weight_shapes(os.path.join(os.path.dirname(path), f), f"{flag} '{name}': its {f}")

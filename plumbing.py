@@ -810,7 +810,8 @@ def prepare_output_dir(cfg, main_rank):
         print(f"--overwrite_output_dir: deleted {len(gone)} files/folders of the previous run in {cfg.output_dir}")
 
 
-RUN_FILES = r"config\.json|log\.jsonl|curves\.png|samples_\d+\.png|generated_\d+\.png|tensorboard|wandb|checkpoint-\d+\.tmp"
+RUN_FILES = (r"config\.json|log\.jsonl|curves\.png|samples_\d+\.png|generated_\d+\.png|tensorboard|wandb|checkpoint-\d+\.tmp"
+             r"|text_embeddings")
 
 
 def trained_a_step(folder):
@@ -825,7 +826,8 @@ def tidy_if_stopped_early(folder, main_rank=True, progress=trained_a_step, run_f
     """A run into a fresh --output_dir that stops before its first step (a missing model, a wrong flag found
     late, out of memory in step 1) takes its own files with it: config.json, the step-0 log and grid, and the
     folder itself when nothing else is left. Otherwise the next try would find an empty folder, or one that
-    'holds another run'. Caches that the retry reuses stay: random-weight models, PixArt's text embeddings.
+    'holds another run'. The prompts' text_embeddings/ go too (the retry encodes them again: main() promises a
+    fresh folder left as it was); --random_weights models stay (a cache the retry reuses, not this run's).
     A folder that already held a run is left as it is. (evaluate.py passes its own progress and run_files.)"""
     before = set(os.listdir(folder)) if os.path.isdir(folder) else None
     fresh = before is None or not (list_checkpoints(folder) or "log.jsonl" in before)
@@ -1187,6 +1189,156 @@ class StopSignals:
         import signal
         for sig, old in self.old.items():
             signal.signal(sig, old)
+
+
+# (optional) Programs that start programs: one run per folder, and a kill reaches the whole job. dipp.py keeps
+# its runs apart by what a folder holds (prepare_output_dir); reproduce.py and evaluate.py also hold a lock.
+
+
+@contextlib.contextmanager
+def folder_lock(path, flag="--output_dir"):
+    """Two runs never write one folder at once: an exclusive flock on the folder itself (no lock file to leave
+    behind), held for the block and released by the kernel when the process ends, however it ends (kill -9
+    included). While another process holds it, this run stops in one line. Yields the lock's file descriptor:
+    reproduce.py hands it to the runs it starts, so that one left running still holds the folder."""
+    import fcntl
+    writable_dir(path, flag)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        die(f"{flag} '{path}' is in use by another run that is still going (it holds the folder's lock); let it "
+            f"finish or stop it, or choose another {flag}")
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def die_with_parent():
+    """(Linux, in a child before it runs) SIGTERM to this process when its parent dies, even of kill -9, which
+    no handler sees: a child is never left training alone. PR_SET_PDEATHSIG = 1 in <linux/prctl.h>."""
+    import ctypes
+    import signal
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(143)
+
+
+def run_child(command, cwd=None, pass_fds=()):
+    """Run command and wait for it; returns (exit code, the signal this process received meanwhile or None).
+    SIGINT and SIGTERM sent to this process are passed on to the child, each time, and it is waited for: a
+    Ctrl-C or a scheduler's kill stops the whole job, and a dipp.py child first writes its checkpoint. The child
+    has its own process group, so a terminal's Ctrl-C (sent to the whole foreground group) reaches it once,
+    through here, not twice (a second Ctrl-C makes dipp.py stop without a checkpoint)."""
+    import signal
+    import subprocess
+    received, child = [], []
+
+    def forward(signum, frame):
+        received.append(signum)
+        for process in child:  # (none yet while it starts: passed on right after)
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signum)
+    import threading
+    main = threading.current_thread() is threading.main_thread()  # (signals can only be caught there)
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        child.append(subprocess.Popen(command, cwd=cwd, pass_fds=tuple(pass_fds), start_new_session=True,
+                                      preexec_fn=die_with_parent if sys.platform.startswith("linux") else None))
+        if received:  # a signal that came while the child was being started
+            child[0].send_signal(received[-1])
+        code = child[0].wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return code, (received[0] if received else None)
+
+
+def ignore_sigint():
+    """(a pool's worker) A terminal's Ctrl-C goes to every process of the foreground group: the workers leave it
+    to their parent, which ends them (run_in_processes), instead of each printing a traceback."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_in_processes(fn, jobs, workers):
+    """{name: arguments} -> {name: fn(*arguments)}, over `workers` spawned processes. If this process is stopped
+    (Ctrl-C, or SIGTERM under stopped_in_one_line) or a job fails, the workers are ended at once, not left to
+    finish their runs: a kill stops the whole job."""
+    import concurrent.futures
+    import multiprocessing
+    pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
+                                                  initializer=ignore_sigint)
+    try:
+        futures = {k: pool.submit(fn, *v) for k, v in jobs.items()}
+        from tqdm import tqdm
+        with tqdm(total=len(futures), desc="runs", unit="run") as bar:  # (a full toy runs for minutes)
+            for future in concurrent.futures.as_completed(futures.values()):
+                future.result()  # (a failed job stops the rest at once)
+                bar.update()
+        results = {k: f.result() for k, f in futures.items()}
+    except BaseException:
+        processes = list((getattr(pool, "_processes", None) or {}).values())  # (Python < 3.14: no public way)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            with contextlib.suppress(Exception):
+                process.terminate()
+        for process in processes:
+            process.join(10)
+        raise
+    pool.shutdown()
+    return results
+
+
+def given_flags(argv):
+    """The --flag names typed on the command line (argv; None: sys.argv), so that a preset such as --quick fills
+    only the others: what the user typed wins."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+
+
+def apply_preset(args, preset, argv):
+    """args.<k> = v for each (k, v) of preset whose flag was not given explicitly in argv."""
+    given = given_flags(argv)
+    for k, v in preset.items():
+        if k not in given:
+            setattr(args, k, v)
+
+
+def check_ranges(parser, args, rules):
+    """rules: {flag name: (test, what it must be)}; the first value that fails is one line naming its flag."""
+    for name, (ok, must) in rules.items():
+        value = getattr(args, name)
+        if not all(ok(v) for v in (value if isinstance(value, list) else [value])):
+            parser.error(f"--{name} {value if not isinstance(value, list) else ' '.join(map(str, value))}: "
+                         f"must be {must}")
+
+
+@contextlib.contextmanager
+def stopped_in_one_line(how_to_resume):
+    """SIGTERM (a scheduler, `timeout`) and SIGINT end this process with exit code 143 / 130 and one line saying
+    how to continue, instead of a traceback or a silent exit."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signum)
+    if threading.current_thread() is not threading.main_thread():  # (signals can only be caught there)
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args else signal.SIGINT
+        print(f"{PROGRAM}: stopped by signal {signum}; {how_to_resume}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum) from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 # -----------------------------------------------------------------------------
 # 7. What a run leaves behind: the exported generator (dipp.json with its teacher, the LoRA adapter file, the

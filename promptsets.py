@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import re
+import shlex
 import sys
 import tempfile
 import urllib.error
@@ -328,7 +329,8 @@ def main(argv=None):
         print(table(), end="")
         return
     if argv[0] != "fetch" or len(argv) < 2:
-        sys.exit("usage: python promptsets.py [fetch NAME...]")
+        sys.exit(f"promptsets: error: unexpected {shlex.join(argv)}; run `python promptsets.py` (the sets) or "
+                 "`python promptsets.py fetch NAME...`")
     import plumbing
     with plumbing.as_program("promptsets"):
         for name in argv[1:]:

@@ -16,13 +16,11 @@ Each recipe runs five stages into --output_dir (default runs/reproduce-NAME), ea
 Run the same command again to resume: training from its latest checkpoint, evaluation keeping the images and
 scores already written, the stages already finished skipped. Reference: docs/reproduce.md.
 """
-import argparse
 import json
 import math
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import typing
@@ -121,8 +119,9 @@ RECIPES = {
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser("reproduce.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    import plumbing
+    p = plumbing.FlagParser("reproduce.py", __doc__.split("\n\n")[0])  # (exact flags; each mistake one line)
+    p.usage = "python reproduce.py {pixart,sd15,sdxl} [--flag VALUE ...]   (python reproduce.py --help lists them all)"
     p.add_argument("recipe", choices=tuple(RECIPES), help="which published row")
     p.add_argument("--output_dir", default="", metavar="DIR", help="default runs/reproduce-RECIPE (-tiny)")
     p.add_argument("--plan", action="store_true", help="print the downloads, the commands and the cost; run nothing")
@@ -136,11 +135,15 @@ def parse_args(argv):
     p.add_argument("--reward_scale", type=float, default=None, metavar="A",
                    help="α_rew; given, the calibration stage is skipped")
     p.add_argument("--max_train_steps", type=int, default=None, metavar="N", help="override the recipe's 2000")
-    p.add_argument("--max_prompts", type=int, default=0, metavar="N",
-                   help="evaluate on the first N prompts of the set (0 = all; the table says which)")
+    p.add_argument("--max_prompts", type=int, default=None, metavar="N",
+                   help="evaluate on the first N prompts of the set (0 = all; default all, --tiny 3)")
     args = p.parse_args(argv)
-    if args.nproc < 1 or (args.max_train_steps is not None and args.max_train_steps < 1) or args.max_prompts < 0:
-        p.error("--nproc and --max_train_steps must be >= 1, --max_prompts >= 0")
+    if args.nproc < 1 or (args.max_train_steps is not None and args.max_train_steps < 1) or (
+            args.max_prompts is not None and args.max_prompts < 0):
+        p.error(f"--nproc and --max_train_steps must be >= 1, --max_prompts >= 0; got {args.nproc}, "
+                f"{args.max_train_steps}, {args.max_prompts}")
+    if args.utilisation is not None and not 0 < args.utilisation <= 1:
+        p.error(f"--utilisation {args.utilisation} is not a fraction of the peak; give 0 < F <= 1 (e.g. 0.4)")
     if args.reward_scale is not None and args.reward_scale < 0:
         p.error(f"--reward_scale {args.reward_scale} < 0 would minimise the reward; use α_rew >= 0")
     args.output_dir = args.output_dir or os.path.join("runs", f"reproduce-{args.recipe}" + ("-tiny" * args.tiny))
@@ -189,9 +192,9 @@ def make_plan(recipe, args, out):
         train = set_flag(set_flag(set_flag(train, "--reward", "clip"), "--reward_model_path", models["reward"]),
                          "--learning_rate", "1e-3")
         prompts = []
-        ev = ["--tiny", "--teacher_steps", "2", "--max_prompts", str(args.max_prompts or 3), "--images_per_prompt",
-              "2", "--metrics", "aesthetic,imagereward,hps,pickscore,clip", "--hps_version",
-              flag(recipe.evaluate, "--hps_version")]
+        few = 3 if args.max_prompts is None else args.max_prompts  # (an explicit 0 = all 8 built-in prompts)
+        ev = ["--tiny", "--teacher_steps", "2", "--max_prompts", str(few), "--images_per_prompt", "2", "--metrics",
+              "aesthetic,imagereward,hps,pickscore,clip", "--hps_version", flag(recipe.evaluate, "--hps_version")]
         downloads = []
     else:
         models = {"teacher": recipe.teacher, "init": None, "reward": "THUDM/ImageReward"}
@@ -308,8 +311,9 @@ def download(plan):
             path = huggingface_hub.snapshot_download(repo, allow_patterns=resolve_patterns(repo, patterns))
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise SystemExit(f"reproduce: error: cannot download {repo} ({what}): {first}. Check the network and, "
-                             "for gated models, `huggingface-cli login`; then run the same command again")
+            import plumbing
+            plumbing.die(f"cannot download {repo} ({what}): {first}. Check the network and, for gated models, "
+                         "`huggingface-cli login`; then run the same command again")
         if (repo, patterns, what) == plan.downloads[1]:
             init = os.path.join(path, patterns[0]) if patterns else path
     return init
@@ -318,14 +322,25 @@ def download(plan):
 # Stage 2-4: the runs, each a subprocess with its command printed first
 
 
+LOCK = []  # the file descriptor of OUT's lock while main() holds it: every stage's process inherits it
+
+
 def run(command, out):
+    """One stage as a child process. A SIGINT/SIGTERM to reproduce.py reaches it (plumbing.run_child): dipp.py
+    writes its checkpoint, and both stop; a re-run continues from what was kept."""
+    import plumbing
     print("$ " + shlex.join(command), flush=True)
     with open(os.path.join(out, "commands.sh"), "a") as f:
         f.write(shlex.join(command) + "\n")
-    code = subprocess.call(command, cwd=HERE)
+    code, signum = plumbing.run_child(command, cwd=HERE, pass_fds=LOCK)  # (an orphan would keep OUT locked)
+    if signum:
+        print(f"reproduce: stopped by signal {signum}; the stage above stopped too (exit code {code}). Run the same "
+              "reproduce.py command again to continue: finished stages are kept, training resumes from its latest "
+              "checkpoint", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
     if code:
-        raise SystemExit(f"reproduce: error: the stage above stopped with exit code {code}; fix what it said and run "
-                         "the same reproduce.py command again (finished stages are kept)")
+        plumbing.die(f"the stage above stopped with exit code {code}; fix what it said and run the same reproduce.py "
+                     "command again (finished stages are kept)")
 
 
 def dipp_command(args, flags):
@@ -359,7 +374,14 @@ def calibrate(args, plan, out, init):
     if args.reward_scale is not None:
         return args.reward_scale
     if os.path.isfile(path):
-        return json.load(open(path))["reward_scale"]
+        try:
+            scale = json.load(open(path, encoding="utf-8"))["reward_scale"]
+            if isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0:
+                return scale
+            problem = f"its reward_scale {scale!r} is not a number >= 0"
+        except (ValueError, KeyError, TypeError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+            problem = f"{type(e).__name__}: {str(e)[:80]}"
+        print(f"{path} is damaged ({problem}); calibrating again")
     folder, steps = os.path.join(out, "calibrate"), 2 if args.tiny else CALIBRATION_STEPS
     flags = set_flag(set_flag(plan.train, "--max_train_steps", steps), "--reward_scale", 1)
     if "--prompts" in flags:  # its first 1,000 prompts (PixArt's T5 embeds each once: ~1 MiB a prompt)
@@ -373,8 +395,9 @@ def calibrate(args, plan, out, init):
     ratios = [json.loads(line).get("grad_ratio") for line in open(os.path.join(folder, "log.jsonl"))]
     ratios = [r for r in ratios if r is not None and math.isfinite(r) and r > 0]
     if not ratios:
-        raise SystemExit(f"reproduce: error: the calibration run logged no grad_ratio ({folder}/log.jsonl); "
-                         "pass --reward_scale A to choose α_rew yourself")
+        import plumbing
+        plumbing.die(f"the calibration run logged no grad_ratio ({folder}/log.jsonl); pass --reward_scale A to "
+                     "choose α_rew yourself")
     median = statistics.median(ratios)
     scale = float(f"{TARGET_RATIO / median:.2g}")
     with open(path + ".tmp", "w") as f:  # (complete or absent: a re-run reads it back)
@@ -438,11 +461,28 @@ def write_table(recipe, args, out, plan, reward_scale):
 
 
 def main(argv=None):
+    """Every error is one line (plumbing.as_program); a SIGINT/SIGTERM stops the stage running and this process,
+    with one line saying how to continue; OUT is locked while this runs (a second run into it stops at once)."""
+    import plumbing
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    args.argv = argv  # (table.md names the command)
+    with plumbing.as_program("reproduce"), plumbing.stopped_in_one_line(
+            "run the same reproduce.py command again to continue (finished stages are kept)"):
+        args = parse_args(argv)
+        args.argv = argv  # (table.md names the command)
+        if args.plan:
+            return reproduce(args)
+        with plumbing.folder_lock(os.path.abspath(args.output_dir)) as fd:
+            LOCK.append(fd)
+            try:
+                return reproduce(args)
+            finally:
+                LOCK.remove(fd)
+
+
+def reproduce(args):
+    import plumbing
     recipe, out = RECIPES[args.recipe], os.path.abspath(args.output_dir)
-    os.makedirs(out, exist_ok=True)
+    plumbing.writable_dir(out)  # (one line for a folder that cannot be written)
     plan = make_plan(recipe, args, out)
     print_plan(recipe, args, plan)
     if args.plan:
@@ -509,7 +549,13 @@ def counted(count, *key):
                             + code).hexdigest()[:16]
     path = os.path.join(os.path.dirname(promptsets.cache_dir()), "cost", f"{digest}.json")
     if os.path.isfile(path):
-        return json.load(open(path))["flops"]
+        try:
+            flops = json.load(open(path, encoding="utf-8"))["flops"]
+            if isinstance(flops, (int, float)) and flops > 0:
+                return flops
+        except (ValueError, KeyError, TypeError):
+            pass
+        print(f"the cached FLOP count {path} is damaged; counting again")
     flops = count()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -547,7 +593,7 @@ def print_cost(recipe, args, plan):
     def timed(label, count, *key):  # (a real SDXL count takes minutes: say what runs, and for how long)
         start = time.perf_counter()
         print(f"  counting {label} ...", end="", flush=True)
-        flops = count() if args.tiny else counted(count, *key)  # (tiny: seconds, uncached)
+        flops = counted(count, *key)  # (tiny: 3-10 s on a CPU; a re-run: at once)
         print(f" {time.perf_counter() - start:.0f} s", flush=True)
         return flops
     per_iteration = timed("one training iteration", lambda: cost.iteration_flops(shapes, batch=batch, **switches),

@@ -135,10 +135,14 @@ def test_peak_table_and_estimate():
 
 
 def test_bad_input_is_one_line():
-    """An unknown architecture, a batch below 1, an unknown switch and a switch value dipp rejects are each one
-    line naming the problem, before anything is built."""
+    """An unknown architecture, a batch below 1, a utilisation of 0 (once silently replaced by the default), a
+    negative step count, a misspelt flag, an unknown switch and a switch value dipp rejects are each one line
+    naming the problem, before anything is built."""
     for call, words in ((lambda: cost.main(["--family", "sd14"]), ["unknown shapes 'sd14'", "sd15"]),
                         (lambda: cost.main(["--family", "tiny", "--batch", "0"]), ["--batch", "positive"]),
+                        (lambda: cost.main(["--utilisation", "0"]), ["--utilisation 0.0", "0 < F <= 1"]),
+                        (lambda: cost.main(["--sample_steps", "-1"]), ["--sample_steps -1", ">= 0"]),
+                        (lambda: cost.main(["--familly", "sd15"]), ["unknown flag --familly", "--family"]),
                         (lambda: cost.iteration_flops("tiny", lora=4), ["unknown switch", "lora_rank"]),
                         (lambda: cost.iteration_flops("tiny", fake_steps_per_G=0), ["--fake_steps_per_G", "positive"])):
         with pytest.raises(SystemExit) as e:

@@ -563,7 +563,8 @@ def test_model_locations_fail_fast_and_honestly(tmp_path, hub_probe):
 
 def test_a_run_that_fails_before_step_1_leaves_no_folder(tmp_path, monkeypatch):
     """A failure inside step 1 (a simulated out-of-memory, after config.json, the step-0 log and grid exist)
-    takes the fresh output folder with it, so the retry does not find 'another run' there."""
+    takes the fresh output folder with it, so the retry does not find 'another run' there; an SDXL run's prompt
+    embeddings (text_embeddings/, written before step 1) go with it too."""
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
     monkeypatch.setattr(plumbing.SafeOptimizer, "step", out_of_memory)
@@ -572,6 +573,10 @@ def test_a_run_that_fails_before_step_1_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         dipp.main(["--pretrained_model_name_or_path", sd, "--reward", "clip", "--reward_model_path", clip,
                    "--max_train_steps", "1", "--output_dir", str(out)])
+    assert not out.exists()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        dipp.main(["--pretrained_model_name_or_path", tiny_sdxl_models()[0], "--reward", "none", "--max_train_steps",
+                   "1", "--output_dir", str(out)])
     assert not out.exists()
 
 
@@ -978,14 +983,16 @@ def two_processes(*argv, timeout=600):
 def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
     """torchrun with 2 CPU processes (gloo) × batch 1 gives the same generator after 2 steps as one
     process with batch 2: the update differs by < 2% of its size (float summation order only), and the
-    logged global-batch losses agree. Resuming the 2-process run from checkpoint-1 (in 2 processes forked by
-    two_processes) gives checkpoint-2 bit for bit: each rank saved its own RNG state and restores it."""
+    logged global-batch losses agree. The optimisers' moments after step 1 agree too: with Adam's β1 = 0 the
+    weights step ±lr whatever the gradient's scale, and the losses are forward values, so only the moments
+    (exp_avg = the step's averaged gradient) see a gradient averaged twice, or summed. Resuming the 2-process
+    run from checkpoint-1 (in 2 processes forked by two_processes) gives checkpoint-2 bit for bit: each rank saved its own RNG state and restores it."""
     from safetensors.torch import load_file
     common = ["--tiny", "--max_train_steps", "2", "--learning_rate", "1e-3", "--fake_learning_rate", "1e-3",
               "--reward_scale", "10"]
     launch = lambda *argv: torchrun_two(*common, "--train_batch_size", "1", *argv)
     launch("--output_dir", str(tmp_path / "ddp"), "--checkpointing_steps", "1")
-    dipp.main(common + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "one")])
+    dipp.main(common + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "one"), "--checkpointing_steps", "1"])
     weights = lambda run: load_file(str(tmp_path / run / "generator" / "diffusion_pytorch_model.safetensors"))
     ddp, one, init = weights("ddp"), weights("one"), load_file(
         str(tmp_path / "one" / "tiny" / "sd" / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -1001,6 +1008,12 @@ def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
     import shutil
     state = torch.load(tmp_path / "ddp" / "checkpoint-1" / "state.pt", weights_only=True)
     assert len(state["rng"]) == 2  # one RNG state per rank
+    single = torch.load(tmp_path / "one" / "checkpoint-1" / "state.pt", weights_only=True)
+    for name in ("opt_G", "opt_fake"):  # exp_avg = g and exp_avg_sq = (1 − β2) g² after one step (β1 = 0)
+        for i, moments in single[name]["state"].items():
+            moments = {k: moments[k] for k in ("exp_avg", "exp_avg_sq")}
+            gap, size = distance(moments, state[name]["state"][i]), distance(moments, {k: 0 for k in moments})
+            assert gap <= 1e-3 * size + 1e-12, (name, i, gap, size)
     shutil.copytree(tmp_path / "ddp" / "checkpoint-1", tmp_path / "resumed" / "checkpoint-1")
     two_processes(*common, "--train_batch_size", "1", "--output_dir", str(tmp_path / "resumed"),
                   "--resume_from_checkpoint", "latest")
@@ -1569,6 +1582,61 @@ def test_generator_init_from_a_weight_file_equals_the_folder(tmp_path):
         assert same_weights(build(tmp_path / name).net, folder.net), name
 
 
+def test_the_fake_score_starts_from_the_teacher_not_the_generator_init(tmp_path):
+    """s_ψ is initialised from the reference s_ref (Diff-Instruct, DMD2: the fake score starts = teacher, so the
+    IKL starts at 0 for the teacher's own samples), also when the generator starts elsewhere (--generator_init, a
+    UNet of other weights): after one step at a fake learning rate far below float resolution (1e-30) the fake
+    score holds the teacher's weights, not the init's."""
+    unet = tiny_unet(5)  # the teacher's config, other weights
+    write_unet_weights(unet, tmp_path)
+    sd, _ = tiny_models()
+    run = dipp.main(["--pretrained_model_name_or_path", sd, "--reward", "none", "--generator_init",
+                     str(tmp_path / "unet.safetensors"), "--max_train_steps", "1", "--fake_learning_rate", "1e-30",
+                     "--output_dir", str(tmp_path / "run")])
+    fake, teacher = run["fake"].state_dict(), run["teacher"].state_dict()
+    assert fake.keys() == teacher.keys()
+    assert all(torch.allclose(fake[k].float(), v.float(), rtol=0, atol=1e-20) for k, v in teacher.items())
+    assert not same_weights(unet, run["teacher"])  # (the init is not the teacher: the check above can fail)
+
+
+def test_lora_adapter_adds_exactly_B_A_x():
+    """--lora_rank R puts W x + B A x on each target layer, scale α/R = 1 (lora_alpha = R, as dipp documents and
+    merged_lora's W ← W + B·A assumes): the adapted layer's output equals the base layer's plus B·A·x computed by
+    hand, at a rank (4) where PEFT's default lora_alpha (8) would double it. The base weights stay shared."""
+    torch.manual_seed(0)
+    base = torch.nn.Module()
+    base.to_q = torch.nn.Linear(6, 5)
+    adapted = plumbing.lora_copy(base, 4, "generator", ("to_q",))
+    layer = adapted.to_q
+    A, B = layer.lora_A["generator"].weight, layer.lora_B["generator"].weight  # (4, 6), (5, 4)
+    with torch.no_grad():
+        B.normal_()  # (PEFT starts B at 0: the adapter is then invisible)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), base.to_q(x) + x @ A.T @ B.T, atol=1e-6)
+    assert layer.get_base_layer().weight is base.to_q.weight
+
+
+def test_prompt_embedding_cache_is_keyed_by_dtype(tmp_path):
+    """The pre-encoded prompts (SDXL's two CLIPs, PixArt's T5) are cached per text-encoder precision: a bf16 run
+    and an fp32 run into one folder write two files, and each reads the rows its own encoder computes (a cache
+    keyed without the dtype would hand the second run the first one's rows)."""
+    folder, fam, cpu = tiny_sdxl_models()[0], families.FAMILIES["sdxl"], torch.device("cpu")
+    tokenizer, cache = families.load_tokenizer(folder, fam), str(tmp_path / "text_embeddings")
+    rows = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float32):  # (the third reads the first's file)
+        text, _ = families.text_conditioning(folder, fam, tokenizer, [["a fox"], [""]], cpu, dtype, cache)
+        rows.setdefault(dtype, []).append(text(["a fox"]))
+    assert len(os.listdir(cache)) == 2
+    for dtype, (first, *again) in rows.items():
+        with torch.no_grad():
+            direct = fam.encode(tokenizer, families.load_text_encoder(folder, fam, cpu, dtype), ["a fox", ""])
+        for x, y in zip(first, direct.to(torch.float32)):  # (the batch the cache encoded: the same rounding)
+            assert torch.equal(x, y[:1]), dtype
+        assert all(torch.equal(x, y) for again_rows in again for x, y in zip(first, again_rows))
+    assert not all(torch.equal(x, y) for x, y in zip(rows[torch.float32][0], rows[torch.bfloat16][0]))
+
+
 def test_bad_generator_init_files_are_one_line(tmp_path):
     """A weight file of another architecture, a truncated file, a pickle that would run code, or a model
     folder of the other family (a PixArt transformer for an SD teacher): one line each."""
@@ -1594,6 +1662,29 @@ def test_bad_generator_init_files_are_one_line(tmp_path):
                                  torch.device("cpu"))
         msg = str(e.value)
         assert msg.startswith("dipp: error:") and expected in msg and "\n" not in msg, (name, msg)
+
+
+def test_a_generator_init_of_another_family_is_one_line_before_any_network(tmp_path, monkeypatch):
+    """dipp.py --generator_init of another family than the teacher's (an SD-1.x UNet for an SDXL teacher and the
+    reverse: one class, told apart by config and tensors; a PixArt-α transformer), as a folder or a bare weight
+    file, or a truncated one: one line naming --generator_init, before any model is loaded or any file written.
+    (Every pair and form: test_evaluate.py's test of families.check_generator.)"""
+    sd, sdxl = tiny_models()[0], tiny_sdxl_models()[0]
+    monkeypatch.setattr(dipp, "load_teacher", lambda *a, **k: pytest.fail("a model was loaded before the check"))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(open(os.path.join(sd, "unet", "diffusion_pytorch_model.safetensors"), "rb").read()[:-100])
+    cases = [(sdxl, os.path.join(sd, "unet"), "holds a SD-1.x UNet2DConditionModel, but the teacher is SDXL"),
+             (sd, os.path.join(sdxl, "unet", "diffusion_pytorch_model.safetensors"),
+              "holds the weights of a SDXL UNet2DConditionModel, but the teacher is SD-1.x"),
+             (sd, os.path.join(tiny_pixart_models()[0], "transformer"), "holds a PixArt-α PixArtTransformer2DModel"),
+             (sd, str(cut), "cannot be read as a weight file")]
+    for teacher, init, expected in cases:
+        with pytest.raises(SystemExit) as e:
+            dipp.main(["--pretrained_model_name_or_path", teacher, "--generator_init", init, "--reward", "none",
+                       "--output_dir", str(tmp_path / "run")])
+        message = str(e.value)
+        assert message.startswith(f"dipp: error: --generator_init '{init}'") and expected in message, message
+        assert "\n" not in message and not (tmp_path / "run").exists()
 
 
 def test_user_mistakes_are_one_line(tmp_path, monkeypatch):

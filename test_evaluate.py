@@ -440,6 +440,7 @@ def test_bad_flags_and_prompt_files_are_one_line(tmp_path):
         ("--metrics", "diversity", "--images_per_prompt", "1"): "--images_per_prompt >= 2",
         ("--metrics", "fd_teacher"): "--teacher_steps N",
         ("--teacher_steps", "2", "--teacher_guidance", "0.5"): "--teacher_guidance",
+        ("--teacher_steps", "2", "--teacher_guidance", "inf"): "--teacher_guidance inf",
         ("--prompts", str(tmp_path / "none.txt")): "does not exist",
         ("--prompts", str(tmp_path / "empty.txt")): "has no prompts",
         ("--prompts", str(tmp_path / "latin1.txt")): "UTF-8",
@@ -713,12 +714,13 @@ def test_models_scorers_and_output_folder_are_checked_before_anything_loads(tmp_
     far = tmp_path / "far"  # a generator whose dipp.json says t* = 1000
     os.makedirs(far)
     open(far / "config.json", "w").write(open(os.path.join(t["generator"], "config.json")).read())
+    __import__("shutil").copy(os.path.join(t["generator"], "diffusion_pytorch_model.safetensors"), far)  # (whole)
     plumbing.write_generator_record(str(far), 1000)
     (tmp_path / "a_file").write_text("")
     out = tmp_path / "eval"
     base = ["--pretrained_model_name_or_path", t["sd"], "--generator", t["generator"], "--metrics", "clip",
             "--clip_model", t["clip_model"], "--output_dir", str(out)]
-    cases = [(["--generator", os.path.join(pixart, "transformer")], "holds a PixArtTransformer2DModel"),
+    cases = [(["--generator", os.path.join(pixart, "transformer")], "holds a PixArt-α PixArtTransformer2DModel"),
              (["--generator", str(tmp_path)], "is not a generator folder"),
              (["--generator", str(tmp_path / "a_file")], "is a file but not a weight file"),
              (["--generator", str(far)], "t* = 1000 (its dipp.json"),
@@ -751,8 +753,8 @@ def test_imagereward_loads_strictly(tmp_path):
 def test_full_disk_and_unwritable_output_are_one_line_and_leave_nothing_half_written(tmp_path):
     """Real write failures (the kernel refuses to grow a file past a limit: RLIMIT_FSIZE) while the images are
     written, then while the reports are: one line naming the file each time; no .tmp and no partial file left,
-    and the reports are all written or none (here none), while the images and scores an earlier run wrote are kept
-    untouched (a re-run resumes: it writes only the reports)."""
+    and the reports are all replaced or none (here none: the earlier run's stay, untouched), and so are the images
+    and scores an earlier run wrote (a re-run resumes: it writes only the reports)."""
     from PIL import Image
     from conftest import file_size_limit
     t, out = tiny(), tmp_path / "eval"
@@ -763,10 +765,133 @@ def test_full_disk_and_unwritable_output_are_one_line_and_leave_nothing_half_wri
         message = error_of(argv)
     assert "could not write" in message and "' (File too large)" in message and written() == []
     evaluate.main(argv)  # then a run that fits: a re-run keeps its images and scores and rewrites only the reports
-    kept = {f: os.path.getmtime(out / f) for f in written() if not f.endswith(evaluate.REPORTS)}
+    kept = {f: os.path.getmtime(out / f) for f in written()}
     with file_size_limit(2048):  # the reports do not all fit
         message = error_of(argv)
-    images = [f for f in written() if f.endswith(".png")]
+    images = [f for f in written() if f.startswith("images") and f.endswith(".png")]
     assert "File too large" in message and any(f"{r}'" in message for r in evaluate.REPORTS), message
-    assert {f: os.path.getmtime(out / f) for f in written()} == kept and len(images) == 2, written()  # no report, no .tmp
+    assert {f: os.path.getmtime(out / f) for f in written()} == kept and len(images) == 2, written()  # no .tmp
     assert all(Image.open(out / f).load() for f in images)  # whole PNGs
+
+
+def test_damaged_caches_are_recomputed_and_a_failed_rerun_keeps_the_previous_reports(tmp_path, monkeypatch, capsys):
+    """Files evaluate.py wrote and a user's bad day damaged (real files on disk): a truncated score file is scored
+    again and a key.json of garbage bytes has its images drawn again, each with one line saying so, to the same
+    values. A re-run that fails after drawing new images (a changed generator) leaves the previous table, summary,
+    scores and grid byte for byte, and the images they describe in images/<model>.previous; the next run that
+    completes replaces both. While one evaluation holds --output_dir, another into it stops in one line."""
+    import shutil
+    import plumbing
+    from diffusers import UNet2DConditionModel
+    t, out = tiny(), tmp_path / "eval"
+    generator = shutil.copytree(t["generator"], tmp_path / "generator")
+    argv = ["--pretrained_model_name_or_path", t["sd"], "--generator", str(generator), "--max_prompts", "2",
+            "--images_per_prompt", "1", "--metrics", "clip", "--clip_model", t["clip_model"], "--output_dir", str(out)]
+    first = evaluate.main(argv)
+    slug = first["models"][0]["slug"]
+    folder = out / "images" / slug
+    scores = folder / "scores_clip_l.pt"
+    scores.write_bytes(scores.read_bytes()[:100])  # truncated
+    capsys.readouterr()
+    second = evaluate.main(argv)
+    assert f"{scores} is damaged" in capsys.readouterr().out
+    assert torch.equal(second["values"][slug]["clip"], first["values"][slug]["clip"])
+    (folder / "key.json").write_bytes(b"\x80\xff garbage")
+    third = evaluate.main(argv)
+    assert "drawing the images again (its key.json is missing or damaged)" in capsys.readouterr().out
+    assert torch.equal(png(out, third["models"][0]["records"][0]), png(out, first["models"][0]["records"][0]))
+    assert torch.allclose(third["values"][slug]["clip"], first["values"][slug]["clip"])
+    reports = {name: (out / name).read_bytes() for name in evaluate.REPORTS}
+    unet = UNet2DConditionModel.from_pretrained(generator)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(-1)  # a retrained generator, whose re-run then fails while scoring
+    unet.save_pretrained(generator)
+
+    def fail(*args, **kwargs):
+        raise SystemExit("evaluate: error: a scorer failed")
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "score_all", fail)
+        error_of(argv)
+    assert {name: (out / name).read_bytes() for name in evaluate.REPORTS} == reports
+    old = out / "images" / (slug + evaluate.PREVIOUS)
+    assert torch.equal(png(out, {"image": f"images/{old.name}/00000_00.png"}),
+                       torch.from_numpy(first["models"][0]["preview"][0]).int())  # the images the reports describe
+    evaluate.main(argv)
+    assert not old.exists() and (out / "table.md").read_bytes() != reports["table.md"]
+    with plumbing.folder_lock(str(out)):  # another run holds the folder
+        assert "is in use by another run" in error_of(argv)
+
+
+def test_generators_of_another_family_or_damaged_are_refused_before_any_network(tmp_path, monkeypatch):
+    """For every pair of SD-1.x, SDXL and PixArt-α (SD-1.x and SDXL UNets are one class): a generator folder, a
+    pipeline folder and a bare weight file of another family than the teacher's are one line naming both families
+    and evaluate.py's flag (--generator), before any model is loaded; a truncated weight file, bare or in a
+    folder, is one line naming --generator too. The teacher's own denoiser, in each form, passes."""
+    import shutil
+    import families
+    import random_weights
+    root = tempfile.gettempdir()
+    models = {"sd": random_weights.build_random(os.path.join(root, "dipp-test-tiny"), "tiny")[0],
+              "sdxl": random_weights.build_random(os.path.join(root, "dipp-test-tiny-sdxl"), "tiny_sdxl")[0],
+              "pixart": random_weights.build_random(os.path.join(root, "dipp-test-tiny-pixart"), "tiny_pixart")[0]}
+    late = lambda *a, **k: pytest.fail("a model was loaded before every check was done")
+    monkeypatch.setattr(dipp, "load_teacher", late)
+    monkeypatch.setattr(families, "text_conditioning", late)
+    forms = lambda fam: {"pipeline folder": models[fam], "model folder": os.path.join(
+        models[fam], families.FAMILIES[fam].folder), "weight file": os.path.join(
+        models[fam], families.FAMILIES[fam].folder, "diffusion_pytorch_model.safetensors")}
+    base = ["--metrics", "clip", "--clip_model", tiny()["clip_model"], "--output_dir", str(tmp_path / "eval")]
+    for teacher, folder in models.items():
+        family = families.FAMILIES[teacher]
+        for other in models:
+            for form, generator in forms(other).items():
+                if other == teacher:  # (the check passes; the model would load next)
+                    families.check_generator(family, folder, generator, "--generator")
+                    continue
+                message = error_of(["--pretrained_model_name_or_path", folder, "--generator", generator] + base)
+                found = families.FAMILIES[other]
+                assert f"--generator '{generator}'" in message and (f"{found.title} {found.denoiser}" in message or
+                                                                    f"holds a {found.denoiser}" in message), message
+                assert f"the teacher is {family.title}" in message or "uses a" in message, (teacher, other, form)
+    broken = tmp_path / "unet"
+    shutil.copytree(os.path.join(models["sd"], "unet"), broken)
+    weights = broken / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # a copy cut short
+    for generator in (broken, weights):
+        message = error_of(["--pretrained_model_name_or_path", models["sd"], "--generator", str(generator)] + base)
+        assert f"--generator '{generator}'" in message and "cannot be read as a weight file" in message, message
+        assert "--generator_init" not in message
+    weights.unlink()  # a folder with its config but no weights
+    message = error_of(["--pretrained_model_name_or_path", models["sd"], "--generator", str(broken)] + base)
+    assert f"--generator '{broken}' has config.json but no weight file" in message, message
+    assert not (tmp_path / "eval").exists()
+
+
+def test_image_key_holds_everything_the_images_depend_on(tmp_path):
+    """evaluate.py's image cache (images/<model>/key.json) is keyed by everything that changes a model's images:
+    the model's files, how it is sampled, the prompts, seed, precision, device, and the teacher folder's VAE and
+    text encoder, which decode and condition a generator's row too (the same generator with a VAE replaced in the
+    teacher's folder draws other images)."""
+    import argparse
+    teacher = tmp_path / "sd"
+    for part in ("vae", "text_encoder", "unet"):
+        os.makedirs(teacher / part)
+        (teacher / part / "config.json").write_text("{}")
+    model = lambda: {"source": "gen", "files": [("gen/x", 1, 2.0)], "name": "gen (one step, t*=999)"}
+    args = lambda **kw: argparse.Namespace(**{"pretrained_model_name_or_path": str(teacher), "seed": 0,
+                                              "mixed_precision": "no", **kw})
+    cpu = torch.device("cpu")
+    key = evaluate.image_key(model(), ["a fox"], args(), cpu)
+    assert key == evaluate.image_key(model(), ["a fox"], args(), cpu)
+    changed = [evaluate.image_key(model(), ["a cat"], args(), cpu), evaluate.image_key(model(), ["a fox"], args(
+                   seed=1), cpu), evaluate.image_key(model(), ["a fox"], args(mixed_precision="bf16"), cpu),
+               evaluate.image_key(model(), ["a fox"], args(), torch.device("meta")),
+               evaluate.image_key({**model(), "name": "gen (one step, t*=500)"}, ["a fox"], args(), cpu),
+               evaluate.image_key({**model(), "files": [("gen/x", 1, 3.0)]}, ["a fox"], args(), cpu)]
+    assert all(other != key for other in changed)
+    (teacher / "unet" / "config.json").write_text("{ }")  # the teacher's UNet does not draw a generator's row
+    assert evaluate.image_key(model(), ["a fox"], args(), cpu) == key
+    for part in ("vae", "text_encoder"):  # its VAE and text encoder do
+        (teacher / part / "config.json").write_text("{  }")
+        assert evaluate.image_key(model(), ["a fox"], args(), cpu) != key, part
+        key = evaluate.image_key(model(), ["a fox"], args(), cpu)

@@ -10,6 +10,7 @@ import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach the model hub
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("DIPP_CACHE", tempfile.mkdtemp(prefix="dipp-test-cache-"))  # (the FLOP counts' cache: not ~)
 
 import plumbing
 import reproduce
@@ -150,3 +151,123 @@ def test_plans_of_the_published_recipes(capsys, monkeypatch):
         eval_flops = n * (1e12 * steps * 2 + 2 * 1e12)  # teacher under CFG + two one-step generators, 1 image each
         assert f"evaluate   {eval_flops / 1e15:10.4g} PFLOP  ≈ " in printed
         assert os.listdir(out) == []  # nothing was run or written
+
+
+def test_a_kill_stops_the_stage_running_and_its_child(tmp_path):
+    """SIGTERM (a scheduler's, `timeout`'s) to a real `python reproduce.py sd15 --tiny` once its first stage (the
+    calibration's dipp.py) runs as its child: the child is stopped too (its pid is gone, not left training),
+    reproduce exits 143 with one line saying how to continue, and OUT's lock is free for that re-run (which
+    resume_flags and test_rerunning_the_command_resumes_every_stage cover)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import plumbing
+    out = str(tmp_path / "sd15")
+    commands = os.path.join(out, "commands.sh")
+    parent = subprocess.Popen([sys.executable, reproduce.__file__, "sd15", "--tiny", "--output_dir", out],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(reproduce.__file__))
+    children, deadline = [], time.time() + 180
+    while not children and parent.poll() is None and time.time() < deadline:  # the first stage has started
+        time.sleep(0.1)
+        if os.path.isfile(commands):
+            children = open(f"/proc/{parent.pid}/task/{parent.pid}/children").read().split()
+    assert children, parent.communicate()
+    parent.send_signal(signal.SIGTERM)
+    _, err = parent.communicate(timeout=60)
+    assert parent.returncode == 143 and "stopped by signal 15" in err and "Run the same reproduce.py command" in err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("reproduce: stopped by signal 15"), err
+    assert not os.path.exists(f"/proc/{children[0]}"), "the stage's process outlived reproduce.py"
+    with plumbing.folder_lock(out):  # (free: this would stop the test otherwise)
+        pass
+
+
+def test_a_second_run_into_the_folder_is_refused_and_a_stage_dies_with_reproduce(tmp_path):
+    """While a run holds OUT (its lock), another reproduce.py into it stops in one line before doing anything. A
+    stage's process is stopped (SIGTERM) even when reproduce.py dies of SIGKILL, which no handler sees
+    (PR_SET_PDEATHSIG), and until it has stopped it still holds OUT's lock (inherited)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import plumbing
+    import pytest
+    out = str(tmp_path / "out")
+    with plumbing.folder_lock(out):
+        with pytest.raises(SystemExit) as e:
+            reproduce.main(["sd15", "--tiny", "--output_dir", out])
+    assert str(e.value).startswith("reproduce: error: --output_dir") and "in use by another run" in str(e.value)
+    assert os.listdir(out) == []
+    script = ("import os, sys, plumbing\n"
+              "with plumbing.folder_lock(sys.argv[1]) as fd:\n"
+              "    plumbing.run_child([sys.executable, '-c', 'import time; print(1, flush=True); time.sleep(60)'],"
+              " pass_fds=[fd])\n")
+    parent = subprocess.Popen([sys.executable, "-c", script, out], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(reproduce.__file__))
+    assert parent.stdout.readline() == "1\n"  # the child runs
+    child = int(open(f"/proc/{parent.pid}/task/{parent.pid}/children").read().split()[0])
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 10
+    while os.path.exists(f"/proc/{child}") and open(f"/proc/{child}/stat").read().split()[2] != "Z" \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    assert time.time() < deadline, "the child outlived its parent's SIGKILL"
+    with plumbing.folder_lock(out):  # released with the child
+        pass
+
+
+def test_damaged_records_are_recomputed_with_one_line(tmp_path, monkeypatch, capsys):
+    """calibration.json truncated or of garbage bytes: the calibration runs again (here a stand-in run writing a
+    known log) and α_rew = TARGET_RATIO / median grad_ratio, said in one line. A damaged cached FLOP count is
+    counted again."""
+    import argparse
+    out = str(tmp_path)
+    ratios = [0.01, 0.03, 0.02]
+
+    def calibration_run(command, out):
+        folder = command[command.index("--output_dir") + 1]
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "log.jsonl"), "w") as f:
+            f.write("".join(json.dumps({"step": i, "grad_ratio": r}) + "\n" for i, r in enumerate(ratios)))
+    monkeypatch.setattr(reproduce, "run", calibration_run)
+    args = argparse.Namespace(reward_scale=None, tiny=True, nproc=1)
+    plan = reproduce.Plan([], {}, ["--max_train_steps", "2", "--generator_init", "INIT"], [], 2, True)
+    path = os.path.join(out, "calibration.json")
+    for damage in (b'{"reward_scale": 1', b"\x80\x81\xfe garbage", b'{"reward_scale": -3}'):
+        open(path, "wb").write(damage)
+        assert reproduce.calibrate(args, plan, out, "INIT") == float(f"{reproduce.TARGET_RATIO / 0.02:.2g}")
+        assert f"{path} is damaged" in capsys.readouterr().out
+        assert json.load(open(path))["median_grad_ratio_at_1"] == 0.02
+    monkeypatch.setenv("DIPP_CACHE", str(tmp_path / "cache"))
+    assert reproduce.counted(lambda: 5.0, "a key") == 5.0
+    [cached] = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "cache") for f in fs]
+    open(cached, "w").write('{"flops": ')
+    assert reproduce.counted(lambda: 7.0, "a key") == 7.0 and "is damaged; counting again" in capsys.readouterr().out
+    assert reproduce.counted(lambda: 9.0, "a key") == 7.0  # written back whole
+
+
+def test_bad_flags_and_an_unwritable_folder_are_one_line(tmp_path):
+    """Each mistake is one line naming its flag, before anything is built or written: a utilisation of 0 (which
+    the cost estimate used to replace silently by its default) or above 1, no GPUs, a negative prompt count, a
+    negative α_rew, a misspelt flag, an output folder that cannot be made (its parent is a file). An explicit
+    --max_prompts 0 means all prompts under --tiny too, not --tiny's 3."""
+    import argparse
+    import pytest
+    (tmp_path / "a_file").write_text("")
+    cases = [(["--utilisation", "0"], "--utilisation 0.0 is not a fraction"),
+             (["--utilisation", "1.5"], "--utilisation 1.5 is not a fraction"),
+             (["--nproc", "0"], "--nproc and --max_train_steps must be >= 1"),
+             (["--max_prompts", "-1"], "--max_prompts >= 0"), (["--reward_scale", "-1"], "would minimise the reward"),
+             (["--max_train_step", "3"], "unknown flag --max_train_step; did you mean --max_train_steps"),
+             (["--output_dir", str(tmp_path / "a_file" / "out")], "cannot be written")]
+    for extra, expected in cases:
+        with pytest.raises(SystemExit) as e:
+            reproduce.main(["sd15", "--tiny", "--plan", *extra])
+        message = str(e.value)
+        assert message.startswith("reproduce: error: ") and "\n" not in message and expected in message, message
+    plan = lambda *flags: reproduce.make_plan(reproduce.RECIPES["sd15"], argparse.Namespace(
+        **vars(reproduce.parse_args(["sd15", "--tiny", *flags]))), str(tmp_path / "out"))
+    assert reproduce.flag(plan("--max_prompts", "0").evaluate, "--max_prompts") == "0"
+    assert reproduce.flag(plan().evaluate, "--max_prompts") == "3"

@@ -177,3 +177,91 @@ def test_digits_notebook_matches_its_ipynb_and_defines_no_losses():
     assert [c.source for c in py.cells] == [c.source for c in nb.cells], "run: jupytext --sync notebooks/04_digits.py"
     assert all(not c.get("outputs") for c in nb.cells)
     assert not re.search(r"def \w*(loss|step|sample)\w*\(", open(os.path.join(HERE, "notebooks", "04_digits.py")).read())
+
+
+# ----------------------------------------------------------------------------- bad input, damaged files, kills
+
+def toy_error(parse, argv):
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    message = str(e.value)
+    assert message.startswith("toy/") and ": error: " in message and "\n" not in message, message
+    return message
+
+
+def test_toy_flags_are_checked_and_explicit_flags_win_over_quick(tmp_path):
+    """Each toy's numeric flags outside their meaning (a zero bump width, which ran until NaN; zero workers,
+    which silently meant one; a zero learning rate; an EMA of 1, which never moves) and an unwritable --out are
+    one line naming the flag; a flag typed next to --quick keeps its value, the others take the preset's."""
+    import digits
+    import gmm
+    assert gmm.parse(["--quick"]).steps == 500 and gmm.parse(["--quick", "--steps", "7"]).steps == 7
+    assert gmm.parse(["--quick", "--reward_scales", "2"]).reward_scales == [2.0]
+    assert optimum.parse(["--quick", "--steps", "9"]).steps == 9 and optimum.parse(["--quick"]).steps == 300
+    quick = digits.parse(["--quick", "--workers", "2", "--seeds=2"])
+    assert (quick.workers, quick.seeds, quick.steps) == (2, 2, 150)
+    assert "--width 0.0: must be > 0" in toy_error(gmm.parse, ["--reward", "bump", "--width", "0"])
+    assert "--workers 0: must be >= 1" in toy_error(gmm.parse, ["--workers", "0"])
+    assert "--lr 0.0: must be > 0" in toy_error(optimum.parse, ["--lr", "0"])
+    assert "--reward_scales 0.5 inf: must be finite" in toy_error(gmm.parse, ["--reward_scales", "0.5", "inf"])
+    assert "--ema 1.0: must be in [0, 1)" in toy_error(digits.parse, ["--ema", "1"])
+    assert "did you mean --steps" in toy_error(gmm.parse, ["--step", "3"])  # (no silent abbreviation)
+    (tmp_path / "a_file").write_text("")
+    import plumbing
+    with plumbing.as_program("toy/gmm"):
+        message = toy_error(gmm.run, ["--out", str(tmp_path / "a_file" / "out")])
+    assert "--out" in message and "cannot be written" in message
+
+
+def test_a_damaged_trained_network_cache_is_trained_again(tmp_path):
+    """toy/digits' cache of trained networks: a truncated file and one of garbage bytes are each trained again,
+    with one line saying so, and the file written back whole loads without training."""
+    import digits
+    settings, trained, lines = dict(kind="referee", width=2), [], []
+
+    def train():
+        trained.append(1)
+        return digits.build_net("referee", settings), {"accuracy": 1.0}
+    net, _ = digits.cached("referee", settings, [digits.build_net], train, str(tmp_path), log=lines.append)
+    [path] = [str(p) for p in tmp_path.iterdir()]
+    for damage in (open(path, "rb").read()[:200], b"\x80\x81 garbage"):
+        open(path, "wb").write(damage)
+        again, _ = digits.cached("referee", settings, [digits.build_net], train, str(tmp_path), log=lines.append)
+        assert any(line.startswith(f"{path} is damaged") for line in lines)
+        lines.clear()
+    assert len(trained) == 3
+    digits.cached("referee", settings, [digits.build_net], train, str(tmp_path), log=lines.append)
+    assert len(trained) == 3 and lines == []
+
+
+def test_a_kill_ends_the_toy_and_its_worker_processes(tmp_path):
+    """SIGTERM to a real `python toy/gmm.py --workers 2` while its worker processes train: it exits 143 with one
+    line, and every process it started is gone (none is left training)."""
+    import signal
+    import subprocess
+    import time
+    toy = subprocess.Popen([sys.executable, os.path.join(HERE, "toy", "gmm.py"), "--workers", "2", "--steps",
+                            "100000", "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    assert "training runs of 100000 steps on 2 worker(s)" in toy.stdout.readline()
+    children, deadline = lambda: open(f"/proc/{toy.pid}/task/{toy.pid}/children").read().split(), time.time() + 60
+    while len(children()) < 2 and time.time() < deadline:  # both workers started
+        time.sleep(0.1)
+    started = children()
+    time.sleep(1)
+    toy.send_signal(signal.SIGTERM)
+    try:
+        _, err = toy.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        toy.kill()
+        _, err = toy.communicate()
+    deadline = time.time() + 10
+    alive = lambda: [p for p in started if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2]
+                     != "Z"]
+    while alive() and time.time() < deadline:
+        time.sleep(0.05)
+    left = alive()
+    for pid in left:  # (a failing test does not leave them training)
+        os.kill(int(pid), signal.SIGKILL)
+    assert len(started) >= 2 and not left, started
+    assert toy.returncode == 143 and err.strip().splitlines()[-1].startswith("toy/gmm: stopped by signal 15"), err

@@ -236,7 +236,7 @@ MUTANTS = [
            ("test_dipp.py::test_two_fsdp_processes_train_like_one_and_their_checkpoint_resumes_in_two_or_one",),
            "--shard fsdp trains N unsynchronised copies (no gradient averaging)"),
     Mutant("evaluate-resume-ignores-the-model", "evaluate.py",
-           "if os.path.isdir(folder) and not (os.path.isfile(key_file) and open(key_file).read() == text):",
+           "if os.path.isdir(folder) and not (os.path.isfile(key_file) and open(key_file, \"rb\").read() == text.encode()):",
            "if False:",
            ("test_evaluate.py::test_a_rerun_keeps_what_it_wrote_and_redraws_a_retrained_generator",),
            "a retrained generator is scored on the old generator's images"),
@@ -245,6 +245,34 @@ MUTANTS = [
            "scale = float(f\"{median / TARGET_RATIO:.2g}\")",
            ("test_reproduce.py::test_tiny_chain_writes_the_table_with_every_row_and_column",),
            "α_rew moves away from the aimed gradient ratio instead of towards it"),
+    # --- issue 29: the realistic bugs a fresh mutant set found unseen, and their siblings
+    Mutant("fake-score-from-generator-init", "dipp.py",
+           "G, fake = build_generator(cfg, teacher, fam, schedule, device), build_fake_score(cfg, teacher, fam, device)",
+           "G = build_generator(cfg, teacher, fam, schedule, device); fake = build_fake_score(cfg, G.net, fam, device)",
+           ("test_dipp.py::test_the_fake_score_starts_from_the_teacher_not_the_generator_init",),
+           "with --generator_init the fake score starts at the generator, not at s_ref: the IKL's reference is lost"),
+    Mutant("lora-peft-default-alpha", "plumbing.py",
+           "LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets))",
+           "LoraConfig(r=rank, target_modules=list(targets))",
+           ("test_dipp.py::test_lora_adapter_adds_exactly_B_A_x",),
+           "PEFT's default lora_alpha = 8: the adapter's scale becomes 8/r (2× at r = 4, 1/8 at r = 64)"),
+    Mutant("text-cache-key-without-dtype", "families.py",
+           "key = [name, family.name, str(dtype), plumbing.files_stamp(",
+           "key = [name, family.name, plumbing.files_stamp(",
+           ("test_dipp.py::test_prompt_embedding_cache_is_keyed_by_dtype",),
+           "a bf16 run reads the prompt embeddings an fp32 run cached in the same folder (or the reverse)"),
+    Mutant("ddp-gradients-averaged-twice", "dipp.py",
+           "opt.G.scaler.scale(loss_G).backward()",
+           "opt.G.scaler.scale(loss_G / (torch.distributed.get_world_size() if torch.distributed.is_initialized() "
+           "else 1)).backward()",
+           ("test_dipp.py::test_two_process_ddp_equals_one_process_with_global_batch",),
+           "under DDP every gradient is divided by the world size once more (invisible to Adam with β1 = 0 until "
+           "its second moment, the clipping norm or another optimiser sees it)"),
+    Mutant("image-key-without-the-teacher", "evaluate.py",
+           "\"teacher\": teacher, \"teacher_parts\": shared,",
+           "",
+           ("test_evaluate.py::test_image_key_holds_everything_the_images_depend_on",),
+           "a generator re-evaluated with another VAE or text encoder in the teacher's folder keeps the old images"),
 ]
 
 

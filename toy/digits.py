@@ -20,7 +20,6 @@ a generator that fools the judge does not also grade itself. The teacher, judge 
 once per machine and cached under $XDG_CACHE_HOME/dipp/digits (~/.cache/dipp/digits), keyed by their
 settings and a hash of the code that trains them.
 """
-import argparse
 import copy
 import hashlib
 import inspect
@@ -217,16 +216,19 @@ def cached(kind, settings, code, train_fn, folder, log=print):
         KEYS[memo] = hashlib.sha256((memo[1] + source).encode()).hexdigest()[:16]
     path = os.path.join(folder, f"{kind}-{KEYS[memo]}.pt")
     if os.path.exists(path):
-        saved = torch.load(path, weights_only=True)
-        net = build_net(kind, settings)
-        net.load_state_dict(saved["state_dict"])
-        return net.eval().requires_grad_(False), saved["info"]
+        try:
+            saved = torch.load(path, weights_only=True)
+            net = build_net(kind, settings)
+            net.load_state_dict(saved["state_dict"])
+            return net.eval().requires_grad_(False), saved["info"]
+        except Exception as e:  # a damaged file (truncated, overwritten): torch raises several kinds of error
+            log(f"{path} is damaged ({type(e).__name__}: {str(e).strip()[:80]}); training the {kind} again")
     log(f"training the {kind} (once per machine; cached as {path}) ...")
     start = time.time()
     net, info = train_fn()
     info = {**info, "train_seconds": round(time.time() - start, 1)}
     log(f"{kind}: {info}")
-    os.makedirs(folder, exist_ok=True)
+    plumbing.writable_dir(folder, "--cache_dir")
     tmp = f"{path}.{os.getpid()}.tmp"
     torch.save({"state_dict": net.state_dict(), "settings": settings, "info": info}, tmp)
     os.replace(tmp, path)
@@ -448,7 +450,7 @@ def run(argv=None):
     if args.replot:
         return replot(args)
     t_start = time.time()
-    os.makedirs(args.out, exist_ok=True)
+    plumbing.writable_dir(args.out, "--out")
     torch.set_num_threads(1)
     teacher, judge, referee, info = load_models(args)  # trained here, once, if not cached yet
     print(f"teacher, judge, referee ready in {time.time() - t_start:.1f} s; held-out accuracy "
@@ -501,10 +503,11 @@ def run(argv=None):
            "models": info, "train_seconds_per_run": summarise([r["train_seconds"] for r in results.values()]),
            "logs": {f"{k[0]}/{k[1]}": r["log"] for k, r in results.items()},
            "wall_time_s": time.time() - t_start, "settings": vars(args)}
-    json.dump(out, open(os.path.join(args.out, "results.json"), "w"), indent=1)
-    torch.save({k: list(v) for k, v in samples.items()}, os.path.join(args.out, "samples.pt"))
     table = report(rows, args)
-    open(os.path.join(args.out, "table.md"), "w").write(table + "\n")
+    path = lambda name: os.path.join(args.out, name)  # all three replaced together, or none (a kill, a full disk)
+    plumbing.write_files({path("results.json"): evaluate.text_file(json.dumps(out, indent=1)),
+                          path("samples.pt"): lambda tmp: torch.save({k: list(v) for k, v in samples.items()}, tmp),
+                          path("table.md"): evaluate.text_file(table + "\n")})
     print(table)
     plot(samples, rows, args, os.path.join(args.out, "digits.png"))
     print(f"wrote {args.out}/results.json, table.md, digits.png in {out['wall_time_s']:.1f} s")
@@ -640,8 +643,13 @@ def plot(samples, rows, args, path):
 
 def replot(args):
     """Redraw the figure and the table from a finished run's results.json and samples.pt (no training)."""
-    out = json.load(open(os.path.join(args.out, "results.json")))
-    samples = torch.load(os.path.join(args.out, "samples.pt"), weights_only=True)
+    try:
+        out = json.load(open(os.path.join(args.out, "results.json"), encoding="utf-8"))
+        samples = torch.load(os.path.join(args.out, "samples.pt"), weights_only=True)
+        out["rows"], samples.items()
+    except Exception as e:  # missing, truncated or overwritten: nothing to redraw from
+        plumbing.die(f"--replot: {args.out}/results.json and samples.pt cannot be read ({type(e).__name__}: "
+                     f"{str(e).strip()[:80]}); run the same command without --replot to compute them again")
     plot({k: tuple(v) for k, v in samples.items()}, out["rows"], args, os.path.join(args.out, "digits.png"))
     print(report(out["rows"], args))
 
@@ -661,8 +669,7 @@ REFEREE = dict(kind="referee", width=16, steps=600, batch=64, lr=3e-3, weight_de
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = plumbing.FlagParser("toy/digits.py", __doc__.split("\n\n")[0])  # (exact flags, one-line errors)
     p.add_argument("--judge_scales", type=float, nargs="*", default=[1.0, 10.0, 100.0],
                    help="α_rew of the judge-reward runs")
     p.add_argument("--ink_scales", type=float, nargs="*", default=[0.3, 1.0], help="α_rew of the ink-reward runs")
@@ -688,17 +695,27 @@ def parse(argv=None):
     p.add_argument("--replot", action="store_true", help="redraw --out's figure and table from its saved results")
     args = p.parse_args(argv)
     args.teacher, args.judge, args.referee = dict(TEACHER), dict(JUDGE), dict(REFEREE)
-    if args.quick:
+    if args.quick:  # (a flag given explicitly wins over the preset)
         args.teacher = dict(QUICK_TEACHER)
-        args.judge_scales, args.ink_scales, args.extras, args.seeds = [10.0], [], 0, 1
-        args.steps, args.batch, args.ema, args.eval_per_class, args.workers = 150, 64, 0.95, 100, 1
+        plumbing.apply_preset(args, dict(judge_scales=[10.0], ink_scales=[], extras=0, seeds=1, steps=150, batch=64,
+                                         ema=0.95, eval_per_class=100, workers=1), argv)
     if args.t_star < 1 or args.t_star >= 1000 or args.steps < 1 or args.batch < 2 or args.seeds < 1:
         p.error("need 1 <= --t_star <= 999, --steps >= 1, --batch >= 2, --seeds >= 1")
     if args.guidance_scale < 1 or min(args.judge_scales + args.ink_scales + [0]) < 0:
         p.error("need --guidance_scale >= 1 and reward scales >= 0")
+    finite = lambda v: math.isfinite(v)
+    plumbing.check_ranges(p, args, {
+        "extras": (lambda v: v in (0, 1), "0 or 1"), "lr": (lambda v: v > 0 and finite(v), "> 0"),
+        "lr_fake": (lambda v: v > 0 and finite(v), "> 0"), "ema": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "eval_per_class": (lambda v: v >= 2, ">= 2"), "teacher_steps": (lambda v: v >= 1, ">= 1"),
+        "workers": (lambda v: v >= 1, ">= 1 (1 = no worker processes)"),
+        "judge_scales": (finite, "finite"), "ink_scales": (finite, "finite"),
+        "guidance_scale": (finite, "finite")})
     plumbing.check_config(dipp.Config(t_min=args.t_min, t_max=args.t_max))  # π(t) inside the schedule
     return args
 
 
 if __name__ == "__main__":
-    run()
+    with plumbing.as_program("toy/digits"), plumbing.stopped_in_one_line(
+            "nothing of this run is kept; run the command again"):  # (one line; the worker processes end too)
+        run()

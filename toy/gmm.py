@@ -15,7 +15,6 @@ Experiments (numbers in toy_out/results.json, figure in toy_out/toy.png):
   cfg       ω > 1 with no explicit reward vs ω = 1 plus the explicit reward r_cfg with α = ω − 1
             (METHOD.md §5): the two should give the same distribution.
 """
-import argparse
 import json
 import math
 import os
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dipp  # noqa: E402  (the repo root holds dipp.py)
-import plumbing  # noqa: E402
+import plumbing  # noqa: E402  (one-line errors, the process pool)
 
 # -----------------------------------------------------------------------------
 # The exact reference: p(x|c) = Σ_{k∈K_c} π_k N(μ_k, s_k² I), diffused in closed form.
@@ -270,7 +269,7 @@ def mode_weights(x, c, gmm):
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = plumbing.FlagParser("toy/gmm.py", __doc__.split("\n\n")[0])  # (exact flags, one-line errors)
     p.add_argument("--means", type=float, nargs="+", default=[-1.5, 1, 1.5, 1, -1.5, -1, 1.5, -1],
                    help="component means x1 y1 x2 y2 ...")
     p.add_argument("--stds", type=float, nargs="+", default=[0.6], help="component stds (one = all)")
@@ -301,8 +300,8 @@ def parse(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="short runs: fewer steps and α_rew values (47 CPU-seconds), the figure titled QUICK VERSION")
     args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.eval_samples, args.reward_scales = 500, 4000, [0.0, 0.5]
+    if args.quick:  # (a flag given explicitly wins over the preset)
+        plumbing.apply_preset(args, dict(steps=500, eval_samples=4000, reward_scales=[0.0, 0.5]), argv)
     K = len(args.classes)
     args.stds = args.stds * K if len(args.stds) == 1 else args.stds
     args.weights = args.weights * K if len(args.weights) == 1 else args.weights
@@ -316,6 +315,15 @@ def parse(argv=None):
         p.error("need --guidance_scale >= 1 and --reward_scales >= 0")
     if args.z_dim < 2 or args.k_ta < 1 or args.steps < 1 or args.batch < 2:
         p.error("need --z_dim >= 2, --k_ta >= 1, --steps >= 1 and --batch >= 2")
+    finite = lambda v: math.isfinite(v)
+    plumbing.check_ranges(p, args, {
+        "width": (lambda v: v > 0 and finite(v), "> 0 (the bump's width; 0 divides by zero)"),
+        "lr": (lambda v: v > 0 and finite(v), "> 0"), "lr_fake": (lambda v: v > 0 and finite(v), "> 0"),
+        "eval_samples": (lambda v: v >= 2, ">= 2 (the metrics compare sample sets)"),
+        "workers": (lambda v: v >= 1, ">= 1 (1 = no worker processes)"),
+        "means": (finite, "finite"), "direction": (finite, "finite"), "centre": (finite, "finite"),
+        "stds": (finite, "finite"), "weights": (finite, "finite"), "reward_scales": (finite, "finite"),
+        "guidance_scale": (finite, "finite")})
     plumbing.check_config(dipp.Config(t_min=args.t_min, t_max=args.t_max))  # π(t) inside the schedule
     return args
 
@@ -348,28 +356,6 @@ def job(args, name, reward_scale, omega, seed):
     return evaluate(G, gmm, reward, grid, edges, args.eval_samples, seed=10_000 + seed)
 
 
-def run_jobs(args, jobs, fn):
-    """jobs: {name: arguments} -> {name: fn(args, *arguments)}, over args.workers processes, with a progress bar
-    of the finished runs (a full toy runs for minutes). toy/optimum.py and toy/digits.py run theirs here too."""
-    import concurrent.futures
-    import multiprocessing
-    from tqdm import tqdm
-    with tqdm(total=len(jobs), desc="runs", unit="run", disable=len(jobs) < 2) as bar:
-        if args.workers > 1 and len(jobs) > 1:
-            with concurrent.futures.ProcessPoolExecutor(args.workers, multiprocessing.get_context("spawn")) as pool:
-                futures = {pool.submit(fn, args, *v): k for k, v in jobs.items()}
-                done = {}
-                for future in concurrent.futures.as_completed(futures):
-                    done[futures[future]] = future.result()
-                    bar.update()
-            return {k: done[k] for k in jobs}  # (in the jobs' order)
-        done = {}
-        for k, v in jobs.items():
-            done[k] = fn(args, *v)
-            bar.update()
-        return done
-
-
 def summary(results):
     """The numbers that matter, as a short table (every number is in results.json)."""
     ref = results["reference"]
@@ -392,7 +378,7 @@ def summary(results):
 def run(argv=None):
     args = parse(argv)
     t_start = time.time()
-    os.makedirs(args.out, exist_ok=True)
+    plumbing.writable_dir(args.out, "--out")
     gmm, schedule, reward = build(args)
     edges, grid = grid_for(args)
     n, omega = args.eval_samples, args.guidance_scale
@@ -403,7 +389,10 @@ def run(argv=None):
     jobs["cfg_guided_seed2"] = ("cfg_guided", 0.0, omega, args.seed + 1)  # the training-noise floor
     jobs["cfg_explicit"] = ("cfg_explicit", omega - 1, 1.0, args.seed)  # unguided teacher + (ω−1)·r_cfg
     print(f"{len(jobs)} training runs of {args.steps} steps on {args.workers} worker(s) ...", flush=True)
-    runs = run_jobs(args, jobs, job)
+    if args.workers > 1:
+        runs = plumbing.run_in_processes(job, {k: (args, *v) for k, v in jobs.items()}, args.workers)
+    else:
+        runs = {k: job(args, *v) for k, v in jobs.items()}
 
     # noise floors: exact reference samples against exact reference samples
     g = torch.Generator().manual_seed(12345)
@@ -491,4 +480,6 @@ def plot(gmm, ref, runs, results, args, path):
 
 
 if __name__ == "__main__":
-    run()
+    with plumbing.as_program("toy/gmm"), plumbing.stopped_in_one_line(
+            "nothing of this run is kept; run the command again"):  # (one line; the worker processes end too)
+        run()

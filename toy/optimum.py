@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dipp  # noqa: E402  (the repo root holds dipp.py)
 import plumbing  # noqa: E402
 import gmm as toy  # noqa: E402  (the exact Gaussian teacher, the MLPs and DI++'s training loop)
+import plumbing  # noqa: E402  (one-line errors, the process pool)
 
 # -----------------------------------------------------------------------------
 # Exact quantities: π(t) as a vector, W, m*, the closed-form IKL between isotropic Gaussians
@@ -161,10 +162,12 @@ def run_one(args, weighting, sampling, reward_scale, seed):
 
 
 def run_all(args, jobs, fn=None):
-    """jobs: {name: arguments} -> {name: fn(args, *arguments)}, over args.workers processes (toy.run_jobs: with a
-    progress bar). fn defaults to run_one (arguments: weighting, sampling, reward_scale, seed); toy/digits.py passes
-    its own job."""
-    return toy.run_jobs(args, jobs, fn or run_one)
+    """jobs: {name: arguments} -> {name: fn(args, *arguments)}, over args.workers processes. fn defaults to
+    run_one (arguments: weighting, sampling, reward_scale, seed); toy/digits.py passes its own job."""
+    fn = fn or run_one
+    if args.workers > 1 and len(jobs) > 1:
+        return plumbing.run_in_processes(fn, {k: (args, *v) for k, v in jobs.items()}, args.workers)
+    return {k: fn(args, *v) for k, v in jobs.items()}
 
 
 def errors(point, m_star, mu, s):
@@ -365,8 +368,7 @@ def plot_study(res, args, schedule, path):
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = plumbing.FlagParser("toy/optimum.py", __doc__.split("\n\n")[0])  # (exact flags, one-line errors)
     p.add_argument("--study", action="store_true", help="run the weighting study instead of the α_rew sweep")
     p.add_argument("--quick", action="store_true", help="one short x0/uniform run, for the tests (~15 s)")
     p.add_argument("--mu", type=float, nargs=2, default=[0.0, 0.0], help="reference mean μ")
@@ -391,12 +393,20 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = 2000 if args.study else 400
-    if args.quick:
-        args.steps, args.reward_scales = 300, [1.0]
+    if args.quick:  # (a flag given explicitly wins over the preset)
+        plumbing.apply_preset(args, dict(steps=300, reward_scales=[1.0]), argv)
     if args.s <= 0 or math.hypot(*args.a) == 0 or min(args.reward_scales) < 0 or args.target_shift <= 0:
         p.error("need --s > 0, a nonzero --a, --reward_scales >= 0 and --target_shift > 0")
     if args.steps < 2 or args.seeds < 2 or args.log_every < 1:
         p.error("need --steps >= 2, --seeds >= 2 (the study reports a spread) and --log_every >= 1")
+    finite = lambda v: math.isfinite(v)
+    plumbing.check_ranges(p, args, {
+        "z_dim": (lambda v: v >= 2, ">= 2"), "k_ta": (lambda v: v >= 1, ">= 1"),
+        "batch": (lambda v: v >= 2, ">= 2"), "lr": (lambda v: v > 0 and finite(v), "> 0"),
+        "lr_fake": (lambda v: v > 0 and finite(v), "> 0"), "eval_samples": (lambda v: v >= 2, ">= 2"),
+        "workers": (lambda v: v >= 1, ">= 1 (1 = no worker processes)"), "mu": (finite, "finite"),
+        "a": (finite, "finite"), "s": (finite, "finite"), "reward_scales": (finite, "finite"),
+        "target_shift": (finite, "finite")})
     plumbing.check_config(dipp.Config(t_min=args.t_min, t_max=args.t_max))  # π(t) inside the schedule
     return args
 
@@ -414,7 +424,7 @@ def quick(args, schedule):
 def run(argv=None):
     args = parse(argv)
     t_start = time.time()
-    os.makedirs(args.out, exist_ok=True)
+    plumbing.writable_dir(args.out, "--out")
     schedule = dipp.Schedule.scaled_linear()
     lognormal = timestep_pmf(schedule, "lognormal", args.t_min, args.t_max)
     exact = {"W": {label(w, p): ikl_W(schedule, timestep_pmf(schedule, p, args.t_min, args.t_max), w, args.s)
@@ -467,4 +477,6 @@ def report_study(res):
 
 
 if __name__ == "__main__":
-    run()
+    with plumbing.as_program("toy/optimum"), plumbing.stopped_in_one_line(
+            "nothing of this run is kept; run the command again"):  # (one line; the worker processes end too)
+        run()

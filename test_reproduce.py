@@ -16,10 +16,11 @@ import plumbing
 import reproduce
 
 
-def in_process(command, cwd=None):
-    """subprocess.call for a stage's `python dipp.py|evaluate.py ARGS`: that script's main(ARGS) run in this process,
-    with the exit status the interpreter would give (a one-line error: 1). The commands, commands.sh and the
-    exit-status handling are reproduce.run's own; what is saved is a fresh interpreter per stage, each importing
+def in_process(command, cwd=None, pass_fds=()):
+    """plumbing.run_child for a stage's `python dipp.py|evaluate.py ARGS`: that script's main(ARGS) run in this
+    process, with the exit status the interpreter would give (a one-line error: 1) and no signal. The commands,
+    commands.sh and the exit-status handling are reproduce.run's own (passing signals on to a child process is
+    run_child's, tested with real processes); what is saved is a fresh interpreter per stage, each importing
     torch, diffusers and transformers (~8 CPU-seconds, 4 stages in the two runs)."""
     import importlib
     import sys
@@ -30,8 +31,8 @@ def in_process(command, cwd=None):
     except SystemExit as e:
         if e.code not in (None, 0):
             print(e.code, file=sys.stderr)
-            return e.code if isinstance(e.code, int) else 1
-    return 0
+            return (e.code if isinstance(e.code, int) else 1), None
+    return 0, None
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,10 +40,11 @@ def tiny_chain():
     """`python reproduce.py sd15 --tiny` (DMD2's layout: the released generator is a bare UNet state dict), run
     once, then once more as a user re-running the same command would; its stages in this process (in_process)."""
     import pytest
+    import plumbing
     out = os.path.join(tempfile.mkdtemp(prefix="dipp-test-reproduce-"), "sd15")
     argv = ["sd15", "--tiny", "--output_dir", out]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(reproduce.subprocess, "call", in_process)
+        patch.setattr(plumbing, "run_child", in_process)
         reproduce.main(argv)
         first = {p: os.path.getmtime(p) for p in files(out)}
         table = open(os.path.join(out, "table.md")).read()

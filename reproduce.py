@@ -286,9 +286,12 @@ def in_cache(repo, patterns):
     return any(all(os.path.exists(os.path.join(snap, p)) for p in named) for snap in snapshots)
 
 
-def fetch_command(repo, patterns):
-    """The huggingface-cli line that fetches one download: file names as they are, patterns with --include
-    (WEIGHTS, the repo's top-level weights: its safetensors, which the CLIP and PickScore repos hold)."""
+def fetch_command(repo, patterns, teacher=False):
+    """The line that fetches one download: the teacher as download() fetches it (what from_pretrained reads, not
+    every variant the repo holds); else huggingface-cli, file names as they are, patterns with --include (WEIGHTS,
+    the repo's top-level weights: its safetensors, which the CLIP and PickScore repos hold)."""
+    if teacher:
+        return f"python -c \"from diffusers import DiffusionPipeline; DiffusionPipeline.download('{repo}')\""
     if not patterns:
         return f"huggingface-cli download {repo}"
     patterns = ["*.safetensors" if p == "WEIGHTS" else p for p in patterns]
@@ -519,7 +522,7 @@ def print_plan(recipe, args, plan):
                   + (f"  [{size / 2 ** 30:.1f} GiB]" if size else ""))
         for name, use in ((recipe.train_prompts, "training"), (recipe.eval_prompts, "evaluation")):
             print(f"  [{' ' if promptsets.missing(name) else 'x'}] prompt set {name:37s} {use} prompts (promptsets.py)")
-        missing = [fetch_command(repo, patterns) for repo, patterns, _ in plan.downloads
+        missing = [fetch_command(repo, patterns, teacher=i == 0) for i, (repo, patterns, _) in enumerate(plan.downloads)
                    if not in_cache(repo, patterns)]
         missing += [m for m in map(promptsets.missing, (recipe.train_prompts, recipe.eval_prompts)) if m]
         print(f"  missing: {len(missing)}; `python reproduce.py {args.recipe}` fetches them all when online, or one by"

@@ -124,10 +124,18 @@ def test_plans_of_the_published_recipes(capsys, monkeypatch):
     """--plan runs nothing and prints, for each real recipe: the downloads (teacher, released generator, reward,
     every scorer), the dipp.py flags the recipe documents, and each stage's cost = FLOPs ÷ (peak × utilisation).
     cost.py's counts are tested in test_cost.py; here they are stand-ins (a real SDXL count takes minutes), so the
-    arithmetic on them is checked against a hand computation."""
+    arithmetic on them is checked against a hand computation. The downloads are a checklist: with a hub cache that
+    holds only ImageReward's two files and no prompt set cached, every other download and both prompt sets are
+    marked missing, each with the command that fetches it."""
     import cost
+    import huggingface_hub.constants
     import promptsets
     monkeypatch.setenv("DIPP_CACHE", tempfile.mkdtemp(prefix="dipp-test-cache-"))  # (the counts' cache: not ~)
+    hub = tempfile.mkdtemp(prefix="dipp-test-hub-")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", hub)
+    os.makedirs(os.path.join(hub, "models--THUDM--ImageReward", "snapshots", "0123"))
+    for f in ("ImageReward.pt", "med_config.json"):
+        open(os.path.join(hub, "models--THUDM--ImageReward", "snapshots", "0123", f), "w").close()
     calls = []
     monkeypatch.setattr(cost, "iteration_flops", lambda shapes, batch, **sw: calls.append((shapes, batch, sw)) or 1e13)
     monkeypatch.setattr(cost, "sample_flops", lambda shapes, steps, guidance: 1e12 * steps * (2 if guidance > 1 else 1))
@@ -135,6 +143,12 @@ def test_plans_of_the_published_recipes(capsys, monkeypatch):
         out = tempfile.mkdtemp(prefix="dipp-test-plan-")
         plan = reproduce.main([name, "--plan", "--output_dir", out, "--card", "H100 SXM", "--nproc", "2"])
         printed = capsys.readouterr().out
+        assert "[x] THUDM/ImageReward " in printed and f"[ ] {recipe.teacher} " in printed
+        assert f"missing: {len(plan.downloads) - 1 + 2};" in printed and "download THUDM/ImageReward" not in printed
+        assert f"DiffusionPipeline.download('{recipe.teacher}')" in printed  # (what download() fetches)
+        assert "huggingface-cli download bert-base-uncased vocab.txt tokenizer_config.json config.json\n" in printed
+        for prompts in (recipe.train_prompts, recipe.eval_prompts):
+            assert f"[ ] prompt set {prompts} " in printed and f"python promptsets.py fetch {prompts}\n" in printed
         repos = [d[0] for d in plan.downloads]
         assert repos[:3] == [recipe.teacher, recipe.init[0], "THUDM/ImageReward"]
         assert {"openai/clip-vit-large-patch14", "xswu/HPSv2", "yuvalkirstain/PickScore_v1"} <= set(repos)

@@ -107,7 +107,7 @@ def architecture(shapes):
 def meta_imagereward():
     """ImageReward built by the image-reward package's own classes (BLIP ViT-L/16 at 224 + BERT-base with
     cross-attention + MLP) on the meta device, with BLIP's med_config and a MetaTokenizer for its BERT tokenizer."""
-    sys.modules.setdefault("clip", type(sys)("clip"))  # as plumbing.load_imagereward: an unused import
+    sys.modules.setdefault("clip", type(sys)("clip"))  # as rewards.import_imagereward: an unused import
     import ImageReward as RM
     from accelerate import init_empty_weights  # (a dependency of peft)
     from ImageReward.models.BLIP import blip_pretrain
@@ -124,6 +124,82 @@ def meta_imagereward():
     return model.to(META)
 
 
+# PickScore v1's tower (yuvalkirstain/PickScore_v1's config.json: laion's CLIP-ViT-H-14 in transformers' CLIPModel)
+CLIP_H = dict(text=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                        vocab_size=49408, max_position_embeddings=77, hidden_act="gelu"),
+              vision=dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120,
+                          image_size=224, patch_size=14, hidden_act="gelu"), projection_dim=1024)
+CLIP_L = dict(text=random_weights.SHAPES["sd15"]["text"], vision=random_weights.SHAPES["sd15"]["vision"],
+              projection_dim=768)  # openai/clip-vit-large-patch14: the aesthetic predictor's CLIP
+
+
+def meta_reward(name, arch, gradient_checkpointing=False):
+    """One reward of rewards.RECORDS on the meta device, built from its real architecture (the CLIP reward from
+    the `arch` shapes, which are openai/clip-vit-large-patch14's for sd15): ImageReward by its package's own classes,
+    HPS by open_clip's own ViT-H-14, PickScore and the aesthetic predictor's CLIP-L by transformers' CLIPModel."""
+    from transformers import CLIPConfig, CLIPModel
+    frozen = lambda net: plumbing.freeze(net, META, torch.float32)
+    clip_model = lambda c: frozen(CLIPModel(CLIPConfig(text_config=c["text"], vision_config=c["vision"],
+                                                       projection_dim=c["projection_dim"])))
+    if name == "imagereward":
+        fn = rewards.ImageRewardFn(frozen(meta_imagereward()))
+    elif name == "hps20" or name == "hps21":  # same architecture; the text side is constant, as PromptCache keeps it
+        with torch.device(META):
+            model = rewards.import_open_clip().create_model(rewards.HPS_ARCH, device=META)
+        fn = rewards.HPSRewardFn(frozen(model), lambda prompts: torch.zeros(len(prompts), 77, dtype=torch.long))
+    elif name == "clip":
+        with torch.device(META):
+            return clip_reward(arch, frozen, gradient_checkpointing)
+    else:
+        with torch.device(META):
+            if name == "pickscore":
+                fn = rewards.PickScoreFn(clip_model(CLIP_H), MetaTokenizer(77))
+            else:
+                fn = rewards.AestheticFn(rewards.ClipRewardFn(clip_model(CLIP_L), MetaTokenizer(77)),
+                                         frozen(rewards.AestheticHead()))
+    if gradient_checkpointing:  # the blocks rewards.load_one wraps
+        for tower in fn.towers:
+            plumbing.checkpoint_blocks(getattr(tower, "blocks", None) or getattr(getattr(tower, "encoder", None),
+                                                                                 "layers", None)
+                                       or tower.transformer.resblocks)
+    return fn
+
+
+def reward_cost(name, size=512):
+    """{parameters: all of the reward's tensors, image_parameters: its image tower's (and head's), flops: scoring
+    one size² decoded image forward and backward to its pixels} of one reward, on the meta device with its real
+    architecture. The text side runs once per prompt (PromptCache) and is not in the FLOPs."""
+    fn = meta_reward(name, random_weights.SHAPES["sd15"])
+    warm_text_caches(fn, ["a prompt"])
+    model = fn.clip.model if name == "aesthetic" else fn.model
+    modules = [model] + ([fn.head] if name == "aesthetic" else [])
+    x = torch.zeros(1, 3, size, size, device=META, requires_grad=True)
+    return dict(parameters=sum(p.numel() for m in modules for p in m.parameters()),
+                image_parameters=sum(p.numel() for m in fn.towers + modules[1:] for p in m.parameters()),
+                flops=count_flops(lambda: fn(x, ["a prompt"]).sum().backward()))
+
+
+def reward_table(size=512):
+    """Markdown rows: each reward's parameters, their bytes in fp32 and bf16, and its FLOPs per image."""
+    rows = ["| reward | parameters (M) | of which image side (M) | fp32 GB | bf16 GB | GFLOP / image, fwd + bwd |",
+            "|---|---|---|---|---|---|"]
+    print("\n".join(rows))
+    for name in rewards.NAMES:
+        c = reward_cost(name, size)
+        rows.append(f"| {name} | {c['parameters'] / 1e6:.1f} | {c['image_parameters'] / 1e6:.1f} | "
+                    f"{c['parameters'] * 4 / 1e9:.2f} | {c['parameters'] * 2 / 1e9:.2f} | {c['flops'] / 1e9:.1f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def warm_text_caches(reward, prompts):
+    """Encode the prompts once into each reward's PromptCache, as a run does before its first step."""
+    for fn in ([f for _, _, f in reward.terms] if isinstance(reward, rewards.Mix) else [reward]):
+        fn = getattr(fn, "clip", fn)  # (the aesthetic head ignores the prompt)
+        if hasattr(fn, "encode_text"):
+            fn.text.batch(prompts, fn.encode_text)
+
+
 class NoUpdate:
     """Stands in for Adam inside a count: its update is elementwise (no FLOPs counted) and slow on meta tensors."""
 
@@ -136,6 +212,17 @@ class NoUpdate:
 
     def step(self):
         pass
+
+
+def clip_reward(arch, frozen, gradient_checkpointing):
+    """The CLIP reward with the `arch` shapes (openai/clip-vit-large-patch14's for sd15: SHAPES' text and vision
+    towers) on the current default device (the tests count it on a CPU too)."""
+    from transformers import CLIPConfig, CLIPModel
+    model = frozen(CLIPModel(CLIPConfig(text_config=arch["text"], vision_config=arch["vision"],
+                                        projection_dim=arch["text"]["projection_dim"])))
+    if gradient_checkpointing:
+        plumbing.checkpoint_blocks(model.vision_model.encoder.layers)
+    return rewards.ClipRewardFn(model, MetaTokenizer(77))
 
 
 def meta_models(shapes, cfg, device=META):
@@ -160,20 +247,13 @@ def meta_models(shapes, cfg, device=META):
         fake = dipp.build_fake_score(cfg, teacher, fam, device)
         if cfg.gradient_checkpointing:
             vae.enable_gradient_checkpointing()
-        reward = None
-        if cfg.reward == "imagereward":
-            if device != META:
-                plumbing.die("the ImageReward reward is counted on the meta device only (its weights are not here)")
-            model = frozen(meta_imagereward())
-            if cfg.gradient_checkpointing:
-                plumbing.checkpoint_blocks(model.blip.visual_encoder.blocks)
-            reward = rewards.ImageRewardFn(model)
-        elif cfg.reward == "clip":  # openai/clip-vit-large-patch14's shapes (= SHAPES' text + vision towers)
-            model = frozen(CLIPModel(CLIPConfig(text_config=arch["text"], vision_config=arch["vision"],
-                                                projection_dim=arch["text"]["projection_dim"])))
-            if cfg.gradient_checkpointing:
-                plumbing.checkpoint_blocks(model.vision_model.encoder.layers)
-            reward = rewards.ClipRewardFn(model, MetaTokenizer(77))
+        terms = rewards.parse(cfg.reward)
+        if any(name != "clip" for name, _ in terms) and device != META:
+            plumbing.die(f"the {cfg.reward} reward is counted on the meta device only (its weights are not here)")
+        # a Mix of each reward's tower, as rewards.load builds it (clip: on `device`, for the tests' CPU counts)
+        reward = rewards.Mix([(name, weight, clip_reward(arch, frozen, cfg.gradient_checkpointing) if name == "clip"
+                               else meta_reward(name, arch, cfg.gradient_checkpointing))
+                              for name, weight in terms]) if terms else None
         reward_vae = vae
         if cfg.reward_decoder == "tiny" and reward is not None:
             reward_vae = AutoencoderTiny(**arch["taesd"])
@@ -223,9 +303,9 @@ def iteration_flops(shapes, batch=1, device=META, **switches):
         plumbing.die(f"unknown switch(es) {sorted(unknown)}; choose from {list(SWITCHES)}")
     cfg = dipp.Config(train_batch_size=batch, **switches)
     plumbing.check_config(cfg)
-    if cfg.reward not in dipp.CHOICES["reward"] or cfg.reward_decoder not in dipp.CHOICES["reward_decoder"]:
-        plumbing.die(f"reward must be one of {dipp.CHOICES['reward']}, reward_decoder one of "
-                     f"{dipp.CHOICES['reward_decoder']}; got {cfg.reward}, {cfg.reward_decoder}")
+    rewards.parse(cfg.reward, "reward")  # one line for a wrong name or weight
+    if cfg.reward_decoder not in dipp.CHOICES["reward_decoder"]:
+        plumbing.die(f"reward_decoder must be one of {dipp.CHOICES['reward_decoder']}; got {cfg.reward_decoder}")
     m = meta_models(shapes, cfg, device)
     fam, teacher, G, fake, reward, schedule = (m[k] for k in ("family", "teacher", "G", "fake", "reward", "schedule"))
     null = families.null_condition(fam, m["text"])  # start-up work, as in dipp.train
@@ -235,8 +315,8 @@ def iteration_flops(shapes, batch=1, device=META, **switches):
                             for net in (fake, G)))
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
     prompts = [f"prompt {i}" for i in range(batch)]
-    if isinstance(reward, rewards.ClipRewardFn):  # the CLIP reward encodes each prompt once per run (PromptCache)
-        reward.text.batch(prompts, reward.encode_text)
+    if reward is not None:  # each reward encodes each prompt once per run (PromptCache)
+        warm_text_caches(reward, prompts)
     if fam.pre_encode:  # start-up work (PixArt's T5, SDXL's CLIPs), not an iteration's
         m["text"](prompts)
 
@@ -304,6 +384,13 @@ GUIDANCE = {"sd": 1.75, "pixart": 4.5, "sdxl": 1.0}  # the base run's ω: dipp's
 SAMPLE_GUIDANCE = {"sd": 7.5, "pixart": 4.5, "sdxl": 5.0}  # the stock pipelines' default CFG for the teacher rows
 
 
+def arch_image_size(shapes):
+    """The decoded image's side for a family's shapes: latent side × the VAE's upsampling."""
+    arch, fam = architecture(shapes)
+    latent = arch["transformer"]["sample_size"] if fam.name == "pixart" else arch["unet"]["sample_size"]
+    return latent * 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
+
+
 def table(family, batch, device_name, utilisation, base, setups):
     """Markdown rows: each setup's TFLOP per iteration and per image, vs the first row, and the estimated time."""
     rows = ["| setup | TFLOP / iteration | TFLOP / image-iteration | vs first row | est. s / iteration |",
@@ -329,6 +416,8 @@ def main(argv=None):
     p.add_argument("--utilisation", type=float, default=UTILISATION, help="achieved / peak (default: from H100 data)")
     p.add_argument("--setups", nargs="*", default=list(SETUPS), choices=list(SETUPS), help="rows, each = the base "
                    "run + one switch (none: no table)")
+    p.add_argument("--rewards", action="store_true", help="only the table of every reward model (rewards.py): "
+                   "parameters, their bytes, FLOPs to score one decoded image of the family's size, forward and backward")
     p.add_argument("--sample_steps", type=int, default=0, help="also count sampling one image: the teacher with N "
                    "steps (CFG as its pipeline) and the one-step generator; 0 = skip")
     types = {f.name: f.type for f in dataclasses.fields(dipp.Config)}
@@ -346,6 +435,10 @@ def main(argv=None):
     _, fam = architecture(args.family)
     given = {k: v for k in SWITCHES if (v := getattr(args, k)) is not None and v is not False}  # (0 is a value)
     base = {"guidance_scale": GUIDANCE[fam.name], **given}
+    if args.rewards:
+        size = arch_image_size(args.family)
+        print(f"reward models, one {size}² image (resized to 224 inside each), batch 1:")
+        return reward_table(size)
     peak = plumbing.peak_tflops(args.device)
     print(f"{args.family}, batch {args.batch}, base run {base}; time = FLOPs / ({args.device}: "
           f"{peak or 'unknown'} TFLOP/s dense bf16 peak × {args.utilisation} utilisation)")

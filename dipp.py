@@ -239,8 +239,14 @@ def build_fake_score(cfg, teacher, family, device):
 
 
 def load_reward(cfg, device, dtype):
-    """reward_fn(images, prompts) -> (B,) for --reward, frozen; None for --reward none (pure Diff-Instruct)."""
+    """reward_fn(images, prompts) -> (B,) for --reward, frozen: Σ_i w_i r_i, a rewards.Mix of one reward or of
+    --reward's weighted sum; None for --reward none (pure Diff-Instruct)."""
     return rewards.load(cfg.reward, cfg.reward_model_path, device, dtype, cfg.gradient_checkpointing)
+
+
+def load_watched_rewards(cfg, device, dtype):
+    """{name: reward fn} of --watch_rewards: scored on the validation samples, never trained on."""
+    return {name: rewards.load_one(name, path, device, dtype) for name, path in rewards.parse_watch(cfg.watch_rewards)}
 
 
 def load_reward_decoder(cfg, family, vae, device, dtype):
@@ -356,11 +362,12 @@ def rms(g):
     return g.flatten(1).pow(2).mean(1).sqrt().mean()  # per-sample RMS over dimensions, averaged over the batch
 
 
-def dipp_step(nets, opt, noises, schedule, cfg, ctx=contextlib.nullcontext(), clock=lambda: None):
+def dipp_step(nets, opt, noises, schedule, cfg, ctx=contextlib.nullcontext(), clock=lambda: None, terms=None):
     """One iteration of Alg. 1. nets: Bound; opt: Optimizers; noises: K_TA + 1 draws of (z, t, ε), the fake-score
     updates' first and the generator update's last. Returns the losses, the mean reward, the size of the IKL's and
     the reward's pull on the sample (for choosing α_rew) and how many updates fp16's loss scaler skipped. clock()
-    marks the end of the first phase (--benchmark times the two apart)."""
+    marks the end of the first phase (--benchmark times the two apart). terms = (reward_fn, decode) on the steps
+    that log them: also each reward of a mix's own pull and score."""
     *fake_noises, (z, t, eps) = noises
     x0, skipped_fake, loss_fake = None, 0, torch.tensor(float("nan"))  # (nan: no fake update, as in some tests)
     # NOTE(deviation 8): Alg. 1 draws a fresh z for the fake update; with --reuse_generator_sample the first one
@@ -393,9 +400,15 @@ def dipp_step(nets, opt, noises, schedule, cfg, ctx=contextlib.nullcontext(), cl
     opt.G.zero_grad()
     opt.G.scaler.scale(loss_G).backward()  # ∂L_G/∂θ through x0 = g_θ(z) alone: ikl_loss's sg[·] keeps ψ out
     skipped_G = opt.G.step(loss_G)  # ψ has no gradient to step with; only θ moves here
-    return {"loss_fake": loss_fake.detach(), "loss_ikl": loss_ikl.detach().mean(), "reward": reward.detach().mean(),
-            "grad_ikl": rms(grad_ikl), "grad_reward": rms(pull.rest(opt.G.loss_scale)),
-            "skipped_fake": skipped_fake, "skipped_G": skipped_G}
+    stats = {"loss_fake": loss_fake.detach(), "loss_ikl": loss_ikl.detach().mean(), "reward": reward.detach().mean(),
+             "grad_ikl": rms(grad_ikl), "grad_reward": rms(pull.rest(opt.G.loss_scale)),
+             "skipped_fake": skipped_fake, "skipped_G": skipped_G}
+    if terms is not None:  # (optional) a mix's terms: one decoder VJP each (rewards.term_pulls), so not every step
+        with ctx:
+            pulls = rewards.term_pulls(terms[0], terms[1], x0, opt.G.loss_scale)
+        stats.update({f"grad_reward_{name}": rms(g) for name, g in pulls.items()})
+        stats.update({f"reward_{name}": r.mean() for name, r in terms[0].last.items() if pulls})
+    return stats
 
 # -----------------------------------------------------------------------------
 # 8. The training loop: Alg. 1 repeated. What keeps a real run alive (torchrun, compile, checkpoints, resume, EMA,
@@ -424,7 +437,8 @@ def train(cfg):
         vae.enable_gradient_checkpointing()
     reward_fn = load_reward(cfg, device, run.dtype)
     reward_decoder = load_reward_decoder(cfg, fam, vae, device, run.dtype)
-    frozen = [teacher, reward_decoder.decoder] + ([reward_fn.tower] if reward_fn is not None else [])  # not trained
+    watched = load_watched_rewards(cfg, device, run.dtype)  # (optional) scored at each validation only
+    frozen = [teacher, reward_decoder.decoder] + (reward_fn.towers if reward_fn is not None else [])  # not trained
     G_train, fake_train = run.wrap(G, fake, fam, frozen)  # --compile; under torchrun DDP, or FSDP2 shards
     opt = Optimizers(fake=run.optimizer(fake, cfg.fake_learning_rate), G=run.optimizer(G, cfg.learning_rate))
     null = families.null_condition(fam, text)  # c = ∅ for CFG: the empty prompt's c (SDXL: zeroed)
@@ -432,7 +446,7 @@ def train(cfg):
     teacher_eps, fake_eps = denoiser_eps(teacher, fam), denoiser_eps(fake_train, fam)
     run.start({"generator": G.net, "fake_score": fake}, opt, G,  # resume; the held-out reward on fixed noise, a grid
               sample=lambda z, prompts: decode(vae, G(z.to(device), text(prompts))), reward_fn=reward_fn,
-              val_prompts=val_prompts, latent_shape=latent_shape)
+              val_prompts=val_prompts, latent_shape=latent_shape, watch=watched)
     with run.guard():  # signals finish the step and checkpoint; a non-finite loss names the last good checkpoint
         while run.step < cfg.max_train_steps:
             run.begin_step()
@@ -448,7 +462,13 @@ def train(cfg):
             # (z, t, ε) for the K_TA fake updates, then for the generator update (drawn up front, in that order)
             noises = [draw_noise(B, latent_shape, latent_shape, cfg, device, run.rank, run.world, schedule)
                       for _ in range(cfg.fake_steps_per_G + 1)]
-            run.end_step(dipp_step(nets, opt, noises, schedule, cfg, ctx, run.between_phases))
+            # (optional) a mix's per-term pulls cost a decoder VJP each: logged on the first and validation steps
+            # (not under --benchmark, whose FLOPs are the first iteration's)
+            n = run.step + 1
+            terms = ((reward_fn, lambda x0: decode(reward_decoder, x0)) if reward_fn is not None and
+                     len(reward_fn.terms) > 1 and not cfg.benchmark and
+                     (n == 1 or n % cfg.validation_steps == 0 or n == cfg.max_train_steps) else None)
+            run.end_step(dipp_step(nets, opt, noises, schedule, cfg, ctx, run.between_phases, terms))
     run.finish()  # the log's curves, the benchmark line, and output_dir/generator (EMA weights if kept)
     return dict(G=G, fake=fake, teacher=teacher, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                 reward=reward_fn, reward_decoder=reward_decoder, schedule=schedule, benchmark=run.benchmark,
@@ -501,9 +521,12 @@ class Config:
         # shapes, for --benchmark)
     tiny: bool = False  # short for --random_weights tiny: the SD1.5 code path on tiny random models, CPU, no download
     # --- method (METHOD.md §2-§5)
-    reward: str = "imagereward"  # r(x, c); none = pure Diff-Instruct distillation
-    reward_model_path: str = ""  # imagereward: a folder with ImageReward.pt + med_config.json, else THUDM/ImageReward
-        # from the hub; clip: a CLIPModel id or folder, else openai/clip-vit-large-patch14
+    reward: str = "imagereward"  # r(x, c): imagereward, clip, hps20, hps21, pickscore, aesthetic, or a weighted sum
+        # "imagereward=1,pickscore=0.5" (docs/rewards.md); none = pure Diff-Instruct distillation
+    reward_model_path: str = ""  # PATH (one reward) or NAME=PATH,... per reward: a folder or weight file; "" = each
+        # reward's default hub weights (rewards.RECORDS; ImageReward: THUDM/ImageReward)
+    watch_rewards: str = ""  # rewards NOT trained on, scored on the validation samples at each validation (val_NAME
+        # in log.jsonl and curves.png), e.g. "pickscore,hps21"; NAME=PATH for weights of your own
     reward_decoder: str = "full"  # the reward sees the full VAE decoder's images, or TAESD's (tiny: faster,
         # approximate; grids, validation and export keep the full one)
     reward_decoder_path: str = ""  # --reward_decoder tiny: AutoencoderTiny hub id or folder (default: the family's
@@ -565,7 +588,7 @@ class Config:
         # log, grid or checkpoint
 
 
-CHOICES = {"reward": ("imagereward", "clip", "none"), "mixed_precision": ("no", "fp16", "bf16"),
+CHOICES = {"mixed_precision": ("no", "fp16", "bf16"),
            "ikl_weighting": ("x0", "eps", "dmd2"), "timestep_sampling": ("uniform", "lognormal"),
            "compile": ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
            "report_to": ("none", "tensorboard", "wandb"), "reward_decoder": ("full", "tiny"), "shard": ("none", "fsdp"),
@@ -591,18 +614,23 @@ def parse_config(argv=None):
 def model_locations(cfg):
     """(name, flag) of every model folder or hub id the run will load. (A default TAESD is the family's;
     --generate loads no reward.)"""
-    reward = {"clip": cfg.reward_model_path or rewards.CLIP_REWARD, "imagereward": cfg.reward_model_path}.get(
-        cfg.reward, "")
-    reward = "" if cfg.generate else reward
     decoder = cfg.reward_decoder_path if cfg.reward_decoder == "tiny" and cfg.reward != "none" else ""
     return [(name, flag) for name, flag in ((cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path"),
-                                            (cfg.generator_init, "--generator_init"), (reward, "--reward_model_path"),
+                                            (cfg.generator_init, "--generator_init"),
                                             (decoder, "--reward_decoder_path")) if name]
+
+
+def check_rewards(cfg):
+    """--reward, --reward_model_path and --watch_rewards parsed: a wrong name, weight or syntax is one line, before
+    anything is built. Returns ([(name, weight)], {name: path}, [(name, path)])."""
+    terms, watched = rewards.parse(cfg.reward), rewards.parse_watch(cfg.watch_rewards)
+    return terms, rewards.parse_paths(cfg.reward_model_path, [name for name, _ in terms]), watched
 
 
 def main(argv=None):
     cfg = parse_config(argv)
     plumbing.check_config(cfg)
+    check_rewards(cfg)
     rank, world, _ = plumbing.init_distributed(cfg)
     if cfg.random_weights:  # same code path as SD1.5 / PixArt-α / SDXL, nothing downloaded
         from random_weights import use_random_weights
@@ -619,9 +647,11 @@ def main(argv=None):
                 families.check_generator(family, cfg.pretrained_model_name_or_path, cfg.generator_init,
                                          "--generator_init")
         checks.append(teacher_folder)
-    if cfg.reward == "imagereward" and not cfg.reward_model_path and not cfg.generate:
-        checks.append(plumbing.check_imagereward_cache)
-    if not cfg.generate:  # (a named set is fetched here when online; train() then reads it from the cache)
+    if not cfg.generate:  # every reward's weights, trained on or watched (after --tiny pointed them at its own)
+        terms, paths, watched = check_rewards(cfg)
+        checks += [lambda: rewards.check(terms, paths),
+                   lambda: rewards.check([(name, 1.0) for name, _ in watched], dict(watched))]
+        # the prompt sets (a named set is fetched here when online; train() then reads it from the cache)
         checks += [lambda v=v, f=f: promptsets.load_prompts(v, [""], f) for v, f in (
             (cfg.prompts, "--prompts"), (cfg.validation_prompts, "--validation_prompts")) if v]
     plumbing.all_or_die(*checks)

@@ -79,11 +79,9 @@ METRICS = {
                          "teacher's images (same prompts and seeds); biased upward when there are fewer images than "
                          "dimensions (768), so compare runs only at equal image counts. One number per model"),
 }
-AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
-AESTHETIC_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"  # christophschuhmann's file
-HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  # hub repo xswu/HPSv2
-HPS_RESIZE = {"legacy": "no antialias, as torchvision < 0.17 resized HPSv2's 2023 tensors",
-              "antialias": "antialiased, torchvision >= 0.17's default"}
+# where each scorer's weights come from: rewards.py's records (one copy, shared with training)
+AESTHETIC_FILE, AESTHETIC_SHA256 = rewards.AESTHETIC_FILE, rewards.AESTHETIC_SHA256
+HPS_FILES, HPS_RESIZE = rewards.HPS_FILES, rewards.HPS_RESIZE
 PACKAGES = {"imagereward": ("ImageReward", "image-reward==1.5"), "hps": ("open_clip", "open-clip-torch==2.32.0")}
 REPORTS = ("prompts.txt", "scores.jsonl", "summary.json", "table.md", "grid.png")  # written together, at the end
 
@@ -130,15 +128,15 @@ def parse_args(argv):
     a("--hps_resize", default="legacy", choices=tuple(HPS_RESIZE),
       help="HPS's resize to 224: legacy = no antialias, as HPSv2's published numbers were computed (torchvision "
            "< 0.17); antialias = what HPSv2's code does under torchvision >= 0.17")
-    a("--imagereward_model", default="THUDM/ImageReward", metavar="STR",
+    a("--imagereward_model", default=rewards.RECORDS["imagereward"].weights["model"].hub, metavar="STR",
       help="hub id or folder with ImageReward.pt + med_config.json")
-    a("--clip_model", default="openai/clip-vit-large-patch14", metavar="STR",
+    a("--clip_model", default=rewards.CLIP_L, metavar="STR",
       help="OpenAI CLIP ViT-L/14 (aesthetic, clip, diversity, fd_teacher)")
-    a("--aesthetic_model", default="camenduru/improved-aesthetic-predictor", metavar="STR",
+    a("--aesthetic_model", default=rewards.RECORDS["aesthetic"].weights["head"].hub, metavar="STR",
       help=f"hub id, folder or file: {AESTHETIC_FILE} (checked against the official file's sha256)")
-    a("--hps_model", default="xswu/HPSv2", metavar="STR", help="hub id, folder or file: the HPS checkpoint of --hps_version")
-    a("--pickscore_model", default="yuvalkirstain/PickScore_v1", metavar="STR", help="hub id or folder of the PickScore CLIPModel")
-    a("--pickscore_processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", metavar="STR",
+    a("--hps_model", default=rewards.RECORDS["hps20"].weights["model"].hub, metavar="STR", help="hub id, folder or file: the HPS checkpoint of --hps_version")
+    a("--pickscore_model", default=rewards.RECORDS["pickscore"].weights["model"].hub, metavar="STR", help="hub id or folder of the PickScore CLIPModel")
+    a("--pickscore_processor", default=rewards.CLIP_H, metavar="STR",
       help="hub id or folder of PickScore's CLIP-H processor")
     a = p.add_argument_group("machinery").add_argument
     a("--batch_size", type=int, default=8, metavar="INT", help="images per generation / scoring batch")
@@ -248,32 +246,10 @@ def locate(name, files, flag, what, patterns=None):
 
 def check_aesthetic_file(path):
     """The aesthetic head's bytes are the published file's, whichever mirror or folder they came from."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != AESTHETIC_SHA256:
-        die(f"'{path}' is not the official {AESTHETIC_FILE}: its sha256 is {digest.hexdigest()}, the official "
-            f"file's {AESTHETIC_SHA256}; get it from christophschuhmann/improved-aesthetic-predictor (or a mirror "
-            "with the same bytes)")
+    rewards.check_sha256(path, AESTHETIC_SHA256, AESTHETIC_FILE, "christophschuhmann/improved-aesthetic-predictor")
 
 
-def import_imagereward():
-    """image-reward imports OpenAI's `clip` package but never uses it for ImageReward: an empty stand-in
-    module does (the same shim plumbing.load_imagereward applies)."""
-    sys.modules.setdefault("clip", type(sys)("clip"))
-    import ImageReward
-    return ImageReward
-
-
-def import_open_clip():
-    """open_clip 2.32 calls torch.jit.script at import, which torch 2.14 deprecates with a FutureWarning on
-    stderr; the warning is harmless and not the user's to act on."""
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        import open_clip
-    return open_clip
+import_imagereward, import_open_clip = rewards.import_imagereward, rewards.import_open_clip
 
 
 def require(metric):
@@ -297,8 +273,8 @@ def locate_all(args, metrics):
     def imagereward():
         require("imagereward")
         if not args.tiny:  # (--tiny builds its ImageReward in-process, see §6)
-            ir = locate(args.imagereward_model, ["ImageReward.pt", "med_config.json"], "--imagereward_model",
-                        "the ImageReward weights")
+            ir = locate(args.imagereward_model, list(rewards.RECORDS["imagereward"].weights["model"].files),
+                        "--imagereward_model", "the ImageReward weights")
             found["imagereward"] = os.path.dirname(ir[0])
 
     def bert():
@@ -528,174 +504,77 @@ def generate_all(args, family, generators, prompts, device, ctx, dtype):
     return models
 
 # -----------------------------------------------------------------------------
-# 4. Scorers. Each maps (PIL images, prompts) -> {metric: (B,) tensor}, with the scorer's own preprocessing
-#    on the PIL image as its authors run it. All scores are fp32 on the CPU. Each scorer runs in the precision
-#    of its official code, whatever --mixed_precision (which is for the models evaluated): its weights in fp32,
-#    and HPS under fp16 autocast on CUDA, as HPSv2's img_score.py.
+# 4. Scorers. Each maps (PIL images, prompts) -> {metric: (B,) tensor}: rewards.py's models (the same ones dipp
+#    trains against), each through its evaluation path `score_pil` (the official code's own preprocessing of the
+#    PIL image), on the published scale (rewards.RECORDS[name].published). All scores are fp32 on the CPU. Each
+#    scorer runs in the precision of its official code, whatever --mixed_precision (which is for the models
+#    evaluated): its weights in fp32, and HPS under fp16 autocast on CUDA, as HPSv2's img_score.py.
 
 CLIP_MEAN, CLIP_STD = rewards.CLIP_MEAN, rewards.CLIP_STD  # OpenAI CLIP's, used by every scorer here
+FP32 = torch.float32
 
 
-class ImageRewardScorer:
-    """ImageReward's `score()` batched: the package's own PIL preprocess and its batched `score_gard`
-    (BLIP ViT-L → BERT cross-attention → MLP, normalised), the prompt tokenised as dipp's reward does
-    (rewards.ImageRewardFn.tokenize: `score()`'s 35 tokens)."""
+class RewardScorer:
+    """One reward of rewards.py as one metric: {metric: published(fn.score_pil(images, prompts))}."""
 
-    def __init__(self, reward):
-        self.reward = reward  # a rewards.ImageRewardFn
+    def __init__(self, metric, name, reward):
+        self.metric, self.name, self.reward = metric, name, reward
 
-    @torch.no_grad()
     def __call__(self, images, prompts):
-        m = self.reward.model
-        param = next(m.parameters())
-        pixels = torch.stack([m.preprocess(im) for im in images]).to(param.device, param.dtype)  # (B, 3, 224, 224)
-        text = self.reward.text.batch(prompts, lambda new: self.reward.tokenize(new, param.device))  # (B, 2, 35)
-        return {"imagereward": m.score_gard(text[:, 0], text[:, 1], pixels).float().cpu()[:, 0]}
+        return {self.metric: rewards.RECORDS[self.name].published(self.reward.score_pil(images, prompts))}
+
+
+def ImageRewardScorer(reward):
+    """ImageReward's `score()` batched (rewards.ImageRewardFn.score_pil)."""
+    return RewardScorer("imagereward", "imagereward", reward)
 
 
 def load_imagereward(folder, device):
-    """The very model dipp trains against, through dipp.load_reward (ImageReward.pt + med_config.json), in fp32."""
-    return ImageRewardScorer(dipp.load_reward(dipp.Config(reward="imagereward", reward_model_path=folder), device,
-                                              torch.float32))
-
-
-class AestheticHead(torch.nn.Module):
-    """LAION aesthetic predictor v2 (christophschuhmann/improved-aesthetic-predictor, `MLP`), layer for
-    layer: 768→1024→128→64→16→1 with *no* activations (the 'linear' in linearMSE: one affine map kept
-    in its trained factorisation) and Dropouts at indices 1, 3, 5, so that the keys layers.0/2/4/6/7
-    of sac+logos+ava1-l14-linearMSE.pth load unchanged. Input: an L2-normalised CLIP ViT-L/14 embedding."""
-
-    def __init__(self):
-        super().__init__()
-        nn = torch.nn
-        self.layers = nn.Sequential(nn.Linear(768, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
-
-    def forward(self, embedding):
-        return self.layers(embedding)  # (B, 1)
-
-
-def load_aesthetic_head(path):
-    """The head's state dict, loaded strictly: every key of layers.0/2/4/6/7 with its shape, nothing else."""
-    return plumbing.load_strictly(AestheticHead(), plumbing.read_weights(path), f"'{path}'",
-                                  f"the aesthetic predictor's MLP 768→1024→128→64→16→1 ({AESTHETIC_FILE})").eval()
+    """The very model dipp trains against (ImageReward.pt + med_config.json), in fp32."""
+    return ImageRewardScorer(rewards.load_one("imagereward", folder or "", device, FP32, pil=True))
 
 
 class ClipLScorer:
-    """OpenAI CLIP ViT-L/14 (transformers), one pass for four metrics. Its processor is CLIP's own recipe
-    (shorter side to 224 bicubic, centre crop, normalise), as the aesthetic predictor and torchmetrics use.
-      embedding: e = f_img / ‖f_img‖ (768-d); aesthetic = head(e) (only with the real ViT-L/14 is this
-      meaningful); clip = 100 · max(cos(e, f_txt), 0), torchmetrics' CLIPScore convention."""
+    """OpenAI CLIP ViT-L/14 (transformers), one pass for four metrics: the normalised image embedding e
+    (diversity, fd_teacher), clip (rewards.RECORDS['clip'].published: 100 · max(cos, 0)) and aesthetic (the
+    LAION head on e; only with the real ViT-L/14 is this meaningful). clip: a rewards.ClipRewardFn with its
+    PIL processor; aesthetic: a rewards.AestheticFn on the same CLIP, or None."""
 
-    def __init__(self, model, processor, head=None):
-        self.model, self.processor, self.head = model, processor, head
+    def __init__(self, clip, aesthetic=None):
+        self.clip, self.aesthetic = clip, aesthetic
 
     @torch.no_grad()
     def __call__(self, images, prompts):
-        m = self.model
-        pixels = self.processor(images=images, return_tensors="pt").pixel_values  # (B, 3, 224, 224)
-        text = self.processor(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
-        e = m.get_image_features(pixel_values=pixels.to(m.device, m.dtype)).float()  # (B, 768)
-        e = F.normalize(e, dim=-1).cpu()
-        t = F.normalize(m.get_text_features(**text.to(m.device)).float(), dim=-1).cpu()  # (B, 768)
-        out = {"embedding": e, "clip": 100 * (e * t).sum(-1).clamp_min(0)}
-        if self.head is not None:
-            out["aesthetic"] = self.head(e)[:, 0]
+        e = self.clip.embed_pil(images)  # (B, 768)
+        out = {"embedding": e, "clip": rewards.RECORDS["clip"].published(self.clip.score_embedding(e, prompts))}
+        if self.aesthetic is not None:
+            out["aesthetic"] = self.aesthetic.score_embedding(e)
         return out
 
 
 def load_clip_l(folder, aesthetic_path, device):
-    """CLIP ViT-L/14 in fp32 with its slow (PIL) image processor, which is OpenAI's preprocessing bit for bit
-    (the fast one differs by up to 0.015); the aesthetic head if asked."""
-    from transformers import CLIPModel, CLIPProcessor
-    model = plumbing.load_or_die(lambda: CLIPModel.from_pretrained(folder), folder, "CLIP ViT-L/14")
-    if aesthetic_path and model.config.projection_dim != 768:
-        die(f"--clip_model '{folder}' embeds in {model.config.projection_dim}-d; the aesthetic head needs OpenAI "
+    """CLIP ViT-L/14 in fp32 with its slow (PIL) image processor; the aesthetic head if asked (its file was
+    checked against the official sha256 by locate_all)."""
+    clip = rewards.load_one("clip", {"model": folder}, device, FP32, pil=True)
+    if aesthetic_path and clip.model.config.projection_dim != 768:
+        die(f"--clip_model '{folder}' embeds in {clip.model.config.projection_dim}-d; the aesthetic head needs OpenAI "
             "CLIP ViT-L/14 (768-d), any other CLIP gives meaningless numbers")
-    head = load_aesthetic_head(aesthetic_path) if aesthetic_path else None
-    processor = plumbing.load_or_die(lambda: CLIPProcessor.from_pretrained(folder, use_fast=False), folder,
-                                     "the CLIP ViT-L/14 processor")
-    return ClipLScorer(plumbing.freeze(model, device, torch.float32), processor, head)
+    head = rewards.load_aesthetic_head(aesthetic_path) if aesthetic_path else None
+    return ClipLScorer(clip, rewards.AestheticFn(clip, head) if head is not None else None)
 
 
-def hps_preprocess(image, resize="legacy", size=224):
-    """HPSv2's evaluation transform (hpsv2/src/open_clip/transform.py, `light_augmentation=True`):
-    ToTensor, then ResizeMaxSize on the *tensor* (longest side to `size`, bicubic), pad the short side with 0
-    to a square (centred, the odd pixel right/bottom), normalise with CLIP's mean/std. No centre crop: the
-    whole image is scored. torchvision < 0.17, current when HPSv2 was published, did not antialias a tensor
-    resize (resize="legacy"); since 0.17 it does by default (resize="antialias"). (HPSv2 skips the pad when no
-    resize is needed; we always pad, which only differs for a non-square image whose long side is exactly 224.)"""
-    import torchvision.transforms.functional as TF
-    x = TF.to_tensor(image.convert("RGB"))  # (3, H, W) in [0, 1]
-    H, W = x.shape[-2:]
-    scale = size / max(H, W)
-    if scale != 1.0:
-        x = TF.resize(x, [round(H * scale), round(W * scale)], TF.InterpolationMode.BICUBIC,
-                      antialias=resize == "antialias")
-    pad_h, pad_w = size - x.shape[-2], size - x.shape[-1]
-    x = TF.pad(x, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)  # (3, size, size)
-    return TF.normalize(x, CLIP_MEAN, CLIP_STD)
-
-
-class HPSScorer:
-    """HPS v2: open_clip ViT-H-14 fine-tuned on human preferences; score = 100 · cos(image, text), the
-    ×100 of the published tables applied to what HPSv2's `score()` returns: image_features @ text_features.T of
-    normalised features, no logit scale, computed (with the encoders) under fp16 autocast on CUDA."""
-
-    def __init__(self, model, tokenizer, resize="legacy"):
-        self.model, self.tokenizer, self.resize = model, tokenizer, resize
-
-    @torch.no_grad()
-    def __call__(self, images, prompts):
-        device = next(self.model.parameters()).device
-        pixels = torch.stack([hps_preprocess(im, self.resize) for im in images]).to(device)  # (B, 3, 224, 224)
-        text = self.tokenizer(prompts).to(device)  # (B, 77)
-        amp = torch.autocast("cuda", torch.float16) if device.type == "cuda" else contextlib.nullcontext()
-        with amp:  # HPSv2's img_score.py: torch.cuda.amp.autocast() (a no-op off CUDA)
-            e = self.model.encode_image(pixels, normalize=True)  # (B, 1024)
-            t = self.model.encode_text(text, normalize=True)  # (B, 1024)
-            cos = (e @ t.T).diagonal()  # (B,)
-        return {"hps": 100 * cos.float().cpu()}
-
-
-def load_hps(path, arch, device, resize="legacy"):
-    """open_clip's own ViT-H-14 (open-clip-torch 2.x, the line that co-installs with image-reward's timm
-    pin), then the HPS checkpoint's `state_dict`, strictly: every key must fit. fp32 weights, as HPSv2's
-    precision='amp' keeps them."""
-    open_clip = import_open_clip()
-    checkpoint = plumbing.read_weights(path)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        die(f"'{path}' has no 'state_dict' entry, so it is not an HPS checkpoint; get "
-            f"{' or '.join(HPS_FILES.values())} from the hub repo xswu/HPSv2")
-    model = plumbing.load_strictly(open_clip.create_model(arch), checkpoint["state_dict"], f"'{path}'",
-                                   f"open_clip {arch}")
-    return HPSScorer(plumbing.freeze(model, device, torch.float32), open_clip.get_tokenizer(arch), resize)
-
-
-class PickScoreScorer:
-    """PickScore v1 as its model card computes it: CLIP-H processor, normalised embeddings,
-    score = logit_scale.exp() · cos(image, text) (≈ 21-23 for SD images; some tables print it ÷ 100)."""
-
-    def __init__(self, model, processor):
-        self.model, self.processor = model, processor
-
-    @torch.no_grad()
-    def __call__(self, images, prompts):
-        m = self.model
-        pixels = self.processor(images=images, return_tensors="pt").pixel_values  # (B, 3, 224, 224)
-        text = self.processor(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
-        e = F.normalize(m.get_image_features(pixel_values=pixels.to(m.device, m.dtype)).float(), dim=-1)  # (B, D)
-        t = F.normalize(m.get_text_features(**text.to(m.device)).float(), dim=-1)  # (B, D)
-        return {"pickscore": (m.logit_scale.exp().float() * (e * t).sum(-1)).cpu()}
+def load_hps(path, arch, device, resize="legacy", version="v2.0"):
+    """HPS (rewards.RECORDS['hps20'] / ['hps21']): open_clip's ViT-H-14 with the checkpoint loaded strictly,
+    fp32 weights, scored under fp16 autocast on CUDA as HPSv2's precision='amp'; published as 100 · cos."""
+    name = {"v2.0": "hps20", "v2.1": "hps21"}[version]
+    return RewardScorer("hps", name, rewards.load_one(name, {"model": path}, device, FP32, pil=True, resize=resize,
+                                                      arch=arch))
 
 
 def load_pickscore(model_folder, processor_folder, device):
-    from transformers import CLIPModel, CLIPProcessor
-    model = plumbing.load_or_die(lambda: CLIPModel.from_pretrained(model_folder), model_folder,
-                                 "the PickScore v1 model")
-    processor = plumbing.load_or_die(lambda: CLIPProcessor.from_pretrained(processor_folder, use_fast=False),
-                                     processor_folder, "PickScore's CLIP-H processor")
-    return PickScoreScorer(plumbing.freeze(model, device, torch.float32), processor)
+    """PickScore v1 (rewards.RECORDS['pickscore']) with the CLIP-H processor, fp32."""
+    return RewardScorer("pickscore", "pickscore", rewards.load_one(
+        "pickscore", {"model": model_folder, "processor": processor_folder}, device, FP32, pil=True))
 
 
 def score_images(scorer, model, prompts, args):
@@ -719,7 +598,8 @@ def score_all(models, metrics, weights, prompts, args, device, tiny_scorers=None
     loaders = {
         "imagereward": lambda: load_imagereward(weights.get("imagereward"), device),
         "clip_l": lambda: load_clip_l(weights["clip"], weights.get("aesthetic"), device),
-        "hps": lambda: load_hps(weights["hps"], weights.get("hps_arch", "ViT-H-14"), device, args.hps_resize),
+        "hps": lambda: load_hps(weights["hps"], weights.get("hps_arch", rewards.HPS_ARCH), device, args.hps_resize,
+                                args.hps_version),
         "pickscore": lambda: load_pickscore(weights["pickscore"], weights["pickscore_processor"], device),
     }
     values, speed = {m["slug"]: {} for m in models}, {}
@@ -817,108 +697,29 @@ def frechet_distance(mu1, cov1, mu2, cov2):
 # 6. (optional) --tiny: random-weight stand-ins of the real architectures, built in seconds
 
 
-TINY_HPS_ARCH = "tiny-ViT-H-14"  # an open_clip model config registered at run time (same CLIP class)
+TINY_HPS_ARCH = rewards.TINY_HPS_ARCH  # an open_clip model config registered at run time (same CLIP class)
+tiny_imagereward, tiny_imagereward_classes = rewards.tiny_imagereward, rewards.tiny_imagereward_classes
 
 
 def build_tiny(folder, hps_version="v2.0", seed=0):
     """Writes, under `folder`: dipp's tiny SD (random_weights.build_random, identical to `dipp.py --tiny`'s),
     the untrained one-step generator (the teacher UNet at t* = 999, dipp's initialisation) and small
-    scorers in their real file formats, which then load through the real loaders: transformers CLIPModel +
-    CLIPProcessor folders (ViT-L/14 and PickScore stand-ins, 768-d projection for the aesthetic head), the
-    aesthetic state dict, an open_clip CLIP in an HPS-style {'state_dict': ...} checkpoint. ImageReward is
-    built in-process (tiny_imagereward). Returns (SD folder, generator folder, weights)."""
-    open_clip = import_open_clip()
+    scorers in their real file formats (rewards.build_tiny), which then load through the real loaders. ImageReward
+    is built in-process (tiny_imagereward). Returns (SD folder, generator folder, weights)."""
     from diffusers import UNet2DConditionModel
     from random_weights import build_random
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
     sd, _ = build_random(folder, "tiny", seed)
-    generator, scorers = os.path.join(folder, "generator"), os.path.join(folder, "scorers")
-    weights = dict(clip_model=os.path.join(scorers, "clip-l"), aesthetic_model=os.path.join(scorers, AESTHETIC_FILE),
-                   hps_model=os.path.join(scorers, HPS_FILES[hps_version]),
-                   pickscore_model=os.path.join(scorers, "pickscore"),
-                   pickscore_processor=os.path.join(scorers, "pickscore"))
-    stamp, marker = json.dumps({"hps_version": hps_version, "seed": seed}), os.path.join(folder, "tiny_scorers.json")
-    if os.path.isfile(marker) and open(marker).read() == stamp:  # written by an earlier run: kept, so a re-run
-        open_clip.add_model_config(os.path.join(scorers, f"{TINY_HPS_ARCH}.json"))  # resumes (same files)
-        return sd, generator, weights
-    UNet2DConditionModel.from_pretrained(sd, subfolder="unet").save_pretrained(generator)
-    plumbing.write_generator_record(generator, 999)
-    torch.manual_seed(seed)
-    tokenizer = CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer")  # dipp's byte-level tiny tokenizer
-    processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 224}, crop_size=224), tokenizer)
-    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=1000,
-                max_position_embeddings=77)
-    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=224,
-                  patch_size=32)
-    # logit_scale starts at ln 100, where CLIP's training clamps it, as a fine-tuned PickScore sits
-    for name, dim in (("clip-l", 768), ("pickscore", 32)):
-        CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=dim,
-                             logit_scale_init_value=math.log(100))).save_pretrained(os.path.join(scorers, name))
-        processor.save_pretrained(os.path.join(scorers, name))
-    torch.save(AestheticHead().state_dict(), os.path.join(scorers, AESTHETIC_FILE))
-    # HPS: the ViT-H-14 config shrunk (open_clip's CLIP class and its real BPE tokenizer, vocab 49408)
-    config = dict(embed_dim=32, vision_cfg=dict(image_size=224, layers=2, width=64, head_width=32, patch_size=32),
-                  text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
-    json.dump(config, open(os.path.join(scorers, f"{TINY_HPS_ARCH}.json"), "w"))
-    open_clip.add_model_config(os.path.join(scorers, f"{TINY_HPS_ARCH}.json"))
-    torch.save({"state_dict": open_clip.create_model(TINY_HPS_ARCH).state_dict()},
-               os.path.join(scorers, HPS_FILES[hps_version]))
-    open(marker, "w").write(stamp)
+    generator = os.path.join(folder, "generator")
+    at = rewards.build_tiny(os.path.join(folder, "scorers"), os.path.join(sd, "tokenizer"), seed)
+    weights = dict(clip_model=at["clip"]["model"], aesthetic_model=at["aesthetic"]["head"],
+                   hps_model=at[{"v2.0": "hps20", "v2.1": "hps21"}[hps_version]]["model"],
+                   pickscore_model=at["pickscore"]["model"], pickscore_processor=at["pickscore"]["processor"])
+    stamp, marker = json.dumps({"seed": seed}), os.path.join(folder, "tiny_generator.json")
+    if not (os.path.isfile(marker) and open(marker).read() == stamp):  # (else kept: a re-run resumes, same files)
+        UNet2DConditionModel.from_pretrained(sd, subfolder="unet").save_pretrained(generator)
+        plumbing.write_generator_record(generator, 999)
+        open(marker, "w").write(stamp)
     return sd, generator, weights
-
-
-@contextlib.contextmanager
-def tiny_imagereward_classes(folder):
-    """Inside the block ImageReward's own classes build a small model: the package hard-codes BLIP's ViT-L (the
-    whole model is 447M parameters, ~5 s and 2.2 GB to build), so the two names blip_pretrain imported
-    (create_vit, init_tokenizer) become a 2-block ViT of the package's own VisionTransformer and a BertTokenizer
-    on a letter vocabulary (every word splits into letters, so the prompt matters); restored on exit. BERT keeps
-    hidden size 768, which ImageReward's MLP(768) requires. Yields the med_config.json written in `folder`."""
-    from ImageReward.models.BLIP import blip_pretrain, vit
-    from transformers import BertTokenizer
-    os.makedirs(folder, exist_ok=True)
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + letters + ["##" + c for c in letters]
-    open(os.path.join(folder, "vocab.txt"), "w").write("\n".join(vocab) + "\n")
-    med = dict(architectures=["BertModel"], attention_probs_dropout_prob=0.1, hidden_act="gelu",
-               hidden_dropout_prob=0.1, hidden_size=768, initializer_range=0.02, intermediate_size=256,
-               layer_norm_eps=1e-12, max_position_embeddings=512, model_type="bert", num_attention_heads=12,
-               num_hidden_layers=1, pad_token_id=0, type_vocab_size=2, vocab_size=len(vocab) + 2,
-               encoder_width=64, add_cross_attention=True)  # vocab + [DEC] + [ENC]
-    json.dump(med, open(os.path.join(folder, "med_config.json"), "w"))
-
-    def tiny_vit(*args, **kwargs):
-        return vit.VisionTransformer(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2), 64
-
-    def tokenizer():  # what blip.init_tokenizer does to bert-base-uncased, on the letter vocabulary
-        tok = BertTokenizer(os.path.join(folder, "vocab.txt"))
-        tok.add_special_tokens({"bos_token": "[DEC]"})
-        tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
-        tok.enc_token_id = tok.additional_special_tokens_ids[0]
-        return tok
-
-    originals = blip_pretrain.create_vit, blip_pretrain.init_tokenizer
-    blip_pretrain.create_vit, blip_pretrain.init_tokenizer = tiny_vit, tokenizer
-    try:
-        yield os.path.join(folder, "med_config.json")
-    finally:
-        blip_pretrain.create_vit, blip_pretrain.init_tokenizer = originals
-
-
-def tiny_imagereward(folder, device="cpu", seed=0):
-    """ImageReward's own classes, small (tiny_imagereward_classes). The head (std 0.05) and BERT's cross-attention
-    to the image (std 0.1) are re-drawn larger than their inits (1/769, 0.02), with which every random-model
-    score is nearly the same number whatever the image."""
-    RM = import_imagereward()
-    with tiny_imagereward_classes(folder) as med_config:
-        torch.manual_seed(seed)
-        model = RM.ImageReward(med_config=med_config, device=device)
-    for p in model.mlp.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    for name, p in model.blip.text_encoder.named_parameters():
-        if ".crossattention." in name and name.endswith("weight") and "LayerNorm" not in name:
-            torch.nn.init.normal_(p, std=0.1)
-    return model.to(device).eval().requires_grad_(False)
 
 # -----------------------------------------------------------------------------
 # 7. Statistics and reports

@@ -165,18 +165,6 @@ def check_model_locations(locations):
     all_or_die(*(functools.partial(check_model_location, name, flag) for name, flag in locations))
 
 
-def check_imagereward_cache():
-    """ImageReward by name is fetched by its own package into ~/.cache/ImageReward: when the hub cannot be
-    reached, its files must already be there."""
-    if hub_unreachable():
-        cache = os.path.expanduser("~/.cache/ImageReward")
-        if not all(os.path.isfile(os.path.join(cache, f)) for f in ("ImageReward.pt", "med_config.json")):
-            die(f"cannot load the ImageReward model: it is not in {cache} and the hub cannot be reached "
-                f"({hub_unreachable()}); on a "
-                "machine with internet run `huggingface-cli download THUDM/ImageReward --local-dir DIR` and pass "
-                "--reward_model_path DIR (its BLIP also needs `huggingface-cli download bert-base-uncased`)")
-
-
 def load_weights_or_die(module, path):
     """Load a bare state-dict file (read_weights) into module; wrong keys or shapes are one line."""
     return load_strictly(module, read_weights(path), f"the weight file '{path}'",
@@ -211,35 +199,6 @@ def load_strictly(module, weights, source, what):
             f"{listed if got else 'not a state dict'})")
     module.load_state_dict(weights)
     return module
-
-
-def load_imagereward(path, device):
-    """The ImageReward model from a local folder (ImageReward.pt + med_config.json) or, with path "", by name
-    through the package's own downloader (hub repo THUDM/ImageReward, into ~/.cache/ImageReward); a missing file
-    is one line. Loaded strictly: the package's own ImageReward.load passes strict=False, with which a
-    checkpoint that does not fit would leave part of the scorer at its random initialisation."""
-    sys.modules.setdefault("clip", type(sys)("clip"))  # ImageReward imports OpenAI's `clip` but never uses it for ImageReward
-    import ImageReward as RM
-    names = ("ImageReward.pt", "med_config.json")
-    if path:
-        files = [os.path.join(path, f) for f in names]
-        missing = [f for f in files if not os.path.isfile(f)]
-        if missing:
-            die(f"--reward_model_path is missing {', '.join(missing)}; download both from the hub repo "
-                "THUDM/ImageReward (huggingface-cli download THUDM/ImageReward --local-dir DIR)")
-    else:  # what ImageReward.load("ImageReward-v1.0") fetches, where it keeps it
-        root, url = os.path.expanduser("~/.cache/ImageReward"), "https://huggingface.co/THUDM/ImageReward/blob/main/"
-        files = [load_or_die(lambda f=f: RM.utils.ImageReward_download(url + f, root), "THUDM/ImageReward",
-                             f"the ImageReward model ({f})") for f in names]
-
-    def build():  # ImageReward.load without its strict=False
-        return RM.ImageReward(med_config=files[1], device="cpu"), torch.load(files[0], map_location="cpu",
-                                                                             weights_only=True)
-    model, weights = load_or_die(build, path or "THUDM/ImageReward", "the ImageReward model (and its BERT "
-                                 "tokenizer 'bert-base-uncased')")
-    load_strictly(model, weights, f"'{files[0]}'", "ImageReward v1.0 (BLIP ViT-L + BERT + MLP)")
-    model.device = device  # score_gard builds its attention mask on model.device
-    return model.eval()
 
 
 def check_model_class(name, sub, expected):
@@ -1094,8 +1053,10 @@ class RunLog:
 
 
 def plot_curves(log_path, png_path):
-    """The run at a glance from log.jsonl: both losses, training and held-out reward (± its spread), and
-    the two gradient sizes at x0. `python plumbing.py curves runs/x/log.jsonl` redraws it."""
+    """The run at a glance from log.jsonl: both losses, training and held-out reward (± its spread), the
+    gradient sizes at x0 (a mix's per-term pulls too) and, when the run watched other rewards or trained on a
+    mix, every held-out reward's change side by side: a reward that rises while the others fall is the reward
+    being hacked. `python plumbing.py curves runs/x/log.jsonl` redraws it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1103,10 +1064,13 @@ def plot_curves(log_path, png_path):
     def series(key):  # (steps, values) of the rows that have a number for key (None and nan skipped)
         pairs = [(r["step"], r[key]) for r in rows if r.get(key) is not None and r[key] == r[key]]
         return [s for s, _ in pairs], [v for _, v in pairs]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    # every reward scored on the held-out prompts: the trained one (val_reward), a mix's terms, the watched ones
+    watched = sorted({k for r in rows for k in r if k.startswith("val_") and not k.endswith("_std")} - {"val_reward"})
+    terms = sorted({k for r in rows for k in r if k.startswith("grad_reward_")})  # a mix's per-term pulls
+    fig, axes = plt.subplots(1, 5 if watched else 4, figsize=(22 if watched else 18, 3.6))
     for ax, keys, title in ((axes[0], ["loss_fake"], "fake-score DSM loss"), (axes[1], ["loss_ikl"], "IKL surrogate (value means nothing)"),
                             (axes[2], ["reward", "val_reward"], "reward: training prompts / held-out"),
-                            (axes[3], ["grad_ikl", "grad_reward"], "RMS ∂L/∂x0 per sample")):
+                            (axes[3], ["grad_ikl", "grad_reward"] + terms, "RMS ∂L/∂x0 per sample")):
         for key in keys:
             ax.plot(*series(key), "o-" if key == "val_reward" else "-", label=key, ms=3)
         if "val_reward" in keys and series("val_reward_std")[0]:
@@ -1118,6 +1082,20 @@ def plot_curves(log_path, png_path):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
+    if watched:  # on one axis: each one's change since its first value, in units of its spread over the prompts
+        ax = axes[4]
+        for key in ["val_reward"] + watched:
+            steps, values = series(key)
+            if not steps:
+                continue
+            spread = dict(zip(*series(key + "_std"))).get(steps[0]) or 1.0
+            trained = key == "val_reward" or f"grad_reward_{key[4:]}" in terms  # (a mix's terms log their pulls)
+            ax.plot(steps, [(v - values[0]) / spread for v in values], "o-" if trained else "o--", ms=3,
+                    label=key + ("" if trained else " (watched)"), lw=2.5 if key == "val_reward" else 1)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_title("held-out rewards: change since the first validation / its spread", fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=80)
     plt.close(fig)
@@ -1137,12 +1115,13 @@ def global_means(values, signal, world):
 
 
 @torch.no_grad()
-def held_out_reward(sample, reward, prompts, z, batch_size, contexts, grid_path):
+def held_out_reward(sample, reward, prompts, z, batch_size, contexts, grid_path, watch=None):
     """The generator on held-out prompts with fixed noise: images = sample(z_i, c_i) in batches (inside
     `contexts`: autocast, EMA weights), a grid of the first four at grid_path, and the reward's mean and
     population std over all prompts. The same z_i every time, so the curve shows the generator's change
-    rather than sampling noise."""
-    images, rewards = [], []
+    rather than sampling noise. Also val_<name> (mean and std) of each term of a mixed reward (its .last
+    scores) and of each reward in `watch` ({name: reward fn}: rewards the run is *not* trained on)."""
+    images, scores = [], {}
     with contextlib.ExitStack() as stack:
         for c in contexts:
             stack.enter_context(c)
@@ -1150,11 +1129,19 @@ def held_out_reward(sample, reward, prompts, z, batch_size, contexts, grid_path)
             batch = prompts[i:i + batch_size]
             images.append(sample(z[i:i + len(batch)], batch))
             if reward is not None:
-                rewards.append(reward(images[-1], batch).float())
+                scores.setdefault("reward", []).append(reward(images[-1], batch).float())
+                if len(getattr(reward, "last", {})) > 1:  # a mix: each term's own score
+                    for name, r in reward.last.items():
+                        scores.setdefault(name, []).append(r.float())
+            for name, fn in (watch or {}).items():
+                scores.setdefault(name, []).append(fn(images[-1], batch).float())
     if grid_path:  # (None: a rank other than 0 that runs it only because the sharded generator needs every rank)
         save_grid(torch.cat(images)[:4], prompts[:4], grid_path)
-    r = torch.cat(rewards) if rewards else None
-    return {} if r is None else {"val_reward": r.mean().item(), "val_reward_std": r.std(unbiased=False).item()}
+    out = {}
+    for name, values in scores.items():
+        r = torch.cat(values)  # (P,)
+        out.update({f"val_{name}": r.mean().item(), f"val_{name}_std": r.std(unbiased=False).item()})
+    return out
 
 
 class StopSignals:
@@ -1832,10 +1819,11 @@ class RunKeeper:
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         return SafeOptimizer(params, adamw, scaler, self.cfg.max_grad_norm)
 
-    def start(self, trained, opt, G, sample, reward_fn, val_prompts, latent_shape):
+    def start(self, trained, opt, G, sample, reward_fn, val_prompts, latent_shape, watch=None):
         """Resume (--resume_from_checkpoint), set up the (optional) EMA of G, the log and the progress bar, and
         validate at step 0. trained: {"generator": G.net, "fake_score": ψ}, what a checkpoint holds; opt: the
-        optimizers (.G, .fake); sample(z, prompts) -> images, reward_fn(images, prompts) -> (B,) or None."""
+        optimizers (.G, .fake); sample(z, prompts) -> images, reward_fn(images, prompts) -> (B,) or None; watch:
+        {name: reward fn} also scored at each validation, not trained on (held_out_reward)."""
         from tqdm import tqdm
         cfg, cuda = self.cfg, self.device.type == "cuda"
         self.trained, self.G, self.G_params = trained, G, opt.G.params
@@ -1851,7 +1839,7 @@ class RunKeeper:
         self.validate = lambda tag: held_out_reward(
             sample, reward_fn, val_prompts, val_z, cfg.train_batch_size, [self.autocast, ema_weights(self.G_params,
                                                                                                       self.ema)],
-            os.path.join(cfg.output_dir, f"samples_{tag}.png") if self.main_rank else None)
+            os.path.join(cfg.output_dir, f"samples_{tag}.png") if self.main_rank else None, watch)
         self.validates = self.writes or (self.sharded and not cfg.benchmark)  # (a sharded G runs on every rank)
         self.clock = benchmark_clock(cfg, self.device)  # synced on a GPU only under --benchmark
         self.flops = FirstIteration(cfg.benchmark)  # --benchmark: the FLOPs of the first, untimed, iteration
@@ -1897,8 +1885,9 @@ class RunKeeper:
             ema_update(self.ema, self.G_params, cfg.ema_decay)
         self.step += 1
         # global-batch means over ranks (and whether a signal reached any rank); waits for the step's GPU work
-        values, stop = global_means({k: stats[k] for k in ("loss_fake", "loss_ikl", "reward", "grad_ikl",
-                                                             "grad_reward")}, self.signals.requested, self.world)
+        logged = ("loss_fake", "loss_ikl", "reward", "grad_ikl", "grad_reward") + tuple(  # (+ a mix's terms)
+            k for k in stats if k.startswith(("grad_reward_", "reward_")))
+        values, stop = global_means({k: stats[k] for k in logged}, self.signals.requested, self.world)
         t2 = self.clock()
         self.timings.append((self.t1 - self.t0, t2 - self.t1))
         stats = {"step": self.step, **values, "grad_ratio": values["grad_reward"] / max(values["grad_ikl"], 1e-30),

@@ -164,8 +164,9 @@ def t5_tokenizer():
 
 def use_random_weights(cfg, rank=0, world=1):
     """--random_weights NAME (or --tiny): build the models in output_dir/NAME (rank 0, once; the
-    others wait) and point cfg at them: the model folder, the tiny CLIP reward (unless --reward none) and the
-    TAESD-shaped decoder of --reward_decoder tiny."""
+    others wait) and point cfg at them: the model folder, the tiny CLIP reward for the default --reward (none
+    stays none), tiny stand-ins of the named architectures for any other --reward or --watch_rewards
+    (rewards.build_tiny), and the TAESD-shaped decoder of --reward_decoder tiny."""
     import torch
     from plumbing import writable_dir
     shapes = cfg.random_weights
@@ -181,6 +182,19 @@ def use_random_weights(cfg, rank=0, world=1):
     if world > 1:
         torch.distributed.barrier()  # the other ranks load what rank 0 wrote
     cfg.pretrained_model_name_or_path = os.path.join(folder, model_subfolder(shapes))
-    if cfg.reward != "none":
-        cfg.reward, cfg.reward_model_path = "clip", os.path.join(folder, "clip")
+    import rewards
+    trained, watched = rewards.parse(cfg.reward), rewards.parse_watch(getattr(cfg, "watch_rewards", ""))
+    stand_ins = bool(trained) and [name for name, _ in trained] != ["imagereward"]
+    if stand_ins or watched:  # tiny stand-ins of each named reward's own architecture (rewards.build_tiny)
+        tiny = os.path.join(folder, "rewards")
+        if rank == 0:
+            rewards.build_tiny(tiny, os.path.join(folder, "clip"), cfg.seed)
+        if world > 1:
+            torch.distributed.barrier()
+        paths = rewards.tiny_paths(tiny)
+        cfg.reward_model_path = ",".join(f"{name}={paths[name]}" for name, _ in trained) if stand_ins else ""
+        cfg.watch_rewards = ",".join(f"{name}={paths[name]}" for name, _ in watched)
+    if trained and not stand_ins:  # the default ImageReward: the tiny CLIP, as --tiny always did
+        weight = trained[0][1]  # (kept: --reward imagereward=2 trains on 2 × the tiny CLIP)
+        cfg.reward, cfg.reward_model_path = "clip" if weight == 1 else f"clip={weight!r}", os.path.join(folder, "clip")
     cfg.reward_decoder_path = cfg.reward_decoder_path or os.path.join(folder, "taesd")

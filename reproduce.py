@@ -444,7 +444,9 @@ def write_table(recipe, args, out, plan, reward_scale):
               f"- Prompts: {prompts}, {summary['prompts']} used, {summary['images_per_prompt']} image(s) per prompt, "
               f"seed {summary['seed']}; every row saw the same prompts and initial noise.",
               f"- Training: {recipe.train_prompts if not args.tiny else 'built-in'} prompts, {plan.steps} steps, "
-              f"α_rew = {reward_scale:g}" + (" (calibrated: calibration.json)" if plan.calibrate else " (given)") +
+              f"--reward {flag(plan.train, '--reward')}, α_rew = {reward_scale:g}" +
+              (" (calibrated on the whole reward's grad_ratio, a mix's terms together at their given weights: "
+               "calibration.json)" if plan.calibrate else " (given)") +
               "; the other flags in commands.sh.",
               "- Published rows as their sources print them: " + "; ".join(f"{p.row}: {p.source}"
                                                                             for p in recipe.published) + ".",

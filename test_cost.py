@@ -103,11 +103,21 @@ def test_reward_path_costs_a_decode_and_a_reward_forward_and_backward():
     instead, which is cheaper than the VAE's decoder."""
     base = iteration(reward="none", guidance_scale=1.75)
     m = cost.meta_models("tiny", dipp.Config(reward="clip"), CPU)
-    m["reward"].text.batch(["a", "b"], m["reward"].encode_text)
+    cost.warm_text_caches(m["reward"], ["a", "b"])
     x0 = torch.zeros(2, 4, 8, 8, requires_grad=True)
     path = cost.count_flops(lambda: m["reward"](dipp.decode(m["vae"], x0), ["a", "b"]).sum().backward())
     assert iteration(reward="clip", guidance_scale=1.75) - base == path > 0
     assert base < iteration(reward="clip", guidance_scale=1.75, reward_decoder="tiny") < base + path
+
+
+def test_a_mix_costs_each_reward_once_and_one_decode():
+    """--reward "clip=1,aesthetic=0.5" costs what --reward clip costs plus the aesthetic predictor (its real CLIP
+    ViT-L/14 and head) forward and backward on the decoded images, counted alone: the decoder runs once for both."""
+    meta = lambda **s: cost.iteration_flops("tiny", batch=2, guidance_scale=1.75, **s)
+    head = cost.meta_reward("aesthetic", None)
+    x = torch.zeros(2, 3, 16, 16, device=cost.META, requires_grad=True)  # the tiny VAE's decoded images
+    alone = cost.count_flops(lambda: head(x, ["a", "b"]).sum().backward())
+    assert meta(reward="clip=1,aesthetic=0.5") - meta(reward="clip") == alone > 0
 
 
 def test_sampling_is_text_steps_and_a_decode():

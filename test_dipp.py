@@ -216,7 +216,7 @@ def test_training_step_moves_only_generator_and_fake_score(tmp_path):
     assert same_weights(nets["teacher"], teacher)
     assert same_weights(nets["vae"], AutoencoderKL.from_pretrained(sd, subfolder="vae"))
     assert same_weights(nets["text_encoder"], CLIPTextModel.from_pretrained(sd, subfolder="text_encoder"))
-    assert same_weights(nets["reward"].model, CLIPModel.from_pretrained(clip))
+    assert same_weights(nets["reward"].terms[0][2].model, CLIPModel.from_pretrained(clip))
     assert not same_weights(nets["G"].net, teacher)
     assert not same_weights(nets["fake"], teacher)
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
@@ -1951,7 +1951,7 @@ def test_pixart_readme_run_moves_only_generator_and_fake_and_resumes_from_cached
     assert same_weights(nets["teacher"], teacher) and not same_weights(nets["G"].net, teacher)
     assert not same_weights(nets["fake"], teacher) and nets["G"].t_star == 400
     assert same_weights(nets["vae"], AutoencoderKL.from_pretrained(folder, subfolder="vae"))
-    assert same_weights(nets["reward"].model, CLIPModel.from_pretrained(clip))
+    assert same_weights(nets["reward"].terms[0][2].model, CLIPModel.from_pretrained(clip))
     assert nets["text_encoder"] is None
     (cache,) = os.listdir(tmp_path / "a" / "text_embeddings")
     table = load_file(str(tmp_path / "a" / "text_embeddings" / cache))

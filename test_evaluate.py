@@ -1,6 +1,6 @@
-"""Tests for evaluate.py: each scorer against an independent computation (the package's own score(),
-open_clip's own encoders, a hand-written forward, a closed form, the stock diffusers pipeline), on tiny
-random models of the real architectures. CPU, offline.
+"""Tests for evaluate.py: the metrics against an independent computation (a closed form, the stock diffusers
+pipeline; each scorer against its official code: test_rewards.py), on tiny random models of the real
+architectures. CPU, offline.
 
 Run: pytest -q test_evaluate.py
 """
@@ -50,15 +50,6 @@ def readme_run():
     i = argv.index("--output_dir")
     argv[i + 1] = tempfile.mkdtemp(prefix="dipp-test-eval-run-")
     return argv[i + 1], argv, evaluate.main(argv)
-
-
-def pil(seed, size=(96, 96)):
-    """A smooth random RGB image (what a generator outputs looks more like this than like white noise)."""
-    from PIL import Image
-    g = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 6, generator=g), size=size[::-1], mode="bicubic",
-                                        align_corners=False).clamp(0, 1)
-    return Image.fromarray((x[0] * 255).round().byte().permute(1, 2, 0).numpy())
 
 
 def png(out, record):
@@ -191,123 +182,7 @@ def test_a_rerun_keeps_what_it_wrote_and_redraws_a_retrained_generator(tmp_path)
                                                                         third["values"][slug]["clip"], atol=1e-4)
 
 
-# ----------------------------------------------------------------------------- each scorer vs its reference
-
-def test_imagereward_matches_the_package_score():
-    """The batched ImageReward scorer equals the package's own `score(prompt, PIL image)`, image by image,
-    for an SD-sized, a tiny and a non-square image (tiny model of ImageReward's own classes)."""
-    model = evaluate.tiny_imagereward(os.path.join(tiny()["folder"], "imagereward"))
-    from PIL import Image
-    images = [pil(1, (512, 512)), pil(2, (16, 16)), pil(3, (300, 200)), Image.new("RGB", (512, 512), "black")]
-    prompts = ["a red bicycle", "a watercolor fox", "a lighthouse at sunset", "a red bicycle"]
-    ours = evaluate.ImageRewardScorer(rewards.ImageRewardFn(model))(images, prompts)["imagereward"]
-    with torch.no_grad():
-        theirs = torch.tensor([model.score(p, im) for p, im in zip(prompts, images)])
-    assert torch.allclose(ours, theirs, atol=1e-5), (ours, theirs)
-    assert (theirs[0] - theirs[3]).abs() > 1e-2  # same prompt, other image: the score sees the image
-
-
-def hand_aesthetic(state, e):
-    """LAION aesthetic v2 head written out: five affine maps 768→1024→128→64→16→1, no activations."""
-    x = e
-    for i, (d_in, d_out) in zip((0, 2, 4, 6, 7), ((768, 1024), (1024, 128), (128, 64), (64, 16), (16, 1))):
-        W, b = state[f"layers.{i}.weight"], state[f"layers.{i}.bias"]
-        assert W.shape == (d_out, d_in)  # the published layer sizes
-        x = x @ W.T + b
-    return x[:, 0]
-
-
-def test_aesthetic_head_loads_published_keys_and_is_the_linear_mlp(tmp_path):
-    """A state dict with the published file's keys loads as is, the head is the hand-written linear MLP
-    on the L2-normalised CLIP image embedding (CLIPModel's own image_embeds), and a wrong file is one line."""
-    from transformers import CLIPModel, CLIPProcessor
-    g = torch.Generator().manual_seed(0)
-    sizes = {0: (1024, 768), 2: (128, 1024), 4: (64, 128), 6: (16, 64), 7: (1, 16)}
-    state = {}
-    for i, (o, n) in sizes.items():
-        state[f"layers.{i}.weight"] = torch.randn(o, n, generator=g) / n ** 0.5
-        state[f"layers.{i}.bias"] = torch.randn(o, generator=g)
-    torch.save(state, tmp_path / evaluate.AESTHETIC_FILE)
-    clip = tiny()["clip_model"]
-    scorer = evaluate.load_clip_l(clip, str(tmp_path / evaluate.AESTHETIC_FILE), torch.device("cpu"))
-    images, prompts = [pil(5), pil(6, (64, 48))], ["a fox", "a castle"]
-    ours = scorer(images, prompts)["aesthetic"]
-    model, processor = CLIPModel.from_pretrained(clip).eval(), CLIPProcessor.from_pretrained(clip)
-    with torch.no_grad():
-        embeds = model(**processor(text=prompts, images=images, return_tensors="pt", padding=True)).image_embeds
-    assert torch.allclose(ours, hand_aesthetic(state, embeds), atol=1e-4)
-    torch.save({"fc.weight": torch.zeros(1, 768)}, tmp_path / "wrong.pth")
-    message = evaluate_error(lambda: evaluate.load_aesthetic_head(str(tmp_path / "wrong.pth")))
-    assert "10 missing: layers.0.weight" in message and "1 unexpected: fc.weight" in message
-
-
-def test_clip_score_is_100_times_clamped_cosine():
-    """CLIP score = 100 · max(cos, 0) of CLIPModel's own (normalised) image and text embeddings."""
-    from transformers import CLIPModel, CLIPProcessor
-    clip = tiny()["clip_model"]
-    scorer = evaluate.load_clip_l(clip, None, torch.device("cpu"))
-    images, prompts = [pil(7), pil(8), pil(9)], ["a fox", "a red bicycle", "an astronaut riding a horse"]
-    ours = scorer(images, prompts)["clip"]
-    model, processor = CLIPModel.from_pretrained(clip).eval(), CLIPProcessor.from_pretrained(clip)
-    with torch.no_grad():
-        out = model(**processor(text=prompts, images=images, return_tensors="pt", padding=True))
-    cos = (out.image_embeds * out.text_embeds).sum(-1)
-    assert torch.allclose(ours, 100 * cos.clamp_min(0), atol=1e-4)
-
-
-@pytest.mark.parametrize("resize", ["legacy", "antialias"])
-def test_hps_preprocessing_is_the_hpsv2_recipe(resize):
-    """hps_preprocess = HPSv2's ResizeMaxSize on the tensor: longest side to 224 (bicubic; antialiased or, as
-    torchvision < 0.17 did for HPSv2's published numbers, not), zero pad centred (odd pixel right/bottom), CLIP
-    normalisation; checked on non-square and square images against plain torch interpolate + explicit padding."""
-    import numpy as np
-    mean, std = torch.tensor(rewards.CLIP_MEAN).view(3, 1, 1), torch.tensor(rewards.CLIP_STD).view(3, 1, 1)
-    for size, resized in (((300, 201), (150, 224)), ((512, 512), (224, 224)), ((16, 16), (224, 224))):
-        image = pil(10, size)  # PIL size = (W, H)
-        x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255  # (3, H, W)
-        x = torch.nn.functional.interpolate(x[None], size=resized, mode="bicubic", align_corners=False,
-                                            antialias=resize == "antialias")[0]  # (3, h, w), longest side 224
-        top, left = (224 - resized[0]) // 2, (224 - resized[1]) // 2
-        expected = torch.zeros(3, 224, 224)  # fill 0 *before* normalisation, as HPSv2 pads
-        expected[:, top:top + resized[0], left:left + resized[1]] = x
-        ours = evaluate.hps_preprocess(image, resize)
-        assert torch.allclose(ours, (expected - mean) / std, atol=1e-5), size
-    other = {"legacy": "antialias", "antialias": "legacy"}[resize]  # not vacuous: the two differ when shrinking
-    assert (evaluate.hps_preprocess(pil(10, (512, 512)), other) - ours).abs().max() > 1e-3
-
-
-def test_hps_is_100_cos_of_open_clip_encoders():
-    """The HPS scorer loads the {'state_dict': ...} checkpoint strictly and scores 100 · cos of open_clip's
-    own encode_image / encode_text on the same preprocessed tensors and tokens."""
-    import open_clip
-    t = tiny()
-    scorer = evaluate.load_hps(t["hps_model"], evaluate.TINY_HPS_ARCH, torch.device("cpu"))
-    images, prompts = [pil(11, (512, 512)), pil(12, (300, 200))], ["a bowl of ramen", "a cozy living room"]
-    ours = scorer(images, prompts)["hps"]
-    model = open_clip.create_model(evaluate.TINY_HPS_ARCH)
-    model.load_state_dict(torch.load(t["hps_model"])["state_dict"])
-    model.eval()
-    with torch.no_grad():
-        img = model.encode_image(torch.stack([evaluate.hps_preprocess(im) for im in images]))
-        txt = model.encode_text(open_clip.get_tokenizer(evaluate.TINY_HPS_ARCH)(prompts))
-    cos = torch.nn.functional.cosine_similarity(img, txt)
-    assert torch.allclose(ours, 100 * cos, atol=1e-4) and (ours[0] - ours[1]).abs() > 1e-3
-
-
-def test_pickscore_is_logit_scale_times_cosine():
-    """PickScore = logit_scale.exp() · cos: the diagonal of CLIPModel's own logits_per_image."""
-    from transformers import CLIPModel, CLIPProcessor
-    t = tiny()
-    scorer = evaluate.load_pickscore(t["pickscore_model"], t["pickscore_processor"], torch.device("cpu"))
-    images, prompts = [pil(13), pil(14)], ["a lighthouse on a cliff", "a close-up portrait"]
-    ours = scorer(images, prompts)["pickscore"]
-    model = CLIPModel.from_pretrained(t["pickscore_model"]).eval()
-    processor = CLIPProcessor.from_pretrained(t["pickscore_processor"])
-    with torch.no_grad():
-        out = model(**processor(text=prompts, images=images, return_tensors="pt", padding=True))
-    assert torch.allclose(ours, out.logits_per_image.diagonal(), atol=1e-4)
-    assert abs(model.logit_scale.exp().item() - 100) < 1e-3  # not vacuous: the scale is far from 1
-
+# (each scorer against its official code's own result: test_rewards.py, since evaluate.py scores with rewards.py)
 
 # ----------------------------------------------------------------------------- set metrics
 
@@ -462,12 +337,12 @@ def test_wrong_checkpoint_files_are_one_line(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     torch.save({"model": torch.zeros(1)}, tmp_path / "no_state.pt")
     torch.save({"state_dict": {"visual.proj": torch.zeros(1)}}, tmp_path / "other.pt")
-    cases = [(lambda: evaluate.load_aesthetic_head(str(tmp_path / "garbage.pt")), "cannot be read"),
+    cases = [(lambda: rewards.load_aesthetic_head(str(tmp_path / "garbage.pt")), "cannot be read"),
              (lambda: evaluate.load_hps(str(tmp_path / "garbage.pt"), evaluate.TINY_HPS_ARCH, cpu), "cannot be read"),
              (lambda: evaluate.load_hps(str(tmp_path / "no_state.pt"), evaluate.TINY_HPS_ARCH, cpu), "no 'state_dict'"),
              (lambda: evaluate.load_hps(str(tmp_path / "other.pt"), evaluate.TINY_HPS_ARCH, cpu),
               "does not match open_clip tiny-ViT-H-14"),
-             (lambda: evaluate.load_aesthetic_head(str(tmp_path)), "does not exist")]
+             (lambda: rewards.load_aesthetic_head(str(tmp_path)), "does not exist")]
     tiny()  # registers the tiny open_clip architecture
     for load, expected in cases:
         message = evaluate_error(load)
@@ -668,7 +543,8 @@ def test_scores_do_not_follow_mixed_precision():
     expected = {k: v for scorer in scorers for k, v in scorer(images, prompts).items()}
     for metric in result["metrics"]:
         assert torch.allclose(result["values"][model["slug"]][metric], expected[metric], rtol=0, atol=1e-6), metric
-    in_bf16 = evaluate.ClipLScorer(clip.model.to(torch.bfloat16), clip.processor, clip.head)(images, prompts)
+    clip.clip.model.to(torch.bfloat16)
+    in_bf16 = clip(images, prompts)
     assert (in_bf16["clip"] - expected["clip"]).abs().max() > 1e-3  # not vacuous
 
 
@@ -730,24 +606,6 @@ def test_models_scorers_and_output_folder_are_checked_before_anything_loads(tmp_
     for extra, expected in cases:
         message = error_of(base + extra)  # (a second --generator adds to the first)
         assert expected in message and not out.exists(), (extra, message)
-
-
-def test_imagereward_loads_strictly(tmp_path):
-    """plumbing.load_imagereward (dipp's reward, evaluate's scorer) loads ImageReward.pt strictly: the model's own
-    file gives the same weights; one missing and one unknown key, which the package's strict=False loader would
-    pass over (leaving a layer at random), are one line naming both."""
-    import plumbing
-    folder = str(tmp_path)
-    state = evaluate.tiny_imagereward(folder).state_dict()
-    torch.save(state, tmp_path / "ImageReward.pt")
-    with evaluate.tiny_imagereward_classes(folder):
-        loaded = plumbing.load_imagereward(folder, torch.device("cpu")).state_dict()
-        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
-        gone = next(k for k in state if k.startswith("mlp."))
-        torch.save({**{k: v for k, v in state.items() if k != gone}, "mlp.extra": torch.zeros(1)},
-                   tmp_path / "ImageReward.pt")
-        message = evaluate_error(lambda: plumbing.load_imagereward(folder, torch.device("cpu")))
-    assert f"1 missing: {gone}" in message and "1 unexpected: mlp.extra" in message, message
 
 
 def test_full_disk_and_unwritable_output_are_one_line_and_leave_nothing_half_written(tmp_path):

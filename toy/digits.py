@@ -37,6 +37,7 @@ sys.path.insert(0, ROOT)
 import dipp  # noqa: E402  (the repo root holds dipp.py)
 import evaluate  # noqa: E402  (its Fréchet distance and pairwise diversity, the ones the SD evaluation uses)
 import plumbing  # noqa: E402  (the optimizer bundle, and dipp's optional EMA of the generator)
+import rewards  # noqa: E402  (rewards.Mix: the weighted sum dipp trains on with --reward "a=1,b=0.5")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import optimum  # noqa: E402  (toy/optimum.py's process pool for independent runs)
@@ -384,13 +385,19 @@ def eval_prompts(n):
 def job(args, name, reward, reward_scale, omega, seed, weighting="x0", k_ta=1):
     """One training run; a function of picklable arguments, so runs can go to worker processes. Returns
     the generator's samples for the metrics (fixed z per seed) and its training log.
-    reward: 'none' | 'judge' | 'ink' | 'cfg' (the explicit r_cfg, with an unguided teacher)."""
+    reward: 'none' | 'judge' | 'ink' | 'cfg' (the explicit r_cfg, with an unguided teacher) | 'mix:λ' (the
+    weighted sum λ·mix_judge·judge + (1−λ)·mix_ink·ink, through rewards.Mix as dipp's --reward "a=w,b=v")."""
     torch.set_num_threads(1)  # small MLPs: one thread per run, runs in parallel across cores
     teacher, judge, _, _ = load_models(args, log=lambda *a: None)
     schedule = make_schedule()
     cfg = dipp.Config(t_min=args.t_min, t_max=args.t_max, ikl_weighting=weighting)
-    reward_fn = {"none": None, "judge": judge_reward(judge), "ink": ink_reward,
-                 "cfg": guidance_reward(teacher, schedule, cfg)}[reward]
+    if reward.startswith("mix:"):
+        lam = float(reward[4:])
+        terms = [("judge", lam * args.mix_judge, judge_reward(judge)), ("ink", (1 - lam) * args.mix_ink, ink_reward)]
+        reward_fn = rewards.Mix([term for term in terms if term[1] > 0])
+    else:
+        reward_fn = {"none": None, "judge": judge_reward(judge), "ink": ink_reward,
+                     "cfg": guidance_reward(teacher, schedule, cfg)}[reward]
     start = time.time()
     G, log = train(teacher, schedule, args, reward_scale, omega, reward_fn, seed, weighting, k_ta)
     seconds = time.time() - start
@@ -425,6 +432,7 @@ def experiments(args):
     runs = {"distilled": ("none", 0.0, 1.0, "x0", 1)}
     runs.update({f"judge_{a:g}": ("judge", a, 1.0, "x0", 1) for a in args.judge_scales})
     runs.update({f"ink_{a:g}": ("ink", a, 1.0, "x0", 1) for a in args.ink_scales})
+    runs.update({f"mix_{lam:g}": (f"mix:{lam!r}", 1.0, 1.0, "x0", 1) for lam in args.mix_weights})
     if args.guidance_scale > 1:
         runs["cfg_guided"] = ("none", 0.0, args.guidance_scale, "x0", 1)  # CFG teacher, no explicit reward
         runs["cfg_explicit"] = ("cfg", args.guidance_scale - 1, 1.0, "x0", 1)  # unguided + (ω−1)·r_cfg
@@ -529,6 +537,9 @@ def label(name, args):
         return f"teacher, {args.teacher_steps}-step DDIM, ω = {name[8:]}"
     if name == "distilled":
         return "Diff-Instruct (α_rew = 0)"
+    if name.startswith("mix_"):
+        lam = float(name[4:])
+        return f"DI++, {lam * args.mix_judge:g}·judge + {(1 - lam) * args.mix_ink:g}·ink (λ = {lam:g})"
     if name.startswith(("judge_", "ink_")):
         kind, a = name.split("_")
         return f"DI++, {kind} reward, α_rew = {a}"
@@ -673,6 +684,10 @@ def parse(argv=None):
     p.add_argument("--judge_scales", type=float, nargs="*", default=[1.0, 10.0, 100.0],
                    help="α_rew of the judge-reward runs")
     p.add_argument("--ink_scales", type=float, nargs="*", default=[0.3, 1.0], help="α_rew of the ink-reward runs")
+    p.add_argument("--mix_weights", type=float, nargs="*", default=[], metavar="λ",
+                   help="runs on the weighted sum λ·mix_judge·judge + (1−λ)·mix_ink·ink (α_rew = 1), one per λ in [0, 1]")
+    p.add_argument("--mix_judge", type=float, default=10.0, help="the judge's weight at λ = 1")
+    p.add_argument("--mix_ink", type=float, default=0.3, help="the ink's weight at λ = 0")
     p.add_argument("--guidance_scale", type=float, default=2.0, help="ω of the CFG experiment (1 = skip it)")
     p.add_argument("--extras", type=int, default=1, help="1: also w(t) = σ/α and K_TA = 4 at α_rew = 0")
     p.add_argument("--t_star", type=int, default=700, help="t* of the one-step generator")
@@ -711,6 +726,9 @@ def parse(argv=None):
         "workers": (lambda v: v >= 1, ">= 1 (1 = no worker processes)"),
         "judge_scales": (finite, "finite"), "ink_scales": (finite, "finite"),
         "guidance_scale": (finite, "finite")})
+    if not all(0 <= lam <= 1 for lam in args.mix_weights) or not all(0 <= v < math.inf for v in (args.mix_judge,
+                                                                                                   args.mix_ink)):
+        p.error("need every --mix_weights λ in [0, 1] and finite --mix_judge, --mix_ink >= 0")
     plumbing.check_config(dipp.Config(t_min=args.t_min, t_max=args.t_max))  # π(t) inside the schedule
     return args
 

@@ -421,6 +421,9 @@ def train(cfg):
     run = plumbing.RunKeeper(cfg)  # torchrun, device, precision, the output folder
     device, ctx, B = run.device, run.autocast, cfg.train_batch_size
     torch.manual_seed(cfg.seed)  # the same seed on every rank: see draw_noise
+    if run.main_rank:  # (a minute or more on real weights before the settings line and the progress bar)
+        print(f"loading {cfg.pretrained_model_name_or_path}{'' if cfg.reward == 'none' else ' and the reward'}, "
+              "building G and ψ ...", flush=True)
     prompts = promptsets.load_prompts(cfg.prompts, promptsets.BUILTIN_PROMPTS, "--prompts")  # default: 8 built in
     val_prompts = promptsets.load_prompts(cfg.validation_prompts, promptsets.VALIDATION_PROMPTS,
                                           "--validation_prompts")

@@ -729,8 +729,8 @@ def compile_nets(cfg, nets, device):
 
 def record_config(cfg, main_rank, writes, note):
     """The resolved config saved as config.json (a real run), and one line pointing to it with the settings that
-    differ from the defaults: a newcomer's terminal shows progress, not fifty settings. Every key=value is printed
-    with --verbose (a Config field `verbose`; absent, the short form)."""
+    differ from the defaults: a newcomer's terminal shows progress, not fifty settings. --verbose also prints every
+    key=value (getattr: a Config without the field gets the short form)."""
     settings = dataclasses.asdict(cfg)
     path = os.path.join(cfg.output_dir, "config.json")
     if writes:

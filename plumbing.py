@@ -160,6 +160,15 @@ def check_model_location(name, flag):
             "DIR instead to keep it in a folder of your own)")
 
 
+def model_locations(cfg):
+    """(name, flag) of every model folder or hub id a dipp.py run loads besides the rewards (rewards.check_flags
+    finds theirs). A default TAESD is the family's."""
+    decoder = cfg.reward_decoder_path if cfg.reward_decoder == "tiny" and cfg.reward != "none" else ""
+    return [(name, flag) for name, flag in ((cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path"),
+                                            (cfg.generator_init, "--generator_init"),
+                                            (decoder, "--reward_decoder_path")) if name]
+
+
 def check_model_locations(locations):
     """check_model_location for each (name, flag) a run will load; every one missing, in one message."""
     all_or_die(*(functools.partial(check_model_location, name, flag) for name, flag in locations))
@@ -1643,6 +1652,14 @@ def save_grid(images, prompts, path):
     grid.save(path)
 
 
+def save_images(images, prompts, folder):
+    """dipp.py --generate's output: images in [-1, 1] (N, 3, H, W), one captioned PNG per prompt, generated_NN.png."""
+    os.makedirs(folder, exist_ok=True)
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        save_grid(image[None], [prompt], os.path.join(folder, f"generated_{i:02d}.png"))
+    print(f"wrote {len(prompts)} images to {folder}")
+
+
 def wrap_caption(text, width, lines):
     """At most `lines` lines of at most `width` characters, broken between words ("oil painting", not
     "oil pa/inting"); what does not fit ends in '...'."""
@@ -1873,6 +1890,13 @@ class RunKeeper:
 
     def between_phases(self):
         self.t1 = self.clock()  # the fake-score phase ends here (--benchmark times the two phases apart)
+
+    def logs_reward_terms(self, reward_fn):
+        """Whether this step logs a mix's per-term pulls: on the first and validation steps (each costs a decoder
+        VJP per term), never under --benchmark (its FLOPs are the first iteration's), never for a single reward."""
+        n, cfg = self.step + 1, self.cfg
+        return (reward_fn is not None and len(reward_fn.terms) > 1 and not cfg.benchmark
+                and (n == 1 or n % cfg.validation_steps == 0 or n == cfg.max_train_steps))
 
     def end_step(self, stats):
         """After one DI++ iteration: EMA, the global-batch means over ranks, the log line, and on their steps a

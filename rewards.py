@@ -609,6 +609,25 @@ def term_pulls(mix, decode, x0, loss_scale):
     return out
 
 
+
+def term_stats(mix, decode, x0, loss_scale):
+    """What a run logs of a mix's terms on the steps that ask (dipp.train): {grad_reward_NAME: the per-sample RMS of
+    the term's pull on x0, reward_NAME: its mean}; {} for a single reward."""
+    rms = lambda g: g.flatten(1).pow(2).mean(1).sqrt().mean()  # as dipp.rms: per-sample RMS, batch mean
+    pulls = term_pulls(mix, decode, x0, loss_scale)
+    return {**{f"grad_reward_{name}": rms(g) for name, g in pulls.items()},
+            **{f"reward_{name}": r.mean() for name, r in mix.last.items() if pulls}}
+
+
+def check_flags(spec, paths, watch, weights=False):
+    """--reward, --reward_model_path and --watch_rewards: a wrong name, weight or syntax is one line before anything
+    is built; weights=True: every reward's weights, trained on or watched, can be found (check)."""
+    terms, watched = parse(spec), parse_watch(watch)
+    paths = parse_paths(paths, [name for name, _ in terms])
+    if weights:  # (every one missing, trained on or watched, in one line)
+        plumbing.all_or_die(lambda: check(terms, paths), lambda: check([(name, 1.0) for name, _ in watched],
+                                                                        dict(watched)))
+
 def load(spec, paths, device, dtype, gradient_checkpointing=False):
     """--reward SPEC (parse) with --reward_model_path PATHS (parse_paths) -> a Mix, or None for none."""
     terms = parse(spec) if isinstance(spec, str) else spec

@@ -342,7 +342,7 @@ def train(teacher, schedule, args, reward_scale, omega, reward_fn=None, seed=0, 
         if ema is not None:
             plumbing.ema_update(ema, params, args.ema)
         if (step + 1) % 50 == 0:
-            log.append({"step": step + 1, **{k: float(v) for k, v in stats.items() if not k.startswith("skipped")}})
+            log.append({"step": step + 1, **{k: float(v) for k, v in stats.items() if not k.startswith("skipped") and k != "x0"}})
         if on_step is not None:
             with evaluated():
                 on_step(step + 1, G)

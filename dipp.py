@@ -464,7 +464,7 @@ def train(cfg):
             noises = [draw_noise(B, latent_shape, latent_shape, cfg, device, run.rank, run.world, schedule)
                       for _ in range(cfg.fake_steps_per_G + 1)]
             stats = dipp_step(nets, opt, noises, schedule, cfg, ctx, run.between_phases)
-            if run.logs_reward_terms(reward_fn):  # (optional) a mix's per-term pulls: a decoder VJP each, not every step
+            if run.logs_reward_terms(reward_fn):  # (optional) a mix's per-term pulls cost a decoder VJP each
                 with ctx:
                     stats.update(rewards.term_stats(reward_fn, lambda x: decode(reward_decoder, x), stats["x0"],
                                                     opt.G.loss_scale))

@@ -1153,7 +1153,7 @@ def test_benchmark_prints_one_parseable_line(tmp_path, capsys):
     import cost
     meta = cost.iteration_flops("tiny", reward="clip", guidance_scale=1.75)
     reward = cost.meta_models("tiny", dipp.Config(reward="clip"))["reward"]
-    assert meta < result["flop_per_iteration"] <= meta + cost.count_flops(lambda: reward.encode_text(["a"]))
+    assert meta < result["flop_per_iteration"] <= meta + cost.count_flops(lambda: reward.terms[0][2].encode_text(["a"]))
     assert result["achieved_tflop_per_s"] == pytest.approx(result["flop_per_iteration"] / 1e12 * result["images_per_s"],
                                                            rel=1e-2)  # batch 1: images/s = iterations/s (rounded)
     assert result["peak_tflop_per_s"] is None and result["fraction_of_peak"] is None  # a CPU has no datasheet peak

@@ -103,8 +103,9 @@ def pytest_collection_modifyitems(config, items):
 # The slowest tests outside the groups (docs/tests.md: 30-65 s each on an idle core). xdist hands out the groups
 # first (largest first), then single tests in collection order: these go to the front of that order.
 LONGEST = ("test_two_process_ddp_equals_one_process", "test_compile_is_the_same_math",
-           "test_sdxl_compile_and_benchmark", "test_pixart_two_process_ddp", "test_sdxl_two_process_ddp",
-           "test_two_fsdp_processes", "test_tiny_chain")
+           "test_sdxl_compile_and_benchmark", "test_two_fsdp_processes", "test_tiny_chain")
+# (PixArt-α's and SDXL's 2-process tests left it when their processes were forked instead of started by torchrun:
+# 2-4 CPU-seconds each, docs/tests.md)
 
 
 def pytest_configure(config):

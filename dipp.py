@@ -131,6 +131,13 @@ def draw_noise(B, z_shape, x_shape, cfg, device, rank=0, world=1, schedule=None)
     eps = own(torch.randn((n, *x_shape), device=device))  # ε ~ N(0, I)
     return z, t, eps
 
+
+def draw_prompts(prompts, B, rank=0, world=1):
+    """c ~ U{prompts}: B prompts of the training list, uniformly with replacement (Alg. 1's prompt draw). As in
+    draw_noise, every rank draws the global batch of world·B from the same seed and keeps its own slice."""
+    mine = torch.randint(len(prompts), (world * B,))[rank * B:(rank + 1) * B]  # (B,) indices, c ~ U{prompts}
+    return [prompts[i] for i in mine.tolist()]
+
 # -----------------------------------------------------------------------------
 # 2. The one-step generator g_θ. Every network is seen by the method as an ε-predictor eps(x_t, t, c) -> ε̂, its
 #    family's call bound once (denoiser_eps, OneStepGenerator), so the same generator, losses and Alg. 1 run on a
@@ -362,12 +369,11 @@ def rms(g):
     return g.flatten(1).pow(2).mean(1).sqrt().mean()  # per-sample RMS over dimensions, averaged over the batch
 
 
-def dipp_step(nets, opt, noises, schedule, cfg, ctx=contextlib.nullcontext(), clock=lambda: None, terms=None):
+def dipp_step(nets, opt, noises, schedule, cfg, ctx=contextlib.nullcontext(), clock=lambda: None):
     """One iteration of Alg. 1. nets: Bound; opt: Optimizers; noises: K_TA + 1 draws of (z, t, ε), the fake-score
     updates' first and the generator update's last. Returns the losses, the mean reward, the size of the IKL's and
-    the reward's pull on the sample (for choosing α_rew) and how many updates fp16's loss scaler skipped. clock()
-    marks the end of the first phase (--benchmark times the two apart). terms = (reward_fn, decode) on the steps
-    that log them: also each reward of a mix's own pull and score."""
+    the reward's pull on the sample (for choosing α_rew), how many updates fp16's loss scaler skipped, and the
+    sample x0 (detached). clock() marks the end of the first phase (--benchmark times the two apart)."""
     *fake_noises, (z, t, eps) = noises
     x0, skipped_fake, loss_fake = None, 0, torch.tensor(float("nan"))  # (nan: no fake update, as in some tests)
     # NOTE(deviation 8): Alg. 1 draws a fresh z for the fake update; with --reuse_generator_sample the first one
@@ -400,15 +406,9 @@ def dipp_step(nets, opt, noises, schedule, cfg, ctx=contextlib.nullcontext(), cl
     opt.G.zero_grad()
     opt.G.scaler.scale(loss_G).backward()  # ∂L_G/∂θ through x0 = g_θ(z) alone: ikl_loss's sg[·] keeps ψ out
     skipped_G = opt.G.step(loss_G)  # ψ has no gradient to step with; only θ moves here
-    stats = {"loss_fake": loss_fake.detach(), "loss_ikl": loss_ikl.detach().mean(), "reward": reward.detach().mean(),
-             "grad_ikl": rms(grad_ikl), "grad_reward": rms(pull.rest(opt.G.loss_scale)),
-             "skipped_fake": skipped_fake, "skipped_G": skipped_G}
-    if terms is not None:  # (optional) a mix's terms: one decoder VJP each (rewards.term_pulls), so not every step
-        with ctx:
-            pulls = rewards.term_pulls(terms[0], terms[1], x0, opt.G.loss_scale)
-        stats.update({f"grad_reward_{name}": rms(g) for name, g in pulls.items()})
-        stats.update({f"reward_{name}": r.mean() for name, r in terms[0].last.items() if pulls})
-    return stats
+    return {"loss_fake": loss_fake.detach(), "loss_ikl": loss_ikl.detach().mean(), "reward": reward.detach().mean(),
+            "grad_ikl": rms(grad_ikl), "grad_reward": rms(pull.rest(opt.G.loss_scale)),
+            "skipped_fake": skipped_fake, "skipped_G": skipped_G, "x0": x0.detach()}
 
 # -----------------------------------------------------------------------------
 # 8. The training loop: Alg. 1 repeated. What keeps a real run alive (torchrun, compile, checkpoints, resume, EMA,
@@ -421,6 +421,9 @@ def train(cfg):
     run = plumbing.RunKeeper(cfg)  # torchrun, device, precision, the output folder
     device, ctx, B = run.device, run.autocast, cfg.train_batch_size
     torch.manual_seed(cfg.seed)  # the same seed on every rank: see draw_noise
+    if run.main_rank:  # (a minute or more on real weights before the settings line and the progress bar)
+        print(f"loading {cfg.pretrained_model_name_or_path}{'' if cfg.reward == 'none' else ' and the reward'}, "
+              "building G and ψ ...", flush=True)
     prompts = promptsets.load_prompts(cfg.prompts, promptsets.BUILTIN_PROMPTS, "--prompts")  # default: 8 built in
     val_prompts = promptsets.load_prompts(cfg.validation_prompts, promptsets.VALIDATION_PROMPTS,
                                           "--validation_prompts")
@@ -450,9 +453,7 @@ def train(cfg):
     with run.guard():  # signals finish the step and checkpoint; a non-finite loss names the last good checkpoint
         while run.step < cfg.max_train_steps:
             run.begin_step()
-            # prompts, uniformly: every rank draws the global batch and keeps its slice (as draw_noise does)
-            mine = torch.randint(len(prompts), (run.world * B,))[run.rank * B:(run.rank + 1) * B]  # c ~ U{prompts}
-            batch = [prompts[i] for i in mine.tolist()]
+            batch = draw_prompts(prompts, B, run.rank, run.world)  # c ~ U{prompts}
             c = text(batch)  # (B, 77, D), or MaskedText((B, 120, D), (B, 120)), or SDXLText
             nets = Bound(G_c=lambda z: G_train(z, c),
                          teacher_eps_c=guided(teacher_eps, c, null.expand_as(c), cfg.guidance_scale),
@@ -462,13 +463,12 @@ def train(cfg):
             # (z, t, ε) for the K_TA fake updates, then for the generator update (drawn up front, in that order)
             noises = [draw_noise(B, latent_shape, latent_shape, cfg, device, run.rank, run.world, schedule)
                       for _ in range(cfg.fake_steps_per_G + 1)]
-            # (optional) a mix's per-term pulls cost a decoder VJP each: logged on the first and validation steps
-            # (not under --benchmark, whose FLOPs are the first iteration's)
-            n = run.step + 1
-            terms = ((reward_fn, lambda x0: decode(reward_decoder, x0)) if reward_fn is not None and
-                     len(reward_fn.terms) > 1 and not cfg.benchmark and
-                     (n == 1 or n % cfg.validation_steps == 0 or n == cfg.max_train_steps) else None)
-            run.end_step(dipp_step(nets, opt, noises, schedule, cfg, ctx, run.between_phases, terms))
+            stats = dipp_step(nets, opt, noises, schedule, cfg, ctx, run.between_phases)
+            if run.logs_reward_terms(reward_fn):  # (optional) a mix's per-term pulls cost a decoder VJP each
+                with ctx:
+                    stats.update(rewards.term_stats(reward_fn, lambda x: decode(reward_decoder, x), stats["x0"],
+                                                    opt.G.loss_scale))
+            run.end_step(stats)
     run.finish()  # the log's curves, the benchmark line, and output_dir/generator (EMA weights if kept)
     return dict(G=G, fake=fake, teacher=teacher, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                 reward=reward_fn, reward_decoder=reward_decoder, schedule=schedule, benchmark=run.benchmark,
@@ -497,10 +497,7 @@ def generate(cfg):
     z = torch.randn((len(prompts), *latent_shape), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     with ctx:
         images = decode(vae, G(z, text(prompts)))
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    for i, (image, prompt) in enumerate(zip(images, prompts)):
-        plumbing.save_grid(image[None], [prompt], os.path.join(cfg.output_dir, f"generated_{i:02d}.png"))
-    print(f"wrote {len(prompts)} images to {cfg.output_dir}")
+    plumbing.save_images(images, prompts, cfg.output_dir)  # output_dir/generated_NN.png, one per prompt
     return images
 
 # -----------------------------------------------------------------------------
@@ -580,6 +577,7 @@ class Config:
         # grid
     report_to: str = "none"  # also send log.jsonl's numbers to TensorBoard or wandb (the package must be installed)
     seed: int = 0  # seeds torch once at start-up
+    verbose: bool = False  # print every setting before training (they are always saved in OUTPUT_DIR/config.json)
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...
     # --- modes (instead of training)
     generate: str = ""  # prompts separated by '|': write one image each from --generator_init, then exit
@@ -612,42 +610,32 @@ def parse_config(argv=None):
 # 10. main
 
 
-def model_locations(cfg):
-    """(name, flag) of every model folder or hub id the run will load. (A default TAESD is the family's;
-    --generate loads no reward.)"""
-    decoder = cfg.reward_decoder_path if cfg.reward_decoder == "tiny" and cfg.reward != "none" else ""
-    return [(name, flag) for name, flag in ((cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path"),
-                                            (cfg.generator_init, "--generator_init"),
-                                            (decoder, "--reward_decoder_path")) if name]
-
-
-def check_rewards(cfg):
-    """--reward, --reward_model_path and --watch_rewards parsed: a wrong name, weight or syntax is one line, before
-    anything is built. Returns ([(name, weight)], {name: path}, [(name, path)])."""
-    terms, watched = rewards.parse(cfg.reward), rewards.parse_watch(cfg.watch_rewards)
-    return terms, rewards.parse_paths(cfg.reward_model_path, [name for name, _ in terms]), watched
-
-
 def main(argv=None):
     cfg = parse_config(argv)
     plumbing.check_config(cfg)
-    check_rewards(cfg)
+    rewards.check_flags(cfg.reward, cfg.reward_model_path, cfg.watch_rewards)  # names, weights, syntax: one line
     rank, world, device = plumbing.init_distributed(cfg)
     if cfg.random_weights:  # same code path as SD1.5 / PixArt-α / SDXL, nothing downloaded
         from random_weights import use_random_weights
         use_random_weights(cfg, rank, world)  # builds them in output_dir, points the model/reward paths there
     from random_weights import build_random  # (rebuilds a random-weight teacher whose folder is gone)
     plumbing.use_recorded_teacher(cfg, argv, build_random)  # --generate: the teacher the generator's dipp.json names
-    # a mistyped path, an incomplete model folder or an unreachable hub: one line now, not after loading
-    plumbing.check_model_locations(model_locations(cfg))
+    # a mistyped path, an incomplete model folder, an unreachable hub, a prompt set not fetched: all of them in one
+    # line now, not one per attempt after loading
+    checks = [lambda: plumbing.check_model_locations(plumbing.model_locations(cfg))]
     if os.path.isdir(cfg.pretrained_model_name_or_path):
-        family = families.check_folder(cfg.pretrained_model_name_or_path)
-        if cfg.generator_init:  # SD-1.x and SDXL UNets are one class: the family read from its config or tensors
-            families.check_generator(family, cfg.pretrained_model_name_or_path, cfg.generator_init, "--generator_init")
+        def teacher_folder():  # complete, and a --generator_init of its family
+            family = families.check_folder(cfg.pretrained_model_name_or_path)
+            if cfg.generator_init:  # SD-1.x and SDXL UNets are one class: the family read from its config or tensors
+                families.check_generator(family, cfg.pretrained_model_name_or_path, cfg.generator_init,
+                                         "--generator_init")
+        checks.append(teacher_folder)
     if not cfg.generate:  # every reward's weights, trained on or watched (after --tiny pointed them at its own)
-        terms, paths, watched = check_rewards(cfg)
-        rewards.check(terms, paths)
-        rewards.check([(name, 1.0) for name, _ in watched], dict(watched))
+        checks.append(lambda: rewards.check_flags(cfg.reward, cfg.reward_model_path, cfg.watch_rewards, weights=True))
+        # the prompt sets (a named set is fetched here when online; train() then reads it from the cache)
+        checks += [lambda v=v, f=f: promptsets.load_prompts(v, [""], f) for v, f in (
+            (cfg.prompts, "--prompts"), (cfg.validation_prompts, "--validation_prompts")) if v]
+    plumbing.all_or_die(*checks)
     if not cfg.generate and rank == 0:  # will it fit? (CUDA only: cost.py counts the peak before anything is loaded)
         plumbing.check_memory(cfg, device, lambda: families.find_family(cfg.pretrained_model_name_or_path).name, world)
     with plumbing.tidy_if_stopped_early(cfg.output_dir, rank == 0):  # a run that fails before step 1 leaves no files

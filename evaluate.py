@@ -186,9 +186,8 @@ def check_models(args):
     Config that builds its generator)])."""
     import diffusers
     name = args.pretrained_model_name_or_path
-    plumbing.check_model_location(name, "--pretrained_model_name_or_path")  # a mistyped path: no hub contact
-    for folder in args.generator:
-        plumbing.check_model_location(folder, "--generator")
+    plumbing.check_model_locations([(name, "--pretrained_model_name_or_path")]  # a mistyped path: no hub contact
+                                   + [(folder, "--generator") for folder in args.generator])
     family = families.check_folder(name)
     T = plumbing.load_or_die(lambda: diffusers.DDPMScheduler.load_config(name, subfolder="scheduler"), name,
                              "scheduler/")["num_train_timesteps"]
@@ -265,30 +264,35 @@ def require(metric):
 
 def locate_all(args, metrics):
     """Fail fast: find (or fetch) every scorer's files before a single image is generated or the output folder
-    is made (check_models has checked the teacher and the generators)."""
+    is made (check_models has checked the teacher and the generators); every one missing, in one message."""
     found = {}
     hf_model = ["config.json"]  # a transformers CLIPModel folder; its weights are resolved by from_pretrained
     processor = ["preprocessor_config.json", "tokenizer_config.json"]
     small = ["*.json", "*.txt"]
-    if "imagereward" in metrics:
+
+    def imagereward():
         require("imagereward")
         if not args.tiny:  # (--tiny builds its ImageReward in-process, see §6)
             ir = locate(args.imagereward_model, list(rewards.RECORDS["imagereward"].weights["model"].files),
                         "--imagereward_model", "the ImageReward weights")
             found["imagereward"] = os.path.dirname(ir[0])
+
+    def bert():
+        if not args.tiny:
             locate("bert-base-uncased", ["vocab.txt"], "(ImageReward's BLIP tokenizer)",
-                   "the BERT tokenizer ImageReward's BLIP uses",
-                   ["vocab.txt", "tokenizer_config.json", "config.json"])
-    # transformers models: checked here, then loaded by name, so from_pretrained fetches the weights themselves
-    if any(METRICS[m].scorer == "clip_l" for m in metrics):
+                   "the BERT tokenizer ImageReward's BLIP uses", ["vocab.txt", "tokenizer_config.json", "config.json"])
+
+    def clip():  # transformers models: checked here, then loaded by name, so from_pretrained fetches the weights
         locate(args.clip_model, hf_model + processor, "--clip_model", "OpenAI CLIP ViT-L/14", small)
         found["clip"] = args.clip_model
-    if "aesthetic" in metrics:
+
+    def aesthetic():
         found["aesthetic"] = locate(args.aesthetic_model, [AESTHETIC_FILE], "--aesthetic_model",
                                     "the LAION aesthetic predictor v2 head")[0]
         if not args.tiny:  # (--tiny's head is a random stand-in)
             check_aesthetic_file(found["aesthetic"])
-    if "hps" in metrics:
+
+    def hps():
         require("hps")
         hps_file = HPS_FILES[args.hps_version]
         other = [f for v, f in HPS_FILES.items() if v != args.hps_version][0]
@@ -296,10 +300,20 @@ def locate_all(args, metrics):
             die(f"--hps_model '{args.hps_model}' is the {other} checkpoint but --hps_version is {args.hps_version}; "
                 "the two versions are not comparable, pick one")
         found["hps"] = locate(args.hps_model, [hps_file], "--hps_model", f"the HPS {args.hps_version} checkpoint")[0]
-    if "pickscore" in metrics:
+
+    def pickscore():
         locate(args.pickscore_model, hf_model, "--pickscore_model", "the PickScore v1 model", small)
+        found["pickscore"] = args.pickscore_model
+
+    def pickscore_processor():
         locate(args.pickscore_processor, processor, "--pickscore_processor", "PickScore's CLIP-H processor", small)
-        found["pickscore"], found["pickscore_processor"] = args.pickscore_model, args.pickscore_processor
+        found["pickscore_processor"] = args.pickscore_processor
+
+    clip_l = any(METRICS[m].scorer == "clip_l" for m in metrics)
+    plumbing.all_or_die(*(check for check, wanted in (
+        (imagereward, "imagereward" in metrics), (bert, "imagereward" in metrics), (clip, clip_l),
+        (aesthetic, "aesthetic" in metrics), (hps, "hps" in metrics), (pickscore, "pickscore" in metrics),
+        (pickscore_processor, "pickscore" in metrics)) if wanted))
     return found
 
 
@@ -905,10 +919,6 @@ def run(args, metrics, device, command):
 
 def evaluate(args, metrics, device, command, lock):
     ctx, dtype = plumbing.precision(args.mixed_precision, device)
-    prompts = promptsets.load_prompts(args.prompts, promptsets.BUILTIN_PROMPTS, "--prompts")
-    prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
-    if len(prompts) >= 2 ** 24:
-        die(f"{len(prompts)} prompts is more than image_seed's layout allows (2^24); use --max_prompts")
     tiny_scorers, hps_arch = {}, "ViT-H-14"
     if args.tiny:  # random stand-ins for everything, loaded by the same code as the real weights
         lock()
@@ -918,11 +928,17 @@ def evaluate(args, metrics, device, command, lock):
         vars(args).update(tiny_weights)
         hps_arch = TINY_HPS_ARCH
     args.pretrained_model_name_or_path = args.pretrained_model_name_or_path or dipp.Config.pretrained_model_name_or_path
-    # Everything is checked before any model is loaded or any image drawn: models, scorers' files, output folder
-    family, generators = check_models(args)
+    # Everything is checked before any model is loaded or any image drawn: the prompts, models, scorers' files
+    # (all that is missing in one message), then the output folder
+    prompts, (family, generators), weights = plumbing.all_or_die(
+        lambda: promptsets.load_prompts(args.prompts, promptsets.BUILTIN_PROMPTS, "--prompts"),
+        lambda: check_models(args), lambda: locate_all(args, metrics))
+    prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
+    if len(prompts) >= 2 ** 24:
+        die(f"{len(prompts)} prompts is more than image_seed's layout allows (2^24); use --max_prompts")
     if args.teacher_guidance is None:
         args.teacher_guidance = pipeline_guidance(family)
-    weights = dict(locate_all(args, metrics), hps_arch=hps_arch)
+    weights = dict(weights, hps_arch=hps_arch)
     if not args.tiny:
         lock()
     if args.tiny and "imagereward" in metrics:

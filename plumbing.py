@@ -37,6 +37,29 @@ def die(message):
     raise SystemExit(f"{PROGRAM}: error: {message}")
 
 
+def all_or_die(*checks):
+    """Run every check (a callable that stops with die's one line on a missing download or a bad value) and report
+    all that failed in one message, not one per attempt: a user offline learns every missing piece at once.
+    Returns the checks' results. (A check that itself reported several problems adds each of them.)"""
+    results, problems = [], []
+    for check in checks:
+        try:
+            results.append(check())
+        except SystemExit as e:
+            if not str(e).startswith(f"{PROGRAM}: error: "):
+                raise
+            problems += getattr(e, "problems", None) or [str(e).split(": error: ", 1)[1]]
+            results.append(None)
+    if len(problems) == 1:
+        die(problems[0])
+    if problems:
+        error = SystemExit(f"{PROGRAM}: error: {len(problems)} problems, each to fix before this run: "
+                           + " ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
+        error.problems = problems
+        raise error
+    return results
+
+
 @contextlib.contextmanager
 def as_program(name):
     """Inside the block every one-line error, this module's and its callers', starts with `name`: evaluate.py
@@ -137,10 +160,18 @@ def check_model_location(name, flag):
             "DIR instead to keep it in a folder of your own)")
 
 
+def model_locations(cfg):
+    """(name, flag) of every model folder or hub id a dipp.py run loads besides the rewards (rewards.check_flags
+    finds theirs). A default TAESD is the family's."""
+    decoder = cfg.reward_decoder_path if cfg.reward_decoder == "tiny" and cfg.reward != "none" else ""
+    return [(name, flag) for name, flag in ((cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path"),
+                                            (cfg.generator_init, "--generator_init"),
+                                            (decoder, "--reward_decoder_path")) if name]
+
+
 def check_model_locations(locations):
-    """check_model_location for each (name, flag) a run will load."""
-    for name, flag in locations:
-        check_model_location(name, flag)
+    """check_model_location for each (name, flag) a run will load; every one missing, in one message."""
+    all_or_die(*(functools.partial(check_model_location, name, flag) for name, flag in locations))
 
 
 def load_weights_or_die(module, path):
@@ -248,36 +279,58 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 class FlagParser(argparse.ArgumentParser):
     """argparse with exact flag names only (no silent abbreviations: --max_train_step is not --max_train_steps)
-    and every mistake as one line, an unknown flag naming the closest real ones. `renamed` maps an old flag to
-    what replaced it."""
+    and every mistake in one line: all unknown flags (each naming the closest real ones) and all bad values
+    together, not one per attempt. `renamed` maps an old flag to what replaced it."""
 
     def __init__(self, prog, description, renamed=None):
         super().__init__(prog=prog, description=description, allow_abbrev=False, formatter_class=HelpFormatter,
                          usage=f"python {prog} [--flag VALUE ...]   (python {prog} --help lists them all)")
-        self.renamed = renamed or {}
+        self.renamed, self.problems = renamed or {}, []
 
     def error(self, message):
         raise SystemExit(f"{self.prog.removesuffix('.py')}: error: {message} (see python {self.prog} --help)")
 
     def parse_args(self, args=None, namespace=None):
+        self.problems = []  # bad values, noted as argparse meets them (_get_value, _check_value) instead of stopping
         parsed, extra = self.parse_known_args(args, namespace)
-        if extra:
-            self.error(self.unknown(extra))
+        problems = self.problems + self.unknown(extra)
+        if problems:
+            self.error(("" if len(problems) == 1 else f"{len(problems)} problems: ") + "; ".join(problems))
         return parsed
 
+    def _get_value(self, action, arg_string):  # a value its type cannot read: noted, parsing goes on
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError as e:
+            self.problems.append(str(e))
+            return action.default
+
+    def _check_value(self, action, value):  # a value outside its choices: noted, parsing goes on
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as e:
+            self.problems.append(str(e))
+
     def unknown(self, extra):
+        """One phrase per unknown flag (and one for stray values), each naming the closest real flags."""
         import difflib
         names = [s[2:] for a in self._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+        found = []
         for token in extra:
             if token.startswith("-"):
                 name = token.split("=")[0]
                 if name in self.renamed:
-                    return f"{name} is now {self.renamed[name]}"
+                    found.append(f"{name} is now {self.renamed[name]}")
+                    continue
                 typed = name.lstrip("-")  # an abbreviation's completions first, then names spelled alike
                 close = [n for n in names if n.startswith(typed)] + difflib.get_close_matches(typed, names, 3, 0.6)
                 close = [f"--{n}" for n in dict.fromkeys(close)][:3]
-                return f"unknown flag {name}" + (f"; did you mean {' or '.join(close)}?" if close else "")
-        return f"unexpected argument '{extra[0]}': every setting is a --flag VALUE pair"
+                found.append(f"unknown flag {name}" + (f"; did you mean {' or '.join(close)}?" if close else ""))
+        stray = [t for i, t in enumerate(extra) if not t.startswith("-") and not (i and extra[i - 1].startswith("-")
+                                                                                  and "=" not in extra[i - 1])]
+        if stray:  # (a value right after an unknown flag is that flag's value)
+            found.append(f"unexpected argument '{stray[0]}': every setting is a --flag VALUE pair")
+        return found
 
 
 def parse_dataclass(cls, argv, choices, prog, description, renamed=None):
@@ -684,12 +737,22 @@ def compile_nets(cfg, nets, device):
 
 
 def record_config(cfg, main_rank, writes, note):
-    """The resolved config, printed once (one key=value a line) and, for a real run, saved as config.json."""
-    if main_rank:
-        print("\n".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()) + "\n" + note)
+    """The resolved config saved as config.json (a real run), and one line pointing to it with the settings that
+    differ from the defaults: a newcomer's terminal shows progress, not fifty settings. --verbose also prints every
+    key=value (getattr: a Config without the field gets the short form)."""
+    settings = dataclasses.asdict(cfg)
+    path = os.path.join(cfg.output_dir, "config.json")
     if writes:
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
+        with open(path, "w") as f:
+            json.dump(settings, f, indent=1)
+    if not main_rank:
+        return
+    if getattr(cfg, "verbose", False):
+        print("\n".join(f"{k}={v}" for k, v in settings.items()))
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    changed = " ".join(f"{k}={v}" for k, v in settings.items() if v != defaults.get(k) and k != "verbose")
+    where = f"all {len(settings)} in {path}" if writes else "not saved: --benchmark writes no files"
+    print(f"settings ({where}; --verbose prints them): {changed or 'the defaults'} {note}")
 
 
 def prepare_output_dir(cfg, main_rank):
@@ -1208,6 +1271,11 @@ def run_in_processes(fn, jobs, workers):
                                                   initializer=ignore_sigint)
     try:
         futures = {k: pool.submit(fn, *v) for k, v in jobs.items()}
+        from tqdm import tqdm
+        with tqdm(total=len(futures), desc="runs", unit="run") as bar:  # (a full toy runs for minutes)
+            for future in concurrent.futures.as_completed(futures.values()):
+                future.result()  # (a failed job stops the rest at once)
+                bar.update()
         results = {k: f.result() for k, f in futures.items()}
     except BaseException:
         processes = list((getattr(pool, "_processes", None) or {}).values())  # (Python < 3.14: no public way)
@@ -1584,6 +1652,14 @@ def save_grid(images, prompts, path):
     grid.save(path)
 
 
+def save_images(images, prompts, folder):
+    """dipp.py --generate's output: images in [-1, 1] (N, 3, H, W), one captioned PNG per prompt, generated_NN.png."""
+    os.makedirs(folder, exist_ok=True)
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        save_grid(image[None], [prompt], os.path.join(folder, f"generated_{i:02d}.png"))
+    print(f"wrote {len(prompts)} images to {folder}")
+
+
 def wrap_caption(text, width, lines):
     """At most `lines` lines of at most `width` characters, broken between words ("oil painting", not
     "oil pa/inting"); what does not fit ends in '...'."""
@@ -1864,6 +1940,13 @@ class RunKeeper:
 
     def between_phases(self):
         self.t1 = self.clock()  # the fake-score phase ends here (--benchmark times the two phases apart)
+
+    def logs_reward_terms(self, reward_fn):
+        """Whether this step logs a mix's per-term pulls: on the first and validation steps (each costs a decoder
+        VJP per term), never under --benchmark (its FLOPs are the first iteration's), never for a single reward."""
+        n, cfg = self.step + 1, self.cfg
+        return (reward_fn is not None and len(reward_fn.terms) > 1 and not cfg.benchmark
+                and (n == 1 or n % cfg.validation_steps == 0 or n == cfg.max_train_steps))
 
     def end_step(self, stats):
         """After one DI++ iteration: EMA, the global-batch means over ranks, the log line, and on their steps a

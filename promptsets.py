@@ -140,6 +140,17 @@ def resolve(value, flag="--prompts"):
     die(f"{flag} '{value}' is neither a file nor a named prompt set; {hint}python promptsets.py lists the sets")
 
 
+def missing(value):
+    """None when --prompts VALUE can be read without a network (a file, or a named set already cached, or the set
+    it is the head of); else what to run to get it. For the checklists (reproduce.py --plan)."""
+    if os.path.isfile(value) or value not in SETS:  # (not a set: resolve() says what is wrong)
+        return None
+    spec = SETS[value]
+    if os.path.isfile(cached_path(value)) or (spec.parent and os.path.isfile(cached_path(spec.parent))):
+        return None
+    return f"python promptsets.py fetch {value}"
+
+
 def fetch(spec):
     """The set's prompt file in the cache, fetched and verified first if it is not there yet."""
     path = cached_path(spec.name)
@@ -149,8 +160,12 @@ def fetch(spec):
             die(f"prompt set '{spec.name}': the cached {path} has {n} prompts, not {spec.count}; delete it to "
                 "fetch it again")
         return path
-    if spec.extract == "head":
-        prompts = read_prompts(fetch(SETS[spec.parent]))[:spec.count]
+    if spec.extract == "head":  # the first `count` of its parent: a parent it cannot get is named with this set
+        try:
+            prompts = read_prompts(fetch(SETS[spec.parent]))[:spec.count]
+        except SystemExit as e:
+            die(f"prompt set '{spec.name}' (the first {spec.count:,} of '{spec.parent}'): "
+                + str(e).split(": error: ", 1)[-1])
     else:
         prompts = []
         for i, url in enumerate(spec.urls):

@@ -171,6 +171,11 @@ def use_random_weights(cfg, rank=0, world=1):
     from plumbing import writable_dir
     shapes = cfg.random_weights
     folder = os.path.join(cfg.output_dir, shapes)
+    if shapes.startswith("tiny") and (cfg.device == "cpu" or cfg.device == "auto" and not torch.cuda.is_available()):
+        # Tiny models are far too small for intra-op threads: on a shared CPU their OpenMP workers mostly spin (a
+        # 20-step tiny run took 9-13 s on one thread, 74-75 s on two, conftest.py). As evaluate.py --tiny; it stays
+        # set for the rest of the process (a notebook in tiny mode, a test session: they want it too).
+        torch.set_num_threads(1)
     if rank == 0:
         writable_dir(cfg.output_dir)
         build_random(folder, shapes, cfg.seed)

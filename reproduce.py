@@ -22,6 +22,7 @@ import os
 import shlex
 import statistics
 import sys
+import time
 import typing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -272,6 +273,33 @@ def download_size(repo, patterns):
     return sum(s.size or 0 for s in files)
 
 
+def in_cache(repo, patterns):
+    """Whether the hub cache holds repo's snapshot with every named file (a pattern with a wildcard, or the repo's
+    own weights, counts as there when the snapshot is)."""
+    import glob
+    import plumbing
+    if not plumbing.in_hub_cache(repo):
+        return False
+    from huggingface_hub.constants import HF_HUB_CACHE
+    snapshots = glob.glob(os.path.join(HF_HUB_CACHE, "models--" + repo.replace("/", "--"), "snapshots", "*"))
+    named = [p for p in patterns or () if p != "WEIGHTS" and not any(c in p for c in "*?[")]
+    return any(all(os.path.exists(os.path.join(snap, p)) for p in named) for snap in snapshots)
+
+
+def fetch_command(repo, patterns, teacher=False):
+    """The line that fetches one download: the teacher as download() fetches it (what from_pretrained reads, not
+    every variant the repo holds); else huggingface-cli, file names as they are, patterns with --include (WEIGHTS,
+    the repo's top-level weights: its safetensors, which the CLIP and PickScore repos hold)."""
+    if teacher:
+        return f"python -c \"from diffusers import DiffusionPipeline; DiffusionPipeline.download('{repo}')\""
+    if not patterns:
+        return f"huggingface-cli download {repo}"
+    patterns = ["*.safetensors" if p == "WEIGHTS" else p for p in patterns]
+    if any(c in p for p in patterns for c in "*?["):
+        return f"huggingface-cli download {repo} --include " + " ".join(f"'{p}'" for p in patterns)
+    return f"huggingface-cli download {repo} " + " ".join(patterns)
+
+
 def download(plan):
     """Fetch everything into the hub cache; returns the local path of the released generator."""
     import huggingface_hub
@@ -488,11 +516,19 @@ def print_plan(recipe, args, plan):
     """What will be downloaded (with sizes when the hub answers), the commands, and the cost on the card."""
     print(f"{recipe.title}\n")
     if plan.downloads:
-        print("downloads (into the hub cache):")
+        import promptsets
+        print("downloads (into the hub cache), a checklist: [x] is here already, [ ] is missing:")
         for repo, patterns, what in plan.downloads:
             size = download_size(repo, patterns) if args.plan else None
-            print(f"  {repo:48s} {what}" + (f"  [{size / 2 ** 30:.1f} GiB]" if size else ""))
-        print(f"  prompt sets: {recipe.train_prompts} (training), {recipe.eval_prompts} (evaluation): promptsets.py\n")
+            print(f"  [{'x' if in_cache(repo, patterns) else ' '}] {repo:48s} {what}"
+                  + (f"  [{size / 2 ** 30:.1f} GiB]" if size else ""))
+        for name, use in ((recipe.train_prompts, "training"), (recipe.eval_prompts, "evaluation")):
+            print(f"  [{' ' if promptsets.missing(name) else 'x'}] prompt set {name:37s} {use} prompts (promptsets.py)")
+        missing = [fetch_command(repo, patterns, teacher=i == 0) for i, (repo, patterns, _) in enumerate(plan.downloads)
+                   if not in_cache(repo, patterns)]
+        missing += [m for m in map(promptsets.missing, (recipe.train_prompts, recipe.eval_prompts)) if m]
+        print(f"  missing: {len(missing)}; `python reproduce.py {args.recipe}` fetches them all when online, or one by"
+              " one:\n" + "".join(f"    {m}\n" for m in missing) if missing else "  nothing is missing\n")
     print("stages:")
     print(f"  calibrate  {CALIBRATION_STEPS} steps at α_rew = 1" if plan.calibrate else
           f"  calibrate  skipped: --reward_scale {args.reward_scale:g}")
@@ -556,9 +592,17 @@ def print_cost(recipe, args, plan):
                     fake_steps_per_G=int(flag(plan.train, "--fake_steps_per_G")),
                     guidance_scale=float(flag(plan.train, "--guidance_scale")))
     shapes = recipe.tiny_shapes if args.tiny else recipe.shapes
-    print(f"\ncost ({shapes} shapes; counting FLOPs on the meta device, cost.py) ...", flush=True)
-    count = lambda: cost.iteration_flops(shapes, batch=batch, **switches)  # one process's iteration
-    per_iteration = counted(count, shapes, batch, switches)  # (tiny: 3-10 s on a CPU; a re-run: at once)
+    print(f"\ncost ({shapes} shapes; FLOPs counted on the meta device by cost.py, and kept for the next plan):",
+          flush=True)
+
+    def timed(label, count, *key):  # (a real SDXL count takes minutes: say what runs, and for how long)
+        start = time.perf_counter()
+        print(f"  counting {label} ...", end="", flush=True)
+        flops = counted(count, *key)  # (tiny: 3-10 s on a CPU; a re-run: at once)
+        print(f" {time.perf_counter() - start:.0f} s", flush=True)
+        return flops
+    per_iteration = timed("one training iteration", lambda: cost.iteration_flops(shapes, batch=batch, **switches),
+                          shapes, batch, switches)  # one process's iteration
     available = len(promptsets.BUILTIN_PROMPTS) if args.tiny else promptsets.SETS[recipe.eval_prompts].count
     prompts = min(int(flag(plan.evaluate, "--max_prompts", 0)) or available, available)
     per_image = int(flag(plan.evaluate, "--images_per_prompt"))
@@ -567,8 +611,10 @@ def print_cost(recipe, args, plan):
     teacher_steps = int(flag(plan.evaluate, "--teacher_steps"))
     stages = {"calibrate": per_iteration * CALIBRATION_STEPS * args.nproc if plan.calibrate else 0,
               "train": per_iteration * plan.steps * args.nproc,  # every GPU runs its own batch
-              "evaluate": prompts * per_image * (cost.sample_flops(shapes, teacher_steps, guidance)
-                                                 + 2 * cost.sample_flops(shapes, 1, 1.0))}
+              "evaluate": prompts * per_image * (
+                  timed("one teacher sample", lambda: cost.sample_flops(shapes, teacher_steps, guidance), shapes,
+                        "sample", teacher_steps, guidance)
+                  + 2 * timed("one generator sample", lambda: cost.sample_flops(shapes, 1, 1.0), shapes, "sample"))}
     print(f"  one training iteration: {per_iteration / 1e12:.4g} TFLOP at batch {batch} per GPU; evaluation: "
           f"{prompts} prompts × {per_image} image(s) × 3 models (teacher at {teacher_steps} steps, CFG {guidance:g})")
     for stage, flops in stages.items():

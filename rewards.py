@@ -13,6 +13,7 @@ test_rewards.py checks each against its official scorer.
 reward measures, how it fails and how to weight a mix.
 """
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -532,13 +533,16 @@ def where(name, path):
 
 def check(terms, paths):
     """Before any model loads: every reward's weights can be found (local paths exist; hub ids are cached when
-    the hub cannot be reached). One line otherwise."""
+    the hub cannot be reached). One line otherwise, naming every one that is missing (plumbing.all_or_die)."""
+    checks = []
     for name, _ in terms:
         for part, location in where(name, paths.get(name, "")).items():
             if name == "imagereward" and not location:
-                check_imagereward_cache()
+                checks.append(check_imagereward_cache)
             elif location:
-                plumbing.check_model_location(location, f"the {name} reward's {part} (--reward_model_path {name}=PATH)")
+                checks.append(functools.partial(plumbing.check_model_location, location,
+                                                f"the {name} reward's {part} (--reward_model_path {name}=PATH)"))
+    plumbing.all_or_die(*checks)
 
 
 def load_one(name, path, device, dtype, gradient_checkpointing=False, pil=False, checksum=True, **options):
@@ -604,6 +608,25 @@ def term_pulls(mix, decode, x0, loss_scale):
             out[name] = torch.autograd.grad(images, x, g, retain_graph=i < len(mix.names) - 1)[0].float()
     return out
 
+
+
+def term_stats(mix, decode, x0, loss_scale):
+    """What a run logs of a mix's terms on the steps that ask (dipp.train): {grad_reward_NAME: the per-sample RMS of
+    the term's pull on x0, reward_NAME: its mean}; {} for a single reward."""
+    rms = lambda g: g.flatten(1).pow(2).mean(1).sqrt().mean()  # as dipp.rms: per-sample RMS, batch mean
+    pulls = term_pulls(mix, decode, x0, loss_scale)
+    return {**{f"grad_reward_{name}": rms(g) for name, g in pulls.items()},
+            **{f"reward_{name}": r.mean() for name, r in mix.last.items() if pulls}}
+
+
+def check_flags(spec, paths, watch, weights=False):
+    """--reward, --reward_model_path and --watch_rewards: a wrong name, weight or syntax is one line before anything
+    is built; weights=True: every reward's weights, trained on or watched, can be found (check)."""
+    terms, watched = parse(spec), parse_watch(watch)
+    paths = parse_paths(paths, [name for name, _ in terms])
+    if weights:  # (every one missing, trained on or watched, in one line)
+        plumbing.all_or_die(lambda: check(terms, paths), lambda: check([(name, 1.0) for name, _ in watched],
+                                                                        dict(watched)))
 
 def load(spec, paths, device, dtype, gradient_checkpointing=False):
     """--reward SPEC (parse) with --reward_model_path PATHS (parse_paths) -> a Mix, or None for none."""

@@ -494,12 +494,18 @@ def test_help_lists_every_flag(capsys):
 
 def test_flags_are_exact_and_a_typo_names_the_closest():
     """No silent abbreviations; an unknown flag is one line naming the closest real ones; a replaced flag
-    names its replacement; --tiny is exactly --random_weights tiny."""
+    names its replacement; several mistakes are all named in that line; --tiny is exactly --random_weights tiny."""
     cases = {("--max_train_stpes", "2"): "unknown flag --max_train_stpes; did you mean --max_train_steps?",
              ("--max_train_step", "2"): "unknown flag --max_train_step; did you mean --max_train_steps?",
              ("--random_sd15",): "--random_sd15 is now --random_weights sd15",
              ("--tiny", "--random_weights", "sd15"): "--tiny is short for --random_weights tiny",
-             ("--random_weights", ""): "invalid choice"}
+             ("--random_weights", ""): "invalid choice",
+             # every mistake at once, not the first of them
+             ("--max_train_stpes", "2", "--seed", "one", "--compile", "fast", "--learning_rat", "1"):
+                 "4 problems: argument --seed: invalid int value: 'one'; argument --compile: invalid choice: 'fast' "
+                 "(choose from 'none', 'default', 'max-autotune-no-cudagraphs', 'reduce-overhead'); unknown flag "
+                 "--max_train_stpes; did you mean --max_train_steps?; unknown flag --learning_rat; did you mean "
+                 "--learning_rate or --fake_learning_rate?"}
     for argv, expected in cases.items():
         with pytest.raises(SystemExit) as e:
             dipp.parse_config(list(argv))
@@ -525,7 +531,8 @@ def hub_probe(monkeypatch):
 def test_model_locations_fail_fast_and_honestly(tmp_path, hub_probe):
     """A missing path that can only be local is one line at once: the hub is never asked, no download advice,
     a near name suggested. With no network a hub id that is not cached is one line saying the hub cannot be
-    reached and what to download; a cached one passes. Neither failure leaves an output folder behind."""
+    reached and what to download; a cached one passes. Everything missing (models, ImageReward, a prompt set) is
+    named in one line. No failure leaves an output folder behind."""
     import socket
     import huggingface_hub.constants
     hub_probe.chdir(tmp_path)
@@ -536,9 +543,15 @@ def test_model_locations_fail_fast_and_honestly(tmp_path, hub_probe):
         asked.append(address)
         raise socket.gaierror(-2, "Name or service not known")
     hub_probe.setattr(socket, "create_connection", no_network)
-    msg = error_of(["--pretrained_model_name_or_path", "models/sd15", "--output_dir", "run"])
+    msg = error_of(["--pretrained_model_name_or_path", "models/sd15", "--reward", "none", "--output_dir", "run"])
     assert msg == "dipp: error: --pretrained_model_name_or_path 'models/sd15' does not exist; did you mean 'models/sd-15'?"
     assert not asked and not (tmp_path / "run").exists()
+    hub_probe.setenv("HOME", str(tmp_path)), hub_probe.setenv("DIPP_CACHE", str(tmp_path / "cache"))
+    msg = error_of(["--pretrained_model_name_or_path", "models/sd15", "--generator_init", "models/gen.bin",
+                    "--prompts", "coco1k", "--output_dir", "run"])  # everything missing in one message
+    assert msg.startswith("dipp: error: 4 problems") and "(1) --pretrained_model_name_or_path 'models/sd15'" in msg \
+        and "--generator_init 'models/gen.bin' does not exist" in msg and "cannot load the ImageReward model" in msg \
+        and "prompt set 'coco1k'" in msg and "\n" not in msg and not (tmp_path / "run").exists(), msg
     msg = error_of(["--output_dir", "run"])  # the default teacher, a hub id, with no network
     assert "hub cannot be reached (no connection to huggingface.co" in msg and "\n" not in msg
     assert "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5" in msg
@@ -916,13 +929,64 @@ def torchrun_two(*argv):
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
 
 
+def two_processes(*argv, timeout=600):
+    """dipp.main(argv) in 2 CPU processes (gloo, one intra-op thread each) forked from this one, with the variables
+    torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the exit dipp.py's __main__ makes
+    (barrier, then the group torn down): the same code as torchrun_two without three fresh interpreters, each
+    importing torch, diffusers and transformers (~8 CPU-seconds each, most of a tiny 2-process run's cost).
+    test_two_process_ddp_equals_one_process_with_global_batch launches the real torchrun. A failure shows the end
+    of both processes' output."""
+    import socket
+    import traceback
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs, pids = [os.path.join(tempfile.mkdtemp(prefix="dipp-test-rank-"), "out.txt") for _ in range(2)], []
+    for rank in range(2):
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                out = os.open(logs[rank], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(out, 1), os.dup2(out, 2)
+                sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+                os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                dipp.main(list(argv))
+                torch.distributed.barrier()
+                torch.distributed.destroy_process_group()
+                code = 0
+            except SystemExit as e:
+                print(e)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        pids.append(pid)
+    deadline, codes = time.time() + timeout, {}
+    while len(codes) < 2:
+        for pid in set(pids) - set(codes):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[pid] = os.waitstatus_to_exitcode(status)
+        if time.time() > deadline:
+            for pid in set(pids) - set(codes):
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                codes[pid] = "killed after the time limit"
+        time.sleep(0.05)
+    output = "".join(open(log).read()[-1500:] for log in logs)
+    assert all(codes[pid] == 0 for pid in pids), (codes, output)
+
+
 def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
     """torchrun with 2 CPU processes (gloo) × batch 1 gives the same generator after 2 steps as one
     process with batch 2: the update differs by < 2% of its size (float summation order only), and the
     logged global-batch losses agree. The optimisers' moments after step 1 agree too: with Adam's β1 = 0 the
     weights step ±lr whatever the gradient's scale, and the losses are forward values, so only the moments
     (exp_avg = the step's averaged gradient) see a gradient averaged twice, or summed. Resuming the 2-process
-    run from checkpoint-1 gives checkpoint-2 bit for bit: each rank saved its own RNG state and restores it."""
+    run from checkpoint-1 (in 2 processes forked by two_processes) gives checkpoint-2 bit for bit: each rank saved its own RNG state and restores it."""
     from safetensors.torch import load_file
     common = ["--tiny", "--max_train_steps", "2", "--learning_rate", "1e-3", "--fake_learning_rate", "1e-3",
               "--reward_scale", "10"]
@@ -951,7 +1015,8 @@ def test_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
             gap, size = distance(moments, state[name]["state"][i]), distance(moments, {k: 0 for k in moments})
             assert gap <= 1e-3 * size + 1e-12, (name, i, gap, size)
     shutil.copytree(tmp_path / "ddp" / "checkpoint-1", tmp_path / "resumed" / "checkpoint-1")
-    launch("--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest")
+    two_processes(*common, "--train_batch_size", "1", "--output_dir", str(tmp_path / "resumed"),
+                  "--resume_from_checkpoint", "latest")
     for name in ("generator", "fake_score"):
         a, b = (load_file(str(tmp_path / run / "checkpoint-2" / f"{name}.safetensors")) for run in ("ddp", "resumed"))
         assert all(torch.equal(a[k], b[k]) for k in a), name
@@ -991,8 +1056,8 @@ def test_two_fsdp_processes_train_like_one_and_their_checkpoint_resumes_in_two_o
             load_file(tmp_path / "one" / "checkpoint-1" / f"{name}.safetensors").keys()
     for run in ("two", "single"):
         shutil.copytree(tmp_path / "ddp" / "checkpoint-1", tmp_path / run / "checkpoint-1")
-    torchrun_two(*flags, "--train_batch_size", "1", "--output_dir", str(tmp_path / "two"), "--resume_from_checkpoint",
-                 "latest")
+    two_processes(*flags, "--train_batch_size", "1", "--output_dir", str(tmp_path / "two"), "--resume_from_checkpoint",
+                  "latest")
     dipp.main(flags + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "single"),
                        "--resume_from_checkpoint", "latest"])
     read = lambda run, step, name: load_file(tmp_path / run / f"checkpoint-{step}" / f"{name}.safetensors")
@@ -1088,7 +1153,7 @@ def test_benchmark_prints_one_parseable_line(tmp_path, capsys):
     import cost
     meta = cost.iteration_flops("tiny", reward="clip", guidance_scale=1.75)
     reward = cost.meta_models("tiny", dipp.Config(reward="clip"))["reward"]
-    assert meta < result["flop_per_iteration"] <= meta + cost.count_flops(lambda: reward.encode_text(["a"]))
+    assert meta < result["flop_per_iteration"] <= meta + cost.count_flops(lambda: reward.terms[0][2].encode_text(["a"]))
     assert result["achieved_tflop_per_s"] == pytest.approx(result["flop_per_iteration"] / 1e12 * result["images_per_s"],
                                                            rel=1e-2)  # batch 1: images/s = iterations/s (rounded)
     assert result["peak_tflop_per_s"] is None and result["fraction_of_peak"] is None  # a CPU has no datasheet peak
@@ -1986,13 +2051,13 @@ def test_pixart_switches_keep_the_math(tmp_path, monkeypatch):
 
 
 def ddp_and_one_process(tmp_path, shapes, denoiser, *extra):
-    """Generators after 2 steps of torchrun with 2 CPU processes (gloo) × batch 1 and of one process × batch 2 on
+    """Generators after 2 steps of 2 CPU processes (gloo, two_processes) × batch 1 and of one process × batch 2 on
     --random_weights `shapes`, and the initial denoiser (`denoiser`: its folder under the random models). extra:
     more flags for both runs (their folders: tmp_path/ddp and tmp_path/one)."""
     from safetensors.torch import load_file
     common = ["--random_weights", shapes, "--max_train_steps", "2", "--learning_rate", "1e-3",
               "--fake_learning_rate", "1e-3", "--reward_scale", "10", *extra]
-    torchrun_two(*common, "--train_batch_size", "1", "--output_dir", str(tmp_path / "ddp"))
+    two_processes(*common, "--train_batch_size", "1", "--output_dir", str(tmp_path / "ddp"))
     dipp.main(common + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "one")])
     weights = lambda run: load_file(str(tmp_path / run / "generator" / "diffusion_pytorch_model.safetensors"))
     init = load_file(str(tmp_path / "one" / shapes / denoiser / "diffusion_pytorch_model.safetensors"))
@@ -2000,7 +2065,7 @@ def ddp_and_one_process(tmp_path, shapes, denoiser, *extra):
 
 
 def test_pixart_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
-    """torchrun with 2 CPU processes (gloo) × batch 1 on PixArt (rank 0 pre-encodes the prompts, rank 1 reads
+    """2 CPU processes (gloo, two_processes) × batch 1 on PixArt (rank 0 pre-encodes the prompts, rank 1 reads
     its cache) gives the generator one process with batch 2 gives, up to float summation order."""
     one, ddp, init = ddp_and_one_process(tmp_path, "tiny_pixart", "pixart/transformer")
     diff, update = distance(but_key_bias(one), ddp), distance(but_key_bias(one), init)
@@ -2291,7 +2356,7 @@ def test_sdxl_compile_and_benchmark_keep_the_math_and_an_incomplete_folder_is_on
 
 
 def test_sdxl_two_process_ddp_equals_one_process_with_global_batch(tmp_path):
-    """torchrun with 2 CPU processes (gloo) × batch 1 on SDXL (SDXLText through DDP's forward) gives the generator
+    """2 CPU processes (gloo, two_processes) × batch 1 on SDXL (SDXLText through DDP's forward) gives the generator
     one process with batch 2 gives, up to float summation order (the 2 % bound of the SD test)."""
     one, ddp, init = ddp_and_one_process(tmp_path, "tiny_sdxl", "sdxl/unet")
     diff, update = distance(one, ddp), distance(one, init)

@@ -245,9 +245,10 @@ def replace_flags(base, extra):
     return [x for flag, value in pairs if flag not in extra for x in (flag, value)] + extra
 
 
-def test_every_missing_weight_is_one_line_naming_files_and_download(tmp_path):
+def test_every_missing_weight_is_one_line_naming_files_and_download(tmp_path, monkeypatch):
     """Each scorer's weights missing (offline hub, absent path, incomplete folder) ends in one line that names
-    the files and the download command, before anything is generated; same for the teacher and generators."""
+    the files and the download command, before anything is generated; same for the teacher and generators. All of
+    them missing with the prompt set: one line naming every one (not one per attempt)."""
     t = tiny()
     base = ["--pretrained_model_name_or_path", t["sd"], "--generator", t["generator"], "--output_dir", str(tmp_path)]
     clip = ["--clip_model", t["clip_model"]]
@@ -276,6 +277,15 @@ def test_every_missing_weight_is_one_line_naming_files_and_download(tmp_path):
         argv = replace_flags(base, extra)
         message = error_of(argv)
         assert all(e in message for e in expected), (extra, message)
+    # all of them missing at once (offline, a prompt set not cached): one message naming each, with its download
+    monkeypatch.setenv("DIPP_CACHE", str(tmp_path / "cache"))  # (no prompt set cached)
+    message = error_of(replace_flags(base, ["--pretrained_model_name_or_path", "someone/not-cached", "--prompts",
+                                            "coco1k", "--metrics", "imagereward,hps,pickscore"]))
+    wanted = ["prompt set 'coco1k'", "python promptsets.py fetch coco30k", f"{download} someone/not-cached",
+              f"{download} THUDM/ImageReward", f"{download} bert-base-uncased", f"{download} xswu/HPSv2",
+              f"{download} yuvalkirstain/PickScore_v1", f"{download} laion/CLIP-ViT-H-14-laion2B-s32B-b79K"]
+    assert message.startswith(f"evaluate: error: {len(wanted) - 1} problems") and "\n" not in message, message
+    assert all(w in message for w in wanted), message
 
 
 def test_missing_scorer_package_names_it(tmp_path, monkeypatch):

@@ -123,7 +123,8 @@ class Server(http.server.BaseHTTPRequestHandler):
 
 def test_every_failure_is_one_line_and_caches_nothing(sandbox, monkeypatch):
     """Wrong checksum, too few prompts, a pickle that names a class, an unwritable cache, HF_HUB_OFFLINE=1, an
-    unreachable host, an HTTP error and a truncated download: one line each naming the problem; an empty cache."""
+    unreachable host, an HTTP error and a truncated download: one line each naming the problem (a set that is the
+    head of another names itself first: coco1k, not only coco30k); an empty cache."""
     server = http.server.HTTPServer(("127.0.0.1", 0), Server)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("no_proxy", "*")  # 127.0.0.1 directly, whatever proxy the environment names
@@ -151,6 +152,11 @@ def test_every_failure_is_one_line_and_caches_nothing(sandbox, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     message = one_line_error(lambda: promptsets.fetch(wrong))
     assert "offline (HF_HUB_OFFLINE=1), not trying" in message and "DIPP_PROMPTS_MIRROR" in message, message
+    message = one_line_error(lambda: promptsets.resolve("first_two"))  # a head set names itself, then its parent
+    assert message.startswith("dipp: error: prompt set 'first_two' (the first 2 of 'lines_txt'): prompt set "
+                              "'lines_txt': offline"), message
+    assert promptsets.missing("first_two") == "python promptsets.py fetch first_two" and not promptsets.missing(
+        str(sandbox / "a_file"))  # (the checklist's answer: a file is there)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     network = {
         "http://127.0.0.1:1/lines.txt": "cannot download http://127.0.0.1:1/lines.txt (",  # nothing listens

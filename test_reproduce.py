@@ -16,16 +16,39 @@ import plumbing
 import reproduce
 
 
+def in_process(command, cwd=None, pass_fds=()):
+    """plumbing.run_child for a stage's `python dipp.py|evaluate.py ARGS`: that script's main(ARGS) run in this
+    process, with the exit status the interpreter would give (a one-line error: 1) and no signal. The commands,
+    commands.sh and the exit-status handling are reproduce.run's own (passing signals on to a child process is
+    run_child's, tested with real processes); what is saved is a fresh interpreter per stage, each importing
+    torch, diffusers and transformers (~8 CPU-seconds, 4 stages in the two runs)."""
+    import importlib
+    import sys
+    assert command[0] == sys.executable and command[1].endswith((os.sep + "dipp.py", os.sep + "evaluate.py")), command
+    script = importlib.import_module(os.path.basename(command[1])[:-3])
+    try:
+        script.main(command[2:])
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            print(e.code, file=sys.stderr)
+            return (e.code if isinstance(e.code, int) else 1), None
+    return 0, None
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_chain():
     """`python reproduce.py sd15 --tiny` (DMD2's layout: the released generator is a bare UNet state dict), run
-    once, then once more as a user re-running the same command would."""
+    once, then once more as a user re-running the same command would; its stages in this process (in_process)."""
+    import pytest
+    import plumbing
     out = os.path.join(tempfile.mkdtemp(prefix="dipp-test-reproduce-"), "sd15")
     argv = ["sd15", "--tiny", "--output_dir", out]
-    reproduce.main(argv)
-    first = {p: os.path.getmtime(p) for p in files(out)}
-    table = open(os.path.join(out, "table.md")).read()
-    reproduce.main(argv)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plumbing, "run_child", in_process)
+        reproduce.main(argv)
+        first = {p: os.path.getmtime(p) for p in files(out)}
+        table = open(os.path.join(out, "table.md")).read()
+        reproduce.main(argv)
     return out, first, table
 
 
@@ -101,10 +124,18 @@ def test_plans_of_the_published_recipes(capsys, monkeypatch):
     """--plan runs nothing and prints, for each real recipe: the downloads (teacher, released generator, reward,
     every scorer), the dipp.py flags the recipe documents, and each stage's cost = FLOPs ÷ (peak × utilisation).
     cost.py's counts are tested in test_cost.py; here they are stand-ins (a real SDXL count takes minutes), so the
-    arithmetic on them is checked against a hand computation."""
+    arithmetic on them is checked against a hand computation. The downloads are a checklist: with a hub cache that
+    holds only ImageReward's two files and no prompt set cached, every other download and both prompt sets are
+    marked missing, each with the command that fetches it."""
     import cost
+    import huggingface_hub.constants
     import promptsets
     monkeypatch.setenv("DIPP_CACHE", tempfile.mkdtemp(prefix="dipp-test-cache-"))  # (the counts' cache: not ~)
+    hub = tempfile.mkdtemp(prefix="dipp-test-hub-")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", hub)
+    os.makedirs(os.path.join(hub, "models--THUDM--ImageReward", "snapshots", "0123"))
+    for f in ("ImageReward.pt", "med_config.json"):
+        open(os.path.join(hub, "models--THUDM--ImageReward", "snapshots", "0123", f), "w").close()
     calls = []
     monkeypatch.setattr(cost, "iteration_flops", lambda shapes, batch, **sw: calls.append((shapes, batch, sw)) or 1e13)
     monkeypatch.setattr(cost, "sample_flops", lambda shapes, steps, guidance: 1e12 * steps * (2 if guidance > 1 else 1))
@@ -116,6 +147,12 @@ def test_plans_of_the_published_recipes(capsys, monkeypatch):
         out = tempfile.mkdtemp(prefix="dipp-test-plan-")
         plan = reproduce.main([name, "--plan", "--output_dir", out, "--card", "H100 SXM", "--nproc", "2"])
         printed = capsys.readouterr().out
+        assert "[x] THUDM/ImageReward " in printed and f"[ ] {recipe.teacher} " in printed
+        assert f"missing: {len(plan.downloads) - 1 + 2};" in printed and "download THUDM/ImageReward" not in printed
+        assert f"DiffusionPipeline.download('{recipe.teacher}')" in printed  # (what download() fetches)
+        assert "huggingface-cli download bert-base-uncased vocab.txt tokenizer_config.json config.json\n" in printed
+        for prompts in (recipe.train_prompts, recipe.eval_prompts):
+            assert f"[ ] prompt set {prompts} " in printed and f"python promptsets.py fetch {prompts}\n" in printed
         repos = [d[0] for d in plan.downloads]
         assert repos[:3] == [recipe.teacher, recipe.init[0], "THUDM/ImageReward"]
         assert {"openai/clip-vit-large-patch14", "xswu/HPSv2", "yuvalkirstain/PickScore_v1"} <= set(repos)

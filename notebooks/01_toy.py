@@ -120,7 +120,7 @@ g_ikl, = torch.autograd.grad(ikl, x0, retain_graph=True)  # per-sample gradients
 g_rew, = torch.autograd.grad(rew, x0)
 print(f"autograd: RMS ∂L_IKL/∂x0 {dipp.rms(g_ikl):.4f} | RMS α_rew ∂(−r)/∂x0 {dipp.rms(g_rew):.4f}")
 stats = dipp.dipp_step(nets, opt, [noise], schedule, cfg)  # only the generator update: no fake-score noise given
-print({k: round(float(v), 4) for k, v in stats.items() if k != "loss_fake"})
+print({k: round(float(v), 4) for k, v in stats.items() if k not in ("loss_fake", "x0")})
 
 # %% [markdown]
 # ## A short training run, then the trade-off

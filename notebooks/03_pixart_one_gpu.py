@@ -152,7 +152,7 @@ for row in table:
 # from the same fixed prompts and noise.
 
 # %%
-steps = 20 if TINY else 500
+steps = 4 if TINY else 500  # (tiny: a few steps, to run the cell in seconds; the images are noise anyway)
 run_dir = os.path.join(OUT, "align")
 nets = dipp.main(MODEL + ["--max_train_steps", str(steps), "--output_dir", run_dir, "--validation_steps", str(steps),
                           "--overwrite_output_dir", "--checkpointing_steps", str(steps), "--reward_scale", "1",

@@ -91,7 +91,7 @@ nets = dipp.Bound(G_c=lambda z: G(z, c),
                   fake_eps_c=lambda x_t, t: fake(x_t, t, c), reward_c=lambda x0: digits.judge_reward(judge)(x0, c))
 noises = [dipp.draw_noise(B, digits.SHAPE, digits.SHAPE, cfg, "cpu") for _ in range(2)]  # one fake, one G update
 stats = dipp.dipp_step(nets, opt, noises, schedule, cfg)
-print({k: round(float(v), 4) for k, v in stats.items()})
+print({k: round(float(v), 4) for k, v in stats.items() if k != "x0"})  # x0: the sample itself
 
 # %% [markdown]
 # ## A short run: Diff-Instruct against DI++ with the judge

@@ -160,8 +160,9 @@ def train_teacher(data, schedule, settings):
     opt = torch.optim.Adam(net.parameters(), lr=settings["lr"])
     # one-cycle: a short warm-up, then a cosine decay to ~0, so the last weights (and the EMA) settle
     lr_at = torch.optim.lr_scheduler.OneCycleLR(opt, settings["lr"], total_steps=settings["steps"], pct_start=0.05)
+    from tqdm import tqdm
     x, c, B = data["x_train"], data["c_train"], settings["batch"]
-    for step in range(settings["steps"]):
+    for step in tqdm(range(settings["steps"]), desc="teacher", unit="step", mininterval=2):  # (minutes on a CPU)
         i = torch.randint(len(x), (B,))  # a minibatch, with replacement
         c_drop = torch.where(torch.rand(B) < settings["p_drop"], -1, c[i])  # c' ~ ∅ w.p. p_drop, else c
         t = dipp.sample_timesteps(B, 0, schedule.T - 1, "cpu")  # t ~ U{0..T−1}
@@ -341,7 +342,7 @@ def train(teacher, schedule, args, reward_scale, omega, reward_fn=None, seed=0, 
         if ema is not None:
             plumbing.ema_update(ema, params, args.ema)
         if (step + 1) % 50 == 0:
-            log.append({"step": step + 1, **{k: float(v) for k, v in stats.items() if not k.startswith("skipped")}})
+            log.append({"step": step + 1, **{k: float(v) for k, v in stats.items() if not k.startswith("skipped") and k != "x0"}})
         if on_step is not None:
             with evaluated():
                 on_step(step + 1, G)

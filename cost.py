@@ -613,7 +613,8 @@ def iteration_memory(shapes, batch=1, ranks=1, device=META, mixed_precision="no"
     "optimizer" (AdamW: 2 fp32 moments per trainable weight), "ema", "activations" (everything else alive at the peak:
     what autograd saved, autocast's weight copies, the op running), "total"}. ranks > 1: FSDP2 (--shard fsdp), each
     rank holding 1/ranks of the trainable weights, their gradients and optimiser states. watch_rewards: dipp's flag
-    (those models' weights are held for validation). switches: iteration_flops'. Not counted: the CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's unused reserve (docs/cost.md)."""
+    (those models' weights are held for validation). switches: iteration_flops'. Not counted: the CUDA context,
+    cuBLAS/cuDNN workspaces and the caching allocator's unused reserve (docs/cost.md)."""
     if mixed_precision not in PRECISION:
         plumbing.die(f"mixed_precision must be one of {list(PRECISION)}, got {mixed_precision!r}")
     if ranks < 1 or (ranks > 1 and (switches.get("lora_rank") or ema_decay)):
@@ -755,8 +756,8 @@ def fit(shapes, batch, free, ranks=1, **switches):
 
 # "Which card?": docs/cost.md's table. Each family at reproduce.py's recipe (batch, ω; bf16 autocast, ImageReward,
 # K_TA = 1: another fake-score update adds only its noise draw, as each frees its graph before the next) and at
-# batch 1, full fine-tuning vs LoRA r=64, with and without gradient checkpointing. Cards by their memory as torch sees it, less
-# ~0.5 GiB of CUDA context: what mem_get_info reports free on an idle card.
+# batch 1, full fine-tuning vs LoRA r=64, with and without gradient checkpointing. Cards by their memory as torch
+# sees it, less ~0.5 GiB of CUDA context: what mem_get_info reports free on an idle card.
 RECIPE_RUNS = {"sd15": (8, 1.75), "pixart512": (8, 4.5), "sdxl": (4, 7.5)}  # (batch, ω): reproduce.RECIPES' (a test)
 CARDS = {"24 GB": 23.5 * GiB, "40 GB": 39.0 * GiB, "48 GB": 44.0 * GiB, "80 GB": 78.6 * GiB}
 
@@ -893,7 +894,8 @@ def main(argv=None):
     if not args.no_memory:
         precision = memory_base.get("mixed_precision", "no")
         print(f"memory: one process's peak in one iteration, --mixed_precision {precision}"
-              + (f", FSDP2 over {args.ranks} ranks" if args.ranks > 1 else "") + " (cost.iteration_memory; docs/cost.md)")
+              + (f", FSDP2 over {args.ranks} ranks" if args.ranks > 1 else "")
+              + " (cost.iteration_memory; docs/cost.md)")
     table(args.family, args.batch, args.device, args.utilisation, base, args.setups,
           None if args.no_memory else memory_base, args.ranks)
     if args.sample_steps:

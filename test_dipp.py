@@ -1338,9 +1338,16 @@ def tiny_sd_nets(seed=0):
 
 
 def generator_update(G_c, teacher_eps_c, fake_eps_c, reward_c, params, optimizer, scaler, noise, schedule, cfg):
-    """The generator half of dipp.dipp_step alone (no fake-score noise given, so no fake-score update): its stats."""
+    """The generator half of dipp.dipp_step alone (no fake-score noise given, so no fake-score update): its stats.
+    Each p.grad is left as the optimizer step saw it (SafeOptimizer frees the gradients after stepping)."""
     opt = dipp.Optimizers(fake=None, G=plumbing.SafeOptimizer(params, optimizer, scaler, cfg.max_grad_norm))
-    return dipp.dipp_step(dipp.Bound(G_c, teacher_eps_c, fake_eps_c, reward_c), opt, [noise], schedule, cfg)
+    seen = {}
+    hook = optimizer.register_step_pre_hook(lambda *_: seen.update({id(p): p.grad for p in params}))
+    stats = dipp.dipp_step(dipp.Bound(G_c, teacher_eps_c, fake_eps_c, reward_c), opt, [noise], schedule, cfg)
+    hook.remove()
+    for p in params:
+        p.grad = seen.get(id(p))
+    return stats
 
 
 def safe_step(loss, params, optimizer, scaler, max_grad_norm):

@@ -607,9 +607,9 @@ def network_bytes(nets):
 
 def iteration_memory(shapes, batch=1, ranks=1, device=META, mixed_precision="no", ema_decay=0.0, watch_rewards="",
                      **switches):
-    """Peak bytes one process holds in ONE DI++ iteration of dipp.py (a steady-state one: the optimiser states exist
-    and both networks' gradients of the previous iteration are still held, as dipp_step frees each net's just before
-    its own backward pass), and what makes it up: {"weights" (frozen), "trainable" (fp32 masters), "gradients",
+    """Peak bytes one process holds in ONE DI++ iteration of dipp.py (a steady-state one: the optimiser states exist,
+    and the previous iteration's gradients are held if the optimizer step leaves them alive: step_keeps_gradients
+    asks the code; SafeOptimizer frees them), and what makes it up: {"weights" (frozen), "trainable" (fp32 masters), "gradients",
     "optimizer" (AdamW: 2 fp32 moments per trainable weight), "ema", "activations" (everything else alive at the peak:
     what autograd saved, autocast's weight copies, the op running), "total"}. ranks > 1: FSDP2 (--shard fsdp), each
     rank holding 1/ranks of the trainable weights, their gradients and optimiser states. watch_rewards: dipp's flag

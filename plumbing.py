@@ -363,36 +363,32 @@ def parse_dataclass(cls, argv, choices, prog, description, renamed=None):
 
 
 def check_config(cfg, T=1000):
-    """Reject settings that would crash deep inside a library or train silently wrong: one line each.
-    T: the schedule's number of timesteps (known once the model is loaded)."""
-    for f in dataclasses.fields(cfg):
-        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
-            die(f"--{f.name} {getattr(cfg, f.name)} is not a finite number")
+    """Reject settings that would crash deep inside a library or train silently wrong: every one of them in one
+    line (all_or_die), each naming its flag and the fix. T: the schedule's number of timesteps (known once the model
+    is loaded)."""
+    problems = [f"--{f.name} {getattr(cfg, f.name)} is not a finite number" for f in dataclasses.fields(cfg)
+                if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name))]
+    need = lambda ok, message: ok or problems.append(message)
     for name in ("learning_rate", "fake_learning_rate"):
-        if getattr(cfg, name) <= 0:
-            die(f"--{name} {getattr(cfg, name)} must be > 0 (Diff-Instruct and DMD2 use 1e-5)")
-    if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1):
-        die(f"--adam_beta1/--adam_beta2 must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
+        need(getattr(cfg, name) > 0, f"--{name} {getattr(cfg, name)} must be > 0 (Diff-Instruct and DMD2 use 1e-5)")
+    need(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1,
+         f"--adam_beta1/--adam_beta2 must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
     for name in ("max_grad_norm", "lora_rank", "checkpoints_total_limit"):
-        if getattr(cfg, name) < 0:
-            die(f"--{name} {getattr(cfg, name)} must be >= 0 (0 = off)")
-    if not 0 <= cfg.ema_decay < 1:
-        die(f"--ema_decay {cfg.ema_decay} must be in [0, 1): 0 = off, 0.999 = a ~1000-step average")
-    if not 0 <= cfg.generator_timestep < T:
-        die(f"--generator_timestep {cfg.generator_timestep} is outside the schedule; use 1..{T - 1} (0 = the family's)")
-    if not 0 <= cfg.t_min < cfg.t_max < T:
-        die(f"need 0 <= --t_min < --t_max < {T}, got t_min={cfg.t_min} t_max={cfg.t_max}")
-    if cfg.guidance_scale < 1:
-        die(f"--guidance_scale {cfg.guidance_scale} < 1 would push samples *away* from the prompt; use ω >= 1")
-    for name in ("train_batch_size", "max_train_steps", "fake_steps_per_G", "checkpointing_steps",
-                 "validation_steps"):
-        if getattr(cfg, name) < 1:
-            die(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
-    if cfg.reward_scale < 0:
-        die(f"--reward_scale {cfg.reward_scale} < 0 would minimise the reward; use α_rew >= 0")
-    if cfg.lora_rank and cfg.generator_init:
-        die("--lora_rank trains an adapter on the teacher and cannot start from --generator_init; drop one")
-    check_shard(cfg)  # --shard fsdp with a switch it does not support yet: one line
+        need(getattr(cfg, name) >= 0, f"--{name} {getattr(cfg, name)} must be >= 0 (0 = off)")
+    need(0 <= cfg.ema_decay < 1,
+         f"--ema_decay {cfg.ema_decay} must be in [0, 1): 0 = off, 0.999 = a ~1000-step average")
+    need(0 <= cfg.generator_timestep < T,
+         f"--generator_timestep {cfg.generator_timestep} is outside the schedule; use 1..{T - 1} (0 = the family's)")
+    need(0 <= cfg.t_min < cfg.t_max < T, f"need 0 <= --t_min < --t_max < {T}, got t_min={cfg.t_min} t_max={cfg.t_max}")
+    need(cfg.guidance_scale >= 1,
+         f"--guidance_scale {cfg.guidance_scale} < 1 would push samples *away* from the prompt; use ω >= 1")
+    for name in ("train_batch_size", "max_train_steps", "fake_steps_per_G", "checkpointing_steps", "validation_steps"):
+        need(getattr(cfg, name) >= 1, f"--{name} must be a positive integer, got {getattr(cfg, name)}")
+    need(cfg.reward_scale >= 0, f"--reward_scale {cfg.reward_scale} < 0 would minimise the reward; use α_rew >= 0")
+    need(not (cfg.lora_rank and cfg.generator_init),
+         "--lora_rank trains an adapter on the teacher and cannot start from --generator_init; drop one")
+    # --shard fsdp with a switch it does not support yet is one more
+    all_or_die(*(functools.partial(die, problem) for problem in problems), functools.partial(check_shard, cfg))
 
 
 def files_stamp(*folders):

@@ -1694,6 +1694,21 @@ def test_a_generator_init_of_another_family_is_one_line_before_any_network(tmp_p
         assert "\n" not in message and not (tmp_path / "run").exists()
 
 
+def test_every_out_of_range_value_is_named_at_once():
+    """Values out of their range are all named in one line (plumbing.check_config through all_or_die), each with its
+    flag and fix; one alone keeps its own message."""
+    cfg = dipp.Config(learning_rate=-1.0, guidance_scale=0.5, train_batch_size=0, t_min=990, ema_decay=1.0)
+    with pytest.raises(SystemExit) as e:
+        plumbing.check_config(cfg)
+    msg = str(e.value)
+    assert msg.startswith("dipp: error: 5 problems, each to fix before this run: (1) --learning_rate -1.0 must be > 0")
+    for flag in ("--learning_rate", "--ema_decay", "--t_min", "--guidance_scale", "--train_batch_size"):
+        assert flag in msg, flag
+    assert "\n" not in msg
+    with pytest.raises(SystemExit) as e:
+        plumbing.check_config(dipp.Config(reward_scale=-1.0))
+    assert str(e.value) == "dipp: error: --reward_scale -1.0 < 0 would minimise the reward; use α_rew >= 0"
+
 def test_user_mistakes_are_one_line(tmp_path, monkeypatch):
     """Numeric flags outside their meaning, files that are not what they claim (a binary prompt file, a
     truncated or corrupted checkpoint), an output_dir that cannot be written: one 'dipp: error:' line each."""

@@ -1306,12 +1306,15 @@ def apply_preset(args, preset, argv):
 
 
 def check_ranges(parser, args, rules):
-    """rules: {flag name: (test, what it must be)}; the first value that fails is one line naming its flag."""
+    """rules: {flag name: (test, what it must be)}; every value that fails is named, with its flag, in one line."""
+    bad = []
     for name, (ok, must) in rules.items():
         value = getattr(args, name)
         if not all(ok(v) for v in (value if isinstance(value, list) else [value])):
-            parser.error(f"--{name} {value if not isinstance(value, list) else ' '.join(map(str, value))}: "
-                         f"must be {must}")
+            bad.append(f"--{name} {value if not isinstance(value, list) else ' '.join(map(str, value))}: "
+                       f"must be {must}")
+    if bad:
+        parser.error(bad[0] if len(bad) == 1 else f"{len(bad)} problems: " + "; ".join(bad))
 
 
 @contextlib.contextmanager

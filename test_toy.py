@@ -205,6 +205,8 @@ def test_toy_flags_are_checked_and_explicit_flags_win_over_quick(tmp_path):
     assert "--lr 0.0: must be > 0" in toy_error(optimum.parse, ["--lr", "0"])
     assert "--reward_scales 0.5 inf: must be finite" in toy_error(gmm.parse, ["--reward_scales", "0.5", "inf"])
     assert "--ema 1.0: must be in [0, 1)" in toy_error(digits.parse, ["--ema", "1"])
+    both = toy_error(gmm.parse, ["--workers", "0", "--lr", "0"])  # every bad value at once, in one line
+    assert "2 problems: " in both and "--workers 0: must be >= 1" in both and "--lr 0.0: must be > 0" in both
     assert "did you mean --steps" in toy_error(gmm.parse, ["--step", "3"])  # (no silent abbreviation)
     (tmp_path / "a_file").write_text("")
     import plumbing

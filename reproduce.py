@@ -138,14 +138,14 @@ def parse_args(argv):
     p.add_argument("--max_prompts", type=int, default=None, metavar="N",
                    help="evaluate on the first N prompts of the set (0 = all; default all, --tiny 3)")
     args = p.parse_args(argv)
-    if args.nproc < 1 or (args.max_train_steps is not None and args.max_train_steps < 1) or (
-            args.max_prompts is not None and args.max_prompts < 0):
-        p.error(f"--nproc and --max_train_steps must be >= 1, --max_prompts >= 0; got {args.nproc}, "
-                f"{args.max_train_steps}, {args.max_prompts}")
-    if args.utilisation is not None and not 0 < args.utilisation <= 1:
-        p.error(f"--utilisation {args.utilisation} is not a fraction of the peak; give 0 < F <= 1 (e.g. 0.4)")
-    if args.reward_scale is not None and args.reward_scale < 0:
-        p.error(f"--reward_scale {args.reward_scale} < 0 would minimise the reward; use α_rew >= 0")
+    import plumbing  # every bad value named at once (the check_ranges of cost.py and the toys)
+    given = lambda test: lambda v: v is None or test(v)  # (None: the recipe's own value)
+    plumbing.check_ranges(p, args, {
+        "nproc": (lambda v: v >= 1, ">= 1"), "max_train_steps": (given(lambda v: v >= 1), ">= 1"),
+        "max_prompts": (given(lambda v: v >= 0), ">= 0 (0 = all)"),
+        "utilisation": (given(lambda v: 0 < v <= 1), "a fraction of the peak, 0 < F <= 1 (e.g. 0.4)"),
+        "reward_scale": (given(lambda v: v >= 0 and math.isfinite(v)),
+                         "a finite α_rew >= 0 (< 0 minimises the reward)")})
     args.output_dir = args.output_dir or os.path.join("runs", f"reproduce-{args.recipe}" + ("-tiny" * args.tiny))
     return args
 

@@ -282,10 +282,12 @@ def test_bad_flags_and_an_unwritable_folder_are_one_line(tmp_path):
     import argparse
     import pytest
     (tmp_path / "a_file").write_text("")
-    cases = [(["--utilisation", "0"], "--utilisation 0.0 is not a fraction"),
-             (["--utilisation", "1.5"], "--utilisation 1.5 is not a fraction"),
-             (["--nproc", "0"], "--nproc and --max_train_steps must be >= 1"),
-             (["--max_prompts", "-1"], "--max_prompts >= 0"), (["--reward_scale", "-1"], "would minimise the reward"),
+    cases = [(["--utilisation", "0"], "--utilisation 0.0: must be a fraction of the peak"),
+             (["--utilisation", "1.5"], "--utilisation 1.5: must be a fraction"),
+             (["--nproc", "0"], "--nproc 0: must be >= 1"),
+             (["--max_prompts", "-1"], "--max_prompts -1: must be >= 0"),
+             (["--reward_scale", "-1"], "minimises the reward"),
+             (["--nproc", "0", "--utilisation", "0"], "2 problems: --nproc 0: must be >= 1; --utilisation 0.0"),
              (["--max_train_step", "3"], "unknown flag --max_train_step; did you mean --max_train_steps"),
              (["--output_dir", str(tmp_path / "a_file" / "out")], "cannot be written")]
     for extra, expected in cases:

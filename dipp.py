@@ -251,9 +251,14 @@ def load_reward(cfg, device, dtype):
     return rewards.load(cfg.reward, cfg.reward_model_path, device, dtype, cfg.gradient_checkpointing)
 
 
-def load_watched_rewards(cfg, device, dtype):
-    """{name: reward fn} of --watch_rewards: scored on the validation samples, never trained on."""
-    return {name: rewards.load_one(name, path, device, dtype) for name, path in rewards.parse_watch(cfg.watch_rewards)}
+def load_watched(cfg, reward_fn, device, dtype):
+    """What validation scores and training never sees: {name: reward fn} of --watch_rewards, and (with
+    --validation_diversity K) a rewards.Diversity of K images per held-out prompt, on a CLIP the run already holds."""
+    watched = {name: rewards.load_one(name, path, device, dtype)
+               for name, path in rewards.parse_watch(cfg.watch_rewards)}
+    held = {**{name: fn for name, _, fn in (reward_fn.terms if reward_fn is not None else [])}, **watched}
+    return watched, rewards.load_diversity(cfg.validation_diversity, cfg.reward, cfg.reward_model_path,
+                                           cfg.watch_rewards, held, device, dtype)
 
 
 def load_reward_decoder(cfg, family, vae, device, dtype):
@@ -440,7 +445,7 @@ def train(cfg):
         vae.enable_gradient_checkpointing()
     reward_fn = load_reward(cfg, device, run.dtype)
     reward_decoder = load_reward_decoder(cfg, fam, vae, device, run.dtype)
-    watched = load_watched_rewards(cfg, device, run.dtype)  # (optional) scored at each validation only
+    watched, diversity = load_watched(cfg, reward_fn, device, run.dtype)  # (optional) scored at validation only
     frozen = [teacher, reward_decoder.decoder] + (reward_fn.towers if reward_fn is not None else [])  # not trained
     G_train, fake_train = run.wrap(G, fake, fam, frozen)  # --compile; under torchrun DDP, or FSDP2 shards
     opt = Optimizers(fake=run.optimizer(fake, cfg.fake_learning_rate), G=run.optimizer(G, cfg.learning_rate))
@@ -449,7 +454,7 @@ def train(cfg):
     teacher_eps, fake_eps = denoiser_eps(teacher, fam), denoiser_eps(fake_train, fam)
     run.start({"generator": G.net, "fake_score": fake}, opt, G,  # resume; the held-out reward on fixed noise, a grid
               sample=lambda z, prompts: decode(vae, G(z.to(device), text(prompts))), reward_fn=reward_fn,
-              val_prompts=val_prompts, latent_shape=latent_shape, watch=watched)
+              val_prompts=val_prompts, latent_shape=latent_shape, watch=watched, diversity=diversity)
     with run.guard():  # signals finish the step and checkpoint; a non-finite loss names the last good checkpoint
         while run.step < cfg.max_train_steps:
             run.begin_step()
@@ -524,6 +529,8 @@ class Config:
         # reward's default hub weights (rewards.RECORDS; ImageReward: THUDM/ImageReward)
     watch_rewards: str = ""  # rewards NOT trained on, scored on the validation samples at each validation (val_NAME
         # in log.jsonl and curves.png), e.g. "pickscore,hps21"; NAME=PATH for weights of your own
+    validation_diversity: int = 0  # K >= 2: each validation also draws K images per held-out prompt and logs
+        # val_diversity, their mean pairwise 1 - cos in CLIP (evaluate.py's diversity); 0 = off
     reward_decoder: str = "full"  # the reward sees the full VAE decoder's images, or TAESD's (tiny: faster,
         # approximate; grids, validation and export keep the full one)
     reward_decoder_path: str = ""  # --reward_decoder tiny: AutoencoderTiny hub id or folder (default: the family's

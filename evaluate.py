@@ -660,18 +660,7 @@ def save_scores(out, model, key, values):
     plumbing.write_files({scores_path(out, model, key): lambda tmp: torch.save(saved, tmp)})
 
 # -----------------------------------------------------------------------------
-# 5. Set metrics: diversity within a prompt, Fréchet distance to the teacher
-
-
-def pairwise_diversity(embeddings):
-    """Mean pairwise cosine distance between the K image embeddings of one prompt (K, D):
-        div = 1/(K(K−1)) Σ_{j≠l} (1 − ⟨e_j, e_l⟩ / (‖e_j‖ ‖e_l‖))
-    0 when all K seeds give the same image (mode collapse); a CLIP-space stand-in for DMD2's pairwise
-    LPIPS that needs no extra network (LPIPS downloads its backbone weights at run time)."""
-    e = F.normalize(embeddings.double(), dim=-1)  # (K, D), float64 so identical images give exactly ~0
-    K = e.shape[0]
-    distance = 1 - e @ e.T  # (K, K)
-    return (distance.sum() - distance.diagonal().sum()) / (K * (K - 1))
+# 5. Set metrics: diversity within a prompt (rewards.pairwise_diversity), Fréchet distance to the teacher
 
 
 def gaussian_stats(features):
@@ -789,7 +778,7 @@ def summarise(models, values, metrics, args):
             stats[metric] = mean_ci(v[metric].view(P, K).mean(1))
         if "diversity" in metrics:
             per_prompt = v["embedding"].view(P, K, -1)  # (P, K, 768)
-            model["diversity_per_prompt"] = torch.stack([pairwise_diversity(e) for e in per_prompt])  # (P,)
+            model["diversity_per_prompt"] = torch.stack([rewards.pairwise_diversity(e) for e in per_prompt])  # (P,)
             stats["diversity"] = mean_ci(model["diversity_per_prompt"])
         if "fd_teacher" in metrics and teacher is not None and model is not teacher:
             reference = gaussian_stats(values["teacher"]["embedding"])

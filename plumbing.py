@@ -385,6 +385,8 @@ def check_config(cfg, T=1000):
     for name in ("train_batch_size", "max_train_steps", "fake_steps_per_G", "checkpointing_steps", "validation_steps"):
         need(getattr(cfg, name) >= 1, f"--{name} must be a positive integer, got {getattr(cfg, name)}")
     need(cfg.reward_scale >= 0, f"--reward_scale {cfg.reward_scale} < 0 would minimise the reward; use α_rew >= 0")
+    need(cfg.validation_diversity == 0 or cfg.validation_diversity >= 2, f"--validation_diversity "
+         f"{cfg.validation_diversity}: diversity needs at least 2 images per prompt; use K >= 2, or 0 (off)")
     need(not (cfg.lora_rank and cfg.generator_init),
          "--lora_rank trains an adapter on the teacher and cannot start from --generator_init; drop one")
     # --shard fsdp with a switch it does not support yet is one more
@@ -1124,12 +1126,14 @@ def global_means(values, signal, world):
 
 
 @torch.no_grad()
-def held_out_reward(sample, reward, prompts, z, batch_size, contexts, grid_path, watch=None):
+def held_out_reward(sample, reward, prompts, z, batch_size, contexts, grid_path, watch=None, diversity=None,
+                    z_div=None):
     """The generator on held-out prompts with fixed noise: images = sample(z_i, c_i) in batches (inside
     `contexts`: autocast, EMA weights), a grid of the first four at grid_path, and the reward's mean and
     population std over all prompts. The same z_i every time, so the curve shows the generator's change
     rather than sampling noise. Also val_<name> (mean and std) of each term of a mixed reward (its .last
-    scores) and of each reward in `watch` ({name: reward fn}: rewards the run is *not* trained on)."""
+    scores) and of each reward in `watch` ({name: reward fn}: rewards the run is *not* trained on), and
+    val_diversity with `diversity` (rewards.Diversity: K images per prompt from the fixed noises z_div, (P·K, ...))."""
     images, scores = [], {}
     with contextlib.ExitStack() as stack:
         for c in contexts:
@@ -1144,6 +1148,11 @@ def held_out_reward(sample, reward, prompts, z, batch_size, contexts, grid_path,
                         scores.setdefault(name, []).append(r.float())
             for name, fn in (watch or {}).items():
                 scores.setdefault(name, []).append(fn(images[-1], batch).float())
+        if diversity is not None:  # K more images of each prompt, embedded batch by batch (K consecutive per prompt)
+            repeated = [p for p in prompts for _ in range(diversity.images_per_prompt)]
+            embeddings = [diversity.embed(sample(z_div[i:i + batch_size], repeated[i:i + batch_size])).float()
+                          for i in range(0, len(repeated), batch_size)]
+            scores["diversity"] = [diversity(torch.cat(embeddings))]  # (P,)
     if grid_path:  # (None: a rank other than 0 that runs it only because the sharded generator needs every rank)
         save_grid(torch.cat(images)[:4], prompts[:4], grid_path)
     out = {}
@@ -1804,8 +1813,11 @@ def fit_flags(cfg, shapes, free, world=1):
     flags = ["--family", shapes, "--batch", str(cfg.train_batch_size), "--fit", f"{free / 2 ** 30:.3f}",
              "--ranks", str(world if cfg.shard == "fsdp" else 1)]
     for name in ("lora_rank", "fake_steps_per_G", "reward", "reward_decoder", "guidance_scale", "mixed_precision",
-                 "ema_decay", "watch_rewards"):
+                 "ema_decay"):
         flags += [f"--{name}", str(getattr(cfg, name))]
+    named = [part.partition("=")[0].strip() for part in f"{cfg.reward},{cfg.watch_rewards}".split(",")]
+    extra = ["clip"] if cfg.validation_diversity and "clip" not in named else []  # (--validation_diversity's CLIP)
+    flags += ["--watch_rewards", ",".join([cfg.watch_rewards] * bool(cfg.watch_rewards) + extra)]
     return flags + [f"--{name}" for name in ("gradient_checkpointing", "reuse_generator_sample") if getattr(cfg, name)]
 
 
@@ -1889,11 +1901,12 @@ class RunKeeper:
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         return SafeOptimizer(params, adamw, scaler, self.cfg.max_grad_norm)
 
-    def start(self, trained, opt, G, sample, reward_fn, val_prompts, latent_shape, watch=None):
+    def start(self, trained, opt, G, sample, reward_fn, val_prompts, latent_shape, watch=None, diversity=None):
         """Resume (--resume_from_checkpoint), set up the (optional) EMA of G, the log and the progress bar, and
         validate at step 0. trained: {"generator": G.net, "fake_score": ψ}, what a checkpoint holds; opt: the
         optimizers (.G, .fake); sample(z, prompts) -> images, reward_fn(images, prompts) -> (B,) or None; watch:
-        {name: reward fn} also scored at each validation, not trained on (held_out_reward)."""
+        {name: reward fn} also scored at each validation, not trained on; diversity: rewards.Diversity or None
+        (held_out_reward)."""
         from tqdm import tqdm
         cfg, cuda = self.cfg, self.device.type == "cuda"
         self.trained, self.G, self.G_params = trained, G, opt.G.params
@@ -1906,10 +1919,13 @@ class RunKeeper:
         # the held-out reward (mean, spread) of sample(z_i, c_i) with the same z_i every time, and a sample grid;
         # the fixed noise comes from its own generator so the training RNG is untouched
         val_z = torch.randn((len(val_prompts), *latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
+        K = diversity.images_per_prompt if diversity is not None else 0  # (--validation_diversity: K per prompt)
+        z_div = torch.randn((len(val_prompts) * K, *latent_shape),
+                            generator=torch.Generator().manual_seed(cfg.seed + 1))  # (its own: val_z stays as it was)
         self.validate = lambda tag: held_out_reward(
             sample, reward_fn, val_prompts, val_z, cfg.train_batch_size, [self.autocast, ema_weights(self.G_params,
                                                                                                       self.ema)],
-            os.path.join(cfg.output_dir, f"samples_{tag}.png") if self.main_rank else None, watch)
+            os.path.join(cfg.output_dir, f"samples_{tag}.png") if self.main_rank else None, watch, diversity, z_div)
         self.validates = self.writes or (self.sharded and not cfg.benchmark)  # (a sharded G runs on every rank)
         self.clock = benchmark_clock(cfg, self.device)  # synced on a GPU only under --benchmark
         self.flops = FirstIteration(cfg.benchmark)  # --benchmark: the FLOPs of the first, untimed, iteration

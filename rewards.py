@@ -619,6 +619,48 @@ def term_stats(mix, decode, x0, loss_scale):
             **{f"reward_{name}": r.mean() for name, r in mix.last.items() if pulls}}
 
 
+# -----------------------------------------------------------------------------
+# Diversity: not a reward, never trained on, watched at validation (--validation_diversity) and scored by evaluate.py
+
+
+def pairwise_diversity(embeddings):
+    """Mean pairwise cosine distance between the K image embeddings of one prompt (K, D):
+        div = 1/(K(K−1)) Σ_{j≠l} (1 − ⟨e_j, e_l⟩ / (‖e_j‖ ‖e_l‖))
+    0 when all K seeds give the same image (mode collapse); a CLIP-space stand-in for DMD2's pairwise
+    LPIPS that needs no extra network (LPIPS downloads its backbone weights at run time)."""
+    e = F.normalize(embeddings.double(), dim=-1)  # (K, D), float64 so identical images give exactly ~0
+    K = e.shape[0]
+    distance = 1 - e @ e.T  # (K, K)
+    return (distance.sum() - distance.diagonal().sum()) / (K * (K - 1))
+
+
+class Diversity:
+    """--validation_diversity K: at each validation, K images of every held-out prompt (each from its own fixed
+    noise) and, per prompt, the pairwise_diversity of their CLIP image embeddings, as evaluate.py's diversity. A
+    reward can rise while the generator collapses to one image per prompt (reward hacking's first sign, docs/
+    rewards.md); this number falls when it does."""
+
+    def __init__(self, images_per_prompt, clip):
+        self.images_per_prompt, self.embed = images_per_prompt, clip.embed  # (B, 3, H, W) -> (B, D)
+
+    def __call__(self, embeddings):  # (P·K, D), the K images of each prompt consecutive -> (P,)
+        per_prompt = embeddings.view(-1, self.images_per_prompt, embeddings.shape[-1])
+        return torch.stack([pairwise_diversity(e) for e in per_prompt]).float()
+
+
+def load_diversity(K, spec, paths, watch, held, device, dtype):
+    """--validation_diversity K (0: None): a Diversity on the CLIP the run already holds (held: {name: reward fn},
+    trained on or watched), else on the one it names, else on the record's default (OpenAI CLIP ViT-L/14,
+    evaluate.py's)."""
+    if not K:
+        return None
+    if "clip" in held:
+        return Diversity(K, held["clip"])
+    names = [name for name, _ in parse(spec)]  # (a run that names CLIP's weights but holds no CLIP: none today)
+    path = dict(parse_watch(watch)).get("clip") or (parse_paths(paths, names).get("clip", "") if "clip" in names else "")
+    return Diversity(K, load_one("clip", path, device, dtype))
+
+
 def check_flags(spec, paths, watch, weights=False):
     """--reward, --reward_model_path and --watch_rewards: a wrong name, weight or syntax is one line before anything
     is built; weights=True: every reward's weights, trained on or watched, can be found (check)."""

@@ -1697,12 +1697,14 @@ def test_a_generator_init_of_another_family_is_one_line_before_any_network(tmp_p
 def test_every_out_of_range_value_is_named_at_once():
     """Values out of their range are all named in one line (plumbing.check_config through all_or_die), each with its
     flag and fix; one alone keeps its own message."""
-    cfg = dipp.Config(learning_rate=-1.0, guidance_scale=0.5, train_batch_size=0, t_min=990, ema_decay=1.0)
+    cfg = dipp.Config(learning_rate=-1.0, guidance_scale=0.5, train_batch_size=0, t_min=990, ema_decay=1.0,
+                      validation_diversity=1)
     with pytest.raises(SystemExit) as e:
         plumbing.check_config(cfg)
     msg = str(e.value)
-    assert msg.startswith("dipp: error: 5 problems, each to fix before this run: (1) --learning_rate -1.0 must be > 0")
-    for flag in ("--learning_rate", "--ema_decay", "--t_min", "--guidance_scale", "--train_batch_size"):
+    assert msg.startswith("dipp: error: 6 problems, each to fix before this run: (1) --learning_rate -1.0 must be > 0")
+    for flag in ("--learning_rate", "--ema_decay", "--t_min", "--guidance_scale", "--train_batch_size",
+                 "--validation_diversity 1: diversity needs at least 2 images per prompt"):
         assert flag in msg, flag
     assert "\n" not in msg
     with pytest.raises(SystemExit) as e:

@@ -189,12 +189,12 @@ def test_a_rerun_keeps_what_it_wrote_and_redraws_a_retrained_generator(tmp_path)
 def test_diversity_is_zero_for_identical_images_and_mean_pairwise_distance_otherwise():
     """diversity = 0 for K copies of one embedding; otherwise the mean of 1 − cos over ordered pairs j ≠ l."""
     e = torch.randn(1, 16).repeat(4, 1)
-    assert evaluate.pairwise_diversity(e).abs() < 1e-12
+    assert rewards.pairwise_diversity(e).abs() < 1e-12
     e = torch.randn(4, 16)
     n = torch.nn.functional.normalize(e.double(), dim=-1)
     pairs = [1 - (n[j] @ n[l]) for j in range(4) for l in range(4) if j != l]
-    assert evaluate.pairwise_diversity(e) > 0.1
-    assert torch.allclose(evaluate.pairwise_diversity(e), torch.stack(pairs).mean())
+    assert rewards.pairwise_diversity(e) > 0.1
+    assert torch.allclose(rewards.pairwise_diversity(e), torch.stack(pairs).mean())
 
 
 def test_frechet_distance_matches_closed_forms():

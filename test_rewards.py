@@ -386,17 +386,18 @@ def test_bad_reward_flags_are_one_line_before_anything_loads(tmp_path, monkeypat
 
 
 def test_a_mixed_run_logs_each_terms_pull_and_the_watched_rewards(tmp_path):
-    """`dipp.py --tiny --reward "clip=1,pickscore=0.5" --watch_rewards hps21`, one step: the step logs each term's
-    pull and score (per sample the pulls add up to the total, so the RMS of the total is at most their sum); each
-    validation logs val_clip and val_pickscore (val_reward = val_clip + 0.5 val_pickscore) and val_hps21, which
-    equals HPS v2.1 (its tiny stand-in) recomputed by hand on the step-0 images."""
+    """`dipp.py --tiny --reward "clip=1,pickscore=0.5" --watch_rewards hps21 --validation_diversity 2`, one step: the
+    step logs each term's pull and score (per sample the pulls add up to the total, so the RMS of the total is at
+    most their sum); each validation logs val_clip and val_pickscore (val_reward = val_clip + 0.5 val_pickscore),
+    val_hps21, which equals HPS v2.1 (its tiny stand-in) recomputed by hand on the step-0 images, and val_diversity,
+    which equals 1 − cos of the CLIP embeddings of each prompt's two images from the noise of seed + 1, by hand."""
     import json
     import dipp
     out, prompts = tmp_path / "run", ["a green teapot", "two cats on a sofa"]
     (tmp_path / "val.txt").write_text("\n".join(prompts) + "\n")
     nets = dipp.main(["--tiny", "--max_train_steps", "1", "--reward", "clip=1,pickscore=0.5", "--watch_rewards",
                       "hps21", "--validation_prompts", str(tmp_path / "val.txt"), "--train_batch_size", "2",
-                      "--seed", "3", "--output_dir", str(out)])
+                      "--seed", "3", "--validation_diversity", "2", "--output_dir", str(out)])
     first, step = (json.loads(line) for line in open(out / "log.jsonl"))
     assert 0 < step["grad_reward"] <= step["grad_reward_clip"] + step["grad_reward_pickscore"] + 1e-9
     assert step["grad_reward_clip"] > 0 and step["grad_reward_pickscore"] > 0 and "reward_clip" in step
@@ -409,3 +410,12 @@ def test_a_mixed_run_logs_each_terms_pull_and_the_watched_rewards(tmp_path):
         cond = nets["family"].encode(nets["tokenizer"], nets["text_encoder"], prompts)
         r = hps(dipp.decode(nets["vae"], G0(z, cond)), prompts)
     assert abs(first["val_hps21"] - r.mean().item()) < 1e-5 and "val_hps21" in step
+    z2 = torch.randn((4, 4, 8, 8), generator=torch.Generator().manual_seed(4))  # prompt 0 twice, then prompt 1 twice
+    clip = rewards.load_one("clip", rewards.tiny_paths(str(out / "tiny" / "rewards"))["clip"], CPU, FP32)
+    with torch.no_grad():
+        e = clip.embed(dipp.decode(nets["vae"], G0(z2, cond.repeat_interleave(2, 0) if torch.is_tensor(cond) else
+                                                   {k: v.repeat_interleave(2, 0) for k, v in cond.items()})))
+    e = e.double().numpy()
+    cos = [(e[i] @ e[i + 1]) / ((e[i] @ e[i]) * (e[i + 1] @ e[i + 1])) ** 0.5 for i in (0, 2)]
+    assert abs(first["val_diversity"] - (2 - sum(cos)) / 2) < 1e-5 and first["val_diversity"] > 1e-4
+    assert "val_diversity" in step and "val_diversity_std" in step

@@ -3,6 +3,7 @@
 Each test compares against an independent computation: the sampler against the exact π(t), dipp's
 IKL estimator against autograd of the closed-form IKL, m* against a numerical minimiser of the exact
 objective, and a short DI++ run against m*. About 15 s on 2 CPU cores."""
+import json
 import math
 import os
 import sys
@@ -152,6 +153,52 @@ def test_digits_quick_run_distils_and_aligns(tmp_path):
     assert cfg["fd_guided_vs_explicit"]["mean"] < 0.05 * cfg["fd_guided_vs_unguided"]["mean"]
     for f in ("results.json", "table.md", "digits.png"):
         assert os.path.exists(tmp_path / f)
+    # --remeasure recomputes every row from samples_per_seed.pt, training nothing: the same numbers
+    again = digits.run(["--remeasure", "--cache_dir", os.path.join(DIGITS_CACHE, "dipp", "digits"),
+                        "--out", str(tmp_path)])
+    assert again is None and "MLP: FD to data" in (tmp_path / "table.md").read_text()
+    remeasured = json.load(open(tmp_path / "results.json"))["rows"]
+    for name in ("data", "init", "distilled", "judge_10"):
+        for metric in digits.METRICS:
+            assert remeasured[name][metric]["mean"] == pytest.approx(row(name, metric), rel=1e-9, abs=1e-12), metric
+
+
+def test_digits_realism_metrics_match_independent_computations():
+    """toy/digits' realism outside the referee. KID (the unbiased cubic-polynomial-kernel MMD²) equals the same
+    MMD² through the kernel's explicit feature map (a·b/D + 1)³ = ⟨φ(a), φ(b)⟩, φ(u) = [1, √3 u, √3 u⊗u,
+    u⊗u⊗u] with u = a/√D, with no kernel matrix; per-digit FD equals scipy's sqrtm formula; the MLP features
+    are the hidden layer through which scikit-learn's own predict_proba gives its probabilities."""
+    import numpy as np
+    import scipy.linalg
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.rand((60, 1, 8, 8), generator=g) * 2 - 1, torch.arange(10).repeat(6)  # 6 per digit
+    y, cy = torch.rand((80, 1, 8, 8), generator=g) * 1.6 - 0.7, torch.arange(10).repeat(8)  # another law
+    space = lambda v: digits.pixels(v)[:, :3]  # D = 3: (n per digit) > D, so sqrtm is well posed
+
+    def mmd_by_features(a, b):
+        u = lambda v: v.double() / math.sqrt(v.shape[1])
+        phi = lambda v: torch.cat([torch.ones(len(v), 1, dtype=torch.float64), math.sqrt(3) * v,
+                                   math.sqrt(3) * torch.einsum("ni,nj->nij", v, v).flatten(1),
+                                   torch.einsum("ni,nj,nk->nijk", v, v, v).flatten(1)], 1)
+        fa, fb = phi(u(a)), phi(u(b))
+        within = lambda f: ((f.sum(0) ** 2).sum() - (f ** 2).sum()) / (len(f) * (len(f) - 1))  # Σ_{i≠j}⟨φi, φj⟩
+        return within(fa) + within(fb) - 2 * (fa.mean(0) * fb.mean(0)).sum()
+
+    def fd_scipy(a, b):
+        a, b = a.numpy().astype("float64"), b.numpy().astype("float64")
+        s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        return ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+
+    got = digits.realism(x, c, {"y": (y, cy)}, {"p": space})
+    per_digit = [(space(x[c == k]), space(y[cy == k])) for k in range(10)]
+    assert got["kid_p_y"] == pytest.approx(sum(mmd_by_features(a, b).item() for a, b in per_digit) / 10, rel=1e-9)
+    assert got["fd_p_y"] == pytest.approx(sum(fd_scipy(a, b) for a, b in per_digit) / 10, rel=1e-6)
+    assert got["fd_p_y"] > 0.05 and got["kid_p_y"] > 1e-3  # (two different laws: not a comparison of zeros)
+    features = digits.mlp_features(digits.load_data())
+    mlp = features.sklearn
+    W2, b2 = torch.from_numpy(mlp.coefs_[1]), torch.from_numpy(mlp.intercepts_[1])
+    probs = torch.softmax(features(x) @ W2 + b2, 1)
+    assert torch.allclose(probs, torch.from_numpy(mlp.predict_proba(digits.pixels(x).numpy())), atol=1e-12)
 
 
 def test_digits_notebook_runs_on_the_cached_quick_teacher(monkeypatch):

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dipp  # noqa: E402  (the repo root holds dipp.py)
-import evaluate  # noqa: E402  (its Fréchet distance and pairwise diversity, the ones the SD evaluation uses)
+import evaluate  # noqa: E402  (its Fréchet distance, the one the SD evaluation uses)
 import plumbing  # noqa: E402  (the optimizer bundle, and dipp's optional EMA of the generator)
-import rewards  # noqa: E402  (rewards.Mix: the weighted sum dipp trains on with --reward "a=1,b=0.5")
+import rewards  # noqa: E402  (rewards.Mix: dipp's weighted reward sum; pairwise_diversity, the SD evaluation's)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import optimum  # noqa: E402  (toy/optimum.py's process pool for independent runs)
@@ -362,17 +362,77 @@ def measure(x, c, judge, referee, references):
     fd_teacher, fd_data   Fréchet distance in the referee's features to the teacher's 50-step samples
               (ω = 1) and to the held-out real digits
     diversity mean 1 − cos between the ink images of two samples of one prompt (0 = one image per prompt)
-    ink       mean pixels of ink (of 64)"""
+    ink       mean pixels of ink (of 64)
+    and the second table's realism outside the referee (`realism`): fd_<space>_<ref>, kid_<space>_<ref>."""
     with torch.no_grad():
         img = to_image(x)
         logits = referee(img)  # (N, C)
         stats = evaluate.gaussian_stats(referee.features(img))
         out = {"judge": judge_reward(judge)(x, c).mean().item(),
                "referee": (logits.argmax(1) == c).float().mean().item(),
-               **{f"fd_{name}": evaluate.frechet_distance(*stats, *ref).item() for name, ref in references.items()},
-               "diversity": sum(evaluate.pairwise_diversity(ink(x[c == k])).item() for k in range(C)) / C,
-               "ink": ink(x).sum(1).mean().item()}
+               **{f"fd_{name}": evaluate.frechet_distance(*stats, *ref).item()
+                  for name, ref in references["stats"].items()},
+               "diversity": sum(rewards.pairwise_diversity(ink(x[c == k])).item() for k in range(C)) / C,
+               "ink": ink(x).sum(1).mean().item(),
+               **realism(x, c, references["sets"], references["spaces"])}
     return out
+
+# Realism outside the referee: the same sets compared in pixels and in a third classifier's features, digit by digit
+
+
+def pixels(x):
+    """The pixel space: the clipped image as a 64-vector in [−1, 1], float64."""
+    return to_image(x).flatten(1).double()  # (N, 64)
+
+
+def mlp_features(data):
+    """A feature space that neither training nor the referee uses: scikit-learn's MLPClassifier (one hidden
+    layer of 64 ReLU units, its own seed, scikit-learn's own Adam) trained on the training digits
+    (0.8 s; 98.4 % on the held-out ones). Returns x -> its hidden activations relu(x W1 + b1), (N, 64)."""
+    from sklearn.neural_network import MLPClassifier
+    mlp = MLPClassifier(hidden_layer_sizes=(64,), random_state=3, max_iter=500).fit(
+        data["x_train"].flatten(1).double().numpy(), data["c_train"].numpy())
+    W, b = torch.from_numpy(mlp.coefs_[0]), torch.from_numpy(mlp.intercepts_[0])  # (64, 64), (64,)
+    features = lambda x: torch.relu(pixels(x) @ W + b)  # (N, 64)
+    features.sklearn = mlp  # (the test checks these are the layer sklearn's own predict_proba uses)
+    return features
+
+
+def kid(x, y):
+    """Kernel MMD as KID computes it (Bińkowski et al. 2018), in any feature space: the unbiased MMD² with
+    the cubic polynomial kernel k(a, b) = (a·b / D + 1)³,
+        MMD²_u = Σ_{i≠j} k(x_i, x_j) / (m(m−1)) + Σ_{i≠j} k(y_i, y_j) / (n(n−1)) − 2 Σ_{i,j} k(x_i, y_j) / (mn)
+    x (m, D), y (n, D). Unbiased, so it is ≈ 0 (and may be < 0) for two samples of one distribution, and
+    its mean does not depend on m and n (FD's bias does), which matters for ~45 held-out digits per class."""
+    x, y = x.double(), y.double()
+    m, n, D = len(x), len(y), x.shape[1]
+    k = lambda a, b: (a @ b.T / D + 1) ** 3
+    kxx, kyy = k(x, x), k(y, y)
+    return ((kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
+            - 2 * k(x, y).mean())
+
+
+def realism(x, c, sets, spaces):
+    """Per digit k, the samples of prompt k against the reference images of class k, in every feature space:
+    Fréchet distance (evaluate.frechet_distance of the two sets' Gaussian stats) and KID (`kid`), each
+    averaged over the 10 digits. sets: {ref: (x_ref, c_ref)}; spaces: {space: x -> (N, D)}.
+    Returns {fd_<space>_<ref>, kid_<space>_<ref>}. Per digit, so that a generator with the right digits in
+    the wrong proportions, or the right average look but wrong strokes for each digit, is not hidden."""
+    out = {}
+    for space, f in spaces.items():
+        fx = f(x)
+        for ref, (x_ref, c_ref) in sets.items():
+            fr = f(x_ref)
+            pairs = [(fx[c == k], fr[c_ref == k]) for k in range(C)]
+            out[f"fd_{space}_{ref}"] = sum(evaluate.frechet_distance(*evaluate.gaussian_stats(a),
+                                                                     *evaluate.gaussian_stats(b)).item()
+                                           for a, b in pairs) / C
+            out[f"kid_{space}_{ref}"] = sum(kid(a, b).item() for a, b in pairs) / C
+    return out
+
+
+REALISM = tuple(f"{m}_{space}_{ref}" for space in ("pixels", "mlp") for ref in ("data", "teacher")
+                for m in ("fd", "kid"))
 
 
 def eval_prompts(n):
@@ -418,13 +478,16 @@ def one_step_samples(G, args, z_seed):
 
 
 def references(args, teacher, referee, data):
-    """Referee-feature statistics of the two references: the teacher's 50-step samples at ω = 1 (seed
-    12345, not one of the table's) and the held-out digits."""
+    """The two references, the teacher's 50-step samples at ω = 1 (seed 12345, not one of the table's) and
+    the held-out digits: "stats", their Gaussian statistics in the referee's features (the first table);
+    "sets", the images themselves, with "spaces", the pixels and the sklearn MLP's features (`realism`)."""
     c = eval_prompts(args.eval_per_class)
     x = sample_teacher(teacher, make_schedule(), c, args.teacher_steps, 1.0, torch.Generator().manual_seed(12345))
     with torch.no_grad():
-        return {"teacher": evaluate.gaussian_stats(referee.features(to_image(x))),
-                "data": evaluate.gaussian_stats(referee.features(data["x_test"]))}
+        stats = {"teacher": evaluate.gaussian_stats(referee.features(to_image(x))),
+                 "data": evaluate.gaussian_stats(referee.features(data["x_test"]))}
+    return {"stats": stats, "sets": {"data": (data["x_test"], data["c_test"]), "teacher": (x, c)},
+            "spaces": {"pixels": pixels, "mlp": mlp_features(data)}}
 
 
 def experiments(args):
@@ -450,13 +513,15 @@ def summarise(values):
     return {"mean": v.mean().item(), "std": v.std().item() if len(v) > 1 else 0.0, "n": len(v)}
 
 
-METRICS = ("judge", "referee", "fd_teacher", "fd_data", "diversity", "ink")
+METRICS = ("judge", "referee", "fd_teacher", "fd_data", "diversity", "ink") + REALISM
 
 
 def run(argv=None):
     args = parse(argv)
     if args.replot:
         return replot(args)
+    if args.remeasure:
+        return remeasure(args)
     t_start = time.time()
     plumbing.writable_dir(args.out, "--out")
     torch.set_num_threads(1)
@@ -465,7 +530,7 @@ def run(argv=None):
           f"judge {info['judge']['held_out_accuracy']:.3f}, referee {info['referee']['held_out_accuracy']:.3f}")
     schedule, data = make_schedule(), load_data()
     refs = references(args, teacher, referee, data)
-    rows, samples = {}, {}
+    rows, samples, per_seed_samples = {}, {}, {}  # per_seed_samples: every seed's x, for --remeasure
 
     # reference rows: held-out digits; the teacher's 50-step samples (ω = 1 and ω); the one-step teacher at t*
     c = eval_prompts(args.eval_per_class)
@@ -481,11 +546,13 @@ def run(argv=None):
         ms = [measure(x, c, judge, referee, refs) for x in per_seed]
         rows[f"teacher_{omega:g}"] = {k: summarise([m[k] for m in ms]) for k in METRICS}
         samples[f"teacher_{omega:g}"] = (per_seed[0], c)
+        per_seed_samples[f"teacher_{omega:g}"] = per_seed
     init = Generator(teacher, schedule, args.t_star)
     per_seed = [one_step_samples(init, args, 10_000 + args.seed + s) for s in range(args.seeds)]
     ms = [measure(x, c, judge, referee, refs) for x in per_seed]
     rows["init"] = {k: summarise([m[k] for m in ms]) for k in METRICS}
     samples["init"] = (per_seed[0], c)
+    per_seed_samples["init"] = per_seed
 
     # every generator run × seed, in parallel over the CPU cores
     runs = experiments(args)
@@ -498,6 +565,7 @@ def run(argv=None):
         ms = [measure(r["samples"], c, judge, referee, refs) for r in res]
         rows[name] = {k: summarise([m[k] for m in ms]) for k in METRICS}
         samples[name] = (res[0]["samples"], c)
+        per_seed_samples[name] = [r["samples"] for r in res]
     # the two CFG runs against each other (same z), with two seeds of the guided run as the yardstick
     if "cfg_guided" in runs:
         fd = lambda a, b: frechet_between(results[a]["samples_shared_z"], results[b]["samples_shared_z"], referee)
@@ -515,6 +583,7 @@ def run(argv=None):
     path = lambda name: os.path.join(args.out, name)  # all three replaced together, or none (a kill, a full disk)
     plumbing.write_files({path("results.json"): evaluate.text_file(json.dumps(out, indent=1)),
                           path("samples.pt"): lambda tmp: torch.save({k: list(v) for k, v in samples.items()}, tmp),
+                          path("samples_per_seed.pt"): lambda tmp: torch.save(per_seed_samples, tmp),
                           path("table.md"): evaluate.text_file(table + "\n")})
     print(table)
     plot(samples, rows, args, os.path.join(args.out, "digits.png"))
@@ -565,6 +634,17 @@ def report(rows, args):
         lines.append(f"| {label(name, args)} | {fmt(r['judge'], 3)} | {fmt(r['referee'], 3)} | "
                      f"{fmt(r['fd_teacher'], 1)} | "
                      f"{fmt(r['fd_data'], 1)} | {fmt(r['diversity'], 3)} | {fmt(r['ink'], 1)} |")
+    if any(REALISM[0] in r for r in rows.values()):  # (results.json of runs before these columns lack them)
+        lines += ["", "Realism outside the referee, per digit then averaged over the 10 (FD: Fréchet distance; KID: "
+                  "kernel MMD², ×10³), in pixels and in the hidden features of a scikit-learn MLP:", "",
+                  "| samples | pixels: FD to data | KID to data | FD to teacher | KID to teacher | "
+                  "MLP: FD to data | KID to data | FD to teacher | KID to teacher |", "|---" * 9 + "|"]
+        for name, r in rows.items():
+            if REALISM[0] in r:
+                cells = ["— (itself)" if name == "data" and k.endswith("_data")  # (a set against itself: no number)
+                         else fmt({**r[k], **{v: r[k][v] * 1e3 for v in ("mean", "std")}}, 1) if k.startswith("kid")
+                         else fmt(r[k], 1) for k in REALISM]
+                lines.append(f"| {label(name, args)} | " + " | ".join(cells) + " |")
     if "cfg" in rows:
         r = rows["cfg"]
         seed = f"; guided, seed vs seed {fmt(r['fd_guided_seed_vs_seed'], 1)}" if "fd_guided_seed_vs_seed" in r else ""
@@ -665,6 +745,38 @@ def replot(args):
     print(report(out["rows"], args))
 
 
+def remeasure(args):
+    """Recompute every row's metrics (METRICS, the realism columns included) from a finished run's
+    samples_per_seed.pt, with the run's own networks from the cache: no generator is trained again. Rewrites
+    results.json and table.md and redraws the figure; the CFG pair distances are kept as they were."""
+    try:
+        out = json.load(open(os.path.join(args.out, "results.json"), encoding="utf-8"))
+        per_seed = torch.load(os.path.join(args.out, "samples_per_seed.pt"), weights_only=True)
+        samples = torch.load(os.path.join(args.out, "samples.pt"), weights_only=True)
+        saved = out["settings"]
+    except Exception as e:  # missing (a run older than samples_per_seed.pt), truncated or overwritten
+        plumbing.die(f"--remeasure: {args.out}/results.json, samples.pt and samples_per_seed.pt cannot be read "
+                     f"({type(e).__name__}: {str(e).strip()[:80]}); run the same command without --remeasure")
+    for key in ("teacher", "judge", "referee", "teacher_steps", "eval_per_class"):  # the run's networks and sets
+        setattr(args, key, saved[key])
+    teacher, judge, referee, _ = load_models(args)
+    data = load_data()
+    refs = references(args, teacher, referee, data)
+    rows = {"data": {k: summarise([v]) for k, v in measure(data["x_test"], data["c_test"], judge, referee,
+                                                                refs).items()},
+            "data_train": {k: summarise([v]) for k, v in measure(data["x_train"], data["c_train"], judge, referee,
+                                                                      refs).items()}}
+    for name, xs in per_seed.items():
+        ms = [measure(x, eval_prompts(len(x) // C), judge, referee, refs) for x in xs]
+        rows[name] = {k: summarise([m[k] for m in ms]) for k in METRICS}
+    out["rows"] = {**rows, **{k: v for k, v in out["rows"].items() if k not in rows}}  # ("cfg": kept)
+    table = report(out["rows"], args)
+    plumbing.write_files({os.path.join(args.out, "results.json"): evaluate.text_file(json.dumps(out, indent=1)),
+                          os.path.join(args.out, "table.md"): evaluate.text_file(table + "\n")})
+    plot({k: tuple(v) for k, v in samples.items()}, out["rows"], args, os.path.join(args.out, "digits.png"))
+    print(table)
+
+
 # -----------------------------------------------------------------------------
 # Entry point
 
@@ -708,6 +820,8 @@ def parse(argv=None):
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel training runs")
     p.add_argument("--quick", action="store_true", help="a small teacher, one seed, four short runs (~1 min)")
     p.add_argument("--replot", action="store_true", help="redraw --out's figure and table from its saved results")
+    p.add_argument("--remeasure", action="store_true", help="recompute --out's metrics from its saved samples "
+                   "(samples_per_seed.pt), no generator training; then redraw")
     args = p.parse_args(argv)
     args.teacher, args.judge, args.referee = dict(TEACHER), dict(JUDGE), dict(REFEREE)
     if args.quick:  # (a flag given explicitly wins over the preset)

@@ -198,6 +198,8 @@ def test_clip_score_is_100_times_clamped_cosine():
         out = model(**processor(text=prompts, images=ims, return_tensors="pt", padding=True))
     cos = (out.image_embeds * out.text_embeds).sum(-1)
     assert torch.allclose(ours, 100 * cos.clamp_min(0), atol=1e-4)
+    published = rewards.RECORDS["clip"].published  # (the tiny model's cosines may all be > 0: the clamp, alone)
+    assert published(torch.tensor([-0.25, 0.0, 0.3])).tolist() == pytest.approx([0.0, 0.0, 30.0])
 
 
 @pytest.mark.parametrize("resize", ["legacy", "antialias"])

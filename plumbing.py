@@ -1104,7 +1104,8 @@ def plot_curves(log_path, png_path):
             ax.plot(steps, [(v - values[0]) / spread for v in values], "o-" if trained else "o--", ms=3,
                     label=key + ("" if trained else " (watched)"), lw=2.5 if key == "val_reward" else 1)
         ax.axhline(0, color="grey", lw=0.5)
-        ax.set_title("held-out rewards: change since the first validation / its spread", fontsize=9)
+        what = "held-out rewards" + (" and diversity" if "val_diversity" in watched else "")
+        ax.set_title(f"{what}: Δ since the first validation / spread", fontsize=9)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.tight_layout()

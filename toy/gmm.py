@@ -169,7 +169,8 @@ def train(gmm, schedule, args, reward_scale, omega, reward_fn=None, seed=0, on_s
         nets = dipp.Bound(G_c=lambda z: G(z, c), teacher_eps_c=dipp.guided(teacher, c, uncond, omega),
                           fake_eps_c=lambda x_t, t: fake(x_t, t, c),  # the fake score is never guided
                           reward_c=(lambda x0: reward_fn(x0, c)) if reward_fn else None)
-        noises = [dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu") for _ in range(cfg.fake_steps_per_G + 1)]
+        noises = [dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu", schedule=schedule)  # π(t) on this schedule
+                  for _ in range(cfg.fake_steps_per_G + 1)]
         dipp.dipp_step(nets, opt, noises, schedule, cfg)
         if on_step is not None:
             on_step(step + 1, G)

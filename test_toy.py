@@ -2,7 +2,8 @@
 
 Each test compares against an independent computation: the sampler against the exact π(t), dipp's
 IKL estimator against autograd of the closed-form IKL, m* against a numerical minimiser of the exact
-objective, and a short DI++ run against m*. About 15 s on 2 CPU cores."""
+objective (on SD1.5's DDPM schedule and SD3.5's flow path, itself checked against diffusers' scheduler),
+and a short DI++ run against m*. About 15 s on 2 CPU cores."""
 import json
 import math
 import os
@@ -73,6 +74,25 @@ def test_flow_schedule_is_diffusers_flow_match_scheduler():
     freq = torch.bincount(draws, minlength=1000).double() / N
     assert ((freq - pmf).abs() <= 5 * (pmf * (1 - pmf) / N).sqrt() + 1e-6).all()
     assert int((pmf.cumsum(0) >= 0.5).nonzero()[0]) != 81  # not SD1.5's grid: the flow's own σ/α are read
+
+
+def test_velocity_fake_score_is_a_flow_networks_correction():
+    """On the flow path the exact teacher's ε̂ is x_t + α_t v̂ with v̂ = E[ε − x0 | x_t] computed here from the
+    Gaussian posterior (x̂0 = μ + α s² (x_t − α μ)/v, E[ε|x_t] = σ (x_t − α μ)/v, v = α² s² + σ²), which holds
+    because α + σ = 1; and --fake_param v's fake score adds its MLP's output as a velocity, times α_t."""
+    import gmm
+    t = torch.tensor([20, 250, 700, 980])
+    alpha, sigma = FLOW.alpha_sigma(t, 2)
+    x_t, c = torch.randn(4, 2, generator=torch.Generator().manual_seed(1)).double(), torch.zeros(4, dtype=torch.long)
+    a, s_, mu = alpha.double(), sigma.double(), torch.tensor(MU, dtype=torch.float64)
+    v = a ** 2 * S ** 2 + s_ ** 2
+    velocity = s_ * (x_t - a * mu) / v - (mu + a * S ** 2 * (x_t - a * mu) / v)  # E[ε|x_t] − E[x0|x_t]
+    teacher = optimum.gaussian(MU, S).eps_fn(FLOW)
+    assert torch.allclose(teacher(x_t.float(), t, c).double(), x_t + a * velocity, atol=1e-5)
+    fake = gmm.FakeScore(1, teacher, FLOW)
+    torch.nn.init.normal_(fake.mlp.net[-1].bias)  # a nonzero correction
+    correction = fake(x_t.float(), t, c) - teacher(x_t.float(), t, c)
+    assert torch.allclose(correction, alpha * fake.mlp.net[-1].bias, atol=1e-5) and correction.abs().max() > 0.1
 
 
 @pytest.mark.parametrize("schedule", ["ddpm", "flow"])

@@ -360,7 +360,7 @@ def study(args, schedule):
 
 def schedule_tag(args):
     """'' on the default DDPM schedule (its figures as before), the flow path named otherwise."""
-    return f", flow path (shift {args.shift:g})" if args.schedule == "flow" else ""
+    return f"on SD3.5's flow path (shift {args.shift:g})" if args.schedule == "flow" else ""
 
 
 def plot_sweep(rows, args, path):
@@ -396,7 +396,7 @@ def plot_sweep(rows, args, path):
             ax2.plot(row["reward_scale"], cut(row["std_along"]), "o", color=colour)
             ax2.plot(row["reward_scale"], cut(row["std_across"]), "x", color=colour)
     ax.set(xlabel="α_rew", ylabel="shift of the generator's mean along a", ylim=(0, top_shift),
-           title=f"DI++ on N(μ, {args.s:g}² I), r = aᵀx{schedule_tag(args)}: measured (dots) vs exact (lines)")
+           title=f"DI++ on N(μ, {args.s:g}² I), r = aᵀx: measured (dots) vs exact (lines)\n{schedule_tag(args)}".rstrip())
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     ax2.axhline(args.s, color="k", ls="--", label="s (every exact optimum)")
     ax2.set(xlabel="α_rew", ylabel="generator's std (o along a, x across; cut at 2.4 s)",
@@ -429,7 +429,7 @@ def plot_study(res, args, schedule, path):
             integrand = dipp.ikl_weight(w, alpha, sigma) * alpha ** 2 / (alpha ** 2 * args.s ** 2 + sigma ** 2)
             ax2.plot(t, (pmf * integrand).cumsum(0), style, color=f"C{k}", label=f"{w}/{p}")
     ax2.set(xlabel="t", ylabel="Σ_{t' ≤ t} π(t') w(t') α² / (α² s² + σ²)",
-            title=f"where W comes from (cumulative; the end is W){schedule_tag(args)}")
+            title="where W comes from (cumulative; the end is W)" + ("\n" + schedule_tag(args)).rstrip())
     ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -463,6 +463,9 @@ def parse(argv=None):
     p.add_argument("--schedule", choices=["ddpm", "flow"], default="ddpm",
                    help="forward process: SD1.5's scaled-linear DDPM schedule, or SD3.5's flow path (α_t = 1 − σ_t)")
     p.add_argument("--shift", type=float, default=3.0, help="--schedule flow: the scheduler's shift (SD3.5: 3.0)")
+    p.add_argument("--fake_param", choices=["eps", "v"], default="eps",
+                   help="the fake score's learned correction: in ε units (SD1.5's UNet) or a velocity (SD3.5's "
+                        "transformer: ε̂ = x_t + α_t v̂, so its error enters times α_t)")
     p.add_argument("--out", default=None, help="output folder (optimum_out; optimum_flow_out with --schedule flow)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel training runs")
     args = p.parse_args(argv)

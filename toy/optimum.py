@@ -11,7 +11,8 @@ dipp_step, through toy/gmm.py's train) and measures the generator against m*.
     python toy/optimum.py            # α_rew sweep, ~1 min on 2 CPU cores -> optimum_out/{optimum.json,optimum.png}
     python toy/optimum.py --study    # weighting study: w(t) × π(t) × seeds -> optimum_out/{study.json,study.png}
     python toy/optimum.py --quick    # one short run, for the tests
-    python toy/optimum.py --schedule flow --shift 3 [--study]   # the same on SD3.5's flow path -> optimum_flow_out/
+    python toy/optimum.py --schedule flow --shift 3 [--study] [--fake_param v]   # on SD3.5's flow path -> optimum_flow_out/
+                                     (docs/toy.md, "The flow-matching schedule (SD3.5)")
 
 Everything exact (π(t) as a vector, W, m*, the closed-form IKL) is computed here from the schedule;
 everything that trains is dipp's. DMD2's weighting has no W (its normaliser depends on the sample, so

@@ -47,7 +47,7 @@ def test_flow_schedule_is_diffusers_flow_match_scheduler():
     training `sigmas`, in reverse (t = 0 the least noisy), bit for bit; its x_t = α_t x0 + σ_t ε is the
     scheduler's own forward process (scale_noise at the timestep it lists for that σ); and dipp's log-normal
     sampler, reading the flow through its VP-equivalent ᾱ, draws t with the N(−1.2, 1.2²) probabilities of
-    log(σ_t/α_t) computed here from α, σ directly."""
+    log(σ_t/α_t) computed here from α, σ directly. Also docs/toy.md's claims behind the sd3 range U{43..812}."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     for shift in (1.0, 3.0):
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
@@ -61,7 +61,8 @@ def test_flow_schedule_is_diffusers_flow_match_scheduler():
     assert torch.allclose(alpha * x0 + sigma * eps, theirs, rtol=0, atol=1e-6), (alpha * x0 + sigma * eps, theirs)
     assert sigma[-1].item() == 1 and alpha[-1].item() == 0 and abs(sigma[2].item() - 0.7507493) < 1e-6
     # the log-normal π on the flow: the sampler's histogram against Φ at the log(σ/α) midpoints
-    log_ratio = (FLOW.sigmas.double() / FLOW.alphas.double()).log()[20:981]  # (961,)
+    alpha_all, sigma_all = optimum.all_alpha_sigma(FLOW)  # (1000,) float64 each
+    log_ratio = (sigma_all / alpha_all).log()[20:981]  # (961,)
     edges = (log_ratio[1:] + log_ratio[:-1]) / 2
     cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.special.ndtr((edges + 1.2) / 1.2),
                      torch.ones(1, dtype=torch.float64)])
@@ -74,6 +75,16 @@ def test_flow_schedule_is_diffusers_flow_match_scheduler():
     freq = torch.bincount(draws, minlength=1000).double() / N
     assert ((freq - pmf).abs() <= 5 * (pmf * (1 - pmf) / N).sqrt() + 1e-6).all()
     assert int((pmf.cumsum(0) >= 0.5).nonzero()[0]) != 81  # not SD1.5's grid: the flow's own σ/α are read
+    # docs/toy.md's sd3 range: the flow timesteps nearest (in log σ/α) SD1.5's ends t = 20, 980 are 43 and 812,
+    # and there the log-normal π is the same law of noise levels, so W (a function of σ/α alone) matches SD1.5's
+    ddpm_alpha, ddpm_sigma = optimum.all_alpha_sigma(SCHEDULE)
+    ends = (ddpm_sigma / ddpm_alpha).log()[[20, 980]]  # (2,)
+    assert ((sigma_all / alpha_all).log()[:999, None] - ends).abs().argmin(0).tolist() == [43, 812]
+    # (to 1e-4: the grids' σ/α differ within each bin); a π uniform in t is not: 0.694 vs 0.632 for x0
+    W = lambda sched, pi, lo, hi, w: optimum.ikl_W(sched, optimum.timestep_pmf(sched, pi, lo, hi), w, 1.0)
+    for w in ("x0", "eps"):
+        assert abs(W(FLOW, "lognormal", 43, 812, w) - W(SCHEDULE, "lognormal", 20, 980, w)) < 1e-4
+        assert abs(W(FLOW, "uniform", 43, 812, w) - W(SCHEDULE, "uniform", 20, 980, w)) > 0.02
 
 
 def test_velocity_fake_score_is_a_flow_networks_correction():

@@ -1814,11 +1814,8 @@ def fit_flags(cfg, shapes, free, world=1):
     flags = ["--family", shapes, "--batch", str(cfg.train_batch_size), "--fit", f"{free / 2 ** 30:.3f}",
              "--ranks", str(world if cfg.shard == "fsdp" else 1)]
     for name in ("lora_rank", "fake_steps_per_G", "reward", "reward_decoder", "guidance_scale", "mixed_precision",
-                 "ema_decay"):
+                 "ema_decay", "watch_rewards"):  # (watch_rewards holds --validation_diversity's CLIP: dipp.main)
         flags += [f"--{name}", str(getattr(cfg, name))]
-    named = [part.partition("=")[0].strip() for part in f"{cfg.reward},{cfg.watch_rewards}".split(",")]
-    extra = ["clip"] if cfg.validation_diversity and "clip" not in named else []  # (--validation_diversity's CLIP)
-    flags += ["--watch_rewards", ",".join([cfg.watch_rewards] * bool(cfg.watch_rewards) + extra)]
     return flags + [f"--{name}" for name in ("gradient_checkpointing", "reuse_generator_sample") if getattr(cfg, name)]
 
 

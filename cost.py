@@ -244,7 +244,7 @@ def meta_models(shapes, cfg, device=META, dtype=torch.float32):
     with torch.device(device):
         if fam.name == "pixart":
             teacher = PixArtTransformer2DModel(in_channels=4, out_channels=8, **arch["transformer"])
-            schedule = dipp.Schedule(torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, device="cpu"), 0))
+            schedule = dipp.Schedule.ddpm(torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, device="cpu"), 0))
         else:
             teacher = UNet2DConditionModel(**arch["unet"])
             schedule = dipp.Schedule.scaled_linear()

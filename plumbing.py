@@ -1555,7 +1555,8 @@ LICENSES = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-
             "PixArt-alpha/PixArt-XL-2-512x512": "openrail++", "PixArt-alpha/PixArt-XL-2-1024-MS": "openrail++"}
 
 
-FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "pixart": "pixart-alpha"}
+FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "pixart": "pixart-alpha",
+               "sd3": "stable-diffusion-3"}
 
 
 def base_license(teacher):
@@ -1640,11 +1641,17 @@ def sampling_code(folder, teacher, t_star, lora, family):
             lines += [f'{family.folder} = {denoiser}.from_pretrained("{folder}", torch_dtype=torch.float16)',
                       f'pipe = {cls}.from_pretrained("{teacher}", {family.folder}={family.folder}, '
                       'torch_dtype=torch.float16).to("cuda")']
-        lines += ["# one step from pure noise at t*: DDPM's last step returns the denoiser's x̂0, as dipp samples",
-                  "pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)",
-                  f'image = pipe("a red bicycle", num_inference_steps=1, timesteps=[{t_star}], guidance_scale=1'
-                  + (", clean_caption=False" if cls == "PixArtAlphaPipeline" else "") + ").images[0]",
-                  "```", ""]
+        if family.forward_process == "flow":  # its own Euler step from σ_t* to 0 is x_t − σ v̂, as dipp samples
+            lines[2] = lines[2].replace("DDPMScheduler, ", "")
+            lines += ["# one Euler step of the flow from pure noise at σ_t* (its scheduler shifts (t* + 1)/1000) to 0",
+                      f'image = pipe("a red bicycle", sigmas=[{(t_star + 1) / 1000:g}], guidance_scale=1).images[0]',
+                      "```", ""]
+        else:
+            lines += ["# one step from pure noise at t*: DDPM's last step returns the denoiser's x̂0, as dipp samples",
+                      "pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)",
+                      f'image = pipe("a red bicycle", num_inference_steps=1, timesteps=[{t_star}], guidance_scale=1'
+                      + (", clean_caption=False" if cls == "PixArtAlphaPipeline" else "") + ").images[0]",
+                      "```", ""]
     lines += ["```bash", f'python dipp.py --generate "a red bicycle|a watercolor fox" --generator_init {folder}',
               "```", "", f"dipp reads t* and the teacher from `{GENERATOR_RECORD}`; guidance is off at sampling (the "
               "teacher's CFG was distilled in during training)."]

@@ -24,8 +24,8 @@ Simplifications vs. the paper (each marked `NOTE(deviation N)` where it happens;
   2. w(t), π(t) are open in the paper for SD1.5. Defaults w = σ²/α² (Diff-Instruct's σ², VP form) and
      π = U{20..980} (DMD2): on the toy they reach DI++'s exact optimum with the least jitter (docs/toy.md).
   3. `--timestep_sampling lognormal` (Diff-Instruct's continuous noise levels) moves each draw to the nearest timestep.
-  4. The generator is the teacher's denoiser evaluated once at t* on pure noise (DMD2's recipe; t* = 999 for SD,
-     399 for SDXL as DMD2-SDXL, 400 for PixArt-α as PixArt-α-DMD); the paper also starts from other one-step models.
+  4. The generator is the teacher's denoiser evaluated once at t* on pure noise (DMD2's recipe; t* = 999 for SD, 399
+     for SDXL as DMD2-SDXL, 400 for PixArt-α as PixArt-α-DMD, 999 = σ 1 for SD3.5); the paper also uses other ones.
   5. "α_cfg" is taken to mean the standard CFG scale ω; the implicit-reward weight is γ = ω − 1.
   6. (opt-in) `--reward_decoder tiny`: the reward scores TAESD's decoding of x0, not the full VAE's.
   7. `--ikl_weighting dmd2`: DMD2's adaptive normaliser depends on the sample: no longer a fixed divergence.
@@ -152,8 +152,7 @@ def draw_prompts(prompts, B, rank=0, world=1):
 
 def denoiser_eps(net, family, schedule=None):
     """A diffusers denoiser of `family` (families.py) as eps(x_t, t, c) -> ε̂ in fp32. c is cast to the net's dtype
-    (the frozen teacher is stored in bf16/fp16 under --mixed_precision), x_t by the family's call; σ_t is for a
-    flow family (SD3.5), whose net predicts the velocity v̂ = ε − x0: ε̂ = x_t + (1 − σ_t) v̂."""
+    (bf16/fp16 under --mixed_precision), x_t by the family's call, given σ_t for a flow (SD3.5): ε̂ = x_t + (1−σ) v̂."""
     dtype = next(net.parameters()).dtype  # (a DDP wrapper has no .dtype of its own)
 
     def eps(x_t, t, c):
@@ -529,8 +528,8 @@ class Config:
         # transformer/ (PixArt-α-DMD, DI++-SDXL), a weight file, or a LoRA adapter file (dipp's
         # pytorch_lora_weights.safetensors: the teacher with it merged in) (default: a copy of the teacher)
     random_weights: str = ""  # instead of the teacher and reward above, random-weight models of the same architectures
-        # built in output_dir/<name>: tiny, tiny_pixart, tiny_sdxl, tiny_sd3 (CPU, seconds) or sd15, pixart512, sdxl
-        # (real shapes, for --benchmark)
+        # built in output_dir/<name>: tiny, tiny_pixart, tiny_sdxl, tiny_sd3 (CPU, seconds) or sd15, pixart512, sdxl,
+        # sd35_medium, sd35_large (real shapes, for --benchmark)
     tiny: bool = False  # short for --random_weights tiny: the SD1.5 code path on tiny random models, CPU, no download
     # --- method (METHOD.md §2-§5)
     reward: str = "imagereward"  # r(x, c): imagereward, clip, hps20, hps21, pickscore, aesthetic, or a weighted sum
@@ -604,11 +603,12 @@ class Config:
         # naming the switches that would fit, where the card's free memory is short; this flag runs it anyway
 
 
-CHOICES = {"mixed_precision": ("no", "fp16", "bf16"),
-           "ikl_weighting": ("x0", "eps", "dmd2"), "timestep_sampling": ("uniform", "lognormal"),
+CHOICES = {"mixed_precision": ("no", "fp16", "bf16"), "ikl_weighting": ("x0", "eps", "dmd2"),
+           "timestep_sampling": ("uniform", "lognormal"), "reward_decoder": ("full", "tiny"), "shard": ("none", "fsdp"),
            "compile": ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
-           "report_to": ("none", "tensorboard", "wandb"), "reward_decoder": ("full", "tiny"), "shard": ("none", "fsdp"),
-           "random_weights": ("tiny", "tiny_pixart", "tiny_sdxl", "tiny_sd3", "sd15", "pixart512", "sdxl")}
+           "report_to": ("none", "tensorboard", "wandb"), "random_weights": ("tiny", "tiny_pixart", "tiny_sdxl",
+                                                                             "tiny_sd3", "sd15", "pixart512", "sdxl",
+                                                                             "sd35_medium", "sd35_large")}
 
 
 def parse_config(argv=None):

@@ -1812,7 +1812,8 @@ def peak_tflops(device_name):
 # Will it fit? Before dipp.py loads anything on a GPU it asks cost.py (`python cost.py --fit GIB`, a process of its
 # own: cost.py builds dipp's networks to count them, so importing it from here or from dipp.py would be an import
 # cycle) whether the run's counted peak fits the card's free memory, and stops with one line if it does not.
-FIT_SHAPES = {"sd": "sd15", "sdxl": "sdxl", "pixart": "pixart512"}  # a family's real shapes in random_weights
+FIT_SHAPES = {"sd": "sd15", "sdxl": "sdxl", "pixart": "pixart512", "sd3": "sd35_medium"}  # real shapes in
+# random_weights (an SD3 teacher whose name says "large" is counted at SD3.5-Large's)
 
 
 def fit_flags(cfg, shapes, free, world=1):
@@ -1838,6 +1839,8 @@ def check_memory(cfg, device, family, world=1):
     shapes = cfg.random_weights or FIT_SHAPES.get(family())
     if shapes == "pixart512" and "512" not in cfg.pretrained_model_name_or_path:
         shapes = None  # PixArt-α at 1024 px has no shapes to count here
+    if shapes == "sd35_medium" and "large" in cfg.pretrained_model_name_or_path.lower():
+        shapes = "sd35_large"
     if not shapes:
         return
     free = torch.cuda.mem_get_info(device)[0]

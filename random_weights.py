@@ -87,6 +87,23 @@ SHAPES["tiny_sd3"] = dict(
     t5=dict(d_model=96, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=64),
     taesd=dict(SHAPES["tiny"]["taesd"], latent_channels=16))
 
+# SD3.5-Medium's and -Large's configs (their transformer/config.json; text encoders CLIP ViT-L/14 and OpenCLIP bigG/14
+# with projections; VAE 16 channels, scaling 1.5305, shift 0.0609), for --benchmark and cost.py: T5 at XXL's width
+# (4096) with 2 of its 24 layers, as pixart512's: it only pre-encodes the prompts, then is freed.
+SD35 = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
+            joint_attention_dim=4096, pooled_projection_dim=2048, qk_norm="rms_norm")
+SHAPES["sd35_medium"] = dict(
+    SHAPES["sdxl"], sd3=dict(SD35, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
+                             pos_embed_max_size=384, dual_attention_layers=tuple(range(13))),
+    vae=dict(SHAPES["sd15"]["vae"], sample_size=1024, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+             use_quant_conv=False, use_post_quant_conv=False),
+    text2=dict(SHAPES["sdxl"]["text2"]),
+    t5=dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=2, vocab_size=32128),
+    taesd=dict(latent_channels=16))
+SHAPES["sd35_large"] = dict(
+    SHAPES["sd35_medium"], sd3=dict(SD35, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
+                                    pos_embed_max_size=192, dual_attention_layers=()))
+
 
 def model_subfolder(shapes):
     """Where build_random writes the diffusion model of SHAPES[shapes], under its folder."""

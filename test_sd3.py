@@ -209,6 +209,34 @@ def test_sd3_training_run_and_its_export_reproduce_a_stock_one_step_sd3_call(tmp
     assert theirs.std() > 0.01  # (images, not a constant)
 
 
+def test_sd3_lora_adapter_in_a_stock_pipeline_reproduces_generate(tmp_path):
+    """A LoRA run on tiny SD3 (rank 4, one step) writes pytorch_lora_weights.safetensors beside the merged
+    transformer. A stock StableDiffusion3Pipeline on the *teacher* folder with `load_lora_weights(<run>/generator)`
+    gets an adapter on every layer dipp trained, at dipp's scale α/r = 1, and one step from σ = 1 with guidance
+    off, from the latents `dipp.py --generate` draws, gives --generate's images (1e-4: the unfused pipeline computes
+    W x + B(A x) where the merged one computes (W + BA) x); the teacher alone gives other images."""
+    import plumbing
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    out = str(tmp_path)
+    dipp.main(["--random_weights", "tiny_sd3", "--lora_rank", "4", "--max_train_steps", "1", "--learning_rate", "1e-2",
+               "--fake_learning_rate", "1e-2", "--reward_scale", "10", "--output_dir", out])
+    generator, folder = os.path.join(out, "generator"), os.path.join(out, "tiny_sd3", "sd3")
+    record = json.load(open(os.path.join(generator, "dipp.json")))
+    assert record["lora"]["rank"] == 4 and record["lora"]["alpha"] == 4
+    images = dipp.main(["--generate", "|".join(PROMPTS), "--generator_init", generator, "--output_dir", out + "/gen"])
+    from diffusers import SD3Transformer2DModel
+    pipe = sd3_pipeline(folder, SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer"))
+    pipe.load_lora_weights(generator, weight_name=plumbing.LORA_FILE)  # (offline, diffusers needs weight_name)
+    scales = [next(iter(m.scaling.values())) for m in pipe.transformer.modules() if isinstance(m, BaseTunerLayer)]
+    assert len(scales) == record["lora"]["layers"] and set(scales) == {1.0}
+    z = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))  # dipp.generate's z, --seed 0
+    run = lambda: pipe(PROMPTS, num_inference_steps=1, guidance_scale=1.0, latents=z, output_type="pt").images
+    theirs = run()
+    assert torch.allclose((images.clamp(-1, 1) + 1) / 2, theirs, atol=1e-4), ((images.clamp(-1, 1) + 1) / 2 - theirs).abs().max()
+    pipe.unload_lora_weights()
+    assert (run() - theirs).abs().max() > 1e-3
+
+
 def test_a_generator_of_another_family_for_an_sd3_teacher_is_one_line(tmp_path):
     """families.check_generator before any network: an SD-1.x UNet (folder or bare weight file) given to an SD3
     teacher, and SD3's transformer given to SD-1.x and PixArt-α teachers, are one line naming both families."""

@@ -237,6 +237,55 @@ def test_sd3_lora_adapter_in_a_stock_pipeline_reproduces_generate(tmp_path):
     assert (run() - theirs).abs().max() > 1e-3
 
 
+def test_sd3_lora_ema_resume_bf16_and_checkpointing_in_one_run(tmp_path):
+    """SD3 with --lora_rank --ema_decay --gradient_checkpointing --mixed_precision bf16: the base is one shared frozen
+    bf16 transformer, adapters are fp32 and move, v̂ is read out in fp32 (proj_out); 2 steps straight equal 1 step +
+    resume + 1 step, generator and fake score bit for bit."""
+    folder, clip = tiny_sd3_models()
+    common = ["--pretrained_model_name_or_path", folder, "--reward", "clip", "--reward_model_path", clip,
+              "--lora_rank", "4", "--ema_decay", "0.5", "--gradient_checkpointing", "--mixed_precision", "bf16",
+              "--learning_rate", "1e-2", "--fake_learning_rate", "1e-2", "--reward_scale", "10",
+              "--checkpointing_steps", "1"]
+    straight = dipp.main(common + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "a")])
+    G, fake, teacher = straight["G"].net, straight["fake"], straight["teacher"]
+    assert G.pos_embed.proj.weight is teacher.pos_embed.proj.weight is fake.pos_embed.proj.weight  # one base
+    assert teacher.dtype == torch.bfloat16 and G.is_gradient_checkpointing and fake.is_gradient_checkpointing
+    lora = {k: p for k, p in G.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in k and p.dtype == torch.float32 for k, p in lora.items())
+    assert any(p.abs().sum() > 0 for k, p in lora.items() if "lora_B" in k)
+    seen = []
+    G.proj_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        straight["G"](torch.randn(1, 16, 8, 8), straight["text"](promptsets.BUILTIN_PROMPTS[:1]))
+    assert seen == [torch.float32]
+    dipp.main(common + ["--max_train_steps", "1", "--output_dir", str(tmp_path / "b")])
+    resumed = dipp.main(common + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "b"),
+                                  "--resume_from_checkpoint", "latest"])
+    weights = lambda net: {k: v for k, v in net.state_dict().items()}
+    for a, b in ((straight["G"].net, resumed["G"].net), (straight["fake"], resumed["fake"])):
+        wa, wb = weights(a), weights(b)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sd3_generator_init_takes_a_transformer_folder_a_pipeline_folder_and_a_weight_file(tmp_path):
+    """--generator_init on SD3: a transformer model folder, a pipeline folder holding transformer/ and a bare
+    safetensors file give the same fp32 generator at t* = 999."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import save_file
+    folder = tiny_sd3_models()[0]
+    fam, teacher, *_, schedule = dipp.load_teacher(folder, CPU, torch.float32, text_encoder=False)
+    source = moved_transformer(folder, seed=3)
+    source.save_pretrained(tmp_path / "model")
+    source.save_pretrained(tmp_path / "pipe" / "transformer")
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "generator.safetensors")
+    want = source.state_dict()
+    for init in ("model", "pipe", "generator.safetensors"):
+        families.check_generator(fam, folder, str(tmp_path / init), "--generator_init")  # (no exit: it fits)
+        G = dipp.build_generator(dipp.Config(generator_init=str(tmp_path / init)), teacher, fam, schedule, CPU)
+        got = G.net.state_dict()
+        assert G.t_star == 999 and all(torch.equal(got[k], want[k]) for k in want), init
+
+
 def test_a_generator_of_another_family_for_an_sd3_teacher_is_one_line(tmp_path):
     """families.check_generator before any network: an SD-1.x UNet (folder or bare weight file) given to an SD3
     teacher, and SD3's transformer given to SD-1.x and PixArt-α teachers, are one line naming both families."""

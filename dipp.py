@@ -444,7 +444,7 @@ def train(cfg):
     fam, teacher, vae, _, tokenizer, schedule = load_teacher(cfg.pretrained_model_name_or_path, device, run.dtype,
                                                              text_encoder=False)
     cfg.generator_timestep = cfg.generator_timestep or fam.t_star  # 0 = the family's default t*
-    plumbing.check_config(cfg, schedule.T)
+    plumbing.check_config(cfg, schedule.T, schedule.table[0])  # (a flow's α_999 = 0: π(t) must stay below it)
     # prompts -> c; PixArt's T5 and SDXL's two CLIPs encode the three lists once, then are freed (before G and ψ exist)
     text, text_encoder = families.text_conditioning(
         cfg.pretrained_model_name_or_path, fam, tokenizer, [prompts, val_prompts, [fam.null_prompt]], device,

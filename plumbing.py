@@ -362,10 +362,10 @@ def parse_dataclass(cls, argv, choices, prog, description, renamed=None):
     return cls(**vars(parser.parse_args(argv)))
 
 
-def check_config(cfg, T=1000):
+def check_config(cfg, T=1000, alpha=None):
     """Reject settings that would crash deep inside a library or train silently wrong: every one of them in one
-    line (all_or_die), each naming its flag and the fix. T: the schedule's number of timesteps (known once the model
-    is loaded)."""
+    line (all_or_die), each naming its flag and the fix. T: the schedule's number of timesteps, alpha its α_t (T,)
+    (known once the model is loaded: a flow's α is 0 at its last timestep, σ = 1)."""
     problems = [f"--{f.name} {getattr(cfg, f.name)} is not a finite number" for f in dataclasses.fields(cfg)
                 if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name))]
     need = lambda ok, message: ok or problems.append(message)
@@ -380,6 +380,10 @@ def check_config(cfg, T=1000):
     need(0 <= cfg.generator_timestep < T,
          f"--generator_timestep {cfg.generator_timestep} is outside the schedule; use 1..{T - 1} (0 = the family's)")
     need(0 <= cfg.t_min < cfg.t_max < T, f"need 0 <= --t_min < --t_max < {T}, got t_min={cfg.t_min} t_max={cfg.t_max}")
+    if alpha is not None and 0 <= cfg.t_min < cfg.t_max < T:
+        last = int((alpha > 0).nonzero().max())  # the noisiest timestep with α_t > 0
+        need(cfg.t_max <= last, f"--t_max {cfg.t_max}: α_t = 0 there (the flow's pure noise, σ = 1), so the IKL's "
+             f"w(t) = σ²/α² is infinite; use --t_max <= {last}")
     need(cfg.guidance_scale >= 1,
          f"--guidance_scale {cfg.guidance_scale} < 1 would push samples *away* from the prompt; use ω >= 1")
     for name in ("train_batch_size", "max_train_steps", "fake_steps_per_G", "checkpointing_steps", "validation_steps"):

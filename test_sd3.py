@@ -53,7 +53,8 @@ def sd3_pipeline(folder, transformer, t5=True, scheduler=None):
         transformer=transformer, vae=get(AutoencoderKL, "vae"),
         scheduler=scheduler or get(FlowMatchEulerDiscreteScheduler, "scheduler"),
         text_encoder=get(CLIPTextModelWithProjection, "text_encoder"), tokenizer=get(CLIPTokenizer, "tokenizer"),
-        text_encoder_2=get(CLIPTextModelWithProjection, "text_encoder_2"), tokenizer_2=get(CLIPTokenizer, "tokenizer_2"),
+        text_encoder_2=get(CLIPTextModelWithProjection, "text_encoder_2"),
+        tokenizer_2=get(CLIPTokenizer, "tokenizer_2"),
         text_encoder_3=get(T5EncoderModel, "text_encoder_3") if t5 else None,
         tokenizer_3=get(T5TokenizerFast, "tokenizer_3") if t5 else None)
     pipe.set_progress_bar_config(disable=True)
@@ -157,7 +158,8 @@ def test_sd3_conditioning_null_and_cfg_are_what_the_stock_pipeline_passes_its_tr
     assert torch.equal(kw["timestep"], torch.full((4,), 1000.0)) and torch.equal(kw["hidden_states"], torch.cat([z, z]))
     t = torch.full((4,), 999)
     with torch.no_grad():  # the family's call of the transformer is the pipeline's: x̂0 = z − 1 · v̂ of its output
-        assert torch.equal(fam.x0(net, torch.cat([z, z]), t, both, schedule.alpha_sigma(t, 4)[1]), torch.cat([z, z]) - v)
+        x0 = fam.x0(net, torch.cat([z, z]), t, both, schedule.alpha_sigma(t, 4)[1])
+        assert torch.equal(x0, torch.cat([z, z]) - v)
         t = torch.full((2,), 700)
         x = torch.randn(2, 16, 8, 8)
         guided = dipp.guided(dipp.denoiser_eps(net, fam, schedule), c, null_b, 3.0)(x, t)
@@ -232,7 +234,8 @@ def test_sd3_lora_adapter_in_a_stock_pipeline_reproduces_generate(tmp_path):
     z = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))  # dipp.generate's z, --seed 0
     run = lambda: pipe(PROMPTS, num_inference_steps=1, guidance_scale=1.0, latents=z, output_type="pt").images
     theirs = run()
-    assert torch.allclose((images.clamp(-1, 1) + 1) / 2, theirs, atol=1e-4), ((images.clamp(-1, 1) + 1) / 2 - theirs).abs().max()
+    ours = (images.clamp(-1, 1) + 1) / 2
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
     pipe.unload_lora_weights()
     assert (run() - theirs).abs().max() > 1e-3
 
@@ -284,6 +287,20 @@ def test_sd3_generator_init_takes_a_transformer_folder_a_pipeline_folder_and_a_w
         G = dipp.build_generator(dipp.Config(generator_init=str(tmp_path / init)), teacher, fam, schedule, CPU)
         got = G.net.state_dict()
         assert G.t_star == 999 and all(torch.equal(got[k], want[k]) for k in want), init
+
+
+def test_sd3_t_max_at_sigma_1_is_one_line(tmp_path):
+    """--t_max 999 on SD3 puts π(t) where α = 0 (σ = 1: w(t) = σ²/α² infinite): one line naming the largest t_max
+    allowed, before the text encoders or the trainable nets exist; on SD1.5 (α_999 = 0.068) 999 is allowed."""
+    folder = tiny_sd3_models()[0]
+    with pytest.raises(SystemExit) as e:
+        dipp.main(["--pretrained_model_name_or_path", folder, "--reward", "none", "--t_max", "999",
+                   "--output_dir", str(tmp_path / "run")])
+    message = str(e.value)
+    assert "--t_max 999: α_t = 0 there" in message and "use --t_max <= 998" in message and "\n" not in message
+    assert not (tmp_path / "run").exists()
+    import plumbing
+    plumbing.check_config(dipp.Config(t_max=999), 1000, dipp.Schedule.scaled_linear().table[0])  # (no exit)
 
 
 def test_a_generator_of_another_family_for_an_sd3_teacher_is_one_line(tmp_path):

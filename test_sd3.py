@@ -175,8 +175,8 @@ def test_sd3_training_run_and_its_export_reproduce_a_stock_one_step_sd3_call(tmp
     """`python dipp.py --random_weights tiny_sd3 --max_train_steps 2` end to end (CFG ω = 1.75, the CLIP reward,
     a checkpoint): only the generator and the fake score move. The exported generator in a stock
     StableDiffusion3Pipeline with its own scheduler (one Euler step from σ = 1 to 0: num_inference_steps=1,
-    guidance off) gives dipp's x0 = g_θ(z, c) = z − v̂ from the same z bit for bit, and `dipp.py --generate`'s
-    images (through the VAE's scaling and shift factors) to 1e-4."""
+    guidance off; and the model card's call, sigmas=[1]) gives dipp's x0 = g_θ(z, c) = z − v̂ from the same z bit for
+    bit, and `dipp.py --generate`'s images (through the VAE's scaling and shift factors) to 1e-4."""
     from diffusers import SD3Transformer2DModel
     out = str(tmp_path)
     nets = dipp.main(["--random_weights", "tiny_sd3", "--max_train_steps", "2", "--learning_rate", "1e-3",
@@ -204,6 +204,9 @@ def test_sd3_training_run_and_its_export_reproduce_a_stock_one_step_sd3_call(tmp
     with torch.no_grad():
         ours = nets["G"](z, cond)
     assert torch.equal(ours, theirs), (ours - theirs).abs().max()
+    card = open(os.path.join(out, "generator", "README.md")).read()  # its sampling call, as the card writes it:
+    assert "sigmas=[1], guidance_scale=1)" in card and "DDPMScheduler" not in card
+    assert torch.equal(pipe(prompts, sigmas=[1], guidance_scale=1, latents=z, output_type="latent").images, theirs)
     images = dipp.main(["--random_weights", "tiny_sd3", "--output_dir", out, "--generate", "|".join(prompts),
                         "--generator_init", os.path.join(out, "generator")])
     theirs = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, latents=z, output_type="pt").images

@@ -266,8 +266,7 @@ def load_watched(cfg, reward_fn, device, dtype):
     watched = {name: rewards.load_one(name, path, device, dtype)
                for name, path in rewards.parse_watch(cfg.watch_rewards)}
     held = {**{name: fn for name, _, fn in (reward_fn.terms if reward_fn is not None else [])}, **watched}
-    return watched, rewards.load_diversity(cfg.validation_diversity, cfg.reward, cfg.reward_model_path,
-                                           cfg.watch_rewards, held, device, dtype)
+    return watched, rewards.load_diversity(cfg.validation_diversity, held, device, dtype)
 
 
 def load_reward_decoder(cfg, family, vae, device, dtype):
@@ -631,6 +630,7 @@ def main(argv=None):
     cfg = parse_config(argv)
     plumbing.check_config(cfg)
     rewards.check_flags(cfg.reward, cfg.reward_model_path, cfg.watch_rewards)  # names, weights, syntax: one line
+    cfg.watch_rewards = rewards.watch_for_diversity(cfg.reward, cfg.watch_rewards, cfg.validation_diversity)
     rank, world, device = plumbing.init_distributed(cfg)
     if cfg.random_weights:  # same code path as SD1.5 / PixArt-α / SDXL, nothing downloaded
         from random_weights import use_random_weights

@@ -1108,7 +1108,8 @@ def plot_curves(log_path, png_path):
             ax.plot(steps, [(v - values[0]) / spread for v in values], "o-" if trained else "o--", ms=3,
                     label=key + ("" if trained else " (watched)"), lw=2.5 if key == "val_reward" else 1)
         ax.axhline(0, color="grey", lw=0.5)
-        ax.set_title("held-out rewards: change since the first validation / its spread", fontsize=9)
+        what = "held-out rewards" + (" and diversity" if "val_diversity" in watched else "")
+        ax.set_title(f"{what}: Δ since the first validation / spread", fontsize=9)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -1825,11 +1826,8 @@ def fit_flags(cfg, shapes, free, world=1):
     flags = ["--family", shapes, "--batch", str(cfg.train_batch_size), "--fit", f"{free / 2 ** 30:.3f}",
              "--ranks", str(world if cfg.shard == "fsdp" else 1)]
     for name in ("lora_rank", "fake_steps_per_G", "reward", "reward_decoder", "guidance_scale", "mixed_precision",
-                 "ema_decay"):
+                 "ema_decay", "watch_rewards"):  # (watch_rewards holds --validation_diversity's CLIP: dipp.main)
         flags += [f"--{name}", str(getattr(cfg, name))]
-    named = [part.partition("=")[0].strip() for part in f"{cfg.reward},{cfg.watch_rewards}".split(",")]
-    extra = ["clip"] if cfg.validation_diversity and "clip" not in named else []  # (--validation_diversity's CLIP)
-    flags += ["--watch_rewards", ",".join([cfg.watch_rewards] * bool(cfg.watch_rewards) + extra)]
     return flags + [f"--{name}" for name in ("gradient_checkpointing", "reuse_generator_sample") if getattr(cfg, name)]
 
 

@@ -208,8 +208,7 @@ def use_random_weights(cfg, rank=0, world=1):
     """--random_weights NAME (or --tiny): build the models in output_dir/NAME (rank 0, once; the
     others wait) and point cfg at them: the model folder, the tiny CLIP reward for the default --reward (none
     stays none), tiny stand-ins of the named architectures for any other --reward or --watch_rewards
-    (rewards.build_tiny), the tiny CLIP as a watched reward for --validation_diversity where the run holds no CLIP,
-    and the TAESD-shaped decoder of --reward_decoder tiny."""
+    (rewards.build_tiny), and the TAESD-shaped decoder of --reward_decoder tiny."""
     import torch
     from plumbing import writable_dir
     shapes = cfg.random_weights
@@ -240,7 +239,4 @@ def use_random_weights(cfg, rank=0, world=1):
     if trained and not stand_ins:  # the default ImageReward: the tiny CLIP, as --tiny always did
         weight = trained[0][1]  # (kept: --reward imagereward=2 trains on 2 × the tiny CLIP)
         cfg.reward, cfg.reward_model_path = "clip" if weight == 1 else f"clip={weight!r}", os.path.join(folder, "clip")
-    named = [name for name, _ in rewards.parse(cfg.reward) + rewards.parse_watch(getattr(cfg, "watch_rewards", ""))]
-    if getattr(cfg, "validation_diversity", 0) and "clip" not in named:  # its CLIP: the tiny one, watched
-        cfg.watch_rewards = ",".join([cfg.watch_rewards] * bool(cfg.watch_rewards) + [f"clip={folder}/clip"])
     cfg.reward_decoder_path = cfg.reward_decoder_path or os.path.join(folder, "taesd")

@@ -648,17 +648,21 @@ class Diversity:
         return torch.stack([pairwise_diversity(e) for e in per_prompt]).float()
 
 
-def load_diversity(K, spec, paths, watch, held, device, dtype):
-    """--validation_diversity K (0: None): a Diversity on the CLIP the run already holds (held: {name: reward fn},
-    trained on or watched), else on the one it names, else on the record's default (OpenAI CLIP ViT-L/14,
-    evaluate.py's)."""
+def watch_for_diversity(spec, watch, K):
+    """--watch_rewards as a run with --validation_diversity K holds it: "clip" added where the run neither trains on
+    nor watches CLIP (Diversity embeds with it, so val_clip is logged too, and its weights are checked and counted
+    with the other watched rewards'); unchanged otherwise."""
+    if not K or "clip" in [name for name, _ in parse(spec) + parse_watch(watch)]:
+        return watch
+    return ",".join([watch] * bool(watch) + ["clip"])
+
+
+def load_diversity(K, held, device, dtype):
+    """--validation_diversity K (0: None): a Diversity on the CLIP the run holds (held: {name: reward fn}, trained on
+    or watched; watch_for_diversity sees to it), else on the record's default (OpenAI CLIP ViT-L/14, evaluate.py's)."""
     if not K:
         return None
-    if "clip" in held:
-        return Diversity(K, held["clip"])
-    names = [name for name, _ in parse(spec)]  # (a run that names CLIP's weights but holds no CLIP: none today)
-    path = dict(parse_watch(watch)).get("clip") or (parse_paths(paths, names).get("clip", "") if "clip" in names else "")
-    return Diversity(K, load_one("clip", path, device, dtype))
+    return Diversity(K, held["clip"] if "clip" in held else load_one("clip", "", device, dtype))
 
 
 def check_flags(spec, paths, watch, weights=False):

@@ -291,6 +291,7 @@ def test_weights_gradients_and_adam_states_match_a_hand_count(shapes, switches, 
     assert m["trainable"] == shard(hand["trainable"]) and m["optimizer"] == shard(2 * hand["trainable"])
     assert m["ema"] == (hand["trainable"] // 2 if switches.get("ema_decay") else 0)
     assert 0 <= m["gradients"] <= shard(hand["trainable"]) and m["activations"] > 0
+    assert not cost.step_keeps_gradients()  # SafeOptimizer's step frees them, as the count (and docs/cost.md) assume
     assert m["total"] == sum(m[k] for k in cost.PARTS)
     if shapes == "tiny":  # at the peak (the generator update's forward) autocast holds a bf16 copy of every Linear and
         nets = cost.meta_models(shapes, dipp.Config(reward="none"), dtype=dtype)  # Conv2d of G and ψ but the readout

@@ -198,6 +198,8 @@ def test_clip_score_is_100_times_clamped_cosine():
         out = model(**processor(text=prompts, images=ims, return_tensors="pt", padding=True))
     cos = (out.image_embeds * out.text_embeds).sum(-1)
     assert torch.allclose(ours, 100 * cos.clamp_min(0), atol=1e-4)
+    published = rewards.RECORDS["clip"].published  # (the tiny model's cosines may all be > 0: the clamp, alone)
+    assert published(torch.tensor([-0.25, 0.0, 0.3])).tolist() == pytest.approx([0.0, 0.0, 30.0])
 
 
 @pytest.mark.parametrize("resize", ["legacy", "antialias"])
@@ -363,6 +365,16 @@ def test_missing_weights_offline_are_one_line_before_any_model_loads(tmp_path, m
     for spec in ("pickscore", "hps21=1,aesthetic=2"):
         message = error_of(lambda: rewards.check(rewards.parse(spec), {}))
         assert "not in the hub cache" in message and "huggingface-cli download" in message, message
+    # --validation_diversity with no CLIP in the run watches CLIP ViT-L/14: its weights are checked as a watched one's
+    import dipp
+    import random_weights
+    sd, _ = random_weights.build_random(str(tmp_path / "models"), "tiny", 0)
+    monkeypatch.setattr(dipp, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    message = error_of(lambda: dipp.main(["--pretrained_model_name_or_path", sd, "--reward", "none",
+                                          "--validation_diversity", "2", "--output_dir", str(tmp_path / "run")]))
+    assert "clip reward" in message and "huggingface-cli download openai/clip-vit-large-patch14" in message, message
+    assert rewards.watch_for_diversity("clip=2", "", 4) == "" and rewards.watch_for_diversity("none", "hps21", 0) == \
+        "hps21" and rewards.watch_for_diversity("none", "hps21", 2) == "hps21,clip"
 
 # ----------------------------------------------------------------------------- through dipp.py
 

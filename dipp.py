@@ -25,7 +25,7 @@ Simplifications vs. the paper (each marked `NOTE(deviation N)` where it happens;
      π = U{20..980} (DMD2): on the toy they reach DI++'s exact optimum with the least jitter (docs/toy.md).
   3. `--timestep_sampling lognormal` (Diff-Instruct's continuous noise levels) moves each draw to the nearest timestep.
   4. The generator is the teacher's denoiser evaluated once at t* on pure noise (DMD2's recipe; t* = 999 for SD, 399
-     for SDXL as DMD2-SDXL, 400 for PixArt-α as PixArt-α-DMD, 999 = σ 1 for SD3.5); the paper also uses other ones.
+     for SDXL as DMD2-SDXL, 400 for PixArt-α as PixArt-α-DMD, 999 (σ=1) for SD3.5); the paper also uses others.
   5. "α_cfg" is taken to mean the standard CFG scale ω; the implicit-reward weight is γ = ω − 1.
   6. (opt-in) `--reward_decoder tiny`: the reward scores TAESD's decoding of x0, not the full VAE's.
   7. `--ikl_weighting dmd2`: DMD2's adaptive normaliser depends on the sample: no longer a fixed divergence.

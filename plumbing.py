@@ -83,6 +83,10 @@ def load_or_die(fn, name, what):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if os.path.exists(os.path.expanduser(name)):  # a local folder that is not what it should be
             die(f"cannot load {what} from the local folder '{name}' ({first[:200]}); check that it holds that model")
+        if "not a valid model identifier" in str(e) or "gated" in str(e).lower():  # (diffusers: 404 or gated alike)
+            die(f"cannot load {what} from '{name}': the hub has no such model, or it is gated or private ({first[:120]}"
+                f"); check the id, and for a gated model (SD3.5 is) accept its licence at https://huggingface.co/{name} "
+                "and log in (`huggingface-cli login`, or set HF_TOKEN)")
         if offline:
             die(f"cannot load {what} from '{name}': it has not been downloaded and the hub cannot be reached "
                 f"({offline}). On a machine with internet run `huggingface-cli download {name}` (then it loads "

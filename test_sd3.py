@@ -306,6 +306,26 @@ def test_sd3_t_max_at_sigma_1_is_one_line(tmp_path):
     plumbing.check_config(dipp.Config(t_max=999), 1000, dipp.Schedule.scaled_linear().table[0])  # (no exit)
 
 
+def test_a_gated_hub_model_without_access_is_one_line_saying_how_to_get_it(monkeypatch):
+    """SD3.5's weights are gated. The hub's answer to a user who has not accepted the licence (huggingface_hub's
+    GatedRepoError, raised where diffusers downloads model_index.json; diffusers turns it into "not a valid model
+    identifier") is one line naming the licence page and the login, not the advice to download the model."""
+    import diffusers.configuration_utils
+    from huggingface_hub.errors import GatedRepoError
+    import plumbing
+
+    def refused(repo_id, **kwargs):
+        raise GatedRepoError(f"403 Client Error. Cannot access gated repo for url https://huggingface.co/{repo_id}.")
+    monkeypatch.setattr(diffusers.configuration_utils, "hf_hub_download", refused)
+    monkeypatch.setattr(plumbing, "hub_unreachable", lambda: None)  # (the tests are offline; the refusal is the hub's)
+    name = "stabilityai/stable-diffusion-3.5-medium"
+    with pytest.raises(SystemExit) as e:
+        families.find_family(name)
+    message = str(e.value)
+    assert f"accept its licence at https://huggingface.co/{name} and log in" in message and "\n" not in message
+    assert "huggingface-cli download" not in message
+
+
 def test_a_generator_of_another_family_for_an_sd3_teacher_is_one_line(tmp_path):
     """families.check_generator before any network: an SD-1.x UNet (folder or bare weight file) given to an SD3
     teacher, and SD3's transformer given to SD-1.x and PixArt-α teachers, are one line naming both families."""

@@ -365,16 +365,25 @@ def iteration_flops(shapes, batch=1, device=META, **switches):
 def sample_parts(shapes, guidance_scale=1.0):
     """FLOPs of the pieces that sampling ONE image (batch 1) is made of: {"text": the prompt's encoding (and the
     empty prompt's under CFG), "step": one denoiser pass (on cond and uncond, batched, when guidance_scale > 1),
-    "decode": one VAE decode}. PixArt's text encoder here is the full T5-XXL (24 layers, 120 tokens): evaluation
-    encodes its prompts; training does not."""
+    "decode": one VAE decode}. PixArt's text encoder here is the full T5-XXL (24 layers, 120 tokens), SD3's its two
+    CLIPs and the full T5-XXL at 256 tokens: evaluation encodes its prompts; training does not."""
     from transformers import T5Config, T5EncoderModel
     arch, fam = architecture(shapes)
     m = meta_models(shapes, dipp.Config(reward="none"))
     text = m["encode_text"]  # (sampling encodes each prompt: SDXL's two CLIPs included)
-    if fam.name == "pixart":  # the real depth of T5-XXL (random_weights' has 2 of its 24 layers)
+    if fam.name in ("pixart", "sd3"):  # the real depth of T5-XXL (random_weights' has 2 of its 24 layers)
         with torch.device(META):
             t5 = T5EncoderModel(T5Config(**(T5_XXL if not shapes.startswith("tiny") else arch["t5"])))
-        text = lambda prompts: fam.encode(MetaTokenizer(120), plumbing.freeze(t5, META, torch.float32), prompts)
+        t5 = plumbing.freeze(t5, META, torch.float32)
+        text = lambda prompts: fam.encode(MetaTokenizer(120), t5, prompts)
+        if fam.name == "sd3":  # its two CLIPs (with projections) and T5, every prompt padded as its pipeline pads
+            from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+            with torch.device(META):
+                clips = [plumbing.freeze(CLIPTextModelWithProjection(CLIPTextConfig(**arch[k])), META, torch.float32)
+                         for k in ("text", "text2")]
+            encoders = families.SD3Encoders(*clips, t5, arch["sd3"]["joint_attention_dim"])
+            text = lambda prompts: fam.encode((MetaTokenizer(77), MetaTokenizer(77), MetaTokenizer(256)), encoders,
+                                              prompts)
     eps = dipp.denoiser_eps(m["teacher"], fam, m["schedule"])
     config = m["teacher"].config
     x = torch.zeros(1, config.in_channels, config.sample_size, config.sample_size, device=META)  # (1, 4, h, w)

@@ -129,6 +129,7 @@ def sd3_velocity(transformer, x_t, t, cond, sigma):
     """SD3's SD3Transformer2DModel as StableDiffusion3Pipeline calls it: time input 1000 σ_t (its scheduler's
     timesteps are σ · num_train_timesteps), text as joint-attention states and pooled projections. It predicts the
     velocity of the flow x_t = (1 − σ) x0 + σ ε: v̂ = ε̂ − x̂0 (B, 16, h, w), in fp32."""
+    assert sigma is not None, "a flow's ε(x_t, t, c) needs σ_t: build it with dipp.denoiser_eps(net, family, schedule)"
     return transformer(hidden_states=x_t.to(cond.emb.dtype), timestep=sigma.flatten() * 1000,
                        encoder_hidden_states=cond.emb, pooled_projections=cond.pooled).sample.float()
 

@@ -46,8 +46,8 @@ def timestep_pmf(schedule, kind, t_min, t_max):
     if kind == "uniform":
         pmf[t_min:t_max + 1] = 1 / (t_max - t_min + 1)
         return pmf
-    abar = schedule.alphas_cumprod.double()[t_min:t_max + 1]
-    log_sigma_ve = 0.5 * torch.log((1 - abar) / abar)  # (n,)
+    alpha, sigma = schedule.table.double()[:, t_min:t_max + 1]  # 2 × (n,)
+    log_sigma_ve = torch.log(sigma / alpha)  # (n,), as dipp.sample_timesteps computes it
     z = ((log_sigma_ve[1:] + log_sigma_ve[:-1]) / 2 - dipp.LOGNORMAL_MEAN) / dipp.LOGNORMAL_STD
     cdf = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * (1 + torch.erf(z / math.sqrt(2))),
                      torch.ones(1, dtype=torch.float64)])  # (n+1,): Φ at the bin edges

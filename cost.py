@@ -237,14 +237,18 @@ def meta_models(shapes, cfg, device=META, dtype=torch.float32):
     and dipp.load_reward_decoder). dtype: the frozen networks' (the --mixed_precision one; the VAE stays fp32 under
     fp16, as families.load_models keeps it); "text_encoder" is the one a run keeps (SD's CLIP; None where the
     prompts are pre-encoded)."""
-    from diffusers import AutoencoderKL, AutoencoderTiny, PixArtTransformer2DModel, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, AutoencoderTiny, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel,
+                           SD3Transformer2DModel, UNet2DConditionModel)
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     arch, fam = architecture(shapes)
     frozen = lambda net, dtype=dtype: plumbing.freeze(net, device, dtype)  # (FLOPs are dtype-blind; memory is not)
     with torch.device(device):
-        if fam.name == "pixart":
+        if fam.name == "sd3":  # SD3.5's flow: its scheduler's shift-3 sigmas (random_weights writes that config)
+            teacher = SD3Transformer2DModel(**arch["sd3"])
+            schedule = dipp.Schedule.flow(FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas.flip(0))
+        elif fam.name == "pixart":
             teacher = PixArtTransformer2DModel(in_channels=4, out_channels=8, **arch["transformer"])
-            schedule = dipp.Schedule(torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, device="cpu"), 0))
+            schedule = dipp.Schedule.ddpm(torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, device="cpu"), 0))
         else:
             teacher = UNet2DConditionModel(**arch["unet"])
             schedule = dipp.Schedule.scaled_linear()
@@ -268,7 +272,12 @@ def meta_models(shapes, cfg, device=META, dtype=torch.float32):
             if cfg.gradient_checkpointing:
                 reward_vae.enable_gradient_checkpointing()
             reward_vae = frozen(reward_vae)
-        if fam.name == "pixart":  # T5 ran once at start-up; training reads its cached embeddings (no FLOPs)
+        if fam.name == "sd3":  # its three text encoders ran once at start-up, as PixArt's T5 (no FLOPs)
+            config = arch["sd3"]
+            text = encode_text = lambda prompts: families.SD3Text(
+                torch.zeros(len(prompts), 77 + 256, config["joint_attention_dim"], device=device),
+                torch.zeros(len(prompts), config["pooled_projection_dim"], device=device))
+        elif fam.name == "pixart":  # T5 ran once at start-up; training reads its cached embeddings (no FLOPs)
             width = arch["transformer"]["caption_channels"]
             text = encode_text = lambda prompts: families.MaskedText(
                 torch.zeros(len(prompts), 120, width, device=device), torch.ones(len(prompts), 120, device=device))
@@ -286,7 +295,7 @@ def meta_models(shapes, cfg, device=META, dtype=torch.float32):
                 text = lambda prompts: cache.get(tuple(prompts)) or cache.setdefault(tuple(prompts), encode(prompts))
     return dict(family=fam, teacher=teacher, vae=vae, G=G, fake=fake, reward=reward, reward_decoder=reward_vae,
                 text=text, encode_text=encode_text, schedule=schedule,
-                text_encoder=None if fam.name == "pixart" or fam.pre_encode else encoder)
+                text_encoder=None if fam.name in ("pixart", "sd3") or fam.pre_encode else encoder)
 
 # -----------------------------------------------------------------------------
 # 4. FLOPs of one training iteration, and of sampling one image
@@ -314,7 +323,7 @@ def prepare_iteration(shapes, batch=1, device=META, dtype=torch.float32, ctx=con
     m = meta_models(shapes, cfg, device, dtype)
     fam, teacher, G, fake, reward, schedule = (m[k] for k in ("family", "teacher", "G", "fake", "reward", "schedule"))
     null = families.null_condition(fam, m["text"])  # start-up work, as in dipp.train
-    teacher_eps, fake_eps = dipp.denoiser_eps(teacher, fam), dipp.denoiser_eps(fake, fam)
+    teacher_eps, fake_eps = dipp.denoiser_eps(teacher, fam, schedule), dipp.denoiser_eps(fake, fam, schedule)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     opt = dipp.Optimizers(*(plumbing.SafeOptimizer(plumbing.trainable(net), NoUpdate(plumbing.trainable(net)), scaler)
                             for net in (fake, G)))
@@ -356,17 +365,26 @@ def iteration_flops(shapes, batch=1, device=META, **switches):
 def sample_parts(shapes, guidance_scale=1.0):
     """FLOPs of the pieces that sampling ONE image (batch 1) is made of: {"text": the prompt's encoding (and the
     empty prompt's under CFG), "step": one denoiser pass (on cond and uncond, batched, when guidance_scale > 1),
-    "decode": one VAE decode}. PixArt's text encoder here is the full T5-XXL (24 layers, 120 tokens): evaluation
-    encodes its prompts; training does not."""
+    "decode": one VAE decode}. PixArt's text encoder here is the full T5-XXL (24 layers, 120 tokens), SD3's its two
+    CLIPs and the full T5-XXL at 256 tokens: evaluation encodes its prompts; training does not."""
     from transformers import T5Config, T5EncoderModel
     arch, fam = architecture(shapes)
     m = meta_models(shapes, dipp.Config(reward="none"))
     text = m["encode_text"]  # (sampling encodes each prompt: SDXL's two CLIPs included)
-    if fam.name == "pixart":  # the real depth of T5-XXL (random_weights' has 2 of its 24 layers)
+    if fam.name in ("pixart", "sd3"):  # the real depth of T5-XXL (random_weights' has 2 of its 24 layers)
         with torch.device(META):
             t5 = T5EncoderModel(T5Config(**(T5_XXL if not shapes.startswith("tiny") else arch["t5"])))
-        text = lambda prompts: fam.encode(MetaTokenizer(120), plumbing.freeze(t5, META, torch.float32), prompts)
-    eps = dipp.denoiser_eps(m["teacher"], fam)
+        t5 = plumbing.freeze(t5, META, torch.float32)
+        text = lambda prompts: fam.encode(MetaTokenizer(120), t5, prompts)
+        if fam.name == "sd3":  # its two CLIPs (with projections) and T5, every prompt padded as its pipeline pads
+            from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+            with torch.device(META):
+                clips = [plumbing.freeze(CLIPTextModelWithProjection(CLIPTextConfig(**arch[k])), META, torch.float32)
+                         for k in ("text", "text2")]
+            encoders = families.SD3Encoders(*clips, t5, arch["sd3"]["joint_attention_dim"])
+            text = lambda prompts: fam.encode((MetaTokenizer(77), MetaTokenizer(77), MetaTokenizer(256)), encoders,
+                                              prompts)
+    eps = dipp.denoiser_eps(m["teacher"], fam, m["schedule"])
     config = m["teacher"].config
     x = torch.zeros(1, config.in_channels, config.sample_size, config.sample_size, device=META)  # (1, 4, h, w)
     t = torch.full((1,), fam.t_star, device=META)
@@ -796,9 +814,9 @@ SETUPS = {  # name -> (label, switches on top of the base run given by the flags
     "no_reward": ("--reward none", dict(reward="none")),
     "no_cfg": ("--guidance_scale 1 (no CFG)", dict(guidance_scale=1.0)),
 }
-GUIDANCE = {"sd": 1.75, "pixart": 4.5, "sdxl": 1.0}  # the base run's ω: dipp's (DMD2 SD1.5), README's PixArt-α,
-# DMD2-SDXL's
-SAMPLE_GUIDANCE = {"sd": 7.5, "pixart": 4.5, "sdxl": 5.0}  # the stock pipelines' default CFG for the teacher rows
+GUIDANCE = {"sd": 1.75, "pixart": 4.5, "sdxl": 1.0, "sd3": 4.5}  # the base run's ω: dipp's (DMD2 SD1.5), README's
+# PixArt-α, DMD2-SDXL's, docs/sd3.md's (SD3.5-Medium's model card)
+SAMPLE_GUIDANCE = {"sd": 7.5, "pixart": 4.5, "sdxl": 5.0, "sd3": 7.0}  # the stock pipelines' default CFG (teacher rows)
 
 
 def arch_image_size(shapes):
@@ -839,7 +857,8 @@ def table(family, batch, device_name, utilisation, base, setups, memory_base=Non
 
 def main(argv=None):
     p = plumbing.FlagParser("cost.py", __doc__.split("\n\n")[0])  # (exact flags, one-line errors)
-    p.add_argument("--family", default="sd15", help="sd15, pixart (512 px) or sdxl (1024 px): random_weights shapes")
+    p.add_argument("--family", default="sd15", help="sd15, pixart (512 px), sdxl, sd35_medium or sd35_large (1024 "
+                   "px): random_weights shapes")
     p.add_argument("--batch", type=int, default=1, help="prompts per iteration (dipp's --train_batch_size)")
     p.add_argument("--device", default="NVIDIA H100 80GB HBM3", help="card for the time estimate, named as "
                    "torch.cuda.get_device_name names it")

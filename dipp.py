@@ -20,12 +20,12 @@ Symbols (code <-> paper, METHOD.md §1):  G, OneStepGenerator  g_θ(z, c);  G.ne
   fake_steps_per_G  K_TA.  `cfg` is always the Config (the flags); classifier-free guidance is "guidance".
 
 Simplifications vs. the paper (each marked `NOTE(deviation N)` where it happens; a test keeps the two in step):
-  1. Discrete DDPM timesteps t ∈ {0..999} stand in for the paper's continuous t (SD1.5, SDXL, PixArt-α are discrete).
+  1. Discrete timesteps t ∈ {0..999} stand in for the paper's continuous t (the teachers' DDPM or flow grids are).
   2. w(t), π(t) are open in the paper for SD1.5. Defaults w = σ²/α² (Diff-Instruct's σ², VP form) and
      π = U{20..980} (DMD2): on the toy they reach DI++'s exact optimum with the least jitter (docs/toy.md).
   3. `--timestep_sampling lognormal` (Diff-Instruct's continuous noise levels) moves each draw to the nearest timestep.
-  4. The generator is the teacher's denoiser evaluated once at t* on pure noise (DMD2's recipe; t* = 999 for SD,
-     399 for SDXL as DMD2-SDXL, 400 for PixArt-α as PixArt-α-DMD); the paper also starts from other one-step models.
+  4. The generator is the teacher's denoiser evaluated once at t* on pure noise (DMD2's recipe; t* = 999 for SD, 399
+     for SDXL as DMD2-SDXL, 400 for PixArt-α as PixArt-α-DMD, 999 (σ=1) for SD3.5); the paper also uses others.
   5. "α_cfg" is taken to mean the standard CFG scale ω; the implicit-reward weight is γ = ω − 1.
   6. (opt-in) `--reward_decoder tiny`: the reward scores TAESD's decoding of x0, not the full VAE's.
   7. `--ikl_weighting dmd2`: DMD2's adaptive normaliser depends on the sample: no longer a fixed divergence.
@@ -52,36 +52,42 @@ import promptsets
 import rewards
 
 # -----------------------------------------------------------------------------
-# 1. Forward process and noise (METHOD.md §1): x_t = α_t x0 + σ_t ε, variance preserving (α² + σ² = 1).
+# 1. Forward process and noise (METHOD.md §1): x_t = α_t x0 + σ_t ε, DDPM's (α² + σ² = 1) or a flow's (α + σ = 1).
 
 
 class Schedule:
-    """The DDPM noise schedule as α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t), t ∈ {0..T−1}.
-    NOTE(deviation 1): the paper's t is continuous; SD1.5, SDXL and PixArt-α were trained on T = 1000 discrete
-    timesteps, so t is an integer here and every integral over t is a sum over them."""
+    """α_t, σ_t over t ∈ {0..T−1} as the teacher's family defines them: DDPM's α = sqrt(ᾱ), σ = sqrt(1 − ᾱ) (SD1.5,
+    SDXL, PixArt-α) or a flow's α = 1 − σ, σ its scheduler's shifted sigmas (SD3.5). NOTE(deviation 1): the paper's
+    t is continuous; the teachers were trained on T = 1000 discrete noise levels: t is an integer, ∫ dt a sum."""
 
-    def __init__(self, alphas_cumprod):
-        self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).float()  # (T,)
-        self.T = len(self.alphas_cumprod)
-        self.on_device = {}  # a copy per device, made once: a host→device copy per call would sync every step
+    def __init__(self, alpha, sigma):
+        self.table = torch.stack([torch.as_tensor(alpha), torch.as_tensor(sigma)]).float()  # (2, T): α_t, σ_t
+        self.T, self.on_device = self.table.shape[1], {}  # a copy per device, made once (see `on`)
+
+    @classmethod
+    def ddpm(cls, alphas_cumprod):
+        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).float()  # (T,) ᾱ_t, stored in float32
+        return cls(abar.sqrt(), (1 - abar).sqrt())
+
+    @classmethod
+    def flow(cls, sigmas):
+        return cls(1 - torch.as_tensor(sigmas).float(), sigmas)  # σ_t (T,) increasing in t, σ_{T−1} = 1: α = 0
 
     @classmethod
     def scaled_linear(cls, beta_start=0.00085, beta_end=0.012, T=1000):
         """SD1.5's schedule: β_t linear in sqrt-space; computed in float64, stored in float32."""
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
-        return cls(torch.cumprod(1 - betas, 0))
+        return cls.ddpm(torch.cumprod(1 - torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64)**2, 0))
 
     def on(self, device):
-        """ᾱ_t (T,) on `device`, copied there the first time it is asked for."""
+        """(α_t, σ_t) as a (2, T) table on `device`, copied there once: a host→device copy per call would sync."""
         device = torch.device(device)
         if device not in self.on_device:
-            self.on_device[device] = self.alphas_cumprod.to(device)
+            self.on_device[device] = self.table.to(device)
         return self.on_device[device]
 
     def alpha_sigma(self, t, ndim):
         """α_t, σ_t for integer timesteps t (B,), shaped (B, 1, ..., 1) to broadcast over x."""
-        abar = self.on(t.device)[t].view(-1, *[1] * (ndim - 1))  # (B, 1, ..)
-        return abar.sqrt(), (1 - abar).sqrt()
+        return self.on(t.device)[:, t].view(2, -1, *[1] * (ndim - 1)).unbind(0)  # α_t, σ_t: (B, 1, ..) each
 
 
 def add_noise(x0, eps, alpha, sigma):
@@ -113,8 +119,8 @@ def sample_timesteps(B, t_min, t_max, device, kind="uniform", schedule=None):
     # NOTE(deviation 3): Diff-Instruct draws a continuous VE noise level; SD1.5 has 1000 discrete ones, so
     # each draw goes to the nearest (in log σ/α) timestep and the tails beyond t_min/t_max to the ends.
     # Without a schedule (the toy, old callers) SD-1.x's scaled-linear one is used.
-    abar = (schedule or Schedule.scaled_linear()).on(device)[t_min:t_max + 1]  # (n,)
-    log_sigma_ve = 0.5 * torch.log((1 - abar) / abar)  # (n,), increasing in t
+    alpha, sigma = (schedule or Schedule.scaled_linear()).on(device)[:, t_min:t_max + 1]  # 2 × (n,)
+    log_sigma_ve = torch.log(sigma / alpha)  # (n,), increasing in t
     edges = (log_sigma_ve[1:] + log_sigma_ve[:-1]) / 2  # (n−1,) midpoints: nearest-neighbour boundaries
     log_sigma = LOGNORMAL_MEAN + LOGNORMAL_STD * torch.randn(B, device=device)  # log σ_VE ~ N(−1.2, 1.2²)
     return t_min + torch.bucketize(log_sigma, edges)  # (B,): nearest t; the tails land on the ends
@@ -144,13 +150,14 @@ def draw_prompts(prompts, B, rank=0, world=1):
 #    UNet, a DiT and a 2-D MLP. Score and ε are one thing in two units: s = −ε̂ / σ_t.
 
 
-def denoiser_eps(net, family):
-    """A diffusers denoiser of `family` (families.py) as eps(x_t, t, c) -> ε̂ in fp32. Inputs are cast to the
-    net's dtype: the frozen teacher is stored in bf16/fp16 under --mixed_precision."""
+def denoiser_eps(net, family, schedule=None):
+    """A diffusers denoiser of `family` (families.py) as eps(x_t, t, c) -> ε̂ in fp32. c is cast to the net's dtype
+    (bf16/fp16 under --mixed_precision), x_t by the family's call, given σ_t for a flow (SD3.5): ε̂ = x_t + (1−σ) v̂."""
     dtype = next(net.parameters()).dtype  # (a DDP wrapper has no .dtype of its own)
 
     def eps(x_t, t, c):
-        return family.eps(net, x_t.to(dtype), t, c.to(dtype)).float()
+        sigma = schedule.alpha_sigma(t, x_t.ndim)[1] if schedule else None  # (B, 1, ..)
+        return family.eps(net, x_t, t, c.to(dtype), sigma).float()
     return eps
 
 
@@ -158,13 +165,13 @@ class OneStepGenerator(torch.nn.Module):
     """g_θ(z, c): the denoiser `net` of `family` (a UNet or PixArt's transformer, see families.py) evaluated once
     at t* on pure noise, read out as x̂0 (one step, no sampler):
 
-        x0 = g_θ(z, c) = (z − σ_{t*} ε̂_θ(z, t*, c)) / α_{t*}                  (METHOD.md §1)
+        x0 = g_θ(z, c) = (z − σ_{t*} ε̂_θ(z, t*, c)) / α_{t*}   (a flow family: z − σ_{t*} v̂_θ)   (METHOD.md §1)
 
     NOTE(deviation 4): the paper leaves the one-step parameterisation to the initial model; we use DMD2's:
     z itself is the input (in VP, x_t has unit variance for unit-variance data, as SD latents roughly
     are), and t* = 999 for SD; 400 for PixArt-α, as PixArt-α-DMD (its linear schedule has α_999 = 0.0064,
-    which would amplify ε errors 157×). With this choice a stock diffusers pipeline run for one step at t*
-    reproduces our samples exactly."""
+    which would amplify ε errors 157×); 999 for SD3.5, σ = 1: one Euler step of the flow, x0 = z − v̂(z).
+    With this choice a stock diffusers pipeline run for one step at t* reproduces our samples exactly."""
 
     def __init__(self, net, family, schedule, t_star):
         super().__init__()
@@ -173,7 +180,9 @@ class OneStepGenerator(torch.nn.Module):
     def forward(self, z, c):
         t = torch.full((z.shape[0],), self.t_star, device=z.device, dtype=torch.long)  # (B,)
         alpha, sigma = self.schedule.alpha_sigma(t, z.ndim)
-        eps_hat = self.family.eps(self.net, z, t, c)  # (B, 4, h, w): fp32 master weights, no cast needed
+        if self.family.x0 is not None:  # a flow's x̂0 = z − σ v̂ from its velocity: at σ = 1, ε̂ = z and α = 0
+            return self.family.x0(self.net, z, t, c, sigma)  # x0: (B, 16, h, w), a latent
+        eps_hat = self.family.eps(self.net, z, t, c, sigma)  # (B, 4, h, w): fp32 master weights, no cast needed
         return predict_x0(z, eps_hat, alpha, sigma)  # x0: (B, 4, h, w), a latent
 
 
@@ -220,8 +229,8 @@ def guided(eps, c, null, omega):
 def load_teacher(name, device, dtype, text_encoder=True):
     """The frozen teacher of any family (families.py picks it from the folder or hub id): its denoiser,
     VAE, text encoder (None unless asked), tokenizer and noise schedule, as a families.Models."""
-    models = families.load_models(name, device, dtype, text_encoder)
-    return models._replace(schedule=Schedule(models.schedule))
+    models = families.load_models(name, device, dtype, text_encoder)  # its schedule: ᾱ_t (DDPM) or σ_t (flow)
+    return models._replace(schedule=getattr(Schedule, models.family.forward_process)(models.schedule))
 
 # -----------------------------------------------------------------------------
 # 4. The fake score s_ψ (the paper's "TA diffusion"), METHOD.md §4
@@ -273,9 +282,9 @@ def load_reward_decoder(cfg, family, vae, device, dtype):
 
 def decode(vae, x0):
     """Latent x0 -> image in [-1, 1] (B, 3, H, W). SD latents are scaled by vae.config.scaling_factor."""
-    dtype = vae.dtype
+    dtype, shift = vae.dtype, getattr(vae.config, "shift_factor", None) or 0  # SD3.5's are also shifted
     with plumbing.autocast_off(x0) if dtype == torch.float32 else contextlib.nullcontext():
-        return vae.decode(x0.to(dtype) / vae.config.scaling_factor).sample.float()
+        return vae.decode(x0.to(dtype) / vae.config.scaling_factor + shift).sample.float()
 
 # -----------------------------------------------------------------------------
 # 6. Losses (METHOD.md §2-§5). Each returns a per-sample loss (B,); callers take the mean over the batch.
@@ -434,7 +443,7 @@ def train(cfg):
     fam, teacher, vae, _, tokenizer, schedule = load_teacher(cfg.pretrained_model_name_or_path, device, run.dtype,
                                                              text_encoder=False)
     cfg.generator_timestep = cfg.generator_timestep or fam.t_star  # 0 = the family's default t*
-    plumbing.check_config(cfg, schedule.T)
+    plumbing.check_config(cfg, schedule.T, schedule.table[0])  # (a flow's α_999 = 0: π(t) must stay below it)
     # prompts -> c; PixArt's T5 and SDXL's two CLIPs encode the three lists once, then are freed (before G and ψ exist)
     text, text_encoder = families.text_conditioning(
         cfg.pretrained_model_name_or_path, fam, tokenizer, [prompts, val_prompts, [fam.null_prompt]], device,
@@ -450,7 +459,7 @@ def train(cfg):
     opt = Optimizers(fake=run.optimizer(fake, cfg.fake_learning_rate), G=run.optimizer(G, cfg.learning_rate))
     null = families.null_condition(fam, text)  # c = ∅ for CFG: the empty prompt's c (SDXL: zeroed)
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
-    teacher_eps, fake_eps = denoiser_eps(teacher, fam), denoiser_eps(fake_train, fam)
+    teacher_eps, fake_eps = denoiser_eps(teacher, fam, schedule), denoiser_eps(fake_train, fam, schedule)
     run.start({"generator": G.net, "fake_score": fake}, opt, G,  # resume; the held-out reward on fixed noise, a grid
               sample=lambda z, prompts: decode(vae, G(z.to(device), text(prompts))), reward_fn=reward_fn,
               val_prompts=val_prompts, latent_shape=latent_shape, watch=watched, diversity=diversity)
@@ -511,15 +520,15 @@ def generate(cfg):
 @dataclasses.dataclass
 class Config:
     # --- models (hub id or local folder; each is fetched into the hub cache when online)
-    pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the teacher: an SD-1.x, SDXL
-        # or PixArt-α hub id or diffusers folder (denoiser, VAE, text encoder); the family is read from its layout;
-        # --generate: by default the teacher the generator's dipp.json records
+    pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the teacher: an SD-1.x, SDXL,
+        # PixArt-α or SD3.5 hub id or diffusers folder (denoiser, VAE, text encoders); the family is read from its
+        # layout; --generate: by default the teacher the generator's dipp.json records
     generator_init: str = ""  # one-step generator to start from: its model folder, a pipeline folder with unet/ or
         # transformer/ (PixArt-α-DMD, DI++-SDXL), a weight file, or a LoRA adapter file (dipp's
         # pytorch_lora_weights.safetensors: the teacher with it merged in) (default: a copy of the teacher)
     random_weights: str = ""  # instead of the teacher and reward above, random-weight models of the same architectures
-        # built in output_dir/<name>: tiny, tiny_pixart, tiny_sdxl (CPU, seconds) or sd15, pixart512, sdxl (real
-        # shapes, for --benchmark)
+        # built in output_dir/<name>: tiny, tiny_pixart, tiny_sdxl, tiny_sd3 (CPU, seconds) or sd15, pixart512, sdxl,
+        # sd35_medium, sd35_large (real shapes, for --benchmark)
     tiny: bool = False  # short for --random_weights tiny: the SD1.5 code path on tiny random models, CPU, no download
     # --- method (METHOD.md §2-§5)
     reward: str = "imagereward"  # r(x, c): imagereward, clip, hps20, hps21, pickscore, aesthetic, or a weighted sum
@@ -538,7 +547,7 @@ class Config:
     guidance_scale: float = 1.75  # ω: CFG scale of the teacher; γ = ω−1 is the implicit-reward weight (DMD2 SD1.5:
         # 1.75)
     generator_timestep: int = 0  # t*: the timestep at which the generator's denoiser sees noise z; 0 = the family's
-        # (SD 999, PixArt-α 400, SDXL 399)
+        # (SD 999, PixArt-α 400, SDXL 399, SD3.5 999: σ = 1)
     fake_steps_per_G: int = 1  # K_TA: fake-score updates per generator update (Alg. 1; DMD2 uses 10)
     t_min: int = 20  # π(t) lives on {t_min..t_max}: timesteps at which the IKL and DSM losses are evaluated
     t_max: int = 980  # upper end of π(t)
@@ -593,11 +602,12 @@ class Config:
         # naming the switches that would fit, where the card's free memory is short; this flag runs it anyway
 
 
-CHOICES = {"mixed_precision": ("no", "fp16", "bf16"),
-           "ikl_weighting": ("x0", "eps", "dmd2"), "timestep_sampling": ("uniform", "lognormal"),
+CHOICES = {"mixed_precision": ("no", "fp16", "bf16"), "ikl_weighting": ("x0", "eps", "dmd2"),
+           "timestep_sampling": ("uniform", "lognormal"), "reward_decoder": ("full", "tiny"), "shard": ("none", "fsdp"),
            "compile": ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
-           "report_to": ("none", "tensorboard", "wandb"), "reward_decoder": ("full", "tiny"), "shard": ("none", "fsdp"),
-           "random_weights": ("tiny", "tiny_pixart", "tiny_sdxl", "sd15", "pixart512", "sdxl")}
+           "report_to": ("none", "tensorboard", "wandb"), "random_weights": ("tiny", "tiny_pixart", "tiny_sdxl",
+                                                                             "tiny_sd3", "sd15", "pixart512", "sdxl",
+                                                                             "sd35_medium", "sd35_large")}
 
 
 def parse_config(argv=None):

@@ -3,10 +3,12 @@
 DI++ itself never learns a family's name: dipp.py sees every denoiser as ε(x_t, t, c), a closure with the
 network bound, and every prompt batch as a conditioning c it passes through. What *does* differ between
 Stable Diffusion 1.x (a UNet with CLIP text), SDXL (a UNet with two CLIP encoders, a pooled embedding and
-size micro-conditions) and PixArt-α (a DiT with T5 text) is recorded here:
-how a model folder is recognised, which classes to load, how prompts become c and the null condition ∅ for
-CFG, how the denoiser is called, which layer reads ε̂ out, the one-step generator's default t*, where LoRA
-adapters go, the stock pipeline that samples the same model, and the tiny decoder for the reward.
+size micro-conditions), PixArt-α (a DiT with T5 text) and Stable Diffusion 3.5 (an MMDiT with CLIP-L, OpenCLIP
+bigG and T5, trained as a rectified flow) is recorded here: how a model folder is recognised, which classes to
+load, its forward process (DDPM's ᾱ_t or a flow's σ_t), how prompts become c and the null condition ∅ for CFG,
+how the denoiser is called as ε̂ (a flow's velocity converted), which layer reads it out, the one-step
+generator's default t*, where LoRA adapters go, the stock pipeline that samples the same model, and the tiny
+decoder for the reward.
 
 Adding a family is adding one `Family(...)` record and its functions (`eps`, `encode`). Nothing here is
 needed to understand the method. It imports plumbing (errors, freezing), never dipp.
@@ -59,6 +61,29 @@ class SDXLText(typing.NamedTuple):
         return SDXLText(torch.zeros_like(self.emb), torch.zeros_like(self.pooled), self.time_ids)
 
 
+class SD3Text(typing.NamedTuple):
+    """SD3's conditioning c, exactly what StableDiffusion3Pipeline passes its transformer: the joint-attention
+    sequence (CLIP-L and bigG penultimate states side by side, zero-padded to T5's width, then T5's states, or zeros
+    without T5) and the pooled projections of both CLIPs."""
+    emb: torch.Tensor  # (B, 77 + 256, 4096): encoder_hidden_states
+    pooled: torch.Tensor  # (B, 768 + 1280): pooled_projections
+
+    def to(self, dtype):
+        return SD3Text(*(x.to(dtype) for x in self))
+
+    def expand_as(self, other):
+        return SD3Text(*(x.expand_as(y) for x, y in zip(self, other)))
+
+
+class SD3Encoders(typing.NamedTuple):
+    """SD3's three text encoders; `third` (T5) is None where the folder has none, as the pipeline allows: its
+    sequence is then zeros of the transformer's joint_attention_dim."""
+    first: torch.nn.Module  # CLIP-L, CLIPTextModelWithProjection
+    second: torch.nn.Module  # OpenCLIP bigG, CLIPTextModelWithProjection
+    third: typing.Any  # T5-XXL, T5EncoderModel, or None
+    joint_dim: int  # the transformer's joint_attention_dim
+
+
 class TextEncoders(typing.NamedTuple):
     """A family with two text encoders (SDXL): both, and the default image size (H, W) in pixels, which its
     pipeline turns into the time-id micro-conditions (unet sample_size × the VAE's downsampling factor)."""
@@ -70,15 +95,20 @@ class TextEncoders(typing.NamedTuple):
 # 2. Per-family functions: the denoiser as ε(x_t, t, c), prompts as c
 
 
-def unet_eps(unet, x_t, t, cond):
+# Every eps(net, x_t, t, c, sigma) gets c already in the net's dtype and x_t in fp32 (cast here, to c's dtype); σ_t
+# (B, 1, 1, 1) only a flow needs: its time input and its velocity's conversion.
+
+
+def unet_eps(unet, x_t, t, cond, sigma=None):
     """SD's UNet2DConditionModel: c is CLIP's last hidden state, passed as cross-attention states."""
-    return unet(x_t, t, encoder_hidden_states=cond).sample  # ε̂: (B, 4, h, w)
+    return unet(x_t.to(cond.dtype), t, encoder_hidden_states=cond).sample  # ε̂: (B, 4, h, w)
 
 
-def pixart_eps(transformer, x_t, t, cond):
+def pixart_eps(transformer, x_t, t, cond, sigma=None):
     """PixArt's transformer predicts 8 channels: ε̂ and the variance its own sampler learned. Only ε̂ is a
     score (s = −ε̂/σ), so the second half is dropped, and gets exactly zero gradient."""
-    extra = None  # 1024-px models condition on the image size: [h, w] in pixels (VAE: 8 per latent) and h/w
+    # 1024-px models condition on the image size: [h, w] in pixels (VAE: 8 per latent) and h/w
+    x_t, extra = x_t.to(cond.emb.dtype), None
     if getattr(transformer, "module", transformer).use_additional_conditions:  # (DDP: .module)
         B, (h, w) = x_t.shape[0], x_t.shape[-2:]
         extra = dict(resolution=x_t.new_tensor([[8.0 * h, 8.0 * w]]).expand(B, 2),
@@ -88,11 +118,32 @@ def pixart_eps(transformer, x_t, t, cond):
     return out[:, :x_t.shape[1]]  # ε̂: (B, 4, h, w)
 
 
-def sdxl_eps(unet, x_t, t, cond):
+def sdxl_eps(unet, x_t, t, cond, sigma=None):
     """SDXL's UNet2DConditionModel (addition_embed_type "text_time"): the pooled text embedding and the 6 time
     ids enter through added_cond_kwargs, as StableDiffusionXLPipeline passes them."""
-    return unet(x_t, t, encoder_hidden_states=cond.emb,
+    return unet(x_t.to(cond.emb.dtype), t, encoder_hidden_states=cond.emb,
                 added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": cond.time_ids}).sample  # ε̂: (B, 4, h, w)
+
+
+def sd3_velocity(transformer, x_t, t, cond, sigma):
+    """SD3's SD3Transformer2DModel as StableDiffusion3Pipeline calls it: time input 1000 σ_t (its scheduler's
+    timesteps are σ · num_train_timesteps), text as joint-attention states and pooled projections. It predicts the
+    velocity of the flow x_t = (1 − σ) x0 + σ ε: v̂ = ε̂ − x̂0 (B, 16, h, w), in fp32."""
+    assert sigma is not None, "a flow's ε(x_t, t, c) needs σ_t: build it with dipp.denoiser_eps(net, family, schedule)"
+    return transformer(hidden_states=x_t.to(cond.emb.dtype), timestep=sigma.flatten() * 1000,
+                       encoder_hidden_states=cond.emb, pooled_projections=cond.pooled).sample.float()
+
+
+def sd3_eps(transformer, x_t, t, cond, sigma):
+    """ε̂ = x_t + (1 − σ_t) v̂ (from x_t = (1 − σ) x0 + σ ε and v = ε − x0), with the fp32 x_t: the teacher (bf16)
+    and the fake score (fp32) then differ by their v̂ only, not by x_t's rounding."""
+    return x_t + (1 - sigma) * sd3_velocity(transformer, x_t, t, cond, sigma)  # ε̂: (B, 16, h, w)
+
+
+def sd3_x0(transformer, x_t, t, cond, sigma):
+    """x̂0 = x_t − σ_t v̂: the generator's readout (at σ = 1, α = 0, where ε̂ = x_t carries nothing), and what one
+    step of FlowMatchEulerDiscreteScheduler from σ to 0 returns: x_t + (0 − σ) v̂."""
+    return x_t - sigma * sd3_velocity(transformer, x_t, t, cond, sigma)  # x̂0: (B, 16, h, w)
 
 
 @torch.no_grad()
@@ -127,6 +178,29 @@ def sdxl_text(tokenizers, encoders, prompts):
     time_ids = pooled.new_tensor([[H, W, 0, 0, H, W]], dtype=torch.float32).repeat(len(prompts), 1)  # (B, 6)
     return SDXLText(torch.cat(states, -1).float(), pooled.float(), time_ids)
 
+@torch.no_grad()
+def sd3_text(tokenizers, encoders, prompts):
+    """c as StableDiffusion3Pipeline.encode_prompt (clip_skip None, max_sequence_length 256) makes it: both CLIP
+    tokenizers pad to CLIP-L's 77, each encoder's penultimate states (cast to CLIP-L's dtype) side by side, zero-
+    padded to T5's width; T5's last states of 256 tokens (no attention mask, as the pipeline) after them, or zeros
+    without T5; the pooled projections (text_embeds) of both CLIPs side by side."""
+    states, pooled = [], []
+    for tokenizer, encoder in zip(tokenizers[:2], encoders[:2]):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizers[0].model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(encoder.device)
+        out = encoder(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2].to(encoders.first.dtype))  # (B, 77, D_i)
+        pooled.append(out[0])  # (B, P_i)
+    if encoders.third is None:
+        t5 = states[0].new_zeros(len(prompts), 256, encoders.joint_dim)  # (B, 256, 4096)
+    else:
+        ids = tokenizers[2](prompts, padding="max_length", max_length=256, truncation=True, add_special_tokens=True,
+                            return_tensors="pt").input_ids.to(encoders.third.device)
+        t5 = encoders.third(ids)[0]  # (B, 256, 4096)
+    clip = torch.nn.functional.pad(torch.cat(states, -1), (0, t5.shape[-1] - sum(s.shape[-1] for s in states)))
+    return SD3Text(torch.cat([clip, t5], -2).float(), torch.cat(pooled, -1).float())  # (B, 333, 4096), (B, 2048)
+
+
 def clip_pipeline_text(cond, null):
     """c and ∅ as StableDiffusionPipeline takes them already encoded (it casts them to the UNet's dtype)."""
     return dict(prompt_embeds=cond, negative_prompt_embeds=null.expand_as(cond))
@@ -135,6 +209,14 @@ def clip_pipeline_text(cond, null):
 def sdxl_pipeline_text(cond, null):
     """c and ∅ as StableDiffusionXLPipeline takes them already encoded: cross-attention states and pooled embeddings
     of both. Its time ids it builds itself, from the default size that sdxl_text's are made of (the test checks)."""
+    null = null.expand_as(cond)
+    return dict(prompt_embeds=cond.emb, pooled_prompt_embeds=cond.pooled, negative_prompt_embeds=null.emb,
+                negative_pooled_prompt_embeds=null.pooled)
+
+
+def sd3_pipeline_text(cond, null):
+    """c and ∅ as StableDiffusion3Pipeline takes them already encoded: joint-attention states and pooled
+    projections of both."""
     null = null.expand_as(cond)
     return dict(prompt_embeds=cond.emb, pooled_prompt_embeds=cond.pooled, negative_prompt_embeds=null.emb,
                 negative_pooled_prompt_embeds=null.pooled)
@@ -166,12 +248,16 @@ class Family:
     tokenizer: str
     text_encoder_2: str = ""  # a second text encoder and tokenizer (SDXL), in text_encoder_2/ and tokenizer_2/:
     tokenizer_2: str = ""  # then Models.tokenizer is a pair and the text encoder a TextEncoders
+    text_encoder_3: str = ""  # a third (SD3's T5), in text_encoder_3/ and tokenizer_3/ where the folder has them:
+    tokenizer_3: str = ""  # then Models.tokenizer is a triple (its third None without T5) and the encoder SD3Encoders
     encode: typing.Callable  # encode(tokenizer, text_encoder, prompts) -> c
     null_prompt: str = ""  # CFG's ∅ is this prompt's c, as SD's and PixArt's pipelines build it (negative prompt "")
     null_zeros: bool = False  # ... with its embeddings zeroed (c.zeroed()), as SDXL's pipeline builds it
     pre_encode: bool  # encode every prompt once at start-up (cached in output_dir), then free the text encoder ...
     condition: typing.Any = None  # ... and rebuild c from the cache as this NamedTuple (MaskedText, SDXLText)
-    eps: typing.Callable  # eps(net, x_t, t, c) -> ε̂ (B, 4, h, w)
+    forward_process: str = "ddpm"  # dipp.Schedule's constructor: "ddpm" (the scheduler's ᾱ_t) or "flow" (its σ_t)
+    eps: typing.Callable  # eps(net, x_t, t, c, σ_t) -> ε̂ (B, C, h, w)
+    x0: typing.Optional[typing.Callable] = None  # x0(net, x_t, t, c, σ_t) -> x̂0 for the generator (None: Tweedie's)
     readout: str  # the denoiser's last layer, computed in fp32 (readout_in_fp32)
     t_star: int  # default t* of the one-step generator (dipp.OneStepGenerator)
     lora_targets: tuple  # layers that get a LoRA adapter under --lora_rank (never the readout)
@@ -199,7 +285,8 @@ FAMILIES = {f.name: f for f in (
     # T5-XXL (4.8 B parameters, 9.5 GB in bf16) only ever encodes the fixed prompt lists: pre-encoded, it never
     # sits beside the three transformers. t* = 400 as PixArt-α-DMD (see the deviation noted at dipp.OneStepGenerator).
     # PixArt-α-DMD's released config still names the transformer's old class, Transformer2DModel.
-    Family(name="pixart", title="PixArt-α", recognise=lambda index: "transformer" in index,
+    Family(name="pixart", title="PixArt-α",
+           recognise=lambda index: "transformer" in index and "text_encoder_2" not in index,
            denoiser="PixArtTransformer2DModel", folder="transformer",
            generator_classes=("PixArtTransformer2DModel", "Transformer2DModel"),
            text_encoder="T5EncoderModel", tokenizer="AutoTokenizer", encode=t5_text, pre_encode=True,
@@ -222,7 +309,24 @@ FAMILIES = {f.name: f for f in (
            pipeline="StableDiffusionXLPipeline", pipeline_text=sdxl_pipeline_text,  # (no watermark: it would mark
            pipeline_parts=dict(text_encoder=None, text_encoder_2=None, add_watermarker=False),  # pixels, not latents)
            tiny_decoder="madebyollin/taesdxl",
-           example="stabilityai/stable-diffusion-xl-base-1.0"))}
+           example="stabilityai/stable-diffusion-xl-base-1.0"),
+    # SD3.5: a rectified flow; t* = 999 is σ = 1, the generator x0 = z − v̂(z), one Euler step (docs/sd3.md). Its
+    # three text encoders (T5-XXL alone 4.8 B) pre-encode the prompt lists and are freed, as SDXL's and PixArt's.
+    # LoRA on attention (both streams, and SD3.5-Medium's second attention) and feed-forwards, as diffusers' SD3
+    # LoRA script's attention defaults plus the MLPs that DMD2's SD LoRA adapts too.
+    Family(name="sd3", title="SD3", recognise=lambda index: "transformer" in index and "text_encoder_2" in index,
+           denoiser="SD3Transformer2DModel", folder="transformer", generator_classes=("SD3Transformer2DModel",),
+           text_encoder="CLIPTextModelWithProjection", tokenizer="CLIPTokenizer",
+           text_encoder_2="CLIPTextModelWithProjection", tokenizer_2="CLIPTokenizer", text_encoder_3="T5EncoderModel",
+           tokenizer_3="T5TokenizerFast", encode=sd3_text, pre_encode=True, condition=SD3Text,
+           forward_process="flow", eps=sd3_eps, x0=sd3_x0, readout="proj_out", t_star=999,
+           shard_units=("JointTransformerBlock",),
+           lora_targets=("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+           pipeline="StableDiffusion3Pipeline", pipeline_text=sd3_pipeline_text,
+           pipeline_parts=dict(text_encoder=None, text_encoder_2=None, text_encoder_3=None),
+           tiny_decoder="madebyollin/taesd3",
+           example="stabilityai/stable-diffusion-3.5-medium"))}
 
 # -----------------------------------------------------------------------------
 # 4. Loading a model folder or hub id
@@ -254,6 +358,8 @@ def check_folder(name):
     fam = find_family(name)
     if os.path.isdir(name):
         second = ("text_encoder_2/config.json", "tokenizer_2/tokenizer_config.json") if fam.text_encoder_2 else ()
+        if fam.text_encoder_3 and has_third_encoder(name):  # (SD3 without text_encoder_3/: no T5, as allowed)
+            second += ("text_encoder_3/config.json", "tokenizer_3/tokenizer_config.json")
         missing = [f for f in (f"{fam.folder}/config.json", "vae/config.json", "text_encoder/config.json",
                                "tokenizer/tokenizer_config.json", *second, "scheduler/scheduler_config.json")
                    if not os.path.isfile(os.path.join(name, f))]
@@ -264,7 +370,7 @@ def check_folder(name):
 
 
 def readout_in_fp32(net, family):
-    """The denoiser's last layer (conv_out, or PixArt's proj_out), which outputs ε̂, computed in fp32 under bf16
+    """The denoiser's last layer (conv_out, or PixArt's and SD3's proj_out), which outputs ε̂, in fp32 under bf16
     autocast. Why: x0 = (z − σ ε̂)/α divides by α_{t*} (0.068 for SD at t* = 999), so bf16's rounding of ε̂
     (~0.2 %) would be amplified into every sample (~0.024 rms per SD latent element); the IKL gradient's
     ε̃_ref − ε̂_fake carries the same 1/α at high t. One small layer in fp32 costs nothing; same weights."""
@@ -279,11 +385,11 @@ class Models(typing.NamedTuple):
     vae: torch.nn.Module
     text_encoder: typing.Any  # None when not loaded (see load_models)
     tokenizer: typing.Any
-    schedule: typing.Any  # the training noise schedule: ᾱ_t (T,) here, a dipp.Schedule from dipp.load_teacher
+    schedule: typing.Any  # the forward process: ᾱ_t or σ_t (T,) here (family.forward_process), then a dipp.Schedule
 
 
 def load_models(name, device, dtype, text_encoder=True):
-    """Teacher denoiser, VAE, text encoder, tokenizer and ᾱ of a diffusers folder or hub id of any family.
+    """Teacher denoiser, VAE, text encoder, tokenizer and ᾱ_t or σ_t of a diffusers folder or hub id of any family.
     Frozen nets are stored in the low-precision dtype: nothing ever backpropagates into their weights.
     text_encoder=False leaves it None: training loads it only where it is needed (see text_conditioning)."""
     import diffusers
@@ -291,24 +397,53 @@ def load_models(name, device, dtype, text_encoder=True):
     get = lambda cls, sub: plumbing.load_or_die(lambda: cls.from_pretrained(name, subfolder=sub), name, f"{sub}/")
     net, vae = get(getattr(diffusers, fam.denoiser), fam.folder), get(diffusers.AutoencoderKL, "vae")
     tokenizer = load_tokenizer(name, fam)
-    scheduler = get(diffusers.DDPMScheduler, "scheduler")
-    if scheduler.config.prediction_type != "epsilon":
-        plumbing.die(f"'{name}' predicts {scheduler.config.prediction_type}; dipp supports ε-prediction models")
+    if fam.forward_process == "flow":
+        schedule = flow_sigmas(get(diffusers.FlowMatchEulerDiscreteScheduler, "scheduler"), name)
+    else:
+        scheduler = get(diffusers.DDPMScheduler, "scheduler")
+        if scheduler.config.prediction_type != "epsilon":
+            plumbing.die(f"'{name}' predicts {scheduler.config.prediction_type}; dipp supports ε-prediction models")
+        schedule = scheduler.alphas_cumprod
     plumbing.freeze(net, device, dtype)
     # the VAE stays fp32 under fp16 (its decoder's activations overflow fp16 at 512 px, SDXL's at any size; the
     # alternative, madebyollin/sdxl-vae-fp16-fix, is a VAE folder to put in place of vae/); bf16 is safe
     plumbing.freeze(vae, device, torch.float32 if dtype == torch.float16 else dtype)
     text = load_text_encoder(name, fam, device, dtype) if text_encoder else None
-    return Models(fam, readout_in_fp32(net, fam), vae, text, tokenizer, scheduler.alphas_cumprod)
+    return Models(fam, readout_in_fp32(net, fam), vae, text, tokenizer, schedule)
+
+
+def flow_sigmas(scheduler, name):
+    """σ_t (T,) of a FlowMatchEulerDiscreteScheduler's training grid, t = 0 the least noisy: its own `sigmas`
+    (σ = shift·s / (1 + (shift − 1)·s), s = (t + 1)/T; SD3.5's shift is 3), reversed, bit for bit what its
+    pipeline's steps use. One line for a config whose sampling grid is not that one (resolution-dependent shift)."""
+    odd = [k for k in ("use_dynamic_shifting", "shift_terminal", "invert_sigmas", "use_karras_sigmas",
+                       "use_exponential_sigmas", "use_beta_sigmas") if scheduler.config.get(k)]
+    if odd or scheduler.config.num_train_timesteps != 1000:
+        plumbing.die(f"'{name}': its scheduler sets {', '.join(odd) or 'num_train_timesteps'}; dipp's flow family "
+                     "supports SD3/SD3.5's FlowMatchEulerDiscreteScheduler (1000 timesteps, a fixed shift)")
+    return scheduler.sigmas.flip(0)  # (T,): σ_0 = shifted 1/1000 ... σ_999 = 1
+
+
+def has_third_encoder(name):
+    """Whether an SD3 folder or hub id has its T5 (text_encoder_3); the pipeline also runs without it."""
+    if os.path.isdir(name):
+        return os.path.isfile(os.path.join(name, "text_encoder_3", "config.json"))
+    from diffusers import DiffusionPipeline
+    index = plumbing.load_or_die(lambda: DiffusionPipeline.load_config(name), name, "model_index.json")
+    return (index.get("text_encoder_3") or [None])[0] is not None
 
 
 def load_tokenizer(name, family):
-    """The tokenizer, or for a family with two text encoders (SDXL) the pair (CLIP-L's, CLIP-bigG's)."""
+    """The tokenizer, or for a family with two text encoders (SDXL) the pair (CLIP-L's, CLIP-bigG's), or with three
+    (SD3) the triple, T5's None where the folder has no T5."""
     import transformers
     def get(cls, sub):
         return plumbing.load_or_die(lambda: getattr(transformers, cls).from_pretrained(name, subfolder=sub), name,
                                     f"{sub}/")
     first = get(family.tokenizer, "tokenizer")
+    if family.tokenizer_3:
+        third = get(family.tokenizer_3, "tokenizer_3") if has_third_encoder(name) else None
+        return first, get(family.tokenizer_2, "tokenizer_2"), third
     return (first, get(family.tokenizer_2, "tokenizer_2")) if family.tokenizer_2 else first
 
 
@@ -322,6 +457,12 @@ def load_text_encoder(name, family, device, dtype):
     first = load(family.text_encoder, "text_encoder")
     if not family.text_encoder_2:
         return first
+    if family.text_encoder_3:  # SD3: T5 if the folder has it; the joint width of its zeros otherwise
+        from diffusers import SD3Transformer2DModel
+        config = plumbing.load_or_die(lambda: SD3Transformer2DModel.load_config(name, subfolder=family.folder), name,
+                                      f"{family.folder}/")
+        third = load(family.text_encoder_3, "text_encoder_3") if has_third_encoder(name) else None
+        return SD3Encoders(first, load(family.text_encoder_2, "text_encoder_2"), third, config["joint_attention_dim"])
     return TextEncoders(first, load(family.text_encoder_2, "text_encoder_2"), default_image_size(name))
 
 
@@ -350,8 +491,9 @@ def text_conditioning(name, family, tokenizer, prompt_lists, device, dtype, cach
     make_encoder = lambda: (lambda batch, enc=load_text_encoder(name, family, device, dtype):
                             family.encode(tokenizer, enc, batch)._asdict())
     parts = ["text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if family.text_encoder_2 else [])
+    parts += ["text_encoder_3", "tokenizer_3", family.folder] if family.text_encoder_3 else []  # (no T5: its width)
     key = [name, family.name, str(dtype), plumbing.files_stamp(*(os.path.join(name, p) for p in parts))]
-    if family.text_encoder_2:  # SDXL's c holds the default size as time ids: a changed unet/vae config changes it
+    if family.condition is SDXLText:  # SDXL's c holds the default size as time ids: a changed unet/vae config too
         key.append(list(default_image_size(name)))
     rows = plumbing.encoded_prompts(cache_dir, key, [p for ps in prompt_lists for p in ps], make_encoder, device,
                                     main_rank, world)
@@ -385,16 +527,18 @@ def load_generator(name, teacher, family, device):
 
 
 def stock_pipeline(name, models):
-    """The family's stock diffusers pipeline (StableDiffusionPipeline, PixArtAlphaPipeline, StableDiffusionXLPipeline)
-    on already loaded models, with the scheduler class of the folder's own scheduler config (SD1.5: PNDM, PixArt-α:
-    DPM-Solver++, SDXL: Euler) rather than dipp's DDPM: what `Pipeline.from_pretrained(name)` builds. It holds no
-    text encoder: it is called with prompts already encoded, through family.pipeline_text."""
+    """The family's stock diffusers pipeline (StableDiffusionPipeline, PixArtAlphaPipeline, StableDiffusionXLPipeline,
+    StableDiffusion3Pipeline) on already loaded models, with the scheduler class of the folder's own scheduler config
+    (SD1.5: PNDM, PixArt-α: DPM-Solver++, SDXL: Euler, SD3: flow-matching Euler) rather than dipp's DDPM: what
+    `Pipeline.from_pretrained(name)` builds. It holds no text encoder: it is called with prompts already encoded,
+    through family.pipeline_text."""
     import diffusers
     fam = models.family
     config = plumbing.load_or_die(lambda: diffusers.DDPMScheduler.load_config(name, subfolder="scheduler"), name,
                                   "scheduler/")
     scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
-    tokenizers = dict(zip(("tokenizer", "tokenizer_2"), models.tokenizer if fam.tokenizer_2 else [models.tokenizer]))
+    tokenizers = dict(zip(("tokenizer", "tokenizer_2", "tokenizer_3"),
+                          models.tokenizer if fam.tokenizer_2 else [models.tokenizer]))
     pipe = getattr(diffusers, fam.pipeline)(**{fam.folder: models.net}, vae=models.vae, scheduler=scheduler,
                                             **tokenizers, **fam.pipeline_parts)
     pipe.set_progress_bar_config(disable=True)
@@ -404,13 +548,16 @@ def stock_pipeline(name, models):
 # 6. Which family a generator belongs to, from its config or its tensors (SD-1.x and SDXL UNets share one class)
 
 INTERFACE = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type",
-             "projection_class_embeddings_input_dim", "caption_channels")  # what c, x_t and ε̂ look like to the net
+             "projection_class_embeddings_input_dim", "caption_channels", "joint_attention_dim",
+             "pooled_projection_dim", "patch_size")  # what c, x_t and ε̂ look like to the net
 
 
 def family_of_config(config):
-    """The family a denoiser's config.json describes (None: none dipp knows): PixArt-α by its class, SDXL's UNet by
+    """The family a denoiser's config.json describes (None: none dipp knows): SD3 and PixArt-α by class, SDXL's UNet by
     its size-and-pooled-text embedding (addition_embed_type "text_time"), else SD-1.x's UNet."""
     name = config.get("_class_name", "")
+    if name in FAMILIES["sd3"].generator_classes or "joint_attention_dim" in config:
+        return FAMILIES["sd3"]
     if name in FAMILIES["pixart"].generator_classes or "caption_channels" in config:
         return FAMILIES["pixart"]
     if name == "UNet2DConditionModel":
@@ -422,6 +569,8 @@ def family_of_weights(keys):
     """The family a bare state dict's tensor names belong to (None: none dipp knows)."""
     if "add_embedding.linear_1.weight" in keys:  # SDXL's text_time embedding
         return FAMILIES["sdxl"]
+    if "context_embedder.weight" in keys:  # SD3's joint-attention text projection
+        return FAMILIES["sd3"]
     if any(k.startswith(("caption_projection.", "adaln_single.")) for k in keys):
         return FAMILIES["pixart"]
     if "conv_in.weight" in keys and "time_embedding.linear_1.weight" in keys:

@@ -83,6 +83,10 @@ def load_or_die(fn, name, what):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if os.path.exists(os.path.expanduser(name)):  # a local folder that is not what it should be
             die(f"cannot load {what} from the local folder '{name}' ({first[:200]}); check that it holds that model")
+        if "not a valid model identifier" in str(e) or "gated" in str(e).lower():  # (diffusers: 404 or gated alike)
+            die(f"cannot load {what} from '{name}': the hub has no such model, or it is gated or private ({first[:120]}"
+                f"); check the id, and for a gated model (SD3.5 is) accept its licence at https://huggingface.co/{name} "
+                "and log in (`huggingface-cli login`, or set HF_TOKEN)")
         if offline:
             die(f"cannot load {what} from '{name}': it has not been downloaded and the hub cannot be reached "
                 f"({offline}). On a machine with internet run `huggingface-cli download {name}` (then it loads "
@@ -362,10 +366,10 @@ def parse_dataclass(cls, argv, choices, prog, description, renamed=None):
     return cls(**vars(parser.parse_args(argv)))
 
 
-def check_config(cfg, T=1000):
+def check_config(cfg, T=1000, alpha=None):
     """Reject settings that would crash deep inside a library or train silently wrong: every one of them in one
-    line (all_or_die), each naming its flag and the fix. T: the schedule's number of timesteps (known once the model
-    is loaded)."""
+    line (all_or_die), each naming its flag and the fix. T: the schedule's number of timesteps, alpha its α_t (T,)
+    (known once the model is loaded: a flow's α is 0 at its last timestep, σ = 1)."""
     problems = [f"--{f.name} {getattr(cfg, f.name)} is not a finite number" for f in dataclasses.fields(cfg)
                 if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name))]
     need = lambda ok, message: ok or problems.append(message)
@@ -380,6 +384,10 @@ def check_config(cfg, T=1000):
     need(0 <= cfg.generator_timestep < T,
          f"--generator_timestep {cfg.generator_timestep} is outside the schedule; use 1..{T - 1} (0 = the family's)")
     need(0 <= cfg.t_min < cfg.t_max < T, f"need 0 <= --t_min < --t_max < {T}, got t_min={cfg.t_min} t_max={cfg.t_max}")
+    if alpha is not None and 0 <= cfg.t_min < cfg.t_max < T:
+        last = int((alpha > 0).nonzero().max())  # the noisiest timestep with α_t > 0
+        need(cfg.t_max <= last, f"--t_max {cfg.t_max}: α_t = 0 there (the flow's pure noise, σ = 1), so the IKL's "
+             f"w(t) = σ²/α² is infinite; use --t_max <= {last}")
     need(cfg.guidance_scale >= 1,
          f"--guidance_scale {cfg.guidance_scale} < 1 would push samples *away* from the prompt; use ω >= 1")
     for name in ("train_batch_size", "max_train_steps", "fake_steps_per_G", "checkpointing_steps", "validation_steps"):
@@ -1556,7 +1564,8 @@ LICENSES = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-
             "PixArt-alpha/PixArt-XL-2-512x512": "openrail++", "PixArt-alpha/PixArt-XL-2-1024-MS": "openrail++"}
 
 
-FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "pixart": "pixart-alpha"}
+FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "pixart": "pixart-alpha",
+               "sd3": "stable-diffusion-3"}
 
 
 def base_license(teacher):
@@ -1641,11 +1650,17 @@ def sampling_code(folder, teacher, t_star, lora, family):
             lines += [f'{family.folder} = {denoiser}.from_pretrained("{folder}", torch_dtype=torch.float16)',
                       f'pipe = {cls}.from_pretrained("{teacher}", {family.folder}={family.folder}, '
                       'torch_dtype=torch.float16).to("cuda")']
-        lines += ["# one step from pure noise at t*: DDPM's last step returns the denoiser's x̂0, as dipp samples",
-                  "pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)",
-                  f'image = pipe("a red bicycle", num_inference_steps=1, timesteps=[{t_star}], guidance_scale=1'
-                  + (", clean_caption=False" if cls == "PixArtAlphaPipeline" else "") + ").images[0]",
-                  "```", ""]
+        if family.forward_process == "flow":  # its own Euler step from σ_t* to 0 is x_t − σ v̂, as dipp samples
+            lines[2] = lines[2].replace("DDPMScheduler, ", "")
+            lines += ["# one Euler step of the flow from pure noise at σ_t* (its scheduler shifts (t* + 1)/1000) to 0",
+                      f'image = pipe("a red bicycle", sigmas=[{(t_star + 1) / 1000:g}], guidance_scale=1).images[0]',
+                      "```", ""]
+        else:
+            lines += ["# one step from pure noise at t*: DDPM's last step returns the denoiser's x̂0, as dipp samples",
+                      "pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)",
+                      f'image = pipe("a red bicycle", num_inference_steps=1, timesteps=[{t_star}], guidance_scale=1'
+                      + (", clean_caption=False" if cls == "PixArtAlphaPipeline" else "") + ").images[0]",
+                      "```", ""]
     lines += ["```bash", f'python dipp.py --generate "a red bicycle|a watercolor fox" --generator_init {folder}',
               "```", "", f"dipp reads t* and the teacher from `{GENERATOR_RECORD}`; guidance is off at sampling (the "
               "teacher's CFG was distilled in during training)."]
@@ -1806,7 +1821,8 @@ def peak_tflops(device_name):
 # Will it fit? Before dipp.py loads anything on a GPU it asks cost.py (`python cost.py --fit GIB`, a process of its
 # own: cost.py builds dipp's networks to count them, so importing it from here or from dipp.py would be an import
 # cycle) whether the run's counted peak fits the card's free memory, and stops with one line if it does not.
-FIT_SHAPES = {"sd": "sd15", "sdxl": "sdxl", "pixart": "pixart512"}  # a family's real shapes in random_weights
+FIT_SHAPES = {"sd": "sd15", "sdxl": "sdxl", "pixart": "pixart512", "sd3": "sd35_medium"}  # real shapes in
+# random_weights (an SD3 teacher whose name says "large" is counted at SD3.5-Large's)
 
 
 def fit_flags(cfg, shapes, free, world=1):
@@ -1829,6 +1845,8 @@ def check_memory(cfg, device, family, world=1):
     shapes = cfg.random_weights or FIT_SHAPES.get(family())
     if shapes == "pixart512" and "512" not in cfg.pretrained_model_name_or_path:
         shapes = None  # PixArt-α at 1024 px has no shapes to count here
+    if shapes == "sd35_medium" and "large" in cfg.pretrained_model_name_or_path.lower():
+        shapes = "sd35_large"
     if not shapes:
         return
     free = torch.cuda.mem_get_info(device)[0]

@@ -1,11 +1,13 @@
-"""Random-weight model folders for `dipp.py --random_weights tiny|tiny_pixart|tiny_sdxl|sd15|pixart512|sdxl`
+"""Random-weight model folders for `dipp.py --random_weights tiny|tiny_pixart|tiny_sdxl|tiny_sd3|sd15|pixart512|sdxl`
 (`--tiny` is short for the first) and for the tests.
 
 Not needed to understand DI++. The components are written with save_pretrained, so dipp loads them
 through exactly the same code as the real SD1.5 / PixArt-α weights; nothing is downloaded. A PixArt folder
 holds a PixArtTransformer2DModel, a T5 encoder and a T5 tokenizer built in-process, and the same VAE as SD.
 An SDXL folder holds a "text_time" UNet, CLIPTextModel + CLIPTextModelWithProjection with two tokenizers, a VAE
-with SDXL's scaling factor and SDXL's EulerDiscreteScheduler config.
+with SDXL's scaling factor and SDXL's EulerDiscreteScheduler config. An SD3 folder holds an SD3.5-style
+SD3Transformer2DModel (dual attention, RMS q/k norm), two CLIPTextModelWithProjection + a T5 with their tokenizers,
+a 16-channel VAE with a scaling and a shift factor, and SD3.5's FlowMatchEulerDiscreteScheduler config (shift 3).
 """
 import json
 import os
@@ -71,11 +73,42 @@ SHAPES["sdxl"] = dict(
     text2=dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,  # OpenCLIP
                vocab_size=49408, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu"))  # bigG/14
 
+# SD3.5: the transformer of SD3.5-Medium's kind (dual attention in its first layer, qk_norm "rms_norm") at diffusers'
+# test size; CLIP-L (32 wide, pooled 32) and bigG (48 wide, pooled 24) of different widths, so that a mix-up cannot
+# pass, padded to T5's 96 (joint_attention_dim); pooled 32 + 24. The VAE has 16 latent channels and SD3.5's factors.
+SHAPES["tiny_sd3"] = dict(
+    SHAPES["tiny"], sd3=dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                             attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                             joint_attention_dim=96, pooled_projection_dim=32 + 24, pos_embed_max_size=16,
+                             dual_attention_layers=(0,), qk_norm="rms_norm"),
+    vae=dict(SHAPES["tiny"]["vae"], latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+             use_quant_conv=False, use_post_quant_conv=False),
+    text2=dict(SHAPES["tiny"]["text"], hidden_size=48, projection_dim=24, hidden_act="gelu"),
+    t5=dict(d_model=96, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=64),
+    taesd=dict(SHAPES["tiny"]["taesd"], latent_channels=16))
+
+# SD3.5-Medium's and -Large's configs (their transformer/config.json; text encoders CLIP ViT-L/14 and OpenCLIP bigG/14
+# with projections; VAE 16 channels, scaling 1.5305, shift 0.0609), for --benchmark and cost.py: T5 at XXL's width
+# (4096) with 2 of its 24 layers, as pixart512's: it only pre-encodes the prompts, then is freed.
+SD35 = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
+            joint_attention_dim=4096, pooled_projection_dim=2048, qk_norm="rms_norm")
+SHAPES["sd35_medium"] = dict(
+    SHAPES["sdxl"], sd3=dict(SD35, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
+                             pos_embed_max_size=384, dual_attention_layers=tuple(range(13))),
+    vae=dict(SHAPES["sd15"]["vae"], sample_size=1024, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+             use_quant_conv=False, use_post_quant_conv=False),
+    text2=dict(SHAPES["sdxl"]["text2"]),
+    t5=dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=2, vocab_size=32128),
+    taesd=dict(latent_channels=16))
+SHAPES["sd35_large"] = dict(
+    SHAPES["sd35_medium"], sd3=dict(SD35, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
+                                    pos_embed_max_size=192, dual_attention_layers=()))
+
 
 def model_subfolder(shapes):
     """Where build_random writes the diffusion model of SHAPES[shapes], under its folder."""
     arch = SHAPES[shapes]
-    return "pixart" if "transformer" in arch else "sdxl" if "text2" in arch else "sd"
+    return "sd3" if "sd3" in arch else "pixart" if "transformer" in arch else "sdxl" if "text2" in arch else "sd"
 
 
 def build_random(folder, shapes="tiny", seed=0):
@@ -83,7 +116,7 @@ def build_random(folder, shapes="tiny", seed=0):
     that dipp runs the very same loading code as for real weights. Returns (model folder, CLIP folder):
     SD-1.x (UNet, VAE, CLIP text encoder + tokenizer, scheduler) in folder/sd, or PixArt-α (transformer, VAE,
     T5 encoder + tokenizer, scheduler) in folder/pixart, or SDXL (UNet, VAE, two CLIP text encoders + tokenizers,
-    scheduler) in folder/sdxl."""
+    scheduler) in folder/sdxl, or SD3 (transformer, VAE, two CLIPs and a T5 + tokenizers, scheduler) in folder/sd3."""
     from filelock import FileLock  # (huggingface_hub's own dependency)
     arch, clip = SHAPES[shapes], os.path.join(folder, "clip")
     sd = os.path.join(folder, model_subfolder(shapes))
@@ -103,11 +136,20 @@ def build_random(folder, shapes="tiny", seed=0):
 def _write_random(folder, arch, sd, clip, seed):
     """build_random's writing, inside its lock."""
     from diffusers import (AutoencoderKL, AutoencoderTiny, DDPMScheduler, EulerDiscreteScheduler,
-                           PixArtTransformer2DModel, UNet2DConditionModel)
+                           FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel, SD3Transformer2DModel,
+                           UNet2DConditionModel)
     from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                               CLIPTokenizer, T5Config, T5EncoderModel)
     torch.manual_seed(seed)
-    if "transformer" in arch:  # PixArt-α: ε and the learned variance (8 channels); linear β schedule
+    if "sd3" in arch:  # SD3.5: a rectified flow, SD3.5's scheduler config (shift 3); see SHAPES["tiny_sd3"]
+        SD3Transformer2DModel(**arch["sd3"]).save_pretrained(os.path.join(sd, "transformer"))
+        for sub, text in (("text_encoder", arch["text"]), ("text_encoder_2", arch["text2"])):
+            CLIPTextModelWithProjection(CLIPTextConfig(**text)).save_pretrained(os.path.join(sd, sub))
+        T5EncoderModel(T5Config(feed_forward_proj="gated-gelu", **arch["t5"])).save_pretrained(
+            os.path.join(sd, "text_encoder_3"))
+        t5_tokenizer().save_pretrained(os.path.join(sd, "tokenizer_3"))
+        FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(os.path.join(sd, "scheduler"))
+    elif "transformer" in arch:  # PixArt-α: ε and the learned variance (8 channels); linear β schedule
         PixArtTransformer2DModel(in_channels=4, out_channels=8, **arch["transformer"]).save_pretrained(
             os.path.join(sd, "transformer"))
         T5EncoderModel(T5Config(feed_forward_proj="gated-gelu", **arch["t5"])).save_pretrained(
@@ -124,10 +166,10 @@ def _write_random(folder, arch, sd, clip, seed):
         CLIPTextModel(CLIPTextConfig(**arch["text"])).save_pretrained(os.path.join(sd, "text_encoder"))
         schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     AutoencoderKL(**arch["vae"]).save_pretrained(os.path.join(sd, "vae"))
-    if "text2" in arch:
+    if "text2" in arch and "sd3" not in arch:
         EulerDiscreteScheduler(prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
                                **schedule).save_pretrained(os.path.join(sd, "scheduler"))
-    else:
+    elif "sd3" not in arch:  # (SD3's flow scheduler is written above)
         DDPMScheduler(clip_sample=False, prediction_type="epsilon", **schedule).save_pretrained(os.path.join(sd, "scheduler"))
     AutoencoderTiny(**arch["taesd"]).save_pretrained(os.path.join(folder, "taesd"))  # for --reward_decoder tiny
     CLIPModel(CLIPConfig(text_config=arch["text"], vision_config=arch["vision"],

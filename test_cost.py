@@ -245,12 +245,13 @@ def hand_count(shapes, dtype, lora_rank=0):
     encoder in `dtype`, and two trainable fp32 copies of the denoiser (or two rank-R adapters on its LoRA targets:
     A is R×in(×k×k), B is out×R), each tensor rounded as the allocator rounds it; the copies' buffers (position
     embeddings) are their own."""
-    from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     arch, fam = cost.architecture(shapes)
     with torch.device(META):
         teacher = (PixArtTransformer2DModel(in_channels=4, out_channels=8, **arch["transformer"])
-                   if fam.name == "pixart" else UNet2DConditionModel(**arch["unet"]))
+                   if fam.name == "pixart" else SD3Transformer2DModel(**arch["sd3"]) if fam.name == "sd3"
+                   else UNet2DConditionModel(**arch["unet"]))
         vae = AutoencoderKL(**arch["vae"])
         text = CLIPTextModel(CLIPTextConfig(**arch["text"])) if fam.name == "sd" else None
     size = torch.empty(0, dtype=dtype).element_size()
@@ -275,7 +276,7 @@ def hand_count(shapes, dtype, lora_rank=0):
 @pytest.mark.parametrize("shapes, switches, ranks", [
     ("tiny", dict(mixed_precision="bf16"), 1), ("tiny_pixart", dict(lora_rank=4, mixed_precision="bf16",
                                                                      ema_decay=0.999), 1),
-    ("tiny_sdxl", dict(mixed_precision="fp16"), 2)])
+    ("tiny_sdxl", dict(mixed_precision="fp16"), 2), ("tiny_sd3", dict(lora_rank=4, mixed_precision="bf16"), 1)])
 def test_weights_gradients_and_adam_states_match_a_hand_count(shapes, switches, ranks):
     """What the count can know exactly, for every family: the frozen weights in their dtype, the trainable fp32
     masters, AdamW's two fp32 moments per trainable weight, the EMA's fp32 copy of the generator's, each FSDP2 rank

@@ -68,9 +68,28 @@ def test_deviation_list_matches_the_markers():
 # ----------------------------------------------------------------------------- forward process
 
 def test_schedule_matches_diffusers():
-    """dipp's scaled-linear schedule equals diffusers' DDPMScheduler (SD1.5 settings)."""
-    ours = dipp.Schedule.scaled_linear().alphas_cumprod.double()
-    assert torch.allclose(ours, sd_alphas_cumprod(), rtol=1e-6, atol=1e-7)
+    """dipp's scaled-linear schedule equals diffusers' DDPMScheduler (SD1.5 settings): α² = ᾱ, σ² = 1 − ᾱ."""
+    alpha, sigma = dipp.Schedule.scaled_linear().table.double()
+    assert torch.allclose(alpha ** 2, sd_alphas_cumprod(), rtol=0, atol=1e-6)  # (float32's α, squared: 5e-7)
+    assert torch.allclose(sigma ** 2, 1 - sd_alphas_cumprod(), rtol=0, atol=1e-6)
+
+
+def test_ddpm_families_alpha_sigma_are_bit_for_bit_what_they_were():
+    """The forward process now comes from the family (dipp.Schedule of α_t, σ_t tables). For every DDPM family's
+    schedule (SD1.5's scaled-linear DDPM config, PixArt-α's linear one, SDXL's Euler config), loaded through
+    dipp.load_teacher, α_t and σ_t at every t are bit for bit what dipp computed before: ᾱ stored in float32,
+    then sqrt(ᾱ_t) and sqrt(1 − ᾱ_t) of the indexed float32 values, as Schedule.alpha_sigma did."""
+    from diffusers import DDPMScheduler
+    for folder in (tiny_models()[0], tiny_pixart_models()[0], tiny_sdxl_models()[0]):
+        schedule = dipp.load_teacher(folder, torch.device("cpu"), torch.float32, text_encoder=False).schedule
+        abar = torch.as_tensor(DDPMScheduler.from_pretrained(folder, subfolder="scheduler").alphas_cumprod,
+                               dtype=torch.float64).float()  # the old Schedule.__init__
+        t = torch.arange(len(abar))
+        old = abar[t].view(-1, 1, 1, 1)  # the old alpha_sigma
+        alpha, sigma = schedule.alpha_sigma(t, 4)
+        assert torch.equal(alpha, old.sqrt()) and torch.equal(sigma, (1 - old).sqrt()), folder
+    old = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2, 0).float()
+    assert torch.equal(dipp.Schedule.scaled_linear().table, torch.stack([old.sqrt(), (1 - old).sqrt()]))
 
 
 def test_add_noise_predict_x0_round_trip():
@@ -1884,7 +1903,7 @@ def test_pixart_ikl_gradient_and_no_gradient_into_learned_sigma():
     gradient (the ε rows get gradient)."""
     teacher, fake = tiny_pixart(0), tiny_pixart(1)
     abar = pixart_schedule()
-    sched, omega = dipp.Schedule(abar), 3.0
+    sched, omega = dipp.Schedule.ddpm(abar), 3.0
     (emb, mask), (emb_u, mask_u) = t5_like([7, 12], 0), t5_like([1, 1], 1)
     cond, uncond = families.MaskedText(emb, mask), families.MaskedText(emb_u, mask_u)
     real = dipp.guided(dipp.denoiser_eps(teacher, families.FAMILIES["pixart"]), cond, uncond, omega)
@@ -1912,7 +1931,7 @@ def test_pixart_cfg_is_an_implicit_reward_with_attention_masks():
     the guided teacher's IKL gradient (cond and uncond in one batched call) equals the unguided one minus
     (ω−1)·∇x0 r_cfg from separate calls; embeddings under the mask change nothing, the mask itself does."""
     teacher, fake = tiny_pixart(0).double(), tiny_pixart(1).double()  # float64: see test_cfg_is_an_implicit_reward
-    eps_fn, sched, omega = dipp.denoiser_eps(teacher, families.FAMILIES["pixart"]), dipp.Schedule(pixart_schedule()), 4.5
+    eps_fn, sched, omega = dipp.denoiser_eps(teacher, families.FAMILIES["pixart"]), dipp.Schedule.ddpm(pixart_schedule()), 4.5
     cond, uncond = families.MaskedText(*t5_like([5, 9, 3], 2)), families.MaskedText(*t5_like([1, 1, 1], 3))
     fake_c = lambda x, tt: dipp.denoiser_eps(fake, families.FAMILIES["pixart"])(x, tt, cond)
     torch.manual_seed(0)

@@ -681,7 +681,7 @@ def test_damaged_caches_are_recomputed_and_a_failed_rerun_keeps_the_previous_rep
 
 
 def test_generators_of_another_family_or_damaged_are_refused_before_any_network(tmp_path, monkeypatch):
-    """For every pair of SD-1.x, SDXL and PixArt-α (SD-1.x and SDXL UNets are one class): a generator folder, a
+    """For every pair of SD-1.x, SDXL, PixArt-α and SD3 (SD-1.x and SDXL UNets are one class): a generator folder, a
     pipeline folder and a bare weight file of another family than the teacher's are one line naming both families
     and evaluate.py's flag (--generator), before any model is loaded; a truncated weight file, bare or in a
     folder, is one line naming --generator too. The teacher's own denoiser, in each form, passes."""
@@ -691,7 +691,8 @@ def test_generators_of_another_family_or_damaged_are_refused_before_any_network(
     root = tempfile.gettempdir()
     models = {"sd": random_weights.build_random(os.path.join(root, "dipp-test-tiny"), "tiny")[0],
               "sdxl": random_weights.build_random(os.path.join(root, "dipp-test-tiny-sdxl"), "tiny_sdxl")[0],
-              "pixart": random_weights.build_random(os.path.join(root, "dipp-test-tiny-pixart"), "tiny_pixart")[0]}
+              "pixart": random_weights.build_random(os.path.join(root, "dipp-test-tiny-pixart"), "tiny_pixart")[0],
+              "sd3": random_weights.build_random(os.path.join(root, "dipp-test-tiny-sd3"), "tiny_sd3")[0]}
     late = lambda *a, **k: pytest.fail("a model was loaded before every check was done")
     monkeypatch.setattr(dipp, "load_teacher", late)
     monkeypatch.setattr(families, "text_conditioning", late)

@@ -19,7 +19,7 @@ import dipp  # noqa: E402
 import optimum  # noqa: E402
 
 SCHEDULE = dipp.Schedule.scaled_linear()
-FLOW = optimum.FlowSchedule(3.0)  # SD3.5's flow path, α = 1 − σ, shift 3
+FLOW = dipp.Schedule.flow(optimum.flow_sigmas(3.0))  # SD3.5's flow path, α = 1 − σ, shift 3
 SCHEDULES = {"ddpm": SCHEDULE, "flow": FLOW}
 MU, S = [0.3, -0.2], 0.7  # deliberately not the experiment's (0, 0), 1
 
@@ -43,11 +43,11 @@ def test_lognormal_sampler_matches_exact_pmf():
 
 
 def test_flow_schedule_is_diffusers_flow_match_scheduler():
-    """optimum.FlowSchedule's σ_t are the floats diffusers' FlowMatchEulerDiscreteScheduler(shift) keeps as its
+    """optimum.flow_sigmas are the floats diffusers' FlowMatchEulerDiscreteScheduler(shift) keeps as its
     training `sigmas`, in reverse (t = 0 the least noisy), bit for bit; its x_t = α_t x0 + σ_t ε is the
     scheduler's own forward process (scale_noise at the timestep it lists for that σ); and dipp's log-normal
-    sampler, reading the flow through its VP-equivalent ᾱ, draws t with the N(−1.2, 1.2²) probabilities of
-    log(σ_t/α_t) computed here from α, σ directly. Also docs/toy.md's claims behind the sd3 range U{43..812}."""
+    sampler draws t on the flow with the N(−1.2, 1.2²) probabilities of log(σ_t/α_t) computed here from α, σ
+    directly. Also docs/toy.md's claims behind the sd3 range U{43..812}."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     for shift in (1.0, 3.0):
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)

@@ -71,8 +71,8 @@ device = plumbing.pick_device("auto")
 family, teacher, vae, text_encoder, tokenizer, schedule = dipp.load_teacher(sd_path, device, torch.float32)
 count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
 print(f"UNet {count(teacher):.1f}M params | VAE {count(vae):.1f}M | text encoder {count(text_encoder):.1f}M")
-print(f"generator timestep t* = 999: α = {schedule.alphas_cumprod[999].sqrt():.4f}, "
-      f"so x0 = (z − σ ε̂)/α amplifies ε errors {1 / schedule.alphas_cumprod[999].sqrt():.1f}×")
+print(f"generator timestep t* = 999: α = {schedule.table[0, 999]:.4f}, "
+      f"so x0 = (z − σ ε̂)/α amplifies ε errors {1 / schedule.table[0, 999]:.1f}×")
 del teacher, vae, text_encoder
 
 # %% [markdown]

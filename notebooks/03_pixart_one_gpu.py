@@ -71,7 +71,7 @@ print(f"family '{family.name}': {type(teacher).__name__} {count(teacher):.1f}M p
 print(f"output channels: {teacher.config.out_channels} (ε̂ and the learned variance; dipp keeps ε̂)")
 print(f"LoRA targets: {family.lora_targets}")
 for t_star in (999, family.t_star):
-    alpha = schedule.alphas_cumprod[t_star].sqrt()
+    alpha = schedule.table[0, t_star]
     print(f"t* = {t_star}: α = {alpha:.4f}, so x0 = (z − σ ε̂)/α amplifies ε errors {1 / alpha:.1f}×")
 
 # %% [markdown]

@@ -50,35 +50,10 @@ def flow_sigmas(shift, T=1000):
     return shift * u / (1 + (shift - 1) * u)
 
 
-class FlowSchedule:
-    """The rectified-flow forward process of SD3.5, x_t = (1 − σ_t) x0 + σ_t ε: α_t = 1 − σ_t, σ_t = flow_sigmas.
-    Duck-typed as the dipp.Schedule that this file, toy/gmm.py and dipp's losses and sampler use: .T,
-    .alpha_sigma(t, ndim), and .alphas_cumprod / .on(device), which dipp.sample_timesteps reads for the log-normal π.
-    (dipp.Schedule itself is DDPM's: ᾱ_t only.)"""
-
-    def __init__(self, shift, T=1000):
-        self.shift, self.T = shift, T
-        self.sigmas = flow_sigmas(shift, T)  # (T,) float32
-        self.alphas = 1 - self.sigmas  # (T,) float32; α_{T−1} = 0: see check_alpha
-        a, s = self.alphas.double(), self.sigmas.double()
-        # dipp.sample_timesteps and timestep_pmf read σ/α from DDPM's ᾱ as ((1 − ᾱ)/ᾱ)^½. x_t / sqrt(α² + σ²) is a
-        # variance-preserving process with ᾱ = α²/(α² + σ²) and the *same* σ/α, so this is its ᾱ: the log-normal
-        # π lands on the same noise levels σ/α on either form of the path. (ᾱ_{T−1} = 0: log σ/α = ∞, outside π.)
-        self.alphas_cumprod = a ** 2 / (a ** 2 + s ** 2)  # (T,) float64
-
-    def on(self, device):
-        return self.alphas_cumprod.float().to(device)  # (T,): dipp.Schedule.on's ᾱ, as sample_timesteps wants it
-
-    def alpha_sigma(self, t, ndim):
-        """α_t, σ_t for integer timesteps t (B,), shaped (B, 1, ..., 1) to broadcast over x (dipp.Schedule's)."""
-        shape = (-1, *[1] * (ndim - 1))
-        return self.alphas.to(t.device)[t].view(shape), self.sigmas.to(t.device)[t].view(shape)
-
-
 def make_schedule(args):
     """The forward process named by --schedule: 'ddpm' is SD1.5's scaled-linear dipp.Schedule (the default),
     'flow' SD3.5's rectified flow with --shift."""
-    return FlowSchedule(args.shift) if args.schedule == "flow" else dipp.Schedule.scaled_linear()
+    return dipp.Schedule.flow(flow_sigmas(args.shift)) if args.schedule == "flow" else dipp.Schedule.scaled_linear()
 
 
 def alpha_problem(schedule, t_max):
@@ -105,8 +80,8 @@ def timestep_pmf(schedule, kind, t_min, t_max, mean=dipp.LOGNORMAL_MEAN, std=dip
     if kind == "uniform":
         pmf[t_min:t_max + 1] = 1 / (t_max - t_min + 1)
         return pmf
-    abar = schedule.alphas_cumprod.double()[t_min:t_max + 1]
-    log_sigma_ve = 0.5 * torch.log((1 - abar) / abar)  # (n,)
+    alpha, sigma = schedule.table.double()[:, t_min:t_max + 1]  # 2 × (n,)
+    log_sigma_ve = torch.log(sigma / alpha)  # (n,), as dipp.sample_timesteps computes it
     z = ((log_sigma_ve[1:] + log_sigma_ve[:-1]) / 2 - mean) / std
     cdf = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * (1 + torch.erf(z / math.sqrt(2))),
                      torch.ones(1, dtype=torch.float64)])  # (n+1,): Φ at the bin edges

@@ -76,7 +76,8 @@ class Schedule:
     @classmethod
     def scaled_linear(cls, beta_start=0.00085, beta_end=0.012, T=1000):
         """SD1.5's schedule: β_t linear in sqrt-space; computed in float64, stored in float32."""
-        return cls.ddpm(torch.cumprod(1 - torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64)**2, 0))
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+        return cls.ddpm(torch.cumprod(1 - betas, 0))
 
     def on(self, device):
         """(α_t, σ_t) as a (2, T) table on `device`, copied there once: a host→device copy per call would sync."""

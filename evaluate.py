@@ -3,11 +3,11 @@
 Every model sees the same prompts and the same initial noise z (one seed per image: `image_seed`).
 One-step generators are sampled as `dipp.py --generate` samples them, decode(g_θ(z, c)) at the t* stored in
 the folder's dipp.json; the teacher runs its family's stock diffusers pipeline (StableDiffusionPipeline,
-PixArtAlphaPipeline or StableDiffusionXLPipeline) with its own scheduler, N steps and CFG, as a user of the
-teacher would. Prompts are encoded once (PixArt-α's T5 and SDXL's two CLIPs are then freed, before any denoiser
-is built). Images are written as PNGs first and every scorer reads those PNGs, so the numbers belong to the files
-on disk; only one scorer is in memory at a time, and each runs in the precision its official code uses, whatever
---mixed_precision says.
+PixArtAlphaPipeline, StableDiffusionXLPipeline or StableDiffusion3Pipeline) with its own scheduler, N steps and
+CFG, as a user of the teacher would. Prompts are encoded once (PixArt-α's T5, SDXL's two and SD3.5's three text
+encoders are then freed, before any denoiser is built). Images are written as PNGs first and every scorer reads
+those PNGs, so the numbers belong to the files on disk; only one scorer is in memory at a time, and each runs in
+the precision its official code uses, whatever --mixed_precision says.
 
 Quick start (CPU, no downloads, seconds):  python evaluate.py --tiny --teacher_steps 2 --output_dir eval_tiny
 Generators against the SD1.5 teacher:     python evaluate.py --generator runs/a/generator \
@@ -101,17 +101,17 @@ def parse_args(argv):
            "(dipp's pytorch_lora_weights.safetensors, or a folder holding only it); repeat to compare several")
     a("--generator_timestep", type=int, default=0, metavar="INT",
       help="t* for a generator folder without dipp.json, or a weight file (0 = the family's: SD 999, PixArt-α 400, "
-           "SDXL 399)")
+           "SDXL 399, SD3.5 999)")
     a("--pretrained_model_name_or_path", default=None, metavar="STR",
-      help="the teacher, SD-1.x, PixArt-α or SDXL: hub id or diffusers folder (also supplies VAE and text encoder to "
-           f"the generators, which must be of its family); default {dipp.Config.pretrained_model_name_or_path}, "
+      help="the teacher, SD-1.x, PixArt-α, SDXL or SD3.5: hub id or diffusers folder (also supplies VAE and text "
+           f"encoder to the generators, which must be of its family); default {dipp.Config.pretrained_model_name_or_path}, "
            "or with --tiny a tiny random SD")
     a("--teacher_steps", type=int, default=0, metavar="INT",
       help="sample the teacher with N steps of its folder's own scheduler (0 = no teacher row). Published rows: "
            "SD1.5 25 steps, PixArt-α 30 steps (SIM paper's table), SDXL 50 steps (DI* table)")
     a("--teacher_guidance", type=float, default=None, metavar="FLOAT",
       help="CFG scale of the teacher (diffusers' guidance_scale); default: its stock pipeline's, 7.5 for SD-1.x, "
-           "4.5 for PixArt-α, 5.0 for SDXL (DI*'s SDXL row used 7.5)")
+           "4.5 for PixArt-α, 5.0 for SDXL (DI*'s SDXL row used 7.5), 7.0 for SD3.5")
     a("--tiny", action="store_true",
       help="tiny random scorers of the real architectures, and a tiny random SD teacher and generator where "
            "none is given (CPU, seconds, no download)")
@@ -377,7 +377,7 @@ def image_key(model, prompts, args, device):
     precision and the device type. An images/<model>/ folder written under another key is not reused."""
     teacher = args.pretrained_model_name_or_path
     shared = plumbing.files_stamp(*(os.path.join(teacher, p) for p in (
-        "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")))
+        "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")))
     return {"model": model["source"], "files": model.pop("files"), "sampling": model["name"],
             "teacher": teacher, "teacher_parts": shared,
             "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(), "seed": args.seed,

@@ -344,3 +344,46 @@ def test_a_generator_of_another_family_for_an_sd3_teacher_is_one_line(tmp_path):
         message = str(e.value)
         assert message.startswith(f"dipp: error: --generator_init '{init}'") and expected in message, message
         assert "\n" not in message
+
+
+def test_evaluate_samples_an_sd3_teacher_as_its_stock_pipeline_and_a_generator_as_generate(tmp_path):
+    """evaluate.py on a tiny SD3.5 teacher (2 steps of its folder's flow scheduler at StableDiffusion3Pipeline's own
+    default CFG, 7.0) and an SD3 generator export (dipp.json: t* = 999): the teacher's PNGs equal a stock
+    StableDiffusion3Pipeline assembled here from the same seeds (its z drawn as evaluate.image_latents draws it),
+    and the generator's equal `dipp.py --generate` with that prompt and seed, to 8-bit rounding."""
+    import evaluate
+    import numpy as np
+    import plumbing
+    from PIL import Image
+    folder = tiny_sd3_models()[0]
+    teacher, generator = tmp_path / "teacher", str(tmp_path / "generator")
+    teacher.mkdir()
+    for sub in os.listdir(folder):  # the folder, with a transformer moved off its init (proj_out = 0: v̂ = 0)
+        if sub != "transformer":
+            os.symlink(os.path.join(folder, sub), teacher / sub)
+    moved_transformer(folder, seed=0).save_pretrained(teacher / "transformer")
+    moved_transformer(folder, seed=1).save_pretrained(generator)
+    plumbing.write_generator_record(generator, 999)
+    out = tmp_path / "eval"
+    result = evaluate.main(["--tiny", "--pretrained_model_name_or_path", str(teacher), "--generator", generator,
+                            "--teacher_steps", "2", "--max_prompts", "2", "--images_per_prompt", "1", "--metrics",
+                            "clip", "--output_dir", str(out)])
+    png = lambda r: torch.from_numpy(np.array(Image.open(os.path.join(out, r["image"])))).int()  # (H, W, 3)
+    rows = result["models"]
+    assert [m["kind"] for m in rows] == ["teacher", "generator"] and "CFG 7" in rows[0]["name"], rows[0]["name"]
+    records = rows[0]["records"]
+    pipe = sd3_pipeline(str(teacher), moved_transformer(folder, seed=0))
+    cfg = pipe.transformer.config
+    z = torch.stack([torch.randn(cfg.in_channels, cfg.sample_size, cfg.sample_size,
+                                 generator=torch.Generator().manual_seed(r["seed"])) for r in records])
+    with torch.no_grad():
+        images = pipe([promptsets.BUILTIN_PROMPTS[r["prompt_index"]] for r in records], latents=z,
+                      num_inference_steps=2, guidance_scale=7.0, output_type="pt").images
+    theirs = (images * 255).round().int().permute(0, 2, 3, 1)
+    ours = torch.stack([png(r) for r in records])
+    assert (ours - theirs).abs().max() <= 1 and (ours[0] - ours[1]).abs().max() > 10  # (not vacuous)
+    for r in rows[1]["records"]:
+        images = dipp.main(["--pretrained_model_name_or_path", str(teacher), "--generator_init", generator,
+                            "--generate", promptsets.BUILTIN_PROMPTS[r["prompt_index"]], "--seed", str(r["seed"]),
+                            "--output_dir", str(tmp_path / "gen")])
+        assert (png(r) - ((images[0].clamp(-1, 1) + 1) * 127.5).round().int().permute(1, 2, 0)).abs().max() <= 1

@@ -2,7 +2,8 @@
 
 Each test compares against an independent computation: the sampler against the exact π(t), dipp's
 IKL estimator against autograd of the closed-form IKL, m* against a numerical minimiser of the exact
-objective, and a short DI++ run against m*. About 15 s on 2 CPU cores."""
+objective (on SD1.5's DDPM schedule and SD3.5's flow path, itself checked against diffusers' scheduler),
+and a short DI++ run against m*. About 15 s on 2 CPU cores."""
 import json
 import math
 import os
@@ -18,6 +19,8 @@ import dipp  # noqa: E402
 import optimum  # noqa: E402
 
 SCHEDULE = dipp.Schedule.scaled_linear()
+FLOW = dipp.Schedule.flow(optimum.flow_sigmas(3.0))  # SD3.5's flow path, α = 1 − σ, shift 3
+SCHEDULES = {"ddpm": SCHEDULE, "flow": FLOW}
 MU, S = [0.3, -0.2], 0.7  # deliberately not the experiment's (0, 0), 1
 
 
@@ -39,13 +42,80 @@ def test_lognormal_sampler_matches_exact_pmf():
     assert uniform.min() == 20 and uniform.max() == 980  # the default π is unchanged
 
 
+def test_flow_schedule_is_diffusers_flow_match_scheduler():
+    """optimum.flow_sigmas are the floats diffusers' FlowMatchEulerDiscreteScheduler(shift) keeps as its
+    training `sigmas`, in reverse (t = 0 the least noisy), bit for bit; its x_t = α_t x0 + σ_t ε is the
+    scheduler's own forward process (scale_noise at the timestep it lists for that σ); and dipp's log-normal
+    sampler draws t on the flow with the N(−1.2, 1.2²) probabilities of log(σ_t/α_t) computed here from α, σ
+    directly. Also docs/toy.md's claims behind the sd3 range U{43..812}."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    for shift in (1.0, 3.0):
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        assert torch.equal(optimum.flow_sigmas(shift), scheduler.sigmas.flip(0))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    t = torch.tensor([0, 20, 500, 980, 999])
+    x0, eps = torch.randn(5, 2, generator=torch.Generator().manual_seed(0)), torch.randn(5, 2)
+    alpha, sigma = FLOW.alpha_sigma(t, 2)
+    theirs = torch.cat([scheduler.scale_noise(x0[k:k + 1], scheduler.timesteps[999 - t[k]][None], eps[k:k + 1])
+                        for k in range(5)])
+    assert torch.allclose(alpha * x0 + sigma * eps, theirs, rtol=0, atol=1e-6), (alpha * x0 + sigma * eps, theirs)
+    assert sigma[-1].item() == 1 and alpha[-1].item() == 0 and abs(sigma[2].item() - 0.7507493) < 1e-6
+    # the log-normal π on the flow: the sampler's histogram against Φ at the log(σ/α) midpoints
+    alpha_all, sigma_all = optimum.all_alpha_sigma(FLOW)  # (1000,) float64 each
+    log_ratio = (sigma_all / alpha_all).log()[20:981]  # (961,)
+    edges = (log_ratio[1:] + log_ratio[:-1]) / 2
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.special.ndtr((edges + 1.2) / 1.2),
+                     torch.ones(1, dtype=torch.float64)])
+    pmf = torch.zeros(1000, dtype=torch.float64)
+    pmf[20:981] = cdf[1:] - cdf[:-1]
+    assert torch.allclose(optimum.timestep_pmf(FLOW, "lognormal", 20, 980), pmf, atol=1e-9)
+    torch.manual_seed(0)
+    N = 200_000
+    draws = dipp.sample_timesteps(N, 20, 980, "cpu", "lognormal", FLOW)
+    freq = torch.bincount(draws, minlength=1000).double() / N
+    assert ((freq - pmf).abs() <= 5 * (pmf * (1 - pmf) / N).sqrt() + 1e-6).all()
+    assert int((pmf.cumsum(0) >= 0.5).nonzero()[0]) != 81  # not SD1.5's grid: the flow's own σ/α are read
+    # docs/toy.md's sd3 range: the flow timesteps nearest (in log σ/α) SD1.5's ends t = 20, 980 are 43 and 812,
+    # and there the log-normal π is the same law of noise levels, so W (a function of σ/α alone) matches SD1.5's
+    ddpm_alpha, ddpm_sigma = optimum.all_alpha_sigma(SCHEDULE)
+    ends = (ddpm_sigma / ddpm_alpha).log()[[20, 980]]  # (2,)
+    assert ((sigma_all / alpha_all).log()[:999, None] - ends).abs().argmin(0).tolist() == [43, 812]
+    # (to 1e-4: the grids' σ/α differ within each bin); a π uniform in t is not: 0.694 vs 0.632 for x0
+    W = lambda sched, pi, lo, hi, w: optimum.ikl_W(sched, optimum.timestep_pmf(sched, pi, lo, hi), w, 1.0)
+    for w in ("x0", "eps"):
+        assert abs(W(FLOW, "lognormal", 43, 812, w) - W(SCHEDULE, "lognormal", 20, 980, w)) < 1e-4
+        assert abs(W(FLOW, "uniform", 43, 812, w) - W(SCHEDULE, "uniform", 20, 980, w)) > 0.02
+
+
+def test_velocity_fake_score_is_a_flow_networks_correction():
+    """On the flow path the exact teacher's ε̂ is x_t + α_t v̂ with v̂ = E[ε − x0 | x_t] computed here from the
+    Gaussian posterior (x̂0 = μ + α s² (x_t − α μ)/v, E[ε|x_t] = σ (x_t − α μ)/v, v = α² s² + σ²), which holds
+    because α + σ = 1; and --fake_param v's fake score adds its MLP's output as a velocity, times α_t."""
+    import gmm
+    t = torch.tensor([20, 250, 700, 980])
+    alpha, sigma = FLOW.alpha_sigma(t, 2)
+    x_t, c = torch.randn(4, 2, generator=torch.Generator().manual_seed(1)).double(), torch.zeros(4, dtype=torch.long)
+    a, s_, mu = alpha.double(), sigma.double(), torch.tensor(MU, dtype=torch.float64)
+    v = a ** 2 * S ** 2 + s_ ** 2
+    velocity = s_ * (x_t - a * mu) / v - (mu + a * S ** 2 * (x_t - a * mu) / v)  # E[ε|x_t] − E[x0|x_t]
+    teacher = optimum.gaussian(MU, S).eps_fn(FLOW)
+    assert torch.allclose(teacher(x_t.float(), t, c).double(), x_t + a * velocity, atol=1e-5)
+    fake = gmm.FakeScore(1, teacher, FLOW)
+    torch.nn.init.normal_(fake.mlp.net[-1].bias)  # a nonzero correction
+    correction = fake(x_t.float(), t, c) - teacher(x_t.float(), t, c)
+    assert torch.allclose(correction, alpha * fake.mlp.net[-1].bias, atol=1e-5) and correction.abs().max() > 0.1
+
+
+@pytest.mark.parametrize("schedule", ["ddpm", "flow"])
 @pytest.mark.parametrize("sampling", ["uniform", "lognormal"])
 @pytest.mark.parametrize("weighting", ["x0", "eps"])
-def test_ikl_loss_gradient_is_gradient_of_exact_ikl(weighting, sampling):
+def test_ikl_loss_gradient_is_gradient_of_exact_ikl(weighting, sampling, schedule):
     """For a generator x0 = m + s_q z and exact Gaussian scores, the mean gradient of dipp.ikl_loss
     (exact over t, Monte Carlo over z, ε) is the autograd gradient of Σ_t π(t) w(t) KL(q_t ‖ p_t) in
     closed form: the IKL that dipp optimises has weight w(t) exactly, no extra factor. With s_q = s the
-    per-sample gradient is deterministic and the match is to float precision; otherwise to MC error."""
+    per-sample gradient is deterministic and the match is to float precision; otherwise to MC error.
+    On SD1.5's DDPM schedule and on SD3.5's flow path (α = 1 − σ, σ/α up to 155 at t = 980)."""
+    SCHEDULE = SCHEDULES[schedule]
     pmf = optimum.timestep_pmf(SCHEDULE, sampling, 20, 980)
     for m, s_q, rtol in (([1.1, -0.6], S, 1e-5), ([0.8, 0.4], 1.3 * S, 0.03)):
         m_, s_q_ = torch.tensor(m, dtype=torch.float64, requires_grad=True), torch.tensor(s_q, requires_grad=True)
@@ -60,11 +130,14 @@ def test_ikl_loss_gradient_is_gradient_of_exact_ikl(weighting, sampling):
     assert torch.allclose(g, W * (torch.tensor([1.1, -0.6]) - torch.tensor(MU)).double(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("schedule", ["ddpm", "flow"])
 @pytest.mark.parametrize("sampling", ["uniform", "lognormal"])
 @pytest.mark.parametrize("weighting", ["x0", "eps"])
-def test_m_star_minimises_the_exact_objective(weighting, sampling):
+def test_m_star_minimises_the_exact_objective(weighting, sampling, schedule):
     """L-BFGS on J(m, s_q) = −α_rew aᵀm + Σ_t π w KL(q_t‖p_t) over Gaussians q = N(m, s_q² I) lands on
-    m* = μ + α_rew a / W and s_q = s (METHOD.md §6), a different point from the plain-KL μ + α_rew s² a."""
+    m* = μ + α_rew a / W and s_q = s (METHOD.md §6), a different point from the plain-KL μ + α_rew s² a;
+    on SD1.5's DDPM schedule and on SD3.5's flow path."""
+    SCHEDULE = SCHEDULES[schedule]
     pmf = optimum.timestep_pmf(SCHEDULE, sampling, 20, 980)
     a, reward_scale = torch.tensor([0.6, 0.8], dtype=torch.float64), 0.4
     m = torch.tensor(MU, dtype=torch.float64, requires_grad=True)
@@ -250,6 +323,10 @@ def test_toy_flags_are_checked_and_explicit_flags_win_over_quick(tmp_path):
     assert "--width 0.0: must be > 0" in toy_error(gmm.parse, ["--reward", "bump", "--width", "0"])
     assert "--workers 0: must be >= 1" in toy_error(gmm.parse, ["--workers", "0"])
     assert "--lr 0.0: must be > 0" in toy_error(optimum.parse, ["--lr", "0"])
+    assert "--t_max 999: α_t = 1 − σ_t = 0 there" in toy_error(optimum.parse, ["--schedule", "flow", "--t_max", "999"])
+    assert "--shift 0.0: must be > 0" in toy_error(optimum.parse, ["--schedule", "flow", "--shift", "0"])
+    assert optimum.parse(["--t_max", "999"]).t_max == 999  # DDPM's α_999 > 0: allowed there
+    assert optimum.parse(["--schedule", "flow"]).out == "optimum_flow_out" and optimum.parse([]).out == "optimum_out"
     assert "--reward_scales 0.5 inf: must be finite" in toy_error(gmm.parse, ["--reward_scales", "0.5", "inf"])
     assert "--ema 1.0: must be in [0, 1)" in toy_error(digits.parse, ["--ema", "1"])
     both = toy_error(gmm.parse, ["--workers", "0", "--lr", "0"])  # every bad value at once, in one line

@@ -133,16 +133,21 @@ class Generator(torch.nn.Module):
 
 class FakeScore(torch.nn.Module):
     """s_ψ as an ε-predictor: the exact conditional teacher plus a zero-initialised MLP correction, so ψ
-    starts *at* the reference, as in the paper (METHOD.md §4) where the fake score is a copy of it."""
+    starts *at* the reference, as in the paper (METHOD.md §4) where the fake score is a copy of it.
+    velocity_schedule: the correction is a *velocity*, as a flow network's output is (SD3.5: ε̂ = x_t + α_t v̂,
+    so an error δv̂ is an ε error α_t δv̂): the MLP's output is scaled by α_t of that schedule. None: in ε units."""
 
-    def __init__(self, C, teacher_eps):
+    def __init__(self, C, teacher_eps, velocity_schedule=None):
         super().__init__()
         self.C, self.teacher_eps, self.mlp = C, teacher_eps, MLP(2 + 8 + C, 2, zero_last=True)
+        self.velocity_schedule = velocity_schedule
 
     def forward(self, x_t, t, c):
         freqs = torch.arange(4, dtype=torch.float32)  # time embedding: sin/cos of t/T at 4 scales
         phase = (t[:, None].float() / 1000) * math.pi * 2 ** freqs  # (B, 4)
         emb = torch.cat([x_t, phase.sin(), phase.cos(), torch.nn.functional.one_hot(c, self.C).float()], 1)
+        if self.velocity_schedule is not None:  # ε̂ = x_t + α (v_ref + δv): the correction enters times α_t
+            return self.teacher_eps(x_t, t, c) + self.velocity_schedule.alpha_sigma(t, 2)[0] * self.mlp(emb)
         return self.teacher_eps(x_t, t, c) + self.mlp(emb)  # (B, 2)
 
 
@@ -158,7 +163,8 @@ def train(gmm, schedule, args, reward_scale, omega, reward_fn=None, seed=0, on_s
                       t_min=args.t_min, t_max=args.t_max, timestep_sampling=args.timestep_sampling,
                       ikl_weighting=args.weighting, max_grad_norm=0)
     teacher = gmm.eps_fn(schedule)
-    G, fake = Generator(gmm.C, args.z_dim), FakeScore(gmm.C, teacher)
+    velocity = schedule if getattr(args, "fake_param", "eps") == "v" else None  # (toy/optimum.py --fake_param)
+    G, fake = Generator(gmm.C, args.z_dim), FakeScore(gmm.C, teacher, velocity)
     opt = dipp.Optimizers(fake=plumbing.cpu_adam(fake, args.lr_fake), G=plumbing.cpu_adam(G, args.lr))  # Adam, β1 = 0
     B = args.batch
     if on_step is not None:
@@ -169,7 +175,8 @@ def train(gmm, schedule, args, reward_scale, omega, reward_fn=None, seed=0, on_s
         nets = dipp.Bound(G_c=lambda z: G(z, c), teacher_eps_c=dipp.guided(teacher, c, uncond, omega),
                           fake_eps_c=lambda x_t, t: fake(x_t, t, c),  # the fake score is never guided
                           reward_c=(lambda x0: reward_fn(x0, c)) if reward_fn else None)
-        noises = [dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu") for _ in range(cfg.fake_steps_per_G + 1)]
+        noises = [dipp.draw_noise(B, (args.z_dim,), (2,), cfg, "cpu", schedule=schedule)  # π(t) on this schedule
+                  for _ in range(cfg.fake_steps_per_G + 1)]
         dipp.dipp_step(nets, opt, noises, schedule, cfg)
         if on_step is not None:
             on_step(step + 1, G)

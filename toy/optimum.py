@@ -11,6 +11,8 @@ dipp_step, through toy/gmm.py's train) and measures the generator against m*.
     python toy/optimum.py            # α_rew sweep, ~1 min on 2 CPU cores -> optimum_out/{optimum.json,optimum.png}
     python toy/optimum.py --study    # weighting study: w(t) × π(t) × seeds -> optimum_out/{study.json,study.png}
     python toy/optimum.py --quick    # one short run, for the tests
+    python toy/optimum.py --schedule flow --shift 3 [--study] [--fake_param v]   # on SD3.5's flow path -> optimum_flow_out/
+                                     (docs/toy.md, "The flow-matching schedule (SD3.5)")
 
 Everything exact (π(t) as a vector, W, m*, the closed-form IKL) is computed here from the schedule;
 everything that trains is dipp's. DMD2's weighting has no W (its normaliser depends on the sample, so
@@ -24,6 +26,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -34,21 +37,52 @@ import gmm as toy  # noqa: E402  (the exact Gaussian teacher, the MLPs and DI++'
 import plumbing  # noqa: E402  (one-line errors, the process pool)
 
 # -----------------------------------------------------------------------------
+# Forward processes: SD1.5's DDPM schedule (dipp.Schedule) or SD3.5's flow-matching path
+
+
+def flow_sigmas(shift, T=1000):
+    """σ_t, t ∈ {0..T−1} increasing (t = 0 the least noisy), the floats diffusers' FlowMatchEulerDiscreteScheduler(
+    num_train_timesteps=T, shift=shift) builds as its training `sigmas` (which run from σ = 1 down: the same list
+    reversed), computed in its float32 order of operations:
+        u = linspace(1, T, T) / T,   σ = shift·u / (1 + (shift − 1)·u)       (SD3's timestep shift; SD3.5: 3.0)
+    so σ_{T−1} = 1 (pure noise) and σ_0 = shift/(T + shift − 1)."""
+    u = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)) / T  # (T,) float32, as diffusers
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def make_schedule(args):
+    """The forward process named by --schedule: 'ddpm' is SD1.5's scaled-linear dipp.Schedule (the default),
+    'flow' SD3.5's rectified flow with --shift."""
+    return dipp.Schedule.flow(flow_sigmas(args.shift)) if args.schedule == "flow" else dipp.Schedule.scaled_linear()
+
+
+def alpha_problem(schedule, t_max):
+    """None if α_t > 0 on {0..t_max}; else a one-line reason. On a flow path α_{T−1} = 1 − σ = 0: w(t) = σ²/α²
+    (and x̂0 = (x_t − σ ε̂)/α in dipp.ikl_loss) divide by α, so t = T−1 gives inf/NaN, and near it every ε error
+    is amplified σ/α-fold (155× at t = 980 with shift 3). Hence π's range stops short of σ = 1, as SD's does
+    (U{20..980}); t_max's own α is the smallest, α_t falling in t."""
+    alpha, sigma = schedule.alpha_sigma(torch.tensor([t_max]), 1)
+    if not alpha.item() > 0:
+        return f"--t_max {t_max}: α_t = 1 − σ_t = {alpha.item():g} there, and w(t) divides by α; use --t_max <= " \
+               f"{schedule.T - 2} (980: SD's U{{20..980}}, σ/α = 155 on the shift-3 flow)"
+    return None
+
+# -----------------------------------------------------------------------------
 # Exact quantities: π(t) as a vector, W, m*, the closed-form IKL between isotropic Gaussians
 
 
-def timestep_pmf(schedule, kind, t_min, t_max):
+def timestep_pmf(schedule, kind, t_min, t_max, mean=dipp.LOGNORMAL_MEAN, std=dipp.LOGNORMAL_STD):
     """π(t) over {0..T−1} as probabilities (T,), float64, computed exactly rather than sampled:
-    uniform: 1/(t_max − t_min + 1) on the range; lognormal: the N(−1.2, 1.2²) mass of log(σ_t/α_t)
-    between the midpoints to the neighbouring timesteps, tails to the ends. (The reference that
-    test_toy.py compares dipp.sample_timesteps' histogram against.)"""
+    uniform: 1/(t_max − t_min + 1) on the range; lognormal: the N(mean, std²) mass of log(σ_t/α_t)
+    between the midpoints to the neighbouring timesteps, tails to the ends (mean, std: dipp's N(−1.2, 1.2²)
+    unless given). (The reference that test_toy.py compares dipp.sample_timesteps' histogram against.)"""
     pmf = torch.zeros(schedule.T, dtype=torch.float64)
     if kind == "uniform":
         pmf[t_min:t_max + 1] = 1 / (t_max - t_min + 1)
         return pmf
     alpha, sigma = schedule.table.double()[:, t_min:t_max + 1]  # 2 × (n,)
     log_sigma_ve = torch.log(sigma / alpha)  # (n,), as dipp.sample_timesteps computes it
-    z = ((log_sigma_ve[1:] + log_sigma_ve[:-1]) / 2 - dipp.LOGNORMAL_MEAN) / dipp.LOGNORMAL_STD
+    z = ((log_sigma_ve[1:] + log_sigma_ve[:-1]) / 2 - mean) / std
     cdf = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * (1 + torch.erf(z / math.sqrt(2))),
                      torch.ones(1, dtype=torch.float64)])  # (n+1,): Φ at the bin edges
     pmf[t_min:t_max + 1] = cdf[1:] - cdf[:-1]
@@ -61,10 +95,19 @@ def all_alpha_sigma(schedule):
     return alpha.double(), sigma.double()
 
 
+def alpha_sigma_on(schedule, pmf):
+    """α_t, σ_t (T,) float64 where π(t) > 0, and α = σ = 1 elsewhere: on a flow path α_{T−1} = 0 makes w(t) =
+    σ²/α² infinite at t = T−1, outside π's range, and π·w = 0·∞ would be NaN (in the value, and in autograd's
+    backward even through a mask). The placeholders only ever meet π(t) = 0, so the sums are unchanged."""
+    alpha, sigma = all_alpha_sigma(schedule)
+    off = pmf == 0
+    return alpha.masked_fill(off, 1.0), sigma.masked_fill(off, 1.0)
+
+
 def ikl_W(schedule, pmf, weighting, s):
     """W = Σ_t π(t) w(t) α_t² / (α_t² s² + σ_t²): the IKL's curvature in the mean (METHOD.md §6).
     w(t) is dipp.ikl_weight itself ('x0' or 'eps'; 'dmd2' has none, see dmd2_W)."""
-    alpha, sigma = all_alpha_sigma(schedule)
+    alpha, sigma = alpha_sigma_on(schedule, pmf)
     w = dipp.ikl_weight(weighting, alpha, sigma)  # (T,)
     return (pmf * w * alpha ** 2 / (alpha ** 2 * s ** 2 + sigma ** 2)).sum().item()
 
@@ -82,7 +125,7 @@ def plain_kl_mean(mu, a, reward_scale, s):
 def exact_ikl(schedule, pmf, weighting, mu, s, m, s_q):
     """Σ_t π(t) w(t) KL(N(α m, v_q I) ‖ N(α μ, v_p I)) in closed form, v = α² s² + σ², d = len(μ):
         KL = d/2 (v_q/v_p − 1 − log(v_q/v_p)) + α² ‖m − μ‖² / (2 v_p).   m, s_q may require grad."""
-    alpha, sigma = all_alpha_sigma(schedule)
+    alpha, sigma = alpha_sigma_on(schedule, pmf)
     w = dipp.ikl_weight(weighting, alpha, sigma)  # (T,)
     v_q, v_p = alpha ** 2 * s_q ** 2 + sigma ** 2, alpha ** 2 * s ** 2 + sigma ** 2  # (T,)
     mu = torch.as_tensor(mu, dtype=torch.float64)
@@ -143,7 +186,7 @@ def run_one(args, weighting, sampling, reward_scale, seed):
     """Train one generator; return its mean and per-axis spread (from args.eval_samples fixed z) at
     step 0 and every args.log_every steps."""
     torch.set_num_threads(1)  # small MLPs: one thread per run, runs in parallel across cores
-    schedule = dipp.Schedule.scaled_linear()
+    schedule = make_schedule(args)
     reference = gaussian(args.mu, args.s)
     a = torch.tensor(args.a)
     run_args = argparse.Namespace(**{**vars(args), "weighting": weighting, "timestep_sampling": sampling})
@@ -291,6 +334,11 @@ def study(args, schedule):
 # Figures
 
 
+def schedule_tag(args):
+    """'' on the default DDPM schedule (its figures as before), the flow path named otherwise."""
+    return f"on SD3.5's flow path (shift {args.shift:g})" if args.schedule == "flow" else ""
+
+
 def plot_sweep(rows, args, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -324,7 +372,7 @@ def plot_sweep(rows, args, path):
             ax2.plot(row["reward_scale"], cut(row["std_along"]), "o", color=colour)
             ax2.plot(row["reward_scale"], cut(row["std_across"]), "x", color=colour)
     ax.set(xlabel="α_rew", ylabel="shift of the generator's mean along a", ylim=(0, top_shift),
-           title=f"DI++ on N(μ, {args.s:g}² I), r = aᵀx: measured (dots) vs exact (lines)")
+           title=f"DI++ on N(μ, {args.s:g}² I), r = aᵀx: measured (dots) vs exact (lines)\n{schedule_tag(args)}".rstrip())
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     ax2.axhline(args.s, color="k", ls="--", label="s (every exact optimum)")
     ax2.set(xlabel="α_rew", ylabel="generator's std (o along a, x across; cut at 2.4 s)",
@@ -349,15 +397,15 @@ def plot_study(res, args, schedule, path):
     ax.set(xscale="log", yscale="log", xlabel="generator step", ylabel="‖m − m*‖ / ‖m* − μ‖",
            title=f"error to m*: Polyak average (thick, ± std over {args.seeds} seeds)\nand the current mean (thin)")
     ax.legend(fontsize=7)
-    alpha, sigma = all_alpha_sigma(schedule)
     t = torch.arange(schedule.T)
     for k, w in enumerate(("x0", "eps")):
-        integrand = dipp.ikl_weight(w, alpha, sigma) * alpha ** 2 / (alpha ** 2 * args.s ** 2 + sigma ** 2)
         for p, style in (("uniform", "-"), ("lognormal", "--")):
             pmf = timestep_pmf(schedule, p, args.t_min, args.t_max)
+            alpha, sigma = alpha_sigma_on(schedule, pmf)
+            integrand = dipp.ikl_weight(w, alpha, sigma) * alpha ** 2 / (alpha ** 2 * args.s ** 2 + sigma ** 2)
             ax2.plot(t, (pmf * integrand).cumsum(0), style, color=f"C{k}", label=f"{w}/{p}")
     ax2.set(xlabel="t", ylabel="Σ_{t' ≤ t} π(t') w(t') α² / (α² s² + σ²)",
-            title="where W comes from (cumulative; the end is W)")
+            title="where W comes from (cumulative; the end is W)" + ("\n" + schedule_tag(args)).rstrip())
     ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -388,11 +436,19 @@ def parse(argv=None):
     p.add_argument("--eval_samples", type=int, default=4096, help="generator samples per measurement (fixed z)")
     p.add_argument("--log_every", type=int, default=10, help="measure the generator every N steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the first run")
-    p.add_argument("--out", default="optimum_out", help="output folder")
+    p.add_argument("--schedule", choices=["ddpm", "flow"], default="ddpm",
+                   help="forward process: SD1.5's scaled-linear DDPM schedule, or SD3.5's flow path (α_t = 1 − σ_t)")
+    p.add_argument("--shift", type=float, default=3.0, help="--schedule flow: the scheduler's shift (SD3.5: 3.0)")
+    p.add_argument("--fake_param", choices=["eps", "v"], default="eps",
+                   help="the fake score's learned correction: in ε units (SD1.5's UNet) or a velocity (SD3.5's "
+                        "transformer: ε̂ = x_t + α_t v̂, so its error enters times α_t)")
+    p.add_argument("--out", default=None, help="output folder (optimum_out; optimum_flow_out with --schedule flow)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel training runs")
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = 2000 if args.study else 400
+    if args.out is None:
+        args.out = "optimum_flow_out" if args.schedule == "flow" else "optimum_out"
     if args.quick:  # (a flag given explicitly wins over the preset)
         plumbing.apply_preset(args, dict(steps=300, reward_scales=[1.0]), argv)
     if args.s <= 0 or math.hypot(*args.a) == 0 or min(args.reward_scales) < 0 or args.target_shift <= 0:
@@ -406,9 +462,27 @@ def parse(argv=None):
         "lr_fake": (lambda v: v > 0 and finite(v), "> 0"), "eval_samples": (lambda v: v >= 2, ">= 2"),
         "workers": (lambda v: v >= 1, ">= 1 (1 = no worker processes)"), "mu": (finite, "finite"),
         "a": (finite, "finite"), "s": (finite, "finite"), "reward_scales": (finite, "finite"),
-        "target_shift": (finite, "finite")})
+        "target_shift": (finite, "finite"), "shift": (lambda v: v > 0 and finite(v), "> 0 (SD3.5: 3.0)")})
     plumbing.check_config(dipp.Config(t_min=args.t_min, t_max=args.t_max))  # π(t) inside the schedule
+    problem = alpha_problem(make_schedule(args), args.t_max)  # a flow's α reaches 0 at t = T−1
+    if problem:
+        p.error(problem)
     return args
+
+
+def flow_facts(schedule, args):
+    """What the flow path does to w(t) and π(t), for the docs: σ/α at π's ends, the log-normal π's draws in
+    t, and W under SD3's own training π: rectified flow's logit-normal u (logit u ~ N(0, 1), SD3's paper's
+    rf/lognorm(0, 1)) pushed through the shift, σ/α = shift·u/(1 − u), is log(σ/α) ~ N(log shift, 1)."""
+    alpha, sigma = all_alpha_sigma(schedule)
+    lognormal = timestep_pmf(schedule, "lognormal", args.t_min, args.t_max)
+    sd3 = timestep_pmf(schedule, "lognormal", args.t_min, args.t_max, mean=math.log(args.shift), std=1.0)
+    ratio = lambda t: (sigma[t] / alpha[t]).item()
+    return {"sigma_over_alpha_at_t_min": ratio(args.t_min), "sigma_over_alpha_at_t_max": ratio(args.t_max),
+            "lognormal_mass_t_ge_500": lognormal[500:].sum().item(),
+            "sd3_training_pi_W": {w: ikl_W(schedule, sd3, w, args.s) for w in ("x0", "eps")},
+            "sd3_training_pi_median_t": int((sd3.cumsum(0) >= 0.5).nonzero()[0]),
+            "sd3_training_pi_mass_at_ends": [sd3[args.t_min].item(), sd3[args.t_max].item()]}
 
 
 def quick(args, schedule):
@@ -425,7 +499,7 @@ def run(argv=None):
     args = parse(argv)
     t_start = time.time()
     plumbing.writable_dir(args.out, "--out")
-    schedule = dipp.Schedule.scaled_linear()
+    schedule = make_schedule(args)
     lognormal = timestep_pmf(schedule, "lognormal", args.t_min, args.t_max)
     exact = {"W": {label(w, p): ikl_W(schedule, timestep_pmf(schedule, p, args.t_min, args.t_max), w, args.s)
                    for p in ("uniform", "lognormal") for w in ("x0", "eps")},
@@ -433,6 +507,8 @@ def run(argv=None):
              "lognormal_mass_at_t_min": lognormal[args.t_min].item(),
              "lognormal_mass_at_t_max": lognormal[args.t_max].item(),
              "lognormal_median_t": int((lognormal.cumsum(0) >= 0.5).nonzero()[0])}
+    if args.schedule == "flow":
+        exact.update(flow_facts(schedule, args))
     if args.quick:
         name, res = "quick", quick(args, schedule)
     elif args.study:

@@ -22,7 +22,8 @@ Symbols (code <-> paper, METHOD.md §1):  G, OneStepGenerator  g_θ(z, c);  G.ne
 Simplifications vs. the paper (each marked `NOTE(deviation N)` where it happens; a test keeps the two in step):
   1. Discrete timesteps t ∈ {0..999} stand in for the paper's continuous t (the teachers' DDPM or flow grids are).
   2. w(t), π(t) are open in the paper for SD1.5. Defaults w = σ²/α² (Diff-Instruct's σ², VP form) and
-     π = U{20..980} (DMD2): on the toy they reach DI++'s exact optimum with the least jitter (docs/toy.md).
+     π = U{20..980} (DMD2): on the toy they reach DI++'s exact optimum with the least jitter (docs/toy.md); on
+     SD3.5's flow π = U{43..812}, the same σ/α range (families.py's t_range).
   3. `--timestep_sampling lognormal` (Diff-Instruct's continuous noise levels) moves each draw to the nearest timestep.
   4. The generator is the teacher's denoiser evaluated once at t* on pure noise (DMD2's recipe; t* = 999 for SD, 399
      for SDXL as DMD2-SDXL, 400 for PixArt-α as PixArt-α-DMD, 999 (σ=1) for SD3.5); the paper also uses others.
@@ -551,6 +552,7 @@ class Config:
         # (SD 999, PixArt-α 400, SDXL 399, SD3.5 999: σ = 1)
     fake_steps_per_G: int = 1  # K_TA: fake-score updates per generator update (Alg. 1; DMD2 uses 10)
     t_min: int = 20  # π(t) lives on {t_min..t_max}: timesteps at which the IKL and DSM losses are evaluated
+        # (an SD3.5 teacher's default: 43..812, SD1.5's σ/α range on its flow grid)
     t_max: int = 980  # upper end of π(t)
     timestep_sampling: str = "uniform"  # π(t): uniform is U{t_min..t_max} (DMD2); lognormal is log σ_t/α_t ~ N(−1.2,
         # 1.2²) (Diff-Instruct/EDM)
@@ -654,6 +656,8 @@ def main(argv=None):
         checks += [lambda v=v, f=f: promptsets.load_prompts(v, [""], f) for v, f in (
             (cfg.prompts, "--prompts"), (cfg.validation_prompts, "--validation_prompts")) if v]
     plumbing.all_or_die(*checks)
+    if not cfg.generate:  # π(t)'s range: the family's where --t_min / --t_max were not given (SD3.5: 43..812)
+        plumbing.apply_preset(cfg, families.family_t_range(cfg.pretrained_model_name_or_path), argv)
     if not cfg.generate and rank == 0:  # will it fit? (CUDA only: cost.py counts the peak before anything is loaded)
         plumbing.check_memory(cfg, device, lambda: families.find_family(cfg.pretrained_model_name_or_path).name, world)
     with plumbing.tidy_if_stopped_early(cfg.output_dir, rank == 0):  # a run that fails before step 1 leaves no files

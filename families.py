@@ -260,6 +260,7 @@ class Family:
     x0: typing.Optional[typing.Callable] = None  # x0(net, x_t, t, c, σ_t) -> x̂0 for the generator (None: Tweedie's)
     readout: str  # the denoiser's last layer, computed in fp32 (readout_in_fp32)
     t_star: int  # default t* of the one-step generator (dipp.OneStepGenerator)
+    t_range: tuple = (20, 980)  # π(t)'s default {t_min..t_max} (NOTE(deviation 2); a flag given explicitly wins)
     lora_targets: tuple  # layers that get a LoRA adapter under --lora_rank (never the readout)
     shard_units: tuple  # classes of the blocks FSDP2 shards one by one under --shard fsdp (plumbing.shard)
     pipeline: str  # the stock diffusers pipeline that samples this family (its denoiser argument is `folder`) ...
@@ -320,6 +321,7 @@ FAMILIES = {f.name: f for f in (
            text_encoder_2="CLIPTextModelWithProjection", tokenizer_2="CLIPTokenizer", text_encoder_3="T5EncoderModel",
            tokenizer_3="T5TokenizerFast", encode=sd3_text, pre_encode=True, condition=SD3Text,
            forward_process="flow", eps=sd3_eps, x0=sd3_x0, readout="proj_out", t_star=999,
+           t_range=(43, 812),  # SD1.5's σ/α range (0.138..13.04) on the shift-3 flow grid: docs/toy.md, SD3.5
            shard_units=("JointTransformerBlock",),
            lora_targets=("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                          "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
@@ -350,6 +352,11 @@ def find_family(name):
         folders = " or ".join(f"{f.folder}/config.json ({f.title})" for f in FAMILIES.values())
         plumbing.die(f"'{name}' is not a diffusers model folder of a family dipp knows: missing {folders}. {ADVICE}")
     return found[0]
+
+
+def family_t_range(name):
+    """{"t_min", "t_max"}: π(t)'s default range for the teacher `name` (its family's t_range)."""
+    return dict(zip(("t_min", "t_max"), find_family(name).t_range))
 
 
 def check_folder(name):

@@ -187,6 +187,8 @@ def test_sd3_training_run_and_its_export_reproduce_a_stock_one_step_sd3_call(tmp
     same = lambda a, b: all(torch.equal(x.float(), y.float()) for x, y in zip(a.state_dict().values(),
                                                                              b.state_dict().values()))
     assert nets["family"].name == "sd3" and nets["G"].t_star == 999
+    config = json.load(open(os.path.join(out, "config.json")))  # π(t): the family's range (no --t_min / --t_max given)
+    assert (config["t_min"], config["t_max"]) == (43, 812) == families.FAMILIES["sd3"].t_range
     assert same(nets["teacher"], teacher) and not same(nets["G"].net, teacher) and not same(nets["fake"], teacher)
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert log[-1]["step"] == 2 and all(v == v for v in log[-1].values())
@@ -293,8 +295,9 @@ def test_sd3_generator_init_takes_a_transformer_folder_a_pipeline_folder_and_a_w
 
 
 def test_sd3_t_max_at_sigma_1_is_one_line(tmp_path):
-    """--t_max 999 on SD3 puts π(t) where α = 0 (σ = 1: w(t) = σ²/α² infinite): one line naming the largest t_max
-    allowed, before the text encoders or the trainable nets exist; on SD1.5 (α_999 = 0.068) 999 is allowed."""
+    """--t_max 999 on SD3 puts π(t) where α = 0 (σ = 1: w(t) = σ²/α² infinite; given explicitly, it wins over the
+    family's range): one line naming the largest t_max allowed, before the text encoders or the trainable nets
+    exist; on SD1.5 (α_999 = 0.068) 999 is allowed."""
     folder = tiny_sd3_models()[0]
     with pytest.raises(SystemExit) as e:
         dipp.main(["--pretrained_model_name_or_path", folder, "--reward", "none", "--t_max", "999",

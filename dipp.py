@@ -540,7 +540,8 @@ class Config:
     watch_rewards: str = ""  # rewards NOT trained on, scored on the validation samples at each validation (val_NAME
         # in log.jsonl and curves.png), e.g. "pickscore,hps21"; NAME=PATH for weights of your own
     validation_diversity: int = 0  # K >= 2: each validation also draws K images per held-out prompt and logs
-        # val_diversity, their mean pairwise 1 - cos in CLIP (evaluate.py's diversity); 0 = off
+        # val_diversity, their mean pairwise 1 - cos in CLIP (evaluate.py's diversity; a run without CLIP then
+        # watches CLIP ViT-L/14); 0 = off
     reward_decoder: str = "full"  # the reward sees the full VAE decoder's images, or TAESD's (tiny: faster,
         # approximate; grids, validation and export keep the full one)
     reward_decoder_path: str = ""  # --reward_decoder tiny: AutoencoderTiny hub id or folder (default: the family's

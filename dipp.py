@@ -35,7 +35,7 @@ Simplifications vs. the paper (each marked `NOTE(deviation N)` where it happens;
 # -----------------------------------------------------------------------------
 # 0. Imports. Heavy libraries (diffusers, transformers, ImageReward) are imported inside the functions that
 #    need them, so `import dipp` stays fast for the 2-D toy. Machinery is called by module, so each call site
-#    shows what it is: families.py (what differs between SD1.5, SDXL and PixArt-α), rewards.py (the reward
+#    shows what it is: families.py (what differs between SD1.5, SDXL, PixArt-α, SD3.5), rewards.py (the reward
 #    models), promptsets.py (prompt files and named sets), plumbing.py (what keeps a run alive). None imports dipp.
 import contextlib
 import copy

@@ -245,7 +245,7 @@ def meta_models(shapes, cfg, device=META, dtype=torch.float32):
     with torch.device(device):
         if fam.name == "sd3":  # SD3.5's flow: its scheduler's shift-3 sigmas (random_weights writes that config)
             teacher = SD3Transformer2DModel(**arch["sd3"])
-            schedule = dipp.Schedule.flow(FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas.flip(0))
+            schedule = dipp.Schedule.flow(families.flow_sigmas(FlowMatchEulerDiscreteScheduler(shift=3.0), shapes))
         elif fam.name == "pixart":
             teacher = PixArtTransformer2DModel(in_channels=4, out_channels=8, **arch["transformer"])
             schedule = dipp.Schedule.ddpm(torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, device="cpu"), 0))
@@ -295,7 +295,7 @@ def meta_models(shapes, cfg, device=META, dtype=torch.float32):
                 text = lambda prompts: cache.get(tuple(prompts)) or cache.setdefault(tuple(prompts), encode(prompts))
     return dict(family=fam, teacher=teacher, vae=vae, G=G, fake=fake, reward=reward, reward_decoder=reward_vae,
                 text=text, encode_text=encode_text, schedule=schedule,
-                text_encoder=None if fam.name in ("pixart", "sd3") or fam.pre_encode else encoder)
+                text_encoder=None if fam.pre_encode else encoder)
 
 # -----------------------------------------------------------------------------
 # 4. FLOPs of one training iteration, and of sampling one image

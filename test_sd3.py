@@ -184,8 +184,7 @@ def test_sd3_training_run_and_its_export_reproduce_a_stock_one_step_sd3_call(tmp
                       "--output_dir", out])
     folder = os.path.join(out, "tiny_sd3", "sd3")
     teacher = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer")
-    same = lambda a, b: all(torch.equal(x.float(), y.float()) for x, y in zip(a.state_dict().values(),
-                                                                             b.state_dict().values()))
+    from test_dipp import same_weights as same
     assert nets["family"].name == "sd3" and nets["G"].t_star == 999
     config = json.load(open(os.path.join(out, "config.json")))  # π(t): the family's range (no --t_min / --t_max given)
     assert (config["t_min"], config["t_max"]) == (43, 812) == families.FAMILIES["sd3"].t_range
@@ -269,10 +268,8 @@ def test_sd3_lora_ema_resume_bf16_and_checkpointing_in_one_run(tmp_path):
     dipp.main(common + ["--max_train_steps", "1", "--output_dir", str(tmp_path / "b")])
     resumed = dipp.main(common + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "b"),
                                   "--resume_from_checkpoint", "latest"])
-    weights = lambda net: {k: v for k, v in net.state_dict().items()}
-    for a, b in ((straight["G"].net, resumed["G"].net), (straight["fake"], resumed["fake"])):
-        wa, wb = weights(a), weights(b)
-        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    from test_dipp import same_weights
+    assert same_weights(straight["G"].net, resumed["G"].net) and same_weights(straight["fake"], resumed["fake"])
 
 
 def test_sd3_generator_init_takes_a_transformer_folder_a_pipeline_folder_and_a_weight_file(tmp_path):
@@ -355,9 +352,8 @@ def test_evaluate_samples_an_sd3_teacher_as_its_stock_pipeline_and_a_generator_a
     StableDiffusion3Pipeline assembled here from the same seeds (its z drawn as evaluate.image_latents draws it),
     and the generator's equal `dipp.py --generate` with that prompt and seed, to 8-bit rounding."""
     import evaluate
-    import numpy as np
     import plumbing
-    from PIL import Image
+    from test_evaluate import png as saved_png
     folder = tiny_sd3_models()[0]
     teacher, generator = tmp_path / "teacher", str(tmp_path / "generator")
     teacher.mkdir()
@@ -371,7 +367,7 @@ def test_evaluate_samples_an_sd3_teacher_as_its_stock_pipeline_and_a_generator_a
     result = evaluate.main(["--tiny", "--pretrained_model_name_or_path", str(teacher), "--generator", generator,
                             "--teacher_steps", "2", "--max_prompts", "2", "--images_per_prompt", "1", "--metrics",
                             "clip", "--output_dir", str(out)])
-    png = lambda r: torch.from_numpy(np.array(Image.open(os.path.join(out, r["image"])))).int()  # (H, W, 3)
+    png = lambda r: saved_png(str(out), r)  # (H, W, 3) 8-bit values
     rows = result["models"]
     assert [m["kind"] for m in rows] == ["teacher", "generator"] and "CFG 7" in rows[0]["name"], rows[0]["name"]
     records = rows[0]["records"]
